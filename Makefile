@@ -1,0 +1,51 @@
+# Tern: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+VENV := .venv
+PY := $(VENV)/bin/python
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: run build test lint test-rust test-python venv clients clean
+
+## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
+run:
+	$(CARGO) run --release -- --config config/default.toml
+
+build:
+	$(CARGO) build
+
+## fmt check + clippy with warnings as errors.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Everything CI runs: lint, Rust unit + integration tests, Python (paho-mqtt, raw socket,
+## mosquitto clients) tests against the real binary.
+test: lint test-rust test-python
+
+test-rust:
+	$(CARGO) test --all-targets
+
+# The venv is rebuilt when requirements change; only Python's own venv + pip are needed.
+$(VENV)/.installed: tests/python/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+# mosquitto_pub/mosquitto_sub are real third-party clients for the tests. Only the clients
+# package: the `mosquitto` package would start a system broker on 1883.
+clients:
+	@command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null || { \
+	  echo "installing mosquitto-clients"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto-clients >/dev/null; }
+
+test-python: venv clients
+	$(CARGO) build
+	$(PY) -m pytest -q tests/python
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

@@ -1,0 +1,373 @@
+//! Typed configuration.
+//!
+//! Layering is built-in defaults < the file given with `--config` < environment variables
+//! `TERN__SECTION__KEY` (for example `TERN__LIMITS__MAX_QUEUED_MESSAGES=5000`). Every struct
+//! denies unknown keys so a typo is a startup error that names the full key path instead of a
+//! setting that silently does nothing.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Errors found while loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listeners: Listeners,
+    pub metrics: MetricsConfig,
+    pub storage: StorageConfig,
+    pub limits: Limits,
+    pub mqtt: MqttConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    /// Plain MQTT over TCP. The listener is on when the table is present.
+    pub tcp: Option<TcpListenerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListenerConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Prometheus text exposition on `/metrics`. 9090 is Prometheus' own port, hence 9883.
+    pub bind: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory for durable state (relative paths resolve against the working directory).
+    pub dir: PathBuf,
+    /// What an acknowledgement promises. Only `"memory"` exists today: state lives in the
+    /// broker's memory and is lost on restart.
+    pub durability: Durability,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest packet (whole packet, fixed header included) accepted from a client, in bytes.
+    pub max_packet_size: u32,
+    /// Inbound QoS 1/2 publishes a v5 client may have unacknowledged (advertised in CONNACK).
+    pub receive_maximum: u16,
+    /// Outbound QoS 1/2 window per session; also capped by the client's Receive Maximum.
+    pub max_inflight: u16,
+    /// Messages queued per session (online backlog or offline queue) before new ones are dropped.
+    pub max_queued_messages: usize,
+    /// Payload bytes queued per session before new messages are dropped.
+    pub max_queued_bytes: usize,
+    /// Largest keep alive a client may use, in seconds; v5 clients are told via Server Keep Alive.
+    /// 0 means no limit.
+    pub max_keepalive: u16,
+    /// Concurrent client connections; further connections are closed at accept.
+    pub max_connections: usize,
+    /// Cap on a session's expiry interval, in seconds (v5 clients are told in CONNACK).
+    pub max_session_expiry: u32,
+    /// Retained messages kept broker-wide; new topics beyond this are not retained.
+    pub max_retained_messages: usize,
+    /// Inbound QoS 2 packet ids awaiting PUBREL per client (3.1.1 clients have no Receive Maximum).
+    pub max_inbound_qos2: usize,
+    /// Seconds a new socket may take to send CONNECT.
+    pub connect_timeout: u64,
+    /// Seconds a peer may leave written data unread before it is disconnected.
+    pub write_timeout: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Highest QoS granted (0, 1 or 2); advertised as Maximum QoS to v5 clients.
+    pub max_qos: u8,
+    /// Whether retained messages are supported (Retain Available).
+    pub retain_available: bool,
+    /// Topic aliases a v5 client may use towards the broker (Topic Alias Maximum in CONNACK).
+    pub topic_alias_maximum: u16,
+    /// Topic prefix handed to v5 clients that ask for Response Information: a client gets
+    /// `<prefix>/<client id>` and only it may subscribe below that. Empty disables it.
+    pub response_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accept clients that present no username. Safe only on a listener nobody else can reach.
+    pub allow_anonymous: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter directive, e.g. `info` or `tern=debug`.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listeners: Listeners::default(),
+            metrics: MetricsConfig::default(),
+            storage: StorageConfig::default(),
+            limits: Limits::default(),
+            mqtt: MqttConfig::default(),
+            auth: AuthConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            tcp: Some(TcpListenerConfig {
+                bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            }),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            bind: Some(SocketAddr::from(([127, 0, 0, 1], 9883))),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            dir: PathBuf::from("data"),
+            durability: Durability::Memory,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 1024,
+            max_inflight: 1024,
+            max_queued_messages: 1000,
+            max_queued_bytes: 16 * 1024 * 1024,
+            max_keepalive: 0,
+            max_connections: 10_000,
+            max_session_expiry: u32::MAX,
+            max_retained_messages: 100_000,
+            max_inbound_qos2: 1024,
+            connect_timeout: 10,
+            write_timeout: 30,
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_qos: 2,
+            retain_available: true,
+            topic_alias_maximum: 64,
+            response_prefix: "reply".to_string(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: false,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `TERN__*` environment variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("TERN")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let built = builder
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let cfg: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a TOML document on top of the built-in defaults (no environment); used by tests.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let cfg: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let invalid = |key: &'static str, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
+            return invalid(
+                "limits.max_packet_size",
+                "must be between 64 and 268435460 bytes",
+            );
+        }
+        if l.receive_maximum == 0 {
+            return invalid("limits.receive_maximum", "must be at least 1");
+        }
+        if l.max_inflight == 0 {
+            return invalid("limits.max_inflight", "must be at least 1");
+        }
+        if l.max_queued_messages == 0 {
+            return invalid("limits.max_queued_messages", "must be at least 1");
+        }
+        if l.max_queued_bytes == 0 {
+            return invalid("limits.max_queued_bytes", "must be at least 1");
+        }
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if l.max_inbound_qos2 == 0 {
+            return invalid("limits.max_inbound_qos2", "must be at least 1");
+        }
+        if l.connect_timeout == 0 {
+            return invalid("limits.connect_timeout", "must be at least 1 second");
+        }
+        if l.write_timeout == 0 {
+            return invalid("limits.write_timeout", "must be at least 1 second");
+        }
+        if self.mqtt.max_qos > 2 {
+            return invalid("mqtt.max_qos", "must be 0, 1 or 2");
+        }
+        if self.mqtt.response_prefix.contains(['+', '#'])
+            || self.mqtt.response_prefix.starts_with('$')
+        {
+            return invalid(
+                "mqtt.response_prefix",
+                "must be a topic name without wildcards that does not start with '$'",
+            );
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            return invalid("log.level", &e.to_string());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_lists_every_builtin_default_except_dev_overrides() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/default.toml"
+        ))
+        .expect("config/default.toml is readable");
+        let file = Config::from_toml(&text).expect("config/default.toml is valid");
+        let mut expected = Config::default();
+        // The development config deliberately differs from the built-in defaults here only.
+        expected.auth.allow_anonymous = true;
+        assert_eq!(file, expected);
+
+        // And every key is spelled out in the file, not inherited silently: parse the file
+        // alone (no defaults layer) and it must still deserialize completely.
+        let raw: toml::Value = toml::from_str(&text).expect("toml");
+        for section in ["listeners", "metrics", "storage", "limits", "mqtt", "auth", "log"] {
+            assert!(raw.get(section).is_some(), "section [{section}] missing");
+        }
+        let limits = raw.get("limits").and_then(|v| v.as_table()).expect("limits");
+        for key in [
+            "max_packet_size",
+            "receive_maximum",
+            "max_inflight",
+            "max_queued_messages",
+            "max_queued_bytes",
+            "max_keepalive",
+            "max_connections",
+            "max_session_expiry",
+            "max_retained_messages",
+            "max_inbound_qos2",
+            "connect_timeout",
+            "write_timeout",
+        ] {
+            assert!(limits.contains_key(key), "limits.{key} missing");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::from_toml("[limits]\nmax_queued_mesages = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_queued_mesages"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_an_error_naming_the_key() {
+        let err = Config::from_toml("[mqtt]\nmax_qos = 3\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.max_qos"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
+        assert!(err.to_string().contains("max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn builtin_defaults_refuse_anonymous() {
+        assert!(!Config::default().auth.allow_anonymous);
+    }
+}

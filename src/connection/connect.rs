@@ -1,0 +1,191 @@
+//! CONNECT → CONNACK: checks, authentication, session attach, and what CONNACK advertises.
+
+use super::handlers::Client;
+use crate::broker::Broker;
+use crate::protocol::*;
+use crate::session::registry::Kick;
+use crate::session::TopicAliases;
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// How long a new connection waits for a previous one with the same ClientId to let go.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+fn refuse(
+    broker: &Broker,
+    wbuf: &mut BytesMut,
+    version: ProtocolVersion,
+    reason: ReasonCode,
+    peer: SocketAddr,
+    why: &str,
+) -> Option<Client> {
+    encode_connack(wbuf, version, false, reason, &Properties::default());
+    if matches!(
+        reason,
+        ReasonCode::NotAuthorized | ReasonCode::BadUserNameOrPassword | ReasonCode::BadAuthenticationMethod
+    ) {
+        broker.metrics.refused_auth.inc();
+    } else {
+        broker.metrics.refused_protocol.inc();
+    }
+    tracing::info!(%peer, reason = reason.as_u8(), "connection refused: {why}");
+    None
+}
+
+/// A ClientId for a client that sent none ([MQTT-3.1.3-6]): unique within this broker run.
+fn assign_client_id(conn_id: u64) -> String {
+    static EPOCH: AtomicU64 = AtomicU64::new(0);
+    let mut epoch = EPOCH.load(Ordering::Relaxed);
+    if epoch == 0 {
+        epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            | 1;
+        EPOCH.store(epoch, Ordering::Relaxed);
+    }
+    format!("tern-{epoch:x}-{conn_id:x}")
+}
+
+/// Handles CONNECT. On success the CONNACK (and any re-sent in-flight messages) are in `wbuf`
+/// and the session is attached; on refusal `wbuf` holds the refusing CONNACK.
+pub(super) async fn accept(
+    broker: &Arc<Broker>,
+    wbuf: &mut BytesMut,
+    packet: Packet,
+    peer: SocketAddr,
+    kick: oneshot::Sender<Kick>,
+) -> Option<Client> {
+    let Packet::Connect(c) = packet else {
+        return None;
+    };
+    let c = *c;
+    let version = c.version;
+    let v5 = version.is_v5();
+    let limits = &broker.config.limits;
+
+    if v5 && c.properties.authentication_method.is_some() {
+        // No enhanced authentication methods are supported.
+        return refuse(broker, wbuf, version, ReasonCode::BadAuthenticationMethod, peer, "unsupported authentication method");
+    }
+    match &c.username {
+        None if !broker.config.auth.allow_anonymous => {
+            return refuse(broker, wbuf, version, ReasonCode::NotAuthorized, peer, "anonymous clients are not allowed");
+        }
+        // Without a password file there is nothing to check a password against: a username is
+        // accepted only where anonymous access is.
+        Some(_) if !broker.config.auth.allow_anonymous => {
+            return refuse(broker, wbuf, version, ReasonCode::BadUserNameOrPassword, peer, "no password file configured");
+        }
+        _ => {}
+    }
+
+    let conn_id = broker.next_connection_id();
+    let mut assigned = None;
+    let client_id: Arc<str> = if c.client_id.is_empty() {
+        if !v5 && !c.clean_start {
+            // [MQTT-3.1.3-8]
+            return refuse(broker, wbuf, version, ReasonCode::ClientIdentifierNotValid, peer, "empty client id with a persistent session");
+        }
+        let id = assign_client_id(conn_id);
+        assigned = Some(id.clone());
+        Arc::from(id)
+    } else {
+        Arc::from(c.client_id.as_str())
+    };
+
+    let requested_expiry = if v5 {
+        c.properties.session_expiry_interval.unwrap_or(0)
+    } else if c.clean_start {
+        0
+    } else {
+        u32::MAX
+    };
+    let session_expiry = requested_expiry.min(limits.max_session_expiry);
+
+    let mut keep_alive = c.keep_alive;
+    let mut server_keep_alive = None;
+    if v5 && limits.max_keepalive != 0 && (keep_alive == 0 || keep_alive > limits.max_keepalive) {
+        keep_alive = limits.max_keepalive;
+        server_keep_alive = Some(keep_alive);
+    }
+
+    let mut attached = match broker
+        .registry
+        .attach(&client_id, conn_id, kick, TAKEOVER_WAIT)
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            // Detach what we claimed so the entry does not stay attached to nobody.
+            broker.registry.detach(&client_id, conn_id, session_expiry.max(1));
+            return refuse(broker, wbuf, version, ReasonCode::ServerBusy, peer, &e.to_string());
+        }
+    };
+    let mut session_present = attached.existed;
+    if c.clean_start && attached.existed {
+        // [MQTT-3.1.2-4] a clean start discards the previous session.
+        broker.end_session(&attached.handle, &mut attached.state);
+        session_present = false;
+    }
+    attached.handle.outbox.set_online(true);
+
+    let mut props = Properties::default();
+    if v5 {
+        let cfg = &broker.config;
+        if session_expiry != requested_expiry {
+            props.session_expiry_interval = Some(session_expiry);
+        }
+        props.receive_maximum = Some(limits.receive_maximum);
+        if cfg.mqtt.max_qos < 2 {
+            props.maximum_qos = Some(cfg.mqtt.max_qos);
+        }
+        props.retain_available = Some(u8::from(cfg.mqtt.retain_available));
+        props.maximum_packet_size = Some(limits.max_packet_size);
+        props.assigned_client_identifier = assigned.map(MqttStr::from);
+        if cfg.mqtt.topic_alias_maximum > 0 {
+            props.topic_alias_maximum = Some(cfg.mqtt.topic_alias_maximum);
+        }
+        props.wildcard_subscription_available = Some(1);
+        props.subscription_identifier_available = Some(1);
+        props.shared_subscription_available = Some(0);
+        props.server_keep_alive = server_keep_alive;
+        if c.properties.request_response_information == Some(1) {
+            props.response_information = broker.auth.response_information(&client_id).map(MqttStr::from);
+        }
+    }
+    encode_connack(wbuf, version, session_present, ReasonCode::Success, &props);
+    broker.metrics.connections_total.inc();
+
+    let window = usize::from(limits.max_inflight).min(usize::from(c.properties.receive_maximum.unwrap_or(u16::MAX)));
+    let max_packet_out = c.properties.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
+    let aliases = if v5 {
+        TopicAliases::new(broker.config.mqtt.topic_alias_maximum, c.properties.topic_alias_maximum.unwrap_or(0))
+    } else {
+        TopicAliases::default()
+    };
+    let mut client = Client::new(
+        broker.clone(),
+        version,
+        client_id,
+        c.clean_start,
+        conn_id,
+        attached.handle,
+        attached.state,
+        keep_alive,
+        session_expiry,
+        requested_expiry,
+        c.will,
+        window,
+        max_packet_out,
+        aliases,
+    );
+    if session_present {
+        client.resend_inflight(wbuf);
+    }
+    Some(client)
+}

@@ -1,0 +1,625 @@
+//! What a connected client's packets do: `handle_<packet>` for inbound, `send_<packet>` for
+//! outbound. Everything here writes into the connection's write buffer and calls the broker;
+//! no socket I/O happens in this file.
+
+use super::Close;
+use crate::broker::{Broker, Subscriber};
+use crate::error::ProtocolError;
+use crate::message::Message;
+use crate::outbox::{Delivery, SubIds};
+use crate::protocol::*;
+use crate::session::registry::{Detached, SessionHandle};
+use crate::session::{Inflight, Outbound, PubRecAction, SessionState, Subscription, TopicAliases};
+use crate::storage::{Commit, StoreOp};
+use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::OwnedMutexGuard;
+
+/// An acknowledgement waiting for the commit that covers it. Acks leave strictly in the order
+/// their packets arrived, so one waiting commit holds back the ones behind it.
+pub(crate) struct PendingAck {
+    commit: Commit,
+    ack: Ack,
+    /// Retained messages to queue once the SUBACK has gone out.
+    then: Vec<Delivery>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Ack {
+    PubAck(u16, u8),
+    PubRec(u16, u8),
+    PubComp(u16, u8),
+    SubAck(u16, Vec<u8>),
+    UnsubAck(u16, Vec<u8>),
+}
+
+#[derive(Default)]
+pub(crate) struct AckQueue {
+    queue: VecDeque<PendingAck>,
+    /// QoS 1/2 PUBLISHes whose PUBACK/PUBREC is still in `queue` (Receive Maximum accounting).
+    unacked_publishes: usize,
+}
+
+impl AckQueue {
+    pub fn waiting(&self) -> bool {
+        matches!(self.queue.front(), Some(PendingAck { commit: Commit::Pending(_), .. }))
+    }
+
+    /// Resolves when the front commit completes (or fails).
+    pub async fn ready(&mut self) {
+        if let Some(PendingAck {
+            commit: Commit::Pending(rx),
+            ..
+        }) = self.queue.front_mut()
+        {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// A connected client: protocol state of this connection plus the attached session.
+pub(crate) struct Client {
+    pub broker: Arc<Broker>,
+    pub version: ProtocolVersion,
+    pub client_id: Arc<str>,
+    pub clean_start: bool,
+    pub conn_id: u64,
+    pub handle: Arc<SessionHandle>,
+    pub state: OwnedMutexGuard<SessionState>,
+    /// Keep Alive in effect, seconds (0: none).
+    pub keep_alive: u16,
+    /// Session Expiry Interval in effect, seconds (`u32::MAX`: never).
+    pub session_expiry: u32,
+    /// The Session Expiry Interval the client sent in CONNECT (0 forbids raising it later).
+    pub connect_expiry: u32,
+    pub will: Option<Will>,
+    /// Outbound window: min(limits.max_inflight, client's Receive Maximum).
+    pub window: usize,
+    /// Client's Maximum Packet Size.
+    pub max_packet_out: usize,
+    pub aliases: TopicAliases,
+    pub acks: AckQueue,
+    scratch: Vec<Subscriber>,
+    batch: Vec<Delivery>,
+}
+
+impl Client {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        broker: Arc<Broker>,
+        version: ProtocolVersion,
+        client_id: Arc<str>,
+        clean_start: bool,
+        conn_id: u64,
+        handle: Arc<SessionHandle>,
+        state: OwnedMutexGuard<SessionState>,
+        keep_alive: u16,
+        session_expiry: u32,
+        connect_expiry: u32,
+        will: Option<Will>,
+        window: usize,
+        max_packet_out: usize,
+        aliases: TopicAliases,
+    ) -> Client {
+        Client {
+            broker,
+            version,
+            client_id,
+            clean_start,
+            conn_id,
+            handle,
+            state,
+            keep_alive,
+            session_expiry,
+            connect_expiry,
+            will,
+            window,
+            max_packet_out,
+            aliases,
+            acks: AckQueue::default(),
+            scratch: Vec::new(),
+            batch: Vec::new(),
+        }
+    }
+
+    /// The keep alive deadline after the last packet: 1.5 times Keep Alive ([MQTT-3.1.2-24]).
+    pub fn keep_alive_limit(&self) -> Option<tokio::time::Duration> {
+        (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
+    }
+
+    /// Decodes and handles every complete packet in `rbuf`.
+    pub fn process_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Result<(), Close> {
+        let max = self.broker.config.limits.max_packet_size as usize;
+        loop {
+            match decode_packet(rbuf, Some(self.version), max) {
+                Ok(DecodeOutcome::Packet(packet, size)) => {
+                    self.broker.metrics.bytes_received.inc_by(size as u64);
+                    self.handle_packet(packet, wbuf)?;
+                }
+                Ok(DecodeOutcome::Incomplete(need)) => {
+                    if let Some(total) = need {
+                        rbuf.reserve(total.saturating_sub(rbuf.len()));
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(Close::Protocol(e)),
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, packet: Packet, wbuf: &mut BytesMut) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(p) => self.handle_publish(p).map_err(Close::Protocol),
+            Packet::PubAck(a) => {
+                self.state.inflight.on_puback(a.packet_id);
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                self.handle_pubrec(a, wbuf);
+                Ok(())
+            }
+            Packet::PubRel(a) => {
+                self.handle_pubrel(a);
+                Ok(())
+            }
+            Packet::PubComp(a) => {
+                self.state.inflight.on_pubcomp(a.packet_id);
+                Ok(())
+            }
+            Packet::Subscribe(s) => {
+                self.handle_subscribe(s);
+                Ok(())
+            }
+            Packet::Unsubscribe(u) => {
+                self.handle_unsubscribe(u);
+                Ok(())
+            }
+            Packet::PingReq => {
+                encode_pingresp(wbuf);
+                Ok(())
+            }
+            Packet::Disconnect(d) => Err(self.handle_disconnect(d)),
+            Packet::Auth(_) => Err(Close::Protocol(ProtocolError::Protocol(
+                "AUTH without an authentication method",
+            ))),
+            Packet::Connect(_) => Err(Close::Protocol(ProtocolError::Protocol("second CONNECT"))),
+        }
+    }
+
+    fn queue_ack(&mut self, commit: Commit, ack: Ack, then: Vec<Delivery>) {
+        if matches!(ack, Ack::PubAck(..) | Ack::PubRec(..)) {
+            self.acks.unacked_publishes += 1;
+        }
+        self.acks.queue.push_back(PendingAck { commit, ack, then });
+    }
+
+    fn handle_publish(&mut self, p: Publish) -> Result<(), ProtocolError> {
+        let broker = self.broker.clone();
+        let v5 = self.version.is_v5();
+        broker.metrics.received[p.qos as usize].inc();
+        let topic = if v5 {
+            self.aliases
+                .resolve_inbound(p.topic, p.properties.topic_alias)
+                .map_err(|e| match e {
+                    crate::session::AliasError::Invalid => ProtocolError::TopicAliasInvalid,
+                    crate::session::AliasError::Unknown => {
+                        ProtocolError::Protocol("empty topic with an unknown topic alias")
+                    }
+                })?
+        } else {
+            p.topic
+        };
+        if !validate::is_valid_topic_name(topic.as_str()) {
+            return Err(ProtocolError::TopicNameInvalid);
+        }
+        if p.qos.as_u8() > broker.config.mqtt.max_qos {
+            // [MQTT-3.2.2-11] a QoS above Maximum QoS is a protocol error (v5 0x9B).
+            return Err(ProtocolError::Protocol("QoS above the advertised Maximum QoS"));
+        }
+        if p.retain && !broker.config.mqtt.retain_available {
+            return Err(ProtocolError::Protocol("RETAIN while Retain Available is 0"));
+        }
+        if p.qos == QoS::ExactlyOnce && self.state.inbound_qos2.contains(&p.packet_id) {
+            // A re-sent QoS 2 PUBLISH before PUBREL: acknowledge again, deliver nothing
+            // ([MQTT-4.3.3-9]).
+            self.queue_ack(Commit::Done, Ack::PubRec(p.packet_id, 0), Vec::new());
+            return Ok(());
+        }
+        if p.qos != QoS::AtMostOnce {
+            let unacked = self.acks.unacked_publishes + self.state.inbound_qos2.len();
+            if v5 && unacked >= usize::from(broker.config.limits.receive_maximum) {
+                // [MQTT-3.3.4-9]
+                return Err(ProtocolError::ReceiveMaximumExceeded);
+            }
+            if p.qos == QoS::ExactlyOnce
+                && self.state.inbound_qos2.len() >= broker.config.limits.max_inbound_qos2
+            {
+                return Err(ProtocolError::Qos2Quota);
+            }
+        }
+        let mut refusal = None;
+        if !broker.auth.can_publish(&self.client_id, topic.as_str()) {
+            broker.metrics.dropped_not_authorized.inc();
+            refusal = Some(ReasonCode::NotAuthorized);
+        } else if v5
+            && p.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
+        {
+            refusal = Some(ReasonCode::PayloadFormatInvalid);
+        }
+        let reason = match refusal {
+            // 3.1.1 has no way to refuse: acknowledge and drop.
+            Some(r) if v5 => r.as_u8(),
+            Some(_) => 0,
+            None => {
+                let now = Instant::now();
+                let expiry = p.properties.message_expiry_interval;
+                let msg = Arc::new(Message {
+                    id: broker.next_message_id(),
+                    topic,
+                    payload: p.payload,
+                    qos: p.qos,
+                    retain: p.retain,
+                    properties: PublishProperties {
+                        topic_alias: None,
+                        ..p.properties
+                    },
+                    expires_at: Message::deadline_from(expiry, now),
+                    origin: self.handle.id,
+                });
+                let routed = broker.publish(&msg, &mut self.scratch);
+                if p.qos == QoS::AtMostOnce {
+                    return Ok(());
+                }
+                let commit = broker.store.commit(StoreOp::Message {
+                    session: self.handle.id,
+                    msg: &msg,
+                    qos2_packet_id: (p.qos == QoS::ExactlyOnce).then_some(p.packet_id),
+                });
+                if p.qos == QoS::ExactlyOnce {
+                    self.state.inbound_qos2.insert(p.packet_id);
+                }
+                let reason = if v5 && routed.matched == 0 {
+                    ReasonCode::NoMatchingSubscribers.as_u8()
+                } else {
+                    0
+                };
+                let ack = if p.qos == QoS::AtLeastOnce {
+                    Ack::PubAck(p.packet_id, reason)
+                } else {
+                    Ack::PubRec(p.packet_id, reason)
+                };
+                self.queue_ack(commit, ack, Vec::new());
+                return Ok(());
+            }
+        };
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.queue_ack(Commit::Done, Ack::PubAck(p.packet_id, reason), Vec::new()),
+            QoS::ExactlyOnce => {
+                // A refusal (reason >= 0x80) ends the exchange; a 3.1.1 "acknowledge and drop"
+                // still expects PUBREL.
+                if reason < 0x80 {
+                    self.state.inbound_qos2.insert(p.packet_id);
+                }
+                self.queue_ack(Commit::Done, Ack::PubRec(p.packet_id, reason), Vec::new())
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_pubrec(&mut self, a: PubResponse, wbuf: &mut BytesMut) {
+        match self.state.inflight.on_pubrec(a.packet_id, a.reason) {
+            PubRecAction::SendPubRel(reason) => {
+                encode_pub_response(wbuf, self.version, PUBREL, a.packet_id, reason)
+            }
+            PubRecAction::Finished => {}
+        }
+    }
+
+    fn handle_pubrel(&mut self, a: PubResponse) {
+        let known = self.state.inbound_qos2.remove(&a.packet_id);
+        let commit = if known {
+            self.broker.store.commit(StoreOp::Qos2Released {
+                session: self.handle.id,
+                packet_id: a.packet_id,
+            })
+        } else {
+            Commit::Done
+        };
+        let reason = if known {
+            0
+        } else {
+            ReasonCode::PacketIdentifierNotFound.as_u8()
+        };
+        self.queue_ack(commit, Ack::PubComp(a.packet_id, reason), Vec::new());
+    }
+
+    fn handle_subscribe(&mut self, s: Subscribe) {
+        let broker = self.broker.clone();
+        let v5 = self.version.is_v5();
+        let max_qos = QoS::from_u8(broker.config.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce);
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        let mut commit = Commit::Done;
+        let mut found = Vec::new();
+        for (filter, mut options) in s.filters {
+            let f = filter.as_str();
+            if validate::shared_subscription(f).is_some() {
+                codes.push(ReasonCode::SharedSubscriptionsNotSupported.as_u8());
+                continue;
+            }
+            if !validate::is_valid_topic_filter(f) {
+                codes.push(ReasonCode::TopicFilterInvalid.as_u8());
+                continue;
+            }
+            if !broker.auth.can_subscribe(&self.client_id, f) {
+                codes.push(ReasonCode::NotAuthorized.as_u8());
+                continue;
+            }
+            options.qos = options.qos.min(max_qos);
+            let sub = Subscription {
+                options,
+                id: s.subscription_identifier,
+            };
+            let existed = self.state.subscriptions.insert(f.to_string(), sub).is_some();
+            broker.subscribe(&self.handle, f, options, s.subscription_identifier);
+            commit = broker.store.commit(StoreOp::Subscribe {
+                session: self.handle.id,
+                filter: f,
+                options,
+                id: s.subscription_identifier,
+            });
+            codes.push(options.qos.as_u8());
+            // Retained messages: Retain Handling 0 always, 1 only for a new subscription,
+            // 2 never ([MQTT-3.3.1-9] .. [MQTT-3.3.1-11]); always with RETAIN=1 ([MQTT-3.3.1-8]).
+            let send_retained = match options.retain_handling {
+                0 => true,
+                1 => !existed,
+                _ => false,
+            };
+            if send_retained && broker.config.mqtt.retain_available {
+                found.clear();
+                broker.retained_for(f, &mut found);
+                for msg in found.drain(..) {
+                    if !broker.auth.can_receive(&self.client_id, msg.topic.as_str()) {
+                        continue;
+                    }
+                    let mut sub_ids = SubIds::None;
+                    if let Some(id) = s.subscription_identifier {
+                        sub_ids.push(id);
+                    }
+                    retained.push(Delivery {
+                        qos: options.qos.min(msg.qos),
+                        msg,
+                        retain: true,
+                        sub_ids,
+                    });
+                }
+            }
+        }
+        if !v5 {
+            for c in &mut codes {
+                if *c >= 0x80 {
+                    *c = 0x80;
+                }
+            }
+        }
+        self.queue_ack(commit, Ack::SubAck(s.packet_id, codes), retained);
+    }
+
+    fn handle_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for filter in u.filters {
+            let f = filter.as_str();
+            let removed = self.state.subscriptions.remove(f).is_some();
+            if removed {
+                self.broker.unsubscribe(&self.handle, f);
+            }
+            codes.push(if removed {
+                0
+            } else {
+                ReasonCode::NoSubscriptionExisted.as_u8()
+            });
+        }
+        self.queue_ack(Commit::Done, Ack::UnsubAck(u.packet_id, codes), Vec::new());
+    }
+
+    fn handle_disconnect(&mut self, d: Disconnect) -> Close {
+        if let Some(expiry) = d.session_expiry_interval {
+            if self.connect_expiry == 0 && expiry != 0 {
+                // [MQTT-3.14.2-2]
+                return Close::Protocol(ProtocolError::Protocol(
+                    "session expiry set at DISCONNECT after 0 at CONNECT",
+                ));
+            }
+            self.session_expiry = expiry.min(self.broker.config.limits.max_session_expiry);
+        }
+        if d.reason == ReasonCode::DisconnectWithWill.as_u8() {
+            Close::NormalWithWill
+        } else {
+            Close::Normal
+        }
+    }
+
+    /// Moves acknowledgements whose commits are done into the write buffer, in order.
+    pub fn release_acks(&mut self, wbuf: &mut BytesMut) -> Result<(), Close> {
+        while let Some(front) = self.acks.queue.front_mut() {
+            if let Commit::Pending(rx) = &mut front.commit {
+                match rx.try_recv() {
+                    Ok(()) => {}
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(()),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        // The store failed: never acknowledge what it did not keep.
+                        return Err(Close::Protocol(ProtocolError::Protocol("storage failure")));
+                    }
+                }
+            }
+            let Some(p) = self.acks.queue.pop_front() else { break };
+            self.send_ack(&p.ack, wbuf);
+            for d in p.then {
+                self.broker.push(&self.handle, d);
+            }
+        }
+        Ok(())
+    }
+
+    fn send_ack(&mut self, ack: &Ack, wbuf: &mut BytesMut) {
+        let v = self.version;
+        match ack {
+            Ack::PubAck(id, r) => {
+                self.acks.unacked_publishes -= 1;
+                encode_pub_response(wbuf, v, PUBACK, *id, *r)
+            }
+            Ack::PubRec(id, r) => {
+                self.acks.unacked_publishes -= 1;
+                encode_pub_response(wbuf, v, PUBREC, *id, *r)
+            }
+            Ack::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, *r),
+            Ack::SubAck(id, codes) => encode_suback(wbuf, v, *id, codes),
+            Ack::UnsubAck(id, codes) => encode_unsuback(wbuf, v, *id, codes),
+        }
+    }
+
+    /// Whether the outbox can give us anything now (window not full).
+    pub fn can_take_more(&self) -> bool {
+        self.state.inflight.len() < self.window
+    }
+
+    /// Encodes queued deliveries into `wbuf` within the in-flight window, up to `high_water`.
+    pub fn fill_from_outbox(&mut self, wbuf: &mut BytesMut, high_water: usize) {
+        while wbuf.len() < high_water {
+            let slots = self.window.saturating_sub(self.state.inflight.len());
+            let mut batch = std::mem::take(&mut self.batch);
+            self.handle.outbox.pop_batch(slots, 64, &mut batch);
+            if batch.is_empty() {
+                self.batch = batch;
+                return;
+            }
+            let now = Instant::now();
+            for d in batch.drain(..) {
+                self.send_publish(d, now, wbuf);
+            }
+            self.batch = batch;
+        }
+    }
+
+    /// Encodes one delivery; QoS 1/2 enters the in-flight window.
+    fn send_publish(&mut self, d: Delivery, now: Instant, wbuf: &mut BytesMut) {
+        let metrics = &self.broker.metrics;
+        let Ok(expiry) = d.msg.remaining_expiry(now) else {
+            // [MQTT-3.3.2-5] expired messages are not delivered.
+            metrics.dropped_expired.inc();
+            return;
+        };
+        let topic = d.msg.topic.as_str();
+        let mut out = OutgoingPublish {
+            topic: topic.as_bytes(),
+            qos: d.qos,
+            retain: d.retain,
+            dup: false,
+            packet_id: 0,
+            properties: &d.msg.properties,
+            extras: PublishExtras {
+                message_expiry_interval: expiry,
+                topic_alias: None,
+                subscription_identifiers: d.sub_ids.as_slice(),
+            },
+            payload: &d.msg.payload,
+        };
+        if self.version.is_v5() {
+            // Measure with the full topic (the worst case) before committing to an alias.
+            out.extras.topic_alias = Some(1).filter(|_| self.aliases_enabled());
+            if publish_size(self.version, &out) > self.max_packet_out {
+                // [MQTT-3.1.2-25] too large for this client: behave as if sent.
+                metrics.dropped_too_large.inc();
+                return;
+            }
+            out.extras.topic_alias = None;
+            if let Some((alias, first)) = self.aliases.outbound(topic) {
+                out.extras.topic_alias = Some(alias);
+                if !first {
+                    out.topic = b"";
+                }
+            }
+        }
+        if d.qos != QoS::AtMostOnce {
+            out.packet_id = self.state.inflight.insert(d.clone());
+        }
+        encode_publish(wbuf, self.version, &out);
+        metrics.sent[d.qos as usize].inc();
+    }
+
+    fn aliases_enabled(&self) -> bool {
+        self.aliases.outbound_enabled()
+    }
+
+    /// On reconnect of a session: re-send unacknowledged PUBLISHes with DUP and pending PUBRELs,
+    /// in their original order and with their original packet ids ([MQTT-4.4.0-1]).
+    pub fn resend_inflight(&mut self, wbuf: &mut BytesMut) {
+        let now = Instant::now();
+        let version = self.version;
+        let inflight: &Inflight = &self.state.inflight;
+        for (id, entry) in inflight.iter() {
+            match entry {
+                Outbound::Published(d) => {
+                    let expiry = d.msg.remaining_expiry(now).unwrap_or(Some(1));
+                    let out = OutgoingPublish {
+                        topic: d.msg.topic.as_str().as_bytes(),
+                        qos: d.qos,
+                        retain: d.retain,
+                        dup: true,
+                        packet_id: *id,
+                        properties: &d.msg.properties,
+                        extras: PublishExtras {
+                            message_expiry_interval: expiry,
+                            topic_alias: None,
+                            subscription_identifiers: d.sub_ids.as_slice(),
+                        },
+                        payload: &d.msg.payload,
+                    };
+                    encode_publish(wbuf, version, &out);
+                    self.broker.metrics.sent[d.qos as usize].inc();
+                }
+                Outbound::Released => encode_pub_response(wbuf, version, PUBREL, *id, 0),
+            }
+        }
+    }
+
+    /// After the connection closed: the will, then the session goes back to the registry
+    /// (kept, ended, or already taken over).
+    pub fn finish(self, publish_will: bool) {
+        let broker = self.broker.clone();
+        let mut state = self.state;
+        if let (true, Some(will)) = (publish_will, self.will) {
+            let delay = if self.version.is_v5() { will.delay_interval } else { 0 };
+            let delay = delay.min(self.session_expiry);
+            if delay == 0 {
+                broker.publish_will(&will, self.handle.id);
+            } else {
+                let b = broker.clone();
+                let origin = self.handle.id;
+                let task = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                    b.publish_will(&will, origin);
+                });
+                // Registered after detach below so a returning client can cancel it.
+                let abort = task.abort_handle();
+                match broker.registry.detach(&self.client_id, self.conn_id, self.session_expiry) {
+                    Detached::Ended(handle) => broker.end_session(&handle, &mut state),
+                    Detached::Kept => broker.registry.set_pending_will(&self.client_id, self.handle.id, abort),
+                    Detached::TakenOver => abort.abort(),
+                }
+                return;
+            }
+        }
+        if let Detached::Ended(handle) =
+            broker.registry.detach(&self.client_id, self.conn_id, self.session_expiry)
+        {
+            broker.end_session(&handle, &mut state);
+        }
+    }
+}
+

@@ -1,0 +1,278 @@
+//! One task per client connection: it owns the socket and, while attached, the session state.
+//!
+//! The loop waits on whichever comes first — bytes from the client, room to write, new
+//! deliveries in the session's outbox, a commit completing, a timer, a takeover or shutdown —
+//! and never blocks on one while another is ready: reads and writes are separate branches, so a
+//! client that stops reading is caught by the write-stall timer instead of stalling the task.
+//! Generic over the stream, so TLS and WebSocket streams slot in unchanged.
+
+mod connect;
+mod handlers;
+
+use crate::broker::Broker;
+use crate::error::ProtocolError;
+use crate::protocol::{decode_packet, encode_disconnect, DecodeOutcome, Packet, ReasonCode};
+use crate::session::registry::Kick;
+use bytes::{Buf, BytesMut};
+use handlers::Client;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+/// Stop reading from a client while this much output is waiting for it: its acknowledgements
+/// would otherwise pile up in our memory (inbound back-pressure).
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Minimum free space offered to each socket read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub(crate) enum Close {
+    /// DISCONNECT from the client: no will.
+    Normal,
+    /// v5 DISCONNECT 0x04: publish the will.
+    NormalWithWill,
+    /// The socket closed or failed without DISCONNECT.
+    PeerGone(&'static str),
+    Protocol(ProtocolError),
+    KeepAlive,
+    TakenOver,
+    WriteStalled,
+    Shutdown,
+}
+
+impl Close {
+    /// The v5 DISCONNECT reason to send before closing, if any.
+    fn reason(&self) -> Option<ReasonCode> {
+        match self {
+            Close::Protocol(e) => Some(e.reason_code()),
+            Close::KeepAlive => Some(ReasonCode::KeepAliveTimeout),
+            Close::TakenOver => Some(ReasonCode::SessionTakenOver),
+            Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
+            _ => None,
+        }
+    }
+
+    /// One phrase for the disconnect log line.
+    fn describe(&self) -> String {
+        match self {
+            Close::Normal => "client disconnected".into(),
+            Close::NormalWithWill => "client disconnected with will".into(),
+            Close::PeerGone(why) => (*why).into(),
+            Close::Protocol(e) => e.to_string(),
+            Close::KeepAlive => "keep alive timeout".into(),
+            Close::TakenOver => "session taken over".into(),
+            Close::WriteStalled => "client stopped reading".into(),
+            Close::Shutdown => "server shutting down".into(),
+        }
+    }
+
+    /// Whether the Will Message is published ([MQTT-3.1.2-8]: not after a normal DISCONNECT).
+    fn publishes_will(&self) -> bool {
+        !matches!(self, Close::Normal)
+    }
+}
+
+/// Serves one client from its first byte to its last.
+pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    let mut io = Io {
+        reader,
+        writer,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        peer,
+    };
+    let connect_timeout = Duration::from_secs(broker.config.limits.connect_timeout);
+    let packet = match tokio::time::timeout(connect_timeout, io.read_connect(&broker)).await {
+        Ok(Ok(Some(packet))) => packet,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            broker.metrics.protocol_errors.inc();
+            broker.metrics.refused_protocol.inc();
+            tracing::info!(%peer, error = %e, "connection refused before CONNECT");
+            if let ProtocolError::UnsupportedProtocolVersion(_) = e {
+                // [MQTT-3.1.2-2] CONNACK 0x01 (3.1.1 form: we cannot speak the client's).
+                io.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+                io.flush_quietly().await;
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "no CONNECT within {}s, closing", connect_timeout.as_secs());
+            return;
+        }
+    };
+    let (kick_tx, kick_rx) = oneshot::channel();
+    let Some(mut client) = connect::accept(&broker, &mut io.wbuf, *packet, peer, kick_tx).await else {
+        io.flush_quietly().await;
+        return;
+    };
+    tracing::info!(
+        %peer,
+        client_id = %client.client_id,
+        version = client.version.label(),
+        clean_start = client.clean_start,
+        "client connected"
+    );
+    broker.metrics.connections.inc();
+    let close = io.run(&mut client, kick_rx, shutdown).await;
+    broker.metrics.connections.dec();
+    if let Close::Protocol(_) = close {
+        broker.metrics.protocol_errors.inc();
+    }
+    tracing::info!(%peer, client_id = %client.client_id, reason = %close.describe(), "connection closed");
+    if client.version.is_v5() {
+        if let Some(reason) = close.reason() {
+            encode_disconnect(&mut io.wbuf, reason, None);
+        }
+    }
+    if !matches!(close, Close::WriteStalled | Close::PeerGone(_)) {
+        io.flush_quietly().await;
+    }
+    client.finish(close.publishes_will());
+}
+
+struct Io<R, W> {
+    reader: R,
+    writer: W,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    peer: SocketAddr,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
+    /// Reads until the first packet, which must be CONNECT ([MQTT-3.1.0-1]).
+    async fn read_connect(&mut self, broker: &Broker) -> Result<Option<Box<Packet>>, ProtocolError> {
+        let max = broker.config.limits.max_packet_size as usize;
+        loop {
+            match decode_packet(&mut self.rbuf, None, max)? {
+                DecodeOutcome::Packet(p, n) => {
+                    broker.metrics.bytes_received.inc_by(n as u64);
+                    return Ok(Some(Box::new(p)));
+                }
+                DecodeOutcome::Incomplete(need) => {
+                    self.rbuf.reserve(need.unwrap_or(0).max(512));
+                    match self.reader.read_buf(&mut self.rbuf).await {
+                        Ok(0) | Err(_) => return Ok(None),
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Best-effort write of whatever is buffered (a refusal CONNACK or a DISCONNECT).
+    async fn flush_quietly(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = self.writer.write_all(&self.wbuf).await;
+            let _ = self.writer.flush().await;
+            let _ = self.writer.shutdown().await;
+        })
+        .await;
+        self.wbuf.clear();
+    }
+
+    async fn run(
+        &mut self,
+        client: &mut Client,
+        mut kick: oneshot::Receiver<Kick>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Close {
+        let broker = client.broker.clone();
+        let write_timeout = Duration::from_secs(broker.config.limits.write_timeout);
+        let keep_alive = client.keep_alive_limit();
+        let mut last_read = Instant::now();
+        let mut last_write = Instant::now();
+        let timer = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(timer);
+        let mut timer_armed = false;
+        let mut kick_live = true;
+        if *shutdown.borrow() {
+            return Close::Shutdown;
+        }
+        loop {
+            if let Err(close) = client.release_acks(&mut self.wbuf) {
+                return close;
+            }
+            client.fill_from_outbox(&mut self.wbuf, WRITE_HIGH_WATER);
+            // One timer covers keep alive and write stall. It is moved only when a deadline
+            // earlier than the armed one appears (a stall), not on every packet: a later keep
+            // alive deadline is picked up when the timer fires.
+            let mut next = keep_alive.map(|k| last_read + k);
+            if !self.wbuf.is_empty() {
+                let stall = last_write + write_timeout;
+                next = Some(next.map_or(stall, |n| n.min(stall)));
+            }
+            if let Some(at) = next {
+                if !timer_armed || at < timer.deadline() {
+                    timer.as_mut().reset(at);
+                    timer_armed = true;
+                }
+            }
+            let can_read = self.wbuf.len() < WRITE_HIGH_WATER;
+            let outbox_open = client.can_take_more() && self.wbuf.len() < WRITE_HIGH_WATER;
+            let waiting_commit = client.acks.waiting();
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            let wbuf = &self.wbuf;
+            tokio::select! {
+                k = &mut kick, if kick_live => match k {
+                    Ok(Kick::TakenOver) => return Close::TakenOver,
+                    Err(_) => kick_live = false,
+                },
+                _ = shutdown.changed() => return Close::Shutdown,
+                r = self.writer.write(wbuf), if !wbuf.is_empty() => match r {
+                    Ok(0) => return Close::PeerGone("write returned 0"),
+                    Ok(n) => {
+                        broker.metrics.bytes_sent.inc_by(n as u64);
+                        self.wbuf.advance(n);
+                        if self.wbuf.is_empty() {
+                            self.wbuf.clear();
+                        }
+                        last_write = Instant::now();
+                    }
+                    Err(_) => return Close::PeerGone("write failed"),
+                },
+                r = self.reader.read_buf(&mut self.rbuf), if can_read => match r {
+                    Ok(0) => return Close::PeerGone("connection closed by peer"),
+                    Ok(_) => {
+                        last_read = Instant::now();
+                        if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
+                            return close;
+                        }
+                    }
+                    Err(_) => return Close::PeerGone("read failed"),
+                },
+                _ = client.handle.outbox.ready(), if outbox_open => {}
+                _ = client.acks.ready(), if waiting_commit => {}
+                _ = &mut timer, if timer_armed => {
+                    timer_armed = false;
+                    let now = Instant::now();
+                    if keep_alive.is_some_and(|k| now >= last_read + k) {
+                        // [MQTT-3.1.2-24] no packet within 1.5 x Keep Alive.
+                        return Close::KeepAlive;
+                    }
+                    if !self.wbuf.is_empty() && now >= last_write + write_timeout {
+                        tracing::debug!(peer = %self.peer, "peer stopped reading");
+                        return Close::WriteStalled;
+                    }
+                    // Idle: give back buffer memory an idle connection does not need.
+                    if self.rbuf.is_empty() && self.rbuf.capacity() > READ_CHUNK {
+                        self.rbuf = BytesMut::new();
+                    }
+                    if self.wbuf.is_empty() && self.wbuf.capacity() > READ_CHUNK {
+                        self.wbuf = BytesMut::new();
+                    }
+                }
+            }
+        }
+    }
+}

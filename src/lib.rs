@@ -1,0 +1,124 @@
+//! Tern, an MQTT 3.1 / 3.1.1 / 5.0 broker.
+//!
+//! Data flows one way: socket → [`listener`] → [`connection`] task → [`protocol`] decode →
+//! session state → [`broker`] (match, retain, fan-out) → each target's [`outbox`] → its
+//! connection task → encode → socket. Tests and the binary start the same thing through
+//! [`start`].
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod listener;
+pub mod message;
+pub mod metrics;
+pub mod outbox;
+pub mod protocol;
+pub mod session;
+pub mod storage;
+
+pub use config::Config;
+pub use error::StartError;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A running broker: its bound addresses and the handle to stop it.
+pub struct Running {
+    tcp_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    broker: Arc<broker::Broker>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Running {
+    /// The MQTT TCP listener's real address (also when configured with port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn broker(&self) -> &Arc<broker::Broker> {
+        &self.broker
+    }
+
+    /// The line printed on stdout when ready; out-of-process tests look for it.
+    pub fn ready_line(&self) -> String {
+        let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+        format!(
+            "tern: ready tcp={} metrics={}",
+            show(self.tcp_addr),
+            show(self.metrics_addr)
+        )
+    }
+
+    /// Stops accepting, tells every client (v5: DISCONNECT 0x8B), publishes wills, and waits
+    /// up to `grace` for connections to finish.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.connections.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Binds the listeners and starts serving. Returns once every listener is open.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    config.validate()?;
+    let metrics = metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?;
+    let store = storage::open(&config.storage);
+    let broker = Arc::new(broker::Broker::new(config, metrics, store));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+
+    let mut metrics_addr = None;
+    if let Some(addr) = broker.config.metrics.bind {
+        let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+            what: "metrics",
+            addr,
+            source,
+        })?;
+        metrics_addr = l.local_addr().ok();
+        tasks.push(tokio::spawn(metrics::serve(l, broker.clone())));
+    }
+    let mut tcp_addr = None;
+    if let Some(tcp) = &broker.config.listeners.tcp {
+        let l = TcpListener::bind(tcp.bind).await.map_err(|source| StartError::Bind {
+            what: "tcp listener",
+            addr: tcp.bind,
+            source,
+        })?;
+        tcp_addr = l.local_addr().ok();
+        tasks.push(tokio::spawn(listener::run_tcp(
+            l,
+            broker.clone(),
+            connections.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(broker.clone().run_expiry()));
+    Ok(Running {
+        tcp_addr,
+        metrics_addr,
+        broker,
+        shutdown: shutdown_tx,
+        tasks,
+        connections,
+    })
+}

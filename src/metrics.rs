@@ -1,0 +1,200 @@
+//! Prometheus metrics and their HTTP exposition (`/metrics`, plus `/health`).
+//!
+//! Labelled children are resolved once here so the hot path only bumps an atomic. Gauges that
+//! describe broker state (sessions, subscriptions, retained) are read at scrape time.
+
+use crate::broker::Broker;
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub connections_total: IntCounter,
+    pub refused_max_connections: IntCounter,
+    pub refused_protocol: IntCounter,
+    pub refused_auth: IntCounter,
+    pub received: [IntCounter; 3],
+    pub sent: [IntCounter; 3],
+    pub bytes_received: IntCounter,
+    pub bytes_sent: IntCounter,
+    pub dropped_queue_full: IntCounter,
+    pub dropped_expired: IntCounter,
+    pub dropped_too_large: IntCounter,
+    pub dropped_not_authorized: IntCounter,
+    pub dropped_no_subscribers: IntCounter,
+    pub dropped_retain_full: IntCounter,
+    pub protocol_errors: IntCounter,
+    sessions: IntGaugeVec,
+    subscriptions: IntGauge,
+    retained: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let connections = IntGauge::new("tern_connections", "Client connections open now")?;
+        let connections_total =
+            IntCounter::new("tern_connections_total", "Client connections accepted")?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "tern_connections_refused_total",
+                "Connections refused, by reason",
+            ),
+            &["reason"],
+        )?;
+        let received = IntCounterVec::new(
+            Opts::new(
+                "tern_messages_received_total",
+                "PUBLISH packets received from clients, by QoS",
+            ),
+            &["qos"],
+        )?;
+        let sent = IntCounterVec::new(
+            Opts::new(
+                "tern_messages_sent_total",
+                "PUBLISH packets sent to clients, by QoS",
+            ),
+            &["qos"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new("tern_bytes_total", "Bytes on client connections, by direction"),
+            &["direction"],
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "tern_messages_dropped_total",
+                "Messages not delivered to a subscriber (or to anyone), by reason",
+            ),
+            &["reason"],
+        )?;
+        let protocol_errors = IntCounter::new(
+            "tern_protocol_errors_total",
+            "Connections closed for malformed packets or protocol violations",
+        )?;
+        let sessions = IntGaugeVec::new(
+            Opts::new("tern_sessions", "Sessions, by state"),
+            &["state"],
+        )?;
+        let subscriptions = IntGauge::new("tern_subscriptions", "Subscriptions in the index")?;
+        let retained = IntGauge::new("tern_retained_messages", "Retained messages stored")?;
+
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(connections_total.clone()))?;
+        registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(received.clone()))?;
+        registry.register(Box::new(sent.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(protocol_errors.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(subscriptions.clone()))?;
+        registry.register(Box::new(retained.clone()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        let q = |v: &IntCounterVec| {
+            [
+                v.with_label_values(&["0"]),
+                v.with_label_values(&["1"]),
+                v.with_label_values(&["2"]),
+            ]
+        };
+        Ok(Metrics {
+            connections,
+            connections_total,
+            refused_max_connections: refused.with_label_values(&["max_connections"]),
+            refused_protocol: refused.with_label_values(&["protocol"]),
+            refused_auth: refused.with_label_values(&["not_authorized"]),
+            received: q(&received),
+            sent: q(&sent),
+            bytes_received: bytes.with_label_values(&["received"]),
+            bytes_sent: bytes.with_label_values(&["sent"]),
+            dropped_queue_full: dropped.with_label_values(&["queue_full"]),
+            dropped_expired: dropped.with_label_values(&["expired"]),
+            dropped_too_large: dropped.with_label_values(&["too_large"]),
+            dropped_not_authorized: dropped.with_label_values(&["not_authorized"]),
+            dropped_no_subscribers: dropped.with_label_values(&["no_subscribers"]),
+            dropped_retain_full: dropped.with_label_values(&["retained_full"]),
+            protocol_errors,
+            sessions,
+            subscriptions,
+            retained,
+            registry,
+        })
+    }
+
+    /// Text exposition of every metric, with state gauges read from the broker now.
+    pub fn render(&self, broker: &Broker) -> Vec<u8> {
+        let (online, offline) = broker.registry.counts();
+        self.sessions.with_label_values(&["online"]).set(online as i64);
+        self.sessions.with_label_values(&["offline"]).set(offline as i64);
+        self.subscriptions.set(broker.subscription_count() as i64);
+        self.retained.set(broker.retained_count() as i64);
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for I/O reasons; a failure would be a bug in a
+        // collector, and an empty body is the honest answer then.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` and `/health` until the task is dropped. Deliberately tiny: one request
+/// per connection, bounded header size and time, so a scraper cannot hold resources.
+pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
+    loop {
+        let (mut sock, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mut req = Vec::with_capacity(1024);
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut chunk = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => req.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = req.split(|&b| b == b'\r').next().unwrap_or(&[]);
+            let path = line.split(|&b| b == b' ').nth(1).unwrap_or(b"/");
+            let (status, ctype, body) = match path {
+                b"/metrics" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    broker.metrics.render(&broker),
+                ),
+                b"/health" => ("200 OK", "text/plain", b"ok\n".to_vec()),
+                _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(&body).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,291 @@
+//! Session state, free of I/O: the part of a client's state that outlives a connection
+//! (subscriptions, outbound QoS 1/2 in flight, inbound QoS 2 ids awaiting PUBREL) and the
+//! per-connection topic alias tables. The connection task owns it while attached; the
+//! registry keeps it while the client is away.
+
+pub mod registry;
+
+use crate::outbox::Delivery;
+use crate::protocol::{MqttStr, SubscriptionOptions};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+/// One subscription as the session remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub options: SubscriptionOptions,
+    pub id: Option<u32>,
+}
+
+/// State of an outbound QoS 1/2 message.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published(Delivery),
+    /// PUBREC received and PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+/// Outbound QoS 1/2 messages in flight, in the order they were sent (the order they must be
+/// re-sent in on reconnect, [MQTT-4.4.0-1]/[MQTT-4.6.0-1]).
+#[derive(Debug, Default)]
+pub struct Inflight {
+    entries: VecDeque<(u16, Outbound)>,
+    next_id: u16,
+}
+
+/// What to do after a PUBREC.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PubRecAction {
+    /// Send PUBREL with this reason (0 or 0x92 Packet Identifier not found).
+    SendPubRel(u8),
+    /// The receiver refused the message (reason >= 0x80): it is finished, nothing to send.
+    Finished,
+}
+
+impl Inflight {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Assigns a packet identifier not in use ([MQTT-2.3.1-2]) and records the delivery.
+    /// The caller keeps `len()` below 65535.
+    pub fn insert(&mut self, d: Delivery) -> u16 {
+        let id = loop {
+            self.next_id = self.next_id.wrapping_add(1);
+            if self.next_id == 0 {
+                self.next_id = 1;
+            }
+            let candidate = self.next_id;
+            if !self.entries.iter().any(|(id, _)| *id == candidate) {
+                break candidate;
+            }
+        };
+        self.entries.push_back((id, Outbound::Published(d)));
+        id
+    }
+
+    fn position(&self, id: u16) -> Option<usize> {
+        // Acknowledgements usually arrive in order: look at the front first.
+        match self.entries.front() {
+            Some((front, _)) if *front == id => Some(0),
+            _ => self.entries.iter().position(|(i, _)| *i == id),
+        }
+    }
+
+    /// PUBACK: finishes a QoS 1 message. False when the id is unknown or not a QoS 1 PUBLISH.
+    pub fn on_puback(&mut self, id: u16) -> bool {
+        match self.position(id) {
+            Some(i) if matches!(&self.entries[i].1, Outbound::Published(d) if d.qos == crate::protocol::QoS::AtLeastOnce) => {
+                self.entries.remove(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// PUBREC for a QoS 2 message ([MQTT-4.3.3-?]: the sender then sends PUBREL).
+    pub fn on_pubrec(&mut self, id: u16, reason: u8) -> PubRecAction {
+        match self.position(id) {
+            Some(i) => {
+                if reason >= 0x80 {
+                    self.entries.remove(i);
+                    return PubRecAction::Finished;
+                }
+                self.entries[i].1 = Outbound::Released;
+                PubRecAction::SendPubRel(0)
+            }
+            None => PubRecAction::SendPubRel(0x92),
+        }
+    }
+
+    /// PUBCOMP: finishes a QoS 2 message.
+    pub fn on_pubcomp(&mut self, id: u16) -> bool {
+        match self.position(id) {
+            Some(i) if matches!(self.entries[i].1, Outbound::Released) => {
+                self.entries.remove(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Everything in flight, in send order, for re-sending on reconnect.
+    pub fn iter(&self) -> impl Iterator<Item = &(u16, Outbound)> {
+        self.entries.iter()
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// Session state that survives a connection.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    pub subscriptions: HashMap<String, Subscription>,
+    pub inflight: Inflight,
+    /// Inbound QoS 2 packet ids whose PUBREC was sent and PUBREL is awaited: a PUBLISH with
+    /// one of these ids is a re-send and is not delivered again ([MQTT-4.3.3-?] method B).
+    pub inbound_qos2: HashSet<u16>,
+}
+
+impl SessionState {
+    pub fn clear(&mut self) {
+        self.subscriptions.clear();
+        self.inflight.clear();
+        self.inbound_qos2.clear();
+    }
+}
+
+/// Topic aliases of one connection (v5). They do not survive the connection ([MQTT-3.3.2-7]).
+#[derive(Debug, Default)]
+pub struct TopicAliases {
+    /// Our Topic Alias Maximum (what the client may use).
+    inbound_max: u16,
+    inbound: HashMap<u16, MqttStr>,
+    /// The client's Topic Alias Maximum (what we may use).
+    outbound_max: u16,
+    outbound: HashMap<Arc<str>, u16>,
+}
+
+/// Errors resolving an inbound alias.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AliasError {
+    /// Alias 0 or above our maximum ([MQTT-3.3.2-8] [MQTT-3.3.2-9]).
+    Invalid,
+    /// Empty topic with an alias we never saw: protocol error.
+    Unknown,
+}
+
+impl TopicAliases {
+    pub fn new(inbound_max: u16, outbound_max: u16) -> TopicAliases {
+        TopicAliases {
+            inbound_max,
+            outbound_max,
+            ..TopicAliases::default()
+        }
+    }
+
+    /// Resolves the topic of an inbound PUBLISH that may carry an alias.
+    pub fn resolve_inbound(&mut self, topic: MqttStr, alias: Option<u16>) -> Result<MqttStr, AliasError> {
+        let Some(alias) = alias else {
+            return Ok(topic);
+        };
+        if alias == 0 || alias > self.inbound_max {
+            return Err(AliasError::Invalid);
+        }
+        if topic.is_empty() {
+            return self.inbound.get(&alias).cloned().ok_or(AliasError::Unknown);
+        }
+        self.inbound.insert(alias, topic.clone());
+        Ok(topic)
+    }
+
+    /// Whether the client accepts aliases from us at all.
+    pub fn outbound_enabled(&self) -> bool {
+        self.outbound_max > 0
+    }
+
+    /// For an outbound PUBLISH: (alias, send topic too?). Assigns aliases first come first
+    /// served up to the client's maximum; later topics go without an alias.
+    pub fn outbound(&mut self, topic: &str) -> Option<(u16, bool)> {
+        if self.outbound_max == 0 {
+            return None;
+        }
+        if let Some(&a) = self.outbound.get(topic) {
+            return Some((a, false));
+        }
+        let next = self.outbound.len() as u16 + 1;
+        if next > self.outbound_max {
+            return None;
+        }
+        self.outbound.insert(Arc::from(topic), next);
+        Some((next, true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use crate::outbox::SubIds;
+    use crate::protocol::{PublishProperties, QoS};
+    use bytes::Bytes;
+
+    fn d(qos: QoS) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                id: 0,
+                topic: MqttStr::from("t"),
+                payload: Bytes::new(),
+                qos,
+                retain: false,
+                properties: PublishProperties::default(),
+                expires_at: None,
+                origin: 0,
+            }),
+            qos,
+            retain: false,
+            sub_ids: SubIds::None,
+        }
+    }
+
+    #[test]
+    fn qos1_flow() {
+        let mut f = Inflight::default();
+        let a = f.insert(d(QoS::AtLeastOnce));
+        let b = f.insert(d(QoS::AtLeastOnce));
+        assert_ne!(a, b);
+        assert!(f.on_puback(b), "out of order ack");
+        assert!(!f.on_puback(b), "twice");
+        assert!(f.on_puback(a));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn qos2_flow_and_resend_order() {
+        let mut f = Inflight::default();
+        let a = f.insert(d(QoS::ExactlyOnce));
+        let b = f.insert(d(QoS::ExactlyOnce));
+        assert!(!f.on_puback(a), "PUBACK does not finish QoS 2");
+        assert_eq!(f.on_pubrec(a, 0), PubRecAction::SendPubRel(0));
+        assert!(!f.on_pubcomp(b), "PUBCOMP before PUBREC");
+        let order: Vec<(u16, bool)> = f
+            .iter()
+            .map(|(id, o)| (*id, matches!(o, Outbound::Released)))
+            .collect();
+        assert_eq!(order, vec![(a, true), (b, false)]);
+        assert!(f.on_pubcomp(a));
+        assert_eq!(f.on_pubrec(999, 0), PubRecAction::SendPubRel(0x92));
+        assert_eq!(f.on_pubrec(b, 0x80), PubRecAction::Finished);
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn packet_ids_skip_ids_in_use_and_zero() {
+        let mut f = Inflight::default();
+        let first = f.insert(d(QoS::AtLeastOnce));
+        assert_eq!(first, 1);
+        f.next_id = u16::MAX;
+        let wrapped = f.insert(d(QoS::AtLeastOnce));
+        assert_eq!(wrapped, 2, "skips 0 and 1 (in use)");
+    }
+
+    #[test]
+    fn aliases() {
+        let mut a = TopicAliases::new(2, 1);
+        assert_eq!(a.resolve_inbound(MqttStr::from("x"), Some(0)), Err(AliasError::Invalid));
+        assert_eq!(a.resolve_inbound(MqttStr::from("x"), Some(3)), Err(AliasError::Invalid));
+        assert_eq!(a.resolve_inbound(MqttStr::from(""), Some(1)), Err(AliasError::Unknown));
+        assert_eq!(a.resolve_inbound(MqttStr::from("x"), Some(1)).unwrap().as_str(), "x");
+        assert_eq!(a.resolve_inbound(MqttStr::from(""), Some(1)).unwrap().as_str(), "x");
+        assert_eq!(a.outbound("t"), Some((1, true)));
+        assert_eq!(a.outbound("t"), Some((1, false)));
+        assert_eq!(a.outbound("u"), None);
+    }
+}

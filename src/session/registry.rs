@@ -1,0 +1,271 @@
+//! ClientId → session. Connections attach and detach; the registry keeps a session while its
+//! client is away and decides takeovers and expiry.
+//!
+//! Ownership of a session's state is an owned async mutex guard: the attached connection holds
+//! it for its whole life, so the hot path never locks, and a takeover is "kick the old
+//! connection, then wait for its guard" — whatever it had in flight moves with the state.
+
+use super::SessionState;
+use crate::outbox::Outbox;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, OwnedMutexGuard};
+
+/// The part of a session that publishers reach: its identity and its outbox.
+pub struct SessionHandle {
+    /// Unique per session (a clean start on the same ClientId keeps it; a new session after
+    /// expiry gets a new one). Used as the subscription key and for No Local.
+    pub id: u64,
+    pub client_id: Arc<str>,
+    pub outbox: Outbox,
+}
+
+/// Why a connection is asked to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Another connection with the same ClientId took the session ([MQTT-3.1.4-3]).
+    TakenOver,
+}
+
+struct Entry {
+    handle: Arc<SessionHandle>,
+    state: Arc<tokio::sync::Mutex<SessionState>>,
+    /// The attached connection and the channel that asks it to leave.
+    attached: Option<(u64, Option<oneshot::Sender<Kick>>)>,
+    /// When a detached session ends; None while attached or when it never expires.
+    expires_at: Option<Instant>,
+    /// A delayed Will waiting to be published; a reconnect cancels it ([MQTT-3.1.3-9]).
+    pending_will: Option<tokio::task::AbortHandle>,
+}
+
+pub struct Registry {
+    entries: Mutex<HashMap<Arc<str>, Entry>>,
+    next_id: AtomicU64,
+    max_queued_messages: usize,
+    max_queued_bytes: usize,
+}
+
+/// A connection's claim on its session.
+pub struct Attached {
+    pub handle: Arc<SessionHandle>,
+    pub state: OwnedMutexGuard<SessionState>,
+    /// A session for this ClientId existed before (for Session Present).
+    pub existed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("previous connection did not release the session in time")]
+    Busy,
+}
+
+/// What happened to a session when its connection left.
+pub enum Detached {
+    /// The session ended now: its subscriptions must leave the index.
+    Ended(Arc<SessionHandle>),
+    /// Kept for a returning client.
+    Kept,
+    /// Another connection owns it now; nothing to do.
+    TakenOver,
+}
+
+/// A session that expired while its client was away.
+pub struct Expired {
+    pub handle: Arc<SessionHandle>,
+    pub state: Arc<tokio::sync::Mutex<SessionState>>,
+}
+
+impl Registry {
+    pub fn new(max_queued_messages: usize, max_queued_bytes: usize) -> Registry {
+        Registry {
+            entries: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            max_queued_messages,
+            max_queued_bytes,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Claims the session of `client_id` for connection `conn_id`, creating it if needed and
+    /// kicking a connection that holds it. Waits up to `wait` for that connection to let go.
+    pub async fn attach(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        kick: oneshot::Sender<Kick>,
+        wait: Duration,
+    ) -> Result<Attached, AttachError> {
+        let (handle, state, existed) = {
+            let mut map = self.lock();
+            match map.get_mut(client_id) {
+                Some(entry) => {
+                    if let Some((_, Some(old))) = entry.attached.take() {
+                        let _ = old.send(Kick::TakenOver);
+                    }
+                    if let Some(will) = entry.pending_will.take() {
+                        will.abort();
+                    }
+                    entry.attached = Some((conn_id, Some(kick)));
+                    entry.expires_at = None;
+                    (entry.handle.clone(), entry.state.clone(), true)
+                }
+                None => {
+                    let client_id: Arc<str> = Arc::from(client_id);
+                    let handle = Arc::new(SessionHandle {
+                        id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                        client_id: client_id.clone(),
+                        outbox: Outbox::new(self.max_queued_messages, self.max_queued_bytes),
+                    });
+                    let state = Arc::new(tokio::sync::Mutex::new(SessionState::default()));
+                    map.insert(
+                        client_id,
+                        Entry {
+                            handle: handle.clone(),
+                            state: state.clone(),
+                            attached: Some((conn_id, Some(kick))),
+                            expires_at: None,
+                            pending_will: None,
+                        },
+                    );
+                    (handle, state, false)
+                }
+            }
+        };
+        let state = tokio::time::timeout(wait, state.lock_owned())
+            .await
+            .map_err(|_| AttachError::Busy)?;
+        Ok(Attached {
+            handle,
+            state,
+            existed,
+        })
+    }
+
+    /// Releases the session of connection `conn_id`. `expiry` is the Session Expiry Interval
+    /// in seconds (`u32::MAX`: never); 0 ends the session now.
+    pub fn detach(&self, client_id: &str, conn_id: u64, expiry: u32) -> Detached {
+        let mut map = self.lock();
+        let Some(entry) = map.get_mut(client_id) else {
+            return Detached::TakenOver;
+        };
+        if !matches!(entry.attached, Some((id, _)) if id == conn_id) {
+            return Detached::TakenOver;
+        }
+        entry.attached = None;
+        entry.handle.outbox.set_online(false);
+        if expiry == 0 {
+            let handle = entry.handle.clone();
+            map.remove(client_id);
+            return Detached::Ended(handle);
+        }
+        entry.expires_at = if expiry == u32::MAX {
+            None
+        } else {
+            Some(Instant::now() + Duration::from_secs(u64::from(expiry)))
+        };
+        Detached::Kept
+    }
+
+    /// Remembers a delayed Will so a reconnect can cancel it.
+    pub fn set_pending_will(&self, client_id: &str, session_id: u64, will: tokio::task::AbortHandle) {
+        let mut map = self.lock();
+        match map.get_mut(client_id) {
+            Some(e) if e.handle.id == session_id && e.attached.is_none() => {
+                if let Some(old) = e.pending_will.replace(will) {
+                    old.abort();
+                }
+            }
+            // The client is already back (or the session is gone): the will must not fire.
+            _ => will.abort(),
+        }
+    }
+
+    /// Removes and returns sessions whose expiry has passed while detached.
+    pub fn take_expired(&self, now: Instant) -> Vec<Expired> {
+        let mut map = self.lock();
+        let ids: Vec<Arc<str>> = map
+            .iter()
+            .filter(|(_, e)| e.attached.is_none() && e.expires_at.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        ids.into_iter()
+            .filter_map(|k| map.remove(&k))
+            .map(|e| Expired {
+                handle: e.handle,
+                state: e.state,
+            })
+            .collect()
+    }
+
+    /// (connected, disconnected) session counts.
+    pub fn counts(&self) -> (usize, usize) {
+        let map = self.lock();
+        let online = map.values().filter(|e| e.attached.is_some()).count();
+        (online, map.len() - online)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn attach_detach_and_present() {
+        let r = Registry::new(10, 1000);
+        let (tx, _rx) = oneshot::channel();
+        let a = r.attach("c", 1, tx, Duration::from_secs(1)).await.unwrap();
+        assert!(!a.existed);
+        let id = a.handle.id;
+        drop(a);
+        assert!(matches!(r.detach("c", 1, 60), Detached::Kept));
+        assert_eq!(r.counts(), (0, 1));
+        let (tx, _rx) = oneshot::channel();
+        let b = r.attach("c", 2, tx, Duration::from_secs(1)).await.unwrap();
+        assert!(b.existed);
+        assert_eq!(b.handle.id, id);
+        drop(b);
+        assert!(matches!(r.detach("c", 2, 0), Detached::Ended(_)));
+        assert_eq!(r.counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn takeover_kicks_and_waits_for_the_state() {
+        let r = Arc::new(Registry::new(10, 1000));
+        let (tx1, rx1) = oneshot::channel();
+        let mut first = r.attach("c", 1, tx1, Duration::from_secs(1)).await.unwrap();
+        first.state.inbound_qos2.insert(42);
+        let r2 = r.clone();
+        let second = tokio::spawn(async move {
+            let (tx2, _rx2) = oneshot::channel();
+            r2.attach("c", 2, tx2, Duration::from_secs(5)).await
+        });
+        assert_eq!(rx1.await.unwrap(), Kick::TakenOver);
+        // The old connection leaves: its detach is ignored, its state moves over.
+        assert!(matches!(r.detach("c", 1, 60), Detached::TakenOver));
+        drop(first);
+        let second = second.await.unwrap().unwrap();
+        assert!(second.existed);
+        assert!(second.state.inbound_qos2.contains(&42));
+    }
+
+    #[tokio::test]
+    async fn expiry_removes_only_detached_due_sessions() {
+        let r = Registry::new(10, 1000);
+        for (i, c) in ["a", "b", "c"].iter().enumerate() {
+            let (tx, _rx) = oneshot::channel();
+            drop(r.attach(c, i as u64, tx, Duration::from_secs(1)).await.unwrap());
+        }
+        r.detach("a", 0, 1);
+        r.detach("b", 1, u32::MAX);
+        let later = Instant::now() + Duration::from_secs(2);
+        let expired = r.take_expired(later);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(&*expired[0].handle.client_id, "a");
+        assert_eq!(r.counts(), (1, 1));
+    }
+}

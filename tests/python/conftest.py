@@ -1,0 +1,125 @@
+"""Shared fixtures: start the real Tern binary on ephemeral loopback ports.
+
+The broker is started as a subprocess with a temporary config (ports 0) and found through the
+`tern: ready tcp=ADDR:PORT metrics=ADDR:PORT` line it prints on stdout.
+"""
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TERN_BIN = os.environ.get("TERN_BIN", os.path.join(ROOT, "target", "debug", "tern"))
+READY = re.compile(r"tern: ready tcp=(\S+):(\d+) metrics=(\S+):(\d+)")
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Broker:
+    """A running Tern process. `overrides` is {section: {key: value}} merged over the base."""
+
+    def __init__(self, overrides=None):
+        self.tmp = tempfile.TemporaryDirectory(prefix="tern-test-")
+        sections = {
+            "listeners.tcp": {"bind": "127.0.0.1:0"},
+            "metrics": {"bind": "127.0.0.1:0"},
+            "storage": {"dir": os.path.join(self.tmp.name, "data")},
+            "auth": {"allow_anonymous": True},
+            "log": {"level": "info"},
+        }
+        for section, values in (overrides or {}).items():
+            sections.setdefault(section, {}).update(values)
+        self.config_path = os.path.join(self.tmp.name, "tern.toml")
+        with open(self.config_path, "w") as f:
+            for section, values in sections.items():
+                f.write(f"[{section}]\n")
+                for k, v in values.items():
+                    f.write(f"{k} = {_toml_value(v)}\n")
+        self.log_lines = []
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [TERN_BIN, "--config", self.config_path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("tern exited before ready:\n" + "".join(self.log_lines))
+            self.log_lines.append(line)
+            m = READY.search(line)
+            if m:
+                self.host = m.group(1)
+                self.port = int(m.group(2))
+                self.metrics_port = int(m.group(4))
+                break
+        else:
+            raise RuntimeError("tern did not become ready")
+        # Keep draining output so the broker never blocks on a full pipe.
+        self._drain = threading.Thread(target=self._pump, daemon=True)
+        self._drain.start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.log_lines.append(line)
+
+    def log(self):
+        return "".join(self.log_lines)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self):
+        self.stop()
+        self.tmp.cleanup()
+
+
+@pytest.fixture
+def broker():
+    b = Broker()
+    yield b
+    alive = b.alive()
+    b.close()
+    assert alive, "broker died during the test:\n" + b.log()
+
+
+@pytest.fixture
+def make_broker():
+    """Factory for tests that need non-default settings: make_broker({"limits": {...}})."""
+    made = []
+
+    def factory(overrides=None):
+        b = Broker(overrides)
+        made.append(b)
+        return b
+
+    yield factory
+    dead = [b for b in made if not b.alive()]
+    logs = "".join(b.log() for b in dead)
+    for b in made:
+        b.close()
+    assert not dead, "broker died during the test:\n" + logs
