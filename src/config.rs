@@ -30,10 +30,14 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// A listener is on when its table is present. Without any `[listeners]` table the built-in
+/// default applies (TCP on 127.0.0.1:1883); once a file has `[listeners.*]` tables, only those
+/// listeners are on.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct Listeners {
-    /// Plain MQTT over TCP. The listener is on when the table is present.
+    /// Plain MQTT over TCP.
+    #[serde(default)]
     pub tcp: Option<TcpListenerConfig>,
 }
 
@@ -43,10 +47,13 @@ pub struct TcpListenerConfig {
     pub bind: SocketAddr,
 }
 
+/// Without a `[metrics]` table the built-in default applies (127.0.0.1:9883); a `[metrics]`
+/// table without `bind` turns the endpoint off.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Prometheus text exposition on `/metrics`. 9090 is Prometheus' own port, hence 9883.
+    #[serde(default)]
     pub bind: Option<SocketAddr>,
 }
 
@@ -364,6 +371,16 @@ mod tests {
         assert!(err.to_string().contains("mqtt.max_qos"), "{err}");
         let err = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
         assert!(err.to_string().contains("max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn listeners_and_metrics_are_on_only_when_present() {
+        let c = Config::from_toml("[limits]\nmax_inflight = 5\n").unwrap();
+        assert!(c.listeners.tcp.is_some(), "built-in default without [listeners]");
+        assert!(c.metrics.bind.is_some());
+        let c = Config::from_toml("[listeners.tcp]\nbind = \"127.0.0.1:0\"\n[metrics]\n").unwrap();
+        assert_eq!(c.listeners.tcp.unwrap().bind.port(), 0);
+        assert_eq!(c.metrics.bind, None, "[metrics] without bind turns it off");
     }
 
     #[test]

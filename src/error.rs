@@ -28,6 +28,12 @@ pub enum ProtocolError {
     /// CONNECT with a protocol level we do not speak ([MQTT-3.1.2-2]).
     #[error("unsupported protocol level {0}")]
     UnsupportedProtocolVersion(u8),
+    /// PUBLISH with a QoS above the advertised Maximum QoS ([MQTT-3.2.2-11]).
+    #[error("QoS not supported")]
+    QosNotSupported,
+    /// PUBLISH with RETAIN while Retain Available is 0 ([MQTT-3.2.2-14]).
+    #[error("retain not supported")]
+    RetainNotSupported,
     /// A 3.1.1 client with more QoS 2 ids awaiting PUBREL than `limits.max_inbound_qos2`.
     #[error("too many QoS 2 messages awaiting PUBREL")]
     Qos2Quota,
@@ -44,6 +50,8 @@ impl ProtocolError {
             ProtocolError::ReceiveMaximumExceeded => ReasonCode::ReceiveMaximumExceeded,
             ProtocolError::TopicAliasInvalid => ReasonCode::TopicAliasInvalid,
             ProtocolError::Qos2Quota => ReasonCode::QuotaExceeded,
+            ProtocolError::QosNotSupported => ReasonCode::QoSNotSupported,
+            ProtocolError::RetainNotSupported => ReasonCode::RetainNotSupported,
             ProtocolError::UnsupportedProtocolVersion(_) => ReasonCode::UnsupportedProtocolVersion,
         }
     }

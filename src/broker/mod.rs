@@ -153,7 +153,7 @@ impl Broker {
             }
             i = j;
         }
-        if routed.matched == 0 {
+        if routed.matched == 0 && !msg.retain {
             self.metrics.dropped_no_subscribers.inc();
         }
         routed

@@ -151,7 +151,7 @@ impl Client {
 
     fn handle_packet(&mut self, packet: Packet, wbuf: &mut BytesMut) -> Result<(), Close> {
         match packet {
-            Packet::Publish(p) => self.handle_publish(p).map_err(Close::Protocol),
+            Packet::Publish(p) => self.handle_publish(p, wbuf).map_err(Close::Protocol),
             Packet::PubAck(a) => {
                 self.state.inflight.on_puback(a.packet_id);
                 Ok(())
@@ -161,7 +161,7 @@ impl Client {
                 Ok(())
             }
             Packet::PubRel(a) => {
-                self.handle_pubrel(a);
+                self.handle_pubrel(a, wbuf);
                 Ok(())
             }
             Packet::PubComp(a) => {
@@ -169,11 +169,11 @@ impl Client {
                 Ok(())
             }
             Packet::Subscribe(s) => {
-                self.handle_subscribe(s);
+                self.handle_subscribe(s, wbuf);
                 Ok(())
             }
             Packet::Unsubscribe(u) => {
-                self.handle_unsubscribe(u);
+                self.handle_unsubscribe(u, wbuf);
                 Ok(())
             }
             Packet::PingReq => {
@@ -188,14 +188,23 @@ impl Client {
         }
     }
 
-    fn queue_ack(&mut self, commit: Commit, ack: Ack, then: Vec<Delivery>) {
+    /// Sends `ack` now when nothing is ahead of it and its commit is done (the common case
+    /// with the in-memory store), else queues it behind the others.
+    fn queue_ack(&mut self, commit: Commit, ack: Ack, then: Vec<Delivery>, wbuf: &mut BytesMut) {
         if matches!(ack, Ack::PubAck(..) | Ack::PubRec(..)) {
             self.acks.unacked_publishes += 1;
         }
-        self.acks.queue.push_back(PendingAck { commit, ack, then });
+        if self.acks.queue.is_empty() && matches!(commit, Commit::Done) {
+            self.send_ack(&ack, wbuf);
+            for d in then {
+                self.broker.push(&self.handle, d);
+            }
+        } else {
+            self.acks.queue.push_back(PendingAck { commit, ack, then });
+        }
     }
 
-    fn handle_publish(&mut self, p: Publish) -> Result<(), ProtocolError> {
+    fn handle_publish(&mut self, p: Publish, wbuf: &mut BytesMut) -> Result<(), ProtocolError> {
         let broker = self.broker.clone();
         let v5 = self.version.is_v5();
         broker.metrics.received[p.qos as usize].inc();
@@ -211,20 +220,24 @@ impl Client {
         } else {
             p.topic
         };
+        if topic.is_empty() {
+            // [MQTT-4.7.3-1]; v5: a zero-length topic without a topic alias is a protocol error.
+            return Err(ProtocolError::Protocol("empty topic name"));
+        }
         if !validate::is_valid_topic_name(topic.as_str()) {
-            return Err(ProtocolError::TopicNameInvalid);
+            // [MQTT-3.3.2-2] wildcards make the packet ill-formed, not merely unacceptable.
+            return Err(ProtocolError::Protocol("wildcard in a topic name"));
         }
         if p.qos.as_u8() > broker.config.mqtt.max_qos {
-            // [MQTT-3.2.2-11] a QoS above Maximum QoS is a protocol error (v5 0x9B).
-            return Err(ProtocolError::Protocol("QoS above the advertised Maximum QoS"));
+            return Err(ProtocolError::QosNotSupported);
         }
         if p.retain && !broker.config.mqtt.retain_available {
-            return Err(ProtocolError::Protocol("RETAIN while Retain Available is 0"));
+            return Err(ProtocolError::RetainNotSupported);
         }
         if p.qos == QoS::ExactlyOnce && self.state.inbound_qos2.contains(&p.packet_id) {
             // A re-sent QoS 2 PUBLISH before PUBREL: acknowledge again, deliver nothing
             // ([MQTT-4.3.3-9]).
-            self.queue_ack(Commit::Done, Ack::PubRec(p.packet_id, 0), Vec::new());
+            self.queue_ack(Commit::Done, Ack::PubRec(p.packet_id, 0), Vec::new(), wbuf);
             return Ok(());
         }
         if p.qos != QoS::AtMostOnce {
@@ -291,20 +304,20 @@ impl Client {
                 } else {
                     Ack::PubRec(p.packet_id, reason)
                 };
-                self.queue_ack(commit, ack, Vec::new());
+                self.queue_ack(commit, ack, Vec::new(), wbuf);
                 return Ok(());
             }
         };
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.queue_ack(Commit::Done, Ack::PubAck(p.packet_id, reason), Vec::new()),
+            QoS::AtLeastOnce => self.queue_ack(Commit::Done, Ack::PubAck(p.packet_id, reason), Vec::new(), wbuf),
             QoS::ExactlyOnce => {
                 // A refusal (reason >= 0x80) ends the exchange; a 3.1.1 "acknowledge and drop"
                 // still expects PUBREL.
                 if reason < 0x80 {
                     self.state.inbound_qos2.insert(p.packet_id);
                 }
-                self.queue_ack(Commit::Done, Ack::PubRec(p.packet_id, reason), Vec::new())
+                self.queue_ack(Commit::Done, Ack::PubRec(p.packet_id, reason), Vec::new(), wbuf)
             }
         }
         Ok(())
@@ -319,7 +332,7 @@ impl Client {
         }
     }
 
-    fn handle_pubrel(&mut self, a: PubResponse) {
+    fn handle_pubrel(&mut self, a: PubResponse, wbuf: &mut BytesMut) {
         let known = self.state.inbound_qos2.remove(&a.packet_id);
         let commit = if known {
             self.broker.store.commit(StoreOp::Qos2Released {
@@ -334,10 +347,10 @@ impl Client {
         } else {
             ReasonCode::PacketIdentifierNotFound.as_u8()
         };
-        self.queue_ack(commit, Ack::PubComp(a.packet_id, reason), Vec::new());
+        self.queue_ack(commit, Ack::PubComp(a.packet_id, reason), Vec::new(), wbuf);
     }
 
-    fn handle_subscribe(&mut self, s: Subscribe) {
+    fn handle_subscribe(&mut self, s: Subscribe, wbuf: &mut BytesMut) {
         let broker = self.broker.clone();
         let v5 = self.version.is_v5();
         let max_qos = QoS::from_u8(broker.config.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce);
@@ -407,10 +420,10 @@ impl Client {
                 }
             }
         }
-        self.queue_ack(commit, Ack::SubAck(s.packet_id, codes), retained);
+        self.queue_ack(commit, Ack::SubAck(s.packet_id, codes), retained, wbuf);
     }
 
-    fn handle_unsubscribe(&mut self, u: Unsubscribe) {
+    fn handle_unsubscribe(&mut self, u: Unsubscribe, wbuf: &mut BytesMut) {
         let mut codes = Vec::with_capacity(u.filters.len());
         for filter in u.filters {
             let f = filter.as_str();
@@ -424,7 +437,7 @@ impl Client {
                 ReasonCode::NoSubscriptionExisted.as_u8()
             });
         }
-        self.queue_ack(Commit::Done, Ack::UnsubAck(u.packet_id, codes), Vec::new());
+        self.queue_ack(Commit::Done, Ack::UnsubAck(u.packet_id, codes), Vec::new(), wbuf);
     }
 
     fn handle_disconnect(&mut self, d: Disconnect) -> Close {

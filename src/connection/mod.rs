@@ -128,6 +128,8 @@ where
         broker.metrics.protocol_errors.inc();
     }
     tracing::info!(%peer, client_id = %client.client_id, reason = %close.describe(), "connection closed");
+    // Acknowledgements already earned go out before the DISCONNECT.
+    let _ = client.release_acks(&mut io.wbuf);
     if client.version.is_v5() {
         if let Some(reason) = close.reason() {
             encode_disconnect(&mut io.wbuf, reason, None);

@@ -49,6 +49,11 @@ pub fn decode_packet(
     version: Option<ProtocolVersion>,
     max_packet_size: usize,
 ) -> Result<DecodeOutcome, ProtocolError> {
+    if version.is_none() && buf.first().is_some_and(|b| b >> 4 != 1) {
+        // [MQTT-3.1.0-1] refuse at the first byte: no need to wait for a whole packet of
+        // whatever a non-MQTT peer is sending.
+        return Err(ProtocolError::Protocol("first packet is not CONNECT"));
+    }
     let Some((first, remaining, header_len)) = fixed_header(buf)? else {
         return Ok(DecodeOutcome::Incomplete(None));
     };
@@ -159,7 +164,7 @@ fn decode_connect(body: Bytes) -> Result<Connect, ProtocolError> {
         (b"MQTT", 4) => ProtocolVersion::V3_1_1,
         (b"MQTT", 5) => ProtocolVersion::V5,
         (b"MQIsdp", 3) => ProtocolVersion::V3_1,
-        (b"MQTT", l) | (b"MQIsdp", l) => return Err(ProtocolError::UnsupportedProtocolVersion(l)),
+        (b"MQTT", l) => return Err(ProtocolError::UnsupportedProtocolVersion(l)),
         // [MQTT-3.1.2-1] not an MQTT client: close without CONNACK.
         _ => return Err(ProtocolError::Protocol("unknown protocol name")),
     };
@@ -451,7 +456,7 @@ mod tests {
     #[test]
     fn connect_v5_with_properties_and_will() {
         let bytes = [
-            0x10, 0x1f, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x0e, 0, 30, // flags: clean, will qos1
+            0x10, 0x20, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x0e, 0, 30, // flags: clean, will qos1
             5, 0x11, 0, 0, 0, 10, // session expiry 10
             0, 1, b'c', // client id
             5, 0x18, 0, 0, 0, 3, // will delay 3
@@ -476,6 +481,9 @@ mod tests {
             ProtocolError::UnsupportedProtocolVersion(6)
         );
         b[4] = b'X';
+        assert!(matches!(decode(&b, None), Err(ProtocolError::Protocol(_))));
+        // MQIsdp is only ever level 3.
+        let b = [0x10, 0x10, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 4, 0x02, 0, 10, 0, 2, b'o', b'k'];
         assert!(matches!(decode(&b, None), Err(ProtocolError::Protocol(_))));
     }
 
@@ -572,7 +580,7 @@ mod tests {
     #[test]
     fn v5_publish_properties_decode() {
         let bytes = [
-            0x30, 0x17, 0, 1, b't', 0x12, // props len 18
+            0x30, 0x18, 0, 1, b't', 0x13, // props len 19
             0x01, 1, // payload format
             0x02, 0, 0, 0, 60, // expiry
             0x08, 0, 1, b'r', // response topic

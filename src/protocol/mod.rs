@@ -101,6 +101,8 @@ pub enum ReasonCode {
     PacketTooLarge = 0x95,
     QuotaExceeded = 0x97,
     PayloadFormatInvalid = 0x99,
+    RetainNotSupported = 0x9A,
+    QoSNotSupported = 0x9B,
     SharedSubscriptionsNotSupported = 0x9E,
 }
 
