@@ -18,7 +18,8 @@ impl Authorizer {
 
     /// The Response Information handed to `client_id`, if enabled.
     pub fn response_information(&self, client_id: &str) -> Option<String> {
-        (!self.response_prefix.is_empty()).then(|| format!("{}/{}", self.response_prefix, client_id))
+        (!self.response_prefix.is_empty())
+            .then(|| format!("{}/{}", self.response_prefix, client_id))
     }
 
     /// The owner of `topic` when it lies under the response prefix.
@@ -26,7 +27,9 @@ impl Authorizer {
         if self.response_prefix.is_empty() {
             return None;
         }
-        let rest = topic.strip_prefix(self.response_prefix.as_str())?.strip_prefix('/')?;
+        let rest = topic
+            .strip_prefix(self.response_prefix.as_str())?
+            .strip_prefix('/')?;
         Some(rest.split('/').next().unwrap_or(rest))
     }
 

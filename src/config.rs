@@ -18,7 +18,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listeners: Listeners,
@@ -117,7 +117,7 @@ pub struct MqttConfig {
     pub response_prefix: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Accept clients that present no username. Safe only on a listener nobody else can reach.
@@ -129,20 +129,6 @@ pub struct AuthConfig {
 pub struct LogConfig {
     /// tracing filter directive, e.g. `info` or `tern=debug`.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listeners: Listeners::default(),
-            metrics: MetricsConfig::default(),
-            storage: StorageConfig::default(),
-            limits: Limits::default(),
-            mqtt: MqttConfig::default(),
-            auth: AuthConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for Listeners {
@@ -198,14 +184,6 @@ impl Default for MqttConfig {
             retain_available: true,
             topic_alias_maximum: 64,
             response_prefix: "reply".to_string(),
-        }
-    }
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            allow_anonymous: false,
         }
     }
 }
@@ -323,11 +301,9 @@ mod tests {
 
     #[test]
     fn default_toml_lists_every_builtin_default_except_dev_overrides() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/config/default.toml"
-        ))
-        .expect("config/default.toml is readable");
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+                .expect("config/default.toml is readable");
         let file = Config::from_toml(&text).expect("config/default.toml is valid");
         let mut expected = Config::default();
         // The development config deliberately differs from the built-in defaults here only.
@@ -337,10 +313,21 @@ mod tests {
         // And every key is spelled out in the file, not inherited silently: parse the file
         // alone (no defaults layer) and it must still deserialize completely.
         let raw: toml::Value = toml::from_str(&text).expect("toml");
-        for section in ["listeners", "metrics", "storage", "limits", "mqtt", "auth", "log"] {
+        for section in [
+            "listeners",
+            "metrics",
+            "storage",
+            "limits",
+            "mqtt",
+            "auth",
+            "log",
+        ] {
             assert!(raw.get(section).is_some(), "section [{section}] missing");
         }
-        let limits = raw.get("limits").and_then(|v| v.as_table()).expect("limits");
+        let limits = raw
+            .get("limits")
+            .and_then(|v| v.as_table())
+            .expect("limits");
         for key in [
             "max_packet_size",
             "receive_maximum",
@@ -376,7 +363,10 @@ mod tests {
     #[test]
     fn listeners_and_metrics_are_on_only_when_present() {
         let c = Config::from_toml("[limits]\nmax_inflight = 5\n").unwrap();
-        assert!(c.listeners.tcp.is_some(), "built-in default without [listeners]");
+        assert!(
+            c.listeners.tcp.is_some(),
+            "built-in default without [listeners]"
+        );
         assert!(c.metrics.bind.is_some());
         let c = Config::from_toml("[listeners.tcp]\nbind = \"127.0.0.1:0\"\n[metrics]\n").unwrap();
         assert_eq!(c.listeners.tcp.unwrap().bind.port(), 0);

@@ -68,7 +68,8 @@ impl Running {
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.connections.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        while self.connections.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         for t in self.tasks {
@@ -89,21 +90,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let mut metrics_addr = None;
     if let Some(addr) = broker.config.metrics.bind {
-        let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-            what: "metrics",
-            addr,
-            source,
-        })?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "metrics",
+                addr,
+                source,
+            })?;
         metrics_addr = l.local_addr().ok();
         tasks.push(tokio::spawn(metrics::serve(l, broker.clone())));
     }
     let mut tcp_addr = None;
     if let Some(tcp) = &broker.config.listeners.tcp {
-        let l = TcpListener::bind(tcp.bind).await.map_err(|source| StartError::Bind {
-            what: "tcp listener",
-            addr: tcp.bind,
-            source,
-        })?;
+        let l = TcpListener::bind(tcp.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "tcp listener",
+                addr: tcp.bind,
+                source,
+            })?;
         tcp_addr = l.local_addr().ok();
         tasks.push(tokio::spawn(listener::run_tcp(
             l,

@@ -19,7 +19,12 @@ impl ConnectionSlot {
             if current >= max {
                 return None;
             }
-            match count.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            match count.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Some(ConnectionSlot(count.clone())),
                 Err(now) => current = now,
             }

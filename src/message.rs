@@ -5,6 +5,10 @@ use crate::protocol::{MqttStr, PublishProperties, QoS};
 use bytes::Bytes;
 use std::time::{Duration, Instant};
 
+/// The message's expiry has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired;
+
 #[derive(Debug)]
 pub struct Message {
     /// Broker-wide sequence number, for ordering and storage.
@@ -25,11 +29,11 @@ pub struct Message {
 
 impl Message {
     /// Remaining Message Expiry Interval in whole seconds, or None when the message never
-    /// expires; `Err(())` when it has expired ([MQTT-3.3.2-5]).
-    pub fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, ()> {
+    /// expires; `Err(Expired)` when it has expired ([MQTT-3.3.2-5]).
+    pub fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, Expired> {
         match self.expires_at {
             None => Ok(None),
-            Some(deadline) if deadline <= now => Err(()),
+            Some(deadline) if deadline <= now => Err(Expired),
             Some(deadline) => {
                 let left = deadline - now;
                 // Round up so a message is never forwarded with 0 (which would mean "no expiry"
@@ -77,7 +81,10 @@ mod tests {
         assert_eq!(msg(None).remaining_expiry(now), Ok(None));
         let m = msg(Some(now + Duration::from_millis(2500)));
         assert_eq!(m.remaining_expiry(now), Ok(Some(3)));
-        assert_eq!(m.remaining_expiry(now + Duration::from_secs(2)), Ok(Some(1)));
+        assert_eq!(
+            m.remaining_expiry(now + Duration::from_secs(2)),
+            Ok(Some(1))
+        );
         assert!(m.remaining_expiry(now + Duration::from_secs(3)).is_err());
         assert!(m.is_expired(now + Duration::from_secs(3)));
     }

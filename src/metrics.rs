@@ -4,7 +4,9 @@
 //! describe broker state (sessions, subscriptions, retained) are read at scrape time.
 
 use crate::broker::Broker;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,7 +63,10 @@ impl Metrics {
             &["qos"],
         )?;
         let bytes = IntCounterVec::new(
-            Opts::new("tern_bytes_total", "Bytes on client connections, by direction"),
+            Opts::new(
+                "tern_bytes_total",
+                "Bytes on client connections, by direction",
+            ),
             &["direction"],
         )?;
         let dropped = IntCounterVec::new(
@@ -75,10 +80,8 @@ impl Metrics {
             "tern_protocol_errors_total",
             "Connections closed for malformed packets or protocol violations",
         )?;
-        let sessions = IntGaugeVec::new(
-            Opts::new("tern_sessions", "Sessions, by state"),
-            &["state"],
-        )?;
+        let sessions =
+            IntGaugeVec::new(Opts::new("tern_sessions", "Sessions, by state"), &["state"])?;
         let subscriptions = IntGauge::new("tern_subscriptions", "Subscriptions in the index")?;
         let retained = IntGauge::new("tern_retained_messages", "Retained messages stored")?;
 
@@ -131,8 +134,12 @@ impl Metrics {
     /// Text exposition of every metric, with state gauges read from the broker now.
     pub fn render(&self, broker: &Broker) -> Vec<u8> {
         let (online, offline) = broker.registry.counts();
-        self.sessions.with_label_values(&["online"]).set(online as i64);
-        self.sessions.with_label_values(&["offline"]).set(offline as i64);
+        self.sessions
+            .with_label_values(&["online"])
+            .set(online as i64);
+        self.sessions
+            .with_label_values(&["offline"])
+            .set(offline as i64);
         self.subscriptions.set(broker.subscription_count() as i64);
         self.retained.set(broker.retained_count() as i64);
         let mut out = Vec::new();

@@ -222,13 +222,22 @@ mod tests {
     fn pop_respects_window_and_order() {
         let o = Outbox::new(100, 1 << 20);
         o.set_online(true);
-        for q in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::AtMostOnce, QoS::ExactlyOnce, QoS::AtMostOnce] {
+        for q in [
+            QoS::AtMostOnce,
+            QoS::AtLeastOnce,
+            QoS::AtMostOnce,
+            QoS::ExactlyOnce,
+            QoS::AtMostOnce,
+        ] {
             o.push(d(q));
         }
         let mut out = Vec::new();
         o.pop_batch(1, 100, &mut out);
         let got: Vec<QoS> = out.iter().map(|d| d.qos).collect();
-        assert_eq!(got, vec![QoS::AtMostOnce, QoS::AtLeastOnce, QoS::AtMostOnce]);
+        assert_eq!(
+            got,
+            vec![QoS::AtMostOnce, QoS::AtLeastOnce, QoS::AtMostOnce]
+        );
         out.clear();
         o.pop_batch(5, 100, &mut out);
         assert_eq!(out.len(), 2);

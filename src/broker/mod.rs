@@ -135,7 +135,10 @@ impl Broker {
                 }
                 j += 1;
             }
-            if self.auth.can_receive(&session.client_id, msg.topic.as_str()) {
+            if self
+                .auth
+                .can_receive(&session.client_id, msg.topic.as_str())
+            {
                 routed.matched += 1;
                 let delivery = Delivery {
                     msg: msg.clone(),
@@ -233,7 +236,9 @@ impl Broker {
             id: self.next_message_id(),
             topic: will.topic.clone(),
             payload: will.payload.clone(),
-            qos: will.qos.min(QoS::from_u8(self.config.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce)),
+            qos: will
+                .qos
+                .min(QoS::from_u8(self.config.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce)),
             retain: will.retain,
             properties: will.properties.clone(),
             expires_at: Message::deadline_from(will.properties.message_expiry_interval, now),

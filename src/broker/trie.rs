@@ -35,7 +35,10 @@ impl<V> Default for Node<V> {
 
 impl<V> Node<V> {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.plus.is_none() && self.hash.is_empty() && self.here.is_empty()
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.hash.is_empty()
+            && self.here.is_empty()
     }
 }
 
@@ -263,10 +266,7 @@ mod tests {
 
     fn filter() -> impl Strategy<Value = String> {
         (
-            proptest::collection::vec(
-                prop_oneof![level(), Just("+".to_string())],
-                0..4,
-            ),
+            proptest::collection::vec(prop_oneof![level(), Just("+".to_string())], 0..4),
             any::<bool>(),
         )
             .prop_filter_map("filter must be non-empty", |(mut l, hash)| {

@@ -26,7 +26,9 @@ fn refuse(
     encode_connack(wbuf, version, false, reason, &Properties::default());
     if matches!(
         reason,
-        ReasonCode::NotAuthorized | ReasonCode::BadUserNameOrPassword | ReasonCode::BadAuthenticationMethod
+        ReasonCode::NotAuthorized
+            | ReasonCode::BadUserNameOrPassword
+            | ReasonCode::BadAuthenticationMethod
     ) {
         broker.metrics.refused_auth.inc();
     } else {
@@ -70,16 +72,37 @@ pub(super) async fn accept(
 
     if v5 && c.properties.authentication_method.is_some() {
         // No enhanced authentication methods are supported.
-        return refuse(broker, wbuf, version, ReasonCode::BadAuthenticationMethod, peer, "unsupported authentication method");
+        return refuse(
+            broker,
+            wbuf,
+            version,
+            ReasonCode::BadAuthenticationMethod,
+            peer,
+            "unsupported authentication method",
+        );
     }
     match &c.username {
         None if !broker.config.auth.allow_anonymous => {
-            return refuse(broker, wbuf, version, ReasonCode::NotAuthorized, peer, "anonymous clients are not allowed");
+            return refuse(
+                broker,
+                wbuf,
+                version,
+                ReasonCode::NotAuthorized,
+                peer,
+                "anonymous clients are not allowed",
+            );
         }
         // Without a password file there is nothing to check a password against: a username is
         // accepted only where anonymous access is.
         Some(_) if !broker.config.auth.allow_anonymous => {
-            return refuse(broker, wbuf, version, ReasonCode::BadUserNameOrPassword, peer, "no password file configured");
+            return refuse(
+                broker,
+                wbuf,
+                version,
+                ReasonCode::BadUserNameOrPassword,
+                peer,
+                "no password file configured",
+            );
         }
         _ => {}
     }
@@ -89,7 +112,14 @@ pub(super) async fn accept(
     let client_id: Arc<str> = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
             // [MQTT-3.1.3-8]
-            return refuse(broker, wbuf, version, ReasonCode::ClientIdentifierNotValid, peer, "empty client id with a persistent session");
+            return refuse(
+                broker,
+                wbuf,
+                version,
+                ReasonCode::ClientIdentifierNotValid,
+                peer,
+                "empty client id with a persistent session",
+            );
         }
         let id = assign_client_id(conn_id);
         assigned = Some(id.clone());
@@ -122,8 +152,17 @@ pub(super) async fn accept(
         Ok(a) => a,
         Err(e) => {
             // Detach what we claimed so the entry does not stay attached to nobody.
-            broker.registry.detach(&client_id, conn_id, session_expiry.max(1));
-            return refuse(broker, wbuf, version, ReasonCode::ServerBusy, peer, &e.to_string());
+            broker
+                .registry
+                .detach(&client_id, conn_id, session_expiry.max(1));
+            return refuse(
+                broker,
+                wbuf,
+                version,
+                ReasonCode::ServerBusy,
+                peer,
+                &e.to_string(),
+            );
         }
     };
     let mut session_present = attached.existed;
@@ -155,16 +194,27 @@ pub(super) async fn accept(
         props.shared_subscription_available = Some(0);
         props.server_keep_alive = server_keep_alive;
         if c.properties.request_response_information == Some(1) {
-            props.response_information = broker.auth.response_information(&client_id).map(MqttStr::from);
+            props.response_information = broker
+                .auth
+                .response_information(&client_id)
+                .map(MqttStr::from);
         }
     }
     encode_connack(wbuf, version, session_present, ReasonCode::Success, &props);
     broker.metrics.connections_total.inc();
 
-    let window = usize::from(limits.max_inflight).min(usize::from(c.properties.receive_maximum.unwrap_or(u16::MAX)));
-    let max_packet_out = c.properties.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
+    let window = usize::from(limits.max_inflight).min(usize::from(
+        c.properties.receive_maximum.unwrap_or(u16::MAX),
+    ));
+    let max_packet_out = c
+        .properties
+        .maximum_packet_size
+        .map_or(usize::MAX, |m| m as usize);
     let aliases = if v5 {
-        TopicAliases::new(broker.config.mqtt.topic_alias_maximum, c.properties.topic_alias_maximum.unwrap_or(0))
+        TopicAliases::new(
+            broker.config.mqtt.topic_alias_maximum,
+            c.properties.topic_alias_maximum.unwrap_or(0),
+        )
     } else {
         TopicAliases::default()
     };

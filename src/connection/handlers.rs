@@ -21,13 +21,13 @@ use tokio::sync::OwnedMutexGuard;
 /// their packets arrived, so one waiting commit holds back the ones behind it.
 pub(crate) struct PendingAck {
     commit: Commit,
-    ack: Ack,
+    ack: Response,
     /// Retained messages to queue once the SUBACK has gone out.
     then: Vec<Delivery>,
 }
 
 #[derive(Debug, Clone)]
-pub(crate) enum Ack {
+pub(crate) enum Response {
     PubAck(u16, u8),
     PubRec(u16, u8),
     PubComp(u16, u8),
@@ -44,7 +44,13 @@ pub(crate) struct AckQueue {
 
 impl AckQueue {
     pub fn waiting(&self) -> bool {
-        matches!(self.queue.front(), Some(PendingAck { commit: Commit::Pending(_), .. }))
+        matches!(
+            self.queue.front(),
+            Some(PendingAck {
+                commit: Commit::Pending(_),
+                ..
+            })
+        )
     }
 
     /// Resolves when the front commit completes (or fails).
@@ -190,8 +196,14 @@ impl Client {
 
     /// Sends `ack` now when nothing is ahead of it and its commit is done (the common case
     /// with the in-memory store), else queues it behind the others.
-    fn queue_ack(&mut self, commit: Commit, ack: Ack, then: Vec<Delivery>, wbuf: &mut BytesMut) {
-        if matches!(ack, Ack::PubAck(..) | Ack::PubRec(..)) {
+    fn queue_ack(
+        &mut self,
+        commit: Commit,
+        ack: Response,
+        then: Vec<Delivery>,
+        wbuf: &mut BytesMut,
+    ) {
+        if matches!(ack, Response::PubAck(..) | Response::PubRec(..)) {
             self.acks.unacked_publishes += 1;
         }
         if self.acks.queue.is_empty() && matches!(commit, Commit::Done) {
@@ -237,7 +249,12 @@ impl Client {
         if p.qos == QoS::ExactlyOnce && self.state.inbound_qos2.contains(&p.packet_id) {
             // A re-sent QoS 2 PUBLISH before PUBREL: acknowledge again, deliver nothing
             // ([MQTT-4.3.3-9]).
-            self.queue_ack(Commit::Done, Ack::PubRec(p.packet_id, 0), Vec::new(), wbuf);
+            self.queue_ack(
+                Commit::Done,
+                Response::PubRec(p.packet_id, 0),
+                Vec::new(),
+                wbuf,
+            );
             return Ok(());
         }
         if p.qos != QoS::AtMostOnce {
@@ -300,9 +317,9 @@ impl Client {
                     0
                 };
                 let ack = if p.qos == QoS::AtLeastOnce {
-                    Ack::PubAck(p.packet_id, reason)
+                    Response::PubAck(p.packet_id, reason)
                 } else {
-                    Ack::PubRec(p.packet_id, reason)
+                    Response::PubRec(p.packet_id, reason)
                 };
                 self.queue_ack(commit, ack, Vec::new(), wbuf);
                 return Ok(());
@@ -310,14 +327,24 @@ impl Client {
         };
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.queue_ack(Commit::Done, Ack::PubAck(p.packet_id, reason), Vec::new(), wbuf),
+            QoS::AtLeastOnce => self.queue_ack(
+                Commit::Done,
+                Response::PubAck(p.packet_id, reason),
+                Vec::new(),
+                wbuf,
+            ),
             QoS::ExactlyOnce => {
                 // A refusal (reason >= 0x80) ends the exchange; a 3.1.1 "acknowledge and drop"
                 // still expects PUBREL.
                 if reason < 0x80 {
                     self.state.inbound_qos2.insert(p.packet_id);
                 }
-                self.queue_ack(Commit::Done, Ack::PubRec(p.packet_id, reason), Vec::new(), wbuf)
+                self.queue_ack(
+                    Commit::Done,
+                    Response::PubRec(p.packet_id, reason),
+                    Vec::new(),
+                    wbuf,
+                )
             }
         }
         Ok(())
@@ -347,7 +374,12 @@ impl Client {
         } else {
             ReasonCode::PacketIdentifierNotFound.as_u8()
         };
-        self.queue_ack(commit, Ack::PubComp(a.packet_id, reason), Vec::new(), wbuf);
+        self.queue_ack(
+            commit,
+            Response::PubComp(a.packet_id, reason),
+            Vec::new(),
+            wbuf,
+        );
     }
 
     fn handle_subscribe(&mut self, s: Subscribe, wbuf: &mut BytesMut) {
@@ -377,7 +409,11 @@ impl Client {
                 options,
                 id: s.subscription_identifier,
             };
-            let existed = self.state.subscriptions.insert(f.to_string(), sub).is_some();
+            let existed = self
+                .state
+                .subscriptions
+                .insert(f.to_string(), sub)
+                .is_some();
             broker.subscribe(&self.handle, f, options, s.subscription_identifier);
             commit = broker.store.commit(StoreOp::Subscribe {
                 session: self.handle.id,
@@ -420,7 +456,7 @@ impl Client {
                 }
             }
         }
-        self.queue_ack(commit, Ack::SubAck(s.packet_id, codes), retained, wbuf);
+        self.queue_ack(commit, Response::SubAck(s.packet_id, codes), retained, wbuf);
     }
 
     fn handle_unsubscribe(&mut self, u: Unsubscribe, wbuf: &mut BytesMut) {
@@ -437,7 +473,12 @@ impl Client {
                 ReasonCode::NoSubscriptionExisted.as_u8()
             });
         }
-        self.queue_ack(Commit::Done, Ack::UnsubAck(u.packet_id, codes), Vec::new(), wbuf);
+        self.queue_ack(
+            Commit::Done,
+            Response::UnsubAck(u.packet_id, codes),
+            Vec::new(),
+            wbuf,
+        );
     }
 
     fn handle_disconnect(&mut self, d: Disconnect) -> Close {
@@ -470,7 +511,9 @@ impl Client {
                     }
                 }
             }
-            let Some(p) = self.acks.queue.pop_front() else { break };
+            let Some(p) = self.acks.queue.pop_front() else {
+                break;
+            };
             self.send_ack(&p.ack, wbuf);
             for d in p.then {
                 self.broker.push(&self.handle, d);
@@ -479,20 +522,20 @@ impl Client {
         Ok(())
     }
 
-    fn send_ack(&mut self, ack: &Ack, wbuf: &mut BytesMut) {
+    fn send_ack(&mut self, ack: &Response, wbuf: &mut BytesMut) {
         let v = self.version;
         match ack {
-            Ack::PubAck(id, r) => {
+            Response::PubAck(id, r) => {
                 self.acks.unacked_publishes -= 1;
                 encode_pub_response(wbuf, v, PUBACK, *id, *r)
             }
-            Ack::PubRec(id, r) => {
+            Response::PubRec(id, r) => {
                 self.acks.unacked_publishes -= 1;
                 encode_pub_response(wbuf, v, PUBREC, *id, *r)
             }
-            Ack::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, *r),
-            Ack::SubAck(id, codes) => encode_suback(wbuf, v, *id, codes),
-            Ack::UnsubAck(id, codes) => encode_unsuback(wbuf, v, *id, codes),
+            Response::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, *r),
+            Response::SubAck(id, codes) => encode_suback(wbuf, v, *id, codes),
+            Response::UnsubAck(id, codes) => encode_unsuback(wbuf, v, *id, codes),
         }
     }
 
@@ -607,7 +650,11 @@ impl Client {
         let broker = self.broker.clone();
         let mut state = self.state;
         if let (true, Some(will)) = (publish_will, self.will) {
-            let delay = if self.version.is_v5() { will.delay_interval } else { 0 };
+            let delay = if self.version.is_v5() {
+                will.delay_interval
+            } else {
+                0
+            };
             let delay = delay.min(self.session_expiry);
             if delay == 0 {
                 broker.publish_will(&will, self.handle.id);
@@ -620,19 +667,27 @@ impl Client {
                 });
                 // Registered after detach below so a returning client can cancel it.
                 let abort = task.abort_handle();
-                match broker.registry.detach(&self.client_id, self.conn_id, self.session_expiry) {
+                match broker
+                    .registry
+                    .detach(&self.client_id, self.conn_id, self.session_expiry)
+                {
                     Detached::Ended(handle) => broker.end_session(&handle, &mut state),
-                    Detached::Kept => broker.registry.set_pending_will(&self.client_id, self.handle.id, abort),
+                    Detached::Kept => {
+                        broker
+                            .registry
+                            .set_pending_will(&self.client_id, self.handle.id, abort)
+                    }
                     Detached::TakenOver => abort.abort(),
                 }
                 return;
             }
         }
         if let Detached::Ended(handle) =
-            broker.registry.detach(&self.client_id, self.conn_id, self.session_expiry)
+            broker
+                .registry
+                .detach(&self.client_id, self.conn_id, self.session_expiry)
         {
             broker.end_session(&handle, &mut state);
         }
     }
 }
-

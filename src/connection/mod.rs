@@ -77,8 +77,12 @@ impl Close {
 }
 
 /// Serves one client from its first byte to its last.
-pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
-where
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
@@ -110,7 +114,8 @@ where
         }
     };
     let (kick_tx, kick_rx) = oneshot::channel();
-    let Some(mut client) = connect::accept(&broker, &mut io.wbuf, *packet, peer, kick_tx).await else {
+    let Some(mut client) = connect::accept(&broker, &mut io.wbuf, *packet, peer, kick_tx).await
+    else {
         io.flush_quietly().await;
         return;
     };
@@ -151,7 +156,10 @@ struct Io<R, W> {
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     /// Reads until the first packet, which must be CONNECT ([MQTT-3.1.0-1]).
-    async fn read_connect(&mut self, broker: &Broker) -> Result<Option<Box<Packet>>, ProtocolError> {
+    async fn read_connect(
+        &mut self,
+        broker: &Broker,
+    ) -> Result<Option<Box<Packet>>, ProtocolError> {
         let max = broker.config.limits.max_packet_size as usize;
         loop {
             match decode_packet(&mut self.rbuf, None, max)? {

@@ -187,7 +187,14 @@ mod tests {
     #[test]
     fn varint_round_trip_at_boundaries() {
         for v in [
-            0usize, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455,
+            0usize,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            268_435_455,
         ] {
             let mut b = BytesMut::new();
             put_varint(&mut b, v);

@@ -14,6 +14,9 @@ use bytes::{Buf, Bytes, BytesMut};
 
 /// Result of trying to decode one packet from the front of a buffer.
 #[derive(Debug)]
+// Returned by value and consumed at once, never stored: boxing the packet would cost an
+// allocation per packet for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum DecodeOutcome {
     /// A packet and its size on the wire.
     Packet(Packet, usize),
@@ -185,11 +188,12 @@ fn decode_connect(body: Bytes) -> Result<Connect, ProtocolError> {
             "will QoS or retain set without will flag",
         ));
     }
-    let will_qos =
-        QoS::from_u8(will_qos).ok_or(ProtocolError::Malformed("will QoS 3"))?; // [MQTT-3.1.2-14]
+    let will_qos = QoS::from_u8(will_qos).ok_or(ProtocolError::Malformed("will QoS 3"))?; // [MQTT-3.1.2-14]
     if password_flag && !username_flag && !version.is_v5() {
         // [MQTT-3.1.2-22] (3.1.1): password without user name.
-        return Err(ProtocolError::Malformed("password flag without user name flag"));
+        return Err(ProtocolError::Malformed(
+            "password flag without user name flag",
+        ));
     }
     let keep_alive = r.u16()?;
     let properties = if version.is_v5() {
@@ -234,7 +238,9 @@ fn decode_connect(body: Bytes) -> Result<Connect, ProtocolError> {
         None
     };
     if r.remaining() != 0 {
-        return Err(ProtocolError::Malformed("trailing bytes after CONNECT payload"));
+        return Err(ProtocolError::Malformed(
+            "trailing bytes after CONNECT payload",
+        ));
     }
     Ok(Connect {
         version,
@@ -250,8 +256,8 @@ fn decode_connect(body: Bytes) -> Result<Connect, ProtocolError> {
 
 fn decode_publish(first: u8, r: &mut Reader, v5: bool) -> Result<Publish, ProtocolError> {
     let dup = first & 0x08 != 0;
-    let qos = QoS::from_u8((first >> 1) & 0x03)
-        .ok_or(ProtocolError::Malformed("PUBLISH with QoS 3"))?; // [MQTT-3.3.1-4]
+    let qos =
+        QoS::from_u8((first >> 1) & 0x03).ok_or(ProtocolError::Malformed("PUBLISH with QoS 3"))?; // [MQTT-3.3.1-4]
     if dup && qos == QoS::AtMostOnce {
         // [MQTT-3.3.1-2]
         return Err(ProtocolError::Malformed("DUP set on a QoS 0 PUBLISH"));
@@ -300,7 +306,9 @@ fn decode_pub_response(r: &mut Reader, v5: bool) -> Result<PubResponse, Protocol
         }
     }
     if r.remaining() != 0 {
-        return Err(ProtocolError::Malformed("trailing bytes in acknowledgement"));
+        return Err(ProtocolError::Malformed(
+            "trailing bytes in acknowledgement",
+        ));
     }
     Ok(PubResponse { packet_id, reason })
 }
@@ -319,12 +327,13 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, ProtocolError
     while r.remaining() > 0 {
         let filter = r.string()?;
         let o = r.u8()?;
-        let qos = QoS::from_u8(o & 0x03)
-            .ok_or(ProtocolError::Malformed("subscription QoS 3"))?; // [MQTT-3.8.3-4]
+        let qos = QoS::from_u8(o & 0x03).ok_or(ProtocolError::Malformed("subscription QoS 3"))?; // [MQTT-3.8.3-4]
         let options = if v5 {
             if o & 0xc0 != 0 {
                 // [MQTT-3.8.3-5]
-                return Err(ProtocolError::Malformed("reserved subscription option bits set"));
+                return Err(ProtocolError::Malformed(
+                    "reserved subscription option bits set",
+                ));
             }
             let retain_handling = (o >> 4) & 0x03;
             if retain_handling == 3 {
@@ -339,7 +348,9 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, ProtocolError
         } else {
             if o & 0xfc != 0 {
                 // [MQTT-3.8.3-4] (3.1.1) upper six bits must be 0.
-                return Err(ProtocolError::Malformed("reserved subscription option bits set"));
+                return Err(ProtocolError::Malformed(
+                    "reserved subscription option bits set",
+                ));
             }
             SubscriptionOptions {
                 qos,
@@ -456,7 +467,8 @@ mod tests {
     #[test]
     fn connect_v5_with_properties_and_will() {
         let bytes = [
-            0x10, 0x20, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x0e, 0, 30, // flags: clean, will qos1
+            0x10, 0x20, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x0e, 0,
+            30, // flags: clean, will qos1
             5, 0x11, 0, 0, 0, 10, // session expiry 10
             0, 1, b'c', // client id
             5, 0x18, 0, 0, 0, 3, // will delay 3
@@ -475,7 +487,9 @@ mod tests {
 
     #[test]
     fn unsupported_level_and_unknown_name() {
-        let mut b = vec![0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 60, 0, 2, b'c', b'1'];
+        let mut b = vec![
+            0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 60, 0, 2, b'c', b'1',
+        ];
         assert_eq!(
             decode(&b, None).unwrap_err(),
             ProtocolError::UnsupportedProtocolVersion(6)
@@ -483,7 +497,9 @@ mod tests {
         b[4] = b'X';
         assert!(matches!(decode(&b, None), Err(ProtocolError::Protocol(_))));
         // MQIsdp is only ever level 3.
-        let b = [0x10, 0x10, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 4, 0x02, 0, 10, 0, 2, b'o', b'k'];
+        let b = [
+            0x10, 0x10, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 4, 0x02, 0, 10, 0, 2, b'o', b'k',
+        ];
         assert!(matches!(decode(&b, None), Err(ProtocolError::Protocol(_))));
     }
 
@@ -491,28 +507,97 @@ mod tests {
     #[test]
     fn malformed_table() {
         let cases: &[(&str, &[u8], Option<ProtocolVersion>)] = &[
-            ("[MQTT-3.1.0-1] first packet not CONNECT", &[0xc0, 0x00], None),
-            ("[MQTT-3.1.2-3] reserved connect flag", &[0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x03, 0, 60, 0, 2, b'c', b'1'], None),
-            ("[MQTT-3.1.2-11] will qos without will flag", &[0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x0a, 0, 60, 0, 2, b'c', b'1'], None),
-            ("[MQTT-3.1.2-22] password without username", &[0x10, 0x12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x42, 0, 60, 0, 2, b'c', b'1', 0, 2, b'p', b'w'], None),
-            ("[MQTT-3.1.0-2] second CONNECT", &[0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1'], V4),
+            (
+                "[MQTT-3.1.0-1] first packet not CONNECT",
+                &[0xc0, 0x00],
+                None,
+            ),
+            (
+                "[MQTT-3.1.2-3] reserved connect flag",
+                &[
+                    0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x03, 0, 60, 0, 2, b'c', b'1',
+                ],
+                None,
+            ),
+            (
+                "[MQTT-3.1.2-11] will qos without will flag",
+                &[
+                    0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x0a, 0, 60, 0, 2, b'c', b'1',
+                ],
+                None,
+            ),
+            (
+                "[MQTT-3.1.2-22] password without username",
+                &[
+                    0x10, 0x12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x42, 0, 60, 0, 2, b'c', b'1', 0,
+                    2, b'p', b'w',
+                ],
+                None,
+            ),
+            (
+                "[MQTT-3.1.0-2] second CONNECT",
+                &[
+                    0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1',
+                ],
+                V4,
+            ),
             ("[MQTT-3.3.1-4] QoS 3", &[0x36, 0x05, 0, 1, b'a', 0, 1], V4),
             ("[MQTT-3.3.1-2] DUP on QoS 0", &[0x38, 0x03, 0, 1, b'a'], V4),
-            ("[MQTT-2.3.1-1] packet id 0", &[0x32, 0x05, 0, 1, b'a', 0, 0], V4),
-            ("[MQTT-1.5.4-2] NUL in topic", &[0x30, 0x04, 0, 2, b'a', 0], V4),
-            ("[MQTT-1.5.4-1] bad UTF-8 topic", &[0x30, 0x04, 0, 2, 0xc3, 0x28], V4),
+            (
+                "[MQTT-2.3.1-1] packet id 0",
+                &[0x32, 0x05, 0, 1, b'a', 0, 0],
+                V4,
+            ),
+            (
+                "[MQTT-1.5.4-2] NUL in topic",
+                &[0x30, 0x04, 0, 2, b'a', 0],
+                V4,
+            ),
+            (
+                "[MQTT-1.5.4-1] bad UTF-8 topic",
+                &[0x30, 0x04, 0, 2, 0xc3, 0x28],
+                V4,
+            ),
             ("[MQTT-3.6.1-1] PUBREL flags 0", &[0x60, 0x02, 0, 1], V4),
-            ("[MQTT-3.8.1-1] SUBSCRIBE flags 0", &[0x80, 0x06, 0, 1, 0, 1, b'a', 0], V4),
-            ("[MQTT-3.10.1-1] UNSUBSCRIBE flags 0", &[0xa0, 0x05, 0, 1, 0, 1, b'a'], V4),
+            (
+                "[MQTT-3.8.1-1] SUBSCRIBE flags 0",
+                &[0x80, 0x06, 0, 1, 0, 1, b'a', 0],
+                V4,
+            ),
+            (
+                "[MQTT-3.10.1-1] UNSUBSCRIBE flags 0",
+                &[0xa0, 0x05, 0, 1, 0, 1, b'a'],
+                V4,
+            ),
             ("[MQTT-2.1.3-1] PINGREQ flags", &[0xc1, 0x00], V4),
             ("[MQTT-2.1.3-1] PUBACK flags", &[0x41, 0x02, 0, 1], V4),
             ("[MQTT-3.8.3-3] empty SUBSCRIBE", &[0x82, 0x02, 0, 1], V4),
             ("[MQTT-3.10.3-2] empty UNSUBSCRIBE", &[0xa2, 0x02, 0, 1], V4),
-            ("[MQTT-3.8.3-4] reserved option bits (3.1.1)", &[0x82, 0x06, 0, 1, 0, 1, b'a', 0x04], V4),
-            ("[MQTT-3.8.3-5] reserved option bits (v5)", &[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0xc0], V5),
-            ("retain handling 3 (v5)", &[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x30], V5),
-            ("[MQTT-3.3.4-6] subscription id in PUBLISH", &[0x30, 0x06, 0, 1, b'a', 2, 0x0b, 1], V5),
-            ("duplicate property", &[0x30, 0x09, 0, 1, b'a', 5, 0x23, 0, 1, 0x23, 0], V5),
+            (
+                "[MQTT-3.8.3-4] reserved option bits (3.1.1)",
+                &[0x82, 0x06, 0, 1, 0, 1, b'a', 0x04],
+                V4,
+            ),
+            (
+                "[MQTT-3.8.3-5] reserved option bits (v5)",
+                &[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0xc0],
+                V5,
+            ),
+            (
+                "retain handling 3 (v5)",
+                &[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x30],
+                V5,
+            ),
+            (
+                "[MQTT-3.3.4-6] subscription id in PUBLISH",
+                &[0x30, 0x06, 0, 1, b'a', 2, 0x0b, 1],
+                V5,
+            ),
+            (
+                "duplicate property",
+                &[0x30, 0x09, 0, 1, b'a', 5, 0x23, 0, 1, 0x23, 0],
+                V5,
+            ),
             ("server-only packet type CONNACK", &[0x20, 0x02, 0, 0], V4),
             ("AUTH from 3.1.1", &[0xf0, 0x00], V4),
             ("reserved type 0", &[0x00, 0x00], V4),
@@ -543,7 +628,11 @@ mod tests {
 
     #[test]
     fn v5_puback_short_forms() {
-        for bytes in [&[0x40u8, 0x02, 0, 7][..], &[0x40, 0x03, 0, 7, 0x10], &[0x40, 0x04, 0, 7, 0, 0]] {
+        for bytes in [
+            &[0x40u8, 0x02, 0, 7][..],
+            &[0x40, 0x03, 0, 7, 0x10],
+            &[0x40, 0x04, 0, 7, 0, 0],
+        ] {
             let Packet::PubAck(a) = decode(bytes, V5).unwrap() else {
                 panic!()
             };

@@ -1,8 +1,8 @@
 //! Encoding of the packets the broker sends, straight into a connection's write buffer.
 
 use super::codec::{put_binary, put_varint, varint_len};
-use super::properties::{publish_properties_len, put_publish_properties};
 pub use super::properties::PublishExtras;
+use super::properties::{publish_properties_len, put_publish_properties};
 use super::*;
 use bytes::{BufMut, BytesMut};
 
@@ -125,12 +125,7 @@ pub fn encode_suback(buf: &mut BytesMut, version: ProtocolVersion, packet_id: u1
 }
 
 /// UNSUBACK; 3.x has no reason codes.
-pub fn encode_unsuback(
-    buf: &mut BytesMut,
-    version: ProtocolVersion,
-    packet_id: u16,
-    codes: &[u8],
-) {
+pub fn encode_unsuback(buf: &mut BytesMut, version: ProtocolVersion, packet_id: u16, codes: &[u8]) {
     if version.is_v5() {
         put_header(buf, 0xb0, 3 + codes.len());
         buf.put_u16(packet_id);
@@ -188,7 +183,13 @@ mod tests {
             receive_maximum: Some(10),
             ..Properties::default()
         };
-        encode_connack(&mut b, ProtocolVersion::V5, false, ReasonCode::Success, &props);
+        encode_connack(
+            &mut b,
+            ProtocolVersion::V5,
+            false,
+            ReasonCode::Success,
+            &props,
+        );
         assert_eq!(&b[..], &[0x20, 0x06, 0x00, 0x00, 0x03, 0x21, 0x00, 0x0a]);
     }
 

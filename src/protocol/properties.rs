@@ -175,17 +175,23 @@ pub(crate) fn read_publish_properties(
         let pid = r.varint()?;
         let pid = u8::try_from(pid).map_err(|_| ProtocolError::Malformed("unknown property"))?;
         if !allowed(ctx, pid) {
-            return Err(ProtocolError::Protocol("property not allowed in this packet"));
+            return Err(ProtocolError::Protocol(
+                "property not allowed in this packet",
+            ));
         }
         match pid {
-            id::PAYLOAD_FORMAT_INDICATOR => set_once(&mut p.payload_format_indicator, flag(&mut r)?)?,
+            id::PAYLOAD_FORMAT_INDICATOR => {
+                set_once(&mut p.payload_format_indicator, flag(&mut r)?)?
+            }
             id::MESSAGE_EXPIRY_INTERVAL => set_once(&mut p.message_expiry_interval, r.u32()?)?,
             id::CONTENT_TYPE => set_once(&mut p.content_type, r.string()?)?,
             id::RESPONSE_TOPIC => {
                 let t = r.string()?;
                 // [MQTT-3.3.2-14] the Response Topic is a Topic Name: no wildcards.
                 if !super::validate::is_valid_topic_name(t.as_str()) {
-                    return Err(ProtocolError::Protocol("response topic is not a valid topic name"));
+                    return Err(ProtocolError::Protocol(
+                        "response topic is not a valid topic name",
+                    ));
                 }
                 set_once(&mut p.response_topic, t)?
             }
@@ -212,7 +218,9 @@ pub(crate) fn read_properties(r: &mut Reader, ctx: Context) -> Result<Properties
         let pid = r.varint()?;
         let pid = u8::try_from(pid).map_err(|_| ProtocolError::Malformed("unknown property"))?;
         if !allowed(ctx, pid) {
-            return Err(ProtocolError::Protocol("property not allowed in this packet"));
+            return Err(ProtocolError::Protocol(
+                "property not allowed in this packet",
+            ));
         }
         match pid {
             id::SESSION_EXPIRY_INTERVAL => set_once(&mut p.session_expiry_interval, r.u32()?)?,
@@ -301,8 +309,7 @@ pub(crate) fn publish_properties_len(p: &PublishProperties, x: &PublishExtras<'_
         + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
         + user_props_len(&p.user_properties)
         + x.topic_alias.map_or(0, |_| 3)
-        + x
-            .subscription_identifiers
+        + x.subscription_identifiers
             .iter()
             .map(|&s| 1 + varint_len(s as usize))
             .sum::<usize>()
@@ -390,16 +397,32 @@ impl Properties {
                 buf.put_u8(v);
             }
         };
-        put_u32(buf, id::SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
-        put_str_prop(buf, id::ASSIGNED_CLIENT_IDENTIFIER, &self.assigned_client_identifier);
+        put_u32(
+            buf,
+            id::SESSION_EXPIRY_INTERVAL,
+            self.session_expiry_interval,
+        );
+        put_str_prop(
+            buf,
+            id::ASSIGNED_CLIENT_IDENTIFIER,
+            &self.assigned_client_identifier,
+        );
         put_u16(buf, id::SERVER_KEEP_ALIVE, self.server_keep_alive);
         put_str_prop(buf, id::AUTHENTICATION_METHOD, &self.authentication_method);
         if let Some(d) = &self.authentication_data {
             buf.put_u8(id::AUTHENTICATION_DATA);
             put_binary(buf, d);
         }
-        put_u8(buf, id::REQUEST_PROBLEM_INFORMATION, self.request_problem_information);
-        put_u8(buf, id::REQUEST_RESPONSE_INFORMATION, self.request_response_information);
+        put_u8(
+            buf,
+            id::REQUEST_PROBLEM_INFORMATION,
+            self.request_problem_information,
+        );
+        put_u8(
+            buf,
+            id::REQUEST_RESPONSE_INFORMATION,
+            self.request_response_information,
+        );
         put_str_prop(buf, id::RESPONSE_INFORMATION, &self.response_information);
         put_str_prop(buf, id::SERVER_REFERENCE, &self.server_reference);
         put_str_prop(buf, id::REASON_STRING, &self.reason_string);

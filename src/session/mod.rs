@@ -80,7 +80,8 @@ impl Inflight {
     /// PUBACK: finishes a QoS 1 message. False when the id is unknown or not a QoS 1 PUBLISH.
     pub fn on_puback(&mut self, id: u16) -> bool {
         match self.position(id) {
-            Some(i) if matches!(&self.entries[i].1, Outbound::Published(d) if d.qos == crate::protocol::QoS::AtLeastOnce) => {
+            Some(i) if matches!(&self.entries[i].1, Outbound::Published(d) if d.qos == crate::protocol::QoS::AtLeastOnce) =>
+            {
                 self.entries.remove(i);
                 true
             }
@@ -172,7 +173,11 @@ impl TopicAliases {
     }
 
     /// Resolves the topic of an inbound PUBLISH that may carry an alias.
-    pub fn resolve_inbound(&mut self, topic: MqttStr, alias: Option<u16>) -> Result<MqttStr, AliasError> {
+    pub fn resolve_inbound(
+        &mut self,
+        topic: MqttStr,
+        alias: Option<u16>,
+    ) -> Result<MqttStr, AliasError> {
         let Some(alias) = alias else {
             return Ok(topic);
         };
@@ -279,11 +284,30 @@ mod tests {
     #[test]
     fn aliases() {
         let mut a = TopicAliases::new(2, 1);
-        assert_eq!(a.resolve_inbound(MqttStr::from("x"), Some(0)), Err(AliasError::Invalid));
-        assert_eq!(a.resolve_inbound(MqttStr::from("x"), Some(3)), Err(AliasError::Invalid));
-        assert_eq!(a.resolve_inbound(MqttStr::from(""), Some(1)), Err(AliasError::Unknown));
-        assert_eq!(a.resolve_inbound(MqttStr::from("x"), Some(1)).unwrap().as_str(), "x");
-        assert_eq!(a.resolve_inbound(MqttStr::from(""), Some(1)).unwrap().as_str(), "x");
+        assert_eq!(
+            a.resolve_inbound(MqttStr::from("x"), Some(0)),
+            Err(AliasError::Invalid)
+        );
+        assert_eq!(
+            a.resolve_inbound(MqttStr::from("x"), Some(3)),
+            Err(AliasError::Invalid)
+        );
+        assert_eq!(
+            a.resolve_inbound(MqttStr::from(""), Some(1)),
+            Err(AliasError::Unknown)
+        );
+        assert_eq!(
+            a.resolve_inbound(MqttStr::from("x"), Some(1))
+                .unwrap()
+                .as_str(),
+            "x"
+        );
+        assert_eq!(
+            a.resolve_inbound(MqttStr::from(""), Some(1))
+                .unwrap()
+                .as_str(),
+            "x"
+        );
         assert_eq!(a.outbound("t"), Some((1, true)));
         assert_eq!(a.outbound("t"), Some((1, false)));
         assert_eq!(a.outbound("u"), None);

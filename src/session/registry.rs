@@ -172,7 +172,12 @@ impl Registry {
     }
 
     /// Remembers a delayed Will so a reconnect can cancel it.
-    pub fn set_pending_will(&self, client_id: &str, session_id: u64, will: tokio::task::AbortHandle) {
+    pub fn set_pending_will(
+        &self,
+        client_id: &str,
+        session_id: u64,
+        will: tokio::task::AbortHandle,
+    ) {
         let mut map = self.lock();
         match map.get_mut(client_id) {
             Some(e) if e.handle.id == session_id && e.attached.is_none() => {
@@ -258,7 +263,11 @@ mod tests {
         let r = Registry::new(10, 1000);
         for (i, c) in ["a", "b", "c"].iter().enumerate() {
             let (tx, _rx) = oneshot::channel();
-            drop(r.attach(c, i as u64, tx, Duration::from_secs(1)).await.unwrap());
+            drop(
+                r.attach(c, i as u64, tx, Duration::from_secs(1))
+                    .await
+                    .unwrap(),
+            );
         }
         r.detach("a", 0, 1);
         r.detach("b", 1, u32::MAX);

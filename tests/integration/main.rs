@@ -1,0 +1,9 @@
+//! Tern integration tests: each test starts its own in-process broker on port 0 and drives it
+//! with rumqttc 3.1.1 and 5.0 clients.
+
+mod common;
+mod raw;
+mod retained;
+mod sessions;
+mod v311;
+mod v5;
