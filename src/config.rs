@@ -84,7 +84,7 @@ pub struct Limits {
     pub max_inflight: u16,
     /// Messages queued per session (online backlog or offline queue) before new ones are dropped.
     pub max_queued_messages: usize,
-    /// Payload bytes queued per session before new messages are dropped.
+    /// Bytes (payload plus topic of each message) queued per session before new ones are dropped.
     pub max_queued_bytes: usize,
     /// Largest keep alive a client may use, in seconds; v5 clients are told via Server Keep Alive.
     /// 0 means no limit.

@@ -212,7 +212,7 @@ impl Broker {
 
     /// Removes every subscription of an ended session and empties its queue.
     pub fn end_session(&self, handle: &SessionHandle, state: &mut SessionState) {
-        {
+        if !state.subscriptions.is_empty() {
             let mut subs = self
                 .subscriptions
                 .write()

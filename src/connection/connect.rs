@@ -146,7 +146,7 @@ pub(super) async fn accept(
 
     let mut attached = match broker
         .registry
-        .attach(&client_id, conn_id, kick, TAKEOVER_WAIT)
+        .attach(&client_id, conn_id, session_expiry, kick, TAKEOVER_WAIT)
         .await
     {
         Ok(a) => a,
@@ -165,11 +165,11 @@ pub(super) async fn accept(
             );
         }
     };
-    let mut session_present = attached.existed;
-    if c.clean_start && attached.existed {
-        // [MQTT-3.1.2-4] a clean start discards the previous session.
+    let session_present = attached.existed && !c.clean_start;
+    if !session_present {
+        // [MQTT-3.1.2-4] a clean start discards the previous session; so does a session that
+        // ended with its previous connection.
         broker.end_session(&attached.handle, &mut attached.state);
-        session_present = false;
     }
     attached.handle.outbox.set_online(true);
 

@@ -29,11 +29,18 @@ pub enum Kick {
     TakenOver,
 }
 
+struct Attachment {
+    conn_id: u64,
+    kick: Option<oneshot::Sender<Kick>>,
+    expiry: u32,
+}
+
 struct Entry {
     handle: Arc<SessionHandle>,
     state: Arc<tokio::sync::Mutex<SessionState>>,
-    /// The attached connection and the channel that asks it to leave.
-    attached: Option<(u64, Option<oneshot::Sender<Kick>>)>,
+    /// The attached connection, the channel that asks it to leave, and the Session Expiry
+    /// Interval it connected with.
+    attached: Option<Attachment>,
     /// When a detached session ends; None while attached or when it never expires.
     expires_at: Option<Instant>,
     /// A delayed Will waiting to be published; a reconnect cancels it ([MQTT-3.1.3-9]).
@@ -51,7 +58,9 @@ pub struct Registry {
 pub struct Attached {
     pub handle: Arc<SessionHandle>,
     pub state: OwnedMutexGuard<SessionState>,
-    /// A session for this ClientId existed before (for Session Present).
+    /// A session for this ClientId existed before and continues (for Session Present). False
+    /// also when the previous connection's session ends with it (expiry 0): the state may then
+    /// hold leftovers the caller must discard.
     pub existed: bool,
 }
 
@@ -97,22 +106,34 @@ impl Registry {
         &self,
         client_id: &str,
         conn_id: u64,
+        expiry: u32,
         kick: oneshot::Sender<Kick>,
         wait: Duration,
     ) -> Result<Attached, AttachError> {
+        let attachment = Attachment {
+            conn_id,
+            kick: Some(kick),
+            expiry,
+        };
         let (handle, state, existed) = {
             let mut map = self.lock();
             match map.get_mut(client_id) {
                 Some(entry) => {
-                    if let Some((_, Some(old))) = entry.attached.take() {
-                        let _ = old.send(Kick::TakenOver);
+                    // A session whose connection is still attached with expiry 0 ends with that
+                    // connection: we take the entry over but not the session.
+                    let mut continues = true;
+                    if let Some(old) = entry.attached.take() {
+                        continues = old.expiry != 0;
+                        if let Some(kick) = old.kick {
+                            let _ = kick.send(Kick::TakenOver);
+                        }
                     }
                     if let Some(will) = entry.pending_will.take() {
                         will.abort();
                     }
-                    entry.attached = Some((conn_id, Some(kick)));
+                    entry.attached = Some(attachment);
                     entry.expires_at = None;
-                    (entry.handle.clone(), entry.state.clone(), true)
+                    (entry.handle.clone(), entry.state.clone(), continues)
                 }
                 None => {
                     let client_id: Arc<str> = Arc::from(client_id);
@@ -127,7 +148,7 @@ impl Registry {
                         Entry {
                             handle: handle.clone(),
                             state: state.clone(),
-                            attached: Some((conn_id, Some(kick))),
+                            attached: Some(attachment),
                             expires_at: None,
                             pending_will: None,
                         },
@@ -153,7 +174,7 @@ impl Registry {
         let Some(entry) = map.get_mut(client_id) else {
             return Detached::TakenOver;
         };
-        if !matches!(entry.attached, Some((id, _)) if id == conn_id) {
+        if !entry.attached.as_ref().is_some_and(|a| a.conn_id == conn_id) {
             return Detached::TakenOver;
         }
         entry.attached = None;
@@ -223,14 +244,14 @@ mod tests {
     async fn attach_detach_and_present() {
         let r = Registry::new(10, 1000);
         let (tx, _rx) = oneshot::channel();
-        let a = r.attach("c", 1, tx, Duration::from_secs(1)).await.unwrap();
+        let a = r.attach("c", 1, 60, tx, Duration::from_secs(1)).await.unwrap();
         assert!(!a.existed);
         let id = a.handle.id;
         drop(a);
         assert!(matches!(r.detach("c", 1, 60), Detached::Kept));
         assert_eq!(r.counts(), (0, 1));
         let (tx, _rx) = oneshot::channel();
-        let b = r.attach("c", 2, tx, Duration::from_secs(1)).await.unwrap();
+        let b = r.attach("c", 2, 60, tx, Duration::from_secs(1)).await.unwrap();
         assert!(b.existed);
         assert_eq!(b.handle.id, id);
         drop(b);
@@ -242,12 +263,12 @@ mod tests {
     async fn takeover_kicks_and_waits_for_the_state() {
         let r = Arc::new(Registry::new(10, 1000));
         let (tx1, rx1) = oneshot::channel();
-        let mut first = r.attach("c", 1, tx1, Duration::from_secs(1)).await.unwrap();
+        let mut first = r.attach("c", 1, 60, tx1, Duration::from_secs(1)).await.unwrap();
         first.state.inbound_qos2.insert(42);
         let r2 = r.clone();
         let second = tokio::spawn(async move {
             let (tx2, _rx2) = oneshot::channel();
-            r2.attach("c", 2, tx2, Duration::from_secs(5)).await
+            r2.attach("c", 2, 60, tx2, Duration::from_secs(5)).await
         });
         assert_eq!(rx1.await.unwrap(), Kick::TakenOver);
         // The old connection leaves: its detach is ignored, its state moves over.
@@ -259,12 +280,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn takeover_of_an_expiry_zero_session_starts_afresh() {
+        let r = Registry::new(10, 1000);
+        let (tx1, _rx1) = oneshot::channel();
+        let first = r.attach("c", 1, 0, tx1, Duration::from_secs(1)).await.unwrap();
+        drop(first);
+        // The first connection has not detached yet when the second arrives.
+        let (tx2, _rx2) = oneshot::channel();
+        let second = r.attach("c", 2, 60, tx2, Duration::from_secs(1)).await.unwrap();
+        assert!(!second.existed);
+        assert!(matches!(r.detach("c", 1, 0), Detached::TakenOver));
+    }
+
+    #[tokio::test]
     async fn expiry_removes_only_detached_due_sessions() {
         let r = Registry::new(10, 1000);
         for (i, c) in ["a", "b", "c"].iter().enumerate() {
             let (tx, _rx) = oneshot::channel();
             drop(
-                r.attach(c, i as u64, tx, Duration::from_secs(1))
+                r.attach(c, i as u64, 60, tx, Duration::from_secs(1))
                     .await
                     .unwrap(),
             );
