@@ -25,8 +25,11 @@ use tokio::time::Instant;
 /// Stop reading from a client while this much output is waiting for it: its acknowledgements
 /// would otherwise pile up in our memory (inbound back-pressure).
 const WRITE_HIGH_WATER: usize = 256 * 1024;
-/// Minimum free space offered to each socket read.
-const READ_CHUNK: usize = 8 * 1024;
+/// Read buffer sizing: an idle connection starts (and falls back to) a small buffer; a busy one
+/// doubles its read size whenever a read fills it, so a burst is taken in few syscalls while
+/// thousands of idle clients cost little memory.
+const READ_MIN: usize = 128;
+const READ_MAX: usize = 64 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -168,7 +171,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     return Ok(Some(Box::new(p)));
                 }
                 DecodeOutcome::Incomplete(need) => {
-                    self.rbuf.reserve(need.unwrap_or(0).max(512));
+                    self.rbuf.reserve(need.unwrap_or(0).max(READ_MIN));
                     match self.reader.read_buf(&mut self.rbuf).await {
                         Ok(0) | Err(_) => return Ok(None),
                         Ok(_) => {}
@@ -203,6 +206,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         let timer = tokio::time::sleep(Duration::from_secs(1));
         tokio::pin!(timer);
         let mut timer_armed = false;
+        let mut read_size = READ_MIN;
         let mut kick_live = true;
         if *shutdown.borrow() {
             return Close::Shutdown;
@@ -229,9 +233,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             let can_read = self.wbuf.len() < WRITE_HIGH_WATER;
             let outbox_open = client.can_take_more() && self.wbuf.len() < WRITE_HIGH_WATER;
             let waiting_commit = client.acks.waiting();
-            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-                self.rbuf.reserve(READ_CHUNK);
+            let spare = self.rbuf.capacity() - self.rbuf.len();
+            if spare < read_size {
+                self.rbuf.reserve(read_size);
             }
+            let offered = self.rbuf.capacity() - self.rbuf.len();
             let wbuf = &self.wbuf;
             tokio::select! {
                 k = &mut kick, if kick_live => match k {
@@ -253,8 +259,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 },
                 r = self.reader.read_buf(&mut self.rbuf), if can_read => match r {
                     Ok(0) => return Close::PeerGone("connection closed by peer"),
-                    Ok(_) => {
+                    Ok(n) => {
                         last_read = Instant::now();
+                        if n == offered && read_size < READ_MAX {
+                            read_size *= 2;
+                        }
                         if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
                             return close;
                         }
@@ -275,10 +284,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                         return Close::WriteStalled;
                     }
                     // Idle: give back buffer memory an idle connection does not need.
-                    if self.rbuf.is_empty() && self.rbuf.capacity() > READ_CHUNK {
+                    if self.rbuf.is_empty() && self.rbuf.capacity() > READ_MIN {
                         self.rbuf = BytesMut::new();
+                        read_size = READ_MIN;
                     }
-                    if self.wbuf.is_empty() && self.wbuf.capacity() > READ_CHUNK {
+                    if self.wbuf.is_empty() && self.wbuf.capacity() > READ_MAX {
                         self.wbuf = BytesMut::new();
                     }
                 }
