@@ -192,6 +192,27 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         self.wbuf.clear();
     }
 
+    /// Before handing the session over: handle what the client already sent (typically the
+    /// PUBACK it wrote just before reconnecting), so the new connection does not re-send
+    /// messages that were in fact acknowledged. Takes only what is readable right now.
+    async fn drain_input(&mut self, client: &mut Client) {
+        for _ in 0..16 {
+            if client.process_input(&mut self.rbuf, &mut self.wbuf).is_err() {
+                return;
+            }
+            self.rbuf.reserve(READ_MIN);
+            // A zero timeout still polls the read once: data already buffered is taken,
+            // nothing is waited for.
+            match tokio::time::timeout(Duration::ZERO, self.reader.read_buf(&mut self.rbuf)).await {
+                Ok(Ok(n)) if n > 0 => continue,
+                _ => {
+                    let _ = client.process_input(&mut self.rbuf, &mut self.wbuf);
+                    return;
+                }
+            }
+        }
+    }
+
     async fn run(
         &mut self,
         client: &mut Client,
@@ -241,7 +262,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             let wbuf = &self.wbuf;
             tokio::select! {
                 k = &mut kick, if kick_live => match k {
-                    Ok(Kick::TakenOver) => return Close::TakenOver,
+                    Ok(Kick::TakenOver) => {
+                        self.drain_input(client).await;
+                        return Close::TakenOver;
+                    }
                     Err(_) => kick_live = false,
                 },
                 _ = shutdown.changed() => return Close::Shutdown,
