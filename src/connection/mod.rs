@@ -197,7 +197,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     /// messages that were in fact acknowledged. Takes only what is readable right now.
     async fn drain_input(&mut self, client: &mut Client) {
         for _ in 0..16 {
-            if client.process_input(&mut self.rbuf, &mut self.wbuf).is_err() {
+            if client
+                .process_input(&mut self.rbuf, &mut self.wbuf)
+                .is_err()
+            {
                 return;
             }
             self.rbuf.reserve(READ_MIN);

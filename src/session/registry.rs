@@ -174,7 +174,11 @@ impl Registry {
         let Some(entry) = map.get_mut(client_id) else {
             return Detached::TakenOver;
         };
-        if !entry.attached.as_ref().is_some_and(|a| a.conn_id == conn_id) {
+        if !entry
+            .attached
+            .as_ref()
+            .is_some_and(|a| a.conn_id == conn_id)
+        {
             return Detached::TakenOver;
         }
         entry.attached = None;
@@ -244,14 +248,20 @@ mod tests {
     async fn attach_detach_and_present() {
         let r = Registry::new(10, 1000);
         let (tx, _rx) = oneshot::channel();
-        let a = r.attach("c", 1, 60, tx, Duration::from_secs(1)).await.unwrap();
+        let a = r
+            .attach("c", 1, 60, tx, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert!(!a.existed);
         let id = a.handle.id;
         drop(a);
         assert!(matches!(r.detach("c", 1, 60), Detached::Kept));
         assert_eq!(r.counts(), (0, 1));
         let (tx, _rx) = oneshot::channel();
-        let b = r.attach("c", 2, 60, tx, Duration::from_secs(1)).await.unwrap();
+        let b = r
+            .attach("c", 2, 60, tx, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert!(b.existed);
         assert_eq!(b.handle.id, id);
         drop(b);
@@ -263,7 +273,10 @@ mod tests {
     async fn takeover_kicks_and_waits_for_the_state() {
         let r = Arc::new(Registry::new(10, 1000));
         let (tx1, rx1) = oneshot::channel();
-        let mut first = r.attach("c", 1, 60, tx1, Duration::from_secs(1)).await.unwrap();
+        let mut first = r
+            .attach("c", 1, 60, tx1, Duration::from_secs(1))
+            .await
+            .unwrap();
         first.state.inbound_qos2.insert(42);
         let r2 = r.clone();
         let second = tokio::spawn(async move {
@@ -283,11 +296,17 @@ mod tests {
     async fn takeover_of_an_expiry_zero_session_starts_afresh() {
         let r = Registry::new(10, 1000);
         let (tx1, _rx1) = oneshot::channel();
-        let first = r.attach("c", 1, 0, tx1, Duration::from_secs(1)).await.unwrap();
+        let first = r
+            .attach("c", 1, 0, tx1, Duration::from_secs(1))
+            .await
+            .unwrap();
         drop(first);
         // The first connection has not detached yet when the second arrives.
         let (tx2, _rx2) = oneshot::channel();
-        let second = r.attach("c", 2, 60, tx2, Duration::from_secs(1)).await.unwrap();
+        let second = r
+            .attach("c", 2, 60, tx2, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert!(!second.existed);
         assert!(matches!(r.detach("c", 1, 0), Detached::TakenOver));
     }
