@@ -49,10 +49,26 @@ impl Authorizer {
 
     /// Delivery check: response topics reach only their owner, even through `#`.
     pub fn can_receive(&self, client_id: &str, topic: &str) -> bool {
-        match self.response_owner(topic) {
-            Some(owner) => owner == client_id,
-            None => true,
+        self.receive_rule(topic).allows(client_id)
+    }
+
+    /// The delivery check for one topic, worked out once per message rather than once per
+    /// subscriber (fan-out to many sessions asks it many times).
+    pub fn receive_rule<'a>(&self, topic: &'a str) -> ReceiveRule<'a> {
+        ReceiveRule {
+            owner: self.response_owner(topic),
         }
+    }
+}
+
+/// Who may receive a message on a given topic.
+pub struct ReceiveRule<'a> {
+    owner: Option<&'a str>,
+}
+
+impl ReceiveRule<'_> {
+    pub fn allows(&self, client_id: &str) -> bool {
+        self.owner.is_none_or(|o| o == client_id)
     }
 }
 

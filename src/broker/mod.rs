@@ -107,17 +107,20 @@ impl Broker {
             }
         }
         scratch.clear();
-        self.subscriptions
+        let lists = self
+            .subscriptions
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .match_into(msg.topic.as_str(), scratch);
         // No Local: a subscription with it set does not match its own session's messages
         // ([MQTT-3.8.3-3]).
         scratch.retain(|s| !(s.options.no_local && s.session.id == msg.origin));
-        if scratch.len() > 1 {
+        // Entries of one filter are unique per session; only several filters can overlap.
+        if lists > 1 && scratch.len() > 1 {
             scratch.sort_unstable_by_key(|s| s.session.id);
         }
         let mut routed = Routed::default();
+        let rule = self.auth.receive_rule(msg.topic.as_str());
         let mut i = 0;
         while i < scratch.len() {
             // Overlapping subscriptions of one session: one copy at the highest QoS, with every
@@ -135,10 +138,7 @@ impl Broker {
                 }
                 j += 1;
             }
-            if self
-                .auth
-                .can_receive(&session.client_id, msg.topic.as_str())
-            {
+            if rule.allows(&session.client_id) {
                 routed.matched += 1;
                 let delivery = Delivery {
                     msg: msg.clone(),

@@ -152,30 +152,38 @@ impl<V: Clone> Trie<V> {
     }
 
     /// Appends every subscription matching `topic` to `out` (one entry per matching filter;
-    /// the caller merges overlapping subscriptions of one session).
-    pub fn match_into(&self, topic: &str, out: &mut Vec<V>) {
+    /// the caller merges overlapping subscriptions of one session). Returns how many distinct
+    /// filters contributed: with at most one, `out` cannot hold a session twice and the
+    /// caller can skip merging.
+    pub fn match_into(&self, topic: &str, out: &mut Vec<V>) -> usize {
         let dollar = topic.starts_with('$');
-        Self::walk(&self.root, Some(topic), dollar, out);
+        Self::walk(&self.root, Some(topic), dollar, out)
     }
 
-    fn walk(node: &Node<V>, rest: Option<&str>, skip_wildcards: bool, out: &mut Vec<V>) {
+    fn take(list: &[(u64, V)], out: &mut Vec<V>) -> usize {
+        out.extend(list.iter().map(|(_, v)| v.clone()));
+        usize::from(!list.is_empty())
+    }
+
+    fn walk(node: &Node<V>, rest: Option<&str>, skip_wildcards: bool, out: &mut Vec<V>) -> usize {
+        let mut lists = 0;
         if !skip_wildcards {
             // `#` also matches the parent level itself: "a/#" matches "a" ([MQTT-4.7.1-2]).
-            out.extend(node.hash.iter().map(|(_, v)| v.clone()));
+            lists += Self::take(&node.hash, out);
         }
         let Some(s) = rest else {
-            out.extend(node.here.iter().map(|(_, v)| v.clone()));
-            return;
+            return lists + Self::take(&node.here, out);
         };
         let (level, next) = split(s);
         if let Some(child) = node.children.get(level) {
-            Self::walk(child, next, false, out);
+            lists += Self::walk(child, next, false, out);
         }
         if !skip_wildcards {
             if let Some(plus) = node.plus.as_deref() {
-                Self::walk(plus, next, false, out);
+                lists += Self::walk(plus, next, false, out);
             }
         }
+        lists
     }
 }
 

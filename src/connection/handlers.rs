@@ -89,6 +89,16 @@ pub(crate) struct Client {
     pub acks: AckQueue,
     scratch: Vec<Subscriber>,
     batch: Vec<Delivery>,
+    /// Per-connection tallies, added to the shared counters once per read or write batch
+    /// rather than once per message (shared atomics are contended across cores).
+    tally: Tally,
+}
+
+#[derive(Default)]
+struct Tally {
+    received: [u64; 3],
+    sent: [u64; 3],
+    bytes_received: u64,
 }
 
 impl Client {
@@ -127,6 +137,7 @@ impl Client {
             acks: AckQueue::default(),
             scratch: Vec::new(),
             batch: Vec::new(),
+            tally: Tally::default(),
         }
     }
 
@@ -141,16 +152,23 @@ impl Client {
         loop {
             match decode_packet(rbuf, Some(self.version), max) {
                 Ok(DecodeOutcome::Packet(packet, size)) => {
-                    self.broker.metrics.bytes_received.inc_by(size as u64);
-                    self.handle_packet(packet, wbuf)?;
+                    self.tally.bytes_received += size as u64;
+                    if let Err(close) = self.handle_packet(packet, wbuf) {
+                        self.flush_tally();
+                        return Err(close);
+                    }
                 }
                 Ok(DecodeOutcome::Incomplete(need)) => {
                     if let Some(total) = need {
                         rbuf.reserve(total.saturating_sub(rbuf.len()));
                     }
+                    self.flush_tally();
                     return Ok(());
                 }
-                Err(e) => return Err(Close::Protocol(e)),
+                Err(e) => {
+                    self.flush_tally();
+                    return Err(Close::Protocol(e));
+                }
             }
         }
     }
@@ -219,7 +237,7 @@ impl Client {
     fn handle_publish(&mut self, p: Publish, wbuf: &mut BytesMut) -> Result<(), ProtocolError> {
         let broker = self.broker.clone();
         let v5 = self.version.is_v5();
-        broker.metrics.received[p.qos as usize].inc();
+        self.tally.received[p.qos as usize] += 1;
         let topic = if v5 {
             self.aliases
                 .resolve_inbound(p.topic, p.properties.topic_alias)
@@ -552,7 +570,7 @@ impl Client {
             self.handle.outbox.pop_batch(slots, 64, &mut batch);
             if batch.is_empty() {
                 self.batch = batch;
-                return;
+                break;
             }
             let now = Instant::now();
             for d in batch.drain(..) {
@@ -560,6 +578,7 @@ impl Client {
             }
             self.batch = batch;
         }
+        self.flush_tally();
     }
 
     /// Encodes one delivery; QoS 1/2 enters the in-flight window.
@@ -605,7 +624,24 @@ impl Client {
             out.packet_id = self.state.inflight.insert(d.clone());
         }
         encode_publish(wbuf, self.version, &out);
-        metrics.sent[d.qos as usize].inc();
+        self.tally.sent[d.qos as usize] += 1;
+    }
+
+    /// Adds the per-connection tallies to the shared counters.
+    pub fn flush_tally(&mut self) {
+        let m = &self.broker.metrics;
+        let t = std::mem::take(&mut self.tally);
+        for q in 0..3 {
+            if t.received[q] > 0 {
+                m.received[q].inc_by(t.received[q]);
+            }
+            if t.sent[q] > 0 {
+                m.sent[q].inc_by(t.sent[q]);
+            }
+        }
+        if t.bytes_received > 0 {
+            m.bytes_received.inc_by(t.bytes_received);
+        }
     }
 
     fn aliases_enabled(&self) -> bool {
@@ -637,7 +673,7 @@ impl Client {
                         payload: &d.msg.payload,
                     };
                     encode_publish(wbuf, version, &out);
-                    self.broker.metrics.sent[d.qos as usize].inc();
+                    self.tally.sent[d.qos as usize] += 1;
                 }
                 Outbound::Released => encode_pub_response(wbuf, version, PUBREL, *id, 0),
             }

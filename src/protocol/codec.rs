@@ -25,9 +25,10 @@ impl MqttStr {
     }
 
     pub fn as_str(&self) -> &str {
-        // Validated in `from_bytes` or built from a `&str`/`String`; the fallback is unreachable
-        // but keeps this free of `unsafe`.
-        std::str::from_utf8(&self.0).unwrap_or("")
+        // SAFETY: every constructor either validates UTF-8 (`from_bytes`) or starts from a
+        // `&str`/`String`, and the bytes are immutable afterwards. Re-validating here showed up
+        // at 6% of a fan-out profile (once per subscriber per message).
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
     }
 
     pub fn as_bytes(&self) -> &Bytes {

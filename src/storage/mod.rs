@@ -5,7 +5,9 @@
 //! store a commit completes at once (the state it covers already lives in the broker's
 //! structures); a durable store only changes when commits complete, not the connection code.
 
+pub mod durable;
 mod memory;
+pub mod record;
 
 pub use memory::MemoryStore;
 
