@@ -174,11 +174,7 @@ impl Registry {
         let Some(entry) = map.get_mut(client_id) else {
             return Detached::TakenOver;
         };
-        if !entry
-            .attached
-            .as_ref()
-            .is_some_and(|a| a.conn_id == conn_id)
-        {
+        if entry.attached.as_ref().is_none_or(|a| a.conn_id != conn_id) {
             return Detached::TakenOver;
         }
         entry.attached = None;
