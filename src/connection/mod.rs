@@ -97,27 +97,35 @@ pub async fn serve<S>(
         peer,
     };
     let connect_timeout = Duration::from_secs(broker.config.limits.connect_timeout);
-    let packet = match tokio::time::timeout(connect_timeout, io.read_connect(&broker)).await {
-        Ok(Ok(Some(packet))) => packet,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            broker.metrics.protocol_errors.inc();
-            broker.metrics.refused_protocol.inc();
-            tracing::info!(%peer, error = %e, "connection refused before CONNECT");
-            if let ProtocolError::UnsupportedProtocolVersion(_) = e {
-                // [MQTT-3.1.2-2] CONNACK 0x01 (3.1.1 form: we cannot speak the client's).
-                io.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
-                io.flush_quietly().await;
+    let packet =
+        match tokio::time::timeout(connect_timeout, Box::pin(io.read_connect(&broker))).await {
+            Ok(Ok(Some(packet))) => packet,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                broker.metrics.protocol_errors.inc();
+                broker.metrics.refused_protocol.inc();
+                tracing::info!(%peer, error = %e, "connection refused before CONNECT");
+                if let ProtocolError::UnsupportedProtocolVersion(_) = e {
+                    // [MQTT-3.1.2-2] CONNACK 0x01 (3.1.1 form: we cannot speak the client's).
+                    io.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+                    io.flush_quietly().await;
+                }
+                return;
             }
-            return;
-        }
-        Err(_) => {
-            tracing::info!(%peer, "no CONNECT within {}s, closing", connect_timeout.as_secs());
-            return;
-        }
-    };
+            Err(_) => {
+                tracing::info!(%peer, "no CONNECT within {}s, closing", connect_timeout.as_secs());
+                return;
+            }
+        };
     let (kick_tx, kick_rx) = oneshot::channel();
-    let Some(mut client) = connect::accept(&broker, &mut io.wbuf, *packet, peer, kick_tx).await
+    let Some(mut client) = Box::pin(connect::accept(
+        &broker,
+        &mut io.wbuf,
+        *packet,
+        peer,
+        kick_tx,
+    ))
+    .await
     else {
         io.flush_quietly().await;
         return;

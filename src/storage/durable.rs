@@ -392,8 +392,11 @@ struct Request {
 /// The durable store. Cheap to share behind an `Arc`; every method takes `&self`.
 ///
 /// fjall file descriptors: up to [`MAX_CACHED_FILES`] table files, plus the active journal,
-/// the directory lock file and transient flush/compaction outputs (about 5-10 more). fjall
-/// also runs its own background flush/compaction threads (min(cores, 4)).
+/// the directory lock file and transient flush/compaction outputs (about 5-10 more). Measured:
+/// 2 right after opening an empty store, 9 with 6 table files after 640 MiB of writes, 16
+/// after reopening that store (12 tables) and reading everything: table files are opened
+/// lazily and stay cached. fjall also runs its own background flush/compaction threads
+/// (min(cores, 4)) besides the storage thread.
 pub struct DurableStore {
     path: PathBuf,
     db: Database,

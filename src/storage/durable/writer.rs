@@ -309,7 +309,7 @@ impl Writer {
                 };
                 // A newer session of the same client (takeover) keeps its record and
                 // subscriptions; only the old session's own state goes.
-                if current.map_or(true, |id| id == session_id) {
+                if current.is_none_or(|id| id == session_id) {
                     self.del(Ks::Sessions, client_id.as_bytes());
                     for key in self
                         .scan_prefix(Ks::Subs, &keys::sub_prefix(&client_id))?
