@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run build test lint test-rust test-python venv clients clean
+.PHONY: run build test lint test-rust test-python venv clients clean bench
 
 ## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
 run:
@@ -49,3 +49,13 @@ test-python: venv clients
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV)
+
+## Tern vs Mosquitto (docs/benchmarks.md). Installs the mosquitto package if missing.
+## make bench [SCENARIOS="fanin-q1 pairs-q1"] [ROUNDS=3] [QUICK=1] [DURATION=5]
+bench:
+	bash benches/tern-bench/scripts/install-mosquitto.sh
+	$(CARGO) build --release
+	$(CARGO) build --release -p tern-bench
+	target/release/tern-bench run --tern target/release/tern --mosquitto "$$(command -v mosquitto || echo /usr/sbin/mosquitto)" \
+	  --out target/bench --docs docs/benchmarks.md \
+	  $(if $(SCENARIOS),--scenarios "$(SCENARIOS)") $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(QUICK),--quick) $(if $(DURATION),--duration $(DURATION))

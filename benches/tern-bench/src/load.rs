@@ -1,0 +1,1099 @@
+//! The load generator: one scenario against one broker, one JSON object as the result.
+//!
+//! Everything is measured at the subscriber: a publisher stamps (stream id, sequence number,
+//! send time) into the first 20 bytes of each payload; the subscriber counts unique
+//! deliveries per stream, detects gaps and duplicates, and records publish-to-delivery
+//! latency. Publishers are closed-loop unless a scenario says otherwise: QoS 1/2 keeps a
+//! window of unacknowledged messages, QoS 0 may run at most a fixed number of messages ahead
+//! of what its subscribers have received.
+
+use crate::mqtt::{self, Client};
+use crate::stats::{self, now_ns, Histogram};
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+use tokio::time::{sleep, sleep_until, timeout_at};
+
+pub const SCENARIOS: &[&str] = &[
+    "fanin-q0",
+    "fanin-q1",
+    "fanin-q2",
+    "fanout-q0",
+    "pairs-q1",
+    "fanin-q0-open",
+    "latency-q1",
+    "conns",
+    "burst-q1",
+];
+
+/// Header stamped into each payload: stream id (u32), sequence (u64), send time (u64 ns).
+const STAMP: usize = 20;
+/// Packets encoded per write when nothing else limits a publisher.
+const BATCH: usize = 64;
+/// Time allowed after sending stops for acknowledgements and deliveries to arrive.
+const DRAIN: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that used at least this much of one core over a run is likely the bottleneck.
+const SATURATED: f64 = 0.9;
+
+pub struct Opts {
+    pub addr: SocketAddr,
+    pub broker_pid: u32,
+    pub broker: String,
+    pub scenario: String,
+    pub quick: bool,
+    pub duration: Option<f64>,
+}
+
+pub async fn run(o: Opts) -> Value {
+    let (soft, hard) = stats::raise_nofile();
+    let d = Duration::from_secs_f64(o.duration.unwrap_or(if o.quick { 1.5 } else { 5.0 }));
+    let mut out = match o.scenario.as_str() {
+        "fanin-q0" => tput(&o, Spec::fanin(0, false), d).await,
+        "fanin-q1" => tput(&o, Spec::fanin(1, false), d).await,
+        "fanin-q2" => tput(&o, Spec::fanin(2, false), d).await,
+        "fanin-q0-open" => tput(&o, Spec::fanin(0, true), d).await,
+        "fanout-q0" => tput(&o, Spec::fanout(), d).await,
+        "pairs-q1" => tput(&o, Spec::pairs(), d).await,
+        "latency-q1" => tput(&o, Spec::latency(), d.max(Duration::from_secs(2))).await,
+        "conns" => conns(&o, soft).await,
+        "burst-q1" => burst(&o).await,
+        s => json!({"ok": false, "error": format!("unknown scenario {s}")}),
+    };
+    let m = out.as_object_mut().expect("result is an object");
+    m.insert("scenario".into(), json!(o.scenario));
+    m.insert("broker".into(), json!(o.broker));
+    m.insert("quick".into(), json!(o.quick));
+    m.insert("client_nofile".into(), json!({"soft": soft, "hard": hard}));
+    if let Some(n) = stats::proc_nofile(o.broker_pid) {
+        m.insert("broker_nofile".into(), json!(n));
+    }
+    out
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// every publisher on its own topic, one subscriber on `prefix/+`
+    Fanin,
+    /// one topic, every subscriber on it
+    Fanout,
+    /// publisher i on `prefix/i`, subscriber i on `prefix/i`
+    Pairs,
+}
+
+#[derive(Clone, Copy)]
+struct Spec {
+    prefix: &'static str,
+    shape: Shape,
+    pubs: usize,
+    subs: usize,
+    qos: u8,
+    payload: usize,
+    open_loop: bool,
+    /// QoS 1/2: unacknowledged messages per publisher; QoS 0: messages ahead of delivery.
+    window: u64,
+    /// messages per second per publisher (None: as fast as the window allows)
+    rate: Option<u64>,
+}
+
+impl Spec {
+    fn fanin(qos: u8, open_loop: bool) -> Spec {
+        Spec {
+            prefix: "fanin",
+            shape: Shape::Fanin,
+            pubs: 8,
+            subs: 1,
+            qos,
+            payload: 64,
+            open_loop,
+            window: if qos == 0 { 512 } else { 64 },
+            rate: None,
+        }
+    }
+    fn fanout() -> Spec {
+        Spec {
+            prefix: "fanout",
+            shape: Shape::Fanout,
+            pubs: 1,
+            subs: 100,
+            qos: 0,
+            payload: 64,
+            open_loop: false,
+            window: 512,
+            rate: None,
+        }
+    }
+    fn pairs() -> Spec {
+        Spec {
+            prefix: "pairs",
+            shape: Shape::Pairs,
+            pubs: 100,
+            subs: 100,
+            qos: 1,
+            payload: 256,
+            open_loop: false,
+            window: 64,
+            rate: None,
+        }
+    }
+    fn latency() -> Spec {
+        Spec {
+            prefix: "latency",
+            shape: Shape::Pairs,
+            pubs: 1,
+            subs: 1,
+            qos: 1,
+            payload: 64,
+            open_loop: false,
+            window: 64,
+            rate: Some(1000),
+        }
+    }
+    fn topic(&self, p: usize) -> String {
+        match self.shape {
+            Shape::Fanout => format!("{}/all", self.prefix),
+            _ => format!("{}/{p}", self.prefix),
+        }
+    }
+    fn filter(&self, s: usize) -> String {
+        match self.shape {
+            Shape::Fanin => format!("{}/+", self.prefix),
+            Shape::Fanout => format!("{}/all", self.prefix),
+            Shape::Pairs => format!("{}/{s}", self.prefix),
+        }
+    }
+    /// Publishers whose messages subscriber s receives.
+    fn sources(&self, s: usize) -> Vec<usize> {
+        match self.shape {
+            Shape::Fanin => (0..self.pubs).collect(),
+            Shape::Fanout => vec![0],
+            Shape::Pairs => vec![s],
+        }
+    }
+    /// Subscribers that receive publisher p's messages.
+    fn receivers(&self, p: usize) -> Vec<usize> {
+        match self.shape {
+            Shape::Fanin => vec![0],
+            Shape::Fanout => (0..self.subs).collect(),
+            Shape::Pairs => vec![p],
+        }
+    }
+}
+
+/// Delivery counters shared between subscribers (writers) and QoS 0 publishers (readers).
+struct Shared {
+    /// delivered[sub][pub]: unique messages of publisher `pub` that `sub` has received
+    delivered: Vec<Vec<AtomicU64>>,
+    /// woken when a publisher's messages were delivered
+    wake: Vec<Notify>,
+}
+
+fn stamp(buf: &mut [u8], id: u32, seq: u64) {
+    buf[0..4].copy_from_slice(&id.to_le_bytes());
+    buf[4..12].copy_from_slice(&seq.to_le_bytes());
+    buf[12..20].copy_from_slice(&now_ns().to_le_bytes());
+}
+
+fn unstamp(p: &[u8]) -> io::Result<(usize, u64, u64)> {
+    if p.len() < STAMP {
+        return Err(mqtt::bad("payload without a stamp"));
+    }
+    let id = u32::from_le_bytes(p[0..4].try_into().expect("4 bytes")) as usize;
+    let seq = u64::from_le_bytes(p[4..12].try_into().expect("8 bytes"));
+    let ts = u64::from_le_bytes(p[12..20].try_into().expect("8 bytes"));
+    Ok((id, seq, ts))
+}
+
+/// Per-subscriber delivery bookkeeping.
+struct Tally {
+    next: Vec<u64>,
+    unique: Vec<u64>,
+    dups: u64,
+    gaps: u64,
+    hist: Histogram,
+    last_ns: u64,
+}
+
+impl Tally {
+    fn new(streams: usize) -> Tally {
+        Tally {
+            next: vec![0; streams],
+            unique: vec![0; streams],
+            dups: 0,
+            gaps: 0,
+            hist: Histogram::default(),
+            last_ns: 0,
+        }
+    }
+    fn record(&mut self, payload: &[u8], now: u64) -> io::Result<()> {
+        let (id, seq, ts) = unstamp(payload)?;
+        if id >= self.next.len() {
+            return Err(mqtt::bad("stream id out of range"));
+        }
+        self.hist.record(now.saturating_sub(ts));
+        let next = &mut self.next[id];
+        if seq >= *next {
+            self.gaps += seq - *next;
+            *next = seq + 1;
+            self.unique[id] += 1;
+        } else {
+            self.dups += 1;
+        }
+        self.last_ns = now;
+        Ok(())
+    }
+    fn total(&self) -> u64 {
+        self.unique.iter().sum()
+    }
+}
+
+struct SubResult {
+    tally: Tally,
+    error: Option<String>,
+}
+
+async fn subscriber(
+    mut c: Client,
+    s: usize,
+    spec: Spec,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> SubResult {
+    let sources = spec.sources(s);
+    let mut tally = Tally::new(spec.pubs);
+    let mut published = vec![0u64; spec.pubs];
+    let error = loop {
+        tokio::select! {
+            biased;
+            r = c.read_more() => if let Err(e) = r { break Some(e.to_string()) },
+            _ = stop.changed() => break None,
+        }
+        let now = now_ns();
+        let r = c.drain(|first, body, wbuf| {
+            match first >> 4 {
+                mqtt::PUBLISH => {
+                    let p = mqtt::parse_publish(first, body)?;
+                    tally.record(p.payload, now)?;
+                    match p.qos {
+                        1 => mqtt::ack(wbuf, mqtt::PUBACK, p.pid),
+                        2 => mqtt::ack(wbuf, mqtt::PUBREC, p.pid),
+                        _ => {}
+                    }
+                }
+                mqtt::PUBREL => mqtt::ack(wbuf, mqtt::PUBCOMP, mqtt::ack_pid(body)?),
+                _ => {}
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            break Some(e.to_string());
+        }
+        if let Err(e) = c.flush().await {
+            break Some(e.to_string());
+        }
+        for &p in &sources {
+            if tally.unique[p] != published[p] {
+                published[p] = tally.unique[p];
+                shared.delivered[s][p].store(published[p], Relaxed);
+                shared.wake[p].notify_one();
+            }
+        }
+    };
+    c.close().await;
+    SubResult { tally, error }
+}
+
+struct PubResult {
+    sent: u64,
+    unacked: u64,
+    error: Option<String>,
+}
+
+/// Packet-id allocator for a window of in-flight QoS 1/2 messages.
+struct Ids {
+    state: Vec<u8>, // 0 free, 1 awaiting PUBACK/PUBREC, 2 awaiting PUBCOMP
+    next: u16,
+    inflight: u64,
+}
+
+impl Ids {
+    fn new() -> Ids {
+        Ids {
+            state: vec![0; 65536],
+            next: 0,
+            inflight: 0,
+        }
+    }
+    fn alloc(&mut self) -> u16 {
+        loop {
+            self.next = self.next.wrapping_add(1);
+            if self.next != 0 && self.state[self.next as usize] == 0 {
+                self.state[self.next as usize] = 1;
+                self.inflight += 1;
+                return self.next;
+            }
+        }
+    }
+    /// Handle PUBACK / PUBREC / PUBCOMP; queues PUBREL for a PUBREC.
+    fn on_ack(&mut self, kind: u8, pid: u16, wbuf: &mut Vec<u8>) {
+        let st = &mut self.state[pid as usize];
+        match (kind, *st) {
+            (mqtt::PUBACK, 1) | (mqtt::PUBCOMP, 2) => {
+                *st = 0;
+                self.inflight -= 1;
+            }
+            (mqtt::PUBREC, 1) => {
+                *st = 2;
+                mqtt::ack(wbuf, mqtt::PUBREL, pid);
+            }
+            (mqtt::PUBREC, 2) => mqtt::ack(wbuf, mqtt::PUBREL, pid),
+            _ => {}
+        }
+    }
+}
+
+/// What a publisher sends: `count` messages (None: until `end`), round-robin over `topics`
+/// (the stream id in the stamp is the topic's index, the sequence counts per topic).
+struct PubPlan {
+    id: usize,
+    topics: Vec<String>,
+    qos: u8,
+    payload: usize,
+    window: u64,
+    open_loop: bool,
+    rate: Option<u64>,
+    count: Option<u64>,
+    start: Instant,
+    end: Instant,
+    /// subscribers to wait for (QoS 0 credit)
+    receivers: Vec<usize>,
+}
+
+async fn publisher(mut c: Client, plan: PubPlan, shared: Option<Arc<Shared>>) -> PubResult {
+    sleep_until(plan.start.into()).await;
+    let mut payload = vec![0u8; plan.payload.max(STAMP)];
+    let mut seqs = vec![0u64; plan.topics.len()];
+    let mut sent = 0u64;
+    let mut ids = Ids::new();
+    let hard_end = plan.end + DRAIN;
+    let due = |n: u64| {
+        plan.rate
+            .map(|r| plan.start + Duration::from_nanos(n * 1_000_000_000 / r))
+    };
+    let error: Option<String> = 'run: loop {
+        let now = Instant::now();
+        let sending = now < plan.end && plan.count.map_or(true, |c| sent < c);
+        if !sending && (plan.qos == 0 || ids.inflight == 0) {
+            break None;
+        }
+        if sending {
+            // how many to encode now
+            let mut n = BATCH as u64;
+            if let Some(c) = plan.count {
+                n = n.min(c - sent);
+            }
+            if plan.qos > 0 {
+                n = n.min(plan.window - ids.inflight);
+            } else if !plan.open_loop {
+                if let Some(sh) = &shared {
+                    let done = plan
+                        .receivers
+                        .iter()
+                        .map(|&s| sh.delivered[s][plan.id].load(Relaxed))
+                        .min()
+                        .unwrap_or(sent);
+                    let ahead = sent - done;
+                    if ahead >= plan.window {
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(5),
+                            sh.wake[plan.id].notified(),
+                        )
+                        .await;
+                        continue;
+                    }
+                    n = n.min(plan.window - ahead);
+                }
+            }
+            if plan.rate.is_some() {
+                // paced: send what is due now, at most one
+                n = n.min(1);
+                if let Some(t) = due(sent) {
+                    if t > now {
+                        n = 0;
+                    }
+                }
+            }
+            for _ in 0..n {
+                let t = (sent % plan.topics.len() as u64) as usize;
+                stamp(&mut payload, t as u32 + plan.id as u32, seqs[t]);
+                seqs[t] += 1;
+                let pid = if plan.qos > 0 { ids.alloc() } else { 0 };
+                mqtt::publish(&mut c.wbuf, &plan.topics[t], plan.qos, pid, &payload);
+                sent += 1;
+            }
+        }
+        match timeout_at(hard_end.into(), c.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => break Some(e.to_string()),
+            Err(_) => break Some("write stalled past the drain deadline".into()),
+        }
+        if plan.qos == 0 {
+            if let (Some(t), true) = (due(sent), sending) {
+                sleep_until(t.into()).await;
+            }
+            continue;
+        }
+        // QoS 1/2: read acknowledgements when the window is full, when done sending, or while
+        // waiting for the next paced send.
+        let must_read = !sending || ids.inflight >= plan.window;
+        let next_due = if sending { due(sent) } else { None };
+        if !must_read && next_due.is_none() {
+            // window open: keep sending, but pick up whatever acks are already here
+            loop {
+                match c.stream.try_read_buf(&mut c.rbuf) {
+                    Ok(0) => break 'run Some("broker closed the connection".into()),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => break 'run Some(e.to_string()),
+                }
+            }
+        } else {
+            let deadline = if sending {
+                next_due.unwrap_or(hard_end).min(hard_end)
+            } else {
+                hard_end
+            };
+            tokio::select! {
+                r = c.read_more() => if let Err(e) = r { break Some(e.to_string()) },
+                _ = sleep_until(deadline.into()) => {
+                    if Instant::now() >= hard_end {
+                        break Some(format!("{} messages still unacknowledged at the drain deadline", ids.inflight));
+                    }
+                }
+            }
+        }
+        let r = c.drain(|first, body, wbuf| {
+            let kind = first >> 4;
+            if matches!(kind, mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP) {
+                ids.on_ack(kind, mqtt::ack_pid(body)?, wbuf);
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            break Some(e.to_string());
+        }
+    };
+    let unacked = ids.inflight;
+    c.close().await;
+    PubResult {
+        sent,
+        unacked,
+        error,
+    }
+}
+
+fn client_id(o: &Opts, role: &str, i: usize) -> String {
+    format!("tb-{}-{}-{role}{i}", o.scenario, std::process::id())
+}
+
+async fn connect_subs(o: &Opts, spec: &Spec, prefix: &str) -> io::Result<Vec<Client>> {
+    let mut tasks = Vec::new();
+    for s in 0..spec.subs {
+        let id = client_id(o, prefix, s);
+        let filter = spec.filter(s);
+        let (addr, qos) = (o.addr, spec.qos);
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr, None, &id, CONNECT_TIMEOUT).await?;
+            c.subscribe(&filter, qos).await?;
+            Ok::<_, io::Error>(c)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.map_err(io::Error::other)??);
+    }
+    Ok(out)
+}
+
+async fn connect_n(o: &Opts, role: &str, n: usize) -> io::Result<Vec<Client>> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let id = client_id(o, role, i);
+        let addr = o.addr;
+        tasks.push(tokio::spawn(async move {
+            Client::connect(addr, None, &id, CONNECT_TIMEOUT).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.map_err(io::Error::other)??);
+    }
+    Ok(out)
+}
+
+fn fail(e: impl std::fmt::Display) -> Value {
+    json!({"ok": false, "error": e.to_string()})
+}
+
+/// CPU and wall clock over a measured interval.
+struct Meter {
+    t0: Instant,
+    broker0: f64,
+    client0: f64,
+    pid: u32,
+}
+
+impl Meter {
+    fn start(pid: u32) -> Meter {
+        Meter {
+            t0: Instant::now(),
+            broker0: stats::proc_cpu_s(pid).unwrap_or(f64::NAN),
+            client0: stats::self_cpu_s(),
+            pid,
+        }
+    }
+    /// (wall s, broker CPU s, client CPU s)
+    fn read(&self) -> (f64, f64, f64) {
+        (
+            self.t0.elapsed().as_secs_f64(),
+            stats::proc_cpu_s(self.pid).unwrap_or(f64::NAN) - self.broker0,
+            stats::self_cpu_s() - self.client0,
+        )
+    }
+}
+
+fn cpu_fields(m: &mut serde_json::Map<String, Value>, wall: f64, broker: f64, client: f64) {
+    let client_cores = client / wall;
+    m.insert("wall_s".into(), json!(wall));
+    m.insert("broker_cpu_s".into(), json!(broker));
+    m.insert("client_cpu_s".into(), json!(client));
+    m.insert("broker_cpu_cores".into(), json!(broker / wall));
+    m.insert("client_cpu_cores".into(), json!(client_cores));
+    m.insert("client_saturated".into(), json!(client_cores >= SATURATED));
+}
+
+fn latency_fields(m: &mut serde_json::Map<String, Value>, h: &Histogram) {
+    let us = |v: u64| v as f64 / 1000.0;
+    m.insert("latency_samples".into(), json!(h.total));
+    m.insert("p50_us".into(), json!(us(h.quantile(0.50))));
+    m.insert("p99_us".into(), json!(us(h.quantile(0.99))));
+    m.insert("p999_us".into(), json!(us(h.quantile(0.999))));
+    m.insert("max_us".into(), json!(us(h.max)));
+}
+
+/// Throughput / latency scenarios: fan-in, fan-out, pairs, paced latency.
+async fn tput(o: &Opts, spec: Spec, duration: Duration) -> Value {
+    let subs = match connect_subs(o, &spec, "sub").await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("subscriber setup: {e}")),
+    };
+    let pubs = match connect_n(o, "pub", spec.pubs).await {
+        Ok(p) => p,
+        Err(e) => return fail(format!("publisher setup: {e}")),
+    };
+    sleep(Duration::from_millis(200)).await;
+    let shared = Arc::new(Shared {
+        delivered: (0..spec.subs)
+            .map(|_| (0..spec.pubs).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+        wake: (0..spec.pubs).map(|_| Notify::new()).collect(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let meter = Meter::start(o.broker_pid);
+    let start = Instant::now() + Duration::from_millis(20);
+    let start_ns = now_ns() + 20_000_000;
+    let end = start + duration;
+    let sub_tasks: Vec<_> = subs
+        .into_iter()
+        .enumerate()
+        .map(|(s, c)| tokio::spawn(subscriber(c, s, spec, shared.clone(), stop_rx.clone())))
+        .collect();
+    let pub_tasks: Vec<_> = pubs
+        .into_iter()
+        .enumerate()
+        .map(|(p, c)| {
+            let plan = PubPlan {
+                id: p,
+                topics: vec![spec.topic(p)],
+                qos: spec.qos,
+                payload: spec.payload,
+                window: spec.window,
+                open_loop: spec.open_loop,
+                rate: spec.rate,
+                count: None,
+                start,
+                end,
+                receivers: spec.receivers(p),
+            };
+            tokio::spawn(publisher(c, plan, Some(shared.clone())))
+        })
+        .collect();
+    let mut sent = vec![0u64; spec.pubs];
+    let mut unacked = 0;
+    let mut errors: Vec<String> = Vec::new();
+    for (p, t) in pub_tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(r) => {
+                sent[p] = r.sent;
+                unacked += r.unacked;
+                if let Some(e) = r.error {
+                    errors.push(format!("publisher {p}: {e}"));
+                }
+            }
+            Err(e) => errors.push(format!("publisher {p}: {e}")),
+        }
+    }
+    let send_s = start.elapsed().as_secs_f64();
+    // Drain: wait until every subscriber has every message, or progress stops.
+    let expected: Vec<u64> = (0..spec.subs)
+        .map(|s| spec.sources(s).iter().map(|&p| sent[p]).sum())
+        .collect();
+    let total_expected: u64 = expected.iter().sum();
+    let drain_deadline = Instant::now() + DRAIN;
+    let idle_limit = Duration::from_millis(if spec.open_loop { 1000 } else { 3000 });
+    let mut last_total = u64::MAX;
+    let mut last_change = Instant::now();
+    loop {
+        let total: u64 = shared
+            .delivered
+            .iter()
+            .map(|row| row.iter().map(|a| a.load(Relaxed)).sum::<u64>())
+            .sum();
+        if total >= total_expected || Instant::now() >= drain_deadline {
+            break;
+        }
+        if total != last_total {
+            last_total = total;
+            last_change = Instant::now();
+        } else if last_change.elapsed() >= idle_limit {
+            break;
+        }
+        sleep(Duration::from_millis(2)).await;
+    }
+    let (wall, broker_cpu, client_cpu) = meter.read();
+    let _ = stop_tx.send(true);
+    let mut hist = Histogram::default();
+    let (mut delivered, mut dups, mut gaps, mut last_ns) = (0u64, 0u64, 0u64, start_ns);
+    for (s, t) in sub_tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(r) => {
+                hist.merge(&r.tally.hist);
+                delivered += r.tally.total();
+                dups += r.tally.dups;
+                gaps += r.tally.gaps;
+                last_ns = last_ns.max(r.tally.last_ns);
+                if let Some(e) = r.error {
+                    errors.push(format!("subscriber {s}: {e}"));
+                }
+            }
+            Err(e) => errors.push(format!("subscriber {s}: {e}")),
+        }
+    }
+    let active_s = (last_ns.saturating_sub(start_ns) as f64 / 1e9).max(1e-9);
+    let lost = total_expected.saturating_sub(delivered);
+    let mut out = json!({
+        "ok": errors.is_empty(),
+        "qos": spec.qos,
+        "publishers": spec.pubs,
+        "subscribers": spec.subs,
+        "payload_bytes": spec.payload,
+        "open_loop": spec.open_loop,
+        "window": spec.window,
+        "rate_per_publisher": spec.rate,
+        "send_s": send_s,
+        "active_s": active_s,
+        "sent": sent.iter().sum::<u64>(),
+        "expected": total_expected,
+        "delivered": delivered,
+        "lost": lost,
+        "loss_pct": if total_expected > 0 { lost as f64 * 100.0 / total_expected as f64 } else { 0.0 },
+        "duplicates": dups,
+        "gaps": gaps,
+        "unacked": unacked,
+        "rate": delivered as f64 / active_s,
+        "msgs_per_broker_cpu_s": delivered as f64 / broker_cpu,
+        "errors": errors,
+    });
+    let m = out.as_object_mut().expect("object");
+    cpu_fields(m, wall, broker_cpu, client_cpu);
+    latency_fields(m, &hist);
+    out
+}
+
+/// burst-q1: 100,000 QoS 1 messages as fast as the broker acknowledges them, to 4 consumers
+/// (burst/0..3, the publisher round-robins) that each acknowledge at a fixed rate.
+async fn burst(o: &Opts) -> Value {
+    const CONSUMERS: usize = 4;
+    let total: u64 = if o.quick { 20_000 } else { 100_000 };
+    let rate: u64 = 5_000; // per consumer, messages per second
+    let per = total / CONSUMERS as u64;
+    let mut subs = Vec::new();
+    for s in 0..CONSUMERS {
+        let id = client_id(o, "slow", s);
+        match Client::connect(o.addr, None, &id, CONNECT_TIMEOUT).await {
+            Ok(mut c) => match c.subscribe(&format!("burst/{s}"), 1).await {
+                Ok(_) => subs.push(c),
+                Err(e) => return fail(format!("subscribe: {e}")),
+            },
+            Err(e) => return fail(format!("consumer connect: {e}")),
+        }
+    }
+    let publ = match Client::connect(o.addr, None, &client_id(o, "pub", 0), CONNECT_TIMEOUT).await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("publisher connect: {e}")),
+    };
+    sleep(Duration::from_millis(200)).await;
+    let pid = o.broker_pid;
+    let rss0 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let hwm0 = stats::proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let peak = Arc::new(AtomicU64::new(rss0));
+    let sampler = {
+        let (peak, mut stop) = (peak.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(r) = stats::proc_status_kib(pid, "VmRSS:") {
+                    peak.fetch_max(r, Relaxed);
+                }
+                tokio::select! {
+                    _ = sleep(Duration::from_millis(20)) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+    let meter = Meter::start(pid);
+    let start = Instant::now() + Duration::from_millis(20);
+    let start_ns = now_ns() + 20_000_000;
+    let done = Arc::new(AtomicUsize::new(0));
+    let consumers: Vec<_> = subs
+        .into_iter()
+        .map(|c| tokio::spawn(slow_consumer(c, rate, per, done.clone(), stop_rx.clone())))
+        .collect();
+    let plan = PubPlan {
+        id: 0,
+        topics: (0..CONSUMERS).map(|s| format!("burst/{s}")).collect(),
+        qos: 1,
+        payload: 64,
+        window: 512,
+        open_loop: false,
+        rate: None,
+        count: Some(total),
+        start,
+        end: start + Duration::from_secs(60),
+        receivers: vec![],
+    };
+    let pr = tokio::spawn(publisher(publ, plan, None)).await;
+    let publish_s = start.elapsed().as_secs_f64();
+    let mut errors = Vec::new();
+    let sent = match pr {
+        Ok(r) => {
+            if let Some(e) = r.error {
+                errors.push(format!("publisher: {e}"));
+            }
+            r.sent
+        }
+        Err(e) => {
+            errors.push(format!("publisher: {e}"));
+            0
+        }
+    };
+    // The consumers need per/rate seconds at best; allow that plus the drain margin.
+    let deadline = Instant::now() + Duration::from_secs_f64(per as f64 / rate as f64) + DRAIN;
+    while done.load(Relaxed) < CONSUMERS && Instant::now() < deadline {
+        sleep(Duration::from_millis(5)).await;
+    }
+    let (wall, broker_cpu, client_cpu) = meter.read();
+    let _ = stop_tx.send(true);
+    let _ = sampler.await;
+    let mut hist = Histogram::default();
+    let (mut delivered, mut dups, mut last_ns) = (0u64, 0u64, start_ns);
+    for (s, t) in consumers.into_iter().enumerate() {
+        match t.await {
+            Ok(r) => {
+                hist.merge(&r.tally.hist);
+                delivered += r.tally.total();
+                dups += r.tally.dups;
+                last_ns = last_ns.max(r.tally.last_ns);
+                if let Some(e) = r.error {
+                    errors.push(format!("consumer {s}: {e}"));
+                }
+            }
+            Err(e) => errors.push(format!("consumer {s}: {e}")),
+        }
+    }
+    let hwm = stats::proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+    let peak_kib = peak.load(Relaxed).max(hwm);
+    let drain_s = last_ns.saturating_sub(start_ns) as f64 / 1e9;
+    let lost = total.saturating_sub(delivered);
+    let mut out = json!({
+        "ok": errors.is_empty(),
+        "qos": 1,
+        "messages": total,
+        "consumers": CONSUMERS,
+        "consumer_rate": rate,
+        "sent": sent,
+        "expected": total,
+        "delivered": delivered,
+        "lost": lost,
+        "loss_pct": lost as f64 * 100.0 / total as f64,
+        "duplicates": dups,
+        "publish_s": publish_s,
+        "publish_rate": sent as f64 / publish_s,
+        "drain_s": drain_s,
+        "ideal_drain_s": per as f64 / rate as f64,
+        "rss_before_kib": rss0,
+        "hwm_before_kib": hwm0,
+        "peak_rss_kib": peak.load(Relaxed),
+        "vmhwm_kib": hwm,
+        "peak_kib": peak_kib,
+        "peak_rss_mib": peak_kib as f64 / 1024.0,
+        "rate": delivered as f64 / drain_s.max(1e-9),
+        "msgs_per_broker_cpu_s": delivered as f64 / broker_cpu,
+        "errors": errors,
+    });
+    let m = out.as_object_mut().expect("object");
+    cpu_fields(m, wall, broker_cpu, client_cpu);
+    latency_fields(m, &hist);
+    out
+}
+
+/// Messages a slow consumer reads ahead of what it has processed.
+const LOCAL_BACKLOG: usize = 256;
+
+/// Acknowledges (= "processes") at `rate` messages per second from its first message on,
+/// reading at most LOCAL_BACKLOG messages ahead; delivery is complete when `expect`
+/// messages have been processed.
+async fn slow_consumer(
+    mut c: Client,
+    rate: u64,
+    expect: u64,
+    done: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+) -> SubResult {
+    let mut tally = Tally::new(4);
+    let mut queue: VecDeque<u16> = VecDeque::new();
+    let mut first: Option<Instant> = None;
+    let mut processed = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut finished = false;
+    let mut last_done_ns = 0u64;
+    let error = loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break None,
+            // Read only while the local backlog is short: the rest of the burst must wait
+            // in the broker (or in TCP buffers), as with an application that reads as it
+            // processes.
+            r = c.read_more(), if queue.len() < LOCAL_BACKLOG => {
+                if let Err(e) = r { break Some(e.to_string()) }
+                let now = now_ns();
+                let r = c.drain(|f, body, _| {
+                    if f >> 4 == mqtt::PUBLISH {
+                        let p = mqtt::parse_publish(f, body)?;
+                        tally.record(p.payload, now)?;
+                        if p.qos > 0 {
+                            queue.push_back(p.pid);
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(e) = r { break Some(e.to_string()) }
+                if first.is_none() && !queue.is_empty() {
+                    first = Some(Instant::now());
+                }
+            }
+            _ = tick.tick() => {
+                let Some(t0) = first else { continue };
+                let allowed = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
+                let k = allowed.saturating_sub(processed).min(queue.len() as u64);
+                for _ in 0..k {
+                    let pid = queue.pop_front().expect("queued");
+                    mqtt::ack(&mut c.wbuf, mqtt::PUBACK, pid);
+                }
+                processed += k;
+                if k > 0 {
+                    last_done_ns = now_ns();
+                    if let Err(e) = c.flush().await { break Some(e.to_string()) }
+                }
+                if !finished && processed >= expect {
+                    finished = true;
+                    done.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    };
+    // For a slow consumer, "delivered" means processed (acknowledged), not arrived.
+    tally.last_ns = last_done_ns;
+    c.close().await;
+    SubResult { tally, error }
+}
+
+/// conns: open 10,000 idle connections (CONNECT/CONNACK, keep alive 0) and measure the
+/// broker's RSS per connection and the connect rate; then keep opening until the open-file
+/// limit (ours or the broker's) stops us.
+async fn conns(o: &Opts, soft: u64) -> Value {
+    let pid = o.broker_pid;
+    let first_n: usize = if o.quick { 2_000 } else { 10_000 };
+    let reserve = 64; // descriptors kept for stdio, epoll, the runtime
+    let cap = if o.quick {
+        4_000
+    } else {
+        (soft as usize).saturating_sub(reserve)
+    };
+    let port_range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join("-");
+    let ports_per_source = {
+        let v: Vec<u64> = port_range
+            .split('-')
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if v.len() == 2 {
+            v[1] - v[0] + 1
+        } else {
+            28_000
+        }
+    };
+    // Several loopback source addresses (bound before connect) so ephemeral ports do not
+    // run out: each source address has its own port space towards the broker.
+    let sources_n = ((cap as u64 * 2) / ports_per_source + 1).clamp(4, 32) as usize;
+    // A block of source addresses of its own per run (127.B.C.1..), so connections an
+    // earlier run left in TIME_WAIT do not share its port space.
+    let me = std::process::id();
+    let (b, c) = (10 + ((me >> 8) % 200) as u8, (me % 256) as u8);
+    let sources: Vec<IpAddr> = (0..sources_n)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, b, c, 1 + i as u8)))
+        .collect();
+    sleep(Duration::from_millis(200)).await;
+    let rss0 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let meter = Meter::start(pid);
+    let held: Arc<Mutex<Vec<tokio::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+    let (n1, secs1, err1) = open_conns(o, 0, first_n, &sources, &held).await;
+    sleep(Duration::from_millis(1000)).await;
+    let rss1 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let (n2, secs2, err2) = if n1 == first_n && cap > first_n {
+        open_conns(o, first_n, cap, &sources, &held).await
+    } else {
+        (0, 0.0, None)
+    };
+    sleep(Duration::from_millis(1000)).await;
+    let rss2 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let (wall, broker_cpu, client_cpu) = meter.read();
+    // Are they all still open (the broker must not drop idle keep-alive-0 connections)?
+    let mut streams = std::mem::take(&mut *held.lock().expect("lock"));
+    let mut closed = 0u64;
+    let mut buf = [0u8; 16];
+    for s in &streams {
+        match s.try_read(&mut buf) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Ok(_) | Err(_) => closed += 1,
+        }
+    }
+    let total = n1 + n2;
+    let t_close = Instant::now();
+    streams.clear();
+    let close_s = t_close.elapsed().as_secs_f64();
+    let kib = |a: u64, b: u64, n: usize| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            (b as f64 - a as f64) / n as f64
+        }
+    };
+    let errors: Vec<String> = err1.into_iter().chain(err2.clone()).collect();
+    let mut out = json!({
+        "ok": n1 == first_n && closed == 0,
+        "errors": errors,
+        "idle_target": first_n,
+        "idle_opened": n1,
+        "connect_s": secs1,
+        "connect_rate": n1 as f64 / secs1.max(1e-9),
+        "rss_before_kib": rss0,
+        "rss_idle_kib": rss1,
+        "kib_per_conn": kib(rss0, rss1, n1),
+        "max_attempted": cap,
+        "max_opened": total,
+        "max_phase_rate": n2 as f64 / secs2.max(1e-9),
+        "max_stop_reason": err2,
+        "rss_max_kib": rss2,
+        "kib_per_conn_max": kib(rss0, rss2, total),
+        "closed_by_broker": closed,
+        "close_s": close_s,
+        "source_addresses": sources_n,
+        "source_first": sources[0].to_string(),
+        "ephemeral_ports": port_range,
+        "lost": 0,
+    });
+    let m = out.as_object_mut().expect("object");
+    cpu_fields(m, wall, broker_cpu, client_cpu);
+    out
+}
+
+/// Open connections `from..to` with bounded concurrency; stops at the first failure.
+/// Returns (opened, seconds, first error).
+async fn open_conns(
+    o: &Opts,
+    from: usize,
+    to: usize,
+    sources: &[IpAddr],
+    held: &Arc<Mutex<Vec<tokio::net::TcpStream>>>,
+) -> (usize, f64, Option<String>) {
+    const WORKERS: usize = 64;
+    let next = Arc::new(AtomicUsize::new(from));
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let first_err: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..WORKERS {
+        let (next, stop, opened, first_err, held) = (
+            next.clone(),
+            stop.clone(),
+            opened.clone(),
+            first_err.clone(),
+            held.clone(),
+        );
+        let sources = sources.to_vec();
+        let addr = o.addr;
+        let prefix = client_id(o, "idle", 0);
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                let i = next.fetch_add(1, Relaxed);
+                if i >= to {
+                    break;
+                }
+                let src = sources[i % sources.len()];
+                let id = format!("{prefix}-{i}");
+                match Client::connect(addr, Some(src), &id, Duration::from_secs(5)).await {
+                    Ok(c) => {
+                        held.lock().expect("lock").push(c.stream);
+                        opened.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => {
+                        stop.store(true, Relaxed);
+                        let mut fe = first_err.lock().expect("lock");
+                        if fe.is_none() {
+                            *fe = Some(format!("connection {i}: {e}"));
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let err = first_err.lock().expect("lock").clone();
+    (opened.load(Relaxed), secs, err)
+}

@@ -1,0 +1,153 @@
+//! tern-bench: Tern vs Mosquitto.
+//!
+//! `tern-bench run` starts each broker in turn and compares them (what `make bench` calls);
+//! `tern-bench load` runs one scenario against a running broker and prints one JSON line.
+
+mod load;
+mod mqtt;
+mod run;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage:
+  tern-bench run [--scenarios \"a b ...\"] [--rounds N] [--quick] [--duration SECS]
+                 [--tern PATH] [--mosquitto PATH] [--out DIR] [--docs FILE]
+  tern-bench load --scenario NAME --addr HOST:PORT --broker-pid PID [--broker NAME]
+                  [--quick] [--duration SECS]
+  tern-bench list";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let mut opts = std::collections::HashMap::new();
+    let mut flags = std::collections::HashSet::new();
+    let mut i = 1;
+    while i < args.len() {
+        let a = &args[i];
+        let Some(name) = a.strip_prefix("--") else {
+            eprintln!("tern-bench: unexpected argument {a}\n{USAGE}");
+            return ExitCode::from(2);
+        };
+        if name == "quick" || name == "help" {
+            flags.insert(name.to_string());
+            i += 1;
+        } else if let Some(v) = args.get(i + 1) {
+            opts.insert(name.to_string(), v.clone());
+            i += 2;
+        } else {
+            eprintln!("tern-bench: --{name} needs a value\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+    if flags.contains("help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let duration = match opts.get("duration").map(|d| d.parse::<f64>()) {
+        None => None,
+        Some(Ok(d)) if d > 0.0 && d <= 60.0 => Some(d),
+        Some(_) => {
+            eprintln!("tern-bench: --duration must be between 0 and 60 seconds");
+            return ExitCode::from(2);
+        }
+    };
+    match cmd.as_str() {
+        "list" => {
+            for s in load::SCENARIOS {
+                println!("{s}");
+            }
+            ExitCode::SUCCESS
+        }
+        "load" => {
+            let (Some(sc), Some(addr), Some(pid)) = (
+                opts.get("scenario"),
+                opts.get("addr").and_then(|a| a.parse().ok()),
+                opts.get("broker-pid").and_then(|p| p.parse().ok()),
+            ) else {
+                eprintln!("tern-bench load: --scenario, --addr and --broker-pid are required");
+                return ExitCode::from(2);
+            };
+            let o = load::Opts {
+                addr,
+                broker_pid: pid,
+                broker: opts
+                    .get("broker")
+                    .cloned()
+                    .unwrap_or_else(|| "broker".into()),
+                scenario: sc.clone(),
+                quick: flags.contains("quick"),
+                duration,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tern-bench: runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let v = rt.block_on(load::run(o));
+            println!("{v}");
+            // Do not wait for lingering connection tasks.
+            rt.shutdown_background();
+            ExitCode::SUCCESS
+        }
+        "run" => {
+            let scenarios: Vec<String> = match opts.get("scenarios") {
+                Some(s) if !s.trim().is_empty() => s
+                    .split([' ', ','])
+                    .filter(|x| !x.is_empty())
+                    .map(String::from)
+                    .collect(),
+                _ => load::SCENARIOS.iter().map(|s| s.to_string()).collect(),
+            };
+            if let Some(bad) = scenarios
+                .iter()
+                .find(|s| !load::SCENARIOS.contains(&s.as_str()))
+            {
+                eprintln!(
+                    "tern-bench: unknown scenario {bad}; known: {}",
+                    load::SCENARIOS.join(" ")
+                );
+                return ExitCode::from(2);
+            }
+            let quick = flags.contains("quick");
+            let rounds = match opts.get("rounds").filter(|r| !r.is_empty()) {
+                Some(r) => match r.parse::<usize>() {
+                    Ok(n) if (1..=20).contains(&n) => n,
+                    _ => {
+                        eprintln!("tern-bench: --rounds must be 1..=20");
+                        return ExitCode::from(2);
+                    }
+                },
+                None if quick => 1,
+                None => 3,
+            };
+            let path =
+                |k: &str, d: &str| PathBuf::from(opts.get(k).map(String::as_str).unwrap_or(d));
+            let a = run::RunArgs {
+                scenarios,
+                rounds,
+                quick,
+                tern: path("tern", "target/release/tern"),
+                mosquitto: path("mosquitto", "/usr/sbin/mosquitto"),
+                out: path("out", "target/bench"),
+                docs: opts.get("docs").map(PathBuf::from),
+                duration,
+            };
+            ExitCode::from(run::run(a) as u8)
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
