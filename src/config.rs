@@ -62,8 +62,9 @@ pub struct MetricsConfig {
 pub struct StorageConfig {
     /// Directory for durable state (relative paths resolve against the working directory).
     pub dir: PathBuf,
-    /// What an acknowledgement promises. Only `"memory"` exists today: state lives in the
-    /// broker's memory and is lost on restart.
+    /// What an acknowledgement promises: `"os"` (written to the OS before the ack: survives a
+    /// broker crash), `"fsync"` (synced to disk: survives power loss), `"memory"` (nothing
+    /// written: lost on restart).
     pub durability: Durability,
 }
 
@@ -71,6 +72,8 @@ pub struct StorageConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     Memory,
+    Os,
+    Fsync,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -153,7 +156,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             dir: PathBuf::from("data"),
-            durability: Durability::Memory,
+            durability: Durability::Os,
         }
     }
 }

@@ -70,4 +70,6 @@ pub enum StartError {
     },
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
 }

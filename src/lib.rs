@@ -75,6 +75,7 @@ impl Running {
         for t in self.tasks {
             t.abort();
         }
+        self.broker.store.close();
     }
 }
 
@@ -82,8 +83,20 @@ impl Running {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
     let metrics = metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?;
-    let store = storage::open(&config.storage);
+    // Recover before any listener opens: a returning client must find its session.
+    let (store, recovered) = storage::open(&config.storage)?;
     let broker = Arc::new(broker::Broker::new(config, metrics, store));
+    let restored = broker::recovery::restore(&broker, recovered);
+    tracing::info!(
+        store = broker.store.name(),
+        sessions = restored.sessions,
+        expired_sessions = restored.expired_sessions,
+        subscriptions = restored.subscriptions,
+        queued = restored.queued,
+        inflight = restored.inflight,
+        retained = restored.retained,
+        "state recovered"
+    );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let connections = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();

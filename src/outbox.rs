@@ -9,6 +9,14 @@
 //! the queue is below half of its limits, so they are dropped first and QoS 1/2 always has
 //! the other half; a QoS 1/2 message that finds the queue full is dropped. Every drop is
 //! reported to the caller, which counts it.
+//!
+//! With durable storage, a persistent session's QoS 1/2 messages take another path: the
+//! publisher *reserves* a sequence number (the message's place in the session's on-disk
+//! queue) and the delivery becomes visible only after the commit that stores it. At most
+//! [`HOT_MAX`] messages per session are held in memory; beyond that (and while the client is
+//! away) entries are *spilled*: they live only on disk and the connection loads them in
+//! batches when it has drained memory. So a session may hold a million queued messages while
+//! broker memory stays flat.
 
 use crate::message::Message;
 use crate::protocol::QoS;
@@ -54,6 +62,41 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub sub_ids: SubIds,
+    /// Position in the session's durable queue, when it is stored there.
+    pub seq: Option<u64>,
+    /// Send order among the session's in-flight messages (set when first sent).
+    pub order: u64,
+    /// The message is in the durable store (queued, or recovered in flight): its in-flight
+    /// state is recorded there too.
+    pub stored: bool,
+}
+
+impl Delivery {
+    pub fn new(msg: Arc<Message>, qos: QoS, retain: bool, sub_ids: SubIds) -> Delivery {
+        Delivery {
+            msg,
+            qos,
+            retain,
+            sub_ids,
+            seq: None,
+            order: 0,
+            stored: false,
+        }
+    }
+}
+
+/// Messages of a persistent session kept in memory at most; the rest waits on disk.
+pub const HOT_MAX: usize = 256;
+
+/// Where a durable delivery goes, decided when its sequence number is reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Into memory once committed: call [`Outbox::push_reserved`] then.
+    Hot { seq: u64, epoch: u64 },
+    /// Disk only: call [`Outbox::spill_committed`] once committed; the connection loads it.
+    Spill { seq: u64, epoch: u64 },
+    /// The queue is full (counted as `queue_full`).
+    Full,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +113,27 @@ struct Queue {
     items: VecDeque<Delivery>,
     bytes: usize,
     online: bool,
+    /// Hot reservations whose commit has not completed yet.
+    pending: usize,
+    pending_bytes: usize,
+    /// Entries that live only on disk, from seq `spill_from` on.
+    spilled: usize,
+    spilled_bytes: usize,
+    spill_from: u64,
+    /// Spilled seqs whose commit has not completed: the loader stops before the first.
+    uncommitted: VecDeque<u64>,
+    next_seq: u64,
+    /// Bumped by `clear`, so reservations made before a clean start are ignored.
+    epoch: u64,
+}
+
+/// What recovery found on disk for a session's queue.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpillState {
+    pub head: u64,
+    pub next_seq: u64,
+    pub len: usize,
+    pub bytes: usize,
 }
 
 pub struct Outbox {
@@ -86,6 +150,14 @@ impl Outbox {
                 items: VecDeque::new(),
                 bytes: 0,
                 online: false,
+                pending: 0,
+                pending_bytes: 0,
+                spilled: 0,
+                spilled_bytes: 0,
+                spill_from: 0,
+                uncommitted: VecDeque::new(),
+                next_seq: 1,
+                epoch: 0,
             }),
             notify: Notify::new(),
             max_messages,
@@ -139,8 +211,118 @@ impl Outbox {
         }
     }
 
+    /// Restores a durable queue found at startup: everything is on disk.
+    pub fn restore(&self, s: SpillState) {
+        let mut q = self.lock();
+        q.next_seq = s.next_seq.max(1);
+        q.spill_from = s.head;
+        q.spilled = s.len;
+        q.spilled_bytes = s.bytes;
+    }
+
+    /// Reserves a place in the durable queue for a QoS 1/2 message of `weight` bytes.
+    pub fn reserve(&self, weight: usize) -> Reservation {
+        let mut q = self.lock();
+        let count = q.items.len() + q.pending + q.spilled;
+        let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
+        if count >= self.max_messages || bytes + weight > self.max_bytes {
+            return Reservation::Full;
+        }
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        let epoch = q.epoch;
+        if q.online && q.spilled == 0 && q.items.len() + q.pending < HOT_MAX {
+            q.pending += 1;
+            q.pending_bytes += weight;
+            Reservation::Hot { seq, epoch }
+        } else {
+            if q.spilled == 0 {
+                q.spill_from = seq;
+            }
+            q.spilled += 1;
+            q.spilled_bytes += weight;
+            q.uncommitted.push_back(seq);
+            Reservation::Spill { seq, epoch }
+        }
+    }
+
+    /// Makes a hot reservation's delivery visible after its commit.
+    pub fn push_reserved(&self, d: Delivery, epoch: u64) {
+        let weight = d.msg.weight();
+        let mut q = self.lock();
+        if q.epoch != epoch {
+            return;
+        }
+        q.pending = q.pending.saturating_sub(1);
+        q.pending_bytes = q.pending_bytes.saturating_sub(weight);
+        let was_empty = q.items.is_empty();
+        q.items.push_back(d);
+        q.bytes += weight;
+        drop(q);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    /// A spilled entry's commit completed: the loader may read up to it.
+    pub fn spill_committed(&self, seq: u64, epoch: u64) {
+        let mut q = self.lock();
+        if q.epoch != epoch {
+            return;
+        }
+        if let Some(i) = q.uncommitted.iter().position(|&s| s == seq) {
+            q.uncommitted.remove(i);
+        }
+        let wake = q.items.is_empty();
+        drop(q);
+        if wake {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Where the loader should read next: (from seq, below seq, epoch), when memory is drained
+    /// and committed entries wait on disk.
+    pub fn spill_window(&self) -> Option<(u64, u64, u64)> {
+        let q = self.lock();
+        if !q.items.is_empty() || q.spilled == 0 {
+            return None;
+        }
+        let below = q.uncommitted.front().copied().unwrap_or(q.next_seq);
+        (below > q.spill_from).then_some((q.spill_from, below, q.epoch))
+    }
+
+    /// Takes deliveries loaded from disk (ascending seqs within the spill window).
+    pub fn load_spilled(&self, loaded: Vec<Delivery>, next_from: u64, epoch: u64) {
+        let mut q = self.lock();
+        if q.epoch != epoch {
+            return;
+        }
+        for d in loaded {
+            let w = d.msg.weight();
+            q.spilled = q.spilled.saturating_sub(1);
+            q.spilled_bytes = q.spilled_bytes.saturating_sub(w);
+            q.bytes += w;
+            q.items.push_back(d);
+        }
+        q.spill_from = q.spill_from.max(next_from);
+        if q.spilled == 0 {
+            q.spilled_bytes = 0;
+        }
+    }
+
+    /// Accounts for spilled entries that turned out to be gone from disk (e.g. expired).
+    pub fn forget_spilled(&self, n: usize) {
+        let mut q = self.lock();
+        q.spilled = q.spilled.saturating_sub(n);
+        if q.spilled == 0 {
+            q.spilled_bytes = 0;
+        }
+    }
+
+    /// Messages queued for this session, in memory and on disk.
     pub fn len(&self) -> usize {
-        self.lock().items.len()
+        let q = self.lock();
+        q.items.len() + q.pending + q.spilled
     }
 
     pub fn is_empty(&self) -> bool {
@@ -155,12 +337,20 @@ impl Outbox {
         }
     }
 
-    /// Drops everything (a clean start); returns how many were queued.
+    /// Drops everything (a clean start); returns how many were queued. The durable copy is
+    /// deleted by the caller (DeleteSession).
     pub fn clear(&self) -> usize {
         let mut q = self.lock();
-        let n = q.items.len();
+        let n = q.items.len() + q.pending + q.spilled;
         q.items.clear();
         q.bytes = 0;
+        q.pending = 0;
+        q.pending_bytes = 0;
+        q.spilled = 0;
+        q.spilled_bytes = 0;
+        q.uncommitted.clear();
+        q.spill_from = q.next_seq;
+        q.epoch += 1;
         n
     }
 
@@ -177,8 +367,8 @@ mod tests {
     use bytes::Bytes;
 
     fn d(qos: QoS) -> Delivery {
-        Delivery {
-            msg: Arc::new(Message {
+        Delivery::new(
+            Arc::new(Message {
                 id: 0,
                 topic: MqttStr::from("t"),
                 payload: Bytes::from_static(b"123456789"),
@@ -189,9 +379,9 @@ mod tests {
                 origin: 0,
             }),
             qos,
-            retain: false,
-            sub_ids: SubIds::None,
-        }
+            false,
+            SubIds::None,
+        )
     }
 
     #[test]
@@ -242,6 +432,80 @@ mod tests {
         o.pop_batch(5, 100, &mut out);
         assert_eq!(out.len(), 2);
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn reservations_go_hot_then_spill_and_load_in_order() {
+        let o = Outbox::new(10_000, 1 << 30);
+        o.set_online(true);
+        let mut hot = Vec::new();
+        for _ in 0..HOT_MAX {
+            match o.reserve(10) {
+                Reservation::Hot { seq, epoch } => hot.push((seq, epoch)),
+                other => panic!("{other:?}"),
+            }
+        }
+        let Reservation::Spill { seq: s1, epoch } = o.reserve(10) else {
+            panic!()
+        };
+        let Reservation::Spill { seq: s2, .. } = o.reserve(10) else {
+            panic!()
+        };
+        assert_eq!(o.len(), HOT_MAX + 2);
+        // Nothing to load while memory holds messages.
+        for (seq, epoch) in &hot {
+            let mut dl = d(QoS::AtLeastOnce);
+            dl.seq = Some(*seq);
+            o.push_reserved(dl, *epoch);
+        }
+        assert_eq!(o.spill_window(), None);
+        let mut out = Vec::new();
+        o.pop_batch(usize::MAX, usize::MAX, &mut out);
+        assert_eq!(out.len(), HOT_MAX);
+        // s1 not committed yet: the loader must not read past it.
+        assert_eq!(o.spill_window(), None);
+        o.spill_committed(s1, epoch);
+        assert_eq!(o.spill_window(), Some((s1, s2, epoch)));
+        o.spill_committed(s2, epoch);
+        assert_eq!(o.spill_window(), Some((s1, s2 + 1, epoch)));
+        o.load_spilled(
+            vec![d(QoS::AtLeastOnce), d(QoS::AtLeastOnce)],
+            s2 + 1,
+            epoch,
+        );
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.spill_window(), None);
+        // Caught up: the next reservation is hot again.
+        assert!(matches!(o.reserve(10), Reservation::Hot { .. }));
+    }
+
+    #[test]
+    fn offline_reservations_spill_and_clear_invalidates() {
+        let o = Outbox::new(3, 1 << 30);
+        assert!(matches!(o.reserve(1), Reservation::Spill { .. }));
+        assert!(matches!(o.reserve(1), Reservation::Spill { .. }));
+        let Reservation::Spill { seq, epoch } = o.reserve(1) else {
+            panic!()
+        };
+        assert_eq!(o.reserve(1), Reservation::Full);
+        assert_eq!(o.clear(), 3);
+        o.spill_committed(seq, epoch); // stale: ignored
+        assert_eq!(o.len(), 0);
+        assert_eq!(o.spill_window(), None);
+    }
+
+    #[test]
+    fn restored_queue_is_all_on_disk() {
+        let o = Outbox::new(100, 1 << 30);
+        o.restore(SpillState {
+            head: 5,
+            next_seq: 9,
+            len: 3,
+            bytes: 30,
+        });
+        assert_eq!(o.len(), 3);
+        assert_eq!(o.spill_window(), Some((5, 9, 0)));
+        assert!(matches!(o.reserve(1), Reservation::Spill { seq: 9, .. }));
     }
 
     #[test]

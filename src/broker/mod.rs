@@ -6,6 +6,7 @@
 //! the targets into a reused `Vec`, releases the lock and pushes into each target's outbox
 //! — a synchronous push that never waits. A slow subscriber slows nobody else.
 
+pub mod recovery;
 pub mod retain;
 pub mod trie;
 
@@ -13,11 +14,13 @@ use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::outbox::{Delivery, Pushed, SubIds};
+use crate::outbox::{Delivery, Pushed, Reservation, SubIds};
 use crate::protocol::{QoS, SubscriptionOptions, Will};
 use crate::session::registry::{Registry, SessionHandle};
 use crate::session::SessionState;
+use crate::storage::record::{unix_now_ms, QueueEntry, SessionRecord, StoredMessage};
 use crate::storage::Store;
+use crate::storage::{Commit, Op};
 use retain::{RetainOutcome, RetainTree};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -42,6 +45,42 @@ pub struct Broker {
     retained: RwLock<RetainTree>,
     next_message_id: AtomicU64,
     next_connection_id: AtomicU64,
+}
+
+/// What a publish leaves for its commit: the operations to store, and deliveries that become
+/// visible once they are stored.
+#[derive(Default)]
+pub struct Staged {
+    pub ops: Vec<Op>,
+    pub after: Vec<After>,
+}
+
+impl Staged {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.after.is_empty()
+    }
+}
+
+/// A delivery waiting for a commit.
+pub enum After {
+    /// A durable delivery for a session's memory queue.
+    Push(Arc<SessionHandle>, Delivery, u64),
+    /// A durable delivery that lives on disk only; its session's connection loads it.
+    Spilled(Arc<SessionHandle>, u64, u64),
+    /// A plain delivery (retained messages after a SUBACK).
+    Deliver(Arc<SessionHandle>, Delivery),
+}
+
+impl After {
+    pub fn apply(self, broker: &Broker) {
+        match self {
+            After::Push(s, d, epoch) => s.outbox.push_reserved(d, epoch),
+            After::Spilled(s, seq, epoch) => s.outbox.spill_committed(seq, epoch),
+            After::Deliver(s, d) => {
+                broker.push(&s, d);
+            }
+        }
+    }
 }
 
 /// Result of routing one message.
@@ -71,6 +110,19 @@ impl Broker {
         }
     }
 
+    /// Message ids continue above what the store has used.
+    pub fn set_next_message_id(&self, next: u64) {
+        self.next_message_id.fetch_max(next, Ordering::Relaxed);
+    }
+
+    /// Puts a retained message recovered from the store back into the tree.
+    pub fn restore_retained(&self, msg: Arc<Message>) {
+        self.retained
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .store(msg, usize::MAX);
+    }
+
     pub fn next_message_id(&self) -> u64 {
         self.next_message_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -94,16 +146,47 @@ impl Broker {
     }
 
     /// Routes `msg` to every matching subscription; also stores it as retained when its
-    /// RETAIN flag is set. `scratch` is the caller's reused buffer.
-    pub fn publish(&self, msg: &Arc<Message>, scratch: &mut Vec<Subscriber>) -> Routed {
+    /// RETAIN flag is set. `scratch` is the caller's reused buffer. With durable storage,
+    /// what must be stored before the message may be acknowledged (the message, its place in
+    /// persistent sessions' queues, the retained slot) is added to `staged`, and deliveries to
+    /// persistent sessions wait there until that commit completes.
+    pub fn publish(
+        &self,
+        msg: &Arc<Message>,
+        scratch: &mut Vec<Subscriber>,
+        staged: &mut Staged,
+    ) -> Routed {
+        let durable = self.store.durable();
+        let mut message_staged = false;
+        let mut stage_message = |ops: &mut Vec<Op>| {
+            if !message_staged {
+                message_staged = true;
+                ops.push(Op::PutMessage(StoredMessage::from_message(
+                    msg,
+                    Instant::now(),
+                    unix_now_ms(),
+                )));
+            }
+        };
         if msg.retain && self.config.mqtt.retain_available {
             let outcome = self
                 .retained
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
                 .store(msg.clone(), self.config.limits.max_retained_messages);
-            if outcome == RetainOutcome::Full {
-                self.metrics.dropped_retain_full.inc();
+            match outcome {
+                RetainOutcome::Full => self.metrics.dropped_retain_full.inc(),
+                RetainOutcome::Deleted if durable => staged.ops.push(Op::DeleteRetained {
+                    topic: msg.topic.to_string(),
+                }),
+                RetainOutcome::Stored | RetainOutcome::Replaced if durable => {
+                    stage_message(&mut staged.ops);
+                    staged.ops.push(Op::PutRetained {
+                        topic: msg.topic.to_string(),
+                        msg_id: msg.id,
+                    });
+                }
+                _ => {}
             }
         }
         scratch.clear();
@@ -140,15 +223,55 @@ impl Broker {
             }
             if rule.allows(&session.client_id) {
                 routed.matched += 1;
-                let delivery = Delivery {
-                    msg: msg.clone(),
-                    qos: qos.min(msg.qos),
-                    // Live messages carry RETAIN=0 unless Retain As Published ([MQTT-3.3.1-12]
-                    // [MQTT-3.3.1-13]).
-                    retain: retain_as_published && msg.retain,
+                // Live messages carry RETAIN=0 unless Retain As Published ([MQTT-3.3.1-12]
+                // [MQTT-3.3.1-13]).
+                let mut delivery = Delivery::new(
+                    msg.clone(),
+                    qos.min(msg.qos),
+                    retain_as_published && msg.retain,
                     sub_ids,
-                };
-                if self.push(session, delivery) == Pushed::DroppedFull {
+                );
+                if durable
+                    && delivery.qos != QoS::AtMostOnce
+                    && session.persistent.load(Ordering::Relaxed)
+                {
+                    let entry = QueueEntry {
+                        msg_id: msg.id,
+                        qos: delivery.qos,
+                        retain: delivery.retain,
+                        sub_ids: delivery.sub_ids.as_slice().to_vec(),
+                    };
+                    match session.outbox.reserve(msg.weight()) {
+                        Reservation::Full => {
+                            self.metrics.dropped_queue_full.inc();
+                            routed.dropped += 1;
+                        }
+                        Reservation::Hot { seq, epoch } => {
+                            stage_message(&mut staged.ops);
+                            staged.ops.push(Op::Enqueue {
+                                session_id: session.id,
+                                seq,
+                                entry,
+                            });
+                            delivery.seq = Some(seq);
+                            delivery.stored = true;
+                            staged
+                                .after
+                                .push(After::Push(session.clone(), delivery, epoch));
+                        }
+                        Reservation::Spill { seq, epoch } => {
+                            stage_message(&mut staged.ops);
+                            staged.ops.push(Op::Enqueue {
+                                session_id: session.id,
+                                seq,
+                                entry,
+                            });
+                            staged
+                                .after
+                                .push(After::Spilled(session.clone(), seq, epoch));
+                        }
+                    }
+                } else if self.push(session, delivery) == Pushed::DroppedFull {
                     routed.dropped += 1;
                 }
             } else {
@@ -160,6 +283,64 @@ impl Broker {
             self.metrics.dropped_no_subscribers.inc();
         }
         routed
+    }
+
+    /// Routes a message nobody acknowledges (a will): what it staged is committed in the
+    /// background and its durable deliveries become visible when that completes.
+    pub fn publish_detached(self: &Arc<Self>, msg: &Arc<Message>) {
+        let mut scratch = Vec::new();
+        let mut staged = Staged::default();
+        self.publish(msg, &mut scratch, &mut staged);
+        self.commit_detached(staged);
+    }
+
+    /// Submits `staged` and applies its deliveries once committed, without waiting.
+    pub fn commit_detached(self: &Arc<Self>, staged: Staged) {
+        if staged.ops.is_empty() {
+            for a in staged.after {
+                a.apply(self);
+            }
+            return;
+        }
+        match self.store.submit(staged.ops) {
+            Commit::Done => {
+                for a in staged.after {
+                    a.apply(self);
+                }
+            }
+            Commit::Pending(rx) => {
+                let broker = self.clone();
+                tokio::spawn(async move {
+                    if rx.await.is_ok() {
+                        for a in staged.after {
+                            a.apply(&broker);
+                        }
+                    }
+                });
+            }
+            // Logged by the store; nothing was promised to anyone.
+            Commit::Failed => {}
+        }
+    }
+
+    /// Publishes `will` after `delay` seconds unless aborted (a reconnect) and, if the session
+    /// still waits for its client then, removes the will from its durable record.
+    pub fn spawn_delayed_will(
+        self: &Arc<Self>,
+        will: Will,
+        delay: u32,
+        mut record: SessionRecord,
+    ) -> tokio::task::AbortHandle {
+        let b = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            b.publish_will(&will, record.session_id);
+            if b.store.durable() && b.registry.is_detached(&record.client_id, record.session_id) {
+                record.will = None;
+                let _ = b.store.submit(vec![Op::PutSession(record)]);
+            }
+        })
+        .abort_handle()
     }
 
     /// Pushes into a session's outbox and counts a drop.
@@ -212,6 +393,14 @@ impl Broker {
 
     /// Removes every subscription of an ended session and empties its queue.
     pub fn end_session(&self, handle: &SessionHandle, state: &mut SessionState) {
+        if self.store.durable() && handle.persistent.swap(false, Ordering::Relaxed) {
+            // Fire and forget: nothing is acknowledged on the strength of a deletion, and the
+            // storage thread applies it before anything submitted later.
+            let _ = self.store.submit(vec![Op::DeleteSession {
+                client_id: handle.client_id.to_string(),
+                session_id: handle.id,
+            }]);
+        }
         if !state.subscriptions.is_empty() {
             let mut subs = self
                 .subscriptions
@@ -226,7 +415,7 @@ impl Broker {
     }
 
     /// Turns a Will into a message and routes it.
-    pub fn publish_will(&self, will: &Will, origin: u64) {
+    pub fn publish_will(self: &Arc<Self>, will: &Will, origin: u64) {
         let now = Instant::now();
         if !self.auth.can_publish("", will.topic.as_str()) {
             self.metrics.dropped_not_authorized.inc();
@@ -244,8 +433,7 @@ impl Broker {
             expires_at: Message::deadline_from(will.properties.message_expiry_interval, now),
             origin,
         });
-        let mut scratch = Vec::new();
-        self.publish(&msg, &mut scratch);
+        self.publish_detached(&msg);
     }
 
     /// Ends sessions whose expiry passed while their client was away, and retained messages

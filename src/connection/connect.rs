@@ -5,6 +5,8 @@ use crate::broker::Broker;
 use crate::protocol::*;
 use crate::session::registry::Kick;
 use crate::session::TopicAliases;
+use crate::storage::record::{SessionRecord, WillRecord};
+use crate::storage::Op;
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,6 +172,23 @@ pub(super) async fn accept(
         // [MQTT-3.1.2-4] a clean start discards the previous session; so does a session that
         // ended with its previous connection.
         broker.end_session(&attached.handle, &mut attached.state);
+    }
+    if broker.store.durable() {
+        let persistent = session_expiry > 0;
+        attached
+            .handle
+            .persistent
+            .store(persistent, std::sync::atomic::Ordering::Relaxed);
+        if persistent {
+            // Ordered before everything this connection stores later.
+            let _ = broker.store.submit(vec![Op::PutSession(SessionRecord {
+                client_id: client_id.to_string(),
+                session_id: attached.handle.id,
+                expiry_interval: session_expiry,
+                disconnected_at_ms: None,
+                will: c.will.as_ref().map(WillRecord::from),
+            })]);
+        }
     }
     attached.handle.outbox.set_online(true);
 

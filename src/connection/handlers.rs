@@ -3,14 +3,17 @@
 //! no socket I/O happens in this file.
 
 use super::Close;
-use crate::broker::{Broker, Subscriber};
+use crate::broker::{After, Broker, Staged, Subscriber};
 use crate::error::ProtocolError;
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::*;
 use crate::session::registry::{Detached, SessionHandle};
 use crate::session::{Inflight, Outbound, PubRecAction, SessionState, Subscription, TopicAliases};
-use crate::storage::{Commit, StoreOp};
+use crate::storage::record::{
+    unix_now_ms, InflightRecord, QueueEntry, SessionRecord, SubscriptionRecord, WillRecord,
+};
+use crate::storage::{Commit, Op};
 use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,8 +25,9 @@ use tokio::sync::OwnedMutexGuard;
 pub(crate) struct PendingAck {
     commit: Commit,
     ack: Response,
-    /// Retained messages to queue once the SUBACK has gone out.
-    then: Vec<Delivery>,
+    /// Deliveries that become visible once the commit is done (durable deliveries of a
+    /// PUBLISH; retained messages after a SUBACK).
+    then: Vec<After>,
 }
 
 #[derive(Debug, Clone)]
@@ -53,14 +57,15 @@ impl AckQueue {
         )
     }
 
-    /// Resolves when the front commit completes (or fails).
+    /// Resolves when the front commit completes (or fails), recording which.
     pub async fn ready(&mut self) {
-        if let Some(PendingAck {
-            commit: Commit::Pending(rx),
-            ..
-        }) = self.queue.front_mut()
-        {
-            let _ = rx.await;
+        if let Some(front) = self.queue.front_mut() {
+            if let Commit::Pending(rx) = &mut front.commit {
+                front.commit = match rx.await {
+                    Ok(()) => Commit::Done,
+                    Err(_) => Commit::Failed,
+                };
+            }
         }
     }
 }
@@ -92,6 +97,23 @@ pub(crate) struct Client {
     /// Per-connection tallies, added to the shared counters once per read or write batch
     /// rather than once per message (shared atomics are contended across cores).
     tally: Tally,
+    /// Durable bookkeeping of outbound messages, submitted once per batch.
+    pending_ops: Vec<Op>,
+}
+
+/// The durable record of an in-flight delivery.
+fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
+    InflightRecord {
+        packet_id,
+        order: d.order,
+        entry: QueueEntry {
+            msg_id: d.msg.id,
+            qos: d.qos,
+            retain: d.retain,
+            sub_ids: d.sub_ids.as_slice().to_vec(),
+        },
+        released,
+    }
 }
 
 #[derive(Default)]
@@ -138,6 +160,7 @@ impl Client {
             scratch: Vec::new(),
             batch: Vec::new(),
             tally: Tally::default(),
+            pending_ops: Vec::new(),
         }
     }
 
@@ -177,7 +200,9 @@ impl Client {
         match packet {
             Packet::Publish(p) => self.handle_publish(p, wbuf).map_err(Close::Protocol),
             Packet::PubAck(a) => {
-                self.state.inflight.on_puback(a.packet_id);
+                if self.state.inflight.on_puback(a.packet_id) {
+                    self.stage_inflight_done(a.packet_id);
+                }
                 Ok(())
             }
             Packet::PubRec(a) => {
@@ -189,7 +214,9 @@ impl Client {
                 Ok(())
             }
             Packet::PubComp(a) => {
-                self.state.inflight.on_pubcomp(a.packet_id);
+                if self.state.inflight.on_pubcomp(a.packet_id) {
+                    self.stage_inflight_done(a.packet_id);
+                }
                 Ok(())
             }
             Packet::Subscribe(s) => {
@@ -212,22 +239,45 @@ impl Client {
         }
     }
 
+    /// Whether this session's state goes to the durable store.
+    fn stores_session(&self) -> bool {
+        self.broker.store.durable()
+            && self
+                .handle
+                .persistent
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn stage_inflight_done(&mut self, packet_id: u16) {
+        if self.stores_session() {
+            self.pending_ops.push(Op::DeleteInflight {
+                session_id: self.handle.id,
+                packet_id,
+            });
+        }
+    }
+
+    /// Submits what the subscriber side staged (in-flight bookkeeping). Nothing is
+    /// acknowledged on its strength, so nobody waits; the storage thread keeps the order.
+    pub fn flush_ops(&mut self) {
+        if !self.pending_ops.is_empty() {
+            let _ = self
+                .broker
+                .store
+                .submit(std::mem::take(&mut self.pending_ops));
+        }
+    }
+
     /// Sends `ack` now when nothing is ahead of it and its commit is done (the common case
     /// with the in-memory store), else queues it behind the others.
-    fn queue_ack(
-        &mut self,
-        commit: Commit,
-        ack: Response,
-        then: Vec<Delivery>,
-        wbuf: &mut BytesMut,
-    ) {
+    fn queue_ack(&mut self, commit: Commit, ack: Response, then: Vec<After>, wbuf: &mut BytesMut) {
         if matches!(ack, Response::PubAck(..) | Response::PubRec(..)) {
             self.acks.unacked_publishes += 1;
         }
         if self.acks.queue.is_empty() && matches!(commit, Commit::Done) {
             self.send_ack(&ack, wbuf);
-            for d in then {
-                self.broker.push(&self.handle, d);
+            for a in then {
+                a.apply(&self.broker);
             }
         } else {
             self.acks.queue.push_back(PendingAck { commit, ack, then });
@@ -317,18 +367,32 @@ impl Client {
                     expires_at: Message::deadline_from(expiry, now),
                     origin: self.handle.id,
                 });
-                let routed = broker.publish(&msg, &mut self.scratch);
+                let mut staged = Staged::default();
+                let routed = broker.publish(&msg, &mut self.scratch, &mut staged);
                 if p.qos == QoS::AtMostOnce {
+                    // Nothing is acknowledged: retained state is stored in the background.
+                    broker.commit_detached(staged);
                     return Ok(());
                 }
-                let commit = broker.store.commit(StoreOp::Message {
-                    session: self.handle.id,
-                    msg: &msg,
-                    qos2_packet_id: (p.qos == QoS::ExactlyOnce).then_some(p.packet_id),
-                });
                 if p.qos == QoS::ExactlyOnce {
                     self.state.inbound_qos2.insert(p.packet_id);
+                    if self.stores_session() {
+                        // Stored with the message, so a re-sent PUBLISH after a restart is
+                        // still recognised as a duplicate.
+                        staged.ops.push(Op::PutQos2 {
+                            session_id: self.handle.id,
+                            packet_id: p.packet_id,
+                        });
+                    }
                 }
+                // Ack after durable: the PUBACK/PUBREC waits for the commit that stores the
+                // message for every persistent session (and the retained slot).
+                let commit = if staged.ops.is_empty() {
+                    Commit::Done
+                } else {
+                    broker.store.submit(std::mem::take(&mut staged.ops))
+                };
+                let then = std::mem::take(&mut staged.after);
                 let reason = if v5 && routed.matched == 0 {
                     ReasonCode::NoMatchingSubscribers.as_u8()
                 } else {
@@ -339,7 +403,7 @@ impl Client {
                 } else {
                     Response::PubRec(p.packet_id, reason)
                 };
-                self.queue_ack(commit, ack, Vec::new(), wbuf);
+                self.queue_ack(commit, ack, then, wbuf);
                 return Ok(());
             }
         };
@@ -371,19 +435,33 @@ impl Client {
     fn handle_pubrec(&mut self, a: PubResponse, wbuf: &mut BytesMut) {
         match self.state.inflight.on_pubrec(a.packet_id, a.reason) {
             PubRecAction::SendPubRel(reason) => {
+                if reason == 0 && self.stores_session() {
+                    if let Some(Outbound::Released(d)) = self
+                        .state
+                        .inflight
+                        .get(a.packet_id)
+                        .filter(|o| matches!(o, Outbound::Released(d) if d.stored))
+                    {
+                        let rec = inflight_record(a.packet_id, d, true);
+                        self.pending_ops.push(Op::PutInflight {
+                            session_id: self.handle.id,
+                            rec,
+                        });
+                    }
+                }
                 encode_pub_response(wbuf, self.version, PUBREL, a.packet_id, reason)
             }
-            PubRecAction::Finished => {}
+            PubRecAction::Finished => self.stage_inflight_done(a.packet_id),
         }
     }
 
     fn handle_pubrel(&mut self, a: PubResponse, wbuf: &mut BytesMut) {
         let known = self.state.inbound_qos2.remove(&a.packet_id);
-        let commit = if known {
-            self.broker.store.commit(StoreOp::Qos2Released {
-                session: self.handle.id,
+        let commit = if known && self.stores_session() {
+            self.broker.store.submit(vec![Op::DeleteQos2 {
+                session_id: self.handle.id,
                 packet_id: a.packet_id,
-            })
+            }])
         } else {
             Commit::Done
         };
@@ -406,7 +484,7 @@ impl Client {
         let max_qos = QoS::from_u8(broker.config.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce);
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
-        let mut commit = Commit::Done;
+        let mut ops = Vec::new();
         let mut found = Vec::new();
         for (filter, mut options) in s.filters {
             let f = filter.as_str();
@@ -433,12 +511,16 @@ impl Client {
                 .insert(f.to_string(), sub)
                 .is_some();
             broker.subscribe(&self.handle, f, options, s.subscription_identifier);
-            commit = broker.store.commit(StoreOp::Subscribe {
-                session: self.handle.id,
-                filter: f,
-                options,
-                id: s.subscription_identifier,
-            });
+            if self.stores_session() {
+                ops.push(Op::PutSubscription {
+                    client_id: self.client_id.to_string(),
+                    sub: SubscriptionRecord {
+                        filter: f.to_string(),
+                        options,
+                        id: s.subscription_identifier,
+                    },
+                });
+            }
             codes.push(options.qos.as_u8());
             // Retained messages: Retain Handling 0 always, 1 only for a new subscription,
             // 2 never ([MQTT-3.3.1-9] .. [MQTT-3.3.1-11]); always with RETAIN=1 ([MQTT-3.3.1-8]).
@@ -458,12 +540,11 @@ impl Client {
                     if let Some(id) = s.subscription_identifier {
                         sub_ids.push(id);
                     }
-                    retained.push(Delivery {
-                        qos: options.qos.min(msg.qos),
-                        msg,
-                        retain: true,
-                        sub_ids,
-                    });
+                    let qos = options.qos.min(msg.qos);
+                    retained.push(After::Deliver(
+                        self.handle.clone(),
+                        Delivery::new(msg, qos, true, sub_ids),
+                    ));
                 }
             }
         }
@@ -474,16 +555,29 @@ impl Client {
                 }
             }
         }
+        // SUBACK after the subscription is stored.
+        let commit = if ops.is_empty() {
+            Commit::Done
+        } else {
+            broker.store.submit(ops)
+        };
         self.queue_ack(commit, Response::SubAck(s.packet_id, codes), retained, wbuf);
     }
 
     fn handle_unsubscribe(&mut self, u: Unsubscribe, wbuf: &mut BytesMut) {
         let mut codes = Vec::with_capacity(u.filters.len());
+        let mut ops = Vec::new();
         for filter in u.filters {
             let f = filter.as_str();
             let removed = self.state.subscriptions.remove(f).is_some();
             if removed {
                 self.broker.unsubscribe(&self.handle, f);
+                if self.stores_session() {
+                    ops.push(Op::DeleteSubscription {
+                        client_id: self.client_id.to_string(),
+                        filter: f.to_string(),
+                    });
+                }
             }
             codes.push(if removed {
                 0
@@ -491,8 +585,13 @@ impl Client {
                 ReasonCode::NoSubscriptionExisted.as_u8()
             });
         }
+        let commit = if ops.is_empty() {
+            Commit::Done
+        } else {
+            self.broker.store.submit(ops)
+        };
         self.queue_ack(
-            Commit::Done,
+            commit,
             Response::UnsubAck(u.packet_id, codes),
             Vec::new(),
             wbuf,
@@ -519,22 +618,25 @@ impl Client {
     /// Moves acknowledgements whose commits are done into the write buffer, in order.
     pub fn release_acks(&mut self, wbuf: &mut BytesMut) -> Result<(), Close> {
         while let Some(front) = self.acks.queue.front_mut() {
-            if let Commit::Pending(rx) = &mut front.commit {
-                match rx.try_recv() {
-                    Ok(()) => {}
+            let failed = match &mut front.commit {
+                Commit::Done => false,
+                Commit::Failed => true,
+                Commit::Pending(rx) => match rx.try_recv() {
+                    Ok(()) => false,
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(()),
-                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                        // The store failed: never acknowledge what it did not keep.
-                        return Err(Close::Protocol(ProtocolError::Protocol("storage failure")));
-                    }
-                }
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => true,
+                },
+            };
+            if failed {
+                // The store failed: never acknowledge what it did not keep.
+                return Err(Close::StorageFailed);
             }
             let Some(p) = self.acks.queue.pop_front() else {
                 break;
             };
             self.send_ack(&p.ack, wbuf);
-            for d in p.then {
-                self.broker.push(&self.handle, d);
+            for a in p.then {
+                a.apply(&self.broker);
             }
         }
         Ok(())
@@ -568,6 +670,9 @@ impl Client {
             let slots = self.window.saturating_sub(self.state.inflight.len());
             let mut batch = std::mem::take(&mut self.batch);
             self.handle.outbox.pop_batch(slots, 64, &mut batch);
+            if batch.is_empty() && slots > 0 && self.load_spilled() {
+                self.handle.outbox.pop_batch(slots, 64, &mut batch);
+            }
             if batch.is_empty() {
                 self.batch = batch;
                 break;
@@ -579,14 +684,79 @@ impl Client {
             self.batch = batch;
         }
         self.flush_tally();
+        self.flush_ops();
+    }
+
+    /// Moves the next committed entries of the session's on-disk queue into memory. Returns
+    /// whether anything was loaded. Runs on this connection's task: fjall reads are
+    /// synchronous, and mostly served from its memtable and block cache.
+    fn load_spilled(&mut self) -> bool {
+        const LOAD_BATCH: usize = 256;
+        if !self.broker.store.durable() {
+            return false;
+        }
+        let Some((from, below, epoch)) = self.handle.outbox.spill_window() else {
+            return false;
+        };
+        let store = self.broker.store.clone();
+        let entries = match store.read_queue(self.handle.id, from, LOAD_BATCH) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(client_id = %self.client_id, error = %e, "cannot read the session queue");
+                return false;
+            }
+        };
+        let full = entries.len() == LOAD_BATCH;
+        let now = Instant::now();
+        let unix = unix_now_ms();
+        let mut loaded = Vec::with_capacity(entries.len());
+        let mut missing = 0;
+        let mut next_from = below;
+        for (seq, e) in entries {
+            if seq >= below {
+                break;
+            }
+            next_from = seq + 1;
+            match store.get_message(e.msg_id) {
+                Ok(Some(m)) => {
+                    let mut sub_ids = SubIds::None;
+                    for id in e.sub_ids {
+                        sub_ids.push(id);
+                    }
+                    let mut d =
+                        Delivery::new(Arc::new(m.to_message(now, unix)), e.qos, e.retain, sub_ids);
+                    d.seq = Some(seq);
+                    d.stored = true;
+                    loaded.push(d);
+                }
+                _ => {
+                    // Dangling entry (its message is gone): drop it rather than stall the queue.
+                    missing += 1;
+                    self.pending_ops.push(Op::Dequeue {
+                        session_id: self.handle.id,
+                        seq,
+                    });
+                }
+            }
+        }
+        if !full {
+            next_from = below;
+        }
+        let any = !loaded.is_empty();
+        self.handle.outbox.load_spilled(loaded, next_from, epoch);
+        if missing > 0 {
+            self.handle.outbox.forget_spilled(missing);
+        }
+        any
     }
 
     /// Encodes one delivery; QoS 1/2 enters the in-flight window.
-    fn send_publish(&mut self, d: Delivery, now: Instant, wbuf: &mut BytesMut) {
+    fn send_publish(&mut self, mut d: Delivery, now: Instant, wbuf: &mut BytesMut) {
         let metrics = &self.broker.metrics;
         let Ok(expiry) = d.msg.remaining_expiry(now) else {
             // [MQTT-3.3.2-5] expired messages are not delivered.
             metrics.dropped_expired.inc();
+            self.stage_dequeue(&d);
             return;
         };
         let topic = d.msg.topic.as_str();
@@ -610,6 +780,7 @@ impl Client {
             if publish_size(self.version, &out) > self.max_packet_out {
                 // [MQTT-3.1.2-25] too large for this client: behave as if sent.
                 metrics.dropped_too_large.inc();
+                self.stage_dequeue(&d);
                 return;
             }
             out.extras.topic_alias = None;
@@ -621,10 +792,35 @@ impl Client {
             }
         }
         if d.qos != QoS::AtMostOnce {
-            out.packet_id = self.state.inflight.insert(d.clone());
+            d.order = self.state.next_order;
+            self.state.next_order += 1;
+            let pid = self.state.inflight.insert(d.clone());
+            out.packet_id = pid;
+            if let Some(seq) = d.seq {
+                // Queue entry → in-flight record, in one submit (the message's reference
+                // moves with it).
+                self.pending_ops.push(Op::Dequeue {
+                    session_id: self.handle.id,
+                    seq,
+                });
+                self.pending_ops.push(Op::PutInflight {
+                    session_id: self.handle.id,
+                    rec: inflight_record(pid, &d, false),
+                });
+            }
         }
         encode_publish(wbuf, self.version, &out);
         self.tally.sent[d.qos as usize] += 1;
+    }
+
+    /// A stored delivery that will never be sent leaves the durable queue.
+    fn stage_dequeue(&mut self, d: &Delivery) {
+        if let Some(seq) = d.seq {
+            self.pending_ops.push(Op::Dequeue {
+                session_id: self.handle.id,
+                seq,
+            });
+        }
     }
 
     /// Adds the per-connection tallies to the shared counters.
@@ -675,55 +871,64 @@ impl Client {
                     encode_publish(wbuf, version, &out);
                     self.tally.sent[d.qos as usize] += 1;
                 }
-                Outbound::Released => encode_pub_response(wbuf, version, PUBREL, *id, 0),
+                Outbound::Released(_) => encode_pub_response(wbuf, version, PUBREL, *id, 0),
             }
         }
     }
 
     /// After the connection closed: the will, then the session goes back to the registry
-    /// (kept, ended, or already taken over).
-    pub fn finish(self, publish_will: bool) {
+    /// (kept, ended, or already taken over) and, when durable, its record is updated.
+    pub fn finish(mut self, publish_will: bool) {
+        self.flush_ops();
         let broker = self.broker.clone();
-        let mut state = self.state;
-        if let (true, Some(will)) = (publish_will, self.will) {
-            let delay = if self.version.is_v5() {
-                will.delay_interval
-            } else {
-                0
-            };
-            let delay = delay.min(self.session_expiry);
-            if delay == 0 {
-                broker.publish_will(&will, self.handle.id);
-            } else {
-                let b = broker.clone();
-                let origin = self.handle.id;
-                let task = tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    b.publish_will(&will, origin);
-                });
-                // Registered after detach below so a returning client can cancel it.
-                let abort = task.abort_handle();
-                match broker
-                    .registry
-                    .detach(&self.client_id, self.conn_id, self.session_expiry)
-                {
-                    Detached::Ended(handle) => broker.end_session(&handle, &mut state),
-                    Detached::Kept => {
-                        broker
-                            .registry
-                            .set_pending_will(&self.client_id, self.handle.id, abort)
-                    }
-                    Detached::TakenOver => abort.abort(),
-                }
-                return;
+        let mut will = self.will.take().filter(|_| publish_will);
+        let delay = match &will {
+            Some(w) if self.version.is_v5() => w.delay_interval.min(self.session_expiry),
+            _ => 0,
+        };
+        if delay == 0 {
+            if let Some(w) = will.take() {
+                broker.publish_will(&w, self.handle.id);
             }
         }
-        if let Detached::Ended(handle) =
-            broker
-                .registry
-                .detach(&self.client_id, self.conn_id, self.session_expiry)
+        let mut state = self.state;
+        match broker
+            .registry
+            .detach(&self.client_id, self.conn_id, self.session_expiry)
         {
-            broker.end_session(&handle, &mut state);
+            Detached::Ended(handle) => {
+                broker.end_session(&handle, &mut state);
+                if let Some(w) = will {
+                    // The session ended first ([MQTT-3.1.3-9]: whichever comes first).
+                    broker.publish_will(&w, self.handle.id);
+                }
+            }
+            Detached::Kept => {
+                let record = SessionRecord {
+                    client_id: self.client_id.to_string(),
+                    session_id: self.handle.id,
+                    expiry_interval: self.session_expiry,
+                    disconnected_at_ms: Some(unix_now_ms()),
+                    will: will.as_ref().map(WillRecord::from),
+                };
+                if broker.store.durable()
+                    && self
+                        .handle
+                        .persistent
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    let _ = broker.store.submit(vec![Op::PutSession(record.clone())]);
+                }
+                if let Some(w) = will {
+                    let abort = broker.spawn_delayed_will(w, delay, record);
+                    broker
+                        .registry
+                        .set_pending_will(&self.client_id, self.handle.id, abort);
+                }
+            }
+            // The new connection owns the session (and cancels a delayed will by arriving
+            // within the delay).
+            Detached::TakenOver => {}
         }
     }
 }

@@ -45,6 +45,8 @@ pub(crate) enum Close {
     TakenOver,
     WriteStalled,
     Shutdown,
+    /// The store could not keep what this client's acknowledgements depend on.
+    StorageFailed,
 }
 
 impl Close {
@@ -55,6 +57,7 @@ impl Close {
             Close::KeepAlive => Some(ReasonCode::KeepAliveTimeout),
             Close::TakenOver => Some(ReasonCode::SessionTakenOver),
             Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
+            Close::StorageFailed => Some(ReasonCode::ImplementationSpecificError),
             _ => None,
         }
     }
@@ -70,6 +73,7 @@ impl Close {
             Close::TakenOver => "session taken over".into(),
             Close::WriteStalled => "client stopped reading".into(),
             Close::Shutdown => "server shutting down".into(),
+            Close::StorageFailed => "storage failure".into(),
         }
     }
 

@@ -22,8 +22,9 @@ pub struct Subscription {
 pub enum Outbound {
     /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
     Published(Delivery),
-    /// PUBREC received and PUBREL sent, waiting for PUBCOMP.
-    Released,
+    /// PUBREC received and PUBREL sent, waiting for PUBCOMP (the delivery is kept for the
+    /// durable record of this state).
+    Released(Delivery),
 }
 
 /// Outbound QoS 1/2 messages in flight, in the order they were sent (the order they must be
@@ -97,7 +98,10 @@ impl Inflight {
                     self.entries.remove(i);
                     return PubRecAction::Finished;
                 }
-                self.entries[i].1 = Outbound::Released;
+                let entry = &mut self.entries[i].1;
+                if let Outbound::Published(d) = entry {
+                    *entry = Outbound::Released(d.clone());
+                }
                 PubRecAction::SendPubRel(0)
             }
             None => PubRecAction::SendPubRel(0x92),
@@ -107,12 +111,23 @@ impl Inflight {
     /// PUBCOMP: finishes a QoS 2 message.
     pub fn on_pubcomp(&mut self, id: u16) -> bool {
         match self.position(id) {
-            Some(i) if matches!(self.entries[i].1, Outbound::Released) => {
+            Some(i) if matches!(self.entries[i].1, Outbound::Released(_)) => {
                 self.entries.remove(i);
                 true
             }
             _ => false,
         }
+    }
+
+    /// The state of one packet id.
+    pub fn get(&self, id: u16) -> Option<&Outbound> {
+        self.position(id).map(|i| &self.entries[i].1)
+    }
+
+    /// Puts back an entry recovered from the store (call in send order).
+    pub fn restore(&mut self, id: u16, o: Outbound) {
+        self.entries.push_back((id, o));
+        self.next_id = self.next_id.max(id);
     }
 
     /// Everything in flight, in send order, for re-sending on reconnect.
@@ -133,6 +148,8 @@ pub struct SessionState {
     /// Inbound QoS 2 packet ids whose PUBREC was sent and PUBREL is awaited: a PUBLISH with
     /// one of these ids is a re-send and is not delivered again ([MQTT-4.3.3-?] method B).
     pub inbound_qos2: HashSet<u16>,
+    /// Next send order for in-flight records (kept so re-sends after a restart keep order).
+    pub next_order: u64,
 }
 
 impl SessionState {
@@ -223,8 +240,8 @@ mod tests {
     use bytes::Bytes;
 
     fn d(qos: QoS) -> Delivery {
-        Delivery {
-            msg: Arc::new(Message {
+        Delivery::new(
+            Arc::new(Message {
                 id: 0,
                 topic: MqttStr::from("t"),
                 payload: Bytes::new(),
@@ -235,9 +252,9 @@ mod tests {
                 origin: 0,
             }),
             qos,
-            retain: false,
-            sub_ids: SubIds::None,
-        }
+            false,
+            SubIds::None,
+        )
     }
 
     #[test]
@@ -262,7 +279,7 @@ mod tests {
         assert!(!f.on_pubcomp(b), "PUBCOMP before PUBREC");
         let order: Vec<(u16, bool)> = f
             .iter()
-            .map(|(id, o)| (*id, matches!(o, Outbound::Released)))
+            .map(|(id, o)| (*id, matches!(o, Outbound::Released(_))))
             .collect();
         assert_eq!(order, vec![(a, true), (b, false)]);
         assert!(f.on_pubcomp(a));

@@ -8,7 +8,7 @@
 use super::SessionState;
 use crate::outbox::Outbox;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedMutexGuard};
@@ -20,6 +20,9 @@ pub struct SessionHandle {
     pub id: u64,
     pub client_id: Arc<str>,
     pub outbox: Outbox,
+    /// Whether the session outlives its connection and is kept in the durable store: its
+    /// QoS 1/2 deliveries are then stored before they are acknowledged to the publisher.
+    pub persistent: AtomicBool,
 }
 
 /// Why a connection is asked to close.
@@ -141,6 +144,7 @@ impl Registry {
                         id: self.next_id.fetch_add(1, Ordering::Relaxed),
                         client_id: client_id.clone(),
                         outbox: Outbox::new(self.max_queued_messages, self.max_queued_bytes),
+                        persistent: AtomicBool::new(false),
                     });
                     let state = Arc::new(tokio::sync::Mutex::new(SessionState::default()));
                     map.insert(
@@ -190,6 +194,47 @@ impl Registry {
             Some(Instant::now() + Duration::from_secs(u64::from(expiry)))
         };
         Detached::Kept
+    }
+
+    /// Whether session `session_id` of `client_id` exists and waits for its client.
+    pub fn is_detached(&self, client_id: &str, session_id: u64) -> bool {
+        self.lock()
+            .get(client_id)
+            .is_some_and(|e| e.handle.id == session_id && e.attached.is_none())
+    }
+
+    /// Session ids continue above what the store has used.
+    pub fn set_next_id(&self, next: u64) {
+        self.next_id.fetch_max(next, Ordering::Relaxed);
+    }
+
+    /// Puts a session recovered from the store back, detached. `expires_at` None: never.
+    pub fn restore(
+        &self,
+        client_id: &str,
+        session_id: u64,
+        state: SessionState,
+        expires_at: Option<Instant>,
+    ) -> Arc<SessionHandle> {
+        let client_id: Arc<str> = Arc::from(client_id);
+        let handle = Arc::new(SessionHandle {
+            id: session_id,
+            client_id: client_id.clone(),
+            outbox: Outbox::new(self.max_queued_messages, self.max_queued_bytes),
+            persistent: AtomicBool::new(true),
+        });
+        self.set_next_id(session_id + 1);
+        self.lock().insert(
+            client_id,
+            Entry {
+                handle: handle.clone(),
+                state: Arc::new(tokio::sync::Mutex::new(state)),
+                attached: None,
+                expires_at,
+                pending_will: None,
+            },
+        );
+        handle
     }
 
     /// Remembers a delayed Will so a reconnect can cancel it.

@@ -2,15 +2,25 @@
 //! structures (registry, outboxes, retained tree) are the only copy, and a restart loses them.
 //! Commits complete immediately, which is exactly what this durability level promises.
 
-use super::{Commit, Store, StoreOp};
+use super::record::{QueueEntry, StoredMessage};
+use super::{Commit, Op, StorageError, Store};
 
 pub struct MemoryStore;
 
 impl Store for MemoryStore {
-    fn commit(&self, _op: StoreOp<'_>) -> Commit {
+    fn durable(&self) -> bool {
+        false
+    }
+    fn submit(&self, _ops: Vec<Op>) -> Commit {
         Commit::Done
     }
-
+    fn read_queue(&self, _: u64, _: u64, _: usize) -> Result<Vec<(u64, QueueEntry)>, StorageError> {
+        Ok(Vec::new())
+    }
+    fn get_message(&self, _: u64) -> Result<Option<StoredMessage>, StorageError> {
+        Ok(None)
+    }
+    fn close(&self) {}
     fn name(&self) -> &'static str {
         "memory"
     }

@@ -26,6 +26,7 @@ pub struct Broker {
     running: tern::Running,
     pub tcp: SocketAddr,
     pub metrics: SocketAddr,
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl Broker {
@@ -36,8 +37,22 @@ impl Broker {
     }
 
     /// Starts a broker from a complete configuration text (must bind both listeners to port 0).
+    /// Without a `[storage]` table it gets the durable default in a directory of its own.
     pub async fn start_raw(text: &str) -> Broker {
-        let config = tern::Config::from_toml(text).expect("test configuration is valid");
+        let mut text = text.to_string();
+        let mut data_dir = None;
+        if !text.contains("[storage]") {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("tern-it-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            text.push_str(&format!(
+                "\n[storage]\ndir = {:?}\n",
+                dir.display().to_string()
+            ));
+            data_dir = Some(dir);
+        }
+        let config = tern::Config::from_toml(&text).expect("test configuration is valid");
         let running = tokio::time::timeout(WAIT, tern::start(config))
             .await
             .expect("broker started in time")
@@ -48,6 +63,7 @@ impl Broker {
             running,
             tcp,
             metrics,
+            data_dir,
         }
     }
 
@@ -66,6 +82,9 @@ impl Broker {
         )
         .await
         .expect("broker shut down in time");
+        if let Some(dir) = self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     /// The Prometheus text from `/metrics`.
