@@ -99,6 +99,8 @@ pub(crate) struct Client {
     tally: Tally,
     /// Durable bookkeeping of outbound messages, submitted once per batch.
     pending_ops: Vec<Op>,
+    /// Whether the last input routed a message to someone.
+    routed: bool,
 }
 
 /// The durable record of an in-flight delivery.
@@ -161,6 +163,7 @@ impl Client {
             batch: Vec::new(),
             tally: Tally::default(),
             pending_ops: Vec::new(),
+            routed: false,
         }
     }
 
@@ -237,6 +240,11 @@ impl Client {
             ))),
             Packet::Connect(_) => Err(Close::Protocol(ProtocolError::Protocol("second CONNECT"))),
         }
+    }
+
+    /// Whether input since the last call routed a message to a subscriber.
+    pub fn take_routed(&mut self) -> bool {
+        std::mem::take(&mut self.routed)
     }
 
     /// Whether this session's state goes to the durable store.
@@ -369,6 +377,7 @@ impl Client {
                 });
                 let mut staged = Staged::default();
                 let routed = broker.publish(&msg, &mut self.scratch, &mut staged);
+                self.routed |= routed.matched > 0;
                 if p.qos == QoS::AtMostOnce {
                     // Nothing is acknowledged: retained state is stored in the background.
                     broker.commit_detached(staged);

@@ -306,6 +306,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                         if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
                             return close;
                         }
+                        if client.take_routed() {
+                            // Let the subscribers we just woke (queued on this worker) write
+                            // their deliveries before we write our acknowledgements: the
+                            // message's latency, not the PUBACK's, is what users feel.
+                            tokio::task::yield_now().await;
+                        }
                     }
                     Err(_) => return Close::PeerGone("read failed"),
                 },
