@@ -82,6 +82,7 @@ impl Running {
 /// Binds the listeners and starts serving. Returns once every listener is open.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
+    listener::raise_fd_limit(config.limits.max_connections);
     let metrics = metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?;
     // Recover before any listener opens: a returning client must find its session.
     let (store, recovered) = storage::open(&config.storage)?;

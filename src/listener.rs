@@ -9,6 +9,45 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Descriptors kept back from `limits.max_connections` for listeners, the store (fjall's
+/// table-file cache and journal), metrics scrapes and logs.
+pub const RESERVED_FDS: u64 = 160;
+
+/// Raises the soft open-file limit to the hard one (a broker's job is to hold sockets) and
+/// warns when `max_connections` plus the reserve does not fit. Returns the soft limit.
+pub fn raise_fd_limit(max_connections: usize) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    let soft = lim.rlim_cur as u64;
+    if max_connections as u64 + RESERVED_FDS > soft {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = soft,
+            reserved = RESERVED_FDS,
+            "limits.max_connections does not fit the open-file limit; connections beyond {} will be refused by the OS",
+            soft.saturating_sub(RESERVED_FDS)
+        );
+    }
+    soft
+}
+
 /// Counts live connections; the count drops when the guard does.
 pub struct ConnectionSlot(Arc<AtomicUsize>);
 
