@@ -86,6 +86,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?;
     // Recover before any listener opens: a returning client must find its session.
     let (store, recovered) = storage::open(&config.storage)?;
+    store.set_observer(Box::new(metrics.storage.clone()));
     let broker = Arc::new(broker::Broker::new(config, metrics, store));
     let restored = broker::recovery::restore(&broker, recovered);
     tracing::info!(

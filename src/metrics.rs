@@ -5,7 +5,8 @@
 
 use crate::broker::Broker;
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ pub struct Metrics {
     pub dropped_no_subscribers: IntCounter,
     pub dropped_retain_full: IntCounter,
     pub protocol_errors: IntCounter,
+    pub storage: StorageMetrics,
     sessions: IntGaugeVec,
     subscriptions: IntGauge,
     retained: IntGauge,
@@ -84,6 +86,44 @@ impl Metrics {
             IntGaugeVec::new(Opts::new("tern_sessions", "Sessions, by state"), &["state"])?;
         let subscriptions = IntGauge::new("tern_subscriptions", "Subscriptions in the index")?;
         let retained = IntGauge::new("tern_retained_messages", "Retained messages stored")?;
+        let storage = StorageMetrics {
+            commits: IntCounter::new(
+                "tern_storage_commits_total",
+                "Group commits written by the storage thread",
+            )?,
+            syncs: IntCounter::new(
+                "tern_storage_syncs_total",
+                "Group commits synced to disk (fdatasync; storage.durability = fsync only)",
+            )?,
+            ops: IntCounter::new(
+                "tern_storage_ops_total",
+                "Storage operations (message, queue, session ... changes) committed",
+            )?,
+            commit_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tern_storage_commit_seconds",
+                    "Time to apply, write and persist one group commit",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    1.0,
+                ]),
+            )?,
+            batch_submits: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tern_storage_batch_submits",
+                    "Submits (from all connections) grouped into one commit",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0,
+                ]),
+            )?,
+        };
+        registry.register(Box::new(storage.commits.clone()))?;
+        registry.register(Box::new(storage.syncs.clone()))?;
+        registry.register(Box::new(storage.ops.clone()))?;
+        registry.register(Box::new(storage.commit_seconds.clone()))?;
+        registry.register(Box::new(storage.batch_submits.clone()))?;
 
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(connections_total.clone()))?;
@@ -124,6 +164,7 @@ impl Metrics {
             dropped_no_subscribers: dropped.with_label_values(&["no_subscribers"]),
             dropped_retain_full: dropped.with_label_values(&["retained_full"]),
             protocol_errors,
+            storage,
             sessions,
             subscriptions,
             retained,
@@ -152,6 +193,28 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// Storage thread metrics; a clone is handed to the store as its commit observer.
+#[derive(Clone)]
+pub struct StorageMetrics {
+    pub commits: IntCounter,
+    pub syncs: IntCounter,
+    pub ops: IntCounter,
+    pub commit_seconds: Histogram,
+    pub batch_submits: Histogram,
+}
+
+impl crate::storage::CommitObserver for StorageMetrics {
+    fn observe(&self, submits: usize, ops: usize, elapsed: Duration, synced: bool) {
+        self.commits.inc();
+        if synced {
+            self.syncs.inc();
+        }
+        self.ops.inc_by(ops as u64);
+        self.commit_seconds.observe(elapsed.as_secs_f64());
+        self.batch_submits.observe(submits as f64);
     }
 }
 

@@ -262,6 +262,8 @@ pub struct StoreStats {
     pub ops: u64,
     /// fjall batches committed (each followed by one persist).
     pub batches: u64,
+    /// Batches whose persist was an fdatasync (`fsync` mode only).
+    pub syncs: u64,
 }
 
 #[derive(Default)]
@@ -269,6 +271,14 @@ struct Stats {
     submits: AtomicU64,
     ops: AtomicU64,
     batches: AtomicU64,
+    syncs: AtomicU64,
+    observer: std::sync::OnceLock<Box<dyn CommitObserver>>,
+}
+
+/// Told about every group commit (metrics): how many submits and ops it carried, how long
+/// applying, writing and persisting took, and whether it was synced to disk.
+pub trait CommitObserver: Send + Sync {
+    fn observe(&self, submits: usize, ops: usize, elapsed: std::time::Duration, synced: bool);
 }
 
 /// The fjall keyspaces, cloned (cheap handles) into the storage thread.
@@ -524,7 +534,13 @@ impl DurableStore {
             submits: self.stats.submits.load(Ordering::Relaxed),
             ops: self.stats.ops.load(Ordering::Relaxed),
             batches: self.stats.batches.load(Ordering::Relaxed),
+            syncs: self.stats.syncs.load(Ordering::Relaxed),
         }
+    }
+
+    /// Installs the observer of group commits (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Box<dyn CommitObserver>) {
+        let _ = self.stats.observer.set(observer);
     }
 
     pub fn path(&self) -> &Path {

@@ -10,7 +10,7 @@ pub mod durable;
 mod memory;
 pub mod record;
 
-pub use durable::{DurableMode, DurableStore, Op, Recovered, StorageError};
+pub use durable::{CommitObserver, DurableMode, DurableStore, Op, Recovered, StorageError};
 pub use memory::MemoryStore;
 
 use crate::config::{Durability, StorageConfig};
@@ -47,6 +47,8 @@ pub trait Store: Send + Sync + 'static {
     /// Flushes and stops the store (at shutdown).
     fn close(&self);
     fn name(&self) -> &'static str;
+    /// Installs the metrics observer of group commits (nothing to observe in memory).
+    fn set_observer(&self, _observer: Box<dyn CommitObserver>) {}
 }
 
 impl Store for DurableStore {
@@ -72,6 +74,9 @@ impl Store for DurableStore {
     }
     fn name(&self) -> &'static str {
         "fjall"
+    }
+    fn set_observer(&self, observer: Box<dyn CommitObserver>) {
+        DurableStore::set_observer(self, observer)
     }
 }
 

@@ -102,6 +102,7 @@ impl Writer {
                 continue;
             }
             let mut waiters = Vec::with_capacity(group.len());
+            let started = std::time::Instant::now();
             let result = (|| {
                 for req in group {
                     let ops = req.ops.len() as u64;
@@ -116,6 +117,14 @@ impl Writer {
                     self.stats
                         .submits
                         .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+                    if let Some(o) = self.stats.observer.get() {
+                        o.observe(
+                            waiters.len(),
+                            n,
+                            started.elapsed(),
+                            self.mode != PersistMode::Buffer,
+                        );
+                    }
                     for done in waiters {
                         // The submitter may have stopped waiting; nothing to do then.
                         let _ = done.send(());
@@ -417,6 +426,9 @@ impl Writer {
         }
         batch.commit().map_err(StorageError::fjall(&self.path))?;
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        if self.mode != PersistMode::Buffer {
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
