@@ -35,7 +35,7 @@ pub fn raise_fd_limit(max_connections: usize) -> u64 {
             }
         }
     }
-    let soft = lim.rlim_cur as u64;
+    let soft: u64 = lim.rlim_cur;
     if max_connections as u64 + RESERVED_FDS > soft {
         tracing::warn!(
             max_connections,
