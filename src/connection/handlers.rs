@@ -101,6 +101,44 @@ pub(crate) struct Client {
     pending_ops: Vec<Op>,
     /// Whether the last input routed a message to someone.
     routed: bool,
+    /// The last submit of `pending_ops`: delivering waits for it, so a subscriber draining a
+    /// stored queue goes at the store's pace instead of piling work up in front of it.
+    pub ops_commit: OpsCommit,
+}
+
+/// Submits of a connection's bookkeeping ops still being written (see
+/// `Client::ops_commit`). A few may be outstanding so delivery and storage overlap.
+#[derive(Default)]
+pub(crate) struct OpsCommit(VecDeque<tokio::sync::oneshot::Receiver<()>>);
+
+/// Bookkeeping submits a connection may have outstanding before it stops delivering.
+const OPS_IN_FLIGHT: usize = 4;
+
+impl OpsCommit {
+    fn push(&mut self, rx: tokio::sync::oneshot::Receiver<()>) {
+        self.0.push_back(rx);
+    }
+
+    /// Whether delivering must wait for the store.
+    pub fn waiting(&mut self) -> bool {
+        while let Some(rx) = self.0.front_mut() {
+            match rx.try_recv() {
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                _ => {
+                    self.0.pop_front();
+                }
+            }
+        }
+        self.0.len() >= OPS_IN_FLIGHT
+    }
+
+    /// Resolves when the oldest outstanding submit is written.
+    pub async fn ready(&mut self) {
+        if let Some(rx) = self.0.front_mut() {
+            let _ = rx.await;
+            self.0.pop_front();
+        }
+    }
 }
 
 /// The durable record of an in-flight delivery.
@@ -164,6 +202,7 @@ impl Client {
             tally: Tally::default(),
             pending_ops: Vec::new(),
             routed: false,
+            ops_commit: OpsCommit::default(),
         }
     }
 
@@ -269,10 +308,11 @@ impl Client {
     /// acknowledged on its strength, so nobody waits; the storage thread keeps the order.
     pub fn flush_ops(&mut self) {
         if !self.pending_ops.is_empty() {
-            let _ = self
-                .broker
-                .store
-                .submit(std::mem::take(&mut self.pending_ops));
+            let ops = std::mem::take(&mut self.pending_ops);
+            if let Commit::Pending(rx) = self.broker.store.submit(ops) {
+                // The store commits in submission order: the newest receiver covers the rest.
+                self.ops_commit.push(rx);
+            }
         }
     }
 
@@ -675,6 +715,9 @@ impl Client {
 
     /// Encodes queued deliveries into `wbuf` within the in-flight window, up to `high_water`.
     pub fn fill_from_outbox(&mut self, wbuf: &mut BytesMut, high_water: usize) {
+        if self.ops_commit.waiting() {
+            return;
+        }
         while wbuf.len() < high_water {
             let slots = self.window.saturating_sub(self.state.inflight.len());
             let mut batch = std::mem::take(&mut self.batch);

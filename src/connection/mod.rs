@@ -267,7 +267,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 }
             }
             let can_read = self.wbuf.len() < WRITE_HIGH_WATER;
-            let outbox_open = client.can_take_more() && self.wbuf.len() < WRITE_HIGH_WATER;
+            let store_behind = client.ops_commit.waiting();
+            let outbox_open =
+                !store_behind && client.can_take_more() && self.wbuf.len() < WRITE_HIGH_WATER;
             let waiting_commit = client.acks.waiting();
             let spare = self.rbuf.capacity() - self.rbuf.len();
             if spare < read_size {
@@ -317,6 +319,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 },
                 _ = client.handle.outbox.ready(), if outbox_open => {}
                 _ = client.acks.ready(), if waiting_commit => {}
+                _ = client.ops_commit.ready(), if store_behind => {}
                 _ = &mut timer, if timer_armed => {
                     timer_armed = false;
                     let now = Instant::now();
