@@ -29,6 +29,9 @@ pub const SCENARIOS: &[&str] = &[
     "latency-q1",
     "conns",
     "burst-q1",
+    "durable-q1-memory",
+    "durable-q1-os",
+    "durable-q1-fsync",
 ];
 
 /// Header stamped into each payload: stream id (u32), sequence (u64), send time (u64 ns).
@@ -63,6 +66,9 @@ pub async fn run(o: Opts) -> Value {
         "latency-q1" => tput(&o, Spec::latency(), d.max(Duration::from_secs(2))).await,
         "conns" => conns(&o, soft).await,
         "burst-q1" => burst(&o).await,
+        // The broker's storage mode is the driver's business (tern.toml / mosquitto.conf);
+        // the load is the same for all three.
+        "durable-q1-memory" | "durable-q1-os" | "durable-q1-fsync" => durable(&o, d).await,
         s => json!({"ok": false, "error": format!("unknown scenario {s}")}),
     };
     let m = out.as_object_mut().expect("result is an object");
@@ -863,6 +869,325 @@ async fn burst(o: &Opts) -> Value {
     out
 }
 
+/// durable-q1-*: publishers per run, each on its own topic `durable/<n>`.
+const DURABLE_PUBS: usize = 8;
+/// Messages per publisher at most: 800,000 in all, below both brokers' queue limit
+/// (max_queued_messages 1,000,000), so a full queue never drops an acknowledged message.
+const DURABLE_MAX_PER_PUB: u64 = 100_000;
+/// Bound on the drain after the subscriber reconnects: overall, and without progress.
+const DURABLE_DRAIN: Duration = Duration::from_secs(60);
+const DURABLE_IDLE: Duration = Duration::from_secs(5);
+/// The persistent subscriber's client id (the same in every run: each run gets a fresh
+/// broker, and the load generator clears a leftover session first).
+const DURABLE_SUB_ID: &str = "tern-bench-durable-sub";
+
+/// Which sequence numbers of each stream a subscriber has received.
+struct Seen {
+    bits: Vec<Vec<u64>>,
+    /// messages published per stream
+    sent: Vec<u64>,
+    max_next: Vec<u64>,
+    unique: u64,
+    dups: u64,
+    dup_flagged: u64,
+    reordered: u64,
+    /// stream id or sequence outside what was published
+    unexpected: u64,
+}
+
+impl Seen {
+    fn new(sent: &[u64]) -> Seen {
+        Seen {
+            bits: sent
+                .iter()
+                .map(|&n| vec![0; n.div_ceil(64) as usize])
+                .collect(),
+            sent: sent.to_vec(),
+            max_next: vec![0; sent.len()],
+            unique: 0,
+            dups: 0,
+            dup_flagged: 0,
+            reordered: 0,
+            unexpected: 0,
+        }
+    }
+    fn record(&mut self, id: usize, seq: u64, dup_flag: bool) {
+        if dup_flag {
+            self.dup_flagged += 1;
+        }
+        if !matches!(self.sent.get(id), Some(&n) if seq < n) {
+            self.unexpected += 1;
+            return;
+        }
+        let w = &mut self.bits[id][(seq / 64) as usize];
+        let bit = 1u64 << (seq % 64);
+        if *w & bit != 0 {
+            self.dups += 1;
+            return;
+        }
+        *w |= bit;
+        self.unique += 1;
+        if seq < self.max_next[id] {
+            self.reordered += 1;
+        } else {
+            self.max_next[id] = seq + 1;
+        }
+    }
+    /// Sequence numbers below `n` of stream `id` never received.
+    fn missing_below(&self, id: usize, n: u64) -> u64 {
+        (0..n)
+            .filter(|&q| self.bits[id][(q / 64) as usize] & (1 << (q % 64)) == 0)
+            .count() as u64
+    }
+}
+
+/// durable-q1-*: a persistent subscriber (clean session 0, fixed client id) subscribes QoS 1
+/// to `durable/#` and goes away; 8 publishers publish QoS 1 (256 B, 64 unacknowledged each)
+/// to `durable/<n>` for `d` (or 100,000 messages each); then the subscriber comes back
+/// (session present) and drains its queue. Every acknowledged message must be delivered.
+async fn durable(o: &Opts, d: Duration) -> Value {
+    let pid = o.broker_pid;
+    let mut errors: Vec<String> = Vec::new();
+    // A leftover session of an earlier run against the same broker: clear it.
+    match Client::connect_session(o.addr, None, DURABLE_SUB_ID, true, CONNECT_TIMEOUT).await {
+        Ok((c, _)) => {
+            c.close_and_wait(Duration::from_secs(2)).await;
+        }
+        Err(e) => return fail(format!("subscriber connect (clean): {e}")),
+    }
+    let (mut sub, present0) =
+        match Client::connect_session(o.addr, None, DURABLE_SUB_ID, false, CONNECT_TIMEOUT).await {
+            Ok(x) => x,
+            Err(e) => return fail(format!("subscriber connect: {e}")),
+        };
+    if present0 {
+        errors.push("session present on the first persistent connect".into());
+    }
+    match sub.subscribe("durable/#", 1).await {
+        Ok(1) => {}
+        Ok(q) => return fail(format!("subscription granted QoS {q}, not 1")),
+        Err(e) => return fail(format!("subscribe: {e}")),
+    }
+    // Offline for certain before anything is published: the broker has closed the
+    // connection in response to DISCONNECT.
+    let went_away = sub.close_and_wait(Duration::from_secs(5)).await;
+    if !went_away {
+        errors.push("broker did not close the subscriber's connection after DISCONNECT".into());
+    }
+    let pubs = match connect_n(o, "pub", DURABLE_PUBS).await {
+        Ok(p) => p,
+        Err(e) => return fail(format!("publisher setup: {e}")),
+    };
+    sleep(Duration::from_millis(200)).await;
+    let rss0 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let peak = Arc::new(AtomicU64::new(rss0));
+    let sampler = {
+        let (peak, mut stop) = (peak.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(r) = stats::proc_status_kib(pid, "VmRSS:") {
+                    peak.fetch_max(r, Relaxed);
+                }
+                tokio::select! {
+                    _ = sleep(Duration::from_millis(20)) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+    // Publish phase: the subscriber is offline, everything goes to its queue.
+    let meter = Meter::start(pid);
+    let start = Instant::now() + Duration::from_millis(20);
+    let tasks: Vec<_> = pubs
+        .into_iter()
+        .enumerate()
+        .map(|(p, c)| {
+            let plan = PubPlan {
+                id: p,
+                topics: vec![format!("durable/{p}")],
+                qos: 1,
+                payload: 256,
+                window: 64,
+                open_loop: false,
+                rate: None,
+                count: Some(DURABLE_MAX_PER_PUB),
+                start,
+                end: start + d,
+                receivers: vec![],
+            };
+            tokio::spawn(async move {
+                let r = publisher(c, plan, None).await;
+                (r, Instant::now())
+            })
+        })
+        .collect();
+    let mut sent = vec![0u64; DURABLE_PUBS];
+    let mut acked = [0u64; DURABLE_PUBS];
+    let mut last_ack = start;
+    for (p, t) in tasks.into_iter().enumerate() {
+        match t.await {
+            Ok((r, done)) => {
+                sent[p] = r.sent;
+                // QoS 1 acknowledgements come back in order: the acknowledged messages are
+                // the first sent - unacked.
+                acked[p] = r.sent - r.unacked;
+                last_ack = last_ack.max(done);
+                if let Some(e) = r.error {
+                    errors.push(format!("publisher {p}: {e}"));
+                }
+            }
+            Err(e) => errors.push(format!("publisher {p}: {e}")),
+        }
+    }
+    let publish_s = last_ack.saturating_duration_since(start).as_secs_f64();
+    let (pub_wall, pub_bcpu, _) = meter.read();
+    let rss_offline = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let sent_total: u64 = sent.iter().sum();
+    let acked_total: u64 = acked.iter().sum();
+
+    // Drain phase: the subscriber comes back and takes everything.
+    let dmeter = Meter::start(pid);
+    let t_back = Instant::now();
+    let mut seen = Seen::new(&sent);
+    let (mut first_s, mut last_s) = (f64::NAN, 0.0f64);
+    let mut timed_out = false;
+    let mut present = false;
+    match Client::connect_session(o.addr, None, DURABLE_SUB_ID, false, CONNECT_TIMEOUT).await {
+        Err(e) => errors.push(format!("subscriber reconnect: {e}")),
+        Ok((mut c, p)) => {
+            present = p;
+            if !present {
+                errors.push("no session present when the subscriber came back".into());
+            }
+            let deadline = t_back + DURABLE_DRAIN;
+            let mut last_progress = Instant::now();
+            // Packets that came with the CONNACK are already in the read buffer.
+            let mut have_data = !c.rbuf.is_empty();
+            let err = loop {
+                if seen.unique >= sent_total {
+                    break None;
+                }
+                if !have_data {
+                    let until = (last_progress + DURABLE_IDLE).min(deadline);
+                    match timeout_at(until.into(), c.read_more()).await {
+                        Err(_) => {
+                            timed_out = true;
+                            break None;
+                        }
+                        Ok(Err(e)) => break Some(e.to_string()),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+                have_data = false;
+                let before = seen.unique + seen.dups;
+                let r = c.drain(|first, body, wbuf| {
+                    if first >> 4 == mqtt::PUBLISH {
+                        let p = mqtt::parse_publish(first, body)?;
+                        let (id, seq, _) = unstamp(p.payload)?;
+                        seen.record(id, seq, first & 0x08 != 0);
+                        if p.qos > 0 {
+                            mqtt::ack(wbuf, mqtt::PUBACK, p.pid);
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(e) = r {
+                    break Some(e.to_string());
+                }
+                if let Err(e) = c.flush().await {
+                    break Some(e.to_string());
+                }
+                if seen.unique + seen.dups > before {
+                    last_progress = Instant::now();
+                    let t = t_back.elapsed().as_secs_f64();
+                    if first_s.is_nan() {
+                        first_s = t;
+                    }
+                    last_s = t;
+                }
+            };
+            if let Some(e) = err {
+                errors.push(format!("subscriber: {e}"));
+            }
+            c.close_and_wait(Duration::from_secs(2)).await;
+        }
+    }
+    let (drain_wall, drain_bcpu, _) = dmeter.read();
+    let (wall, broker_cpu, client_cpu) = meter.read();
+    let _ = stop_tx.send(true);
+    let _ = sampler.await;
+    // Leave nothing behind in a long-running broker: a clean connect ends the session.
+    if let Ok((c, _)) =
+        Client::connect_session(o.addr, None, DURABLE_SUB_ID, true, CONNECT_TIMEOUT).await
+    {
+        c.close().await;
+    }
+    let hwm = stats::proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+    let peak_kib = peak.load(Relaxed).max(hwm);
+    let lost: u64 = (0..DURABLE_PUBS)
+        .map(|p| seen.missing_below(p, acked[p]))
+        .sum();
+    // Sent but never acknowledged (a publisher error) and not delivered either: not a loss.
+    let unacked_missing: u64 = (0..DURABLE_PUBS)
+        .map(|p| seen.missing_below(p, sent[p]) - seen.missing_below(p, acked[p]))
+        .sum();
+    if lost > 0 {
+        errors.push(format!("{lost} acknowledged messages never delivered"));
+    }
+    if timed_out {
+        errors.push(format!(
+            "drain stopped at {} of {sent_total} messages (no progress for {DURABLE_IDLE:?} or {DURABLE_DRAIN:?} in all)",
+            seen.unique
+        ));
+    }
+    let delivered = seen.unique;
+    let mut out = json!({
+        "ok": errors.is_empty(),
+        "errors": errors,
+        "qos": 1,
+        "publishers": DURABLE_PUBS,
+        "payload_bytes": 256,
+        "window": 64,
+        "max_per_publisher": DURABLE_MAX_PER_PUB,
+        "subscriber_went_away": went_away,
+        "session_present": present,
+        "sent": sent_total,
+        "acked": acked_total,
+        "unacked": sent_total - acked_total,
+        "publish_s": publish_s,
+        "publish_rate": acked_total as f64 / publish_s.max(1e-9),
+        "expected": acked_total,
+        "delivered": delivered,
+        "lost": lost,
+        "loss_pct": if acked_total > 0 { lost as f64 * 100.0 / acked_total as f64 } else { 0.0 },
+        "unacked_not_delivered": unacked_missing,
+        "duplicates": seen.dups,
+        "dup_flagged": seen.dup_flagged,
+        "reordered": seen.reordered,
+        "unexpected": seen.unexpected,
+        "drain_timed_out": timed_out,
+        "first_delivery_ms": first_s * 1000.0,
+        "drain_s": last_s,
+        "drain_rate": delivered as f64 / last_s.max(1e-9),
+        // the resource table's msg/s: acknowledged publishes per second while offline
+        "rate": acked_total as f64 / publish_s.max(1e-9),
+        "rss_before_kib": rss0,
+        "rss_offline_kib": rss_offline,
+        "rss_offline_mib": rss_offline as f64 / 1024.0,
+        "vmhwm_kib": hwm,
+        "peak_kib": peak_kib,
+        "peak_rss_mib": peak_kib as f64 / 1024.0,
+        "publish_broker_cpu_cores": pub_bcpu / pub_wall,
+        "drain_broker_cpu_cores": drain_bcpu / drain_wall,
+        "publish_msgs_per_broker_cpu_s": acked_total as f64 / pub_bcpu,
+        "msgs_per_broker_cpu_s": delivered as f64 / broker_cpu,
+    });
+    let m = out.as_object_mut().expect("object");
+    cpu_fields(m, wall, broker_cpu, client_cpu);
+    out
+}
+
 /// Messages a slow consumer reads ahead of what it has processed.
 const LOCAL_BACKLOG: usize = 256;
 
@@ -1096,4 +1421,25 @@ async fn open_conns(
     let secs = t0.elapsed().as_secs_f64();
     let err = first_err.lock().expect("lock").clone();
     (opened.load(Relaxed), secs, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_counts_loss_dups_and_reordering() {
+        let mut s = Seen::new(&[100, 3]);
+        for q in [0, 1, 2, 5, 4, 4] {
+            s.record(0, q, q == 4);
+        }
+        s.record(1, 0, false);
+        s.record(1, 7, false); // beyond what was published
+        s.record(2, 0, false); // no such stream
+        assert_eq!((s.unique, s.dups, s.reordered, s.unexpected), (6, 1, 1, 2));
+        assert_eq!(s.dup_flagged, 2);
+        assert_eq!(s.missing_below(0, 6), 1); // 3
+        assert_eq!(s.missing_below(0, 100), 95);
+        assert_eq!(s.missing_below(1, 3), 2);
+    }
 }

@@ -37,13 +37,13 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(s.as_bytes());
 }
 
-/// CONNECT, MQTT 3.1.1, clean session, no will, no credentials.
-pub fn connect(buf: &mut Vec<u8>, client_id: &str, keepalive: u16) {
+/// CONNECT, MQTT 3.1.1, no will, no credentials; `clean` is the Clean Session flag.
+pub fn connect(buf: &mut Vec<u8>, client_id: &str, keepalive: u16, clean: bool) {
     buf.push(0x10);
     put_len(buf, 10 + 2 + client_id.len());
     put_str(buf, "MQTT");
     buf.push(4); // protocol level 3.1.1
-    buf.push(0x02); // clean session
+    buf.push(if clean { 0x02 } else { 0x00 });
     buf.extend_from_slice(&keepalive.to_be_bytes());
     put_str(buf, client_id);
 }
@@ -162,13 +162,30 @@ pub struct Client {
 }
 
 impl Client {
-    /// TCP connect (optionally from a chosen local address), CONNECT, wait for CONNACK.
+    /// TCP connect (optionally from a chosen local address), CONNECT with a clean session,
+    /// wait for CONNACK.
     pub async fn connect(
         addr: SocketAddr,
         source: Option<IpAddr>,
         client_id: &str,
         timeout: Duration,
     ) -> io::Result<Client> {
+        Ok(
+            Self::connect_session(addr, source, client_id, true, timeout)
+                .await?
+                .0,
+        )
+    }
+
+    /// As `connect`, with the Clean Session flag given; also returns CONNACK's Session
+    /// Present flag.
+    pub async fn connect_session(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        client_id: &str,
+        clean: bool,
+        timeout: Duration,
+    ) -> io::Result<(Client, bool)> {
         let fut = async {
             let sock = TcpSocket::new_v4()?;
             if let Some(ip) = source {
@@ -195,7 +212,7 @@ impl Client {
                 rbuf: BytesMut::with_capacity(1024),
                 wbuf: Vec::with_capacity(256),
             };
-            connect(&mut c.wbuf, client_id, 0);
+            connect(&mut c.wbuf, client_id, 0, clean);
             c.flush().await?;
             let (first, body) = c.next_packet().await?;
             if first >> 4 != CONNACK || body.len() < 2 {
@@ -207,7 +224,7 @@ impl Client {
                     format!("CONNACK return code {}", body[1]),
                 ));
             }
-            Ok(c)
+            Ok((c, body[0] & 1 == 1))
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
@@ -286,6 +303,29 @@ impl Client {
         disconnect(&mut self.wbuf);
         let _ = tokio::time::timeout(Duration::from_millis(500), self.flush()).await;
     }
+
+    /// Read and discard until the broker closes the connection (an UnexpectedEof error).
+    async fn read_until_closed(&mut self) -> io::Result<()> {
+        loop {
+            self.rbuf.clear();
+            self.read_more().await?;
+        }
+    }
+
+    /// DISCONNECT, then wait (at most `timeout`) until the broker closes the connection, so
+    /// that it has processed the DISCONNECT; whatever arrives meanwhile is discarded. Returns
+    /// whether the broker closed it in time.
+    pub async fn close_and_wait(mut self, timeout: Duration) -> bool {
+        disconnect(&mut self.wbuf);
+        let wait = async {
+            self.flush().await?;
+            self.read_until_closed().await
+        };
+        matches!(
+            tokio::time::timeout(timeout, wait).await,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof
+        )
+    }
 }
 
 #[cfg(test)]
@@ -310,7 +350,11 @@ mod tests {
         ack(&mut b, PUBREL, 0x1234);
         assert_eq!(b, vec![0x62, 2, 0x12, 0x34]);
         b.clear();
-        connect(&mut b, "c", 0);
+        connect(&mut b, "c", 0, true);
         assert_eq!(&b[..2], &[0x10, 13]);
+        assert_eq!(b[9], 0x02);
+        b.clear();
+        connect(&mut b, "c", 0, false);
+        assert_eq!(b[9], 0x00);
     }
 }

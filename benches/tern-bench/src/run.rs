@@ -43,8 +43,9 @@ struct Broker {
 }
 
 /// Tern's drop counters (`tern_messages_dropped_total{reason=...}`) from its metrics
-/// endpoint, so a loss seen by the subscriber can be attributed.
-fn scrape_drops(addr: &str) -> Option<Value> {
+/// endpoint, so a loss seen by the subscriber can be attributed; and its storage counters
+/// (group commits, syncs, operations, commit time).
+fn scrape_metrics(addr: &str) -> Option<(Value, Value)> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -56,6 +57,7 @@ fn scrape_drops(addr: &str) -> Option<Value> {
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     let mut m = serde_json::Map::new();
+    let mut st = serde_json::Map::new();
     for l in body.lines() {
         if let Some(rest) = l.strip_prefix("tern_messages_dropped_total") {
             let (labels, v) = rest.rsplit_once(' ')?;
@@ -63,8 +65,65 @@ fn scrape_drops(addr: &str) -> Option<Value> {
                 m.insert(labels.to_string(), json!(v));
             }
         }
+        for (name, key) in [
+            ("tern_storage_commits_total ", "commits"),
+            ("tern_storage_syncs_total ", "syncs"),
+            ("tern_storage_ops_total ", "ops"),
+            ("tern_storage_commit_seconds_sum ", "commit_seconds_sum"),
+            ("tern_storage_commit_seconds_count ", "commit_seconds_count"),
+        ] {
+            if let Some(v) = l
+                .strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+            {
+                st.insert(key.into(), json!(v));
+            }
+        }
     }
-    Some(Value::Object(m))
+    Some((Value::Object(m), Value::Object(st)))
+}
+
+/// The storage a scenario runs with: `durable-q1-MODE` uses Tern's durability MODE (and
+/// Mosquitto's persistence unless MODE is memory); every other scenario runs in memory.
+fn durability_of(scenario: &str) -> &str {
+    scenario.strip_prefix("durable-q1-").unwrap_or("memory")
+}
+
+/// Bytes in the files under `dir` (0 when it does not exist).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// A fresh, empty directory (an earlier run's is removed).
+fn fresh_dir(dir: &Path) -> Result<(), String> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
+}
+
+/// Mosquitto started as root switches to the `mosquitto` user: give it its data directory.
+fn chown_to_mosquitto(dir: &Path) {
+    // SAFETY: geteuid has no preconditions; getpwnam gets a NUL-terminated name and its
+    // result is only read before any other passwd call.
+    unsafe {
+        if libc::geteuid() != 0 {
+            return;
+        }
+        let pw = libc::getpwnam(c"mosquitto".as_ptr());
+        if !pw.is_null() {
+            let _ = std::os::unix::fs::chown(dir, Some((*pw).pw_uid), Some((*pw).pw_gid));
+        }
+    }
 }
 
 impl Broker {
@@ -103,13 +162,19 @@ fn limited(bin: &Path, hard: u64) -> Command {
     }
 }
 
-fn start_tern(a: &RunArgs, tmp: &Path, log: &Path, hard: u64) -> Result<Broker, String> {
+fn start_tern(
+    a: &RunArgs,
+    tmp: &Path,
+    log: &Path,
+    hard: u64,
+    durability: &str,
+    data: &Path,
+) -> Result<Broker, String> {
     let (port, mport) = (
         free_port().map_err(|e| e.to_string())?,
         free_port().map_err(|e| e.to_string())?,
     );
     let conf = tmp.join("tern.toml");
-    let data = tmp.join("tern-data");
     let text = format!(
         r#"# written by tern-bench: settings equivalent to mosquitto.conf beside it
 [listeners.tcp]
@@ -120,7 +185,7 @@ bind = "127.0.0.1:{mport}"
 
 [storage]
 dir = "{}"
-durability = "memory"
+durability = "{durability}"
 
 [auth]
 allow_anonymous = true
@@ -192,14 +257,34 @@ level = "warn"
     }
 }
 
-fn start_mosquitto(a: &RunArgs, tmp: &Path, log: &Path, hard: u64) -> Result<Broker, String> {
+/// `persist`: a data directory for `persistence true` (None: `persistence false`).
+fn start_mosquitto(
+    a: &RunArgs,
+    tmp: &Path,
+    log: &Path,
+    hard: u64,
+    persist: Option<&Path>,
+) -> Result<Broker, String> {
     let port = free_port().map_err(|e| e.to_string())?;
     let conf = tmp.join("mosquitto.conf");
+    let persistence = match persist {
+        None => "persistence false\n".to_string(),
+        Some(dir) => {
+            chown_to_mosquitto(dir);
+            // Mosquitto's usual durable setting: it writes its whole state to
+            // mosquitto.db every autosave_interval seconds (1800 is the default) and at
+            // shutdown, never per message.
+            format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1800\n",
+                dir.display()
+            )
+        }
+    };
     let text = format!(
         "# written by tern-bench: settings equivalent to tern.toml beside it\n\
          listener {port} 127.0.0.1\n\
          allow_anonymous true\n\
-         persistence false\n\
+         {persistence}\
          max_queued_messages 1000000\n\
          max_queued_bytes 1073741824\n\
          max_inflight_messages 1024\n\
@@ -310,6 +395,34 @@ fn progress(v: &Value) -> String {
             f("peak_rss_mib"),
             f("lost")
         ),
+        sc if sc.starts_with("durable-") => {
+            let mut s = format!(
+                "publish {} msg/s ({} acked in {:.2} s), drain {} msg/s ({:.2} s, first after {:.1} ms), \
+                 lost {}, dups {}, peak RSS {:.1} MiB (offline {:.1})",
+                fmt_num(f("publish_rate")),
+                fmt_num(f("acked")),
+                f("publish_s"),
+                fmt_num(f("drain_rate")),
+                f("drain_s"),
+                f("first_delivery_ms"),
+                f("lost"),
+                f("duplicates"),
+                f("peak_rss_mib"),
+                f("rss_offline_mib"),
+            );
+            let st = &v["broker_storage"];
+            if let Some(c) = num(st, "commits").filter(|&c| c > 0.0) {
+                let _ = write!(
+                    s,
+                    ", {} commits ({} synced, mean {:.2} ms)",
+                    fmt_num(c),
+                    fmt_num(num(st, "syncs").unwrap_or(f64::NAN)),
+                    num(st, "commit_seconds_sum").unwrap_or(f64::NAN) * 1000.0
+                        / num(st, "commit_seconds_count").unwrap_or(f64::NAN)
+                );
+            }
+            s
+        }
         _ => format!(
             "{} msg/s, p50 {} p99 {}, lost {}",
             fmt_num(f("rate")),
@@ -366,20 +479,36 @@ pub fn run(a: RunArgs) -> i32 {
         for round in 1..=a.rounds {
             for broker in BROKERS {
                 let log = logs.join(format!("{broker}-{sc}-{round}.log"));
-                let started = match broker {
-                    "tern" => start_tern(&a, &tmp, &log, hard),
-                    _ => start_mosquitto(&a, &tmp, &log, hard),
-                };
+                let durability = durability_of(sc);
+                // Durable scenarios get a fresh data directory per run; the others keep
+                // the shared (unused) one of the in-memory configuration.
+                let data = sc
+                    .starts_with("durable-")
+                    .then(|| tmp.join(format!("{broker}-data-{sc}-{round}")));
+                let persist = data.as_deref().filter(|_| durability != "memory");
+                let started =
+                    data.as_deref()
+                        .map_or(Ok(()), fresh_dir)
+                        .and_then(|()| match broker {
+                            "tern" => {
+                                let dir = data.clone().unwrap_or_else(|| tmp.join("tern-data"));
+                                start_tern(&a, &tmp, &log, hard, durability, &dir)
+                            }
+                            _ => start_mosquitto(&a, &tmp, &log, hard, persist),
+                        });
                 let mut v = match started {
                     Ok(b) => {
                         let r = load(&a, sc, broker, &b);
-                        let drops = b.metrics.as_deref().and_then(scrape_drops);
+                        let scraped = b.metrics.as_deref().and_then(scrape_metrics);
                         let stop = b.stop();
                         let mut v = r.unwrap_or_else(|e| {
                             json!({"ok": false, "errors": [e], "scenario": sc, "broker": broker})
                         });
-                        if let Some(d) = drops {
+                        if let Some((d, st)) = scraped {
                             v["broker_dropped"] = d;
+                            if sc.starts_with("durable-") {
+                                v["broker_storage"] = st;
+                            }
                         }
                         if let Some(e) = stop {
                             v["ok"] = json!(false);
@@ -389,6 +518,17 @@ pub fn run(a: RunArgs) -> i32 {
                     }
                     Err(e) => json!({"ok": false, "errors": [e], "scenario": sc, "broker": broker}),
                 };
+                v["durability"] = json!(durability);
+                if let Some(dir) = &data {
+                    // What the broker left on disk (after the drain and its shutdown); the
+                    // directory is removed unless the run went wrong.
+                    v["store_bytes_after"] = json!(dir_bytes(dir));
+                    if v["ok"].as_bool() == Some(true) {
+                        let _ = std::fs::remove_dir_all(dir);
+                    } else {
+                        v["store_dir"] = json!(dir.display().to_string());
+                    }
+                }
                 v["round"] = json!(round);
                 eprintln!("[{sc} {round}/{}] {broker:9} {}", a.rounds, progress(&v));
                 runs.push(v);
@@ -614,9 +754,106 @@ const ROWS: &[RowDef] = &[
         key: "publish_rate",
         target: Target::Info,
     },
+    RowDef {
+        scenario: "durable-q1-memory",
+        metric: "publish msg/s (acked, sub offline)",
+        key: "publish_rate",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-memory",
+        metric: "drain msg/s (after reconnect)",
+        key: "drain_rate",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-memory",
+        metric: "broker peak RSS MiB",
+        key: "peak_rss_mib",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-memory",
+        metric: "broker CPU cores, publish phase",
+        key: "publish_broker_cpu_cores",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-os",
+        metric: "publish msg/s (acked, sub offline)",
+        key: "publish_rate",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-os",
+        metric: "drain msg/s (after reconnect)",
+        key: "drain_rate",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-os",
+        metric: "broker peak RSS MiB",
+        key: "peak_rss_mib",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-os",
+        metric: "broker CPU cores, publish phase",
+        key: "publish_broker_cpu_cores",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-fsync",
+        metric: "publish msg/s (acked, sub offline)",
+        key: "publish_rate",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-fsync",
+        metric: "drain msg/s (after reconnect)",
+        key: "drain_rate",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-fsync",
+        metric: "broker peak RSS MiB",
+        key: "peak_rss_mib",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "durable-q1-fsync",
+        metric: "broker CPU cores, publish phase",
+        key: "publish_broker_cpu_cores",
+        target: Target::Info,
+    },
 ];
 
-const QOS1_SCENARIOS: &[&str] = &["fanin-q1", "fanin-q2", "pairs-q1", "latency-q1", "burst-q1"];
+/// Durable QoS 1 against in-memory QoS 1, each broker against itself: (scenario, metric,
+/// target on Tern's ratio). The issue's target: durable ("os") publishing at least half as
+/// fast as in memory.
+const DURABLE_RATIOS: &[(&str, &str, Option<f64>)] = &[
+    (
+        "durable-q1-os",
+        "publish msg/s ÷ same broker's durable-q1-memory",
+        Some(0.5),
+    ),
+    (
+        "durable-q1-fsync",
+        "publish msg/s ÷ same broker's durable-q1-memory",
+        None,
+    ),
+];
+
+const QOS1_SCENARIOS: &[&str] = &[
+    "fanin-q1",
+    "fanin-q2",
+    "pairs-q1",
+    "latency-q1",
+    "burst-q1",
+    "durable-q1-memory",
+    "durable-q1-os",
+    "durable-q1-fsync",
+];
 
 fn fmt_num(x: f64) -> String {
     if !x.is_finite() {
@@ -721,6 +958,44 @@ fn summarize(a: &RunArgs, runs: &[Value]) -> (String, Vec<Value>) {
             target,
             status_s.into(),
             notes,
+        ]);
+    }
+    // Durable against in-memory publishing, each broker against itself.
+    for &(sc, metric, target) in DURABLE_RATIOS {
+        let base = "durable-q1-memory";
+        if !a.scenarios.iter().any(|s| s == sc) || !a.scenarios.iter().any(|s| s == base) {
+            continue;
+        }
+        let of = |s: &str, b: &str| med(&runs_of(runs, s, b), "publish_rate");
+        let tv = of(sc, "tern") / of(base, "tern");
+        let mv = of(sc, "mosquitto") / of(base, "mosquitto");
+        let status = target.map(|x| tv >= x);
+        let target_s = target.map(|x| format!("Tern ≥ {x}x")).unwrap_or_default();
+        let ratio_s = |x: f64| {
+            if x.is_finite() {
+                format!("{x:.2}x")
+            } else {
+                "-".into()
+            }
+        };
+        json_rows.push(json!({
+            "scenario": sc, "metric": metric, "key": "publish_rate_vs_memory",
+            "tern": tv, "mosquitto": mv, "target": target_s, "met": status, "notes": "",
+        }));
+        rows.push([
+            sc.into(),
+            metric.into(),
+            ratio_s(tv),
+            ratio_s(mv),
+            "-".into(),
+            target_s,
+            match status {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "",
+            }
+            .into(),
+            String::new(),
         ]);
     }
     // QoS >= 1 loss over every run of every QoS 1/2 scenario that ran.
@@ -840,6 +1115,18 @@ fn notes(t: &[&Value], m: &[&Value], key: &str) -> String {
                 90.0,
                 rs.len()
             ));
+        }
+    }
+    if key == "publish_rate" || key == "drain_rate" {
+        for (name, rs) in [("Tern", t), ("Mosquitto", m)] {
+            let dups: f64 = rs.iter().filter_map(|r| num(r, "duplicates")).sum();
+            if dups > 0.0 && key == "drain_rate" {
+                n.push(format!("{name}: {} duplicates", fmt_num(dups)));
+            }
+            let lost: f64 = rs.iter().filter_map(|r| num(r, "lost")).sum();
+            if lost > 0.0 {
+                n.push(format!("{name} lost {}", fmt_num(lost)));
+            }
         }
     }
     if key == "rate" || key == "loss_pct" {
