@@ -104,6 +104,70 @@ pub(crate) struct Client {
     /// The last submit of `pending_ops`: delivering waits for it, so a subscriber draining a
     /// stored queue goes at the store's pace instead of piling work up in front of it.
     pub ops_commit: OpsCommit,
+    pub gate: Gate,
+}
+
+/// Holds back output that must not reach the client before a commit: a QoS 2 PUBLISH or
+/// PUBREL of a stored message is sent only after its in-flight record (packet id, released)
+/// is stored. Otherwise a broker killed in between would, after restart, re-send a message the
+/// client already completed (a duplicate) or reuse a packet id the client still holds open
+/// (a loss). Everything written after a gated packet waits too, keeping order.
+#[derive(Default)]
+pub(crate) struct Gate {
+    /// Offset in the write buffer where held output begins.
+    start: Option<usize>,
+    /// Gated output was encoded since the last submit.
+    needs_submit: bool,
+    /// The submit that covers everything held (commits complete in order).
+    commit: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Gate {
+    /// Call before encoding a packet that must wait for the next submit.
+    fn hold_from(&mut self, offset: usize) {
+        if self.start.is_none() {
+            self.start = Some(offset);
+        }
+        self.needs_submit = true;
+    }
+
+    /// How much of a write buffer of `len` bytes may be written now.
+    pub fn writable(&self, len: usize) -> usize {
+        self.start.map_or(len, |s| s.min(len))
+    }
+
+    /// `n` bytes from the front of the write buffer were written.
+    pub fn advanced(&mut self, n: usize) {
+        if let Some(s) = &mut self.start {
+            *s = s.saturating_sub(n);
+        }
+    }
+
+    /// Whether output is held waiting for a submitted commit.
+    pub fn waiting(&self) -> bool {
+        self.commit.is_some()
+    }
+
+    /// Resolves when the covering commit is done; then everything held may go.
+    pub async fn ready(&mut self) {
+        if let Some(rx) = &mut self.commit {
+            let ok = rx.await.is_ok();
+            self.commit = None;
+            if ok {
+                self.start = None;
+            }
+        }
+    }
+
+    /// At close: waits briefly for the commit, else drops the held output.
+    pub async fn settle(&mut self, wbuf: &mut BytesMut) {
+        if self.commit.is_some() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.ready()).await;
+        }
+        if let Some(s) = self.start.take() {
+            wbuf.truncate(s);
+        }
+    }
 }
 
 /// Submits of a connection's bookkeeping ops still being written (see
@@ -203,6 +267,7 @@ impl Client {
             pending_ops: Vec::new(),
             routed: false,
             ops_commit: OpsCommit::default(),
+            gate: Gate::default(),
         }
     }
 
@@ -311,7 +376,12 @@ impl Client {
             let ops = std::mem::take(&mut self.pending_ops);
             if let Commit::Pending(rx) = self.broker.store.submit(ops) {
                 // The store commits in submission order: the newest receiver covers the rest.
-                self.ops_commit.push(rx);
+                if self.gate.needs_submit {
+                    self.gate.needs_submit = false;
+                    self.gate.commit = Some(rx);
+                } else {
+                    self.ops_commit.push(rx);
+                }
             }
         }
     }
@@ -496,6 +566,7 @@ impl Client {
                             session_id: self.handle.id,
                             rec,
                         });
+                        self.gate.hold_from(wbuf.len());
                     }
                 }
                 encode_pub_response(wbuf, self.version, PUBREL, a.packet_id, reason)
@@ -849,6 +920,9 @@ impl Client {
             let pid = self.state.inflight.insert(d.clone());
             out.packet_id = pid;
             if let Some(seq) = d.seq {
+                if d.qos == QoS::ExactlyOnce {
+                    self.gate.hold_from(wbuf.len());
+                }
                 // Queue entry → in-flight record, in one submit (the message's reference
                 // moves with it).
                 self.pending_ops.push(Op::Dequeue {

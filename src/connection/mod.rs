@@ -148,8 +148,11 @@ pub async fn serve<S>(
         broker.metrics.protocol_errors.inc();
     }
     tracing::info!(%peer, client_id = %client.client_id, reason = %close.describe(), "connection closed");
-    // Acknowledgements already earned go out before the DISCONNECT.
+    // Acknowledgements already earned go out before the DISCONNECT; gated output only once
+    // its commit is done (else it is not sent at all).
     let _ = client.release_acks(&mut io.wbuf);
+    client.flush_ops();
+    client.gate.settle(&mut io.wbuf).await;
     if client.version.is_v5() {
         if let Some(reason) = close.reason() {
             encode_disconnect(&mut io.wbuf, reason, None);
@@ -252,6 +255,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 return close;
             }
             client.fill_from_outbox(&mut self.wbuf, WRITE_HIGH_WATER);
+            client.flush_ops();
             // One timer covers keep alive and write stall. It is moved only when a deadline
             // earlier than the armed one appears (a stall), not on every packet: a later keep
             // alive deadline is picked up when the timer fires.
@@ -276,7 +280,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 self.rbuf.reserve(read_size);
             }
             let offered = self.rbuf.capacity() - self.rbuf.len();
-            let wbuf = &self.wbuf;
+            // Output behind an open gate waits for the commit that makes it safe to send.
+            let writable = client.gate.writable(self.wbuf.len());
+            let wbuf = &self.wbuf[..writable];
+            let gated = client.gate.waiting();
             tokio::select! {
                 k = &mut kick, if kick_live => match k {
                     Ok(Kick::TakenOver) => {
@@ -291,6 +298,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     Ok(n) => {
                         broker.metrics.bytes_sent.inc_by(n as u64);
                         self.wbuf.advance(n);
+                        client.gate.advanced(n);
                         if self.wbuf.is_empty() {
                             self.wbuf.clear();
                         }
@@ -319,6 +327,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 },
                 _ = client.handle.outbox.ready(), if outbox_open => {}
                 _ = client.acks.ready(), if waiting_commit => {}
+                _ = client.gate.ready(), if gated => {}
                 _ = client.ops_commit.ready(), if store_behind => {}
                 _ = &mut timer, if timer_armed => {
                     timer_armed = false;

@@ -64,6 +64,9 @@ const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// fit next to the broker's client sockets under `RLIMIT_NOFILE`.
 pub const MAX_CACHED_FILES: usize = 64;
 
+/// File beside fjall's own, written when a store is created.
+const MARKER_FILE: &str = "TERN_STORE";
+
 /// Largest memtable per keyspace before it is flushed to a table file.
 const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -451,7 +454,22 @@ impl DurableStore {
             .open()
             .map_err(StorageError::fjall(&path))?;
         let ks = Keyspaces::open(&db, &path)?;
-        recover::check_format(&db, &ks, &path)?;
+        // A marker file outside fjall, written once the store exists, tells a new directory
+        // from a store whose contents fjall could not read back.
+        let marker = path.join(MARKER_FILE);
+        let marker_existed = marker.exists();
+        recover::check_format(&db, &ks, &path, marker_existed)?;
+        if !marker_existed {
+            let write = || -> std::io::Result<()> {
+                let f = std::fs::File::create(&marker)?;
+                std::io::Write::write_all(&mut &f, format!("tern store format {STORE_FORMAT}\n").as_bytes())?;
+                f.sync_all()
+            };
+            write().map_err(|source| StorageError::Io {
+                path: marker.clone(),
+                source,
+            })?;
+        }
         let (recovered, refs) = recover::recover(&db, &ks, &path)?;
 
         let stats = Arc::new(Stats::default());

@@ -16,7 +16,12 @@ pub(super) const NEXT_MESSAGE_KEY: &[u8] = b"next_message_id";
 pub(super) const NEXT_SESSION_KEY: &[u8] = b"next_session_id";
 
 /// Checks (or, in a new store, writes) the store format.
-pub(super) fn check_format(db: &Database, ks: &Keyspaces, path: &Path) -> Result<(), StorageError> {
+pub(super) fn check_format(
+    db: &Database,
+    ks: &Keyspaces,
+    path: &Path,
+    marker_existed: bool,
+) -> Result<(), StorageError> {
     let fj = StorageError::fjall;
     match ks.meta.get(FORMAT_KEY).map_err(fj(path))? {
         Some(v) => match *v {
@@ -28,6 +33,16 @@ pub(super) fn check_format(db: &Database, ks: &Keyspaces, path: &Path) -> Result
             [found] if found >= 1 => Ok(()),
             _ => Err(StorageError::corrupt(path, "format version", FORMAT_KEY)),
         },
+        None if marker_existed => {
+            // The store was created before (its marker file is there) but fjall found
+            // nothing: the journal or tables are unreadable from the start. Recovering an
+            // empty store here would silently drop every session and queued message.
+            Err(StorageError::corrupt(
+                path,
+                "store contents (created before, but its journal and tables yield nothing: unreadable)",
+                FORMAT_KEY,
+            ))
+        }
         None => {
             // Only an empty store may lack the marker: data without it is not ours (or lost
             // its meta keyspace), and must not be silently adopted.
@@ -218,6 +233,9 @@ pub(super) fn recover(
             }
         }
     };
+    // The writer keeps only counts other than 1 (see `Writer::add_ref`).
+    refs.retain(|_, n| *n != 1);
+    refs.shrink_to_fit();
     rec.next_message_id = max_msg.saturating_add(1).max(mark(NEXT_MESSAGE_KEY)?);
     rec.next_session_id = max_session.saturating_add(1).max(mark(NEXT_SESSION_KEY)?);
     Ok((rec, refs))

@@ -203,22 +203,39 @@ impl Writer {
         self.overlay[k as usize].insert(key.into(), None);
     }
 
+    // Reference counts: `refs` holds only counts other than 1 (0 while a submit is being
+    // applied, or 2 and more for fan-out). A stored message absent from it has exactly one
+    // reference — the common case of one queue entry or in-flight record — so a million
+    // queued messages cost no bookkeeping in memory.
+
     fn add_ref(&mut self, id: u64) {
-        *self.refs.entry(id).or_insert(0) += 1;
+        match self.refs.get_mut(&id) {
+            Some(n) => {
+                *n += 1;
+                if *n == 1 {
+                    self.refs.remove(&id);
+                }
+            }
+            None => {
+                self.refs.insert(id, 2);
+            }
+        }
     }
 
     fn drop_ref(&mut self, id: u64) {
         match self.refs.get_mut(&id) {
             Some(n) => {
                 *n = n.saturating_sub(1);
-                if *n == 0 {
+                if *n == 1 {
+                    self.refs.remove(&id);
+                } else if *n == 0 {
                     self.touched.push(id);
                 }
             }
-            None => tracing::warn!(
-                msg_id = id,
-                "dropping a reference to an unreferenced message"
-            ),
+            None => {
+                self.refs.insert(id, 0);
+                self.touched.push(id);
+            }
         }
     }
 
@@ -267,7 +284,7 @@ impl Writer {
             self.apply(op)?;
         }
         for id in std::mem::take(&mut self.touched) {
-            if self.refs.get(&id).copied().unwrap_or(0) == 0 {
+            if self.refs.get(&id) == Some(&0) {
                 self.refs.remove(&id);
                 self.del(Ks::Messages, keys::message(id));
             }
@@ -300,6 +317,8 @@ impl Writer {
         }
         match op {
             Op::PutMessage(m) => {
+                // Unreferenced until an op of this submit refers to it.
+                self.refs.insert(m.id, 0);
                 self.touched.push(m.id);
                 self.put(Ks::Messages, keys::message(m.id), m.encode());
             }
