@@ -758,11 +758,13 @@ def test_retained_messages_survive_sigkill(make_broker):
 # ---------------------------------------------------------------------------------------------
 # 4. Clean restart keeps sessions and subscriptions; expiry counts downtime
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("durability", ["os", "fsync"])
 @pytest.mark.parametrize("version", BOTH)
-def test_session_and_subscription_survive_clean_restart(make_broker, version):
+def test_session_and_subscription_survive_clean_restart(make_broker, version, durability):
     """PROVES: after SIGTERM + restart a persistent session is resumed (Session Present = 1)
-    with its subscription: without subscribing again it receives new messages."""
-    b = make_broker()
+    with its subscription: without subscribing again it receives new messages — in every
+    durability mode except "memory" (see test_memory_durability_keeps_nothing)."""
+    b = make_broker({"storage": {"durability": durability}})
     sub_id = f"dur-clean-{version}"
     topic = f"dur/clean/{version}"
     make_persistent_subscriber(b, sub_id, version, topic, 1)
@@ -968,3 +970,48 @@ def test_memory_durability_keeps_nothing(make_broker, how):
     assert not r.publishes, f"memory durability kept retained messages: {r.publishes}"
     data_dir = os.path.join(b.tmp.name, "data")
     assert not os.path.exists(data_dir) or not os.listdir(data_dir), os.listdir(data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Group commit and syncs, seen through /metrics
+# ---------------------------------------------------------------------------------------------
+def _metric(b, name):
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.parametrize("durability", ["os", "fsync"])
+def test_group_commit_and_syncs_in_metrics(make_broker, durability):
+    """PROVES: writes from concurrent publishers are grouped (commits carry more than one
+    submit on average), and tern_storage_syncs_total moves only in "fsync" mode (there it
+    counts every commit)."""
+    import threading
+    b = make_broker({"storage": {"durability": durability}, **BIG_QUEUES})
+    make_persistent_subscriber(b, f"dur-group-{durability}", V311, "dur/group", 1)
+    commits0 = _metric(b, "tern_storage_commits_total")
+    submits0 = _metric(b, "tern_storage_batch_submits_sum")
+    results = []
+
+    def publish():
+        results.append(pipelined_publish(b.port, V311, "dur/group", 2000, 1, window=50,
+                                         payload_size=16, deadline_s=60))
+
+    threads = [threading.Thread(target=publish) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert len(results) == 8 and all(len(r.acked) == 2000 for r in results)
+    commits = _metric(b, "tern_storage_commits_total") - commits0
+    submits = _metric(b, "tern_storage_batch_submits_sum") - submits0
+    syncs = _metric(b, "tern_storage_syncs_total")
+    assert commits > 0 and submits >= 16000, (commits, submits)
+    assert submits / commits > 1.5, f"{submits} submits in {commits} commits: not grouped"
+    if durability == "fsync":
+        assert syncs == _metric(b, "tern_storage_commits_total") and syncs > 0
+    else:
+        assert syncs == 0, f"{syncs} syncs in os mode"
