@@ -462,7 +462,10 @@ impl DurableStore {
         if !marker_existed {
             let write = || -> std::io::Result<()> {
                 let f = std::fs::File::create(&marker)?;
-                std::io::Write::write_all(&mut &f, format!("tern store format {STORE_FORMAT}\n").as_bytes())?;
+                std::io::Write::write_all(
+                    &mut &f,
+                    format!("tern store format {STORE_FORMAT}\n").as_bytes(),
+                )?;
                 f.sync_all()
             };
             write().map_err(|source| StorageError::Io {
