@@ -241,36 +241,30 @@ impl Broker {
                         retain: delivery.retain,
                         sub_ids: delivery.sub_ids.as_slice().to_vec(),
                     };
-                    match session.outbox.reserve(msg.weight()) {
+                    let reservation = session.outbox.reserve(msg.weight());
+                    let (seq, epoch, hot) = match reservation {
                         Reservation::Full => {
                             self.metrics.dropped_queue_full.inc();
                             routed.dropped += 1;
+                            i = j;
+                            continue;
                         }
-                        Reservation::Hot { seq, epoch } => {
-                            stage_message(&mut staged.ops);
-                            staged.ops.push(Op::Enqueue {
-                                session_id: session.id,
-                                seq,
-                                entry,
-                            });
-                            delivery.seq = Some(seq);
-                            delivery.stored = true;
-                            staged
-                                .after
-                                .push(After::Push(session.clone(), delivery, epoch));
-                        }
-                        Reservation::Spill { seq, epoch } => {
-                            stage_message(&mut staged.ops);
-                            staged.ops.push(Op::Enqueue {
-                                session_id: session.id,
-                                seq,
-                                entry,
-                            });
-                            staged
-                                .after
-                                .push(After::Spilled(session.clone(), seq, epoch));
-                        }
-                    }
+                        Reservation::Hot { seq, epoch } => (seq, epoch, true),
+                        Reservation::Spill { seq, epoch } => (seq, epoch, false),
+                    };
+                    stage_message(&mut staged.ops);
+                    staged.ops.push(Op::Enqueue {
+                        session_id: session.id,
+                        seq,
+                        entry,
+                    });
+                    staged.after.push(if hot {
+                        delivery.seq = Some(seq);
+                        delivery.stored = true;
+                        After::Push(session.clone(), delivery, epoch)
+                    } else {
+                        After::Spilled(session.clone(), seq, epoch)
+                    });
                 } else if self.push(session, delivery) == Pushed::DroppedFull {
                     routed.dropped += 1;
                 }
