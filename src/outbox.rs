@@ -310,6 +310,41 @@ impl Outbox {
         }
     }
 
+    /// The committed on-disk part of the queue: (from seq, below seq, epoch), whatever memory
+    /// holds. For the expiry sweep of sessions whose client is away.
+    pub fn spill_head(&self) -> Option<(u64, u64, u64)> {
+        let q = self.lock();
+        if q.spilled == 0 {
+            return None;
+        }
+        let below = q.uncommitted.front().copied().unwrap_or(q.next_seq);
+        (below > q.spill_from).then_some((q.spill_from, below, q.epoch))
+    }
+
+    /// Drops `n` spilled entries of `bytes` from the head, which now starts at `next_from`;
+    /// only if the head is still at `from` (nobody loaded or cleared it meanwhile).
+    pub fn drop_spilled_head(
+        &self,
+        from: u64,
+        next_from: u64,
+        n: usize,
+        bytes: usize,
+        epoch: u64,
+    ) -> bool {
+        let mut q = self.lock();
+        // Only while the client is away: an attached connection may be loading this head.
+        if q.online || q.epoch != epoch || q.spill_from != from || n > q.spilled {
+            return false;
+        }
+        q.spill_from = next_from;
+        q.spilled -= n;
+        q.spilled_bytes = q.spilled_bytes.saturating_sub(bytes);
+        if q.spilled == 0 {
+            q.spilled_bytes = 0;
+        }
+        true
+    }
+
     /// Accounts for spilled entries that turned out to be gone from disk (e.g. expired).
     pub fn forget_spilled(&self, n: usize) {
         let mut q = self.lock();
@@ -492,6 +527,26 @@ mod tests {
         o.spill_committed(seq, epoch); // stale: ignored
         assert_eq!(o.len(), 0);
         assert_eq!(o.spill_window(), None);
+    }
+
+    #[test]
+    fn expired_head_is_dropped_only_while_offline_and_unchanged() {
+        let o = Outbox::new(100, 1 << 30);
+        o.restore(SpillState {
+            head: 5,
+            next_seq: 9,
+            len: 4,
+            bytes: 40,
+        });
+        let (from, below, epoch) = o.spill_head().unwrap();
+        assert_eq!((from, below), (5, 9));
+        assert!(!o.drop_spilled_head(4, 7, 2, 20, epoch), "stale head");
+        o.set_online(true);
+        assert!(!o.drop_spilled_head(5, 7, 2, 20, epoch), "client attached");
+        o.set_online(false);
+        assert!(o.drop_spilled_head(5, 7, 2, 20, epoch));
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.spill_head(), Some((7, 9, epoch)));
     }
 
     #[test]

@@ -435,6 +435,7 @@ impl Broker {
     pub async fn run_expiry(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweeps: u64 = 0;
         loop {
             tick.tick().await;
             let now = Instant::now();
@@ -452,6 +453,61 @@ impl Broker {
                 .purge_expired(now);
             if purged > 0 {
                 self.metrics.dropped_expired.inc_by(purged as u64);
+            }
+            sweeps += 1;
+            if sweeps.is_multiple_of(10) && self.store.durable() {
+                self.sweep_expired_queues();
+            }
+        }
+    }
+
+    /// Message expiry on stored data: drops expired messages from the head of the on-disk
+    /// queues of sessions whose client is away, so their disk space returns without waiting
+    /// for the client (queues are FIFO, so expired messages gather at the head).
+    fn sweep_expired_queues(&self) {
+        const SWEEP_BATCH: usize = 256;
+        let unix = unix_now_ms();
+        for handle in self.registry.detached() {
+            let Some((from, below, epoch)) = handle.outbox.spill_head() else {
+                continue;
+            };
+            let Ok(entries) = self.store.read_queue(handle.id, from, SWEEP_BATCH) else {
+                continue;
+            };
+            let mut ops = Vec::new();
+            let mut bytes = 0;
+            let mut next_from = from;
+            for (seq, e) in entries {
+                if seq >= below {
+                    break;
+                }
+                let expired = match self.store.get_message(e.msg_id) {
+                    Ok(Some(m)) => match m.expires_at_ms {
+                        Some(at) if at <= unix => {
+                            bytes += m.weight() as usize;
+                            true
+                        }
+                        _ => false,
+                    },
+                    _ => false,
+                };
+                if !expired {
+                    break;
+                }
+                ops.push(Op::Dequeue {
+                    session_id: handle.id,
+                    seq,
+                });
+                next_from = seq + 1;
+            }
+            let n = ops.len();
+            if n > 0
+                && handle
+                    .outbox
+                    .drop_spilled_head(from, next_from, n, bytes, epoch)
+            {
+                let _ = self.store.submit(ops);
+                self.metrics.dropped_expired.inc_by(n as u64);
             }
         }
     }

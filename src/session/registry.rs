@@ -203,6 +203,15 @@ impl Registry {
             .is_some_and(|e| e.handle.id == session_id && e.attached.is_none())
     }
 
+    /// Sessions whose client is away.
+    pub fn detached(&self) -> Vec<Arc<SessionHandle>> {
+        self.lock()
+            .values()
+            .filter(|e| e.attached.is_none())
+            .map(|e| e.handle.clone())
+            .collect()
+    }
+
     /// Session ids continue above what the store has used.
     pub fn set_next_id(&self, next: u64) {
         self.next_id.fetch_max(next, Ordering::Relaxed);

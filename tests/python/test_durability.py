@@ -1015,3 +1015,52 @@ def test_group_commit_and_syncs_in_metrics(make_broker, durability):
         assert syncs == _metric(b, "tern_storage_commits_total") and syncs > 0
     else:
         assert syncs == 0, f"{syncs} syncs in os mode"
+
+
+def test_expired_messages_leave_an_offline_queue_on_disk(make_broker):
+    """PROVES: message expiry is enforced on stored data while the client is away: messages
+    with a 1 s Message Expiry Interval queued for an offline v5 persistent session are swept
+    from its on-disk queue (counted in tern_messages_dropped_total{reason="expired"}) without
+    the client coming back, and are not delivered when it does."""
+    b = make_broker(BIG_QUEUES)
+    make_persistent_subscriber(b, "dur-expire", V5, "dur/expire", 1)
+    # Fill memory's share first so the expiring ones are on disk only.
+    p = Conn(b.port, V5)
+    p.send(enc_connect("dur-expire-pub", V5, True))
+    p.expect(CONNACK)
+    n = 600
+    for i in range(n):
+        props = bytes([5, 0x02]) + (1).to_bytes(4, "big")  # Message Expiry Interval 1 s
+        topic = b"dur/expire"
+        var = len(topic).to_bytes(2, "big") + topic + (i % 60000 + 1).to_bytes(2, "big")
+        p.send(_packet(0x32, var + props + b"%010d" % i))
+    got = 0
+    deadline = time.time() + 20
+    while got < n and time.time() < deadline:
+        p.expect(PUBACK)
+        got += 1
+    p.close()
+    assert got == n
+    before = _metric_labeled(b, 'tern_messages_dropped_total{reason="expired"}')
+    deadline = time.time() + 25
+    swept = 0
+    while time.time() < deadline:
+        swept = _metric_labeled(b, 'tern_messages_dropped_total{reason="expired"}') - before
+        if swept > 0:
+            break
+        time.sleep(0.5)
+    assert swept > 0, "no expired message was swept from the offline queue"
+    c, present = persistent_connect(b.port, "dur-expire", V5)
+    assert present
+    r = Receiver(c).run_until_idle(idle=1.5, max_time=20)
+    c.close()
+    assert r.deliveries == [], f"{len(r.deliveries)} expired messages delivered"
+
+
+def _metric_labeled(b, series):
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[1])
+    return 0.0
