@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run build test lint test-rust test-python venv clients clean bench
+.PHONY: certs run build test lint test-rust test-python venv clients clean bench
 
 ## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
 run:
@@ -13,6 +13,10 @@ run:
 
 build:
 	$(CARGO) build
+
+## Development CA, server (localhost/127.0.0.1) and client certificates in certs/.
+certs:
+	bash certs/gen.sh certs
 
 ## fmt check + clippy with warnings as errors.
 lint:

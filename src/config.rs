@@ -39,6 +39,29 @@ pub struct Listeners {
     /// Plain MQTT over TCP.
     #[serde(default)]
     pub tcp: Option<TcpListenerConfig>,
+    /// MQTT over TLS (rustls; TLS 1.2 and 1.3).
+    #[serde(default)]
+    pub tls: Option<TlsListenerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    pub bind: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates are verified against.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by `client_ca`.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// Use the client certificate's Common Name as the username (authenticated by the
+    /// certificate; the ACL applies to it).
+    #[serde(default)]
+    pub use_identity_as_username: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -140,6 +163,7 @@ impl Default for Listeners {
             tcp: Some(TcpListenerConfig {
                 bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
             }),
+            tls: None,
         }
     }
 }
@@ -290,6 +314,20 @@ impl Config {
                 "mqtt.response_prefix",
                 "must be a topic name without wildcards that does not start with '$'",
             );
+        }
+        if let Some(tls) = &self.listeners.tls {
+            if tls.require_client_cert && tls.client_ca.is_none() {
+                return invalid(
+                    "listeners.tls.require_client_cert",
+                    "needs listeners.tls.client_ca to verify client certificates against",
+                );
+            }
+            if tls.use_identity_as_username && tls.client_ca.is_none() {
+                return invalid(
+                    "listeners.tls.use_identity_as_username",
+                    "needs listeners.tls.client_ca (an unverified certificate proves nothing)",
+                );
+            }
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return invalid("log.level", &e.to_string());

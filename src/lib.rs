@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod protocol;
 pub mod session;
 pub mod storage;
+pub mod tls;
 
 pub use config::Config;
 pub use error::StartError;
@@ -31,6 +32,8 @@ use tokio::task::JoinHandle;
 
 /// A running broker: its bound addresses and the handle to stop it.
 pub struct Running {
+    tls_addr: Option<SocketAddr>,
+    tls_reloader: Option<Arc<tls::TlsReloader>>,
     tcp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     broker: Arc<broker::Broker>,
@@ -49,6 +52,28 @@ impl Running {
         self.metrics_addr
     }
 
+    /// The MQTT-over-TLS listener's real address.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Reloads what can change without a restart (SIGHUP); existing connections stay up.
+    pub fn reload(&self) {
+        self.reload_tls();
+    }
+
+    /// Reloads TLS certificates and keys; existing connections stay up.
+    pub fn reload_tls(&self) {
+        if let Some(r) = &self.tls_reloader {
+            match r.reload() {
+                Ok(()) => tracing::info!("TLS certificates reloaded"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificates")
+                }
+            }
+        }
+    }
+
     pub fn broker(&self) -> &Arc<broker::Broker> {
         &self.broker
     }
@@ -56,11 +81,15 @@ impl Running {
     /// The line printed on stdout when ready; out-of-process tests look for it.
     pub fn ready_line(&self) -> String {
         let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
-        format!(
+        let mut line = format!(
             "tern: ready tcp={} metrics={}",
             show(self.tcp_addr),
             show(self.metrics_addr)
-        )
+        );
+        if let Some(a) = self.tls_addr {
+            line.push_str(&format!(" tls={a}"));
+        }
+        line
     }
 
     /// Stops accepting, tells every client (v5: DISCONNECT 0x8B), publishes wills, and waits
@@ -125,15 +154,40 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 source,
             })?;
         tcp_addr = l.local_addr().ok();
-        tasks.push(tokio::spawn(listener::run_tcp(
+        tasks.push(tokio::spawn(listener::run(
             l,
+            listener::Transport::Tcp,
             broker.clone(),
             connections.clone(),
             shutdown_rx.clone(),
         )));
     }
+    let mut tls_addr = None;
+    let mut tls_reloader = None;
+    if let Some(tls) = &broker.config.listeners.tls {
+        let reloader = Arc::new(tls::TlsReloader::new(tls.clone())?);
+        let l = TcpListener::bind(tls.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "tls listener",
+                addr: tls.bind,
+                source,
+            })?;
+        tls_addr = l.local_addr().ok();
+        tasks.push(tokio::spawn(reloader.clone().watch()));
+        tasks.push(tokio::spawn(listener::run(
+            l,
+            listener::Transport::Tls(reloader.clone()),
+            broker.clone(),
+            connections.clone(),
+            shutdown_rx.clone(),
+        )));
+        tls_reloader = Some(reloader);
+    }
     tasks.push(tokio::spawn(broker.clone().run_expiry()));
     Ok(Running {
+        tls_addr,
+        tls_reloader,
         tcp_addr,
         metrics_addr,
         broker,

@@ -77,9 +77,17 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Plain TCP listener.
-pub async fn run_tcp(
+/// What a listener does with an accepted, counted socket.
+#[derive(Clone)]
+pub enum Transport {
+    Tcp,
+    Tls(Arc<crate::tls::TlsReloader>),
+}
+
+/// Accept loop shared by the TCP and TLS listeners.
+pub async fn run(
     listener: TcpListener,
+    transport: Transport,
     broker: Arc<Broker>,
     connections: Arc<AtomicUsize>,
     mut shutdown: watch::Receiver<bool>,
@@ -115,9 +123,58 @@ pub async fn run_tcp(
         );
         let broker = broker.clone();
         let shutdown = shutdown.clone();
+        let transport = transport.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            crate::connection::serve(stream, peer, broker, shutdown).await;
+            match transport {
+                Transport::Tcp => {
+                    crate::connection::serve(stream, peer, broker, shutdown, None).await
+                }
+                Transport::Tls(tls) => serve_tls(stream, peer, broker, shutdown, &tls).await,
+            }
         });
     }
+}
+
+/// The TLS handshake, in the connection's own task and bounded by the connect timeout.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+    tls: &crate::tls::TlsReloader,
+) {
+    let timeout = Duration::from_secs(broker.config.limits.connect_timeout);
+    let tls_stream = match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            broker.metrics.tls_failures.inc();
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            broker.metrics.tls_failures.inc();
+            tracing::info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    broker.metrics.tls_handshakes.inc();
+    let identity = if tls.settings().use_identity_as_username {
+        let (_, conn) = tls_stream.get_ref();
+        match conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::peer_common_name)
+        {
+            Some(cn) => Some(cn),
+            None => {
+                tracing::info!(%peer, "connection refused: no client certificate Common Name to use as username");
+                broker.metrics.refused_auth.inc();
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    crate::connection::serve(tls_stream, peer, broker, shutdown, identity).await;
 }

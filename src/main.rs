@@ -20,10 +20,30 @@ struct Cli {
 enum Command {
     /// Validate a configuration and exit (non-zero with a message naming the key when invalid).
     Check,
+    /// Add or update USER in a Mosquitto-format password file (created, mode 0600, if missing).
+    /// The password is read from standard input (one line) or, on a terminal, prompted twice.
+    Passwd(PasswdArgs),
+}
+
+#[derive(clap::Args)]
+struct PasswdArgs {
+    /// Delete USER from FILE instead.
+    #[arg(short = 'D', long = "delete")]
+    delete: bool,
+    /// Read a password from standard input; exit 0 if it is USER's, 1 if not, 2 on error.
+    #[arg(long, hide = true, conflicts_with = "delete")]
+    check: bool,
+    /// The password file.
+    file: PathBuf,
+    /// The username.
+    user: String,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd(args)) = &cli.command {
+        return passwd(args);
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -61,27 +81,177 @@ fn main() -> ExitCode {
         };
         println!("{}", running.ready_line());
         tracing::info!("{}", running.ready_line());
-        wait_for_signal().await;
+        wait_for_signal(&running).await;
         tracing::info!("shutting down");
         running.shutdown(Duration::from_secs(5)).await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_signal() {
+/// Runs until SIGTERM or SIGINT; SIGHUP reloads what can change without a restart.
+async fn wait_for_signal(running: &tern::Running) {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(mut term), Ok(mut int)) => {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => loop {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    running.reload();
+                }
             }
-        }
+        },
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// `tern passwd`: edit a password file (no configuration needed).
+fn passwd(args: &PasswdArgs) -> ExitCode {
+    use tern::auth::password::{valid_username, PasswordFile};
+    let exists = args.file.exists();
+    let load = || match PasswordFile::load(&args.file) {
+        Ok(f) => Ok(f),
+        Err(e) => {
+            eprintln!("tern: {e}");
+            Err(ExitCode::from(2))
+        }
+    };
+    if args.check {
+        let file = match load() {
+            Ok(f) => f,
+            Err(code) => return code,
+        };
+        let password = match read_stdin_line() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("tern: cannot read the password: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        return if file.verify(&args.user, &password) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let mut file = if exists || args.delete {
+        match load() {
+            Ok(f) => f,
+            Err(code) => return code,
+        }
+    } else {
+        PasswordFile::default()
+    };
+    if args.delete {
+        if !file.remove(&args.user) {
+            eprintln!("tern: no user {:?} in {}", args.user, args.file.display());
+            return ExitCode::FAILURE;
+        }
+    } else {
+        if !valid_username(&args.user) {
+            eprintln!(
+                "tern: invalid username {:?}: it must be non-empty, contain no ':' or control characters, not start with '#' and not start or end with a blank",
+                args.user
+            );
+            return ExitCode::FAILURE;
+        }
+        let password = match read_new_password() {
+            Ok(p) => p,
+            Err(msg) => {
+                eprintln!("tern: {msg}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = file.set(&args.user, &password) {
+            eprintln!("tern: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match file.save(&args.file) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line of standard input, without its line ending.
+fn read_stdin_line() -> std::io::Result<Vec<u8>> {
+    use std::io::BufRead;
+    let mut line = Vec::new();
+    std::io::stdin().lock().read_until(b'\n', &mut line)?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+    Ok(line)
+}
+
+/// The new password: prompted twice without echo on a terminal, else one line of stdin.
+fn read_new_password() -> Result<Vec<u8>, String> {
+    let password = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        let first = prompt_hidden("Password: ")?;
+        if first.is_empty() {
+            return Err("empty password refused".into());
+        }
+        let second = prompt_hidden("Reenter password: ")?;
+        if first != second {
+            return Err("passwords do not match".into());
+        }
+        first
+    } else {
+        read_stdin_line().map_err(|e| format!("cannot read the password: {e}"))?
+    };
+    if password.is_empty() {
+        return Err("empty password refused".into());
+    }
+    Ok(password)
+}
+
+/// Prompt on stderr and read a line from the terminal on stdin with echo turned off.
+fn prompt_hidden(prompt: &str) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    /// Restores the terminal's settings when dropped, whatever happens in between.
+    struct Restore(libc::termios);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: tcsetattr on stdin with settings tcgetattr returned for it.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
+        }
+    }
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
+    // SAFETY: termios is plain data; tcgetattr fills it in for a terminal fd.
+    let mut term: libc::termios = unsafe { std::mem::zeroed() };
+    if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut term) } != 0 {
+        return Err(format!(
+            "cannot read the terminal's settings: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let restore = Restore(term);
+    let mut quiet = term;
+    quiet.c_lflag &= !(libc::ECHO | libc::ECHONL);
+    quiet.c_lflag |= libc::ICANON;
+    // SAFETY: as above, with a copy of the settings read.
+    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSAFLUSH, &quiet) } != 0 {
+        return Err(format!(
+            "cannot turn off echo: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let line = read_stdin_line();
+    drop(restore);
+    eprintln!();
+    line.map_err(|e| format!("cannot read the password: {e}"))
 }

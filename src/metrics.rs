@@ -31,6 +31,8 @@ pub struct Metrics {
     pub dropped_no_subscribers: IntCounter,
     pub dropped_retain_full: IntCounter,
     pub protocol_errors: IntCounter,
+    pub tls_handshakes: IntCounter,
+    pub tls_failures: IntCounter,
     pub storage: StorageMetrics,
     sessions: IntGaugeVec,
     subscriptions: IntGauge,
@@ -82,6 +84,11 @@ impl Metrics {
             "tern_protocol_errors_total",
             "Connections closed for malformed packets or protocol violations",
         )?;
+        let tls = IntCounterVec::new(
+            Opts::new("tern_tls_handshakes_total", "TLS handshakes, by result"),
+            &["result"],
+        )?;
+        registry.register(Box::new(tls.clone()))?;
         let sessions =
             IntGaugeVec::new(Opts::new("tern_sessions", "Sessions, by state"), &["state"])?;
         let subscriptions = IntGauge::new("tern_subscriptions", "Subscriptions in the index")?;
@@ -164,6 +171,8 @@ impl Metrics {
             dropped_no_subscribers: dropped.with_label_values(&["no_subscribers"]),
             dropped_retain_full: dropped.with_label_values(&["retained_full"]),
             protocol_errors,
+            tls_handshakes: tls.with_label_values(&["ok"]),
+            tls_failures: tls.with_label_values(&["failed"]),
             storage,
             sessions,
             subscriptions,

@@ -4,6 +4,9 @@
 //! wills) through [`Authorizer::can_receive`]. Today the rules are the protocol's own: `$`
 //! topics belong to the broker, and a Response Information prefix belongs to its client.
 
+pub mod acl;
+pub mod password;
+
 pub struct Authorizer {
     /// `mqtt.response_prefix`; empty when Response Information is off.
     response_prefix: String,

@@ -63,6 +63,7 @@ pub(super) async fn accept(
     packet: Packet,
     peer: SocketAddr,
     kick: oneshot::Sender<Kick>,
+    identity: Option<String>,
 ) -> Option<Client> {
     let Packet::Connect(c) = packet else {
         return None;
@@ -83,7 +84,13 @@ pub(super) async fn accept(
             "unsupported authentication method",
         );
     }
+    // A certificate-authenticated identity replaces whatever username the client sent.
+    let username: Option<Arc<str>> = match &identity {
+        Some(cn) => Some(Arc::from(cn.as_str())),
+        None => c.username.as_ref().map(|u| Arc::from(u.as_str())),
+    };
     match &c.username {
+        _ if identity.is_some() => {}
         None if !broker.config.auth.allow_anonymous => {
             return refuse(
                 broker,
@@ -253,6 +260,7 @@ pub(super) async fn accept(
         max_packet_out,
         aliases,
     );
+    client.username = username;
     if session_present {
         client.resend_inflight(wbuf);
     }

@@ -75,6 +75,8 @@ pub(crate) struct Client {
     pub broker: Arc<Broker>,
     pub version: ProtocolVersion,
     pub client_id: Arc<str>,
+    /// The authenticated username (or the TLS certificate identity), for authorisation.
+    pub username: Option<Arc<str>>,
     pub clean_start: bool,
     pub conn_id: u64,
     pub handle: Arc<SessionHandle>,
@@ -249,6 +251,7 @@ impl Client {
             broker,
             version,
             client_id,
+            username: None,
             clean_start,
             conn_id,
             handle,

@@ -84,11 +84,14 @@ impl Close {
 }
 
 /// Serves one client from its first byte to its last.
+/// `identity` is a username already authenticated by the transport (a verified TLS client
+/// certificate's Common Name with `use_identity_as_username`).
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
+    identity: Option<String>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -128,6 +131,7 @@ pub async fn serve<S>(
         *packet,
         peer,
         kick_tx,
+        identity,
     ))
     .await
     else {

@@ -1,0 +1,153 @@
+//! TLS for the `[listeners.tls]` listener: rustls server configuration from PEM files, optional
+//! client certificates, reload without a restart, and the client certificate's Common Name for
+//! `use_identity_as_username`.
+//!
+//! The handshake itself runs in each connection's own task (with the connect timeout), never
+//! in the accept loop, so a slow or hostile handshake holds up nobody else.
+
+use crate::config::TlsListenerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio_rustls::TlsAcceptor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no certificate found"));
+    }
+    Ok(certs)
+}
+
+/// Builds the rustls configuration from the listener's files (TLS 1.2 and 1.3).
+pub fn server_config(cfg: &TlsListenerConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = certs(&cfg.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| file_err(&cfg.key, e))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &cfg.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in certs(ca)? {
+                roots.add(c).map_err(|e| file_err(ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if cfg.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| TlsError::Config(e.to_string()))?,
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| file_err(&cfg.cert, e))?;
+    Ok(Arc::new(config))
+}
+
+/// The Common Name of a verified client certificate.
+pub fn peer_common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// The listener's current TLS configuration, replaced when the files change.
+pub struct TlsReloader {
+    cfg: TlsListenerConfig,
+    current: RwLock<TlsAcceptor>,
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+}
+
+impl TlsReloader {
+    pub fn new(cfg: TlsListenerConfig) -> Result<TlsReloader, TlsError> {
+        let acceptor = TlsAcceptor::from(server_config(&cfg)?);
+        let stamps = Self::stamps_of(&cfg);
+        Ok(TlsReloader {
+            cfg,
+            current: RwLock::new(acceptor),
+            stamps: Mutex::new(stamps),
+        })
+    }
+
+    fn stamps_of(cfg: &TlsListenerConfig) -> Vec<Option<SystemTime>> {
+        let mut paths = vec![&cfg.cert, &cfg.key];
+        paths.extend(cfg.client_ca.iter());
+        paths
+            .into_iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
+    pub fn settings(&self) -> &TlsListenerConfig {
+        &self.cfg
+    }
+
+    /// The acceptor for a new connection (existing connections keep theirs).
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reloads the certificate, key and CA. On error the old configuration stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let acceptor = TlsAcceptor::from(server_config(&self.cfg)?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = acceptor;
+        *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = Self::stamps_of(&self.cfg);
+        Ok(())
+    }
+
+    /// Reloads when a file's modification time changes (checked every two seconds).
+    pub async fn watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let now = Self::stamps_of(&self.cfg);
+            let changed = *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) != now;
+            if changed {
+                match self.reload() {
+                    Ok(()) => {
+                        tracing::info!(cert = %self.cfg.cert.display(), "TLS certificates reloaded")
+                    }
+                    Err(e) => {
+                        // Keep serving with the old files; try again when they change again.
+                        *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = now;
+                        tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificates")
+                    }
+                }
+            }
+        }
+    }
+}
