@@ -148,6 +148,11 @@ pub struct MqttConfig {
 pub struct AuthConfig {
     /// Accept clients that present no username. Safe only on a listener nobody else can reach.
     pub allow_anonymous: bool,
+    /// Mosquitto-format password file (`user:$7$...`); `tern passwd FILE USER` edits it.
+    pub password_file: Option<PathBuf>,
+    /// Mosquitto-format ACL file (`user`, `topic`, `pattern` with %u / %c). When set,
+    /// everything it does not grant is denied.
+    pub acl_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -70,6 +70,8 @@ pub enum StartError {
     },
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error("tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("storage: {0}")]

@@ -60,6 +60,10 @@ impl Running {
     /// Reloads what can change without a restart (SIGHUP); existing connections stay up.
     pub fn reload(&self) {
         self.reload_tls();
+        match self.broker.auth.reload(&self.broker.config.auth) {
+            Ok(()) => tracing::info!("password file and ACL reloaded"),
+            Err(e) => tracing::warn!(error = %e, "auth reload failed; keeping the previous rules"),
+        }
     }
 
     /// Reloads TLS certificates and keys; existing connections stay up.
@@ -116,7 +120,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // Recover before any listener opens: a returning client must find its session.
     let (store, recovered) = storage::open(&config.storage)?;
     store.set_observer(Box::new(metrics.storage.clone()));
-    let broker = Arc::new(broker::Broker::new(config, metrics, store));
+    let auth = auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)?;
+    let broker = Arc::new(broker::Broker::new(config, metrics, store, auth));
     let restored = broker::recovery::restore(&broker, recovered);
     tracing::info!(
         store = broker.store.name(),

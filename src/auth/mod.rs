@@ -1,21 +1,125 @@
-//! Authorisation: who may publish where, subscribe to what, and receive which message.
+//! Authentication and authorisation: who may connect, publish where, subscribe to what, and
+//! receive which message.
 //!
-//! Checked at PUBLISH, at SUBSCRIBE, and on every delivery path (live, retained, offline replay,
-//! wills) through [`Authorizer::can_receive`]. Today the rules are the protocol's own: `$`
-//! topics belong to the broker, and a Response Information prefix belongs to its client.
+//! Checked at CONNECT (password file), at PUBLISH and for the will at CONNECT, at SUBSCRIBE,
+//! and on every delivery path (live, retained, offline replay) through [`ReceiveRule`]. The
+//! protocol's own rules always apply: `$` topics belong to the broker, and a Response
+//! Information prefix belongs to its client. `[auth] password_file` and `acl_file` add
+//! Mosquitto-compatible users and rules; both are reloaded on SIGHUP.
 
 pub mod acl;
 pub mod password;
 
+use crate::config::AuthConfig;
+use acl::Acl;
+use password::PasswordFile;
+use std::sync::{Arc, PoisonError, RwLock};
+
+/// Errors loading the password or ACL file (the broker refuses to start; a reload keeps the
+/// old rules).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("auth.password_file: {0}")]
+    Password(#[from] password::PasswordError),
+    #[error("auth.acl_file: {0}")]
+    Acl(#[from] acl::AclError),
+}
+
+/// Outcome of checking CONNECT's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authentication {
+    Accepted,
+    /// Wrong user or password (v5 0x86, 3.1.1 return code 4).
+    BadCredentials,
+    /// No credentials where they are required (v5 0x87, 3.1.1 return code 5).
+    NotAuthorized,
+}
+
+#[derive(Default)]
+struct Rules {
+    passwords: Option<Arc<PasswordFile>>,
+    acl: Option<Arc<Acl>>,
+}
+
 pub struct Authorizer {
     /// `mqtt.response_prefix`; empty when Response Information is off.
     response_prefix: String,
+    allow_anonymous: bool,
+    rules: RwLock<Rules>,
+}
+
+fn load_rules(cfg: &AuthConfig) -> Result<Rules, AuthError> {
+    Ok(Rules {
+        passwords: match &cfg.password_file {
+            Some(p) => Some(Arc::new(PasswordFile::load(p)?)),
+            None => None,
+        },
+        acl: match &cfg.acl_file {
+            Some(p) => Some(Arc::new(acl::load(p)?)),
+            None => None,
+        },
+    })
 }
 
 impl Authorizer {
+    /// Without password or ACL files (tests, and the protocol-only rules).
     pub fn new(response_prefix: &str) -> Authorizer {
         Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
+            allow_anonymous: false,
+            rules: RwLock::new(Rules::default()),
+        }
+    }
+
+    /// Loads the configured password and ACL files.
+    pub fn load(response_prefix: &str, cfg: &AuthConfig) -> Result<Authorizer, AuthError> {
+        Ok(Authorizer {
+            response_prefix: response_prefix.trim_end_matches('/').to_string(),
+            allow_anonymous: cfg.allow_anonymous,
+            rules: RwLock::new(load_rules(cfg)?),
+        })
+    }
+
+    /// Re-reads the password and ACL files (SIGHUP). On error the old rules stay.
+    pub fn reload(&self, cfg: &AuthConfig) -> Result<(), AuthError> {
+        let rules = load_rules(cfg)?;
+        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rules;
+        Ok(())
+    }
+
+    fn acl(&self) -> Option<Arc<Acl>> {
+        self.rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .acl
+            .clone()
+    }
+
+    pub fn has_acl(&self) -> bool {
+        self.acl().is_some()
+    }
+
+    /// CONNECT's user name and password. Without a password file a user name is only an
+    /// identity, accepted where anonymous clients are.
+    pub fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> Authentication {
+        let passwords = self
+            .rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .passwords
+            .clone();
+        match (username, passwords) {
+            (None, _) if self.allow_anonymous => Authentication::Accepted,
+            (None, _) => Authentication::NotAuthorized,
+            (Some(user), Some(file)) => {
+                if file.verify(user, password.unwrap_or(b"")) {
+                    Authentication::Accepted
+                } else {
+                    Authentication::BadCredentials
+                }
+            }
+            (Some(_), None) if self.allow_anonymous => Authentication::Accepted,
+            (Some(_), None) => Authentication::BadCredentials,
         }
     }
 
@@ -36,42 +140,63 @@ impl Authorizer {
         Some(rest.split('/').next().unwrap_or(rest))
     }
 
-    /// Clients may not publish to topics the broker owns (`$SYS/...` and every `$` topic).
-    pub fn can_publish(&self, _client_id: &str, topic: &str) -> bool {
+    /// Clients may not publish to topics the broker owns (`$SYS/...` and every `$` topic),
+    /// nor where the ACL gives them no write access.
+    pub fn can_publish(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool {
         !topic.starts_with('$')
+            && self
+                .acl()
+                .is_none_or(|acl| acl.can_publish(username, client_id, topic))
     }
 
-    /// A filter under another client's response prefix is refused; so is a wildcard in the
-    /// level that names the owner.
-    pub fn can_subscribe(&self, client_id: &str, filter: &str) -> bool {
-        match self.response_owner(filter) {
+    /// A filter under another client's response prefix is refused (so is a wildcard in the
+    /// level that names the owner); with an ACL, a read rule must cover the whole filter.
+    pub fn can_subscribe(&self, username: Option<&str>, client_id: &str, filter: &str) -> bool {
+        let own = match self.response_owner(filter) {
             Some(owner) => owner == client_id,
             None => true,
-        }
+        };
+        own && self
+            .acl()
+            .is_none_or(|acl| acl.can_subscribe(username, client_id, filter))
     }
 
-    /// Delivery check: response topics reach only their owner, even through `#`.
-    pub fn can_receive(&self, client_id: &str, topic: &str) -> bool {
-        self.receive_rule(topic).allows(client_id)
+    /// Delivery check: response topics reach only their owner, even through `#`; with an ACL
+    /// only clients with read access receive.
+    pub fn can_receive(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.receive_rule(topic).allows(username, client_id)
     }
 
     /// The delivery check for one topic, worked out once per message rather than once per
     /// subscriber (fan-out to many sessions asks it many times).
     pub fn receive_rule<'a>(&self, topic: &'a str) -> ReceiveRule<'a> {
         ReceiveRule {
+            topic,
             owner: self.response_owner(topic),
+            acl: self.acl(),
         }
     }
 }
 
 /// Who may receive a message on a given topic.
 pub struct ReceiveRule<'a> {
+    topic: &'a str,
     owner: Option<&'a str>,
+    acl: Option<Arc<Acl>>,
 }
 
 impl ReceiveRule<'_> {
-    pub fn allows(&self, client_id: &str) -> bool {
+    /// Whether the check needs the receiver's user name (an ACL is configured).
+    pub fn needs_username(&self) -> bool {
+        self.acl.is_some()
+    }
+
+    pub fn allows(&self, username: Option<&str>, client_id: &str) -> bool {
         self.owner.is_none_or(|o| o == client_id)
+            && self
+                .acl
+                .as_ref()
+                .is_none_or(|acl| acl.can_receive(username, client_id, self.topic))
     }
 }
 
@@ -83,22 +208,60 @@ mod tests {
     fn response_prefix_belongs_to_its_client() {
         let a = Authorizer::new("reply");
         assert_eq!(a.response_information("c1").as_deref(), Some("reply/c1"));
-        assert!(a.can_subscribe("c1", "reply/c1/#"));
-        assert!(a.can_subscribe("c1", "reply/c1"));
-        assert!(!a.can_subscribe("c2", "reply/c1/#"));
-        assert!(!a.can_subscribe("c2", "reply/+/x"));
-        assert!(a.can_subscribe("c2", "replyx/c1"));
-        assert!(a.can_receive("c1", "reply/c1/x"));
-        assert!(!a.can_receive("c2", "reply/c1/x"));
-        assert!(a.can_receive("c2", "other"));
+        assert!(a.can_subscribe(None, "c1", "reply/c1/#"));
+        assert!(a.can_subscribe(None, "c1", "reply/c1"));
+        assert!(!a.can_subscribe(None, "c2", "reply/c1/#"));
+        assert!(!a.can_subscribe(None, "c2", "reply/+/x"));
+        assert!(a.can_subscribe(None, "c2", "replyx/c1"));
+        assert!(a.can_receive(None, "c1", "reply/c1/x"));
+        assert!(!a.can_receive(None, "c2", "reply/c1/x"));
+        assert!(a.can_receive(None, "c2", "other"));
     }
 
     #[test]
     fn dollar_topics_are_the_brokers() {
         let a = Authorizer::new("");
-        assert!(!a.can_publish("c", "$SYS/x"));
-        assert!(a.can_publish("c", "a/$b"));
+        assert!(!a.can_publish(None, "c", "$SYS/x"));
+        assert!(a.can_publish(None, "c", "a/$b"));
         assert_eq!(a.response_information("c"), None);
-        assert!(a.can_receive("c", "reply/x/y"));
+        assert!(a.can_receive(None, "c", "reply/x/y"));
+    }
+
+    #[test]
+    fn password_file_and_acl_apply() {
+        let dir = std::env::temp_dir().join(format!("tern-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut pw = PasswordFile::default();
+        pw.set("alice", b"secret").unwrap();
+        let pw_path = dir.join("passwd");
+        pw.save(&pw_path).unwrap();
+        let acl_path = dir.join("acl");
+        std::fs::write(&acl_path, "user alice\ntopic readwrite a/#\n").unwrap();
+        let cfg = AuthConfig {
+            allow_anonymous: false,
+            password_file: Some(pw_path),
+            acl_file: Some(acl_path),
+        };
+        let a = Authorizer::load("reply", &cfg).unwrap();
+        assert_eq!(
+            a.authenticate(Some("alice"), Some(b"secret")),
+            Authentication::Accepted
+        );
+        assert_eq!(
+            a.authenticate(Some("alice"), Some(b"nope")),
+            Authentication::BadCredentials
+        );
+        assert_eq!(
+            a.authenticate(Some("bob"), Some(b"secret")),
+            Authentication::BadCredentials
+        );
+        assert_eq!(a.authenticate(None, None), Authentication::NotAuthorized);
+        assert!(a.can_publish(Some("alice"), "c", "a/b"));
+        assert!(!a.can_publish(Some("alice"), "c", "b"));
+        assert!(a.can_subscribe(Some("alice"), "c", "a/+"));
+        assert!(!a.can_subscribe(Some("alice"), "c", "#"));
+        assert!(a.can_receive(Some("alice"), "c", "a/x"));
+        assert!(!a.can_receive(None, "c", "a/x"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

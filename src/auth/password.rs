@@ -422,6 +422,7 @@ mod tests {
 
     // Made by `mosquitto_passwd -b` 2.0.11 (password "secret") and `-H sha512` (password "hunter2").
     const MOSQ_7: &str = "alice:$7$101$thf+ZbKx1M+BBZLt$oAfvDhQAjBK0LYAGOAv2Px6oC605buEdtg2r3zzDF6zsNF0yO3qGxHPQHer4bpvVB5i8AajBw/EHN+iU1t33zg==";
+    const MOSQ_6: &str = "olduser:$6$Fj3M2BoKAw7TzFmx$jPZHWsotJkVujc5Kc5LGSkUYboHX/wEalQD0sSD3ut+P0KdbPep79ZpXpMsECyxEy3fqjUtq4CfpUxndXEo+CQ==";
 
     fn sha512_line(user: &str, password: &[u8], salt: &[u8]) -> String {
         let mut d = Sha512::new();
@@ -442,6 +443,14 @@ mod tests {
         assert!(!f.verify("alice", b"secreT"));
         assert!(!f.verify("alice", b""));
         assert!(!f.verify("bob", b"secret"));
+    }
+
+    #[test]
+    fn verifies_mosquitto_sha512_line() {
+        let f = PasswordFile::parse(MOSQ_6, "t").unwrap();
+        assert!(f.verify("olduser", b"hunter2"));
+        assert!(!f.verify("olduser", b"hunter"));
+        assert_eq!(f.to_text(), format!("{MOSQ_6}\n"));
     }
 
     #[test]

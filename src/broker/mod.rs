@@ -93,13 +93,18 @@ pub struct Routed {
 }
 
 impl Broker {
-    pub fn new(config: Config, metrics: Metrics, store: Arc<dyn Store>) -> Broker {
+    pub fn new(
+        config: Config,
+        metrics: Metrics,
+        store: Arc<dyn Store>,
+        auth: Authorizer,
+    ) -> Broker {
         Broker {
             registry: Registry::new(
                 config.limits.max_queued_messages,
                 config.limits.max_queued_bytes,
             ),
-            auth: Authorizer::new(&config.mqtt.response_prefix),
+            auth,
             config,
             metrics,
             store,
@@ -221,7 +226,13 @@ impl Broker {
                 }
                 j += 1;
             }
-            if rule.allows(&session.client_id) {
+            let allowed = if rule.needs_username() {
+                let user = session.username();
+                rule.allows(user.as_deref(), &session.client_id)
+            } else {
+                rule.allows(None, &session.client_id)
+            };
+            if allowed {
                 routed.matched += 1;
                 // Live messages carry RETAIN=0 unless Retain As Published ([MQTT-3.3.1-12]
                 // [MQTT-3.3.1-13]).
@@ -411,7 +422,9 @@ impl Broker {
     /// Turns a Will into a message and routes it.
     pub fn publish_will(self: &Arc<Self>, will: &Will, origin: u64) {
         let now = Instant::now();
-        if !self.auth.can_publish("", will.topic.as_str()) {
+        // The will's topic was authorised at CONNECT; only the broker's own topics are
+        // checked again.
+        if will.topic.as_str().starts_with('$') {
             self.metrics.dropped_not_authorized.inc();
             return;
         }

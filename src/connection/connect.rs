@@ -1,6 +1,7 @@
 //! CONNECT → CONNACK: checks, authentication, session attach, and what CONNACK advertises.
 
 use super::handlers::Client;
+use crate::auth::Authentication;
 use crate::broker::Broker;
 use crate::protocol::*;
 use crate::session::registry::Kick;
@@ -89,33 +90,49 @@ pub(super) async fn accept(
         Some(cn) => Some(Arc::from(cn.as_str())),
         None => c.username.as_ref().map(|u| Arc::from(u.as_str())),
     };
-    match &c.username {
-        _ if identity.is_some() => {}
-        None if !broker.config.auth.allow_anonymous => {
+    if identity.is_none() {
+        let user = c.username.as_ref().map(|u| u.as_str());
+        match broker.auth.authenticate(user, c.password.as_deref()) {
+            Authentication::Accepted => {}
+            Authentication::NotAuthorized => {
+                return refuse(
+                    broker,
+                    wbuf,
+                    version,
+                    ReasonCode::NotAuthorized,
+                    peer,
+                    "anonymous clients are not allowed",
+                );
+            }
+            Authentication::BadCredentials => {
+                return refuse(
+                    broker,
+                    wbuf,
+                    version,
+                    ReasonCode::BadUserNameOrPassword,
+                    peer,
+                    "bad user name or password",
+                );
+            }
+        }
+    }
+
+    if let Some(w) = &c.will {
+        let cid = c.client_id.as_str();
+        if !broker
+            .auth
+            .can_publish(username.as_deref(), cid, w.topic.as_str())
+        {
             return refuse(
                 broker,
                 wbuf,
                 version,
                 ReasonCode::NotAuthorized,
                 peer,
-                "anonymous clients are not allowed",
+                "will topic not authorised",
             );
         }
-        // Without a password file there is nothing to check a password against: a username is
-        // accepted only where anonymous access is.
-        Some(_) if !broker.config.auth.allow_anonymous => {
-            return refuse(
-                broker,
-                wbuf,
-                version,
-                ReasonCode::BadUserNameOrPassword,
-                peer,
-                "no password file configured",
-            );
-        }
-        _ => {}
     }
-
     let conn_id = broker.next_connection_id();
     let mut assigned = None;
     let client_id: Arc<str> = if c.client_id.is_empty() {
@@ -197,6 +214,7 @@ pub(super) async fn accept(
             })]);
         }
     }
+    attached.handle.set_username(username.clone());
     attached.handle.outbox.set_online(true);
 
     let mut props = Properties::default();

@@ -459,7 +459,10 @@ impl Client {
             }
         }
         let mut refusal = None;
-        if !broker.auth.can_publish(&self.client_id, topic.as_str()) {
+        if !broker
+            .auth
+            .can_publish(self.username.as_deref(), &self.client_id, topic.as_str())
+        {
             broker.metrics.dropped_not_authorized.inc();
             refusal = Some(ReasonCode::NotAuthorized);
         } else if v5
@@ -619,7 +622,10 @@ impl Client {
                 codes.push(ReasonCode::TopicFilterInvalid.as_u8());
                 continue;
             }
-            if !broker.auth.can_subscribe(&self.client_id, f) {
+            if !broker
+                .auth
+                .can_subscribe(self.username.as_deref(), &self.client_id, f)
+            {
                 codes.push(ReasonCode::NotAuthorized.as_u8());
                 continue;
             }
@@ -656,7 +662,11 @@ impl Client {
                 found.clear();
                 broker.retained_for(f, &mut found);
                 for msg in found.drain(..) {
-                    if !broker.auth.can_receive(&self.client_id, msg.topic.as_str()) {
+                    if !broker.auth.can_receive(
+                        self.username.as_deref(),
+                        &self.client_id,
+                        msg.topic.as_str(),
+                    ) {
                         continue;
                     }
                     let mut sub_ids = SubIds::None;
@@ -792,6 +802,9 @@ impl Client {
         if self.ops_commit.waiting() {
             return;
         }
+        // With an ACL, every delivery is checked against this connection's identity: queued
+        // and stored messages were routed under an earlier one (or before a reload).
+        let acl = self.broker.auth.has_acl();
         while wbuf.len() < high_water {
             let slots = self.window.saturating_sub(self.state.inflight.len());
             let mut batch = std::mem::take(&mut self.batch);
@@ -805,6 +818,17 @@ impl Client {
             }
             let now = Instant::now();
             for d in batch.drain(..) {
+                if acl
+                    && !self.broker.auth.can_receive(
+                        self.username.as_deref(),
+                        &self.client_id,
+                        d.msg.topic.as_str(),
+                    )
+                {
+                    self.broker.metrics.dropped_not_authorized.inc();
+                    self.stage_dequeue(&d);
+                    continue;
+                }
                 self.send_publish(d, now, wbuf);
             }
             self.batch = batch;

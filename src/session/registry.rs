@@ -23,6 +23,21 @@ pub struct SessionHandle {
     /// Whether the session outlives its connection and is kept in the durable store: its
     /// QoS 1/2 deliveries are then stored before they are acknowledged to the publisher.
     pub persistent: AtomicBool,
+    /// The user name of its current (or last) connection, for ACL checks on delivery.
+    pub user: std::sync::RwLock<Option<Arc<str>>>,
+}
+
+impl SessionHandle {
+    pub fn username(&self) -> Option<Arc<str>> {
+        self.user
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_username(&self, user: Option<Arc<str>>) {
+        *self.user.write().unwrap_or_else(PoisonError::into_inner) = user;
+    }
 }
 
 /// Why a connection is asked to close.
@@ -145,6 +160,7 @@ impl Registry {
                         client_id: client_id.clone(),
                         outbox: Outbox::new(self.max_queued_messages, self.max_queued_bytes),
                         persistent: AtomicBool::new(false),
+                        user: std::sync::RwLock::new(None),
                     });
                     let state = Arc::new(tokio::sync::Mutex::new(SessionState::default()));
                     map.insert(
@@ -231,6 +247,7 @@ impl Registry {
             client_id: client_id.clone(),
             outbox: Outbox::new(self.max_queued_messages, self.max_queued_bytes),
             persistent: AtomicBool::new(true),
+            user: std::sync::RwLock::new(None),
         });
         self.set_next_id(session_id + 1);
         self.lock().insert(
