@@ -2,6 +2,7 @@
 //! outbound. Everything here writes into the connection's write buffer and calls the broker;
 //! no socket I/O happens in this file.
 
+use super::pending::{AckQueue, Gate, OpsCommit, PendingAck, Response};
 use super::Close;
 use crate::broker::{After, Broker, Staged, Subscriber};
 use crate::error::ProtocolError;
@@ -9,66 +10,15 @@ use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::*;
 use crate::session::registry::{Detached, SessionHandle};
-use crate::session::{Inflight, Outbound, PubRecAction, SessionState, Subscription, TopicAliases};
+use crate::session::{Outbound, PubRecAction, SessionState, Subscription, TopicAliases};
 use crate::storage::record::{
     unix_now_ms, InflightRecord, QueueEntry, SessionRecord, SubscriptionRecord, WillRecord,
 };
 use crate::storage::{Commit, Op};
 use bytes::BytesMut;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedMutexGuard;
-
-/// An acknowledgement waiting for the commit that covers it. Acks leave strictly in the order
-/// their packets arrived, so one waiting commit holds back the ones behind it.
-pub(crate) struct PendingAck {
-    commit: Commit,
-    ack: Response,
-    /// Deliveries that become visible once the commit is done (durable deliveries of a
-    /// PUBLISH; retained messages after a SUBACK).
-    then: Vec<After>,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) enum Response {
-    PubAck(u16, u8),
-    PubRec(u16, u8),
-    PubComp(u16, u8),
-    SubAck(u16, Vec<u8>),
-    UnsubAck(u16, Vec<u8>),
-}
-
-#[derive(Default)]
-pub(crate) struct AckQueue {
-    queue: VecDeque<PendingAck>,
-    /// QoS 1/2 PUBLISHes whose PUBACK/PUBREC is still in `queue` (Receive Maximum accounting).
-    unacked_publishes: usize,
-}
-
-impl AckQueue {
-    pub fn waiting(&self) -> bool {
-        matches!(
-            self.queue.front(),
-            Some(PendingAck {
-                commit: Commit::Pending(_),
-                ..
-            })
-        )
-    }
-
-    /// Resolves when the front commit completes (or fails), recording which.
-    pub async fn ready(&mut self) {
-        if let Some(front) = self.queue.front_mut() {
-            if let Commit::Pending(rx) = &mut front.commit {
-                front.commit = match rx.await {
-                    Ok(()) => Commit::Done,
-                    Err(_) => Commit::Failed,
-                };
-            }
-        }
-    }
-}
 
 /// A connected client: protocol state of this connection plus the attached session.
 pub(crate) struct Client {
@@ -94,121 +44,23 @@ pub(crate) struct Client {
     pub max_packet_out: usize,
     pub aliases: TopicAliases,
     pub acks: AckQueue,
-    scratch: Vec<Subscriber>,
-    batch: Vec<Delivery>,
+    pub(super) scratch: Vec<Subscriber>,
+    pub(super) batch: Vec<Delivery>,
     /// Per-connection tallies, added to the shared counters once per read or write batch
     /// rather than once per message (shared atomics are contended across cores).
-    tally: Tally,
+    pub(super) tally: Tally,
     /// Durable bookkeeping of outbound messages, submitted once per batch.
-    pending_ops: Vec<Op>,
+    pub(super) pending_ops: Vec<Op>,
     /// Whether the last input routed a message to someone.
-    routed: bool,
+    pub(super) routed: bool,
     /// The last submit of `pending_ops`: delivering waits for it, so a subscriber draining a
     /// stored queue goes at the store's pace instead of piling work up in front of it.
     pub ops_commit: OpsCommit,
     pub gate: Gate,
 }
 
-/// Holds back output that must not reach the client before a commit: a QoS 2 PUBLISH or
-/// PUBREL of a stored message is sent only after its in-flight record (packet id, released)
-/// is stored. Otherwise a broker killed in between would, after restart, re-send a message the
-/// client already completed (a duplicate) or reuse a packet id the client still holds open
-/// (a loss). Everything written after a gated packet waits too, keeping order.
-#[derive(Default)]
-pub(crate) struct Gate {
-    /// Offset in the write buffer where held output begins.
-    start: Option<usize>,
-    /// Gated output was encoded since the last submit.
-    needs_submit: bool,
-    /// The submit that covers everything held (commits complete in order).
-    commit: Option<tokio::sync::oneshot::Receiver<()>>,
-}
-
-impl Gate {
-    /// Call before encoding a packet that must wait for the next submit.
-    fn hold_from(&mut self, offset: usize) {
-        if self.start.is_none() {
-            self.start = Some(offset);
-        }
-        self.needs_submit = true;
-    }
-
-    /// How much of a write buffer of `len` bytes may be written now.
-    pub fn writable(&self, len: usize) -> usize {
-        self.start.map_or(len, |s| s.min(len))
-    }
-
-    /// `n` bytes from the front of the write buffer were written.
-    pub fn advanced(&mut self, n: usize) {
-        if let Some(s) = &mut self.start {
-            *s = s.saturating_sub(n);
-        }
-    }
-
-    /// Whether output is held waiting for a submitted commit.
-    pub fn waiting(&self) -> bool {
-        self.commit.is_some()
-    }
-
-    /// Resolves when the covering commit is done; then everything held may go.
-    pub async fn ready(&mut self) {
-        if let Some(rx) = &mut self.commit {
-            let ok = rx.await.is_ok();
-            self.commit = None;
-            if ok {
-                self.start = None;
-            }
-        }
-    }
-
-    /// At close: waits briefly for the commit, else drops the held output.
-    pub async fn settle(&mut self, wbuf: &mut BytesMut) {
-        if self.commit.is_some() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.ready()).await;
-        }
-        if let Some(s) = self.start.take() {
-            wbuf.truncate(s);
-        }
-    }
-}
-
-/// Submits of a connection's bookkeeping ops still being written (see
-/// `Client::ops_commit`). A few may be outstanding so delivery and storage overlap.
-#[derive(Default)]
-pub(crate) struct OpsCommit(VecDeque<tokio::sync::oneshot::Receiver<()>>);
-
-/// Bookkeeping submits a connection may have outstanding before it stops delivering.
-const OPS_IN_FLIGHT: usize = 4;
-
-impl OpsCommit {
-    fn push(&mut self, rx: tokio::sync::oneshot::Receiver<()>) {
-        self.0.push_back(rx);
-    }
-
-    /// Whether delivering must wait for the store.
-    pub fn waiting(&mut self) -> bool {
-        while let Some(rx) = self.0.front_mut() {
-            match rx.try_recv() {
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                _ => {
-                    self.0.pop_front();
-                }
-            }
-        }
-        self.0.len() >= OPS_IN_FLIGHT
-    }
-
-    /// Resolves when the oldest outstanding submit is written.
-    pub async fn ready(&mut self) {
-        if let Some(rx) = self.0.front_mut() {
-            let _ = rx.await;
-            self.0.pop_front();
-        }
-    }
-}
-
 /// The durable record of an in-flight delivery.
-fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
+pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
     InflightRecord {
         packet_id,
         order: d.order,
@@ -223,10 +75,10 @@ fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightReco
 }
 
 #[derive(Default)]
-struct Tally {
-    received: [u64; 3],
-    sent: [u64; 3],
-    bytes_received: u64,
+pub(super) struct Tally {
+    pub(super) received: [u64; 3],
+    pub(super) sent: [u64; 3],
+    pub(super) bytes_received: u64,
 }
 
 impl Client {
@@ -789,243 +641,6 @@ impl Client {
             Response::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, *r),
             Response::SubAck(id, codes) => encode_suback(wbuf, v, *id, codes),
             Response::UnsubAck(id, codes) => encode_unsuback(wbuf, v, *id, codes),
-        }
-    }
-
-    /// Whether the outbox can give us anything now (window not full).
-    pub fn can_take_more(&self) -> bool {
-        self.state.inflight.len() < self.window
-    }
-
-    /// Encodes queued deliveries into `wbuf` within the in-flight window, up to `high_water`.
-    pub fn fill_from_outbox(&mut self, wbuf: &mut BytesMut, high_water: usize) {
-        if self.ops_commit.waiting() {
-            return;
-        }
-        // With an ACL, every delivery is checked against this connection's identity: queued
-        // and stored messages were routed under an earlier one (or before a reload).
-        let acl = self.broker.auth.has_acl();
-        while wbuf.len() < high_water {
-            let slots = self.window.saturating_sub(self.state.inflight.len());
-            let mut batch = std::mem::take(&mut self.batch);
-            self.handle.outbox.pop_batch(slots, 64, &mut batch);
-            if batch.is_empty() && slots > 0 && self.load_spilled() {
-                self.handle.outbox.pop_batch(slots, 64, &mut batch);
-            }
-            if batch.is_empty() {
-                self.batch = batch;
-                break;
-            }
-            let now = Instant::now();
-            for d in batch.drain(..) {
-                if acl
-                    && !self.broker.auth.can_receive(
-                        self.username.as_deref(),
-                        &self.client_id,
-                        d.msg.topic.as_str(),
-                    )
-                {
-                    self.broker.metrics.dropped_not_authorized.inc();
-                    self.stage_dequeue(&d);
-                    continue;
-                }
-                self.send_publish(d, now, wbuf);
-            }
-            self.batch = batch;
-        }
-        self.flush_tally();
-        self.flush_ops();
-    }
-
-    /// Moves the next committed entries of the session's on-disk queue into memory. Returns
-    /// whether anything was loaded. Runs on this connection's task: fjall reads are
-    /// synchronous, and mostly served from its memtable and block cache.
-    fn load_spilled(&mut self) -> bool {
-        const LOAD_BATCH: usize = 256;
-        if !self.broker.store.durable() {
-            return false;
-        }
-        let Some((from, below, epoch)) = self.handle.outbox.spill_window() else {
-            return false;
-        };
-        let store = self.broker.store.clone();
-        let entries = match store.read_queue(self.handle.id, from, LOAD_BATCH) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(client_id = %self.client_id, error = %e, "cannot read the session queue");
-                return false;
-            }
-        };
-        let full = entries.len() == LOAD_BATCH;
-        let now = Instant::now();
-        let unix = unix_now_ms();
-        let mut loaded = Vec::with_capacity(entries.len());
-        let mut missing = 0;
-        let mut next_from = below;
-        for (seq, e) in entries {
-            if seq >= below {
-                break;
-            }
-            next_from = seq + 1;
-            match store.get_message(e.msg_id) {
-                Ok(Some(m)) => {
-                    let mut sub_ids = SubIds::None;
-                    for id in e.sub_ids {
-                        sub_ids.push(id);
-                    }
-                    let mut d =
-                        Delivery::new(Arc::new(m.to_message(now, unix)), e.qos, e.retain, sub_ids);
-                    d.seq = Some(seq);
-                    d.stored = true;
-                    loaded.push(d);
-                }
-                _ => {
-                    // Dangling entry (its message is gone): drop it rather than stall the queue.
-                    missing += 1;
-                    self.pending_ops.push(Op::Dequeue {
-                        session_id: self.handle.id,
-                        seq,
-                    });
-                }
-            }
-        }
-        if !full {
-            next_from = below;
-        }
-        let any = !loaded.is_empty();
-        self.handle.outbox.load_spilled(loaded, next_from, epoch);
-        if missing > 0 {
-            self.handle.outbox.forget_spilled(missing);
-        }
-        any
-    }
-
-    /// Encodes one delivery; QoS 1/2 enters the in-flight window.
-    fn send_publish(&mut self, mut d: Delivery, now: Instant, wbuf: &mut BytesMut) {
-        let metrics = &self.broker.metrics;
-        let Ok(expiry) = d.msg.remaining_expiry(now) else {
-            // [MQTT-3.3.2-5] expired messages are not delivered.
-            metrics.dropped_expired.inc();
-            self.stage_dequeue(&d);
-            return;
-        };
-        let topic = d.msg.topic.as_str();
-        let mut out = OutgoingPublish {
-            topic: topic.as_bytes(),
-            qos: d.qos,
-            retain: d.retain,
-            dup: false,
-            packet_id: 0,
-            properties: &d.msg.properties,
-            extras: PublishExtras {
-                message_expiry_interval: expiry,
-                topic_alias: None,
-                subscription_identifiers: d.sub_ids.as_slice(),
-            },
-            payload: &d.msg.payload,
-        };
-        if self.version.is_v5() {
-            // Measure with the full topic (the worst case) before committing to an alias.
-            out.extras.topic_alias = Some(1).filter(|_| self.aliases_enabled());
-            if publish_size(self.version, &out) > self.max_packet_out {
-                // [MQTT-3.1.2-25] too large for this client: behave as if sent.
-                metrics.dropped_too_large.inc();
-                self.stage_dequeue(&d);
-                return;
-            }
-            out.extras.topic_alias = None;
-            if let Some((alias, first)) = self.aliases.outbound(topic) {
-                out.extras.topic_alias = Some(alias);
-                if !first {
-                    out.topic = b"";
-                }
-            }
-        }
-        if d.qos != QoS::AtMostOnce {
-            d.order = self.state.next_order;
-            self.state.next_order += 1;
-            let pid = self.state.inflight.insert(d.clone());
-            out.packet_id = pid;
-            if let Some(seq) = d.seq {
-                if d.qos == QoS::ExactlyOnce {
-                    self.gate.hold_from(wbuf.len());
-                }
-                // Queue entry → in-flight record, in one submit (the message's reference
-                // moves with it).
-                self.pending_ops.push(Op::Dequeue {
-                    session_id: self.handle.id,
-                    seq,
-                });
-                self.pending_ops.push(Op::PutInflight {
-                    session_id: self.handle.id,
-                    rec: inflight_record(pid, &d, false),
-                });
-            }
-        }
-        encode_publish(wbuf, self.version, &out);
-        self.tally.sent[d.qos as usize] += 1;
-    }
-
-    /// A stored delivery that will never be sent leaves the durable queue.
-    fn stage_dequeue(&mut self, d: &Delivery) {
-        if let Some(seq) = d.seq {
-            self.pending_ops.push(Op::Dequeue {
-                session_id: self.handle.id,
-                seq,
-            });
-        }
-    }
-
-    /// Adds the per-connection tallies to the shared counters.
-    pub fn flush_tally(&mut self) {
-        let m = &self.broker.metrics;
-        let t = std::mem::take(&mut self.tally);
-        for q in 0..3 {
-            if t.received[q] > 0 {
-                m.received[q].inc_by(t.received[q]);
-            }
-            if t.sent[q] > 0 {
-                m.sent[q].inc_by(t.sent[q]);
-            }
-        }
-        if t.bytes_received > 0 {
-            m.bytes_received.inc_by(t.bytes_received);
-        }
-    }
-
-    fn aliases_enabled(&self) -> bool {
-        self.aliases.outbound_enabled()
-    }
-
-    /// On reconnect of a session: re-send unacknowledged PUBLISHes with DUP and pending PUBRELs,
-    /// in their original order and with their original packet ids ([MQTT-4.4.0-1]).
-    pub fn resend_inflight(&mut self, wbuf: &mut BytesMut) {
-        let now = Instant::now();
-        let version = self.version;
-        let inflight: &Inflight = &self.state.inflight;
-        for (id, entry) in inflight.iter() {
-            match entry {
-                Outbound::Published(d) => {
-                    let expiry = d.msg.remaining_expiry(now).unwrap_or(Some(1));
-                    let out = OutgoingPublish {
-                        topic: d.msg.topic.as_str().as_bytes(),
-                        qos: d.qos,
-                        retain: d.retain,
-                        dup: true,
-                        packet_id: *id,
-                        properties: &d.msg.properties,
-                        extras: PublishExtras {
-                            message_expiry_interval: expiry,
-                            topic_alias: None,
-                            subscription_identifiers: d.sub_ids.as_slice(),
-                        },
-                        payload: &d.msg.payload,
-                    };
-                    encode_publish(wbuf, version, &out);
-                    self.tally.sent[d.qos as usize] += 1;
-                }
-                Outbound::Released(_) => encode_pub_response(wbuf, version, PUBREL, *id, 0),
-            }
         }
     }
 

@@ -8,6 +8,8 @@
 
 mod connect;
 mod handlers;
+mod outbound;
+mod pending;
 
 use crate::broker::Broker;
 use crate::error::ProtocolError;

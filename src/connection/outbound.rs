@@ -1,0 +1,251 @@
+//! Outbound: draining the session's outbox into the write buffer within the in-flight window,
+//! loading a stored queue from disk, and re-sending in-flight messages on reconnect.
+
+use super::handlers::{inflight_record, Client};
+use crate::outbox::{Delivery, SubIds};
+use crate::protocol::*;
+use crate::session::{Inflight, Outbound};
+use crate::storage::record::unix_now_ms;
+use crate::storage::Op;
+use bytes::BytesMut;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl Client {
+    /// Whether the outbox can give us anything now (window not full).
+    pub fn can_take_more(&self) -> bool {
+        self.state.inflight.len() < self.window
+    }
+
+    /// Encodes queued deliveries into `wbuf` within the in-flight window, up to `high_water`.
+    pub fn fill_from_outbox(&mut self, wbuf: &mut BytesMut, high_water: usize) {
+        if self.ops_commit.waiting() {
+            return;
+        }
+        // With an ACL, every delivery is checked against this connection's identity: queued
+        // and stored messages were routed under an earlier one (or before a reload).
+        let acl = self.broker.auth.has_acl();
+        while wbuf.len() < high_water {
+            let slots = self.window.saturating_sub(self.state.inflight.len());
+            let mut batch = std::mem::take(&mut self.batch);
+            self.handle.outbox.pop_batch(slots, 64, &mut batch);
+            if batch.is_empty() && slots > 0 && self.load_spilled() {
+                self.handle.outbox.pop_batch(slots, 64, &mut batch);
+            }
+            if batch.is_empty() {
+                self.batch = batch;
+                break;
+            }
+            let now = Instant::now();
+            for d in batch.drain(..) {
+                if acl
+                    && !self.broker.auth.can_receive(
+                        self.username.as_deref(),
+                        &self.client_id,
+                        d.msg.topic.as_str(),
+                    )
+                {
+                    self.broker.metrics.dropped_not_authorized.inc();
+                    self.stage_dequeue(&d);
+                    continue;
+                }
+                self.send_publish(d, now, wbuf);
+            }
+            self.batch = batch;
+        }
+        self.flush_tally();
+        self.flush_ops();
+    }
+
+    /// Moves the next committed entries of the session's on-disk queue into memory. Returns
+    /// whether anything was loaded. Runs on this connection's task: fjall reads are
+    /// synchronous, and mostly served from its memtable and block cache.
+    fn load_spilled(&mut self) -> bool {
+        const LOAD_BATCH: usize = 256;
+        if !self.broker.store.durable() {
+            return false;
+        }
+        let Some((from, below, epoch)) = self.handle.outbox.spill_window() else {
+            return false;
+        };
+        let store = self.broker.store.clone();
+        let entries = match store.read_queue(self.handle.id, from, LOAD_BATCH) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(client_id = %self.client_id, error = %e, "cannot read the session queue");
+                return false;
+            }
+        };
+        let full = entries.len() == LOAD_BATCH;
+        let now = Instant::now();
+        let unix = unix_now_ms();
+        let mut loaded = Vec::with_capacity(entries.len());
+        let mut missing = 0;
+        let mut next_from = below;
+        for (seq, e) in entries {
+            if seq >= below {
+                break;
+            }
+            next_from = seq + 1;
+            match store.get_message(e.msg_id) {
+                Ok(Some(m)) => {
+                    let mut sub_ids = SubIds::None;
+                    for id in e.sub_ids {
+                        sub_ids.push(id);
+                    }
+                    let mut d =
+                        Delivery::new(Arc::new(m.to_message(now, unix)), e.qos, e.retain, sub_ids);
+                    d.seq = Some(seq);
+                    d.stored = true;
+                    loaded.push(d);
+                }
+                _ => {
+                    // Dangling entry (its message is gone): drop it rather than stall the queue.
+                    missing += 1;
+                    self.pending_ops.push(Op::Dequeue {
+                        session_id: self.handle.id,
+                        seq,
+                    });
+                }
+            }
+        }
+        if !full {
+            next_from = below;
+        }
+        let any = !loaded.is_empty();
+        self.handle.outbox.load_spilled(loaded, next_from, epoch);
+        if missing > 0 {
+            self.handle.outbox.forget_spilled(missing);
+        }
+        any
+    }
+
+    /// Encodes one delivery; QoS 1/2 enters the in-flight window.
+    fn send_publish(&mut self, mut d: Delivery, now: Instant, wbuf: &mut BytesMut) {
+        let metrics = &self.broker.metrics;
+        let Ok(expiry) = d.msg.remaining_expiry(now) else {
+            // [MQTT-3.3.2-5] expired messages are not delivered.
+            metrics.dropped_expired.inc();
+            self.stage_dequeue(&d);
+            return;
+        };
+        let topic = d.msg.topic.as_str();
+        let mut out = OutgoingPublish {
+            topic: topic.as_bytes(),
+            qos: d.qos,
+            retain: d.retain,
+            dup: false,
+            packet_id: 0,
+            properties: &d.msg.properties,
+            extras: PublishExtras {
+                message_expiry_interval: expiry,
+                topic_alias: None,
+                subscription_identifiers: d.sub_ids.as_slice(),
+            },
+            payload: &d.msg.payload,
+        };
+        if self.version.is_v5() {
+            // Measure with the full topic (the worst case) before committing to an alias.
+            out.extras.topic_alias = Some(1).filter(|_| self.aliases_enabled());
+            if publish_size(self.version, &out) > self.max_packet_out {
+                // [MQTT-3.1.2-25] too large for this client: behave as if sent.
+                metrics.dropped_too_large.inc();
+                self.stage_dequeue(&d);
+                return;
+            }
+            out.extras.topic_alias = None;
+            if let Some((alias, first)) = self.aliases.outbound(topic) {
+                out.extras.topic_alias = Some(alias);
+                if !first {
+                    out.topic = b"";
+                }
+            }
+        }
+        if d.qos != QoS::AtMostOnce {
+            d.order = self.state.next_order;
+            self.state.next_order += 1;
+            let pid = self.state.inflight.insert(d.clone());
+            out.packet_id = pid;
+            if let Some(seq) = d.seq {
+                if d.qos == QoS::ExactlyOnce {
+                    self.gate.hold_from(wbuf.len());
+                }
+                // Queue entry → in-flight record, in one submit (the message's reference
+                // moves with it).
+                self.pending_ops.push(Op::Dequeue {
+                    session_id: self.handle.id,
+                    seq,
+                });
+                self.pending_ops.push(Op::PutInflight {
+                    session_id: self.handle.id,
+                    rec: inflight_record(pid, &d, false),
+                });
+            }
+        }
+        encode_publish(wbuf, self.version, &out);
+        self.tally.sent[d.qos as usize] += 1;
+    }
+
+    /// A stored delivery that will never be sent leaves the durable queue.
+    fn stage_dequeue(&mut self, d: &Delivery) {
+        if let Some(seq) = d.seq {
+            self.pending_ops.push(Op::Dequeue {
+                session_id: self.handle.id,
+                seq,
+            });
+        }
+    }
+
+    /// Adds the per-connection tallies to the shared counters.
+    pub fn flush_tally(&mut self) {
+        let m = &self.broker.metrics;
+        let t = std::mem::take(&mut self.tally);
+        for q in 0..3 {
+            if t.received[q] > 0 {
+                m.received[q].inc_by(t.received[q]);
+            }
+            if t.sent[q] > 0 {
+                m.sent[q].inc_by(t.sent[q]);
+            }
+        }
+        if t.bytes_received > 0 {
+            m.bytes_received.inc_by(t.bytes_received);
+        }
+    }
+
+    fn aliases_enabled(&self) -> bool {
+        self.aliases.outbound_enabled()
+    }
+
+    /// On reconnect of a session: re-send unacknowledged PUBLISHes with DUP and pending PUBRELs,
+    /// in their original order and with their original packet ids ([MQTT-4.4.0-1]).
+    pub fn resend_inflight(&mut self, wbuf: &mut BytesMut) {
+        let now = Instant::now();
+        let version = self.version;
+        let inflight: &Inflight = &self.state.inflight;
+        for (id, entry) in inflight.iter() {
+            match entry {
+                Outbound::Published(d) => {
+                    let expiry = d.msg.remaining_expiry(now).unwrap_or(Some(1));
+                    let out = OutgoingPublish {
+                        topic: d.msg.topic.as_str().as_bytes(),
+                        qos: d.qos,
+                        retain: d.retain,
+                        dup: true,
+                        packet_id: *id,
+                        properties: &d.msg.properties,
+                        extras: PublishExtras {
+                            message_expiry_interval: expiry,
+                            topic_alias: None,
+                            subscription_identifiers: d.sub_ids.as_slice(),
+                        },
+                        payload: &d.msg.payload,
+                    };
+                    encode_publish(wbuf, version, &out);
+                    self.tally.sent[d.qos as usize] += 1;
+                }
+                Outbound::Released(_) => encode_pub_response(wbuf, version, PUBREL, *id, 0),
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! What waits before it may go out: acknowledgements behind their commits, output behind the
+//! QoS 2 write gate, and a connection's outstanding bookkeeping submits.
+
+use crate::broker::After;
+use crate::storage::Commit;
+use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// An acknowledgement waiting for the commit that covers it. Acks leave strictly in the order
+/// their packets arrived, so one waiting commit holds back the ones behind it.
+pub(crate) struct PendingAck {
+    pub(crate) commit: Commit,
+    pub(crate) ack: Response,
+    /// Deliveries that become visible once the commit is done (durable deliveries of a
+    /// PUBLISH; retained messages after a SUBACK).
+    pub(crate) then: Vec<After>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Response {
+    PubAck(u16, u8),
+    PubRec(u16, u8),
+    PubComp(u16, u8),
+    SubAck(u16, Vec<u8>),
+    UnsubAck(u16, Vec<u8>),
+}
+
+#[derive(Default)]
+pub(crate) struct AckQueue {
+    pub(crate) queue: VecDeque<PendingAck>,
+    /// QoS 1/2 PUBLISHes whose PUBACK/PUBREC is still in `queue` (Receive Maximum accounting).
+    pub(crate) unacked_publishes: usize,
+}
+
+impl AckQueue {
+    pub fn waiting(&self) -> bool {
+        matches!(
+            self.queue.front(),
+            Some(PendingAck {
+                commit: Commit::Pending(_),
+                ..
+            })
+        )
+    }
+
+    /// Resolves when the front commit completes (or fails), recording which.
+    pub async fn ready(&mut self) {
+        if let Some(front) = self.queue.front_mut() {
+            if let Commit::Pending(rx) = &mut front.commit {
+                front.commit = match rx.await {
+                    Ok(()) => Commit::Done,
+                    Err(_) => Commit::Failed,
+                };
+            }
+        }
+    }
+}
+
+/// Holds back output that must not reach the client before a commit: a QoS 2 PUBLISH or
+/// PUBREL of a stored message is sent only after its in-flight record (packet id, released)
+/// is stored. Otherwise a broker killed in between would, after restart, re-send a message the
+/// client already completed (a duplicate) or reuse a packet id the client still holds open
+/// (a loss). Everything written after a gated packet waits too, keeping order.
+#[derive(Default)]
+pub(crate) struct Gate {
+    /// Offset in the write buffer where held output begins.
+    pub(crate) start: Option<usize>,
+    /// Gated output was encoded since the last submit.
+    pub(crate) needs_submit: bool,
+    /// The submit that covers everything held (commits complete in order).
+    pub(crate) commit: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Gate {
+    /// Call before encoding a packet that must wait for the next submit.
+    pub(crate) fn hold_from(&mut self, offset: usize) {
+        if self.start.is_none() {
+            self.start = Some(offset);
+        }
+        self.needs_submit = true;
+    }
+
+    /// How much of a write buffer of `len` bytes may be written now.
+    pub fn writable(&self, len: usize) -> usize {
+        self.start.map_or(len, |s| s.min(len))
+    }
+
+    /// `n` bytes from the front of the write buffer were written.
+    pub fn advanced(&mut self, n: usize) {
+        if let Some(s) = &mut self.start {
+            *s = s.saturating_sub(n);
+        }
+    }
+
+    /// Whether output is held waiting for a submitted commit.
+    pub fn waiting(&self) -> bool {
+        self.commit.is_some()
+    }
+
+    /// Resolves when the covering commit is done; then everything held may go.
+    pub async fn ready(&mut self) {
+        if let Some(rx) = &mut self.commit {
+            let ok = rx.await.is_ok();
+            self.commit = None;
+            if ok {
+                self.start = None;
+            }
+        }
+    }
+
+    /// At close: waits briefly for the commit, else drops the held output.
+    pub async fn settle(&mut self, wbuf: &mut BytesMut) {
+        if self.commit.is_some() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.ready()).await;
+        }
+        if let Some(s) = self.start.take() {
+            wbuf.truncate(s);
+        }
+    }
+}
+
+/// Submits of a connection's bookkeeping ops still being written (see
+/// `Client::ops_commit`). A few may be outstanding so delivery and storage overlap.
+#[derive(Default)]
+pub(crate) struct OpsCommit(pub(crate) VecDeque<tokio::sync::oneshot::Receiver<()>>);
+
+/// Bookkeeping submits a connection may have outstanding before it stops delivering.
+const OPS_IN_FLIGHT: usize = 4;
+
+impl OpsCommit {
+    pub(crate) fn push(&mut self, rx: tokio::sync::oneshot::Receiver<()>) {
+        self.0.push_back(rx);
+    }
+
+    /// Whether delivering must wait for the store.
+    pub fn waiting(&mut self) -> bool {
+        while let Some(rx) = self.0.front_mut() {
+            match rx.try_recv() {
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                _ => {
+                    self.0.pop_front();
+                }
+            }
+        }
+        self.0.len() >= OPS_IN_FLIGHT
+    }
+
+    /// Resolves when the oldest outstanding submit is written.
+    pub async fn ready(&mut self) {
+        if let Some(rx) = self.0.front_mut() {
+            let _ = rx.await;
+            self.0.pop_front();
+        }
+    }
+}
