@@ -127,6 +127,21 @@ pub struct Limits {
     pub connect_timeout: u64,
     /// Seconds a peer may leave written data unread before it is disconnected.
     pub write_timeout: u64,
+    /// New connections accepted per second per listener (token bucket, burst of one second's
+    /// worth); connections over the rate are closed at accept. 0 means no limit.
+    pub max_connect_rate: u32,
+    /// Longest PUBLISH topic name or SUBSCRIBE topic filter, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated parts) in a topic name or topic filter.
+    pub max_topic_levels: usize,
+    /// Subscriptions (distinct topic filters) per client. 0 means no limit.
+    pub max_subscriptions: usize,
+    /// PUBLISH packets per second a client may send; beyond it the broker stops reading that
+    /// client's socket until the budget refills (back-pressure, never a disconnect). 0 = no limit.
+    pub max_publish_rate: u32,
+    /// PUBLISH bytes (whole packets) per second a client may send, enforced like
+    /// `max_publish_rate`. 0 = no limit.
+    pub max_publish_bytes_rate: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -205,6 +220,12 @@ impl Default for Limits {
             max_inbound_qos2: 1024,
             connect_timeout: 10,
             write_timeout: 30,
+            max_connect_rate: 0,
+            max_topic_length: 65535,
+            max_topic_levels: 128,
+            max_subscriptions: 0,
+            max_publish_rate: 0,
+            max_publish_bytes_rate: 0,
         }
     }
 }
@@ -309,6 +330,21 @@ impl Config {
         if l.write_timeout == 0 {
             return invalid("limits.write_timeout", "must be at least 1 second");
         }
+        if l.max_topic_length == 0 || l.max_topic_length > 65535 {
+            return invalid(
+                "limits.max_topic_length",
+                "must be between 1 and 65535 bytes",
+            );
+        }
+        if l.max_topic_levels == 0 || l.max_topic_levels > 65535 {
+            return invalid("limits.max_topic_levels", "must be between 1 and 65535");
+        }
+        if l.max_publish_bytes_rate != 0 && l.max_publish_bytes_rate < l.max_packet_size {
+            return invalid(
+                "limits.max_publish_bytes_rate",
+                "must be 0 (no limit) or at least limits.max_packet_size bytes per second",
+            );
+        }
         if self.mqtt.max_qos > 2 {
             return invalid("mqtt.max_qos", "must be 0, 1 or 2");
         }
@@ -387,6 +423,12 @@ mod tests {
             "max_inbound_qos2",
             "connect_timeout",
             "write_timeout",
+            "max_connect_rate",
+            "max_topic_length",
+            "max_topic_levels",
+            "max_subscriptions",
+            "max_publish_rate",
+            "max_publish_bytes_rate",
         ] {
             assert!(limits.contains_key(key), "limits.{key} missing");
         }
@@ -404,6 +446,39 @@ mod tests {
         assert!(err.to_string().contains("mqtt.max_qos"), "{err}");
         let err = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
         assert!(err.to_string().contains("max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn abuse_limits_out_of_range_name_the_key() {
+        for (text, key) in [
+            (
+                "[limits]\nmax_topic_length = 0\n",
+                "limits.max_topic_length",
+            ),
+            (
+                "[limits]\nmax_topic_length = 65536\n",
+                "limits.max_topic_length",
+            ),
+            (
+                "[limits]\nmax_topic_levels = 0\n",
+                "limits.max_topic_levels",
+            ),
+            (
+                "[limits]\nmax_publish_bytes_rate = 1000\n",
+                "limits.max_publish_bytes_rate",
+            ),
+            ("[limits]\nmax_connect_rate = -1\n", "max_connect_rate"),
+            ("[limits]\nmax_publish_rate = -5\n", "max_publish_rate"),
+            ("[limits]\nmax_subscriptions = -1\n", "max_subscriptions"),
+        ] {
+            let err = Config::from_toml(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let c = Config::from_toml(
+            "[limits]\nmax_connect_rate = 50\nmax_publish_rate = 200\nmax_publish_bytes_rate = 2097152\nmax_subscriptions = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_publish_rate, 200);
     }
 
     #[test]

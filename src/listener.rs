@@ -93,6 +93,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let max = broker.config.limits.max_connections;
+    let connect_rate = broker.config.limits.max_connect_rate;
+    // One bucket per listener, holding one second's worth of connections.
+    let mut rate = (connect_rate > 0).then(|| {
+        crate::connection::TokenBucket::new(f64::from(connect_rate), std::time::Instant::now())
+    });
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -107,6 +112,14 @@ pub async fn run(
                 continue;
             }
         };
+        if let Some(bucket) = rate.as_mut() {
+            if !bucket.try_take(1.0, std::time::Instant::now()) {
+                broker.metrics.refused_connect_rate.inc();
+                tracing::info!(%peer, rate = connect_rate, "connection refused: limits.max_connect_rate exceeded");
+                drop(stream);
+                continue;
+            }
+        }
         let Some(slot) = ConnectionSlot::try_take(&connections, max) else {
             broker.metrics.refused_max_connections.inc();
             tracing::info!(%peer, max, "connection refused: limits.max_connections reached");

@@ -119,6 +119,20 @@ pub(super) async fn accept(
 
     if let Some(w) = &c.will {
         let cid = c.client_id.as_str();
+        let limits = &broker.config.limits;
+        let topic = w.topic.as_str();
+        if topic.len() > limits.max_topic_length
+            || topic.bytes().filter(|&b| b == b'/').count() >= limits.max_topic_levels
+        {
+            return refuse(
+                broker,
+                wbuf,
+                version,
+                ReasonCode::TopicNameInvalid,
+                peer,
+                "will topic over limits.max_topic_length or limits.max_topic_levels",
+            );
+        }
         if !broker
             .auth
             .can_publish(username.as_deref(), cid, w.topic.as_str())

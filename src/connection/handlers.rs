@@ -3,7 +3,7 @@
 //! no socket I/O happens in this file.
 
 use super::pending::{AckQueue, Gate, OpsCommit, PendingAck, Response};
-use super::Close;
+use super::{Close, TokenBucket};
 use crate::broker::{After, Broker, Staged, Subscriber};
 use crate::error::ProtocolError;
 use crate::message::Message;
@@ -57,6 +57,9 @@ pub(crate) struct Client {
     /// stored queue goes at the store's pace instead of piling work up in front of it.
     pub ops_commit: OpsCommit,
     pub gate: Gate,
+    /// `limits.max_publish_rate` / `limits.max_publish_bytes_rate` budgets (None: no limit).
+    pub(super) publish_rate: Option<TokenBucket>,
+    pub(super) publish_bytes_rate: Option<TokenBucket>,
 }
 
 /// The durable record of an in-flight delivery.
@@ -99,6 +102,13 @@ impl Client {
         max_packet_out: usize,
         aliases: TopicAliases,
     ) -> Client {
+        let rates = (
+            broker.config.limits.max_publish_rate,
+            broker.config.limits.max_publish_bytes_rate,
+        );
+        let bucket = |rate: u32| {
+            (rate > 0).then(|| TokenBucket::new(f64::from(rate), std::time::Instant::now()))
+        };
         Client {
             broker,
             version,
@@ -123,6 +133,30 @@ impl Client {
             routed: false,
             ops_commit: OpsCommit::default(),
             gate: Gate::default(),
+            publish_rate: bucket(rates.0),
+            publish_bytes_rate: bucket(rates.1),
+        }
+    }
+
+    /// How long until this client's publish budget allows reading on (None: it does now).
+    pub fn throttle_wait(&mut self) -> Option<Duration> {
+        if self.publish_rate.is_none() && self.publish_bytes_rate.is_none() {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let a = self.publish_rate.as_mut().and_then(|b| b.wait(now));
+        let b = self.publish_bytes_rate.as_mut().and_then(|b| b.wait(now));
+        a.max(b)
+    }
+
+    /// Charges one PUBLISH of `size` bytes to the publish budgets.
+    fn charge_publish(&mut self, size: usize) {
+        let now = std::time::Instant::now();
+        if let Some(b) = self.publish_rate.as_mut() {
+            b.take(1.0, now);
+        }
+        if let Some(b) = self.publish_bytes_rate.as_mut() {
+            b.take(size as f64, now);
         }
     }
 
@@ -135,9 +169,17 @@ impl Client {
     pub fn process_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Result<(), Close> {
         let max = self.broker.config.limits.max_packet_size as usize;
         loop {
+            if self.throttle_wait().is_some() {
+                // Publish budget spent: the rest stays in `rbuf` until it refills.
+                self.flush_tally();
+                return Ok(());
+            }
             match decode_packet(rbuf, Some(self.version), max) {
                 Ok(DecodeOutcome::Packet(packet, size)) => {
                     self.tally.bytes_received += size as u64;
+                    if let Packet::Publish(_) = &packet {
+                        self.charge_publish(size);
+                    }
                     if let Err(close) = self.handle_packet(packet, wbuf) {
                         self.flush_tally();
                         return Err(close);
@@ -280,6 +322,10 @@ impl Client {
         if !validate::is_valid_topic_name(topic.as_str()) {
             // [MQTT-3.3.2-2] wildcards make the packet ill-formed, not merely unacceptable.
             return Err(ProtocolError::Protocol("wildcard in a topic name"));
+        }
+        if !self.topic_within_limits(topic.as_str()) {
+            // limits.max_topic_length / max_topic_levels (v5: DISCONNECT 0x90).
+            return Err(ProtocolError::TopicNameInvalid);
         }
         if p.qos.as_u8() > broker.config.mqtt.max_qos {
             return Err(ProtocolError::QosNotSupported);
@@ -456,6 +502,13 @@ impl Client {
         );
     }
 
+    /// `limits.max_topic_length` and `limits.max_topic_levels` for a topic name or filter.
+    pub(super) fn topic_within_limits(&self, topic: &str) -> bool {
+        let l = &self.broker.config.limits;
+        topic.len() <= l.max_topic_length
+            && topic.bytes().filter(|&b| b == b'/').count() < l.max_topic_levels
+    }
+
     fn handle_subscribe(&mut self, s: Subscribe, wbuf: &mut BytesMut) {
         let broker = self.broker.clone();
         let v5 = self.version.is_v5();
@@ -470,7 +523,7 @@ impl Client {
                 codes.push(ReasonCode::SharedSubscriptionsNotSupported.as_u8());
                 continue;
             }
-            if !validate::is_valid_topic_filter(f) {
+            if !validate::is_valid_topic_filter(f) || !self.topic_within_limits(f) {
                 codes.push(ReasonCode::TopicFilterInvalid.as_u8());
                 continue;
             }
@@ -479,6 +532,15 @@ impl Client {
                 .can_subscribe(self.username.as_deref(), &self.client_id, f)
             {
                 codes.push(ReasonCode::NotAuthorized.as_u8());
+                continue;
+            }
+            let max_subs = broker.config.limits.max_subscriptions;
+            if max_subs > 0
+                && self.state.subscriptions.len() >= max_subs
+                && !self.state.subscriptions.contains_key(f)
+            {
+                // limits.max_subscriptions; re-subscribing to a filter it has is fine.
+                codes.push(ReasonCode::QuotaExceeded.as_u8());
                 continue;
             }
             options.qos = options.qos.min(max_qos);

@@ -33,6 +33,55 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 const READ_MIN: usize = 128;
 const READ_MAX: usize = 64 * 1024;
 
+/// A token bucket: `rate` tokens per second, holding at most one second's worth. `take` may
+/// run it into debt (a packet already read must be handled); the owner then waits
+/// [`TokenBucket::wait`] before taking more.
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate: f64, now: std::time::Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            tokens: rate,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: std::time::Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+    }
+
+    /// Takes `n` tokens if that many are there.
+    pub(crate) fn try_take(&mut self, n: f64, now: std::time::Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes `n` tokens, going into debt if needed.
+    pub(crate) fn take(&mut self, n: f64, now: std::time::Instant) {
+        self.refill(now);
+        self.tokens -= n;
+    }
+
+    /// How long until the bucket is out of debt (None: it is not in debt).
+    pub(crate) fn wait(&mut self, now: std::time::Instant) -> Option<Duration> {
+        self.refill(now);
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
 /// Why a connection ended.
 #[derive(Debug)]
 pub(crate) enum Close {
@@ -253,6 +302,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         let mut timer_armed = false;
         let mut read_size = READ_MIN;
         let mut kick_live = true;
+        // Publish rate limiting: while the client's budget is spent, its socket is not read
+        // (TCP pushes back on it) and this timer fires when the budget is back.
+        let throttle = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(throttle);
         if *shutdown.borrow() {
             return Close::Shutdown;
         }
@@ -276,7 +329,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     timer_armed = true;
                 }
             }
-            let can_read = self.wbuf.len() < WRITE_HIGH_WATER;
+            let throttled = match client.throttle_wait() {
+                Some(wait) => {
+                    throttle
+                        .as_mut()
+                        .reset(Instant::now() + wait.max(Duration::from_millis(1)));
+                    true
+                }
+                None => false,
+            };
+            let can_read = self.wbuf.len() < WRITE_HIGH_WATER && !throttled;
             let store_behind = client.ops_commit.waiting();
             let outbox_open =
                 !store_behind && client.can_take_more() && self.wbuf.len() < WRITE_HIGH_WATER;
@@ -331,6 +393,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     }
                     Err(_) => return Close::PeerGone("read failed"),
                 },
+                _ = &mut throttle, if throttled => {
+                    // The budget refilled: handle what was read but held back. Those packets
+                    // were sent in time; holding them back must not run out the keep alive.
+                    if !self.rbuf.is_empty() {
+                        last_read = Instant::now();
+                    }
+                    if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
+                        return close;
+                    }
+                    if client.take_routed() {
+                        tokio::task::yield_now().await;
+                    }
+                }
                 _ = client.handle.outbox.ready(), if outbox_open => {}
                 _ = client.acks.ready(), if waiting_commit => {}
                 _ = client.gate.ready(), if gated => {}
