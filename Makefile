@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: certs run build test lint test-rust test-python venv clients clean bench
+.PHONY: certs run build test lint test-rust test-python venv clients clean bench fuzz
 
 ## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
 run:
@@ -63,3 +63,14 @@ bench:
 	target/release/tern-bench run --tern target/release/tern --mosquitto "$$(command -v mosquitto || echo /usr/sbin/mosquitto)" \
 	  --out target/bench --docs docs/benchmarks.md \
 	  $(if $(SCENARIOS),--scenarios "$(SCENARIOS)") $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(QUICK),--quick) $(if $(DURATION),--duration $(DURATION))
+
+## Fuzz each target for FUZZ_SECONDS (default 60) with cargo-fuzz on nightly (docs/fuzzing.md).
+## Not part of `make test`. Fails on the first crash; the input is left in fuzz/artifacts/.
+## make fuzz [FUZZ_TARGETS="decode connection"] [FUZZ_SECONDS=60]
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	set -e; cd fuzz && for t in $(or $(FUZZ_TARGETS),decode connection); do \
+	  mkdir -p work/corpus/$$t; \
+	  echo "== fuzz $$t for $(or $(FUZZ_SECONDS),60)s"; \
+	  $(CARGO) +nightly fuzz run $$t work/corpus/$$t corpus/$$t -- -max_total_time=$(or $(FUZZ_SECONDS),60); \
+	done
