@@ -323,6 +323,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 let stall = last_write + write_timeout;
                 next = Some(next.map_or(stall, |n| n.min(stall)));
             }
+            // A client whose in-flight window is full while messages wait, and that has sent
+            // nothing (no acknowledgement, no ping) for write_timeout, has stopped reading too:
+            // the unacknowledged data sits in the kernel's send buffer, not ours.
+            let window_stuck = !client.can_take_more() && !client.handle.outbox.is_empty();
+            if window_stuck {
+                let stall = last_read + write_timeout;
+                next = Some(next.map_or(stall, |n| n.min(stall)));
+            }
             if let Some(at) = next {
                 if !timer_armed || at < timer.deadline() {
                     timer.as_mut().reset(at);
@@ -419,6 +427,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     }
                     if !self.wbuf.is_empty() && now >= last_write + write_timeout {
                         tracing::debug!(peer = %self.peer, "peer stopped reading");
+                        return Close::WriteStalled;
+                    }
+                    if !client.can_take_more()
+                        && !client.handle.outbox.is_empty()
+                        && now >= last_read + write_timeout
+                    {
+                        tracing::debug!(peer = %self.peer, "peer stopped acknowledging with its window full");
                         return Close::WriteStalled;
                     }
                     // Idle: give back buffer memory an idle connection does not need.

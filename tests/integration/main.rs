@@ -5,5 +5,6 @@ mod common;
 mod raw;
 mod retained;
 mod sessions;
+mod tls;
 mod v311;
 mod v5;
