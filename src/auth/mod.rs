@@ -13,6 +13,7 @@ pub mod password;
 use crate::config::AuthConfig;
 use acl::Acl;
 use password::PasswordFile;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 /// Errors loading the password or ACL file (the broker refuses to start; a reload keeps the
@@ -46,6 +47,8 @@ pub struct Authorizer {
     response_prefix: String,
     allow_anonymous: bool,
     rules: RwLock<Rules>,
+    /// Whether an ACL is loaded: lets every publish skip the lock when none is configured.
+    acl_on: AtomicBool,
 }
 
 fn load_rules(cfg: &AuthConfig) -> Result<Rules, AuthError> {
@@ -68,26 +71,34 @@ impl Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
             allow_anonymous: false,
             rules: RwLock::new(Rules::default()),
+            acl_on: AtomicBool::new(false),
         }
     }
 
     /// Loads the configured password and ACL files.
     pub fn load(response_prefix: &str, cfg: &AuthConfig) -> Result<Authorizer, AuthError> {
+        let rules = load_rules(cfg)?;
         Ok(Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
             allow_anonymous: cfg.allow_anonymous,
-            rules: RwLock::new(load_rules(cfg)?),
+            acl_on: AtomicBool::new(rules.acl.is_some()),
+            rules: RwLock::new(rules),
         })
     }
 
     /// Re-reads the password and ACL files (SIGHUP). On error the old rules stay.
     pub fn reload(&self, cfg: &AuthConfig) -> Result<(), AuthError> {
         let rules = load_rules(cfg)?;
+        let on = rules.acl.is_some();
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rules;
+        self.acl_on.store(on, Ordering::Release);
         Ok(())
     }
 
     fn acl(&self) -> Option<Arc<Acl>> {
+        if !self.acl_on.load(Ordering::Acquire) {
+            return None;
+        }
         self.rules
             .read()
             .unwrap_or_else(PoisonError::into_inner)
