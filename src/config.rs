@@ -28,6 +28,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub shared: SharedConfig,
 }
 
 /// A listener is on when its table is present. Without any `[listeners]` table the built-in
@@ -142,6 +143,75 @@ pub struct Limits {
     /// PUBLISH bytes (whole packets) per second a client may send, enforced like
     /// `max_publish_rate`. 0 = no limit.
     pub max_publish_bytes_rate: u32,
+    /// Slow publishers down (stop reading their sockets) while a connected subscriber's queue
+    /// they publish to is 3/4 full, until it is below 1/2. Off by default: with it, one slow
+    /// subscriber slows every publisher it listens to.
+    pub backpressure: bool,
+}
+
+/// Shared subscriptions (`$share/{ShareName}/{filter}`): how a group picks the member that
+/// gets a message, and the group's own queue.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedConfig {
+    /// Strategy of groups not listed in `groups`.
+    pub strategy: Strategy,
+    /// Per-group strategies: `groups = [{ name = "orders", strategy = "hash_clientid" }]`.
+    pub groups: Vec<GroupStrategy>,
+    /// Messages a group holds for its members (waiting for in-flight credit, or for a member
+    /// to come back) before new ones are dropped.
+    pub max_queued_messages: usize,
+    /// Bytes (payload plus topic) a group holds before new messages are dropped.
+    pub max_queued_bytes: usize,
+    /// Slow publishers down (stop reading their sockets) while a group they publish to is 3/4
+    /// full and has a connected member, until it is below 1/2.
+    pub backpressure: bool,
+}
+
+/// How a shared subscription group picks a member.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Members in turn, skipping those without free in-flight credit.
+    #[default]
+    RoundRobin,
+    /// A random member with free credit.
+    Random,
+    /// The member chosen by the publishing session: one publisher's messages stay in order on
+    /// one member while the membership does not change.
+    HashClientid,
+    /// The member chosen by the topic: one topic's messages stay in order on one member.
+    HashTopic,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupStrategy {
+    /// The ShareName.
+    pub name: String,
+    pub strategy: Strategy,
+}
+
+impl SharedConfig {
+    /// The strategy of the group named `name`.
+    pub fn strategy_of(&self, name: &str) -> Strategy {
+        self.groups
+            .iter()
+            .find(|g| g.name == name)
+            .map_or(self.strategy, |g| g.strategy)
+    }
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            strategy: Strategy::RoundRobin,
+            groups: Vec::new(),
+            max_queued_messages: 100_000,
+            max_queued_bytes: 64 * 1024 * 1024,
+            backpressure: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -226,6 +296,7 @@ impl Default for Limits {
             max_subscriptions: 0,
             max_publish_rate: 0,
             max_publish_bytes_rate: 0,
+            backpressure: false,
         }
     }
 }
@@ -345,6 +416,23 @@ impl Config {
                 "must be 0 (no limit) or at least limits.max_packet_size bytes per second",
             );
         }
+        if self.shared.max_queued_messages == 0 {
+            return invalid("shared.max_queued_messages", "must be at least 1");
+        }
+        if self.shared.max_queued_bytes == 0 {
+            return invalid("shared.max_queued_bytes", "must be at least 1");
+        }
+        for g in &self.shared.groups {
+            if g.name.is_empty() || g.name.contains(['/', '+', '#']) {
+                return invalid(
+                    "shared.groups",
+                    &format!(
+                        "{:?} is not a ShareName (non-empty, no '/', '+' or '#')",
+                        g.name
+                    ),
+                );
+            }
+        }
         if self.mqtt.max_qos > 2 {
             return invalid("mqtt.max_qos", "must be 0, 1 or 2");
         }
@@ -403,6 +491,7 @@ mod tests {
             "mqtt",
             "auth",
             "log",
+            "shared",
         ] {
             assert!(raw.get(section).is_some(), "section [{section}] missing");
         }
@@ -429,8 +518,22 @@ mod tests {
             "max_subscriptions",
             "max_publish_rate",
             "max_publish_bytes_rate",
+            "backpressure",
         ] {
             assert!(limits.contains_key(key), "limits.{key} missing");
+        }
+        let shared = raw
+            .get("shared")
+            .and_then(|v| v.as_table())
+            .expect("shared");
+        for key in [
+            "strategy",
+            "groups",
+            "max_queued_messages",
+            "max_queued_bytes",
+            "backpressure",
+        ] {
+            assert!(shared.contains_key(key), "shared.{key} missing");
         }
     }
 
@@ -492,6 +595,23 @@ mod tests {
         let c = Config::from_toml("[listeners.tcp]\nbind = \"127.0.0.1:0\"\n[metrics]\n").unwrap();
         assert_eq!(c.listeners.tcp.unwrap().bind.port(), 0);
         assert_eq!(c.metrics.bind, None, "[metrics] without bind turns it off");
+    }
+
+    #[test]
+    fn shared_strategies_parse_per_group() {
+        let c = Config::from_toml(
+            "[shared]\nstrategy = \"random\"\ngroups = [{ name = \"Orders\", strategy = \"hash_clientid\" }, { name = \"t\", strategy = \"hash_topic\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.shared.strategy_of("Orders"), Strategy::HashClientid);
+        assert_eq!(c.shared.strategy_of("t"), Strategy::HashTopic);
+        assert_eq!(c.shared.strategy_of("other"), Strategy::Random);
+        let err = Config::from_toml("[shared]\nstrategy = \"fastest\"\n").unwrap_err();
+        assert!(err.to_string().contains("fastest"), "{err}");
+        let err =
+            Config::from_toml("[shared]\ngroups = [{ name = \"a/b\", strategy = \"random\" }]\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("shared.groups"), "{err}");
     }
 
     #[test]

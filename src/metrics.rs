@@ -35,9 +35,22 @@ pub struct Metrics {
     pub tls_handshakes: IntCounter,
     pub tls_failures: IntCounter,
     pub storage: StorageMetrics,
+    /// Publishers paused because a queue they publish to passed the back-pressure threshold.
+    pub backpressure_pauses: IntCounter,
     sessions: IntGaugeVec,
     subscriptions: IntGauge,
     retained: IntGauge,
+    shared: SharedVecs,
+}
+
+/// Per shared subscription group series, labelled by ShareName and filter. Groups are made by
+/// subscribers, but a deployment has a handful; a group's series go when the group ends.
+struct SharedVecs {
+    members: IntGaugeVec,
+    queued: IntGaugeVec,
+    delivered: IntCounterVec,
+    redelivered: IntCounterVec,
+    dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -94,6 +107,51 @@ impl Metrics {
             IntGaugeVec::new(Opts::new("tern_sessions", "Sessions, by state"), &["state"])?;
         let subscriptions = IntGauge::new("tern_subscriptions", "Subscriptions in the index")?;
         let retained = IntGauge::new("tern_retained_messages", "Retained messages stored")?;
+        let labels = &["group", "filter"];
+        let shared = SharedVecs {
+            members: IntGaugeVec::new(
+                Opts::new("tern_shared_members", "Members of a shared subscription group"),
+                labels,
+            )?,
+            queued: IntGaugeVec::new(
+                Opts::new(
+                    "tern_shared_queued",
+                    "Messages in a shared subscription group's queue (memory and disk), not yet given to a member",
+                ),
+                labels,
+            )?,
+            delivered: IntCounterVec::new(
+                Opts::new(
+                    "tern_shared_delivered_total",
+                    "Messages a shared subscription group gave to a member (redeliveries included)",
+                ),
+                labels,
+            )?,
+            redelivered: IntCounterVec::new(
+                Opts::new(
+                    "tern_shared_redelivered_total",
+                    "Messages that went back to a shared subscription group because the member left before finishing them",
+                ),
+                labels,
+            )?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "tern_shared_dropped_total",
+                    "Messages a shared subscription group's full queue could not take (also in tern_messages_dropped_total{reason=\"queue_full\"})",
+                ),
+                labels,
+            )?,
+        };
+        registry.register(Box::new(shared.members.clone()))?;
+        registry.register(Box::new(shared.queued.clone()))?;
+        registry.register(Box::new(shared.delivered.clone()))?;
+        registry.register(Box::new(shared.redelivered.clone()))?;
+        registry.register(Box::new(shared.dropped.clone()))?;
+        let backpressure_pauses = IntCounter::new(
+            "tern_backpressure_pauses_total",
+            "Times a publisher was paused because a queue it publishes to was 3/4 full",
+        )?;
+        registry.register(Box::new(backpressure_pauses.clone()))?;
         let storage = StorageMetrics {
             commits: IntCounter::new(
                 "tern_storage_commits_total",
@@ -176,11 +234,33 @@ impl Metrics {
             tls_handshakes: tls.with_label_values(&["ok"]),
             tls_failures: tls.with_label_values(&["failed"]),
             storage,
+            backpressure_pauses,
             sessions,
             subscriptions,
             retained,
+            shared,
             registry,
         })
+    }
+
+    /// The counters of group `share`/`filter`, resolved once.
+    pub fn group_metrics(&self, share: &str, filter: &str) -> crate::broker::shared::GroupMetrics {
+        let l = &[share, filter];
+        crate::broker::shared::GroupMetrics {
+            delivered: self.shared.delivered.with_label_values(l),
+            redelivered: self.shared.redelivered.with_label_values(l),
+            dropped: self.shared.dropped.with_label_values(l),
+        }
+    }
+
+    /// Drops an ended group's series.
+    pub fn forget_group(&self, share: &str, filter: &str) {
+        let l = &[share, filter];
+        let _ = self.shared.members.remove_label_values(l);
+        let _ = self.shared.queued.remove_label_values(l);
+        let _ = self.shared.delivered.remove_label_values(l);
+        let _ = self.shared.redelivered.remove_label_values(l);
+        let _ = self.shared.dropped.remove_label_values(l);
     }
 
     /// Text exposition of every metric, with state gauges read from the broker now.
@@ -194,6 +274,17 @@ impl Metrics {
             .set(offline as i64);
         self.subscriptions.set(broker.subscription_count() as i64);
         self.retained.set(broker.retained_count() as i64);
+        for g in broker.groups.all() {
+            let l = &[&*g.share, &*g.filter];
+            self.shared
+                .members
+                .with_label_values(l)
+                .set(g.member_count() as i64);
+            self.shared
+                .queued
+                .with_label_values(l)
+                .set(g.queue.outbox.len() as i64);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for I/O reasons; a failure would be a bug in a
         // collector, and an empty body is the honest answer then.

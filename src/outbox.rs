@@ -18,6 +18,7 @@
 //! batches when it has drained memory. So a session may hold a million queued messages while
 //! broker memory stays flat.
 
+use crate::broker::shared::Group;
 use crate::message::Message;
 use crate::protocol::QoS;
 use std::collections::VecDeque;
@@ -69,6 +70,9 @@ pub struct Delivery {
     /// The message is in the durable store (queued, or recovered in flight): its in-flight
     /// state is recorded there too.
     pub stored: bool,
+    /// The shared subscription group this delivery came through: `seq` is then a position in
+    /// the group's queue, and finishing it returns in-flight credit to the group.
+    pub group: Option<Arc<Group>>,
 }
 
 impl Delivery {
@@ -81,8 +85,19 @@ impl Delivery {
             seq: None,
             order: 0,
             stored: false,
+            group: None,
         }
     }
+}
+
+/// What [`Outbox::pop_if`] found at the front.
+#[derive(Debug)]
+pub enum Popped {
+    Item(Delivery),
+    /// The front delivery was refused by the caller's predicate.
+    Refused,
+    /// Nothing in memory (there may be entries on disk).
+    Empty,
 }
 
 /// Messages of a persistent session kept in memory at most; the rest waits on disk.
@@ -211,6 +226,61 @@ impl Outbox {
         }
     }
 
+    /// Pops the front delivery if `take` accepts it (a shared subscription group choosing a
+    /// member for it).
+    pub fn pop_if(&self, take: impl FnOnce(&Delivery) -> bool) -> Popped {
+        let mut q = self.lock();
+        match q.items.front() {
+            None => Popped::Empty,
+            Some(front) if !take(front) => Popped::Refused,
+            Some(_) => match q.items.pop_front() {
+                Some(d) => {
+                    q.bytes -= d.msg.weight();
+                    Popped::Item(d)
+                }
+                None => Popped::Empty,
+            },
+        }
+    }
+
+    /// Puts deliveries taken earlier back at the front, in their order, whatever the limits:
+    /// they were accepted once (a group member left before finishing them).
+    pub fn requeue_front(&self, items: impl DoubleEndedIterator<Item = Delivery>) {
+        let mut q = self.lock();
+        let was_empty = q.items.is_empty();
+        let mut any = false;
+        for d in items.rev() {
+            q.bytes += d.msg.weight();
+            q.items.push_front(d);
+            any = true;
+        }
+        drop(q);
+        if was_empty && any {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Whether the queue holds at least `num/den` of its message or byte limit (memory, pending
+    /// and on disk): the back-pressure threshold.
+    pub fn fill_above(&self, num: usize, den: usize) -> bool {
+        let q = self.lock();
+        let count = q.items.len() + q.pending + q.spilled;
+        let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
+        count.saturating_mul(den) >= self.max_messages.saturating_mul(num)
+            || bytes.saturating_mul(den) >= self.max_bytes.saturating_mul(num)
+    }
+
+    /// Whether a connection (for a group: any member) is attached.
+    pub fn is_online(&self) -> bool {
+        self.lock().online
+    }
+
+    /// Wakes the connection draining this outbox (something for it arrived elsewhere, e.g. in
+    /// a shared subscription group's lane).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
     /// Restores a durable queue found at startup: everything is on disk.
     pub fn restore(&self, s: SpillState) {
         let mut q = self.lock();
@@ -222,10 +292,16 @@ impl Outbox {
 
     /// Reserves a place in the durable queue for a QoS 1/2 message of `weight` bytes.
     pub fn reserve(&self, weight: usize) -> Reservation {
+        self.reserve_with(weight, false)
+    }
+
+    /// [`Outbox::reserve`], with `force` ignoring the limits: for a message accepted once
+    /// that comes back (a shared subscription member left without acknowledging it).
+    pub fn reserve_with(&self, weight: usize, force: bool) -> Reservation {
         let mut q = self.lock();
         let count = q.items.len() + q.pending + q.spilled;
         let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
-        if count >= self.max_messages || bytes + weight > self.max_bytes {
+        if !force && (count >= self.max_messages || bytes + weight > self.max_bytes) {
             return Reservation::Full;
         }
         let seq = q.next_seq;

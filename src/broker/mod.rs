@@ -8,21 +8,23 @@
 
 pub mod recovery;
 pub mod retain;
+pub mod shared;
 pub mod trie;
 
 use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::outbox::{Delivery, Pushed, Reservation, SubIds};
+use crate::outbox::{Delivery, Outbox, Pushed, Reservation, SubIds};
 use crate::protocol::{QoS, SubscriptionOptions, Will};
 use crate::session::registry::{Registry, SessionHandle};
-use crate::session::SessionState;
+use crate::session::{Outbound, SessionState};
 use crate::storage::record::{unix_now_ms, QueueEntry, SessionRecord, StoredMessage};
 use crate::storage::Store;
 use crate::storage::{Commit, Op};
 use retain::{RetainOutcome, RetainTree};
-use std::sync::atomic::{AtomicU64, Ordering};
+use shared::{Group, Groups};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use trie::Trie;
@@ -30,9 +32,13 @@ use trie::Trie;
 /// One entry of the subscription index.
 #[derive(Clone)]
 pub struct Subscriber {
+    /// The session whose queue takes the message; for a shared subscription, the group's own
+    /// queue.
     pub session: Arc<SessionHandle>,
     pub options: SubscriptionOptions,
     pub id: Option<u32>,
+    /// Set for a shared subscription group's entry (one per group, not one per member).
+    pub group: Option<Arc<Group>>,
 }
 
 pub struct Broker {
@@ -41,6 +47,7 @@ pub struct Broker {
     pub metrics: Metrics,
     pub store: Arc<dyn Store>,
     pub auth: Authorizer,
+    pub groups: Groups,
     subscriptions: RwLock<Trie<Subscriber>>,
     retained: RwLock<RetainTree>,
     next_message_id: AtomicU64,
@@ -84,12 +91,15 @@ impl After {
 }
 
 /// Result of routing one message.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Default, Clone)]
 pub struct Routed {
-    /// Sessions that matched.
+    /// Sessions (and shared subscription groups) that matched.
     pub matched: usize,
     /// Of those, how many could not take it (full queue).
     pub dropped: usize,
+    /// A queue this message went into that is over the back-pressure threshold
+    /// (`shared.backpressure`, `limits.backpressure`): the publisher should pause.
+    pub pressure: Option<Arc<SessionHandle>>,
 }
 
 impl Broker {
@@ -105,6 +115,7 @@ impl Broker {
                 config.limits.max_queued_bytes,
             ),
             auth,
+            groups: Groups::default(),
             config,
             metrics,
             store,
@@ -214,6 +225,7 @@ impl Broker {
             // Overlapping subscriptions of one session: one copy at the highest QoS, with every
             // matching subscription identifier ([MQTT-3.3.4-2] .. [MQTT-3.3.4-5]).
             let session = &scratch[i].session;
+            let group = scratch[i].group.as_ref();
             let mut qos = scratch[i].options.qos;
             let mut retain_as_published = scratch[i].options.retain_as_published;
             let mut sub_ids = SubIds::None;
@@ -226,61 +238,76 @@ impl Broker {
                 }
                 j += 1;
             }
-            let allowed = if rule.needs_username() {
+            // A group's members are authorised when the dispatcher's pick sends it (each
+            // member has its own identity).
+            let allowed = if group.is_some() {
+                true
+            } else if rule.needs_username() {
                 let user = session.username();
                 rule.allows(user.as_deref(), &session.client_id)
             } else {
                 rule.allows(None, &session.client_id)
             };
-            if allowed {
-                routed.matched += 1;
-                // Live messages carry RETAIN=0 unless Retain As Published ([MQTT-3.3.1-12]
-                // [MQTT-3.3.1-13]).
-                let mut delivery = Delivery::new(
-                    msg.clone(),
-                    qos.min(msg.qos),
-                    retain_as_published && msg.retain,
-                    sub_ids,
-                );
-                if durable
-                    && delivery.qos != QoS::AtMostOnce
-                    && session.persistent.load(Ordering::Relaxed)
-                {
-                    let entry = QueueEntry {
-                        msg_id: msg.id,
-                        qos: delivery.qos,
-                        retain: delivery.retain,
-                        sub_ids: delivery.sub_ids.as_slice().to_vec(),
-                    };
-                    let reservation = session.outbox.reserve(msg.weight());
-                    let (seq, epoch, hot) = match reservation {
-                        Reservation::Full => {
-                            self.metrics.dropped_queue_full.inc();
-                            routed.dropped += 1;
-                            i = j;
-                            continue;
-                        }
-                        Reservation::Hot { seq, epoch } => (seq, epoch, true),
-                        Reservation::Spill { seq, epoch } => (seq, epoch, false),
-                    };
-                    stage_message(&mut staged.ops);
-                    staged.ops.push(Op::Enqueue {
-                        session_id: session.id,
-                        seq,
-                        entry,
-                    });
-                    staged.after.push(if hot {
-                        delivery.seq = Some(seq);
-                        delivery.stored = true;
-                        After::Push(session.clone(), delivery, epoch)
-                    } else {
-                        After::Spilled(session.clone(), seq, epoch)
-                    });
-                } else if self.push(session, delivery) == Pushed::DroppedFull {
-                    routed.dropped += 1;
+            if !allowed {
+                self.metrics.dropped_not_authorized.inc();
+                i = j;
+                continue;
+            }
+            routed.matched += 1;
+            // Live messages carry RETAIN=0 unless Retain As Published ([MQTT-3.3.1-12]
+            // [MQTT-3.3.1-13]); a group keeps the flag and applies each member's option.
+            let retain = msg.retain && (retain_as_published || group.is_some());
+            let mut delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
+            let mut queued = true;
+            if durable
+                && delivery.qos != QoS::AtMostOnce
+                && session.persistent.load(Ordering::Relaxed)
+            {
+                let entry = QueueEntry {
+                    msg_id: msg.id,
+                    qos: delivery.qos,
+                    retain: delivery.retain,
+                    sub_ids: delivery.sub_ids.as_slice().to_vec(),
+                };
+                match session.outbox.reserve(msg.weight()) {
+                    Reservation::Full => {
+                        self.metrics.dropped_queue_full.inc();
+                        queued = false;
+                    }
+                    r @ (Reservation::Hot { seq, epoch } | Reservation::Spill { seq, epoch }) => {
+                        stage_message(&mut staged.ops);
+                        staged.ops.push(Op::Enqueue {
+                            session_id: session.id,
+                            seq,
+                            entry,
+                        });
+                        staged.after.push(if matches!(r, Reservation::Hot { .. }) {
+                            delivery.seq = Some(seq);
+                            delivery.stored = true;
+                            After::Push(session.clone(), delivery, epoch)
+                        } else {
+                            After::Spilled(session.clone(), seq, epoch)
+                        });
+                    }
                 }
             } else {
-                self.metrics.dropped_not_authorized.inc();
+                queued = self.push(session, delivery) != Pushed::DroppedFull;
+            }
+            if !queued {
+                routed.dropped += 1;
+                if let Some(g) = group {
+                    g.metrics.dropped.inc();
+                }
+            } else if routed.pressure.is_none()
+                && (if group.is_some() {
+                    self.config.shared.backpressure
+                } else {
+                    self.config.limits.backpressure
+                })
+                && session.outbox.is_online()
+                && session.outbox.fill_above(3, 4)
+            {
+                routed.pressure = Some(session.clone());
             }
             i = j;
         }
@@ -375,6 +402,7 @@ impl Broker {
                     session: session.clone(),
                     options,
                     id,
+                    group: None,
                 },
             )
     }
@@ -397,7 +425,10 @@ impl Broker {
     }
 
     /// Removes every subscription of an ended session and empties its queue.
-    pub fn end_session(&self, handle: &SessionHandle, state: &mut SessionState) {
+    pub fn end_session(self: &Arc<Self>, handle: &SessionHandle, state: &mut SessionState) {
+        // Shared subscription groups first: what goes back to them is submitted before the
+        // session's deletion drops its in-flight records.
+        self.shared_member_gone(handle, state, true);
         if self.store.durable() && handle.persistent.swap(false, Ordering::Relaxed) {
             // Fire and forget: nothing is acknowledged on the strength of a deletion, and the
             // storage thread applies it before anything submitted later.
@@ -412,11 +443,270 @@ impl Broker {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             for filter in state.subscriptions.keys() {
-                subs.unsubscribe(filter, handle.id);
+                if shared::parse(filter).is_none() {
+                    subs.unsubscribe(filter, handle.id);
+                }
             }
         }
         state.clear();
         handle.outbox.clear();
+    }
+
+    /// Joins (or updates) `session`'s membership of shared subscription `share`/`filter`.
+    /// `window` is the member connection's in-flight window (`online` false: restored while
+    /// its client is away).
+    #[allow(clippy::too_many_arguments)]
+    pub fn subscribe_shared(
+        self: &Arc<Self>,
+        session: &Arc<SessionHandle>,
+        share: &str,
+        filter: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        online: bool,
+        window: usize,
+    ) -> Arc<Group> {
+        let key = format!("$share/{share}/{filter}");
+        let (group, created) = self.groups.join(
+            &key,
+            || self.make_group(share, filter, None),
+            |g| g.join(session, options, id, online, window),
+        );
+        if self.store.durable()
+            && session.persistent.load(Ordering::Relaxed)
+            && !group.queue.persistent.swap(true, Ordering::Relaxed)
+        {
+            // Stored before anything is queued for it (the store keeps submission order).
+            let _ = self.store.submit(vec![Op::PutSession(SessionRecord {
+                client_id: group.queue.client_id.to_string(),
+                session_id: group.queue.id,
+                expiry_interval: u32::MAX,
+                disconnected_at_ms: None,
+                will: None,
+            })]);
+        }
+        self.index_group(&group);
+        if created {
+            tokio::spawn(group.clone().run(self.clone()));
+        }
+        group
+    }
+
+    /// Makes a group (`restored`: its storage id and queue recovered from the store).
+    pub(crate) fn make_group(
+        &self,
+        share: &str,
+        filter: &str,
+        restored: Option<u64>,
+    ) -> Arc<Group> {
+        let shared = &self.config.shared;
+        let key = format!("$share/{share}/{filter}");
+        let id = restored.unwrap_or_else(|| self.registry.allocate_id());
+        let queue = Arc::new(SessionHandle {
+            id,
+            client_id: Arc::from(shared::record_key(&key)),
+            outbox: Outbox::new(shared.max_queued_messages, shared.max_queued_bytes),
+            persistent: AtomicBool::new(restored.is_some()),
+            user: std::sync::RwLock::new(None),
+        });
+        let metrics = self.metrics.group_metrics(share, filter);
+        Arc::new(Group::new(
+            share,
+            filter,
+            shared.strategy_of(share),
+            queue,
+            metrics,
+        ))
+    }
+
+    /// (Re)writes a group's entry in the subscription index: one entry per group, at the
+    /// highest QoS any member asked for.
+    fn index_group(&self, group: &Arc<Group>) {
+        let options = SubscriptionOptions {
+            qos: group.max_qos(),
+            ..SubscriptionOptions::default()
+        };
+        self.subscriptions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .subscribe(
+                &group.filter,
+                group.queue.id,
+                Subscriber {
+                    session: group.queue.clone(),
+                    options,
+                    id: None,
+                    group: Some(group.clone()),
+                },
+            );
+    }
+
+    /// `session` leaves the group `key` (`$share/NAME/FILTER`); true if it was a member.
+    pub fn unsubscribe_shared(&self, session: &SessionHandle, key: &str) -> bool {
+        let Some(group) = self.groups.get(key) else {
+            return false;
+        };
+        let was = group.is_member(session.id);
+        if group.leave(session.id) {
+            self.drop_group(&group);
+        } else {
+            self.index_group(&group);
+        }
+        was
+    }
+
+    /// Removes a group nobody belongs to any more; what it still queued is discarded.
+    pub(crate) fn drop_group(&self, group: &Arc<Group>) {
+        if !self.groups.remove_if_empty(group) {
+            return;
+        }
+        self.subscriptions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unsubscribe(&group.filter, group.queue.id);
+        let discarded = group.queue.outbox.clear();
+        if discarded > 0 {
+            self.metrics.dropped_no_subscribers.inc_by(discarded as u64);
+        }
+        if self.store.durable() && group.queue.persistent.load(Ordering::Relaxed) {
+            let _ = self.store.submit(vec![Op::DeleteSession {
+                client_id: group.queue.client_id.to_string(),
+                session_id: group.queue.id,
+            }]);
+        }
+        self.metrics.forget_group(&group.share, &group.filter);
+        tracing::debug!(group = %group.key(), "shared subscription group ended");
+    }
+
+    /// A member's connection left (`ended`: its session ended too). Its lanes go back to its
+    /// groups and so do the deliveries it had not finished (see [`shared`] for which).
+    pub fn shared_member_gone(
+        self: &Arc<Self>,
+        handle: &SessionHandle,
+        state: &mut SessionState,
+        ended: bool,
+    ) {
+        let mut emptied = Vec::new();
+        for filter in state.subscriptions.keys() {
+            if shared::parse(filter).is_none() {
+                continue;
+            }
+            let Some(group) = self.groups.get(filter) else {
+                continue;
+            };
+            if !ended {
+                group.set_online(handle.id, false, 0);
+            } else if group.leave(handle.id) {
+                emptied.push(group);
+            } else {
+                self.index_group(&group);
+            }
+        }
+        let taken = state.inflight.take_where(|o| match o {
+            Outbound::Published(d) => d.group.is_some() && (ended || d.qos == QoS::AtLeastOnce),
+            Outbound::Released(d) => ended && d.group.is_some(),
+        });
+        let mut staged = Staged::default();
+        for (packet_id, o) in taken {
+            let (Outbound::Published(d) | Outbound::Released(d)) = &o;
+            let Some(group) = d.group.clone() else {
+                continue;
+            };
+            group.release(handle.id);
+            if matches!(o, Outbound::Released(_)) || group.is_closed() {
+                continue;
+            }
+            if d.stored && self.store.durable() {
+                // Its in-flight record lives in the member's session: a new entry in the
+                // group's queue replaces it.
+                let mut ops = Vec::new();
+                match shared::requeue_stored_ops(&group, handle.id, packet_id, d, &mut ops) {
+                    Some(Reservation::Hot { seq, epoch }) => {
+                        let mut back = shared::strip_member_fields(d.clone());
+                        back.seq = Some(seq);
+                        back.stored = true;
+                        staged
+                            .after
+                            .push(After::Push(group.queue.clone(), back, epoch));
+                    }
+                    Some(Reservation::Spill { seq, epoch }) => {
+                        staged
+                            .after
+                            .push(After::Spilled(group.queue.clone(), seq, epoch));
+                    }
+                    _ => continue,
+                }
+                group.metrics.redelivered.inc();
+                staged.ops.extend(ops);
+            } else {
+                group.take_back(vec![d.clone()]);
+            }
+        }
+        self.commit_detached(staged);
+        for group in emptied {
+            self.drop_group(&group);
+        }
+    }
+
+    /// Moves the next committed entries of `handle`'s on-disk queue into memory; returns
+    /// whether anything was loaded. Dangling entries (their message is gone) are dequeued
+    /// through `ops`. Synchronous: fjall reads are mostly served from its memtable and cache.
+    pub fn load_spilled(&self, handle: &SessionHandle, ops: &mut Vec<Op>) -> bool {
+        const LOAD_BATCH: usize = 256;
+        if !self.store.durable() {
+            return false;
+        }
+        let Some((from, below, epoch)) = handle.outbox.spill_window() else {
+            return false;
+        };
+        let entries = match self.store.read_queue(handle.id, from, LOAD_BATCH) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(client_id = %handle.client_id, error = %e, "cannot read the session queue");
+                return false;
+            }
+        };
+        let full = entries.len() == LOAD_BATCH;
+        let now = Instant::now();
+        let unix = unix_now_ms();
+        let mut loaded = Vec::with_capacity(entries.len());
+        let mut missing = 0;
+        let mut next_from = below;
+        for (seq, e) in entries {
+            if seq >= below {
+                break;
+            }
+            next_from = seq + 1;
+            match self.store.get_message(e.msg_id) {
+                Ok(Some(m)) => {
+                    let mut sub_ids = SubIds::None;
+                    for id in e.sub_ids {
+                        sub_ids.push(id);
+                    }
+                    let mut d =
+                        Delivery::new(Arc::new(m.to_message(now, unix)), e.qos, e.retain, sub_ids);
+                    d.seq = Some(seq);
+                    d.stored = true;
+                    loaded.push(d);
+                }
+                _ => {
+                    missing += 1;
+                    ops.push(Op::Dequeue {
+                        session_id: handle.id,
+                        seq,
+                    });
+                }
+            }
+        }
+        if !full {
+            next_from = below;
+        }
+        let any = !loaded.is_empty();
+        handle.outbox.load_spilled(loaded, next_from, epoch);
+        if missing > 0 {
+            handle.outbox.forget_spilled(missing);
+        }
+        any
     }
 
     /// Turns a Will into a message and routes it.

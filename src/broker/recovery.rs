@@ -3,7 +3,7 @@
 //! broker downtime counts), subscriptions into the index, in-flight and QoS 2 state, queue
 //! positions, retained messages, and wills still waiting to be published.
 
-use super::Broker;
+use super::{shared, Broker};
 use crate::message::Message;
 use crate::outbox::{Delivery, SpillState, SubIds};
 use crate::session::{Outbound, SessionState, Subscription};
@@ -43,7 +43,37 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
         out.retained += 1;
     }
 
-    for s in rec.sessions.drain(..) {
+    // Shared subscription groups' queues first, so their members find them.
+    let (groups, sessions): (Vec<_>, Vec<_>) = rec
+        .sessions
+        .drain(..)
+        .partition(|s| s.client_id.starts_with(shared::RECORD_PREFIX));
+    let mut restored_groups = Vec::new();
+    for g in groups {
+        let key = &g.client_id[shared::RECORD_PREFIX.len()..];
+        let Some(Ok((share, filter))) = shared::parse(key) else {
+            cleanup.push(Op::DeleteSession {
+                client_id: g.client_id.clone(),
+                session_id: g.session_id,
+            });
+            continue;
+        };
+        broker.registry.set_next_id(g.session_id + 1);
+        let group = broker.make_group(share, filter, Some(g.session_id));
+        if let Some(q) = rec.queues.remove(&g.session_id) {
+            out.queued += q.len;
+            group.queue.outbox.restore(SpillState {
+                head: q.head,
+                next_seq: q.tail,
+                len: q.len as usize,
+                bytes: q.bytes as usize,
+            });
+        }
+        broker.groups.join(key, || group.clone(), |_| {});
+        restored_groups.push(group);
+    }
+
+    for s in sessions {
         // A session that was connected when the broker stopped lost its connection now.
         let disconnected = s.disconnected_at_ms.unwrap_or(unix);
         let away_ms = unix.saturating_sub(disconnected);
@@ -107,7 +137,15 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
             .registry
             .restore(&s.client_id, s.session_id, state, expires_at);
         for sub in &subs {
-            broker.subscribe(&handle, &sub.filter, sub.options, sub.id);
+            match shared::parse(&sub.filter) {
+                Some(Ok((share, filter))) => {
+                    broker.subscribe_shared(&handle, share, filter, sub.options, sub.id, false, 0);
+                }
+                Some(Err(())) => {}
+                None => {
+                    broker.subscribe(&handle, &sub.filter, sub.options, sub.id);
+                }
+            }
         }
         out.subscriptions += subs.len();
         if let Some(q) = rec.queues.remove(&s.session_id) {
@@ -132,6 +170,16 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
                 .set_pending_will(&s.client_id, s.session_id, abort);
         }
         out.sessions += 1;
+    }
+
+    // A group whose members all ended while the broker was down ends too.
+    for group in restored_groups {
+        if group.member_count() == 0 {
+            out.queued -= group.queue.outbox.len() as u64;
+            broker.drop_group(&group);
+        } else {
+            tokio::spawn(group.clone().run(broker.clone()));
+        }
     }
 
     // State of sessions that have no record (left behind by an interrupted deletion).

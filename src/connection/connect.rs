@@ -249,7 +249,7 @@ pub(super) async fn accept(
         }
         props.wildcard_subscription_available = Some(1);
         props.subscription_identifier_available = Some(1);
-        props.shared_subscription_available = Some(0);
+        props.shared_subscription_available = Some(1);
         props.server_keep_alive = server_keep_alive;
         if c.properties.request_response_information == Some(1) {
             props.response_information = broker
@@ -294,6 +294,7 @@ pub(super) async fn accept(
     );
     client.username = username;
     if session_present {
+        client.attach_groups();
         client.resend_inflight(wbuf);
     }
     Some(client)

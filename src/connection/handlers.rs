@@ -4,6 +4,7 @@
 
 use super::pending::{AckQueue, Gate, OpsCommit, PendingAck, Response};
 use super::{Close, TokenBucket};
+use crate::broker::shared::Group;
 use crate::broker::{After, Broker, Staged, Subscriber};
 use crate::error::ProtocolError;
 use crate::message::Message;
@@ -60,7 +61,16 @@ pub(crate) struct Client {
     /// `limits.max_publish_rate` / `limits.max_publish_bytes_rate` budgets (None: no limit).
     pub(super) publish_rate: Option<TokenBucket>,
     pub(super) publish_bytes_rate: Option<TokenBucket>,
+    /// Shared subscription groups this session is a member of (their lanes are drained with
+    /// the outbox).
+    pub(super) groups: Vec<Arc<Group>>,
+    /// A queue this client's last publish filled past the back-pressure threshold: reading
+    /// pauses until it has drained to half.
+    pub(super) pressure: Option<Arc<SessionHandle>>,
 }
+
+/// How often a publisher paused by back-pressure looks at the queue again.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(5);
 
 /// The durable record of an in-flight delivery.
 pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
@@ -135,11 +145,21 @@ impl Client {
             gate: Gate::default(),
             publish_rate: bucket(rates.0),
             publish_bytes_rate: bucket(rates.1),
+            groups: Vec::new(),
+            pressure: None,
         }
     }
 
     /// How long until this client's publish budget allows reading on (None: it does now).
     pub fn throttle_wait(&mut self) -> Option<Duration> {
+        if let Some(queue) = &self.pressure {
+            // Back-pressure: wait while the queue is above half and someone drains it (a queue
+            // nobody is connected to would never drain: then its limit drops messages instead).
+            if queue.outbox.is_online() && queue.outbox.fill_above(1, 2) {
+                return Some(BACKPRESSURE_POLL);
+            }
+            self.pressure = None;
+        }
         if self.publish_rate.is_none() && self.publish_bytes_rate.is_none() {
             return None;
         }
@@ -204,8 +224,9 @@ impl Client {
         match packet {
             Packet::Publish(p) => self.handle_publish(p, wbuf).map_err(Close::Protocol),
             Packet::PubAck(a) => {
-                if self.state.inflight.on_puback(a.packet_id) {
+                if let Some(d) = self.state.inflight.on_puback(a.packet_id) {
                     self.stage_inflight_done(a.packet_id);
+                    self.group_delivery_done(&d, true, true);
                 }
                 Ok(())
             }
@@ -218,12 +239,22 @@ impl Client {
                 Ok(())
             }
             Packet::PubComp(a) => {
-                if self.state.inflight.on_pubcomp(a.packet_id) {
+                if let Some(d) = self.state.inflight.on_pubcomp(a.packet_id) {
                     self.stage_inflight_done(a.packet_id);
+                    self.group_delivery_done(&d, false, true);
                 }
                 Ok(())
             }
             Packet::Subscribe(s) => {
+                if s.filters
+                    .iter()
+                    .any(|(f, o)| o.no_local && validate::shared_subscription(f.as_str()).is_some())
+                {
+                    // [MQTT-3.8.3-4]
+                    return Err(Close::Protocol(ProtocolError::Protocol(
+                        "No Local on a shared subscription",
+                    )));
+                }
                 self.handle_subscribe(s, wbuf);
                 Ok(())
             }
@@ -249,7 +280,7 @@ impl Client {
     }
 
     /// Whether this session's state goes to the durable store.
-    fn stores_session(&self) -> bool {
+    pub(super) fn stores_session(&self) -> bool {
         self.broker.store.durable()
             && self
                 .handle
@@ -257,7 +288,7 @@ impl Client {
                 .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn stage_inflight_done(&mut self, packet_id: u16) {
+    pub(super) fn stage_inflight_done(&mut self, packet_id: u16) {
         if self.stores_session() {
             self.pending_ops.push(Op::DeleteInflight {
                 session_id: self.handle.id,
@@ -392,6 +423,12 @@ impl Client {
                 let mut staged = Staged::default();
                 let routed = broker.publish(&msg, &mut self.scratch, &mut staged);
                 self.routed |= routed.matched > 0;
+                if let Some(queue) = routed.pressure {
+                    if self.pressure.is_none() {
+                        broker.metrics.backpressure_pauses.inc();
+                    }
+                    self.pressure = Some(queue);
+                }
                 if p.qos == QoS::AtMostOnce {
                     // Nothing is acknowledged: retained state is stored in the background.
                     broker.commit_detached(staged);
@@ -456,6 +493,15 @@ impl Client {
     }
 
     fn handle_pubrec(&mut self, a: PubResponse, wbuf: &mut BytesMut) {
+        // A shared subscription delivery: the group learns the outcome below.
+        let group_delivery = match self.state.inflight.get(a.packet_id) {
+            Some(Outbound::Published(d)) if d.group.is_some() => Some(d.clone()),
+            _ => None,
+        };
+        if let Some(d) = &group_delivery {
+            // PUBREC (accepted or refused) settles where the message is: not back to the group.
+            self.group_delivery_done(d, true, a.reason >= 0x80);
+        }
         match self.state.inflight.on_pubrec(a.packet_id, a.reason) {
             PubRecAction::SendPubRel(reason) => {
                 if reason == 0 && self.stores_session() {
@@ -519,8 +565,9 @@ impl Client {
         let mut found = Vec::new();
         for (filter, mut options) in s.filters {
             let f = filter.as_str();
-            if validate::shared_subscription(f).is_some() {
-                codes.push(ReasonCode::SharedSubscriptionsNotSupported.as_u8());
+            let shared = crate::broker::shared::parse(f);
+            if matches!(shared, Some(Err(()))) {
+                codes.push(ReasonCode::TopicFilterInvalid.as_u8());
                 continue;
             }
             if !validate::is_valid_topic_filter(f) || !self.topic_within_limits(f) {
@@ -553,7 +600,14 @@ impl Client {
                 .subscriptions
                 .insert(f.to_string(), sub)
                 .is_some();
-            broker.subscribe(&self.handle, f, options, s.subscription_identifier);
+            match shared {
+                Some(Ok((share, inner))) => {
+                    self.join_group(share, inner, options, s.subscription_identifier)
+                }
+                _ => {
+                    broker.subscribe(&self.handle, f, options, s.subscription_identifier);
+                }
+            }
             if self.stores_session() {
                 ops.push(Op::PutSubscription {
                     client_id: self.client_id.to_string(),
@@ -567,7 +621,9 @@ impl Client {
             codes.push(options.qos.as_u8());
             // Retained messages: Retain Handling 0 always, 1 only for a new subscription,
             // 2 never ([MQTT-3.3.1-9] .. [MQTT-3.3.1-11]); always with RETAIN=1 ([MQTT-3.3.1-8]).
+            // Never for a shared subscription (MQTT 5 §4.8.2).
             let send_retained = match options.retain_handling {
+                _ if shared.is_some() => false,
                 0 => true,
                 1 => !existed,
                 _ => false,
@@ -618,7 +674,11 @@ impl Client {
             let f = filter.as_str();
             let removed = self.state.subscriptions.remove(f).is_some();
             if removed {
-                self.broker.unsubscribe(&self.handle, f);
+                if crate::broker::shared::parse(f).is_some() {
+                    self.leave_group(f);
+                } else {
+                    self.broker.unsubscribe(&self.handle, f);
+                }
                 if self.stores_session() {
                     ops.push(Op::DeleteSubscription {
                         client_id: self.client_id.to_string(),
@@ -734,6 +794,7 @@ impl Client {
                 }
             }
             Detached::Kept => {
+                broker.shared_member_gone(&self.handle, &mut state, false);
                 let record = SessionRecord {
                     client_id: self.client_id.to_string(),
                     session_id: self.handle.id,

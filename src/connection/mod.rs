@@ -10,6 +10,7 @@ mod connect;
 mod handlers;
 mod outbound;
 mod pending;
+mod shared;
 
 use crate::broker::Broker;
 use crate::error::ProtocolError;
@@ -326,7 +327,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             // A client whose in-flight window is full while messages wait, and that has sent
             // nothing (no acknowledgement, no ping) for write_timeout, has stopped reading too:
             // the unacknowledged data sits in the kernel's send buffer, not ours.
-            let window_stuck = !client.can_take_more() && !client.handle.outbox.is_empty();
+            let window_stuck = !client.can_take_more() && client.has_waiting();
             if window_stuck {
                 let stall = last_read + write_timeout;
                 next = Some(next.map_or(stall, |n| n.min(stall)));
@@ -430,7 +431,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                         return Close::WriteStalled;
                     }
                     if !client.can_take_more()
-                        && !client.handle.outbox.is_empty()
+                        && client.has_waiting()
                         && now >= last_read + write_timeout
                     {
                         tracing::debug!(peer = %self.peer, "peer stopped acknowledging with its window full");

@@ -2,13 +2,11 @@
 //! loading a stored queue from disk, and re-sending in-flight messages on reconnect.
 
 use super::handlers::{inflight_record, Client};
-use crate::outbox::{Delivery, SubIds};
+use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};
-use crate::storage::record::unix_now_ms;
 use crate::storage::Op;
 use bytes::BytesMut;
-use std::sync::Arc;
 use std::time::Instant;
 
 impl Client {
@@ -31,6 +29,10 @@ impl Client {
             self.handle.outbox.pop_batch(slots, 64, &mut batch);
             if batch.is_empty() && slots > 0 && self.load_spilled() {
                 self.handle.outbox.pop_batch(slots, 64, &mut batch);
+            }
+            if !self.groups.is_empty() && batch.len() < 64 {
+                let used = batch.iter().filter(|d| d.qos != QoS::AtMostOnce).count();
+                self.take_lanes(slots.saturating_sub(used), 64, &mut batch);
             }
             if batch.is_empty() {
                 self.batch = batch;
@@ -58,66 +60,10 @@ impl Client {
     }
 
     /// Moves the next committed entries of the session's on-disk queue into memory. Returns
-    /// whether anything was loaded. Runs on this connection's task: fjall reads are
-    /// synchronous, and mostly served from its memtable and block cache.
+    /// whether anything was loaded.
     fn load_spilled(&mut self) -> bool {
-        const LOAD_BATCH: usize = 256;
-        if !self.broker.store.durable() {
-            return false;
-        }
-        let Some((from, below, epoch)) = self.handle.outbox.spill_window() else {
-            return false;
-        };
-        let store = self.broker.store.clone();
-        let entries = match store.read_queue(self.handle.id, from, LOAD_BATCH) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(client_id = %self.client_id, error = %e, "cannot read the session queue");
-                return false;
-            }
-        };
-        let full = entries.len() == LOAD_BATCH;
-        let now = Instant::now();
-        let unix = unix_now_ms();
-        let mut loaded = Vec::with_capacity(entries.len());
-        let mut missing = 0;
-        let mut next_from = below;
-        for (seq, e) in entries {
-            if seq >= below {
-                break;
-            }
-            next_from = seq + 1;
-            match store.get_message(e.msg_id) {
-                Ok(Some(m)) => {
-                    let mut sub_ids = SubIds::None;
-                    for id in e.sub_ids {
-                        sub_ids.push(id);
-                    }
-                    let mut d =
-                        Delivery::new(Arc::new(m.to_message(now, unix)), e.qos, e.retain, sub_ids);
-                    d.seq = Some(seq);
-                    d.stored = true;
-                    loaded.push(d);
-                }
-                _ => {
-                    // Dangling entry (its message is gone): drop it rather than stall the queue.
-                    missing += 1;
-                    self.pending_ops.push(Op::Dequeue {
-                        session_id: self.handle.id,
-                        seq,
-                    });
-                }
-            }
-        }
-        if !full {
-            next_from = below;
-        }
-        let any = !loaded.is_empty();
-        self.handle.outbox.load_spilled(loaded, next_from, epoch);
-        if missing > 0 {
-            self.handle.outbox.forget_spilled(missing);
-        }
-        any
+        let broker = self.broker.clone();
+        broker.load_spilled(&self.handle, &mut self.pending_ops)
     }
 
     /// Encodes one delivery; QoS 1/2 enters the in-flight window.
@@ -162,18 +108,23 @@ impl Client {
             }
         }
         if d.qos != QoS::AtMostOnce {
+            if d.group.is_some() && !self.stores_session() {
+                // This member keeps no durable state: the group's queue keeps the entry until
+                // the member acknowledges, so a crash gives the message back to the group.
+                d.stored = false;
+            }
             d.order = self.state.next_order;
             self.state.next_order += 1;
             let pid = self.state.inflight.insert(d.clone());
             out.packet_id = pid;
-            if let Some(seq) = d.seq {
+            if let (Some(seq), true) = (d.seq, d.stored) {
                 if d.qos == QoS::ExactlyOnce {
                     self.gate.hold_from(wbuf.len());
                 }
                 // Queue entry → in-flight record, in one submit (the message's reference
                 // moves with it).
                 self.pending_ops.push(Op::Dequeue {
-                    session_id: self.handle.id,
+                    session_id: self.queue_of(&d),
                     seq,
                 });
                 self.pending_ops.push(Op::PutInflight {
@@ -181,18 +132,26 @@ impl Client {
                     rec: inflight_record(pid, &d, false),
                 });
             }
+        } else {
+            // Sent at QoS 0: finished (a group's stored message may be delivered at QoS 0 to
+            // a member that subscribed with it).
+            self.stage_dequeue(&d);
         }
         encode_publish(wbuf, self.version, &out);
         self.tally.sent[d.qos as usize] += 1;
     }
 
-    /// A stored delivery that will never be sent leaves the durable queue.
+    /// A delivery that is finished without an acknowledgement (sent at QoS 0, or never to be
+    /// sent) leaves its durable queue and gives its group credit back.
     fn stage_dequeue(&mut self, d: &Delivery) {
         if let Some(seq) = d.seq {
             self.pending_ops.push(Op::Dequeue {
-                session_id: self.handle.id,
+                session_id: self.queue_of(d),
                 seq,
             });
+        }
+        if let Some(g) = &d.group {
+            g.release(self.handle.id);
         }
     }
 

@@ -27,6 +27,20 @@ pub enum Outbound {
     Released(Delivery),
 }
 
+impl Outbound {
+    pub fn delivery(&self) -> &Delivery {
+        match self {
+            Outbound::Published(d) | Outbound::Released(d) => d,
+        }
+    }
+
+    fn into_delivery(self) -> Delivery {
+        match self {
+            Outbound::Published(d) | Outbound::Released(d) => d,
+        }
+    }
+}
+
 /// Outbound QoS 1/2 messages in flight, in the order they were sent (the order they must be
 /// re-sent in on reconnect, [MQTT-4.4.0-1]/[MQTT-4.6.0-1]).
 #[derive(Debug, Default)]
@@ -78,16 +92,33 @@ impl Inflight {
         }
     }
 
-    /// PUBACK: finishes a QoS 1 message. False when the id is unknown or not a QoS 1 PUBLISH.
-    pub fn on_puback(&mut self, id: u16) -> bool {
+    /// PUBACK: finishes a QoS 1 message and returns it. None when the id is unknown or not a
+    /// QoS 1 PUBLISH.
+    pub fn on_puback(&mut self, id: u16) -> Option<Delivery> {
         match self.position(id) {
-            Some(i) if matches!(&self.entries[i].1, Outbound::Published(d) if d.qos == crate::protocol::QoS::AtLeastOnce) =>
-            {
-                self.entries.remove(i);
-                true
+            Some(i) if matches!(&self.entries[i].1, Outbound::Published(d) if d.qos == crate::protocol::QoS::AtLeastOnce) => {
+                self.entries.remove(i).map(|(_, o)| o.into_delivery())
             }
-            _ => false,
+            _ => None,
         }
+    }
+
+    /// Removes (in order) and returns the entries `take` selects.
+    pub fn take_where(&mut self, mut take: impl FnMut(&Outbound) -> bool) -> Vec<(u16, Outbound)> {
+        if !self.entries.iter().any(|(_, o)| take(o)) {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.entries.len());
+        for (id, o) in self.entries.drain(..) {
+            if take(&o) {
+                taken.push((id, o));
+            } else {
+                kept.push_back((id, o));
+            }
+        }
+        self.entries = kept;
+        taken
     }
 
     /// PUBREC for a QoS 2 message ([MQTT-4.3.3-?]: the sender then sends PUBREL).
@@ -108,14 +139,13 @@ impl Inflight {
         }
     }
 
-    /// PUBCOMP: finishes a QoS 2 message.
-    pub fn on_pubcomp(&mut self, id: u16) -> bool {
+    /// PUBCOMP: finishes a QoS 2 message and returns it.
+    pub fn on_pubcomp(&mut self, id: u16) -> Option<Delivery> {
         match self.position(id) {
             Some(i) if matches!(self.entries[i].1, Outbound::Released(_)) => {
-                self.entries.remove(i);
-                true
+                self.entries.remove(i).map(|(_, o)| o.into_delivery())
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -263,9 +293,9 @@ mod tests {
         let a = f.insert(d(QoS::AtLeastOnce));
         let b = f.insert(d(QoS::AtLeastOnce));
         assert_ne!(a, b);
-        assert!(f.on_puback(b), "out of order ack");
-        assert!(!f.on_puback(b), "twice");
-        assert!(f.on_puback(a));
+        assert!(f.on_puback(b).is_some(), "out of order ack");
+        assert!(f.on_puback(b).is_none(), "twice");
+        assert!(f.on_puback(a).is_some());
         assert!(f.is_empty());
     }
 
@@ -274,18 +304,33 @@ mod tests {
         let mut f = Inflight::default();
         let a = f.insert(d(QoS::ExactlyOnce));
         let b = f.insert(d(QoS::ExactlyOnce));
-        assert!(!f.on_puback(a), "PUBACK does not finish QoS 2");
+        assert!(f.on_puback(a).is_none(), "PUBACK does not finish QoS 2");
         assert_eq!(f.on_pubrec(a, 0), PubRecAction::SendPubRel(0));
-        assert!(!f.on_pubcomp(b), "PUBCOMP before PUBREC");
+        assert!(f.on_pubcomp(b).is_none(), "PUBCOMP before PUBREC");
         let order: Vec<(u16, bool)> = f
             .iter()
             .map(|(id, o)| (*id, matches!(o, Outbound::Released(_))))
             .collect();
         assert_eq!(order, vec![(a, true), (b, false)]);
-        assert!(f.on_pubcomp(a));
+        assert!(f.on_pubcomp(a).is_some());
         assert_eq!(f.on_pubrec(999, 0), PubRecAction::SendPubRel(0x92));
         assert_eq!(f.on_pubrec(b, 0x80), PubRecAction::Finished);
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn take_where_keeps_the_order_of_the_rest() {
+        let mut f = Inflight::default();
+        let a = f.insert(d(QoS::AtLeastOnce));
+        let b = f.insert(d(QoS::ExactlyOnce));
+        let c = f.insert(d(QoS::AtLeastOnce));
+        let taken = f.take_where(|o| o.delivery().qos == QoS::AtLeastOnce);
+        assert_eq!(
+            taken.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            vec![a, c]
+        );
+        assert_eq!(f.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![b]);
+        assert!(f.take_where(|_| false).is_empty());
     }
 
     #[test]

@@ -228,6 +228,12 @@ impl Registry {
             .collect()
     }
 
+    /// A fresh id from the session id space (shared subscription groups use it for their
+    /// queues, so the index, the store and No Local never confuse the two).
+    pub fn allocate_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Session ids continue above what the store has used.
     pub fn set_next_id(&self, next: u64) {
         self.next_id.fetch_max(next, Ordering::Relaxed);

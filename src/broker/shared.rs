@@ -1,0 +1,562 @@
+//! Shared subscriptions (`$share/{ShareName}/{filter}`, MQTT 5 §4.8.2, also accepted from 3.1.1
+//! clients): each message matching a group's filter goes to exactly one member of the group.
+//!
+//! A group is not a list of subscriptions the publisher picks from: it has **its own queue**
+//! (an [`Outbox`](crate::outbox::Outbox) on a [`SessionHandle`] that no client owns, so it is
+//! bounded, stored and recovered exactly like a persistent session's queue). Publishers push
+//! into it like into any session. A small dispatcher task per group hands messages from that
+//! queue to members that are connected **and have free in-flight credit**, into the member's
+//! *lane*; the member's connection takes its lane when it fills its write buffer. A member that
+//! is slow or stops acknowledging therefore holds at most its own window of messages, and the
+//! rest keeps flowing to the others.
+//!
+//! When a member leaves (disconnect, unsubscribe, session end) whatever it held and had not
+//! finished goes back to the group and is given to another member:
+//! - its lane (assigned, not sent yet), always;
+//! - QoS 1 sent but not acknowledged, always (at-least-once: the member may have seen it);
+//! - QoS 2 sent but not PUBREC'd only when its session ends: while the session lives it is
+//!   re-sent to the same member on return, which keeps exactly-once per group;
+//! - QoS 2 after PUBREC stays (the member has it; only PUBREL/PUBCOMP remain).
+//!
+//! Durable groups: with durable storage a group's queue lives in the store under the group's
+//! own session id, with a session record whose client id is `"\0$share/NAME/FILTER"` (a real
+//! client id can never hold U+0000), so recovery finds it. A message handed to a persistent
+//! member moves from the group's queue to the member's in-flight record in one commit, as for
+//! its own queue; one handed to a non-persistent member stays in the group's queue until the
+//! member acknowledges it (QoS 1) or PUBRECs it (QoS 2), so a crash redelivers it to the group.
+
+use super::Broker;
+use crate::config::Strategy;
+use crate::outbox::{Delivery, Popped, SubIds};
+use crate::protocol::{QoS, SubscriptionOptions};
+use crate::session::registry::SessionHandle;
+use crate::storage::Op;
+use prometheus::IntCounter;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use tokio::sync::Notify;
+
+/// Prefix of the store's session record of a group (never a valid MQTT client id).
+pub const RECORD_PREFIX: &str = "\0";
+
+/// A group's counters, resolved once when the group is made.
+pub struct GroupMetrics {
+    pub delivered: IntCounter,
+    pub redelivered: IntCounter,
+    pub dropped: IntCounter,
+}
+
+struct Member {
+    session: Arc<SessionHandle>,
+    options: SubscriptionOptions,
+    sub_id: Option<u32>,
+    online: bool,
+    /// The member connection's in-flight window.
+    window: usize,
+    /// Group messages given to it and not finished: in `lane` or in its in-flight window.
+    outstanding: usize,
+    /// Assigned to it, waiting for its connection to take them.
+    lane: VecDeque<Delivery>,
+}
+
+impl Member {
+    fn has_credit(&self) -> bool {
+        self.online && self.outstanding < self.window
+    }
+}
+
+struct Members {
+    list: Vec<Member>,
+    /// Round robin position.
+    cursor: usize,
+    /// xorshift state for the random strategy.
+    rng: u64,
+}
+
+/// One shared subscription group.
+pub struct Group {
+    pub share: Arc<str>,
+    pub filter: Arc<str>,
+    pub strategy: Strategy,
+    /// The group's queue and storage identity.
+    pub queue: Arc<SessionHandle>,
+    members: Mutex<Members>,
+    /// Credit came back or a member arrived: the dispatcher looks again.
+    wake: Notify,
+    closed: AtomicBool,
+    pub metrics: GroupMetrics,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Group($share/{}/{})", self.share, self.filter)
+    }
+}
+
+/// `$share/NAME/FILTER` split and checked: ShareName non-empty without wildcards, FILTER a
+/// valid topic filter ([MQTT-4.8.2-1], [MQTT-4.8.2-2]).
+pub fn parse(filter: &str) -> Option<Result<(&str, &str), ()>> {
+    let (name, inner) = crate::protocol::validate::shared_subscription(filter)?;
+    let ok = !name.is_empty()
+        && !name.contains(['+', '#'])
+        && crate::protocol::validate::is_valid_topic_filter(inner);
+    Some(if ok { Ok((name, inner)) } else { Err(()) })
+}
+
+fn hash_of(a: impl Hash, b: u64) -> u64 {
+    let mut h = DefaultHasher::new();
+    a.hash(&mut h);
+    b.hash(&mut h);
+    h.finish()
+}
+
+impl Group {
+    pub fn new(
+        share: &str,
+        filter: &str,
+        strategy: Strategy,
+        queue: Arc<SessionHandle>,
+        metrics: GroupMetrics,
+    ) -> Group {
+        let seed = hash_of(filter, queue.id) | 1;
+        Group {
+            share: Arc::from(share),
+            filter: Arc::from(filter),
+            strategy,
+            queue,
+            members: Mutex::new(Members {
+                list: Vec::new(),
+                cursor: 0,
+                rng: seed,
+            }),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    /// `$share/NAME/FILTER`.
+    pub fn key(&self) -> String {
+        format!("$share/{}/{}", self.share, self.filter)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Members> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.lock().list.len()
+    }
+
+    /// Highest QoS any member subscribed with: what the group's queue keeps.
+    pub fn max_qos(&self) -> QoS {
+        self.lock()
+            .list
+            .iter()
+            .map(|m| m.options.qos)
+            .max()
+            .unwrap_or(QoS::AtMostOnce)
+    }
+
+    /// Adds or updates a member. `window` is its connection's in-flight window (0 and
+    /// `online` false for a session restored or subscribed while away).
+    pub fn join(
+        &self,
+        session: &Arc<SessionHandle>,
+        options: SubscriptionOptions,
+        sub_id: Option<u32>,
+        online: bool,
+        window: usize,
+    ) {
+        let mut m = self.lock();
+        match m.list.iter_mut().find(|x| x.session.id == session.id) {
+            Some(x) => {
+                x.options = options;
+                x.sub_id = sub_id;
+                x.online = online;
+                x.window = window;
+            }
+            None => m.list.push(Member {
+                session: session.clone(),
+                options,
+                sub_id,
+                online,
+                window,
+                outstanding: 0,
+                lane: VecDeque::new(),
+            }),
+        }
+        let any = m.list.iter().any(|x| x.online);
+        drop(m);
+        self.queue.outbox.set_online(any);
+        self.wake.notify_one();
+    }
+
+    /// A member's connection attached (`window` its in-flight window) or left.
+    pub fn set_online(&self, session_id: u64, online: bool, window: usize) {
+        let mut m = self.lock();
+        let mut back = Vec::new();
+        if let Some(x) = m.list.iter_mut().find(|x| x.session.id == session_id) {
+            x.online = online;
+            x.window = window;
+            if !online {
+                x.outstanding -= x.lane.len().min(x.outstanding);
+                back.extend(x.lane.drain(..));
+            }
+        }
+        let any = m.list.iter().any(|x| x.online);
+        drop(m);
+        self.requeue(back);
+        self.queue.outbox.set_online(any);
+        self.wake.notify_one();
+    }
+
+    /// Removes a member; returns whether the group is now empty.
+    pub fn leave(&self, session_id: u64) -> bool {
+        let mut m = self.lock();
+        let mut back = Vec::new();
+        if let Some(i) = m.list.iter().position(|x| x.session.id == session_id) {
+            let x = m.list.remove(i);
+            back.extend(x.lane);
+        }
+        let any = m.list.iter().any(|x| x.online);
+        let empty = m.list.is_empty();
+        drop(m);
+        if !empty {
+            self.requeue(back);
+        }
+        self.queue.outbox.set_online(any);
+        self.wake.notify_one();
+        empty
+    }
+
+    /// Puts deliveries back at the front of the group's queue (without member fields).
+    fn requeue(&self, items: Vec<Delivery>) {
+        if items.is_empty() {
+            return;
+        }
+        self.metrics.redelivered.inc_by(items.len() as u64);
+        self.queue
+            .outbox
+            .requeue_front(items.into_iter().map(strip_member_fields));
+    }
+
+    /// Deliveries that went to a member and come back, their entries (if stored) still in the
+    /// group's queue.
+    pub fn take_back(&self, items: Vec<Delivery>) {
+        self.requeue(items);
+        self.wake.notify_one();
+    }
+
+    /// A member finished a delivery of this group (acknowledged, or sent at QoS 0): its
+    /// credit comes back.
+    pub fn release(&self, session_id: u64) {
+        let mut m = self.lock();
+        if let Some(x) = m.list.iter_mut().find(|x| x.session.id == session_id) {
+            x.outstanding = x.outstanding.saturating_sub(1);
+        }
+        drop(m);
+        self.wake.notify_one();
+    }
+
+    /// Moves deliveries from `session_id`'s lane into `out`: QoS 0 freely, QoS 1/2 while
+    /// `slots` lasts, at most `max` in all.
+    pub fn take_lane(
+        &self,
+        session_id: u64,
+        mut slots: usize,
+        max: usize,
+        out: &mut Vec<Delivery>,
+    ) {
+        let mut m = self.lock();
+        let Some(x) = m.list.iter_mut().find(|x| x.session.id == session_id) else {
+            return;
+        };
+        while out.len() < max {
+            let Some(front) = x.lane.front() else { break };
+            if front.qos != QoS::AtMostOnce {
+                if slots == 0 {
+                    break;
+                }
+                slots -= 1;
+            }
+            if let Some(d) = x.lane.pop_front() {
+                out.push(d);
+            }
+        }
+    }
+
+    /// Whether `session_id` has deliveries waiting in its lane.
+    pub fn lane_len(&self, session_id: u64) -> usize {
+        self.lock()
+            .list
+            .iter()
+            .find(|x| x.session.id == session_id)
+            .map_or(0, |x| x.lane.len())
+    }
+
+    /// Picks the member for `d`, or None when the member it must go to has no credit.
+    fn choose(&self, m: &mut Members, d: &Delivery) -> Option<usize> {
+        let n = m.list.len();
+        if n == 0 {
+            return None;
+        }
+        match self.strategy {
+            Strategy::RoundRobin => {
+                for k in 0..n {
+                    let i = (m.cursor + k) % n;
+                    if m.list[i].has_credit() {
+                        m.cursor = (i + 1) % n;
+                        return Some(i);
+                    }
+                }
+                None
+            }
+            Strategy::Random => {
+                let eligible = m.list.iter().filter(|x| x.has_credit()).count();
+                if eligible == 0 {
+                    return None;
+                }
+                m.rng ^= m.rng << 13;
+                m.rng ^= m.rng >> 7;
+                m.rng ^= m.rng << 17;
+                let pick = (m.rng % eligible as u64) as usize;
+                m.list
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| x.has_credit())
+                    .nth(pick)
+                    .map(|(i, _)| i)
+            }
+            Strategy::HashClientid | Strategy::HashTopic => {
+                // Rendezvous hashing over connected members: a member joining or leaving moves
+                // only the keys that hash to it.
+                let key = match self.strategy {
+                    Strategy::HashClientid => hash_of(d.msg.origin, 0),
+                    _ => hash_of(d.msg.topic.as_str(), 0),
+                };
+                let best = m
+                    .list
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| x.online)
+                    .max_by_key(|(_, x)| hash_of(key, x.session.id))
+                    .map(|(i, _)| i)?;
+                // Ordering per key: wait for that member rather than give it to another.
+                m.list[best].has_credit().then_some(best)
+            }
+        }
+    }
+
+    /// Hands queued messages to members with credit until none is left or nobody can take
+    /// more. Loads the queue's on-disk part when memory is empty.
+    pub fn dispatch(self: &Arc<Self>, broker: &Broker) {
+        let mut woken: Vec<Arc<SessionHandle>> = Vec::new();
+        let mut ops = Vec::new();
+        let mut loaded_once = false;
+        loop {
+            let mut m = self.lock();
+            let mut chosen = None;
+            let popped = self.queue.outbox.pop_if(|d| {
+                chosen = self.choose(&mut m, d);
+                chosen.is_some()
+            });
+            match popped {
+                Popped::Item(mut d) => {
+                    let Some(i) = chosen else { break };
+                    let x = &mut m.list[i];
+                    d.qos = d.qos.min(x.options.qos);
+                    d.retain = d.retain && x.options.retain_as_published;
+                    d.sub_ids = x.sub_id.map_or(SubIds::None, SubIds::One);
+                    d.group = Some(self.clone());
+                    x.lane.push_back(d);
+                    x.outstanding += 1;
+                    if x.lane.len() == 1 {
+                        woken.push(x.session.clone());
+                    }
+                    self.metrics.delivered.inc();
+                }
+                Popped::Refused => break,
+                Popped::Empty => {
+                    drop(m);
+                    if loaded_once || !broker.load_spilled(&self.queue, &mut ops) {
+                        break;
+                    }
+                    loaded_once = true;
+                }
+            }
+        }
+        for s in woken {
+            s.outbox.wake();
+        }
+        if !ops.is_empty() {
+            let _ = broker.store.submit(ops);
+        }
+    }
+
+    /// The group's dispatcher: runs until the group is closed.
+    pub async fn run(self: Arc<Self>, broker: Arc<Broker>) {
+        while !self.closed.load(Ordering::Acquire) {
+            self.dispatch(&broker);
+            tokio::select! {
+                _ = self.queue.outbox.ready() => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn is_member(&self, session_id: u64) -> bool {
+        self.lock().list.iter().any(|x| x.session.id == session_id)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+}
+
+/// A delivery returning to the group's queue loses what was applied for one member. Its
+/// `seq`, if any, is its entry in the group's queue again.
+pub fn strip_member_fields(mut d: Delivery) -> Delivery {
+    d.group = None;
+    d.stored = d.seq.is_some();
+    d.sub_ids = SubIds::None;
+    d.order = 0;
+    // QoS and RETAIN were lowered for the member; the message's own are the group's upper bound
+    // (the dispatcher applies the next member's options again).
+    d.qos = d.msg.qos;
+    d.retain = d.msg.retain;
+    d
+}
+
+/// Every group, by `$share/NAME/FILTER`.
+#[derive(Default)]
+pub struct Groups {
+    map: Mutex<HashMap<String, Arc<Group>>>,
+}
+
+impl Groups {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Group>>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Group>> {
+        self.lock().get(key).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Group>> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `on` on the group of `key` (made by `make` when there is none) under the map's
+    /// lock, so a concurrent removal of an emptied group cannot lose the joining member.
+    /// Returns the group and whether it was made now.
+    pub fn join(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Arc<Group>,
+        on: impl FnOnce(&Arc<Group>),
+    ) -> (Arc<Group>, bool) {
+        let mut map = self.lock();
+        let (g, created) = match map.get(key) {
+            Some(g) => (g.clone(), false),
+            None => {
+                let g = make();
+                map.insert(key.to_string(), g.clone());
+                (g, true)
+            }
+        };
+        on(&g);
+        (g, created)
+    }
+
+    /// Removes `group` if it has no member left (checked under the map's lock so a member
+    /// joining meanwhile keeps it).
+    pub fn remove_if_empty(&self, group: &Arc<Group>) -> bool {
+        let mut map = self.lock();
+        if group.member_count() > 0 {
+            return false;
+        }
+        let key = group.key();
+        if map.get(&key).is_some_and(|g| Arc::ptr_eq(g, group)) {
+            map.remove(&key);
+        }
+        group.close();
+        true
+    }
+}
+
+/// Durable record key of a group.
+pub fn record_key(key: &str) -> String {
+    format!("{RECORD_PREFIX}{key}")
+}
+
+/// Requeue operations for deliveries whose in-flight record lives in a persistent member's
+/// session (`stored`): a new entry in the group's queue and the member's record deleted, in
+/// one submit so the message's reference count never touches zero.
+pub fn requeue_stored_ops(
+    group: &Group,
+    member_session: u64,
+    packet_id: u16,
+    d: &Delivery,
+    ops: &mut Vec<Op>,
+) -> Option<crate::outbox::Reservation> {
+    let r = group.queue.outbox.reserve_with(d.msg.weight(), true);
+    let seq = match r {
+        crate::outbox::Reservation::Hot { seq, .. }
+        | crate::outbox::Reservation::Spill { seq, .. } => seq,
+        crate::outbox::Reservation::Full => return None,
+    };
+    ops.push(Op::Enqueue {
+        session_id: group.queue.id,
+        seq,
+        entry: crate::storage::record::QueueEntry {
+            msg_id: d.msg.id,
+            qos: d.msg.qos,
+            retain: d.msg.retain,
+            sub_ids: Vec::new(),
+        },
+    });
+    ops.push(Op::DeleteInflight {
+        session_id: member_session,
+        packet_id,
+    });
+    Some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_names_are_checked() {
+        assert_eq!(parse("a/b"), None);
+        assert_eq!(parse("$share/g/a/+"), Some(Ok(("g", "a/+"))));
+        assert_eq!(parse("$share/g/#"), Some(Ok(("g", "#"))));
+        for bad in [
+            "$share/g",
+            "$share/g/",
+            "$share//a",
+            "$share/g+/a",
+            "$share/#/a",
+            "$share/g/a/#/b",
+        ] {
+            assert_eq!(parse(bad), Some(Err(())), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! A connection's side of shared subscriptions: joining and leaving groups, taking the lanes
+//! the groups' dispatchers fill, and telling a group when one of its deliveries is finished.
+
+use super::handlers::Client;
+use crate::outbox::Delivery;
+use crate::protocol::{QoS, SubscriptionOptions};
+use crate::storage::Op;
+use std::sync::Arc;
+
+impl Client {
+    /// Joins (or updates) the membership of `$share/{share}/{filter}`.
+    pub(super) fn join_group(
+        &mut self,
+        share: &str,
+        filter: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    ) {
+        let group = self.broker.subscribe_shared(
+            &self.handle,
+            share,
+            filter,
+            options,
+            id,
+            true,
+            self.window,
+        );
+        if !self.groups.iter().any(|g| Arc::ptr_eq(g, &group)) {
+            self.groups.push(group);
+        }
+    }
+
+    /// Leaves the group `$share/NAME/FILTER`. Deliveries of it still in flight stay with this
+    /// connection and finish normally.
+    pub(super) fn leave_group(&mut self, key: &str) {
+        self.broker.unsubscribe_shared(&self.handle, key);
+        self.groups.retain(|g| g.key() != key);
+    }
+
+    /// On connect with a present session: its memberships come online with this connection's
+    /// window.
+    pub(crate) fn attach_groups(&mut self) {
+        let keys: Vec<String> = self
+            .state
+            .subscriptions
+            .keys()
+            .filter(|f| crate::broker::shared::parse(f).is_some())
+            .cloned()
+            .collect();
+        for key in keys {
+            let group = self.broker.groups.get(&key);
+            match group {
+                Some(g) if g.is_member(self.handle.id) => {
+                    g.set_online(self.handle.id, true, self.window);
+                    self.groups.push(g);
+                }
+                _ => {
+                    // Restored from an older state without its group: join again.
+                    if let (Some(Ok((share, inner))), Some(sub)) = (
+                        crate::broker::shared::parse(&key),
+                        self.state.subscriptions.get(&key).cloned(),
+                    ) {
+                        let (share, inner) = (share.to_string(), inner.to_string());
+                        self.join_group(&share, &inner, sub.options, sub.id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes what the groups' dispatchers assigned to this session, within `slots` (free
+    /// in-flight window) and `max` deliveries in `out`. Returns the slots left.
+    pub(super) fn take_lanes(
+        &self,
+        mut slots: usize,
+        max: usize,
+        out: &mut Vec<Delivery>,
+    ) -> usize {
+        for g in &self.groups {
+            if out.len() >= max {
+                break;
+            }
+            let before = out.len();
+            g.take_lane(self.handle.id, slots, max, out);
+            let used = out[before..]
+                .iter()
+                .filter(|d| d.qos != QoS::AtMostOnce)
+                .count();
+            slots -= used.min(slots);
+        }
+        slots
+    }
+
+    /// Whether deliveries wait for this session (its outbox, or a group's lane).
+    pub(super) fn has_waiting(&self) -> bool {
+        !self.handle.outbox.is_empty() || self.groups.iter().any(|g| g.lane_len(self.handle.id) > 0)
+    }
+
+    /// A delivery of a group is finished here: `entry` — its entry in the group's queue may go
+    /// (when it stayed there: a member whose session is not stored); `credit` — it no longer
+    /// takes a place in this member's window.
+    pub(super) fn group_delivery_done(&mut self, d: &Delivery, entry: bool, credit: bool) {
+        let Some(group) = &d.group else {
+            return;
+        };
+        if entry && !d.stored {
+            if let Some(seq) = d.seq {
+                self.pending_ops.push(Op::Dequeue {
+                    session_id: group.queue.id,
+                    seq,
+                });
+            }
+        }
+        if credit {
+            group.release(self.handle.id);
+        }
+    }
+
+    /// The queue a delivery's `seq` belongs to.
+    pub(super) fn queue_of(&self, d: &Delivery) -> u64 {
+        d.group.as_ref().map_or(self.handle.id, |g| g.queue.id)
+    }
+}
