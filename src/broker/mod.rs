@@ -90,6 +90,40 @@ impl After {
     }
 }
 
+/// Overflow is logged at most once per interval (not once per message): how many messages
+/// full queues dropped since the last report, in all and per shared subscription group.
+#[derive(Default)]
+struct DropLog {
+    queue_full: u64,
+    groups: std::collections::HashMap<String, u64>,
+}
+
+impl DropLog {
+    fn report(&mut self, broker: &Broker) {
+        let total = broker.metrics.dropped_queue_full.get();
+        let new = total.saturating_sub(self.queue_full);
+        self.queue_full = total;
+        if new == 0 {
+            return;
+        }
+        let mut groups = std::collections::HashMap::new();
+        for g in broker.groups.all() {
+            let key = g.key();
+            let now = g.metrics.dropped.get();
+            let before = self.groups.get(&key).copied().unwrap_or(0);
+            if now > before {
+                tracing::warn!(group = %key, dropped = now - before, "shared subscription group queue full: messages dropped");
+            }
+            groups.insert(key, now);
+        }
+        self.groups = groups;
+        tracing::warn!(
+            dropped = new,
+            "queues full: messages dropped since the last report (tern_messages_dropped_total{{reason=\"queue_full\"}})"
+        );
+    }
+}
+
 /// Result of routing one message.
 #[derive(Default, Clone)]
 pub struct Routed {
@@ -299,10 +333,10 @@ impl Broker {
                     g.metrics.dropped.inc();
                 }
             } else if routed.pressure.is_none()
-                && (if group.is_some() {
-                    self.config.shared.backpressure
-                } else {
-                    self.config.limits.backpressure
+                && (match group {
+                    // A publisher that drains the queue itself must not stop reading its acks.
+                    Some(g) => self.config.shared.backpressure && !g.is_member(msg.origin),
+                    None => self.config.limits.backpressure && session.id != msg.origin,
                 })
                 && session.outbox.is_online()
                 && session.outbox.fill_above(3, 4)
@@ -739,6 +773,7 @@ impl Broker {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweeps: u64 = 0;
+        let mut drops = DropLog::default();
         loop {
             tick.tick().await;
             let now = Instant::now();
@@ -758,8 +793,11 @@ impl Broker {
                 self.metrics.dropped_expired.inc_by(purged as u64);
             }
             sweeps += 1;
-            if sweeps.is_multiple_of(10) && self.store.durable() {
-                self.sweep_expired_queues();
+            if sweeps.is_multiple_of(10) {
+                if self.store.durable() {
+                    self.sweep_expired_queues();
+                }
+                drops.report(&self);
             }
         }
     }

@@ -403,11 +403,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     Err(_) => return Close::PeerGone("read failed"),
                 },
                 _ = &mut throttle, if throttled => {
-                    // The budget refilled: handle what was read but held back. Those packets
-                    // were sent in time; holding them back must not run out the keep alive.
-                    if !self.rbuf.is_empty() {
-                        last_read = Instant::now();
-                    }
+                    // The budget refilled (or back-pressure eased): handle what was read but
+                    // held back. We chose not to read: that must not run out the keep alive.
+                    last_read = Instant::now();
                     if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
                         return close;
                     }
