@@ -542,6 +542,11 @@ pub fn requeue_stored_ops(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::message::Message;
+    use crate::outbox::Outbox;
+    use crate::protocol::{MqttStr, PublishProperties};
+    use bytes::Bytes;
 
     #[test]
     fn share_names_are_checked() {
@@ -558,5 +563,223 @@ mod tests {
         ] {
             assert_eq!(parse(bad), Some(Err(())), "{bad}");
         }
+    }
+
+    fn broker() -> Broker {
+        let config = Config::default();
+        let auth = crate::auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)
+            .expect("no auth files");
+        Broker::new(
+            config,
+            crate::metrics::Metrics::new().expect("metrics"),
+            Arc::new(crate::storage::MemoryStore),
+            auth,
+        )
+    }
+
+    fn session(id: u64) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
+            id,
+            client_id: Arc::from(format!("c{id}")),
+            outbox: Outbox::new(1000, 1 << 20),
+            persistent: AtomicBool::new(false),
+            user: std::sync::RwLock::new(None),
+        })
+    }
+
+    fn group(b: &Broker, strategy: Strategy) -> Arc<Group> {
+        let mut g = b.make_group("g", "t/#", None);
+        Arc::get_mut(&mut g).expect("fresh").strategy = strategy;
+        g
+    }
+
+    fn publish(g: &Group, n: u64, origin: u64, topic: &str) {
+        for i in 0..n {
+            let msg = Arc::new(Message {
+                id: i,
+                topic: MqttStr::from(topic),
+                payload: Bytes::from(i.to_string()),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: PublishProperties::default(),
+                expires_at: None,
+                origin,
+            });
+            let d = Delivery::new(msg, QoS::AtLeastOnce, false, SubIds::None);
+            assert_eq!(g.queue.outbox.push(d), crate::outbox::Pushed::Queued);
+        }
+    }
+
+    fn qos1() -> SubscriptionOptions {
+        SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubscriptionOptions::default()
+        }
+    }
+
+    fn lane(g: &Group, s: &SessionHandle) -> Vec<u64> {
+        let mut out = Vec::new();
+        g.take_lane(s.id, usize::MAX, usize::MAX, &mut out);
+        out.iter().map(|d| d.msg.id).collect()
+    }
+
+    #[test]
+    fn round_robin_takes_turns_among_members_with_credit() {
+        let b = broker();
+        let g = group(&b, Strategy::RoundRobin);
+        let (a, c, d) = (session(1), session(2), session(3));
+        g.join(&a, qos1(), None, true, 10);
+        g.join(&c, qos1(), Some(7), true, 10);
+        g.join(&d, qos1(), None, false, 0); // away: never picked
+        publish(&g, 6, 99, "t/x");
+        g.dispatch(&b);
+        assert_eq!(lane(&g, &a), vec![0, 2, 4]);
+        let mut out = Vec::new();
+        g.take_lane(c.id, usize::MAX, usize::MAX, &mut out);
+        assert_eq!(
+            out.iter().map(|d| d.msg.id).collect::<Vec<_>>(),
+            vec![1, 3, 5]
+        );
+        assert_eq!(
+            out[0].sub_ids.as_slice(),
+            &[7],
+            "the member's own identifier"
+        );
+        assert!(Arc::ptr_eq(out[0].group.as_ref().expect("group"), &g));
+        assert_eq!(lane(&g, &d), Vec::<u64>::new());
+        assert_eq!(g.metrics.delivered.get(), 6);
+    }
+
+    #[test]
+    fn a_member_gets_no_more_than_its_window_and_the_rest_waits_in_the_group() {
+        let b = broker();
+        let g = group(&b, Strategy::RoundRobin);
+        let (slow, fast) = (session(1), session(2));
+        g.join(&slow, qos1(), None, true, 2);
+        g.join(&fast, qos1(), None, true, 3);
+        publish(&g, 10, 99, "t/x");
+        g.dispatch(&b);
+        assert_eq!(lane(&g, &slow), vec![0, 2]);
+        assert_eq!(lane(&g, &fast), vec![1, 3, 4]);
+        assert_eq!(
+            g.queue.outbox.len(),
+            5,
+            "no credit left: the group keeps the rest"
+        );
+        // The fast member finishes two: it gets the next two, the slow one nothing.
+        g.release(fast.id);
+        g.release(fast.id);
+        g.dispatch(&b);
+        assert_eq!(lane(&g, &fast), vec![5, 6]);
+        assert_eq!(lane(&g, &slow), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_member_going_away_gives_its_lane_back_in_order() {
+        let b = broker();
+        let g = group(&b, Strategy::RoundRobin);
+        let (a, c) = (session(1), session(2));
+        g.join(&a, qos1(), None, true, 100);
+        g.join(&c, qos1(), None, true, 1);
+        publish(&g, 6, 99, "t/x");
+        g.dispatch(&b);
+        // a has 0, 2, 3, 4, 5 assigned (c took 1 and has no more credit); a leaves.
+        g.set_online(a.id, false, 0);
+        assert_eq!(g.metrics.redelivered.get(), 5);
+        assert_eq!(g.queue.outbox.len(), 5);
+        g.release(c.id);
+        g.set_online(c.id, true, 100);
+        g.dispatch(&b);
+        assert_eq!(lane(&g, &c), vec![1, 0, 2, 3, 4, 5]);
+        // Leaving for good (last member): the group is empty.
+        assert!(!g.leave(a.id));
+        assert!(g.leave(c.id));
+    }
+
+    #[test]
+    fn hash_clientid_keeps_each_publisher_on_one_member() {
+        let b = broker();
+        let g = group(&b, Strategy::HashClientid);
+        let members: Vec<_> = (1..=4).map(session).collect();
+        for m in &members {
+            g.join(m, qos1(), None, true, 1000);
+        }
+        for origin in 100..120 {
+            publish(&g, 5, origin, "t/x");
+        }
+        g.dispatch(&b);
+        let mut owners = std::collections::HashMap::new();
+        let mut used = 0;
+        for m in &members {
+            let mut out = Vec::new();
+            g.take_lane(m.id, usize::MAX, usize::MAX, &mut out);
+            used += usize::from(!out.is_empty());
+            let mut last = HashMap::new();
+            for d in out {
+                assert_eq!(*owners.entry(d.msg.origin).or_insert(m.id), m.id);
+                let prev = last.insert(d.msg.origin, d.msg.id);
+                assert!(prev.is_none_or(|p| p < d.msg.id), "in order per publisher");
+            }
+        }
+        assert_eq!(owners.len(), 20);
+        assert!(used > 1, "20 publishers spread over more than one member");
+    }
+
+    #[test]
+    fn hash_topic_waits_for_the_chosen_member() {
+        let b = broker();
+        let g = group(&b, Strategy::HashTopic);
+        let (a, c) = (session(1), session(2));
+        g.join(&a, qos1(), None, true, 1);
+        g.join(&c, qos1(), None, true, 1);
+        publish(&g, 3, 99, "t/one");
+        g.dispatch(&b);
+        let (first, second) = if g.lane_len(a.id) == 1 {
+            (&a, &c)
+        } else {
+            (&c, &a)
+        };
+        assert_eq!(lane(&g, first), vec![0]);
+        assert_eq!(
+            g.lane_len(second.id),
+            0,
+            "never to the other member: order per topic"
+        );
+        g.release(first.id);
+        g.dispatch(&b);
+        assert_eq!(lane(&g, first), vec![1]);
+    }
+
+    #[test]
+    fn random_uses_every_member_with_credit() {
+        let b = broker();
+        let g = group(&b, Strategy::Random);
+        let members: Vec<_> = (1..=3).map(session).collect();
+        for m in &members {
+            g.join(m, qos1(), None, true, 1000);
+        }
+        publish(&g, 300, 99, "t/x");
+        g.dispatch(&b);
+        for m in &members {
+            let n = lane(&g, m).len();
+            assert!(n > 30, "member {} got {n} of 300", m.id);
+        }
+    }
+
+    #[test]
+    fn member_options_apply_at_dispatch() {
+        let b = broker();
+        let g = group(&b, Strategy::RoundRobin);
+        let a = session(1);
+        g.join(&a, SubscriptionOptions::default(), None, true, 10);
+        publish(&g, 1, 99, "t/x");
+        g.dispatch(&b);
+        let mut out = Vec::new();
+        g.take_lane(a.id, 0, 10, &mut out);
+        assert_eq!(out.len(), 1, "QoS 0 needs no slot");
+        assert_eq!(out[0].qos, QoS::AtMostOnce, "lowered to the member's QoS");
+        let back = strip_member_fields(out.remove(0));
+        assert_eq!(back.qos, QoS::AtLeastOnce, "the message's own QoS again");
+        assert!(back.group.is_none());
     }
 }
