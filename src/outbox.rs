@@ -260,19 +260,18 @@ impl Outbox {
         }
     }
 
-    /// Whether the queue holds at least `num/den` of its message or byte limit (memory, pending
-    /// and on disk): the back-pressure threshold.
-    pub fn fill_above(&self, num: usize, den: usize) -> bool {
+    /// Whether a connection (for a group: any member) drains the queue and it holds at least
+    /// `num/den` of its message or byte limit (memory, pending and on disk): back-pressure
+    /// applies.
+    pub fn drained_and_above(&self, num: usize, den: usize) -> bool {
         let q = self.lock();
+        if !q.online {
+            return false;
+        }
         let count = q.items.len() + q.pending + q.spilled;
         let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
         count.saturating_mul(den) >= self.max_messages.saturating_mul(num)
             || bytes.saturating_mul(den) >= self.max_bytes.saturating_mul(num)
-    }
-
-    /// Whether a connection (for a group: any member) is attached.
-    pub fn is_online(&self) -> bool {
-        self.lock().online
     }
 
     /// Wakes the connection draining this outbox (something for it arrived elsewhere, e.g. in
@@ -637,6 +636,41 @@ mod tests {
         assert_eq!(o.len(), 3);
         assert_eq!(o.spill_window(), Some((5, 9, 0)));
         assert!(matches!(o.reserve(1), Reservation::Spill { seq: 9, .. }));
+    }
+
+    #[test]
+    fn pop_if_requeue_and_back_pressure_threshold() {
+        let o = Outbox::new(8, 1 << 20);
+        for _ in 0..6 {
+            o.push(d(QoS::AtLeastOnce));
+        }
+        assert!(
+            !o.drained_and_above(3, 4),
+            "nobody drains it: no back-pressure"
+        );
+        o.set_online(true);
+        assert!(o.drained_and_above(3, 4), "6 of 8");
+        assert!(matches!(o.pop_if(|_| false), Popped::Refused));
+        let Popped::Item(first) = o.pop_if(|_| true) else {
+            panic!("front")
+        };
+        let Popped::Item(second) = o.pop_if(|_| true) else {
+            panic!("front")
+        };
+        assert!(!o.drained_and_above(3, 4), "4 of 8");
+        assert!(o.drained_and_above(1, 2));
+        o.requeue_front(vec![first, second].into_iter());
+        assert_eq!(o.len(), 6);
+        // Forced reservations ignore the limits (a message accepted once coming back).
+        for _ in 0..2 {
+            o.push(d(QoS::AtLeastOnce));
+        }
+        assert_eq!(o.reserve(1), Reservation::Full);
+        assert!(matches!(o.reserve_with(1, true), Reservation::Hot { .. }));
+        let mut all = Vec::new();
+        o.pop_batch(100, 100, &mut all);
+        assert_eq!(all.len(), 8);
+        assert!(matches!(o.pop_if(|_| true), Popped::Empty));
     }
 
     #[test]

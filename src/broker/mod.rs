@@ -334,12 +334,15 @@ impl Broker {
                 }
             } else if routed.pressure.is_none()
                 && (match group {
-                    // A publisher that drains the queue itself must not stop reading its acks.
-                    Some(g) => self.config.shared.backpressure && !g.is_member(msg.origin),
-                    None => self.config.limits.backpressure && session.id != msg.origin,
+                    Some(_) => self.config.shared.backpressure,
+                    None => self.config.limits.backpressure,
                 })
-                && session.outbox.is_online()
-                && session.outbox.fill_above(3, 4)
+                && session.outbox.drained_and_above(3, 4)
+                // A publisher that drains the queue itself must not stop reading its acks.
+                && match group {
+                    Some(g) => !g.is_member(msg.origin),
+                    None => session.id != msg.origin,
+                }
             {
                 routed.pressure = Some(session.clone());
             }

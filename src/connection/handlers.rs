@@ -155,7 +155,7 @@ impl Client {
         if let Some(queue) = &self.pressure {
             // Back-pressure: wait while the queue is above half and someone drains it (a queue
             // nobody is connected to would never drain: then its limit drops messages instead).
-            if queue.outbox.is_online() && queue.outbox.fill_above(1, 2) {
+            if queue.outbox.drained_and_above(1, 2) {
                 return Some(BACKPRESSURE_POLL);
             }
             self.pressure = None;
