@@ -101,6 +101,7 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
         };
 
         let mut state = SessionState::default();
+        let mut held = Vec::new();
         let subs = rec.subscriptions.remove(&s.client_id).unwrap_or_default();
         for sub in &subs {
             state.subscriptions.insert(
@@ -120,6 +121,14 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
             let mut d = Delivery::new(msg, r.entry.qos, r.entry.retain, sub_ids);
             d.order = r.order;
             d.stored = true;
+            // A shared subscription group's message still goes back to its group if this
+            // member leaves without finishing it.
+            d.group = r
+                .group
+                .and_then(|id| restored_groups.iter().find(|g| g.queue.id == id).cloned());
+            if let Some(g) = &d.group {
+                held.push(g.clone());
+            }
             state.next_order = state.next_order.max(r.order + 1);
             let o = if r.released {
                 Outbound::Released(d)
@@ -146,6 +155,10 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
                     broker.subscribe(&handle, &sub.filter, sub.options, sub.id);
                 }
             }
+        }
+        // What the member holds of its groups takes credit, as before the restart.
+        for g in held {
+            g.hold(handle.id);
         }
         out.subscriptions += subs.len();
         if let Some(q) = rec.queues.remove(&s.session_id) {

@@ -262,6 +262,14 @@ impl Group {
         self.wake.notify_one();
     }
 
+    /// A member holds one of the group's deliveries it got before a restart.
+    pub fn hold(&self, session_id: u64) {
+        let mut m = self.lock();
+        if let Some(x) = m.list.iter_mut().find(|x| x.session.id == session_id) {
+            x.outstanding += 1;
+        }
+    }
+
     /// Moves deliveries from `session_id`'s lane into `out`: QoS 0 freely, QoS 1/2 while
     /// `slots` lasts, at most `max` in all.
     pub fn take_lane(

@@ -84,6 +84,7 @@ pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> I
             sub_ids: d.sub_ids.as_slice().to_vec(),
         },
         released,
+        group: d.group.as_ref().map(|g| g.queue.id),
     }
 }
 

@@ -18,7 +18,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Format byte written at the start of every record value. Bump it when an encoding changes,
 /// and keep decoding the older formats.
-pub const RECORD_FORMAT: u8 = 1;
+///
+/// - 1: the first format.
+/// - 2: in-flight records end with an optional shared subscription group id (a presence byte,
+///   then a `u64`); every other record is as in format 1.
+pub const RECORD_FORMAT: u8 = 2;
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,6 +111,9 @@ pub struct InflightRecord {
     /// PUBREC received and PUBREL sent: only PUBCOMP is awaited (the message itself is no
     /// longer resent, but it stays referenced until then for simplicity of the refcount).
     pub released: bool,
+    /// The storage id of the shared subscription group the message came through, so that after
+    /// a restart it can still go back to the group if the member leaves without finishing it.
+    pub group: Option<u64>,
 }
 
 impl StoredMessage {
@@ -372,18 +379,23 @@ impl InflightRecord {
         put_u64(&mut w, self.order);
         w.push(u8::from(self.released));
         self.entry.put(&mut w);
+        put_opt_u64(&mut w, self.group);
         w
     }
 
     pub fn decode(bytes: &[u8]) -> Result<InflightRecord, DecodeError> {
         let mut r = Reader::new(Bytes::copy_from_slice(bytes));
-        r.header()?;
-        let rec = InflightRecord {
+        let format = r.header()?;
+        let mut rec = InflightRecord {
             packet_id: r.u16()?,
             order: r.u64()?,
             released: r.bool()?,
             entry: QueueEntry::read(&mut r)?,
+            group: None,
         };
+        if format >= 2 {
+            rec.group = r.opt_u64()?;
+        }
         r.finish()?;
         Ok(rec)
     }
@@ -467,6 +479,7 @@ mod tests {
                 sub_ids: vec![1, 268_435_455],
             },
             released: true,
+            group: Some(u64::MAX),
         }
     }
 
@@ -537,8 +550,29 @@ mod tests {
         assert_eq!(SubscriptionRecord::decode(&sub.encode()), Ok(sub));
         let i = inflight();
         assert_eq!(QueueEntry::decode(&i.entry.encode()), Ok(i.entry.clone()));
-        assert_eq!(InflightRecord::decode(&i.encode()), Ok(i));
+        assert_eq!(InflightRecord::decode(&i.encode()), Ok(i.clone()));
+        let no_group = InflightRecord { group: None, ..i };
+        assert_eq!(
+            InflightRecord::decode(&no_group.encode()),
+            Ok(no_group.clone())
+        );
         assert_eq!(decode_msg_ref(&encode_msg_ref(u64::MAX)), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn format_1_records_still_decode() {
+        // Format 1 in-flight records end after the queue entry (no group).
+        let rec = InflightRecord {
+            group: None,
+            ..inflight()
+        };
+        let mut v1 = rec.encode();
+        assert_eq!(v1.pop(), Some(0), "absent group");
+        v1[0] = 1;
+        assert_eq!(InflightRecord::decode(&v1), Ok(rec));
+        let mut s = session().encode();
+        s[0] = 1;
+        assert_eq!(SessionRecord::decode(&s), Ok(session()));
     }
 
     #[test]

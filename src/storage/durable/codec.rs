@@ -125,10 +125,12 @@ impl Reader {
         Ok(a)
     }
 
-    pub(crate) fn header(&mut self) -> Result<(), DecodeError> {
+    /// Reads the format byte: any format up to [`RECORD_FORMAT`] is returned for the caller
+    /// to decode; a newer one is an error that says so.
+    pub(crate) fn header(&mut self) -> Result<u8, DecodeError> {
         match self.u8()? {
             0 => Err(DecodeError::Invalid("record format 0")),
-            RECORD_FORMAT => Ok(()),
+            v if v <= RECORD_FORMAT => Ok(v),
             v => Err(DecodeError::NewerFormat(v)),
         }
     }

@@ -112,6 +112,7 @@ fn reopen_recovers_exactly() {
             order,
             entry: entry(msg_id),
             released,
+            group: None,
         };
         let mut retained = msg(30);
         retained.retain = true;
@@ -293,6 +294,7 @@ fn shared_messages_are_counted() {
             order: 0,
             entry: entry(7),
             released,
+            group: None,
         };
         wait(store.submit(vec![
             Op::Dequeue {
@@ -390,6 +392,7 @@ fn populate(store: &DurableStore) {
                 order: 0,
                 entry: entry(3),
                 released: false,
+                group: Some(12),
             },
         },
         Op::PutQos2 {
