@@ -324,7 +324,7 @@ async fn v311_rejected_subscriptions_get_0x80() {
     let b = Broker::default().await;
     let mut c = v3::connect(b.port(), &cid("v3-rej")).await;
     assert_eq!(
-        c.subscribe("$share/g/rej/t", QoS::AtLeastOnce).await,
+        c.subscribe("$share/g+/rej/t", QoS::AtLeastOnce).await,
         vec![SubscribeReasonCode::Failure]
     );
     assert_eq!(

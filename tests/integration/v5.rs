@@ -27,7 +27,7 @@ async fn v5_connack_properties() {
     assert_eq!(p.topic_alias_max, Some(64));
     assert_eq!(p.wildcard_subscription_available, Some(1));
     assert_eq!(p.subscription_identifiers_available, Some(1));
-    assert_eq!(p.shared_subscription_available, Some(0));
+    assert_eq!(p.shared_subscription_available, Some(1));
     assert_eq!(p.assigned_client_identifier, None);
     c.disconnect().await;
     b.stop().await;
@@ -535,16 +535,16 @@ async fn v5_unsubscribe_stops_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_rejected_subscriptions() {
     let b = Broker::default().await;
-    // Shared subscriptions are not supported: 0x9E.
+    // A shared subscription without a ShareName: 0x8F ([MQTT-4.8.2-1]).
     let mut shared = v5::connect(b.port(), &cid("v5-rej-shared")).await;
     shared
         .client
-        .subscribe("$share/g/rej/t", QoS::AtLeastOnce)
+        .subscribe("$share//rej/t", QoS::AtLeastOnce)
         .await
         .unwrap();
     match shared.wait_closed(WAIT).await {
-        Some(Closed::SubFail(SubscribeReasonCode::SharedSubscriptionsNotSupported)) => {}
-        other => panic!("expected SUBACK 0x9E, got {other:?}"),
+        Some(Closed::SubFail(SubscribeReasonCode::TopicFilterInvalid)) => {}
+        other => panic!("expected SUBACK 0x8F, got {other:?}"),
     }
     // Another client's response prefix: 0x87.
     let mut nosy = v5::connect(b.port(), &cid("v5-rej-nosy")).await;

@@ -331,13 +331,13 @@ def test_unsubscribe_stops_delivery(mk):
 
 
 def test_suback_failure_codes(mk):
-    """Invalid filters and shared subscriptions get 0x80 in the SUBACK while the valid filters of
+    """Invalid filters and malformed shared subscriptions get 0x80 in the SUBACK while the valid filters of
     the same SUBSCRIBE are granted [MQTT-3.9.3-2] [MQTT-4.7.1-1]."""
     other = mk("other", P)
     other.connect()
     sub = mk("sub", P)
     sub.connect()
-    filters = [("sf/ok", 1), ("sf/#/x", 1), ("sf/a#", 0), ("sf/a+/b", 2), ("$share/g/sf/t", 1),
+    filters = [("sf/ok", 1), ("sf/#/x", 1), ("sf/a#", 0), ("sf/a+/b", 2), ("$share/g+/sf/t", 1),
                (f"reply/{other.client_id}/#", 1), ("sf/ok2", 2)]
     assert sub.subscribe(filters) == [1, 0x80, 0x80, 0x80, 0x80, 0x80, 2]
     pub = mk("pub", P)

@@ -147,10 +147,11 @@ def test_payload_format_utf8_violation_0x99(broker):
     pytest.param(V5, "a/#/b", 0x8F, id="v5-hash-not-last-0x8F-[MQTT-4.7.1-1]"),
     pytest.param(V5, "a/b#", 0x8F, id="v5-hash-in-level-0x8F-[MQTT-4.7.1-1]"),
     pytest.param(V5, "a/+b", 0x8F, id="v5-plus-in-level-0x8F-[MQTT-4.7.1-2]"),
-    pytest.param(V5, "$share/g/t", 0x9E, id="v5-shared-0x9E"),
+    pytest.param(V5, "$share/g", 0x8F, id="v5-share-without-filter-0x8F-[MQTT-4.8.2-1]"),
+    pytest.param(V5, "$share/g#/t", 0x8F, id="v5-share-name-wildcard-0x8F-[MQTT-4.8.2-2]"),
     pytest.param(V311, "a/#/b", 0x80, id="v311-hash-not-last-0x80-[MQTT-4.7.1-2]"),
     pytest.param(V311, "a+/b", 0x80, id="v311-plus-in-level-0x80-[MQTT-4.7.1-3]"),
-    pytest.param(V311, "$share/g/t", 0x80, id="v311-shared-0x80"),
+    pytest.param(V311, "$share//t", 0x80, id="v311-empty-share-name-0x80-[MQTT-4.8.2-1]"),
 ])
 def test_suback_failure_codes(broker, version, flt, code):
     """Invalid filters fail per filter without disconnecting; valid ones in the same SUBSCRIBE
