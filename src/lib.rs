@@ -108,6 +108,7 @@ impl Running {
         for t in self.tasks {
             t.abort();
         }
+        self.broker.groups.close_all();
         self.broker.store.close();
     }
 }

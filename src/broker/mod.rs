@@ -524,7 +524,7 @@ impl Broker {
         }
         self.index_group(&group);
         if created {
-            tokio::spawn(group.clone().run(self.clone()));
+            tokio::spawn(group.clone().run(Arc::downgrade(self)));
         }
         group
     }

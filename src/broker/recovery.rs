@@ -191,7 +191,7 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
             out.queued -= group.queue.outbox.len() as u64;
             broker.drop_group(&group);
         } else {
-            tokio::spawn(group.clone().run(broker.clone()));
+            tokio::spawn(group.clone().run(Arc::downgrade(broker)));
         }
     }
 

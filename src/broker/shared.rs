@@ -364,7 +364,8 @@ impl Group {
     pub fn dispatch(self: &Arc<Self>, broker: &Broker) {
         let mut woken: Vec<Arc<SessionHandle>> = Vec::new();
         let mut ops = Vec::new();
-        let mut loaded_once = false;
+        // Bounded work per call (16 disk batches); a later wake-up goes on.
+        let mut loads = 0;
         loop {
             let mut m = self.lock();
             let mut chosen = None;
@@ -390,10 +391,10 @@ impl Group {
                 Popped::Refused => break,
                 Popped::Empty => {
                     drop(m);
-                    if loaded_once || !broker.load_spilled(&self.queue, &mut ops) {
+                    if loads == 16 || !broker.load_spilled(&self.queue, &mut ops) {
                         break;
                     }
-                    loaded_once = true;
+                    loads += 1;
                 }
             }
         }
@@ -405,10 +406,13 @@ impl Group {
         }
     }
 
-    /// The group's dispatcher: runs until the group is closed.
-    pub async fn run(self: Arc<Self>, broker: Arc<Broker>) {
+    /// The group's dispatcher: runs until the group is closed (or the broker is gone; it
+    /// holds no strong reference, so a stopped broker is dropped and its store closed).
+    pub async fn run(self: Arc<Self>, broker: std::sync::Weak<Broker>) {
         while !self.closed.load(Ordering::Acquire) {
-            self.dispatch(&broker);
+            let Some(b) = broker.upgrade() else { return };
+            self.dispatch(&b);
+            drop(b);
             tokio::select! {
                 _ = self.queue.outbox.ready() => {}
                 _ = self.wake.notified() => {}
@@ -457,6 +461,13 @@ impl Groups {
 
     pub fn get(&self, key: &str) -> Option<Arc<Group>> {
         self.lock().get(key).cloned()
+    }
+
+    /// Stops every group's dispatcher (broker shutdown).
+    pub fn close_all(&self) {
+        for g in self.lock().values() {
+            g.close();
+        }
     }
 
     pub fn all(&self) -> Vec<Arc<Group>> {
