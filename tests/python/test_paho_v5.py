@@ -56,7 +56,7 @@ def test_connack_default_properties(mk):
     """CONNACK properties with the default configuration [MQTT-3.2.2-9] [MQTT-3.2.2-10]: Receive
     Maximum 1024, no Maximum QoS (2 is supported), Retain Available, Maximum Packet Size 1048576,
     Topic Alias Maximum 64, Wildcard and Subscription Identifiers available, Shared
-    Subscriptions not available; no Session Expiry / Server Keep Alive / Assigned Client
+    Subscriptions available; no Session Expiry / Server Keep Alive / Assigned Client
     Identifier when nothing was changed."""
     c = mk("c", P)
     rc, sp, p = c.connect()
@@ -68,7 +68,7 @@ def test_connack_default_properties(mk):
     assert p.TopicAliasMaximum == 64
     assert p.WildcardSubscriptionAvailable == 1
     assert p.SubscriptionIdentifierAvailable == 1
-    assert p.SharedSubscriptionAvailable == 0
+    assert p.SharedSubscriptionAvailable == 1
     assert not has(p, "SessionExpiryInterval")
     assert not has(p, "ServerKeepAlive")
     assert not has(p, "AssignedClientIdentifier")

@@ -38,7 +38,7 @@ def test_connack_properties_defaults(broker):
     assert pr.get(RETAIN_AVAILABLE, 1) == 1, ack
     assert pr.get(WILDCARD_SUBSCRIPTION_AVAILABLE) == 1, ack
     assert pr.get(SUBSCRIPTION_IDENTIFIER_AVAILABLE) == 1, ack
-    assert pr.get(SHARED_SUBSCRIPTION_AVAILABLE) == 0, ack
+    assert pr.get(SHARED_SUBSCRIPTION_AVAILABLE) == 1, ack
     assert MAXIMUM_QOS not in pr, ack
     assert ASSIGNED_CLIENT_IDENTIFIER not in pr, ack
     c.disconnect()
