@@ -731,22 +731,35 @@ async fn tput(o: &Opts, spec: Spec, duration: Duration) -> Value {
     out
 }
 
-/// burst-q1: 100,000 QoS 1 messages as fast as the broker acknowledges them, to 4 consumers
-/// (burst/0..3, the publisher round-robins) that each acknowledge at a fixed rate.
+/// burst-q1: the one topic the burst goes to, and the shared subscription its workers take.
+const BURST_TOPIC: &str = "burst/orders";
+const BURST_FILTER: &str = "$share/workers/burst/orders";
+const BURST_WORKERS: usize = 4;
+/// Messages per second each worker processes (and acknowledges).
+const BURST_RATE: u64 = 5_000;
+/// The drain stops when no message has been processed for this long.
+const BURST_IDLE: Duration = Duration::from_secs(3);
+
+/// burst-q1: one publisher sends 100,000 QoS 1 messages (20,000 in quick mode) to
+/// `burst/orders` as fast as the broker acknowledges them (at most 512 unacknowledged); four
+/// workers share the subscription `$share/workers/burst/orders` and each processes 5,000
+/// msg/s, so the ideal drain time is messages / 20,000 msg/s (5 s; 1 s quick). Every message
+/// must reach some worker at least once.
 async fn burst(o: &Opts) -> Value {
-    const CONSUMERS: usize = 4;
     let total: u64 = if o.quick { 20_000 } else { 100_000 };
-    let rate: u64 = 5_000; // per consumer, messages per second
-    let per = total / CONSUMERS as u64;
+    let rate = BURST_RATE;
+    let ideal_s = total as f64 / (BURST_WORKERS as u64 * rate) as f64;
     let mut subs = Vec::new();
-    for s in 0..CONSUMERS {
-        let id = client_id(o, "slow", s);
-        match Client::connect(o.addr, None, &id, CONNECT_TIMEOUT).await {
-            Ok(mut c) => match c.subscribe(&format!("burst/{s}"), 1).await {
-                Ok(_) => subs.push(c),
-                Err(e) => return fail(format!("subscribe: {e}")),
-            },
-            Err(e) => return fail(format!("consumer connect: {e}")),
+    for s in 0..BURST_WORKERS {
+        let id = client_id(o, "worker", s);
+        let mut c = match Client::connect(o.addr, None, &id, CONNECT_TIMEOUT).await {
+            Ok(c) => c,
+            Err(e) => return fail(format!("worker {s} connect: {e}")),
+        };
+        match c.subscribe(BURST_FILTER, 1).await {
+            Ok(1) => subs.push(c),
+            Ok(q) => return fail(format!("worker {s}: {BURST_FILTER} granted QoS {q}, not 1")),
+            Err(e) => return fail(format!("worker {s}: subscribe {BURST_FILTER}: {e}")),
         }
     }
     let publ = match Client::connect(o.addr, None, &client_id(o, "pub", 0), CONNECT_TIMEOUT).await {
@@ -776,14 +789,14 @@ async fn burst(o: &Opts) -> Value {
     let meter = Meter::start(pid);
     let start = Instant::now() + Duration::from_millis(20);
     let start_ns = now_ns() + 20_000_000;
-    let done = Arc::new(AtomicUsize::new(0));
-    let consumers: Vec<_> = subs
+    let board = Arc::new(Board::new(total));
+    let workers: Vec<_> = subs
         .into_iter()
-        .map(|c| tokio::spawn(slow_consumer(c, rate, per, done.clone(), stop_rx.clone())))
+        .map(|c| tokio::spawn(worker(c, rate, board.clone(), stop_rx.clone())))
         .collect();
     let plan = PubPlan {
         id: 0,
-        topics: (0..CONSUMERS).map(|s| format!("burst/{s}")).collect(),
+        topics: vec![BURST_TOPIC.into()],
         qos: 1,
         payload: 64,
         window: 512,
@@ -797,76 +810,172 @@ async fn burst(o: &Opts) -> Value {
     let pr = tokio::spawn(publisher(publ, plan, None)).await;
     let publish_s = start.elapsed().as_secs_f64();
     let mut errors = Vec::new();
-    let sent = match pr {
+    let (sent, unacked) = match pr {
         Ok(r) => {
             if let Some(e) = r.error {
                 errors.push(format!("publisher: {e}"));
             }
-            r.sent
+            (r.sent, r.unacked)
         }
         Err(e) => {
             errors.push(format!("publisher: {e}"));
-            0
+            (0, 0)
         }
     };
-    // The consumers need per/rate seconds at best; allow that plus the drain margin.
-    let deadline = Instant::now() + Duration::from_secs_f64(per as f64 / rate as f64) + DRAIN;
-    while done.load(Relaxed) < CONSUMERS && Instant::now() < deadline {
+    let acked = sent - unacked;
+    // Drain: until every message sent has been processed, nothing has been processed for
+    // BURST_IDLE, or the ideal drain time plus DRAIN has passed.
+    let deadline =
+        (start + Duration::from_secs_f64(ideal_s) + DRAIN).max(Instant::now() + BURST_IDLE);
+    let (mut last, mut last_change) = (u64::MAX, Instant::now());
+    loop {
+        let u = board.unique.load(Relaxed);
+        if u >= sent || Instant::now() >= deadline {
+            break;
+        }
+        if u != last {
+            (last, last_change) = (u, Instant::now());
+        } else if last_change.elapsed() >= BURST_IDLE {
+            break;
+        }
         sleep(Duration::from_millis(5)).await;
     }
     let (wall, broker_cpu, client_cpu) = meter.read();
     let _ = stop_tx.send(true);
     let _ = sampler.await;
     let mut hist = Histogram::default();
-    let (mut delivered, mut dups, mut last_ns) = (0u64, 0u64, start_ns);
-    for (s, t) in consumers.into_iter().enumerate() {
+    let (mut dups, mut dup_flagged, mut unexpected, mut left) = (0u64, 0u64, 0u64, 0u64);
+    let (mut first_ns, mut last_ns) = (u64::MAX, start_ns);
+    let mut per_worker = Vec::new();
+    let mut arrived_per_worker = Vec::new();
+    for (s, t) in workers.into_iter().enumerate() {
         match t.await {
             Ok(r) => {
-                hist.merge(&r.tally.hist);
-                delivered += r.tally.total();
-                dups += r.tally.dups;
-                last_ns = last_ns.max(r.tally.last_ns);
+                hist.merge(&r.hist);
+                dups += r.dups;
+                dup_flagged += r.dup_flagged;
+                unexpected += r.unexpected;
+                left += r.left;
+                if r.arrived > 0 {
+                    first_ns = first_ns.min(r.first_ns);
+                }
+                last_ns = last_ns.max(r.last_ns);
+                per_worker.push(r.processed);
+                arrived_per_worker.push(r.arrived);
                 if let Some(e) = r.error {
-                    errors.push(format!("consumer {s}: {e}"));
+                    errors.push(format!("worker {s}: {e}"));
                 }
             }
-            Err(e) => errors.push(format!("consumer {s}: {e}")),
+            Err(e) => errors.push(format!("worker {s}: {e}")),
         }
     }
     let hwm = stats::proc_status_kib(pid, "VmHWM:").unwrap_or(0);
     let peak_kib = peak.load(Relaxed).max(hwm);
     let drain_s = last_ns.saturating_sub(start_ns) as f64 / 1e9;
-    let lost = total.saturating_sub(delivered);
+    // QoS 1 acknowledgements come back in order: the acknowledged messages are the first
+    // `acked` sent. Sent but never acknowledged (a publisher error) and not delivered
+    // either: not a loss.
+    let lost = Board::missing_below(&board.arrived, acked);
+    let unacked_missing = Board::missing_below(&board.arrived, sent) - lost;
+    let unprocessed = Board::missing_below(&board.processed, sent);
+    let processed_unique = board.unique.load(Relaxed);
+    if lost > 0 {
+        errors.push(format!(
+            "{lost} acknowledged messages never reached a worker"
+        ));
+    }
+    if unprocessed > lost + unacked_missing {
+        errors.push(format!(
+            "drain stopped at {processed_unique} of {sent} messages processed"
+        ));
+    }
+    if unexpected > 0 {
+        errors.push(format!(
+            "{unexpected} deliveries that are not messages of this burst"
+        ));
+    }
+    let wmin = per_worker.iter().copied().min().unwrap_or(0);
+    let wmax = per_worker.iter().copied().max().unwrap_or(0);
     let mut out = json!({
         "ok": errors.is_empty(),
         "qos": 1,
         "messages": total,
-        "consumers": CONSUMERS,
+        "topic": BURST_TOPIC,
+        "filter": BURST_FILTER,
+        "consumers": BURST_WORKERS,
         "consumer_rate": rate,
+        "local_backlog": LOCAL_BACKLOG,
         "sent": sent,
-        "expected": total,
-        "delivered": delivered,
+        "acked": acked,
+        "unacked": unacked,
+        "expected": acked,
+        "delivered": processed_unique,
         "lost": lost,
-        "loss_pct": lost as f64 * 100.0 / total as f64,
+        "loss_pct": if acked > 0 { lost as f64 * 100.0 / acked as f64 } else { 0.0 },
+        "unacked_not_delivered": unacked_missing,
+        "unprocessed": unprocessed,
+        "left_in_workers": left,
         "duplicates": dups,
+        "dup_flagged": dup_flagged,
+        "unexpected": unexpected,
+        "per_consumer": per_worker,
+        "per_consumer_arrived": arrived_per_worker,
+        "consumer_min": wmin,
+        "consumer_max": wmax,
+        "consumer_even": total as f64 / BURST_WORKERS as f64,
         "publish_s": publish_s,
-        "publish_rate": sent as f64 / publish_s,
+        "publish_rate": acked as f64 / publish_s.max(1e-9),
+        "first_delivery_ms": if first_ns == u64::MAX { f64::NAN } else { first_ns.saturating_sub(start_ns) as f64 / 1e6 },
         "drain_s": drain_s,
-        "ideal_drain_s": per as f64 / rate as f64,
+        "ideal_drain_s": ideal_s,
+        "drain_vs_ideal": drain_s / ideal_s,
         "rss_before_kib": rss0,
         "hwm_before_kib": hwm0,
         "peak_rss_kib": peak.load(Relaxed),
         "vmhwm_kib": hwm,
         "peak_kib": peak_kib,
         "peak_rss_mib": peak_kib as f64 / 1024.0,
-        "rate": delivered as f64 / drain_s.max(1e-9),
-        "msgs_per_broker_cpu_s": delivered as f64 / broker_cpu,
+        "rate": processed_unique as f64 / drain_s.max(1e-9),
+        "msgs_per_broker_cpu_s": processed_unique as f64 / broker_cpu,
         "errors": errors,
     });
     let m = out.as_object_mut().expect("object");
     cpu_fields(m, wall, broker_cpu, client_cpu);
     latency_fields(m, &hist);
     out
+}
+
+/// Which messages of the burst (the sequence numbers of stream 0) have reached a worker, and
+/// which a worker has processed; shared by the workers.
+struct Board {
+    arrived: Vec<AtomicU64>,
+    processed: Vec<AtomicU64>,
+    /// distinct messages processed
+    unique: AtomicU64,
+    total: u64,
+}
+
+impl Board {
+    fn new(total: u64) -> Board {
+        let words = || (0..total.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Board {
+            arrived: words(),
+            processed: words(),
+            unique: AtomicU64::new(0),
+            total,
+        }
+    }
+    /// Sets `seq`'s bit; true when it was not set before.
+    fn set(bits: &[AtomicU64], seq: u64) -> bool {
+        let bit = 1u64 << (seq % 64);
+        bits[(seq / 64) as usize].fetch_or(bit, Relaxed) & bit == 0
+    }
+    /// Sequence numbers below `n` whose bit is not set.
+    fn missing_below(bits: &[AtomicU64], n: u64) -> u64 {
+        (0..n)
+            .filter(|&q| bits[(q / 64) as usize].load(Relaxed) & (1 << (q % 64)) == 0)
+            .count() as u64
+    }
 }
 
 /// durable-q1-*: publishers per run, each on its own topic `durable/<n>`.
@@ -1188,76 +1297,130 @@ async fn durable(o: &Opts, d: Duration) -> Value {
     out
 }
 
-/// Messages a slow consumer reads ahead of what it has processed.
+/// Messages a worker reads ahead of what it has processed.
 const LOCAL_BACKLOG: usize = 256;
 
-/// Acknowledges (= "processes") at `rate` messages per second from its first message on,
-/// reading at most LOCAL_BACKLOG messages ahead; delivery is complete when `expect`
-/// messages have been processed.
-async fn slow_consumer(
+struct WorkerResult {
+    /// PUBLISH packets received, duplicates included
+    arrived: u64,
+    /// messages processed and acknowledged, duplicates included
+    processed: u64,
+    /// arrivals of a message that had already reached this or another worker
+    dups: u64,
+    /// arrivals with the DUP flag set
+    dup_flagged: u64,
+    /// deliveries whose stamp is no message of this burst
+    unexpected: u64,
+    /// received but not yet processed when the run stopped
+    left: u64,
+    /// publish-to-arrival latency
+    hist: Histogram,
+    first_ns: u64,
+    /// when it last acknowledged (finished processing) a message
+    last_ns: u64,
+    error: Option<String>,
+}
+
+/// One worker of the shared subscription: a plain MQTT client that "processes" each message
+/// for 1/rate s, one at a time, and acknowledges it (PUBACK) when done. A message's
+/// processing starts when it has arrived and the previous one is done, so an idle worker
+/// banks no capacity. It reads at most about LOCAL_BACKLOG messages ahead of its processing;
+/// the rest waits in the broker, which sends a client no more than its in-flight window of
+/// unacknowledged QoS 1 messages: that window is what levels the load across the workers.
+async fn worker(
     mut c: Client,
     rate: u64,
-    expect: u64,
-    done: Arc<AtomicUsize>,
+    board: Arc<Board>,
     mut stop: watch::Receiver<bool>,
-) -> SubResult {
-    let mut tally = Tally::new(4);
-    let mut queue: VecDeque<u16> = VecDeque::new();
-    let mut first: Option<Instant> = None;
-    let mut processed = 0u64;
+) -> WorkerResult {
+    let per_msg = Duration::from_nanos(1_000_000_000 / rate);
+    let mut r = WorkerResult {
+        arrived: 0,
+        processed: 0,
+        dups: 0,
+        dup_flagged: 0,
+        unexpected: 0,
+        left: 0,
+        hist: Histogram::default(),
+        first_ns: 0,
+        last_ns: 0,
+        error: None,
+    };
+    // (packet id to acknowledge, sequence number if a message of the burst, arrival)
+    let mut queue: VecDeque<(Option<u16>, Option<u64>, Instant)> = VecDeque::new();
+    // when the message being processed is done
+    let mut free_at: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut finished = false;
-    let mut last_done_ns = 0u64;
     let error = loop {
         tokio::select! {
             biased;
             _ = stop.changed() => break None,
-            // Read only while the local backlog is short: the rest of the burst must wait
-            // in the broker (or in TCP buffers), as with an application that reads as it
-            // processes.
-            r = c.read_more(), if queue.len() < LOCAL_BACKLOG => {
-                if let Err(e) = r { break Some(e.to_string()) }
-                let now = now_ns();
-                let r = c.drain(|f, body, _| {
+            // Read only while the local backlog is short, as an application that reads as
+            // it processes.
+            res = c.read_more(), if queue.len() < LOCAL_BACKLOG => {
+                if let Err(e) = res { break Some(e.to_string()) }
+                let (now, at) = (now_ns(), Instant::now());
+                let res = c.drain(|f, body, _| {
                     if f >> 4 == mqtt::PUBLISH {
                         let p = mqtt::parse_publish(f, body)?;
-                        tally.record(p.payload, now)?;
-                        if p.qos > 0 {
-                            queue.push_back(p.pid);
+                        let (id, seq, ts) = unstamp(p.payload)?;
+                        r.arrived += 1;
+                        if f & 0x08 != 0 {
+                            r.dup_flagged += 1;
                         }
+                        r.hist.record(now.saturating_sub(ts));
+                        let seq = (id == 0 && seq < board.total).then_some(seq);
+                        match seq {
+                            Some(q) if !Board::set(&board.arrived, q) => r.dups += 1,
+                            Some(_) => {}
+                            None => r.unexpected += 1,
+                        }
+                        queue.push_back(((p.qos > 0).then_some(p.pid), seq, at));
                     }
                     Ok(())
                 });
-                if let Err(e) = r { break Some(e.to_string()) }
-                if first.is_none() && !queue.is_empty() {
-                    first = Some(Instant::now());
+                if let Err(e) = res { break Some(e.to_string()) }
+                if r.first_ns == 0 && r.arrived > 0 {
+                    r.first_ns = now;
                 }
             }
             _ = tick.tick() => {
-                let Some(t0) = first else { continue };
-                let allowed = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
-                let k = allowed.saturating_sub(processed).min(queue.len() as u64);
-                for _ in 0..k {
-                    let pid = queue.pop_front().expect("queued");
-                    mqtt::ack(&mut c.wbuf, mqtt::PUBACK, pid);
+                let now = Instant::now();
+                let mut k = 0;
+                while let Some(&(pid, seq, at)) = queue.front() {
+                    let done = free_at.map_or(at, |f| f.max(at)) + per_msg;
+                    if done > now {
+                        break;
+                    }
+                    queue.pop_front();
+                    free_at = Some(done);
+                    if let Some(pid) = pid {
+                        mqtt::ack(&mut c.wbuf, mqtt::PUBACK, pid);
+                    }
+                    if let Some(q) = seq {
+                        if Board::set(&board.processed, q) {
+                            board.unique.fetch_add(1, Relaxed);
+                        }
+                    }
+                    k += 1;
                 }
-                processed += k;
                 if k > 0 {
-                    last_done_ns = now_ns();
-                    if let Err(e) = c.flush().await { break Some(e.to_string()) }
-                }
-                if !finished && processed >= expect {
-                    finished = true;
-                    done.fetch_add(1, Relaxed);
+                    r.processed += k;
+                    r.last_ns = now_ns();
+                    match tokio::time::timeout(DRAIN, c.flush()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Some(e.to_string()),
+                        Err(_) => break Some("acknowledgements not written in time".into()),
+                    }
                 }
             }
         }
     };
-    // For a slow consumer, "delivered" means processed (acknowledged), not arrived.
-    tally.last_ns = last_done_ns;
+    r.left = queue.len() as u64;
+    r.error = error;
     c.close().await;
-    SubResult { tally, error }
+    r
 }
 
 /// conns: open 10,000 idle connections (CONNECT/CONNACK, keep alive 0) and measure the
@@ -1441,5 +1604,18 @@ mod tests {
         assert_eq!(s.missing_below(0, 6), 1); // 3
         assert_eq!(s.missing_below(0, 100), 95);
         assert_eq!(s.missing_below(1, 3), 2);
+    }
+
+    #[test]
+    fn board_marks_each_message_once() {
+        let b = Board::new(130);
+        assert_eq!(b.arrived.len(), 3);
+        assert!(Board::set(&b.arrived, 0));
+        assert!(Board::set(&b.arrived, 129));
+        assert!(!Board::set(&b.arrived, 129));
+        assert!(Board::set(&b.arrived, 64));
+        assert_eq!(Board::missing_below(&b.arrived, 130), 127);
+        assert_eq!(Board::missing_below(&b.arrived, 1), 0);
+        assert_eq!(Board::missing_below(&b.processed, 130), 130);
     }
 }

@@ -43,9 +43,11 @@ struct Broker {
 }
 
 /// Tern's drop counters (`tern_messages_dropped_total{reason=...}`) from its metrics
-/// endpoint, so a loss seen by the subscriber can be attributed; and its storage counters
-/// (group commits, syncs, operations, commit time).
-fn scrape_metrics(addr: &str) -> Option<(Value, Value)> {
+/// endpoint, so a loss seen by the subscriber can be attributed; its storage counters
+/// (group commits, syncs, operations, commit time); and how often it paused a publisher
+/// because a queue it fills was 3/4 full (`tern_backpressure_pauses_total`, None when the
+/// broker has no such counter).
+fn scrape_metrics(addr: &str) -> Option<(Value, Value, Option<f64>)> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -58,7 +60,14 @@ fn scrape_metrics(addr: &str) -> Option<(Value, Value)> {
     s.read_to_string(&mut body).ok()?;
     let mut m = serde_json::Map::new();
     let mut st = serde_json::Map::new();
+    let mut pauses = None;
     for l in body.lines() {
+        if let Some(v) = l
+            .strip_prefix("tern_backpressure_pauses_total ")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+        {
+            pauses = Some(v);
+        }
         if let Some(rest) = l.strip_prefix("tern_messages_dropped_total") {
             let (labels, v) = rest.rsplit_once(' ')?;
             if let Ok(v) = v.parse::<f64>() {
@@ -80,7 +89,7 @@ fn scrape_metrics(addr: &str) -> Option<(Value, Value)> {
             }
         }
     }
-    Some((Value::Object(m), Value::Object(st)))
+    Some((Value::Object(m), Value::Object(st), pauses))
 }
 
 /// The storage a scenario runs with: `durable-q1-MODE` uses Tern's durability MODE (and
@@ -195,6 +204,11 @@ max_queued_messages = 1000000
 max_queued_bytes = 1073741824
 max_inflight = 1024
 max_connections = 1000000
+
+# Shared subscription groups buffer as much as a Mosquitto client queue does here.
+[shared]
+max_queued_messages = 1000000
+max_queued_bytes = 1073741824
 
 [log]
 level = "warn"
@@ -390,10 +404,15 @@ fn progress(v: &Value) -> String {
             f("kib_per_conn_max")
         ),
         "burst-q1" => format!(
-            "drain {:.2} s, peak RSS {:.1} MiB, lost {}",
+            "publish {} msg/s, drain {:.2} s (ideal {:.2}), per consumer {}, lost {}, \
+             dups {}, peak RSS {:.1} MiB",
+            fmt_num(f("publish_rate")),
             f("drain_s"),
+            f("ideal_drain_s"),
+            v["per_consumer"],
+            f("lost"),
+            f("duplicates"),
             f("peak_rss_mib"),
-            f("lost")
         ),
         sc if sc.starts_with("durable-") => {
             let mut s = format!(
@@ -446,6 +465,9 @@ fn progress(v: &Value) -> String {
                 let _ = write!(s, " [broker dropped{k}: {n}]");
             }
         }
+    }
+    if let Some(n) = num(v, "broker_backpressure_pauses").filter(|&n| n > 0.0) {
+        let _ = write!(s, " [broker paused publishers {n} times]");
     }
     if v["ok"].as_bool() != Some(true) {
         let _ = write!(s, " ERRORS: {}", v["errors"]);
@@ -504,8 +526,11 @@ pub fn run(a: RunArgs) -> i32 {
                         let mut v = r.unwrap_or_else(|e| {
                             json!({"ok": false, "errors": [e], "scenario": sc, "broker": broker})
                         });
-                        if let Some((d, st)) = scraped {
+                        if let Some((d, st, pauses)) = scraped {
                             v["broker_dropped"] = d;
+                            if let Some(n) = pauses {
+                                v["broker_backpressure_pauses"] = json!(n);
+                            }
                             if sc.starts_with("durable-") {
                                 v["broker_storage"] = st;
                             }
@@ -750,8 +775,38 @@ const ROWS: &[RowDef] = &[
     },
     RowDef {
         scenario: "burst-q1",
+        metric: "drain time ÷ ideal",
+        key: "drain_vs_ideal",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "burst-q1",
         metric: "publish msg/s (acked)",
         key: "publish_rate",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "burst-q1",
+        metric: "msgs per consumer, min (even 25,000)",
+        key: "consumer_min",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "burst-q1",
+        metric: "msgs per consumer, max",
+        key: "consumer_max",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "burst-q1",
+        metric: "messages lost",
+        key: "lost",
+        target: Target::Info,
+    },
+    RowDef {
+        scenario: "burst-q1",
+        metric: "duplicates",
+        key: "duplicates",
         target: Target::Info,
     },
     RowDef {
@@ -878,6 +933,18 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
+/// Keys whose figures are message counts: shown without decimals (a median of an even
+/// number of runs may still end in .5).
+const COUNT_KEYS: &[&str] = &["lost", "duplicates", "consumer_min", "consumer_max"];
+
+fn fmt_count(x: f64) -> String {
+    if x.is_finite() && x.fract() == 0.0 && x.abs() < 1000.0 {
+        format!("{x:.0}")
+    } else {
+        fmt_num(x)
+    }
+}
+
 fn fmt_us(x: f64) -> String {
     if !x.is_finite() {
         "-".into()
@@ -930,6 +997,8 @@ fn summarize(a: &RunArgs, runs: &[Value]) -> (String, Vec<Value>) {
         let fmt = |x: f64| {
             if d.key.ends_with("_us") {
                 fmt_us(x)
+            } else if COUNT_KEYS.contains(&d.key) {
+                fmt_count(x)
             } else {
                 fmt_num(x)
             }
@@ -1127,6 +1196,19 @@ fn notes(t: &[&Value], m: &[&Value], key: &str) -> String {
             if lost > 0.0 {
                 n.push(format!("{name} lost {}", fmt_num(lost)));
             }
+        }
+    }
+    if key == "publish_rate" {
+        let pauses: f64 = t
+            .iter()
+            .filter_map(|r| num(r, "broker_backpressure_pauses"))
+            .sum();
+        if pauses > 0.0 {
+            n.push(format!(
+                "Tern paused publishers {} times in {} runs (back-pressure: a queue 3/4 full)",
+                fmt_count(pauses),
+                t.len()
+            ));
         }
     }
     if key == "rate" || key == "loss_pct" {
