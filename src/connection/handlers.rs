@@ -67,6 +67,9 @@ pub(crate) struct Client {
     /// A queue this client's last publish filled past the back-pressure threshold: reading
     /// pauses until it has drained to half.
     pub(super) pressure: Option<Arc<SessionHandle>>,
+    /// Complete packets were left in the read buffer by a pause: handle them when it ends,
+    /// whether or not the client sends anything more.
+    pub held_input: bool,
 }
 
 /// How often a publisher paused by back-pressure looks at the queue again.
@@ -148,6 +151,7 @@ impl Client {
             publish_bytes_rate: bucket(rates.1),
             groups: Vec::new(),
             pressure: None,
+            held_input: false,
         }
     }
 
@@ -191,10 +195,13 @@ impl Client {
         let max = self.broker.config.limits.max_packet_size as usize;
         loop {
             if self.throttle_wait().is_some() {
-                // Publish budget spent: the rest stays in `rbuf` until it refills.
+                // Publish budget spent (or back-pressure): the rest stays in `rbuf` until the
+                // pause ends; the connection loop comes back for it.
+                self.held_input = true;
                 self.flush_tally();
                 return Ok(());
             }
+            self.held_input = false;
             match decode_packet(rbuf, Some(self.version), max) {
                 Ok(DecodeOutcome::Packet(packet, size)) => {
                     self.tally.bytes_received += size as u64;

@@ -347,6 +347,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 }
                 None => false,
             };
+            if !throttled && client.held_input {
+                // The pause ended (e.g. back-pressure eased between two looks): handle what
+                // was held back now; waiting for the socket could wait forever.
+                last_read = Instant::now();
+                if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
+                    return close;
+                }
+                continue;
+            }
             let can_read = self.wbuf.len() < WRITE_HIGH_WATER && !throttled;
             let store_behind = client.ops_commit.waiting();
             let outbox_open =
