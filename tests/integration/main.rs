@@ -5,6 +5,7 @@ mod common;
 mod raw;
 mod retained;
 mod sessions;
+mod shared;
 mod tls;
 mod v311;
 mod v5;
