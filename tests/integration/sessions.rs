@@ -21,6 +21,15 @@ async fn v311_persistent_session_offline_queue() {
     let mut s = v3::connect_with(v3_persistent(&id, b.port())).await;
     s.subscribe("oq/t", QoS::AtLeastOnce).await;
     s.disconnect().await;
+    // Until the broker has seen the connection go, the session is online and a QoS 0 message
+    // may still be queued for it.
+    let offline = tokio::time::timeout(WAIT, async {
+        while b.metric("tern_sessions{state=\"online\"}").await != Some(0.0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(offline.is_ok(), "the session went offline");
 
     let mut p = v3::connect(b.port(), &cid("v3-oq-pub")).await;
     p.publish("oq/t", QoS::AtMostOnce, false, b"qos0-not-queued")
