@@ -654,27 +654,7 @@ impl Broker {
                 continue;
             }
             if d.stored && self.store.durable() {
-                // Its in-flight record lives in the member's session: a new entry in the
-                // group's queue replaces it.
-                let mut ops = Vec::new();
-                match shared::requeue_stored_ops(&group, handle.id, packet_id, d, &mut ops) {
-                    Some(Reservation::Hot { seq, epoch }) => {
-                        let mut back = shared::strip_member_fields(d.clone());
-                        back.seq = Some(seq);
-                        back.stored = true;
-                        staged
-                            .after
-                            .push(After::Push(group.queue.clone(), back, epoch));
-                    }
-                    Some(Reservation::Spill { seq, epoch }) => {
-                        staged
-                            .after
-                            .push(After::Spilled(group.queue.clone(), seq, epoch));
-                    }
-                    _ => continue,
-                }
-                group.metrics.redelivered.inc();
-                staged.ops.extend(ops);
+                shared::give_back_stored(&group, handle.id, packet_id, d, &mut staged);
             } else {
                 group.take_back(vec![d.clone()]);
             }

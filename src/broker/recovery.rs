@@ -3,9 +3,10 @@
 //! broker downtime counts), subscriptions into the index, in-flight and QoS 2 state, queue
 //! positions, retained messages, and wills still waiting to be published.
 
-use super::{shared, Broker};
+use super::{shared, Broker, Staged};
 use crate::message::Message;
 use crate::outbox::{Delivery, SpillState, SubIds};
+use crate::protocol::QoS;
 use crate::session::{Outbound, SessionState, Subscription};
 use crate::storage::record::unix_now_ms;
 use crate::storage::{Op, Recovered};
@@ -73,6 +74,7 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
         restored_groups.push(group);
     }
 
+    let mut given_back = Staged::default();
     for s in sessions {
         // A session that was connected when the broker stopped lost its connection now.
         let disconnected = s.disconnected_at_ms.unwrap_or(unix);
@@ -127,6 +129,12 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
                 .group
                 .and_then(|id| restored_groups.iter().find(|g| g.queue.id == id).cloned());
             if let Some(g) = &d.group {
+                if !r.released && d.qos == QoS::AtLeastOnce {
+                    // The restart disconnected every member: an unacknowledged QoS 1 message
+                    // goes back to the group now, as at any disconnect.
+                    shared::give_back_stored(g, s.session_id, r.packet_id, &d, &mut given_back);
+                    continue;
+                }
                 held.push(g.clone());
             }
             state.next_order = state.next_order.max(r.order + 1);
@@ -184,6 +192,8 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
         }
         out.sessions += 1;
     }
+
+    broker.commit_detached(given_back);
 
     // A group whose members all ended while the broker was down ends too.
     for group in restored_groups {

@@ -25,11 +25,13 @@
 //! its own queue; one handed to a non-persistent member stays in the group's queue until the
 //! member acknowledges it (QoS 1) or PUBRECs it (QoS 2), so a crash redelivers it to the group.
 
-use super::Broker;
+use super::{After, Broker, Staged};
 use crate::config::Strategy;
+use crate::outbox::Reservation;
 use crate::outbox::{Delivery, Popped, SubIds};
 use crate::protocol::{QoS, SubscriptionOptions};
 use crate::session::registry::SessionHandle;
+use crate::storage::record::QueueEntry;
 use crate::storage::Op;
 use prometheus::IntCounter;
 use std::collections::hash_map::DefaultHasher;
@@ -525,37 +527,44 @@ pub fn record_key(key: &str) -> String {
     format!("{RECORD_PREFIX}{key}")
 }
 
-/// Requeue operations for deliveries whose in-flight record lives in a persistent member's
-/// session (`stored`): a new entry in the group's queue and the member's record deleted, in
-/// one submit so the message's reference count never touches zero.
-pub fn requeue_stored_ops(
+/// Gives a delivery back to its group when its in-flight record lives in a persistent
+/// member's session (`stored`): a new entry in the group's queue replaces the member's record,
+/// in one submit so the message's reference count never touches zero. The entry becomes
+/// visible to the dispatcher when `staged` is committed.
+pub fn give_back_stored(
     group: &Group,
     member_session: u64,
     packet_id: u16,
     d: &Delivery,
-    ops: &mut Vec<Op>,
-) -> Option<crate::outbox::Reservation> {
+    staged: &mut Staged,
+) {
     let r = group.queue.outbox.reserve_with(d.msg.weight(), true);
-    let seq = match r {
-        crate::outbox::Reservation::Hot { seq, .. }
-        | crate::outbox::Reservation::Spill { seq, .. } => seq,
-        crate::outbox::Reservation::Full => return None,
+    let (Reservation::Hot { seq, epoch } | Reservation::Spill { seq, epoch }) = r else {
+        return;
     };
-    ops.push(Op::Enqueue {
+    staged.ops.push(Op::Enqueue {
         session_id: group.queue.id,
         seq,
-        entry: crate::storage::record::QueueEntry {
+        entry: QueueEntry {
             msg_id: d.msg.id,
             qos: d.msg.qos,
             retain: d.msg.retain,
             sub_ids: Vec::new(),
         },
     });
-    ops.push(Op::DeleteInflight {
+    staged.ops.push(Op::DeleteInflight {
         session_id: member_session,
         packet_id,
     });
-    Some(r)
+    staged.after.push(if matches!(r, Reservation::Hot { .. }) {
+        let mut back = strip_member_fields(d.clone());
+        back.seq = Some(seq);
+        back.stored = true;
+        After::Push(group.queue.clone(), back, epoch)
+    } else {
+        After::Spilled(group.queue.clone(), seq, epoch)
+    });
+    group.metrics.redelivered.inc();
 }
 
 #[cfg(test)]

@@ -72,6 +72,17 @@ pub(crate) struct Client {
     pub held_input: bool,
 }
 
+/// Whether a queued acknowledgement stands for a PUBLISH the Receive Maximum counts while it
+/// waits. An accepted QoS 2 PUBLISH is counted once, by its packet id in `inbound_qos2` (from
+/// PUBLISH to PUBREL), not a second time while its PUBREC waits for a commit.
+fn counts_against_receive_maximum(ack: &Response) -> bool {
+    match ack {
+        Response::PubAck(..) => true,
+        Response::PubRec(_, reason) => *reason >= 0x80,
+        _ => false,
+    }
+}
+
 /// How often a publisher paused by back-pressure looks at the queue again.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(5);
 
@@ -325,7 +336,7 @@ impl Client {
     /// Sends `ack` now when nothing is ahead of it and its commit is done (the common case
     /// with the in-memory store), else queues it behind the others.
     fn queue_ack(&mut self, commit: Commit, ack: Response, then: Vec<After>, wbuf: &mut BytesMut) {
-        if matches!(ack, Response::PubAck(..) | Response::PubRec(..)) {
+        if counts_against_receive_maximum(&ack) {
             self.acks.unacked_publishes += 1;
         }
         if self.acks.queue.is_empty() && matches!(commit, Commit::Done) {
@@ -765,7 +776,9 @@ impl Client {
                 encode_pub_response(wbuf, v, PUBACK, *id, *r)
             }
             Response::PubRec(id, r) => {
-                self.acks.unacked_publishes -= 1;
+                if counts_against_receive_maximum(ack) {
+                    self.acks.unacked_publishes -= 1;
+                }
                 encode_pub_response(wbuf, v, PUBREC, *id, *r)
             }
             Response::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, *r),

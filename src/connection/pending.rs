@@ -29,7 +29,8 @@ pub(crate) enum Response {
 #[derive(Default)]
 pub(crate) struct AckQueue {
     pub(crate) queue: VecDeque<PendingAck>,
-    /// QoS 1/2 PUBLISHes whose PUBACK/PUBREC is still in `queue` (Receive Maximum accounting).
+    /// QoS 1 PUBLISHes whose PUBACK (and refused QoS 2 ones whose PUBREC) is still in `queue`
+    /// (Receive Maximum accounting; accepted QoS 2 counts through `inbound_qos2`).
     pub(crate) unacked_publishes: usize,
 }
 
