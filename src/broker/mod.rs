@@ -272,8 +272,8 @@ impl Broker {
                 }
                 j += 1;
             }
-            // A group's members are authorised when the dispatcher's pick sends it (each
-            // member has its own identity).
+            // A group's message is authorised per member when the member's connection takes
+            // it (each member has its own identity; see `Client::fill_from_outbox`).
             let allowed = if group.is_some() {
                 true
             } else if rule.needs_username() {

@@ -40,7 +40,9 @@ impl Client {
             }
             let now = Instant::now();
             for d in batch.drain(..) {
-                if acl
+                // A group's message was routed to the group, not to this member: its topic's
+                // owner (another client's reply topic) and the ACL are checked here.
+                if (acl || d.group.is_some())
                     && !self.broker.auth.can_receive(
                         self.username.as_deref(),
                         &self.client_id,

@@ -1955,3 +1955,33 @@ async fn shared_metrics_per_group_and_filter() {
     p.disconnect().await;
     b.stop().await;
 }
+
+/// Another client's reply topic (`mqtt.response_prefix`) reaches only that client, also
+/// through a shared subscription: a group on `reply/#` gets the messages of its own member's
+/// reply topic, not those of anyone else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_topics_reach_only_their_owner_through_a_group() {
+    let b = Broker::default().await;
+    let mut member = v3::connect(b.port(), &cid("sh-reply-m")).await;
+    sub3(&mut member, "$share/g/reply/#", Q3::AtLeastOnce).await;
+    let own = format!("reply/{}/x", member.id);
+    let mut p = v3::connect(b.port(), &cid("sh-reply-p")).await;
+    let before = b
+        .metric("tern_messages_dropped_total{reason=\"not_authorized\"}")
+        .await
+        .unwrap_or(0.0);
+    p.publish("reply/somebody-else/x", Q3::AtLeastOnce, false, b"theirs")
+        .await;
+    p.publish(&own, Q3::AtLeastOnce, false, b"mine").await;
+    let got = member.recv_publish().await;
+    assert_eq!(&got.payload[..], b"mine");
+    member.expect_no_publish(QUIET).await;
+    let after = b
+        .metric("tern_messages_dropped_total{reason=\"not_authorized\"}")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(after - before, 1.0, "the other client's reply was refused");
+    member.disconnect().await;
+    p.disconnect().await;
+    b.stop().await;
+}
