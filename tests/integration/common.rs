@@ -12,7 +12,8 @@ pub const WAIT: Duration = Duration::from_secs(5);
 /// How long to watch for something that must NOT happen.
 pub const QUIET: Duration = Duration::from_millis(400);
 
-const BASE_CONFIG: &str = r#"
+/// Listeners on port 0, anonymous clients: the base every test broker starts from.
+pub const BASE_CONFIG: &str = r#"
 [listeners.tcp]
 bind = "127.0.0.1:0"
 [metrics]

@@ -5,7 +5,7 @@
 //! persistent session), queuing while every member is away (also across a restart), publisher
 //! back-pressure, drops when back-pressure is off, and the per-group metrics.
 
-use crate::common::{cid, v3, v5, Broker, QUIET, WAIT};
+use crate::common::{cid, v3, v5, Broker, BASE_CONFIG, QUIET, WAIT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -20,16 +20,6 @@ const DELIVERED: &str = "tern_shared_delivered_total";
 const REDELIVERED: &str = "tern_shared_redelivered_total";
 const DROPPED: &str = "tern_shared_dropped_total";
 const PAUSES: &str = "tern_backpressure_pauses_total";
-
-/// The same base as `Broker::start`, for tests that bring their own `[storage]` table.
-const BASE_CONFIG: &str = r#"
-[listeners.tcp]
-bind = "127.0.0.1:0"
-[metrics]
-bind = "127.0.0.1:0"
-[auth]
-allow_anonymous = true
-"#;
 
 // ---------------------------------------------------------------- helpers
 
