@@ -5,7 +5,7 @@
 //! denies unknown keys so a typo is a startup error that names the full key path instead of a
 //! setting that silently does nothing.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listeners: Listeners,
@@ -29,12 +29,27 @@ pub struct Config {
     pub auth: AuthConfig,
     pub log: LogConfig,
     pub shared: SharedConfig,
+    pub sys_topics: SysTopicsConfig,
+}
+
+/// Mosquitto-compatible `$SYS/broker/...` topics.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SysTopicsConfig {
+    /// Seconds between publications; 0 turns `$SYS` topics off.
+    pub interval: u64,
+}
+
+impl Default for SysTopicsConfig {
+    fn default() -> Self {
+        SysTopicsConfig { interval: 10 }
+    }
 }
 
 /// A listener is on when its table is present. Without any `[listeners]` table the built-in
 /// default applies (TCP on 127.0.0.1:1883); once a file has `[listeners.*]` tables, only those
 /// listeners are on.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Listeners {
     /// Plain MQTT over TCP.
@@ -45,7 +60,7 @@ pub struct Listeners {
     pub tls: Option<TlsListenerConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsListenerConfig {
     pub bind: SocketAddr,
@@ -65,7 +80,7 @@ pub struct TlsListenerConfig {
     pub use_identity_as_username: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TcpListenerConfig {
     pub bind: SocketAddr,
@@ -73,7 +88,7 @@ pub struct TcpListenerConfig {
 
 /// Without a `[metrics]` table the built-in default applies (127.0.0.1:9883); a `[metrics]`
 /// table without `bind` turns the endpoint off.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Prometheus text exposition on `/metrics`. 9090 is Prometheus' own port, hence 9883.
@@ -81,7 +96,7 @@ pub struct MetricsConfig {
     pub bind: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Directory for durable state (relative paths resolve against the working directory).
@@ -92,7 +107,7 @@ pub struct StorageConfig {
     pub durability: Durability,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     Memory,
@@ -100,7 +115,7 @@ pub enum Durability {
     Fsync,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest packet (whole packet, fixed header included) accepted from a client, in bytes.
@@ -151,7 +166,7 @@ pub struct Limits {
 
 /// Shared subscriptions (`$share/{ShareName}/{filter}`): how a group picks the member that
 /// gets a message, and the group's own queue.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SharedConfig {
     /// Strategy of groups not listed in `groups`.
@@ -169,7 +184,7 @@ pub struct SharedConfig {
 }
 
 /// How a shared subscription group picks a member.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// Members in turn, skipping those without free in-flight credit.
@@ -184,7 +199,7 @@ pub enum Strategy {
     HashTopic,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GroupStrategy {
     /// The ShareName.
@@ -214,7 +229,7 @@ impl Default for SharedConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Highest QoS granted (0, 1 or 2); advertised as Maximum QoS to v5 clients.
@@ -228,7 +243,7 @@ pub struct MqttConfig {
     pub response_prefix: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Accept clients that present no username. Safe only on a listener nobody else can reach.
@@ -240,11 +255,21 @@ pub struct AuthConfig {
     pub acl_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// tracing filter directive, e.g. `info` or `tern=debug`.
     pub level: String,
+    /// `text` (human-readable lines) or `json` (one JSON object per line, for log shippers).
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for Listeners {
@@ -316,6 +341,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_string(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -461,7 +487,59 @@ impl Config {
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return invalid("log.level", &e.to_string());
         }
+        if self.sys_topics.interval > 86_400 {
+            return invalid(
+                "sys_topics.interval",
+                "must be between 0 (off) and 86400 seconds",
+            );
+        }
         Ok(())
+    }
+
+    /// Every key whose value differs between `self` and `new`, as `(key, old, new)` with dotted
+    /// key paths (`limits.max_packet_size`); a key present in only one of them shows as
+    /// `(unset)` on the other side. Reload uses it to say what changed.
+    pub fn diff(&self, new: &Config) -> Vec<(String, String, String)> {
+        fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flatten(&key, v, out);
+                    }
+                }
+                other => out.push((prefix.to_string(), other.to_string())),
+            }
+        }
+        let flat = |c: &Config| {
+            let mut out = Vec::new();
+            // Serialising plain data into a TOML value cannot fail; an empty map would only
+            // make the report say less.
+            if let Ok(v) = toml::Value::try_from(c) {
+                flatten("", &v, &mut out);
+            }
+            out.into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let (a, b) = (flat(self), flat(new));
+        let unset = || "(unset)".to_string();
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                (
+                    k.clone(),
+                    a.get(k).cloned().unwrap_or_else(unset),
+                    b.get(k).cloned().unwrap_or_else(unset),
+                )
+            })
+            .collect()
     }
 }
 
@@ -492,6 +570,7 @@ mod tests {
             "auth",
             "log",
             "shared",
+            "sys_topics",
         ] {
             assert!(raw.get(section).is_some(), "section [{section}] missing");
         }
@@ -612,6 +691,41 @@ mod tests {
             Config::from_toml("[shared]\ngroups = [{ name = \"a/b\", strategy = \"random\" }]\n")
                 .unwrap_err();
         assert!(err.to_string().contains("shared.groups"), "{err}");
+    }
+
+    #[test]
+    fn diff_names_changed_keys_with_old_and_new_values() {
+        let a = Config::from_toml("[limits]\nmax_packet_size = 2000\n").unwrap();
+        let b = Config::from_toml(
+            "[limits]\nmax_packet_size = 3000\n[log]\nformat = \"json\"\n[auth]\nacl_file = \"x\"\n",
+        )
+        .unwrap();
+        let d = a.diff(&b);
+        assert_eq!(
+            d,
+            vec![
+                ("auth.acl_file".into(), "(unset)".into(), "\"x\"".into()),
+                (
+                    "limits.max_packet_size".into(),
+                    "2000".into(),
+                    "3000".into()
+                ),
+                ("log.format".into(), "\"text\"".into(), "\"json\"".into()),
+            ]
+        );
+        assert!(a.diff(&a.clone()).is_empty());
+    }
+
+    #[test]
+    fn sys_topics_and_log_format_parse_and_validate() {
+        let c =
+            Config::from_toml("[sys_topics]\ninterval = 0\n[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(c.sys_topics.interval, 0);
+        assert_eq!(c.log.format, LogFormat::Json);
+        let err = Config::from_toml("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert!(err.to_string().contains("xml"), "{err}");
+        let err = Config::from_toml("[sys_topics]\ninterval = 100000\n").unwrap_err();
+        assert!(err.to_string().contains("sys_topics.interval"), "{err}");
     }
 
     #[test]

@@ -11,20 +11,23 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod listener;
+pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod reload;
 pub mod session;
 pub mod storage;
 pub mod tls;
 
 pub use config::Config;
 pub use error::StartError;
+pub use reload::{ReloadError, Reloaded};
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -40,6 +43,10 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     connections: Arc<AtomicUsize>,
+    ready: Arc<AtomicBool>,
+    /// The configuration in force (the startup one, with what reloads applied).
+    config: Mutex<Config>,
+    log: Option<logging::LogHandle>,
 }
 
 impl Running {
@@ -57,25 +64,25 @@ impl Running {
         self.tls_addr
     }
 
-    /// Reloads what can change without a restart (SIGHUP); existing connections stay up.
-    pub fn reload(&self) {
-        self.reload_tls();
-        match self.broker.auth.reload(&self.broker.config.auth) {
-            Ok(()) => tracing::info!("password file and ACL reloaded"),
-            Err(e) => tracing::warn!(error = %e, "auth reload failed; keeping the previous rules"),
-        }
+    /// Applies `new` (SIGHUP): what can change without a restart changes, existing
+    /// connections stay up, and every change is logged. Files named by the configuration
+    /// (password file, ACL, TLS certificates) are read again even when their names did not
+    /// change. On error nothing changed and the error says which key or file is wrong.
+    pub fn reload(&self, new: Config) -> Result<Reloaded, ReloadError> {
+        let mut running = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        let target = reload::Target {
+            broker: &self.broker,
+            tls: self.tls_reloader.as_ref(),
+            log: self.log.as_ref(),
+        };
+        let (next, report) = reload::apply(&target, &running, &new)?;
+        *running = next;
+        Ok(report)
     }
 
-    /// Reloads TLS certificates and keys; existing connections stay up.
-    pub fn reload_tls(&self) {
-        if let Some(r) = &self.tls_reloader {
-            match r.reload() {
-                Ok(()) => tracing::info!("TLS certificates reloaded"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificates")
-                }
-            }
-        }
+    /// Lets reloads change the level filter of the process's log subscriber.
+    pub fn set_log_handle(&mut self, log: logging::LogHandle) {
+        self.log = Some(log);
     }
 
     pub fn broker(&self) -> &Arc<broker::Broker> {
@@ -99,6 +106,7 @@ impl Running {
     /// Stops accepting, tells every client (v5: DISCONNECT 0x8B), publishes wills, and waits
     /// up to `grace` for connections to finish.
     pub async fn shutdown(self, grace: Duration) {
+        self.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + grace;
         while self.connections.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
@@ -136,6 +144,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let connections = Arc::new(AtomicUsize::new(0));
+    let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
 
     let mut metrics_addr = None;
@@ -148,7 +157,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 source,
             })?;
         metrics_addr = l.local_addr().ok();
-        tasks.push(tokio::spawn(metrics::serve(l, broker.clone())));
+        tasks.push(tokio::spawn(metrics::serve(
+            l,
+            broker.clone(),
+            ready.clone(),
+        )));
     }
     let mut tcp_addr = None;
     if let Some(tcp) = &broker.config.listeners.tcp {
@@ -191,7 +204,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tls_reloader = Some(reloader);
     }
     tasks.push(tokio::spawn(broker.clone().run_expiry()));
+    tasks.push(tokio::spawn(broker::sys::run(broker.clone())));
+    ready.store(true, Ordering::Release);
+    let config = Mutex::new(broker.config.clone());
     Ok(Running {
+        config,
         tls_addr,
         tls_reloader,
         tcp_addr,
@@ -200,5 +217,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown: shutdown_tx,
         tasks,
         connections,
+        ready,
+        log: None,
     })
 }

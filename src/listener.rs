@@ -92,12 +92,15 @@ pub async fn run(
     connections: Arc<AtomicUsize>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let max = broker.config.limits.max_connections;
-    let connect_rate = broker.config.limits.max_connect_rate;
-    // One bucket per listener, holding one second's worth of connections.
-    let mut rate = (connect_rate > 0).then(|| {
-        crate::connection::TokenBucket::new(f64::from(connect_rate), std::time::Instant::now())
-    });
+    // One bucket per listener, holding one second's worth of connections; remade when a
+    // reload changes the rate.
+    let bucket = |rate: u32| {
+        (rate > 0).then(|| {
+            crate::connection::TokenBucket::new(f64::from(rate), std::time::Instant::now())
+        })
+    };
+    let mut connect_rate = broker.limits().max_connect_rate;
+    let mut rate = bucket(connect_rate);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -112,6 +115,12 @@ pub async fn run(
                 continue;
             }
         };
+        let limits = broker.limits();
+        let max = limits.max_connections;
+        if limits.max_connect_rate != connect_rate {
+            connect_rate = limits.max_connect_rate;
+            rate = bucket(connect_rate);
+        }
         if let Some(bucket) = rate.as_mut() {
             if !bucket.try_take(1.0, std::time::Instant::now()) {
                 broker.metrics.refused_connect_rate.inc();
@@ -157,7 +166,7 @@ async fn serve_tls(
     shutdown: watch::Receiver<bool>,
     tls: &crate::tls::TlsReloader,
 ) {
-    let timeout = Duration::from_secs(broker.config.limits.connect_timeout);
+    let timeout = Duration::from_secs(broker.limits().connect_timeout);
     let tls_stream = match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -183,6 +192,7 @@ async fn serve_tls(
             None => {
                 tracing::info!(%peer, "connection refused: no client certificate Common Name to use as username");
                 broker.metrics.refused_auth.inc();
+                broker.metrics.auth_failures.inc();
                 return;
             }
         }

@@ -55,12 +55,14 @@ fn main() -> ExitCode {
         println!("tern: configuration OK");
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let log = match tern::logging::init(&config.log) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("tern: cannot start logging: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config_path = cli.config.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,16 +74,17 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let running = match tern::start(config).await {
+        let mut running = match tern::start(config).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("tern: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        running.set_log_handle(log);
         println!("{}", running.ready_line());
         tracing::info!("{}", running.ready_line());
-        wait_for_signal(&running).await;
+        wait_for_signal(&running, config_path.as_deref()).await;
         tracing::info!("shutting down");
         running.shutdown(Duration::from_secs(5)).await;
         ExitCode::SUCCESS
@@ -89,7 +92,7 @@ fn main() -> ExitCode {
 }
 
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads what can change without a restart.
-async fn wait_for_signal(running: &tern::Running) {
+async fn wait_for_signal(running: &tern::Running, config: Option<&std::path::Path>) {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
@@ -101,8 +104,13 @@ async fn wait_for_signal(running: &tern::Running) {
                 _ = term.recv() => return,
                 _ = int.recv() => return,
                 _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading");
-                    running.reload();
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let result = Config::load(config)
+                        .map_err(tern::ReloadError::from)
+                        .and_then(|new| running.reload(new));
+                    if let Err(e) = result {
+                        tracing::error!("reload rejected, keeping the running configuration: {e}");
+                    }
                 }
             }
         },

@@ -8,6 +8,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,13 +35,95 @@ pub struct Metrics {
     pub protocol_errors: IntCounter,
     pub tls_handshakes: IntCounter,
     pub tls_failures: IntCounter,
+    /// CONNECTs refused by authentication (bad user name or password, anonymous not allowed,
+    /// no certificate identity); also in `tern_connections_refused_total{reason="not_authorized"}`.
+    pub auth_failures: IntCounter,
+    /// Control packets from clients, by type.
+    pub packets_received: PacketCounters,
+    /// Control packets to clients, by type.
+    pub packets_sent: PacketCounters,
     pub storage: StorageMetrics,
     /// Publishers paused because a queue they publish to passed the back-pressure threshold.
     pub backpressure_pauses: IntCounter,
     sessions: IntGaugeVec,
     subscriptions: IntGauge,
     retained: IntGauge,
+    queued: IntGauge,
+    inflight: IntGauge,
+    queue_depth: Vec<IntGauge>,
+    uptime: IntGauge,
+    started: std::time::Instant,
+    /// Most connections open at once since the start (`$SYS/broker/clients/maximum`).
+    connections_max: std::sync::atomic::AtomicI64,
     shared: SharedVecs,
+}
+
+/// Names of MQTT control packet types, indexed by the type nibble of the fixed header.
+const PACKET_TYPES: [&str; 16] = [
+    "",
+    "connect",
+    "connack",
+    "publish",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+    "subscribe",
+    "suback",
+    "unsubscribe",
+    "unsuback",
+    "pingreq",
+    "pingresp",
+    "disconnect",
+    "auth",
+];
+
+/// Packet types a client sends and the broker sends.
+const FROM_CLIENT: [u8; 11] = [1, 3, 4, 5, 6, 7, 8, 10, 12, 14, 15];
+const TO_CLIENT: [u8; 11] = [2, 3, 4, 5, 6, 7, 9, 11, 13, 14, 15];
+
+/// One counter per packet type of one direction, resolved once; indexed by the type nibble.
+pub struct PacketCounters([Option<IntCounter>; 16]);
+
+impl PacketCounters {
+    fn new(vec: &IntCounterVec, types: &[u8]) -> PacketCounters {
+        let mut c: [Option<IntCounter>; 16] = Default::default();
+        for &t in types {
+            c[usize::from(t)] = Some(vec.with_label_values(&[PACKET_TYPES[usize::from(t)]]));
+        }
+        PacketCounters(c)
+    }
+
+    /// Packets of every type.
+    pub fn total(&self) -> u64 {
+        self.0.iter().flatten().map(|c| c.get()).sum()
+    }
+
+    /// Adds `n` packets of type `kind` (the fixed header's high nibble).
+    pub fn add(&self, kind: u8, n: u64) {
+        if let Some(Some(c)) = self.0.get(usize::from(kind)) {
+            c.inc_by(n);
+        }
+    }
+}
+
+/// Packet type numbers ([MQTT-2.1.2]) for [`PacketCounters::add`].
+pub mod kind {
+    pub const CONNECT: u8 = 1;
+    pub const CONNACK: u8 = 2;
+    pub const PUBLISH: u8 = 3;
+    pub const PUBACK: u8 = 4;
+    pub const PUBREC: u8 = 5;
+    pub const PUBREL: u8 = 6;
+    pub const PUBCOMP: u8 = 7;
+    pub const SUBSCRIBE: u8 = 8;
+    pub const SUBACK: u8 = 9;
+    pub const UNSUBSCRIBE: u8 = 10;
+    pub const UNSUBACK: u8 = 11;
+    pub const PINGREQ: u8 = 12;
+    pub const PINGRESP: u8 = 13;
+    pub const DISCONNECT: u8 = 14;
+    pub const AUTH: u8 = 15;
 }
 
 /// Per shared subscription group series, labelled by ShareName and filter. Groups are made by
@@ -103,6 +186,60 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(tls.clone()))?;
+        let auth_failures = IntCounter::new(
+            "tern_auth_failures_total",
+            "CONNECTs refused by authentication (bad user name or password, anonymous not allowed, no certificate identity)",
+        )?;
+        registry.register(Box::new(auth_failures.clone()))?;
+        let packets_in = IntCounterVec::new(
+            Opts::new(
+                "tern_packets_received_total",
+                "MQTT control packets received from clients, by type",
+            ),
+            &["type"],
+        )?;
+        let packets_out = IntCounterVec::new(
+            Opts::new(
+                "tern_packets_sent_total",
+                "MQTT control packets sent to clients, by type",
+            ),
+            &["type"],
+        )?;
+        registry.register(Box::new(packets_in.clone()))?;
+        registry.register(Box::new(packets_out.clone()))?;
+        let queued = IntGauge::new(
+            "tern_queued_messages",
+            "Messages waiting in session queues (online and offline, memory and disk), not yet sent",
+        )?;
+        let inflight = IntGauge::new(
+            "tern_inflight_messages",
+            "QoS 1/2 messages sent to clients and not yet acknowledged",
+        )?;
+        let depth_vec = IntGaugeVec::new(
+            Opts::new(
+                "tern_session_queue_depth",
+                "Sessions whose queue holds at most `le` messages (cumulative, like histogram buckets; computed at scrape time)",
+            ),
+            &["le"],
+        )?;
+        let mut queue_depth: Vec<IntGauge> = crate::session::registry::QUEUE_DEPTH_BUCKETS
+            .iter()
+            .map(|b| depth_vec.with_label_values(&[&b.to_string()]))
+            .collect();
+        queue_depth.push(depth_vec.with_label_values(&["+Inf"]));
+        let uptime = IntGauge::new("tern_uptime_seconds", "Seconds since the broker started")?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("tern_build_info", "Always 1; the version is in the label"),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for c in [&queued, &inflight, &uptime] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(depth_vec))?;
+        registry.register(Box::new(build_info))?;
         let sessions =
             IntGaugeVec::new(Opts::new("tern_sessions", "Sessions, by state"), &["state"])?;
         let subscriptions = IntGauge::new("tern_subscriptions", "Subscriptions in the index")?;
@@ -233,6 +370,15 @@ impl Metrics {
             protocol_errors,
             tls_handshakes: tls.with_label_values(&["ok"]),
             tls_failures: tls.with_label_values(&["failed"]),
+            auth_failures,
+            packets_received: PacketCounters::new(&packets_in, &FROM_CLIENT),
+            packets_sent: PacketCounters::new(&packets_out, &TO_CLIENT),
+            queued,
+            inflight,
+            queue_depth,
+            uptime,
+            started: std::time::Instant::now(),
+            connections_max: std::sync::atomic::AtomicI64::new(0),
             storage,
             backpressure_pauses,
             sessions,
@@ -241,6 +387,36 @@ impl Metrics {
             shared,
             registry,
         })
+    }
+
+    /// A client connection was accepted (CONNACK sent): counts it open.
+    pub fn connected(&self) {
+        self.connections.inc();
+        self.connections_max
+            .fetch_max(self.connections.get(), Ordering::Relaxed);
+    }
+
+    pub fn connections_max(&self) -> i64 {
+        self.connections_max.load(Ordering::Relaxed)
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Messages dropped for any reason.
+    pub fn dropped_total(&self) -> u64 {
+        [
+            &self.dropped_queue_full,
+            &self.dropped_expired,
+            &self.dropped_too_large,
+            &self.dropped_not_authorized,
+            &self.dropped_no_subscribers,
+            &self.dropped_retain_full,
+        ]
+        .iter()
+        .map(|c| c.get())
+        .sum()
     }
 
     /// The counters of group `share`/`filter`, resolved once.
@@ -265,13 +441,22 @@ impl Metrics {
 
     /// Text exposition of every metric, with state gauges read from the broker now.
     pub fn render(&self, broker: &Broker) -> Vec<u8> {
-        let (online, offline) = broker.registry.counts();
+        let st = broker.registry.stats();
         self.sessions
             .with_label_values(&["online"])
-            .set(online as i64);
+            .set(st.online as i64);
         self.sessions
             .with_label_values(&["offline"])
-            .set(offline as i64);
+            .set(st.offline as i64);
+        self.queued.set(st.queued as i64);
+        self.inflight.set(st.inflight as i64);
+        for (g, n) in self.queue_depth.iter().zip(st.depth.iter()) {
+            g.set(*n as i64);
+        }
+        if let Some(all) = self.queue_depth.last() {
+            all.set((st.online + st.offline) as i64);
+        }
+        self.uptime.set(self.started.elapsed().as_secs() as i64);
         self.subscriptions.set(broker.subscription_count() as i64);
         self.retained.set(broker.retained_count() as i64);
         for g in broker.groups.all() {
@@ -320,9 +505,11 @@ impl crate::storage::CommitObserver for StorageMetrics {
     }
 }
 
-/// Serves `/metrics` and `/health` until the task is dropped. Deliberately tiny: one request
-/// per connection, bounded header size and time, so a scraper cannot hold resources.
-pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
+/// Serves `/metrics`, `/health` and `/ready` until the task is dropped. Deliberately tiny:
+/// one request per connection, bounded header size and time, so a scraper cannot hold
+/// resources. `ready` is set once the store is recovered and every listener is open, and
+/// cleared when shutdown begins, so a load balancer stops sending clients first.
+pub async fn serve(listener: TcpListener, broker: Arc<Broker>, ready: Arc<AtomicBool>) {
     loop {
         let (mut sock, _) = match listener.accept().await {
             Ok(s) => s,
@@ -333,6 +520,7 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
             }
         };
         let broker = broker.clone();
+        let ready = ready.load(Ordering::Acquire);
         tokio::spawn(async move {
             let mut req = Vec::with_capacity(1024);
             let read = tokio::time::timeout(Duration::from_secs(5), async {
@@ -358,6 +546,12 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
                     broker.metrics.render(&broker),
                 ),
                 b"/health" => ("200 OK", "text/plain", b"ok\n".to_vec()),
+                b"/ready" if ready => ("200 OK", "text/plain", b"ready\n".to_vec()),
+                b"/ready" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    b"not ready\n".to_vec(),
+                ),
                 _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
             };
             let head = format!(

@@ -84,7 +84,8 @@ pub fn peer_common_name(cert: &CertificateDer<'_>) -> Option<String> {
 
 /// The listener's current TLS configuration, replaced when the files change.
 pub struct TlsReloader {
-    cfg: TlsListenerConfig,
+    /// The files in use; a configuration reload may point at other ones.
+    cfg: RwLock<TlsListenerConfig>,
     current: RwLock<TlsAcceptor>,
     stamps: Mutex<Vec<Option<SystemTime>>>,
 }
@@ -94,7 +95,7 @@ impl TlsReloader {
         let acceptor = TlsAcceptor::from(server_config(&cfg)?);
         let stamps = Self::stamps_of(&cfg);
         Ok(TlsReloader {
-            cfg,
+            cfg: RwLock::new(cfg),
             current: RwLock::new(acceptor),
             stamps: Mutex::new(stamps),
         })
@@ -109,8 +110,11 @@ impl TlsReloader {
             .collect()
     }
 
-    pub fn settings(&self) -> &TlsListenerConfig {
-        &self.cfg
+    pub fn settings(&self) -> TlsListenerConfig {
+        self.cfg
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The acceptor for a new connection (existing connections keep theirs).
@@ -123,10 +127,23 @@ impl TlsReloader {
 
     /// Reloads the certificate, key and CA. On error the old configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let acceptor = TlsAcceptor::from(server_config(&self.cfg)?);
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = acceptor;
-        *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = Self::stamps_of(&self.cfg);
+        let cfg = self.settings();
+        let acceptor = Self::prepare(&cfg)?;
+        self.install(cfg, acceptor);
         Ok(())
+    }
+
+    /// Loads `cfg`'s certificate, key and CA without using them yet.
+    pub fn prepare(cfg: &TlsListenerConfig) -> Result<TlsAcceptor, TlsError> {
+        Ok(TlsAcceptor::from(server_config(cfg)?))
+    }
+
+    /// New connections use `acceptor` (made from `cfg`) from now on; the watcher follows
+    /// `cfg`'s files.
+    pub fn install(&self, cfg: TlsListenerConfig, acceptor: TlsAcceptor) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = acceptor;
+        *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = Self::stamps_of(&cfg);
+        *self.cfg.write().unwrap_or_else(PoisonError::into_inner) = cfg;
     }
 
     /// Reloads when a file's modification time changes (checked every two seconds).
@@ -134,12 +151,13 @@ impl TlsReloader {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tick.tick().await;
-            let now = Self::stamps_of(&self.cfg);
+            let cfg = self.settings();
+            let now = Self::stamps_of(&cfg);
             let changed = *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) != now;
             if changed {
                 match self.reload() {
                     Ok(()) => {
-                        tracing::info!(cert = %self.cfg.cert.display(), "TLS certificates reloaded")
+                        tracing::info!(cert = %cfg.cert.display(), "TLS certificates reloaded")
                     }
                     Err(e) => {
                         // Keep serving with the old files; try again when they change again.

@@ -42,10 +42,17 @@ struct Rules {
     acl: Option<Arc<Acl>>,
 }
 
+/// Password file, ACL and anonymous access read from a configuration, not yet in force.
+pub struct PreparedAuth {
+    rules: Rules,
+    allow_anonymous: bool,
+}
+
 pub struct Authorizer {
     /// `mqtt.response_prefix`; empty when Response Information is off.
     response_prefix: String,
-    allow_anonymous: bool,
+    /// `auth.allow_anonymous`; a reload may change it.
+    allow_anonymous: AtomicBool,
     rules: RwLock<Rules>,
     /// Whether an ACL is loaded: lets every publish skip the lock when none is configured.
     acl_on: AtomicBool,
@@ -69,7 +76,7 @@ impl Authorizer {
     pub fn new(response_prefix: &str) -> Authorizer {
         Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
-            allow_anonymous: false,
+            allow_anonymous: AtomicBool::new(false),
             rules: RwLock::new(Rules::default()),
             acl_on: AtomicBool::new(false),
         }
@@ -80,7 +87,7 @@ impl Authorizer {
         let rules = load_rules(cfg)?;
         Ok(Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
-            allow_anonymous: cfg.allow_anonymous,
+            allow_anonymous: AtomicBool::new(cfg.allow_anonymous),
             acl_on: AtomicBool::new(rules.acl.is_some()),
             rules: RwLock::new(rules),
         })
@@ -88,11 +95,26 @@ impl Authorizer {
 
     /// Re-reads the password and ACL files (SIGHUP). On error the old rules stay.
     pub fn reload(&self, cfg: &AuthConfig) -> Result<(), AuthError> {
-        let rules = load_rules(cfg)?;
-        let on = rules.acl.is_some();
-        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rules;
-        self.acl_on.store(on, Ordering::Release);
+        self.install(Self::prepare(cfg)?);
         Ok(())
+    }
+
+    /// Reads and checks the files of `cfg` without applying them, so a reload can check
+    /// every part of a new configuration before it changes anything.
+    pub fn prepare(cfg: &AuthConfig) -> Result<PreparedAuth, AuthError> {
+        Ok(PreparedAuth {
+            rules: load_rules(cfg)?,
+            allow_anonymous: cfg.allow_anonymous,
+        })
+    }
+
+    /// Applies prepared rules: every later check (also on existing connections) uses them.
+    pub fn install(&self, p: PreparedAuth) {
+        let on = p.rules.acl.is_some();
+        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = p.rules;
+        self.acl_on.store(on, Ordering::Release);
+        self.allow_anonymous
+            .store(p.allow_anonymous, Ordering::Release);
     }
 
     fn acl(&self) -> Option<Arc<Acl>> {
@@ -120,7 +142,7 @@ impl Authorizer {
             .passwords
             .clone();
         match (username, passwords) {
-            (None, _) if self.allow_anonymous => Authentication::Accepted,
+            (None, _) if self.allow_anonymous.load(Ordering::Acquire) => Authentication::Accepted,
             (None, _) => Authentication::NotAuthorized,
             (Some(user), Some(file)) => {
                 if file.verify(user, password.unwrap_or(b"")) {
@@ -129,7 +151,9 @@ impl Authorizer {
                     Authentication::BadCredentials
                 }
             }
-            (Some(_), None) if self.allow_anonymous => Authentication::Accepted,
+            (Some(_), None) if self.allow_anonymous.load(Ordering::Acquire) => {
+                Authentication::Accepted
+            }
             (Some(_), None) => Authentication::BadCredentials,
         }
     }

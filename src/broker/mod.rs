@@ -9,10 +9,11 @@
 pub mod recovery;
 pub mod retain;
 pub mod shared;
+pub mod sys;
 pub mod trie;
 
 use crate::auth::Authorizer;
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::outbox::{Delivery, Outbox, Pushed, Reservation, SubIds};
@@ -24,7 +25,7 @@ use crate::storage::Store;
 use crate::storage::{Commit, Op};
 use retain::{RetainOutcome, RetainTree};
 use shared::{Group, Groups};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use trie::Trie;
@@ -42,7 +43,15 @@ pub struct Subscriber {
 }
 
 pub struct Broker {
+    /// The configuration the broker started with. `limits` may since have been reloaded:
+    /// read them through [`Broker::limits`].
     pub config: Config,
+    /// Current limits (SIGHUP may replace them); connections take a snapshot when they start.
+    limits: RwLock<Arc<Limits>>,
+    /// `sys_topics.interval` in seconds (0: off); a reload may change it.
+    sys_interval: AtomicU64,
+    /// `limits.backpressure`, read on every routed publish.
+    backpressure: std::sync::atomic::AtomicBool,
     pub registry: Registry,
     pub metrics: Metrics,
     pub store: Arc<dyn Store>,
@@ -150,6 +159,9 @@ impl Broker {
             ),
             auth,
             groups: Groups::default(),
+            limits: RwLock::new(Arc::new(config.limits.clone())),
+            backpressure: std::sync::atomic::AtomicBool::new(config.limits.backpressure),
+            sys_interval: AtomicU64::new(config.sys_topics.interval),
             config,
             metrics,
             store,
@@ -158,6 +170,32 @@ impl Broker {
             next_message_id: AtomicU64::new(1),
             next_connection_id: AtomicU64::new(1),
         }
+    }
+
+    /// The limits now in force.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the limits (reload): broker-wide ones apply now, per-connection and
+    /// per-session ones to connections and sessions made from now on.
+    pub fn set_limits(&self, limits: Limits) {
+        self.registry
+            .set_queue_limits(limits.max_queued_messages, limits.max_queued_bytes);
+        self.backpressure
+            .store(limits.backpressure, Ordering::Relaxed);
+        *self.limits.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(limits);
+    }
+
+    pub fn sys_interval(&self) -> u64 {
+        self.sys_interval.load(Ordering::Relaxed)
+    }
+
+    pub fn set_sys_interval(&self, seconds: u64) {
+        self.sys_interval.store(seconds, Ordering::Relaxed);
     }
 
     /// Message ids continue above what the store has used.
@@ -206,7 +244,9 @@ impl Broker {
         scratch: &mut Vec<Subscriber>,
         staged: &mut Staged,
     ) -> Routed {
-        let durable = self.store.durable();
+        // `$` topics are the broker's own (`$SYS`): only the broker publishes them (clients
+        // may not, wills may not), they describe this run, and they are never persisted.
+        let durable = self.store.durable() && !msg.topic.as_str().starts_with('$');
         let mut message_staged = false;
         let mut stage_message = |ops: &mut Vec<Op>| {
             if !message_staged {
@@ -223,7 +263,7 @@ impl Broker {
                 .retained
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
-                .store(msg.clone(), self.config.limits.max_retained_messages);
+                .store(msg.clone(), self.limits().max_retained_messages);
             match outcome {
                 RetainOutcome::Full => self.metrics.dropped_retain_full.inc(),
                 RetainOutcome::Deleted if durable => staged.ops.push(Op::DeleteRetained {
@@ -335,7 +375,7 @@ impl Broker {
             } else if routed.pressure.is_none()
                 && (match group {
                     Some(_) => self.config.shared.backpressure,
-                    None => self.config.limits.backpressure,
+                    None => self.backpressure.load(Ordering::Relaxed),
                 })
                 && session.outbox.drained_and_above(3, 4)
                 // A publisher that drains the queue itself must not stop reading its acks.
@@ -539,13 +579,12 @@ impl Broker {
         let shared = &self.config.shared;
         let key = format!("$share/{share}/{filter}");
         let id = restored.unwrap_or_else(|| self.registry.allocate_id());
-        let queue = Arc::new(SessionHandle {
+        let queue = Arc::new(SessionHandle::new(
             id,
-            client_id: Arc::from(shared::record_key(&key)),
-            outbox: Outbox::new(shared.max_queued_messages, shared.max_queued_bytes),
-            persistent: AtomicBool::new(restored.is_some()),
-            user: std::sync::RwLock::new(None),
-        });
+            Arc::from(shared::record_key(&key)),
+            Outbox::new(shared.max_queued_messages, shared.max_queued_bytes),
+            restored.is_some(),
+        ));
         let metrics = self.metrics.group_metrics(share, filter);
         Arc::new(Group::new(
             share,

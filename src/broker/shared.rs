@@ -606,13 +606,12 @@ mod tests {
     }
 
     fn session(id: u64) -> Arc<SessionHandle> {
-        Arc::new(SessionHandle {
+        Arc::new(SessionHandle::new(
             id,
-            client_id: Arc::from(format!("c{id}")),
-            outbox: Outbox::new(1000, 1 << 20),
-            persistent: AtomicBool::new(false),
-            user: std::sync::RwLock::new(None),
-        })
+            Arc::from(format!("c{id}")),
+            Outbox::new(1000, 1 << 20),
+            false,
+        ))
     }
 
     fn group(b: &Broker, strategy: Strategy) -> Arc<Group> {

@@ -3,6 +3,8 @@
 use super::handlers::Client;
 use crate::auth::Authentication;
 use crate::broker::Broker;
+use crate::config::Limits;
+use crate::metrics::kind;
 use crate::protocol::*;
 use crate::session::registry::Kick;
 use crate::session::TopicAliases;
@@ -27,6 +29,7 @@ fn refuse(
     why: &str,
 ) -> Option<Client> {
     encode_connack(wbuf, version, false, reason, &Properties::default());
+    broker.metrics.packets_sent.add(kind::CONNACK, 1);
     if matches!(
         reason,
         ReasonCode::NotAuthorized
@@ -65,14 +68,15 @@ pub(super) async fn accept(
     peer: SocketAddr,
     kick: oneshot::Sender<Kick>,
     identity: Option<String>,
+    limits: Arc<Limits>,
 ) -> Option<Client> {
     let Packet::Connect(c) = packet else {
         return None;
     };
+    broker.metrics.packets_received.add(kind::CONNECT, 1);
     let c = *c;
     let version = c.version;
     let v5 = version.is_v5();
-    let limits = &broker.config.limits;
 
     if v5 && c.properties.authentication_method.is_some() {
         // No enhanced authentication methods are supported.
@@ -95,6 +99,7 @@ pub(super) async fn accept(
         match broker.auth.authenticate(user, c.password.as_deref()) {
             Authentication::Accepted => {}
             Authentication::NotAuthorized => {
+                broker.metrics.auth_failures.inc();
                 return refuse(
                     broker,
                     wbuf,
@@ -105,6 +110,7 @@ pub(super) async fn accept(
                 );
             }
             Authentication::BadCredentials => {
+                broker.metrics.auth_failures.inc();
                 return refuse(
                     broker,
                     wbuf,
@@ -119,7 +125,6 @@ pub(super) async fn accept(
 
     if let Some(w) = &c.will {
         let cid = c.client_id.as_str();
-        let limits = &broker.config.limits;
         let topic = w.topic.as_str();
         if topic.len() > limits.max_topic_length
             || topic.bytes().filter(|&b| b == b'/').count() >= limits.max_topic_levels
@@ -259,6 +264,7 @@ pub(super) async fn accept(
         }
     }
     encode_connack(wbuf, version, session_present, ReasonCode::Success, &props);
+    broker.metrics.packets_sent.add(kind::CONNACK, 1);
     broker.metrics.connections_total.inc();
 
     let window = usize::from(limits.max_inflight).min(usize::from(
@@ -291,6 +297,7 @@ pub(super) async fn accept(
         window,
         max_packet_out,
         aliases,
+        limits,
     );
     client.username = username;
     if session_present {

@@ -6,8 +6,10 @@ use super::pending::{AckQueue, Gate, OpsCommit, PendingAck, Response};
 use super::{Close, TokenBucket};
 use crate::broker::shared::Group;
 use crate::broker::{After, Broker, Staged, Subscriber};
+use crate::config::Limits;
 use crate::error::ProtocolError;
 use crate::message::Message;
+use crate::metrics::kind;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::*;
 use crate::session::registry::{Detached, SessionHandle};
@@ -70,6 +72,9 @@ pub(crate) struct Client {
     /// Complete packets were left in the read buffer by a pause: handle them when it ends,
     /// whether or not the client sends anything more.
     pub held_input: bool,
+    /// The limits this connection was accepted with: its CONNACK announced them, so a reload
+    /// applies to later connections only.
+    pub(super) limits: Arc<Limits>,
 }
 
 /// Whether a queued acknowledgement stands for a PUBLISH the Receive Maximum counts while it
@@ -107,6 +112,9 @@ pub(super) struct Tally {
     pub(super) received: [u64; 3],
     pub(super) sent: [u64; 3],
     pub(super) bytes_received: u64,
+    /// Control packets by type nibble, received and sent.
+    pub(super) packets_in: [u32; 16],
+    pub(super) packets_out: [u32; 16],
 }
 
 impl Client {
@@ -126,11 +134,9 @@ impl Client {
         window: usize,
         max_packet_out: usize,
         aliases: TopicAliases,
+        limits: Arc<Limits>,
     ) -> Client {
-        let rates = (
-            broker.config.limits.max_publish_rate,
-            broker.config.limits.max_publish_bytes_rate,
-        );
+        let rates = (limits.max_publish_rate, limits.max_publish_bytes_rate);
         let bucket = |rate: u32| {
             (rate > 0).then(|| TokenBucket::new(f64::from(rate), std::time::Instant::now()))
         };
@@ -163,6 +169,7 @@ impl Client {
             groups: Vec::new(),
             pressure: None,
             held_input: false,
+            limits,
         }
     }
 
@@ -203,7 +210,7 @@ impl Client {
 
     /// Decodes and handles every complete packet in `rbuf`.
     pub fn process_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Result<(), Close> {
-        let max = self.broker.config.limits.max_packet_size as usize;
+        let max = self.limits.max_packet_size as usize;
         loop {
             if self.throttle_wait().is_some() {
                 // Publish budget spent (or back-pressure): the rest stays in `rbuf` until the
@@ -240,6 +247,7 @@ impl Client {
     }
 
     fn handle_packet(&mut self, packet: Packet, wbuf: &mut BytesMut) -> Result<(), Close> {
+        self.tally.packets_in[usize::from(packet_kind(&packet))] += 1;
         match packet {
             Packet::Publish(p) => self.handle_publish(p, wbuf).map_err(Close::Protocol),
             Packet::PubAck(a) => {
@@ -283,6 +291,7 @@ impl Client {
             }
             Packet::PingReq => {
                 encode_pingresp(wbuf);
+                self.tally.packets_out[usize::from(kind::PINGRESP)] += 1;
                 Ok(())
             }
             Packet::Disconnect(d) => Err(self.handle_disconnect(d)),
@@ -396,12 +405,12 @@ impl Client {
         }
         if p.qos != QoS::AtMostOnce {
             let unacked = self.acks.unacked_publishes + self.state.inbound_qos2.len();
-            if v5 && unacked >= usize::from(broker.config.limits.receive_maximum) {
+            if v5 && unacked >= usize::from(self.limits.receive_maximum) {
                 // [MQTT-3.3.4-9]
                 return Err(ProtocolError::ReceiveMaximumExceeded);
             }
             if p.qos == QoS::ExactlyOnce
-                && self.state.inbound_qos2.len() >= broker.config.limits.max_inbound_qos2
+                && self.state.inbound_qos2.len() >= self.limits.max_inbound_qos2
             {
                 return Err(ProtocolError::Qos2Quota);
             }
@@ -538,6 +547,7 @@ impl Client {
                         self.gate.hold_from(wbuf.len());
                     }
                 }
+                self.tally.packets_out[usize::from(kind::PUBREL)] += 1;
                 encode_pub_response(wbuf, self.version, PUBREL, a.packet_id, reason)
             }
             PubRecAction::Finished => self.stage_inflight_done(a.packet_id),
@@ -569,7 +579,7 @@ impl Client {
 
     /// `limits.max_topic_length` and `limits.max_topic_levels` for a topic name or filter.
     pub(super) fn topic_within_limits(&self, topic: &str) -> bool {
-        let l = &self.broker.config.limits;
+        let l = &self.limits;
         topic.len() <= l.max_topic_length
             && topic.bytes().filter(|&b| b == b'/').count() < l.max_topic_levels
     }
@@ -600,7 +610,7 @@ impl Client {
                 codes.push(ReasonCode::NotAuthorized.as_u8());
                 continue;
             }
-            let max_subs = broker.config.limits.max_subscriptions;
+            let max_subs = self.limits.max_subscriptions;
             if max_subs > 0
                 && self.state.subscriptions.len() >= max_subs
                 && !self.state.subscriptions.contains_key(f)
@@ -732,7 +742,7 @@ impl Client {
                     "session expiry set at DISCONNECT after 0 at CONNECT",
                 ));
             }
-            self.session_expiry = expiry.min(self.broker.config.limits.max_session_expiry);
+            self.session_expiry = expiry.min(self.limits.max_session_expiry);
         }
         if d.reason == ReasonCode::DisconnectWithWill.as_u8() {
             Close::NormalWithWill
@@ -770,6 +780,14 @@ impl Client {
 
     fn send_ack(&mut self, ack: &Response, wbuf: &mut BytesMut) {
         let v = self.version;
+        let k = match ack {
+            Response::PubAck(..) => kind::PUBACK,
+            Response::PubRec(..) => kind::PUBREC,
+            Response::PubComp(..) => kind::PUBCOMP,
+            Response::SubAck(..) => kind::SUBACK,
+            Response::UnsubAck(..) => kind::UNSUBACK,
+        };
+        self.tally.packets_out[usize::from(k)] += 1;
         match ack {
             Response::PubAck(id, r) => {
                 self.acks.unacked_publishes -= 1;
@@ -842,5 +860,22 @@ impl Client {
             // within the delay).
             Detached::TakenOver => {}
         }
+    }
+}
+
+/// The type nibble of a decoded packet, for the per-type packet counters.
+fn packet_kind(p: &Packet) -> u8 {
+    match p {
+        Packet::Connect(_) => kind::CONNECT,
+        Packet::Publish(_) => kind::PUBLISH,
+        Packet::PubAck(_) => kind::PUBACK,
+        Packet::PubRec(_) => kind::PUBREC,
+        Packet::PubRel(_) => kind::PUBREL,
+        Packet::PubComp(_) => kind::PUBCOMP,
+        Packet::Subscribe(_) => kind::SUBSCRIBE,
+        Packet::Unsubscribe(_) => kind::UNSUBSCRIBE,
+        Packet::PingReq => kind::PINGREQ,
+        Packet::Disconnect(_) => kind::DISCONNECT,
+        Packet::Auth(_) => kind::AUTH,
     }
 }

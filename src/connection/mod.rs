@@ -155,27 +155,34 @@ pub async fn serve<S>(
         wbuf: BytesMut::new(),
         peer,
     };
-    let connect_timeout = Duration::from_secs(broker.config.limits.connect_timeout);
-    let packet =
-        match tokio::time::timeout(connect_timeout, Box::pin(io.read_connect(&broker))).await {
-            Ok(Ok(Some(packet))) => packet,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                broker.metrics.protocol_errors.inc();
-                broker.metrics.refused_protocol.inc();
-                tracing::info!(%peer, error = %e, "connection refused before CONNECT");
-                if let ProtocolError::UnsupportedProtocolVersion(_) = e {
-                    // [MQTT-3.1.2-2] CONNACK 0x01 (3.1.1 form: we cannot speak the client's).
-                    io.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
-                    io.flush_quietly().await;
-                }
-                return;
+    // This connection's limits for its whole life (a reload applies to later connections).
+    let limits = broker.limits();
+    let connect_timeout = Duration::from_secs(limits.connect_timeout);
+    let max_packet = limits.max_packet_size as usize;
+    let packet = match tokio::time::timeout(
+        connect_timeout,
+        Box::pin(io.read_connect(&broker, max_packet)),
+    )
+    .await
+    {
+        Ok(Ok(Some(packet))) => packet,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            broker.metrics.protocol_errors.inc();
+            broker.metrics.refused_protocol.inc();
+            tracing::info!(%peer, error = %e, "connection refused before CONNECT");
+            if let ProtocolError::UnsupportedProtocolVersion(_) = e {
+                // [MQTT-3.1.2-2] CONNACK 0x01 (3.1.1 form: we cannot speak the client's).
+                io.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+                io.flush_quietly().await;
             }
-            Err(_) => {
-                tracing::info!(%peer, "no CONNECT within {}s, closing", connect_timeout.as_secs());
-                return;
-            }
-        };
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "no CONNECT within {}s, closing", connect_timeout.as_secs());
+            return;
+        }
+    };
     let (kick_tx, kick_rx) = oneshot::channel();
     let Some(mut client) = Box::pin(connect::accept(
         &broker,
@@ -184,6 +191,7 @@ pub async fn serve<S>(
         peer,
         kick_tx,
         identity,
+        limits,
     ))
     .await
     else {
@@ -197,7 +205,7 @@ pub async fn serve<S>(
         clean_start = client.clean_start,
         "client connected"
     );
-    broker.metrics.connections.inc();
+    broker.metrics.connected();
     let close = io.run(&mut client, kick_rx, shutdown).await;
     broker.metrics.connections.dec();
     if let Close::Protocol(_) = close {
@@ -212,8 +220,13 @@ pub async fn serve<S>(
     if client.version.is_v5() {
         if let Some(reason) = close.reason() {
             encode_disconnect(&mut io.wbuf, reason, None);
+            broker
+                .metrics
+                .packets_sent
+                .add(crate::metrics::kind::DISCONNECT, 1);
         }
     }
+    client.flush_tally();
     if !matches!(close, Close::WriteStalled | Close::PeerGone(_)) {
         io.flush_quietly().await;
     }
@@ -233,8 +246,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     async fn read_connect(
         &mut self,
         broker: &Broker,
+        max: usize,
     ) -> Result<Option<Box<Packet>>, ProtocolError> {
-        let max = broker.config.limits.max_packet_size as usize;
         loop {
             match decode_packet(&mut self.rbuf, None, max)? {
                 DecodeOutcome::Packet(p, n) => {
@@ -294,7 +307,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         mut shutdown: watch::Receiver<bool>,
     ) -> Close {
         let broker = client.broker.clone();
-        let write_timeout = Duration::from_secs(broker.config.limits.write_timeout);
+        let write_timeout = Duration::from_secs(client.limits.write_timeout);
         let keep_alive = client.keep_alive_limit();
         let mut last_read = Instant::now();
         let mut last_write = Instant::now();

@@ -2,6 +2,7 @@
 //! loading a stored queue from disk, and re-sending in-flight messages on reconnect.
 
 use super::handlers::{inflight_record, Client};
+use crate::metrics::kind;
 use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};
@@ -141,6 +142,7 @@ impl Client {
         }
         encode_publish(wbuf, self.version, &out);
         self.tally.sent[d.qos as usize] += 1;
+        self.tally.packets_out[usize::from(kind::PUBLISH)] += 1;
     }
 
     /// A delivery that is finished without an acknowledgement (sent at QoS 0, or never to be
@@ -172,6 +174,19 @@ impl Client {
         if t.bytes_received > 0 {
             m.bytes_received.inc_by(t.bytes_received);
         }
+        for k in 0..16u8 {
+            let (i, o) = (t.packets_in[usize::from(k)], t.packets_out[usize::from(k)]);
+            if i > 0 {
+                m.packets_received.add(k, u64::from(i));
+            }
+            if o > 0 {
+                m.packets_sent.add(k, u64::from(o));
+            }
+        }
+        self.handle.inflight.store(
+            self.state.inflight.len(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     fn aliases_enabled(&self) -> bool {
@@ -204,8 +219,12 @@ impl Client {
                     };
                     encode_publish(wbuf, version, &out);
                     self.tally.sent[d.qos as usize] += 1;
+                    self.tally.packets_out[usize::from(kind::PUBLISH)] += 1;
                 }
-                Outbound::Released(_) => encode_pub_response(wbuf, version, PUBREL, *id, 0),
+                Outbound::Released(_) => {
+                    encode_pub_response(wbuf, version, PUBREL, *id, 0);
+                    self.tally.packets_out[usize::from(kind::PUBREL)] += 1;
+                }
             }
         }
     }

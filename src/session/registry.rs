@@ -8,7 +8,7 @@
 use super::SessionState;
 use crate::outbox::Outbox;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedMutexGuard};
@@ -25,9 +25,23 @@ pub struct SessionHandle {
     pub persistent: AtomicBool,
     /// The user name of its current (or last) connection, for ACL checks on delivery.
     pub user: std::sync::RwLock<Option<Arc<str>>>,
+    /// QoS 1/2 messages sent and not yet acknowledged, as its connection last reported
+    /// (the state itself is owned by that connection): read by metrics at scrape time.
+    pub inflight: AtomicUsize,
 }
 
 impl SessionHandle {
+    pub fn new(id: u64, client_id: Arc<str>, outbox: Outbox, persistent: bool) -> SessionHandle {
+        SessionHandle {
+            id,
+            client_id,
+            outbox,
+            persistent: AtomicBool::new(persistent),
+            user: std::sync::RwLock::new(None),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
     pub fn username(&self) -> Option<Arc<str>> {
         self.user
             .read()
@@ -68,9 +82,27 @@ struct Entry {
 pub struct Registry {
     entries: Mutex<HashMap<Arc<str>, Entry>>,
     next_id: AtomicU64,
-    max_queued_messages: usize,
-    max_queued_bytes: usize,
+    /// Queue limits of sessions made from now on (a reload may change them; existing
+    /// sessions keep theirs).
+    max_queued_messages: AtomicUsize,
+    max_queued_bytes: AtomicUsize,
 }
+
+/// Session numbers read at scrape time.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SessionStats {
+    pub online: usize,
+    pub offline: usize,
+    /// Messages waiting in session queues (memory and disk), not yet sent.
+    pub queued: usize,
+    /// QoS 1/2 messages sent and not yet acknowledged.
+    pub inflight: usize,
+    /// Sessions whose queue holds at most `QUEUE_DEPTH_BUCKETS[i]` messages (cumulative).
+    pub depth: [usize; QUEUE_DEPTH_BUCKETS.len()],
+}
+
+/// Upper bounds of the queue depth distribution (`tern_session_queue_depth{le=...}`).
+pub const QUEUE_DEPTH_BUCKETS: [usize; 5] = [0, 10, 100, 1000, 10000];
 
 /// A connection's claim on its session.
 pub struct Attached {
@@ -109,8 +141,8 @@ impl Registry {
         Registry {
             entries: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            max_queued_messages,
-            max_queued_bytes,
+            max_queued_messages: AtomicUsize::new(max_queued_messages),
+            max_queued_bytes: AtomicUsize::new(max_queued_bytes),
         }
     }
 
@@ -155,13 +187,12 @@ impl Registry {
                 }
                 None => {
                     let client_id: Arc<str> = Arc::from(client_id);
-                    let handle = Arc::new(SessionHandle {
-                        id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                        client_id: client_id.clone(),
-                        outbox: Outbox::new(self.max_queued_messages, self.max_queued_bytes),
-                        persistent: AtomicBool::new(false),
-                        user: std::sync::RwLock::new(None),
-                    });
+                    let handle = Arc::new(SessionHandle::new(
+                        self.next_id.fetch_add(1, Ordering::Relaxed),
+                        client_id.clone(),
+                        self.new_outbox(),
+                        false,
+                    ));
                     let state = Arc::new(tokio::sync::Mutex::new(SessionState::default()));
                     map.insert(
                         client_id,
@@ -248,13 +279,15 @@ impl Registry {
         expires_at: Option<Instant>,
     ) -> Arc<SessionHandle> {
         let client_id: Arc<str> = Arc::from(client_id);
-        let handle = Arc::new(SessionHandle {
-            id: session_id,
-            client_id: client_id.clone(),
-            outbox: Outbox::new(self.max_queued_messages, self.max_queued_bytes),
-            persistent: AtomicBool::new(true),
-            user: std::sync::RwLock::new(None),
-        });
+        let handle = Arc::new(SessionHandle::new(
+            session_id,
+            client_id.clone(),
+            self.new_outbox(),
+            true,
+        ));
+        handle
+            .inflight
+            .store(state.inflight.len(), Ordering::Relaxed);
         self.set_next_id(session_id + 1);
         self.lock().insert(
             client_id,
@@ -303,6 +336,49 @@ impl Registry {
                 state: e.state,
             })
             .collect()
+    }
+
+    fn new_outbox(&self) -> Outbox {
+        Outbox::new(
+            self.max_queued_messages.load(Ordering::Relaxed),
+            self.max_queued_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Queue limits for sessions made after this call.
+    pub fn set_queue_limits(&self, messages: usize, bytes: usize) {
+        self.max_queued_messages.store(messages, Ordering::Relaxed);
+        self.max_queued_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts and queue depths of every session. The registry lock is held only to copy the
+    /// handles; each outbox is read after it is released.
+    pub fn stats(&self) -> SessionStats {
+        let mut handles = Vec::new();
+        let mut st = SessionStats::default();
+        {
+            let map = self.lock();
+            handles.reserve(map.len());
+            for e in map.values() {
+                if e.attached.is_some() {
+                    st.online += 1;
+                } else {
+                    st.offline += 1;
+                }
+                handles.push(e.handle.clone());
+            }
+        }
+        for h in handles {
+            let depth = h.outbox.len();
+            st.queued += depth;
+            st.inflight += h.inflight.load(Ordering::Relaxed);
+            for (i, le) in QUEUE_DEPTH_BUCKETS.iter().enumerate() {
+                if depth <= *le {
+                    st.depth[i] += 1;
+                }
+            }
+        }
+        st
     }
 
     /// (connected, disconnected) session counts.

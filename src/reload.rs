@@ -1,0 +1,183 @@
+//! Applying a new configuration to a running broker (SIGHUP).
+//!
+//! A reload is all or nothing: every part of the new configuration is read and checked first
+//! (values, password file, ACL file, TLS certificates, log filter) and only then applied, so a
+//! mistake in any of them leaves the running configuration whole. What can change without a
+//! restart:
+//! - `log.level`;
+//! - `auth.*`: password file, ACL file and `allow_anonymous`, for every later check, also on
+//!   existing connections (ACLs are checked per message);
+//! - the TLS listener's `cert`, `key`, `client_ca`, `require_client_cert` (new connections);
+//! - `limits.*`: broker-wide ones (`max_connections`, `max_connect_rate`,
+//!   `max_retained_messages`, `backpressure`) at once; the others for connections and sessions
+//!   made afterwards, because a connection's CONNACK already told its client the old values
+//!   (Receive Maximum, Maximum Packet Size, Server Keep Alive ...);
+//! - `sys_topics.interval`.
+//!
+//! Anything else (listeners, storage, metrics, mqtt, shared, log.format) is reported as
+//! needing a restart and keeps its running value.
+
+use crate::auth::{AuthError, Authorizer};
+use crate::broker::Broker;
+use crate::config::{Config, ConfigError};
+use crate::logging::LogHandle;
+use crate::tls::{TlsError, TlsReloader};
+use std::sync::Arc;
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Changes in force now, as `key old -> new`.
+    pub applied: Vec<String>,
+    /// Changes that wait for a restart, as `key old -> new`.
+    pub needs_restart: Vec<String>,
+}
+
+/// Why a new configuration was refused (the running one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("auth reload failed: {0}")]
+    Auth(#[from] AuthError),
+    #[error("listeners.tls: TLS reload failed: {0}")]
+    Tls(#[from] TlsError),
+    #[error("configuration key `log.level`: {0}")]
+    Log(String),
+}
+
+/// Keys (or key prefixes ending in '.') a reload applies.
+const RELOADABLE: [&str; 8] = [
+    "limits.",
+    "auth.",
+    "log.level",
+    "sys_topics.",
+    "listeners.tls.cert",
+    "listeners.tls.key",
+    "listeners.tls.client_ca",
+    "listeners.tls.require_client_cert",
+];
+
+fn reloadable(key: &str) -> bool {
+    RELOADABLE
+        .iter()
+        .any(|r| key == *r || (r.ends_with('.') && key.starts_with(r)))
+}
+
+/// The running configuration with `new`'s reloadable parts: what is in force after a reload.
+fn effective(running: &Config, new: &Config) -> Config {
+    let mut e = running.clone();
+    e.limits = new.limits.clone();
+    e.auth = new.auth.clone();
+    e.log.level = new.log.level.clone();
+    e.sys_topics = new.sys_topics.clone();
+    if let (Some(t), Some(n)) = (e.listeners.tls.as_mut(), new.listeners.tls.as_ref()) {
+        t.cert = n.cert.clone();
+        t.key = n.key.clone();
+        t.client_ca = n.client_ca.clone();
+        t.require_client_cert = n.require_client_cert;
+    }
+    e
+}
+
+/// The parts of a broker a reload touches.
+pub struct Target<'a> {
+    pub broker: &'a Broker,
+    pub tls: Option<&'a Arc<TlsReloader>>,
+    pub log: Option<&'a LogHandle>,
+}
+
+/// Checks `new` against `running` and applies it; returns the configuration now in force.
+/// On error nothing was changed.
+pub fn apply(
+    target: &Target<'_>,
+    running: &Config,
+    new: &Config,
+) -> Result<(Config, Reloaded), ReloadError> {
+    new.validate()?;
+    let next = effective(running, new);
+    // Prepare everything that reads files before anything is applied.
+    let auth = Authorizer::prepare(&next.auth)?;
+    let tls = match (target.tls, next.listeners.tls.as_ref()) {
+        (Some(r), Some(cfg)) => Some((r, cfg.clone(), TlsReloader::prepare(cfg)?)),
+        _ => None,
+    };
+    if let Some(log) = target.log {
+        if next.log.level != running.log.level {
+            log.set_level(&next.log.level).map_err(ReloadError::Log)?;
+        }
+    }
+    // Nothing below can fail.
+    target.broker.auth.install(auth);
+    tracing::info!("password file and ACL reloaded");
+    if let Some((r, cfg, acceptor)) = tls {
+        r.install(cfg, acceptor);
+        tracing::info!("TLS certificates reloaded");
+    }
+    target.broker.set_limits(next.limits.clone());
+    target.broker.set_sys_interval(next.sys_topics.interval);
+
+    let mut report = Reloaded::default();
+    for (key, old, new) in running.diff(new) {
+        let line = format!("{key} {old} -> {new}");
+        if reloadable(&key) {
+            tracing::info!("reload: {line}");
+            report.applied.push(line);
+        } else {
+            tracing::warn!("reload: {line} is not applied: it takes effect after a restart");
+            report.needs_restart.push(line);
+        }
+    }
+    tracing::info!(
+        applied = report.applied.len(),
+        needs_restart = report.needs_restart.len(),
+        "configuration reloaded"
+    );
+    Ok((next, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reloadable_keys_are_the_documented_ones() {
+        for k in [
+            "limits.max_packet_size",
+            "auth.acl_file",
+            "log.level",
+            "sys_topics.interval",
+            "listeners.tls.cert",
+            "listeners.tls.require_client_cert",
+        ] {
+            assert!(reloadable(k), "{k}");
+        }
+        for k in [
+            "log.format",
+            "listeners.tcp.bind",
+            "listeners.tls.bind",
+            "listeners.tls.use_identity_as_username",
+            "storage.dir",
+            "metrics.bind",
+            "mqtt.max_qos",
+            "shared.strategy",
+            "limitsx",
+        ] {
+            assert!(!reloadable(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn effective_config_keeps_restart_only_keys() {
+        let running = Config::from_toml("[limits]\nmax_packet_size = 2000\n").unwrap();
+        let new = Config::from_toml(
+            "[limits]\nmax_packet_size = 3000\n[storage]\ndir = \"elsewhere\"\n[log]\nformat = \"json\"\nlevel = \"debug\"\n",
+        )
+        .unwrap();
+        let e = effective(&running, &new);
+        assert_eq!(e.limits.max_packet_size, 3000);
+        assert_eq!(e.log.level, "debug");
+        assert_eq!(e.storage.dir, running.storage.dir);
+        assert_eq!(e.log.format, running.log.format);
+    }
+}
