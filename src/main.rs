@@ -52,6 +52,17 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Check) = cli.command {
+        // The files the configuration names are read as the broker would read them.
+        if let Err(e) = tern::auth::Authorizer::prepare(&config.auth) {
+            eprintln!("tern: {e}");
+            return ExitCode::from(2);
+        }
+        if let Some(tls) = &config.listeners.tls {
+            if let Err(e) = tern::tls::TlsReloader::prepare(tls) {
+                eprintln!("tern: listeners.tls: {e}");
+                return ExitCode::from(2);
+            }
+        }
         println!("tern: configuration OK");
         return ExitCode::SUCCESS;
     }
