@@ -560,6 +560,7 @@ impl Broker {
                 expiry_interval: u32::MAX,
                 disconnected_at_ms: None,
                 will: None,
+                username: None,
             })]);
         }
         self.index_group(&group);

@@ -153,6 +153,8 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
         let handle = broker
             .registry
             .restore(&s.client_id, s.session_id, state, expires_at);
+        // Deliveries while the client is away are checked against the ACL as its last user.
+        handle.set_username(s.username.as_deref().map(std::sync::Arc::from));
         for sub in &subs {
             match shared::parse(&sub.filter) {
                 Some(Ok((share, filter))) => {

@@ -230,6 +230,7 @@ pub(super) async fn accept(
                 expiry_interval: session_expiry,
                 disconnected_at_ms: None,
                 will: c.will.as_ref().map(WillRecord::from),
+                username: username.as_deref().map(str::to_string),
             })]);
         }
     }

@@ -840,6 +840,7 @@ impl Client {
                     expiry_interval: self.session_expiry,
                     disconnected_at_ms: Some(unix_now_ms()),
                     will: will.as_ref().map(WillRecord::from),
+                    username: self.username.as_deref().map(str::to_string),
                 };
                 if broker.store.durable()
                     && self

@@ -79,6 +79,10 @@ pub struct SessionRecord {
     /// Wall-clock time of the disconnect in Unix milliseconds; None while connected.
     pub disconnected_at_ms: Option<u64>,
     pub will: Option<WillRecord>,
+    /// The user name of the session's last connection: after a restart, deliveries to the
+    /// session while its client is away are checked against the ACL as that user. Written
+    /// after the will so that records from before this field read back as None.
+    pub username: Option<String>,
 }
 
 /// One subscription of a session.
@@ -259,6 +263,10 @@ impl SessionRecord {
                 will.put(&mut w);
             }
         }
+        if let Some(user) = &self.username {
+            w.push(1);
+            put_bytes(&mut w, user.as_bytes());
+        }
         w
     }
 
@@ -272,6 +280,12 @@ impl SessionRecord {
             disconnected_at_ms: r.opt_u64()?,
             will: if r.bool()? {
                 Some(WillRecord::read(&mut r)?)
+            } else {
+                None
+            },
+            // Absent in records written before user names were kept.
+            username: if r.remaining() > 0 && r.bool()? {
+                Some(r.string()?)
             } else {
                 None
             },
@@ -465,6 +479,7 @@ mod tests {
                 delay_interval: 30,
                 properties: props(),
             }),
+            username: Some("alice".into()),
         }
     }
 
@@ -537,6 +552,7 @@ mod tests {
         let s = SessionRecord {
             will: None,
             disconnected_at_ms: None,
+            username: None,
             ..s
         };
         assert_eq!(SessionRecord::decode(&s.encode()), Ok(s));

@@ -505,6 +505,29 @@ def test_sighup_applies_to_messages_queued_for_offline_session(env, version):
     carol.assert_silent(0.5)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_restored_offline_session_keeps_its_user_for_acl_checks(env, version):
+    """A persistent session recovered after a restart is checked against the ACL as the user
+    it last connected as: a message published to it while its client is still away (after the
+    restart) is acknowledged, queued and delivered, not dropped as not authorized."""
+    b = env.start(ACL_QUEUE_BEFORE, users=("alice", "carol"))
+    cid = uid("carol-restart")
+    kw = dict(clean=False)
+    if version == V5:
+        kw["properties"] = {mr.SESSION_EXPIRY_INTERVAL: 300}
+    carol = env.client(version, "carol", cid=cid, **kw)
+    assert carol.subscribe([("a/#", 1)], pid=1).codes == [1]
+    carol.disconnect()
+    time.sleep(0.2)  # let the broker store carol's disconnect
+    b.stop()
+    b.start()
+    alice = env.client(version, "alice")
+    assert publish_rc(alice, "a/open", b"after-restart", 1, 1) == 0
+    carol = env.client(version, "carol", cid=cid, **kw)
+    assert carol.connack.session_present is True, carol.connack
+    expect_next(carol, "a/open", b"after-restart")
+
+
 # -------------------------------------------------------------------------------------------
 # 6. Refusing to start on malformed files
 # -------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ fn session(client_id: &str, session_id: u64) -> SessionRecord {
         expiry_interval: 60,
         disconnected_at_ms: None,
         will: None,
+        username: None,
     }
 }
 
