@@ -206,6 +206,9 @@ pub async fn serve<S>(
         "client connected"
     );
     broker.metrics.connected();
+    // Packets that came in the same read as CONNECT (a client may pipeline SUBSCRIBE or
+    // PUBLISH behind it) are handled at once, not when the next bytes arrive.
+    client.held_input = !io.rbuf.is_empty();
     let close = io.run(&mut client, kick_rx, shutdown).await;
     broker.metrics.connections.dec();
     if let Close::Protocol(_) = close {

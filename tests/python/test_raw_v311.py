@@ -12,7 +12,7 @@ import pytest
 from mqttraw import (
     CONNACK, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, DISCONNECT,
     SESSION_EXPIRY_INTERVAL, V31, V311, V5, Client, check_broker_serves, connect,
-    connected, pubcomp, pubrec, pubrel, puback, publish, uid,
+    connected, pubcomp, pubrec, pubrel, puback, publish, uid, SUBACK, subscribe,
 )
 
 BOTH = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
@@ -51,6 +51,24 @@ def test_mqtt31_mqisdp_connect_publish_subscribe(broker):
     assert c.ping().raw == b"\xd0\x00"
     c.disconnect()
     other.disconnect()
+
+
+@pytest.mark.parametrize("version", [V311, V5])
+def test_packets_pipelined_behind_connect_are_handled_at_once(broker, version):
+    """A client may send SUBSCRIBE and PUBLISH right behind CONNECT without waiting for CONNACK
+    [MQTT-3.1.4-5 allows it]: all of them arrive in one segment and are answered without the
+    client sending anything more."""
+    topic = f"pipe/{uid('t')}"
+    c = Client.to(broker, version)
+    c.send(connect(uid("pipe"), version=version)
+           + subscribe(1, [(topic, 1)], version=version)
+           + publish(topic, b"self", qos=1, pid=2, version=version))
+    assert c.expect(CONNACK).body[1] == 0
+    assert c.expect_ack(SUBACK, timeout=2.0).body[2:] in (b"\x01", b"\x00\x01")
+    assert c.expect_ack(PUBACK, timeout=2.0) is not None
+    # and its own message comes back through the subscription
+    m, _ = c.recv_until(lambda p: p.type == PUBLISH, timeout=2.0)
+    assert m.body.endswith(b"self")
 
 
 @pytest.mark.parametrize("level", [
