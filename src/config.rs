@@ -58,6 +58,71 @@ pub struct Listeners {
     /// MQTT over TLS (rustls; TLS 1.2 and 1.3).
     #[serde(default)]
     pub tls: Option<TlsListenerConfig>,
+    /// MQTT over WebSockets (browsers, web apps).
+    #[serde(default)]
+    pub ws: Option<WsListenerConfig>,
+    /// MQTT over WebSockets over TLS.
+    #[serde(default)]
+    pub wss: Option<WssListenerConfig>,
+}
+
+fn default_ws_path() -> String {
+    "/mqtt".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WsListenerConfig {
+    pub bind: SocketAddr,
+    /// The HTTP path MQTT is served on; other paths get 404.
+    #[serde(default = "default_ws_path")]
+    pub path: String,
+    /// Browser origins (`scheme://host[:port]`) allowed to connect; requests with another
+    /// `Origin` header get 403. Empty: any origin. Clients that send no `Origin` (not browsers)
+    /// are always allowed.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[listeners.wss]`: the WebSocket keys plus the TLS listener's.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WssListenerConfig {
+    pub bind: SocketAddr,
+    #[serde(default = "default_ws_path")]
+    pub path: String,
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub require_client_cert: bool,
+    #[serde(default)]
+    pub use_identity_as_username: bool,
+}
+
+impl WssListenerConfig {
+    /// The TLS part, in the TLS listener's terms.
+    pub fn tls(&self) -> TlsListenerConfig {
+        TlsListenerConfig {
+            bind: self.bind,
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: self.client_ca.clone(),
+            require_client_cert: self.require_client_cert,
+            use_identity_as_username: self.use_identity_as_username,
+        }
+    }
+
+    pub fn ws(&self) -> WsListenerConfig {
+        WsListenerConfig {
+            bind: self.bind,
+            path: self.path.clone(),
+            allowed_origins: self.allowed_origins.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -279,6 +344,8 @@ impl Default for Listeners {
                 bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
             }),
             tls: None,
+            ws: None,
+            wss: None,
         }
     }
 }
@@ -482,6 +549,55 @@ impl Config {
                     "listeners.tls.use_identity_as_username",
                     "needs listeners.tls.client_ca (an unverified certificate proves nothing)",
                 );
+            }
+        }
+        if let Some(wss) = &self.listeners.wss {
+            if wss.require_client_cert && wss.client_ca.is_none() {
+                return invalid(
+                    "listeners.wss.require_client_cert",
+                    "needs listeners.wss.client_ca to verify client certificates against",
+                );
+            }
+            if wss.use_identity_as_username && wss.client_ca.is_none() {
+                return invalid(
+                    "listeners.wss.use_identity_as_username",
+                    "needs listeners.wss.client_ca (an unverified certificate proves nothing)",
+                );
+            }
+        }
+        for (key, ws) in [
+            (
+                "listeners.ws.path",
+                self.listeners
+                    .ws
+                    .as_ref()
+                    .map(|w| (&w.path, &w.allowed_origins)),
+            ),
+            (
+                "listeners.wss.path",
+                self.listeners
+                    .wss
+                    .as_ref()
+                    .map(|w| (&w.path, &w.allowed_origins)),
+            ),
+        ] {
+            if let Some((path, origins)) = ws {
+                if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+                    return invalid(key, "must be an absolute HTTP path such as \"/mqtt\"");
+                }
+                if origins
+                    .iter()
+                    .any(|o| !o.contains("://") || o.ends_with('/'))
+                {
+                    return invalid(
+                        if key.starts_with("listeners.ws.") {
+                            "listeners.ws.allowed_origins"
+                        } else {
+                            "listeners.wss.allowed_origins"
+                        },
+                        "each origin is scheme://host[:port] without a path, e.g. \"https://app.example.com\"",
+                    );
+                }
             }
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {

@@ -18,8 +18,10 @@ pub mod outbox;
 pub mod protocol;
 pub mod reload;
 pub mod session;
+pub mod status;
 pub mod storage;
 pub mod tls;
+pub mod websocket;
 
 pub use config::Config;
 pub use error::StartError;
@@ -35,6 +37,9 @@ use tokio::task::JoinHandle;
 
 /// A running broker: its bound addresses and the handle to stop it.
 pub struct Running {
+    ws_addr: Option<SocketAddr>,
+    wss_addr: Option<SocketAddr>,
+    wss_reloader: Option<Arc<tls::TlsReloader>>,
     tls_addr: Option<SocketAddr>,
     tls_reloader: Option<Arc<tls::TlsReloader>>,
     tcp_addr: Option<SocketAddr>,
@@ -59,6 +64,16 @@ impl Running {
         self.metrics_addr
     }
 
+    /// The MQTT-over-WebSocket listener's real address.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
+    /// The MQTT-over-WebSocket-over-TLS listener's real address.
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        self.wss_addr
+    }
+
     /// The MQTT-over-TLS listener's real address.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
@@ -73,6 +88,7 @@ impl Running {
         let target = reload::Target {
             broker: &self.broker,
             tls: self.tls_reloader.as_ref(),
+            wss: self.wss_reloader.as_ref(),
             log: self.log.as_ref(),
         };
         let (next, report) = reload::apply(&target, &running, &new)?;
@@ -97,8 +113,14 @@ impl Running {
             show(self.tcp_addr),
             show(self.metrics_addr)
         );
-        if let Some(a) = self.tls_addr {
-            line.push_str(&format!(" tls={a}"));
+        for (name, addr) in [
+            ("tls", self.tls_addr),
+            ("ws", self.ws_addr),
+            ("wss", self.wss_addr),
+        ] {
+            if let Some(a) = addr {
+                line.push_str(&format!(" {name}={a}"));
+            }
         }
         line
     }
@@ -203,12 +225,67 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         )));
         tls_reloader = Some(reloader);
     }
+    // A WebSocket message carries MQTT packets (usually one); the bound only keeps a
+    // client from making the broker buffer more than a packet's worth plus slack.
+    let ws_options = |path: &str, origins: &[String]| {
+        Arc::new(websocket::WsOptions {
+            path: path.to_string(),
+            allowed_origins: origins.to_vec(),
+            max_message_size: broker.config.limits.max_packet_size as usize + 64 * 1024,
+        })
+    };
+    let mut ws_addr = None;
+    if let Some(ws) = &broker.config.listeners.ws {
+        let l = TcpListener::bind(ws.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "ws listener",
+                addr: ws.bind,
+                source,
+            })?;
+        ws_addr = l.local_addr().ok();
+        tasks.push(tokio::spawn(listener::run(
+            l,
+            listener::Transport::Ws(ws_options(&ws.path, &ws.allowed_origins)),
+            broker.clone(),
+            connections.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+    let mut wss_addr = None;
+    let mut wss_reloader = None;
+    if let Some(wss) = &broker.config.listeners.wss {
+        let reloader = Arc::new(tls::TlsReloader::new(wss.tls())?);
+        let l = TcpListener::bind(wss.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "wss listener",
+                addr: wss.bind,
+                source,
+            })?;
+        wss_addr = l.local_addr().ok();
+        tasks.push(tokio::spawn(reloader.clone().watch()));
+        tasks.push(tokio::spawn(listener::run(
+            l,
+            listener::Transport::Wss(
+                reloader.clone(),
+                ws_options(&wss.path, &wss.allowed_origins),
+            ),
+            broker.clone(),
+            connections.clone(),
+            shutdown_rx.clone(),
+        )));
+        wss_reloader = Some(reloader);
+    }
     tasks.push(tokio::spawn(broker.clone().run_expiry()));
     tasks.push(tokio::spawn(broker::sys::run(broker.clone())));
     ready.store(true, Ordering::Release);
     let config = Mutex::new(broker.config.clone());
     Ok(Running {
         config,
+        ws_addr,
+        wss_addr,
+        wss_reloader,
         tls_addr,
         tls_reloader,
         tcp_addr,

@@ -3,6 +3,7 @@
 //! listener — running out of descriptors backs off briefly instead.
 
 use crate::broker::Broker;
+use crate::websocket::{WsOptions, WsStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,9 +83,13 @@ impl Drop for ConnectionSlot {
 pub enum Transport {
     Tcp,
     Tls(Arc<crate::tls::TlsReloader>),
+    /// MQTT over WebSockets.
+    Ws(Arc<WsOptions>),
+    /// MQTT over WebSockets over TLS.
+    Wss(Arc<crate::tls::TlsReloader>, Arc<WsOptions>),
 }
 
-/// Accept loop shared by the TCP and TLS listeners.
+/// Accept loop shared by every listener.
 pub async fn run(
     listener: TcpListener,
     transport: Transport,
@@ -152,32 +157,83 @@ pub async fn run(
                 Transport::Tcp => {
                     crate::connection::serve(stream, peer, broker, shutdown, None).await
                 }
-                Transport::Tls(tls) => serve_tls(stream, peer, broker, shutdown, &tls).await,
+                Transport::Tls(tls) => {
+                    if let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await {
+                        crate::connection::serve(s, peer, broker, shutdown, identity).await
+                    }
+                }
+                Transport::Ws(ws) => {
+                    if let Some(s) = ws_handshake(stream, peer, &broker, &ws).await {
+                        crate::connection::serve(s, peer, broker, shutdown, None).await
+                    }
+                }
+                Transport::Wss(tls, ws) => {
+                    let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await
+                    else {
+                        return;
+                    };
+                    if let Some(s) = ws_handshake(s, peer, &broker, &ws).await {
+                        crate::connection::serve(s, peer, broker, shutdown, identity).await
+                    }
+                }
             }
         });
     }
 }
 
-/// The TLS handshake, in the connection's own task and bounded by the connect timeout.
-async fn serve_tls(
+/// The WebSocket upgrade, in the connection's own task and bounded by the connect timeout.
+/// A refused or failed upgrade is one log line; the HTTP refusal was already sent.
+async fn ws_handshake<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    broker: &Broker,
+    ws: &WsOptions,
+) -> Option<WsStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = Duration::from_secs(broker.limits().connect_timeout);
+    match tokio::time::timeout(timeout, crate::websocket::accept(stream, ws)).await {
+        Ok(Ok(s)) => {
+            broker.metrics.ws_handshakes.inc();
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            broker.metrics.ws_failures.inc();
+            tracing::info!(%peer, error = %e, "WebSocket handshake failed");
+            None
+        }
+        Err(_) => {
+            broker.metrics.ws_failures.inc();
+            tracing::info!(%peer, "WebSocket handshake timed out");
+            None
+        }
+    }
+}
+
+/// The TLS handshake, in the connection's own task and bounded by the connect timeout; with
+/// `use_identity_as_username`, also the certificate's Common Name.
+async fn tls_handshake(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    broker: Arc<Broker>,
-    shutdown: watch::Receiver<bool>,
+    broker: &Broker,
     tls: &crate::tls::TlsReloader,
-) {
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Option<String>,
+)> {
     let timeout = Duration::from_secs(broker.limits().connect_timeout);
     let tls_stream = match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             broker.metrics.tls_failures.inc();
             tracing::info!(%peer, error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             broker.metrics.tls_failures.inc();
             tracing::info!(%peer, "TLS handshake timed out");
-            return;
+            return None;
         }
     };
     broker.metrics.tls_handshakes.inc();
@@ -193,11 +249,11 @@ async fn serve_tls(
                 tracing::info!(%peer, "connection refused: no client certificate Common Name to use as username");
                 broker.metrics.refused_auth.inc();
                 broker.metrics.auth_failures.inc();
-                return;
+                return None;
             }
         }
     } else {
         None
     };
-    crate::connection::serve(tls_stream, peer, broker, shutdown, identity).await;
+    Some((tls_stream, identity))
 }

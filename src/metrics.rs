@@ -1,4 +1,5 @@
-//! Prometheus metrics and their HTTP exposition (`/metrics`, plus `/health`).
+//! Prometheus metrics and their HTTP exposition (`/metrics`, plus `/health`, `/ready` and the
+//! status page `/`, `/status.json` of [`crate::status`]).
 //!
 //! Labelled children are resolved once here so the hot path only bumps an atomic. Gauges that
 //! describe broker state (sessions, subscriptions, retained) are read at scrape time.
@@ -35,6 +36,8 @@ pub struct Metrics {
     pub protocol_errors: IntCounter,
     pub tls_handshakes: IntCounter,
     pub tls_failures: IntCounter,
+    pub ws_handshakes: IntCounter,
+    pub ws_failures: IntCounter,
     /// CONNECTs refused by authentication (bad user name or password, anonymous not allowed,
     /// no certificate identity); also in `tern_connections_refused_total{reason="not_authorized"}`.
     pub auth_failures: IntCounter,
@@ -186,6 +189,14 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(tls.clone()))?;
+        let ws = IntCounterVec::new(
+            Opts::new(
+                "tern_websocket_handshakes_total",
+                "WebSocket upgrades, by result (failed: refused path, subprotocol or origin, bad request, timeout)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(ws.clone()))?;
         let auth_failures = IntCounter::new(
             "tern_auth_failures_total",
             "CONNECTs refused by authentication (bad user name or password, anonymous not allowed, no certificate identity)",
@@ -370,6 +381,8 @@ impl Metrics {
             protocol_errors,
             tls_handshakes: tls.with_label_values(&["ok"]),
             tls_failures: tls.with_label_values(&["failed"]),
+            ws_handshakes: ws.with_label_values(&["ok"]),
+            ws_failures: ws.with_label_values(&["failed"]),
             auth_failures,
             packets_received: PacketCounters::new(&packets_in, &FROM_CLIENT),
             packets_sent: PacketCounters::new(&packets_out, &TO_CLIENT),
@@ -510,6 +523,7 @@ impl crate::storage::CommitObserver for StorageMetrics {
 /// resources. `ready` is set once the store is recovered and every listener is open, and
 /// cleared when shutdown begins, so a load balancer stops sending clients first.
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>, ready: Arc<AtomicBool>) {
+    let status = Arc::new(crate::status::Status::default());
     loop {
         let (mut sock, _) = match listener.accept().await {
             Ok(s) => s,
@@ -520,6 +534,7 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, ready: Arc<Atomic
             }
         };
         let broker = broker.clone();
+        let status = status.clone();
         let ready = ready.load(Ordering::Acquire);
         tokio::spawn(async move {
             let mut req = Vec::with_capacity(1024);
@@ -544,6 +559,16 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, ready: Arc<Atomic
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
                     broker.metrics.render(&broker),
+                ),
+                b"/" => (
+                    "200 OK",
+                    "text/html; charset=utf-8",
+                    crate::status::PAGE.as_bytes().to_vec(),
+                ),
+                b"/status.json" => (
+                    "200 OK",
+                    "application/json",
+                    status.json(&broker).into_bytes(),
                 ),
                 b"/health" => ("200 OK", "text/plain", b"ok\n".to_vec()),
                 b"/ready" if ready => ("200 OK", "text/plain", b"ready\n".to_vec()),

@@ -7,7 +7,8 @@
 //! - `log.level`;
 //! - `auth.*`: password file, ACL file and `allow_anonymous`, for every later check, also on
 //!   existing connections (ACLs are checked per message);
-//! - the TLS listener's `cert`, `key`, `client_ca`, `require_client_cert` (new connections);
+//! - the TLS and WSS listeners' `cert`, `key`, `client_ca`, `require_client_cert` (new
+//!   connections);
 //! - `limits.*`: broker-wide ones (`max_connections`, `max_connect_rate`,
 //!   `max_retained_messages`, `backpressure`) at once; the others for connections and sessions
 //!   made afterwards, because a connection's CONNACK already told its client the old values
@@ -42,12 +43,14 @@ pub enum ReloadError {
     Auth(#[from] AuthError),
     #[error("listeners.tls: TLS reload failed: {0}")]
     Tls(#[from] TlsError),
+    #[error("listeners.wss: TLS reload failed: {0}")]
+    Wss(TlsError),
     #[error("configuration key `log.level`: {0}")]
     Log(String),
 }
 
 /// Keys (or key prefixes ending in '.') a reload applies.
-const RELOADABLE: [&str; 8] = [
+const RELOADABLE: [&str; 12] = [
     "limits.",
     "auth.",
     "log.level",
@@ -56,6 +59,10 @@ const RELOADABLE: [&str; 8] = [
     "listeners.tls.key",
     "listeners.tls.client_ca",
     "listeners.tls.require_client_cert",
+    "listeners.wss.cert",
+    "listeners.wss.key",
+    "listeners.wss.client_ca",
+    "listeners.wss.require_client_cert",
 ];
 
 fn reloadable(key: &str) -> bool {
@@ -77,6 +84,12 @@ fn effective(running: &Config, new: &Config) -> Config {
         t.client_ca = n.client_ca.clone();
         t.require_client_cert = n.require_client_cert;
     }
+    if let (Some(t), Some(n)) = (e.listeners.wss.as_mut(), new.listeners.wss.as_ref()) {
+        t.cert = n.cert.clone();
+        t.key = n.key.clone();
+        t.client_ca = n.client_ca.clone();
+        t.require_client_cert = n.require_client_cert;
+    }
     e
 }
 
@@ -84,6 +97,7 @@ fn effective(running: &Config, new: &Config) -> Config {
 pub struct Target<'a> {
     pub broker: &'a Broker,
     pub tls: Option<&'a Arc<TlsReloader>>,
+    pub wss: Option<&'a Arc<TlsReloader>>,
     pub log: Option<&'a LogHandle>,
 }
 
@@ -102,6 +116,14 @@ pub fn apply(
         (Some(r), Some(cfg)) => Some((r, cfg.clone(), TlsReloader::prepare(cfg)?)),
         _ => None,
     };
+    let wss = match (target.wss, next.listeners.wss.as_ref()) {
+        (Some(r), Some(cfg)) => {
+            let cfg = cfg.tls();
+            let acceptor = TlsReloader::prepare(&cfg).map_err(ReloadError::Wss)?;
+            Some((r, cfg, acceptor))
+        }
+        _ => None,
+    };
     if let Some(log) = target.log {
         if next.log.level != running.log.level {
             log.set_level(&next.log.level).map_err(ReloadError::Log)?;
@@ -110,7 +132,7 @@ pub fn apply(
     // Nothing below can fail.
     target.broker.auth.install(auth);
     tracing::info!("password file and ACL reloaded");
-    if let Some((r, cfg, acceptor)) = tls {
+    for (r, cfg, acceptor) in tls.into_iter().chain(wss) {
         r.install(cfg, acceptor);
         tracing::info!("TLS certificates reloaded");
     }

@@ -57,6 +57,8 @@ pub struct Broker {
     pub store: Arc<dyn Store>,
     pub auth: Authorizer,
     pub groups: Groups,
+    /// Per-topic message counts (sampled) for the status page.
+    pub topic_sampler: crate::status::TopicSampler,
     subscriptions: RwLock<Trie<Subscriber>>,
     retained: RwLock<RetainTree>,
     next_message_id: AtomicU64,
@@ -159,6 +161,7 @@ impl Broker {
             ),
             auth,
             groups: Groups::default(),
+            topic_sampler: Default::default(),
             limits: RwLock::new(Arc::new(config.limits.clone())),
             backpressure: std::sync::atomic::AtomicBool::new(config.limits.backpressure),
             sys_interval: AtomicU64::new(config.sys_topics.interval),
@@ -247,6 +250,7 @@ impl Broker {
         // `$` topics are the broker's own (`$SYS`): only the broker publishes them (clients
         // may not, wills may not), they describe this run, and they are never persisted.
         let durable = self.store.durable() && !msg.topic.as_str().starts_with('$');
+        self.topic_sampler.record(msg.id, msg.topic.as_str());
         let mut message_staged = false;
         let mut stage_message = |ops: &mut Vec<Op>| {
             if !message_staged {

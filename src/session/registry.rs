@@ -101,6 +101,15 @@ pub struct SessionStats {
     pub depth: [usize; QUEUE_DEPTH_BUCKETS.len()],
 }
 
+/// One session's backlog, for the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub client_id: Arc<str>,
+    pub queued: usize,
+    pub inflight: usize,
+    pub online: bool,
+}
+
 /// Upper bounds of the queue depth distribution (`tern_session_queue_depth{le=...}`).
 pub const QUEUE_DEPTH_BUCKETS: [usize; 5] = [0, 10, 100, 1000, 10000];
 
@@ -379,6 +388,31 @@ impl Registry {
             }
         }
         st
+    }
+
+    /// The `n` sessions with the most queued messages (status page), deepest first.
+    pub fn deepest(&self, n: usize) -> Vec<QueueDepth> {
+        let handles: Vec<(Arc<SessionHandle>, bool)> = self
+            .lock()
+            .values()
+            .map(|e| (e.handle.clone(), e.attached.is_some()))
+            .collect();
+        let mut all: Vec<QueueDepth> = handles
+            .into_iter()
+            .map(|(h, online)| QueueDepth {
+                queued: h.outbox.len(),
+                inflight: h.inflight.load(Ordering::Relaxed),
+                client_id: h.client_id.clone(),
+                online,
+            })
+            .collect();
+        let key = |q: &QueueDepth| std::cmp::Reverse((q.queued, q.inflight));
+        if all.len() > n {
+            all.select_nth_unstable_by_key(n, key);
+            all.truncate(n);
+        }
+        all.sort_by_key(key);
+        all
     }
 
     /// (connected, disconnected) session counts.
