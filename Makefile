@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: certs run build test lint test-rust test-python venv clients clean bench fuzz
+.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench fuzz
 
 ## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
 run:
@@ -46,7 +46,23 @@ clients:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto-clients >/dev/null; }
 
-test-python: venv clients
+# Browser end-to-end tests (tests/browser/e2e.mjs): Debian's chromium and the npm packages
+# pinned in tests/browser/package-lock.json (playwright-core drives the system chromium and
+# never downloads a browser). npm ci runs again when the lock file changes. Node.js 20 or
+# newer must be on the machine. TERN_SKIP_BROWSER=1 skips the browser tests instead.
+BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
+
+browser-deps: $(BROWSER_STAMP)
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+$(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/browser --no-audit --no-fund
+	touch $@
+
+test-python: venv clients $(if $(TERN_SKIP_BROWSER),,browser-deps)
 	$(CARGO) build
 	$(PY) -m pytest -q tests/python
 
