@@ -11,6 +11,21 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
+/// The embedded store's crates log its housekeeping at info (about twenty lines per start);
+/// they are held at warn unless the directive names them.
+const QUIET_DEPENDENCIES: [&str; 2] = ["fjall", "lsm_tree"];
+
+/// `directive` plus `crate=warn` for each quiet dependency it does not mention.
+fn filter(directive: &str) -> Result<EnvFilter, String> {
+    let mut d = directive.to_string();
+    for dep in QUIET_DEPENDENCIES {
+        if !directive.contains(dep) {
+            d.push_str(&format!(",{dep}=warn"));
+        }
+    }
+    EnvFilter::try_new(&d).map_err(|e| e.to_string())
+}
+
 /// Replaces the level filter of the installed subscriber.
 #[derive(Clone)]
 pub struct LogHandle(reload::Handle<EnvFilter, Registry>);
@@ -18,15 +33,13 @@ pub struct LogHandle(reload::Handle<EnvFilter, Registry>);
 impl LogHandle {
     /// Parses `directive` (as `log.level`) and makes it the filter of every later event.
     pub fn set_level(&self, directive: &str) -> Result<(), String> {
-        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
-        self.0.reload(filter).map_err(|e| e.to_string())
+        self.0.reload(filter(directive)?).map_err(|e| e.to_string())
     }
 }
 
 /// Installs the process-wide subscriber. Call once, before anything logs.
 pub fn init(cfg: &LogConfig) -> Result<LogHandle, String> {
-    let filter = EnvFilter::try_new(&cfg.level).map_err(|e| e.to_string())?;
-    let (filter, handle) = reload::Layer::new(filter);
+    let (filter, handle) = reload::Layer::new(filter(&cfg.level)?);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match cfg.format {
         LogFormat::Text => registry
@@ -48,4 +61,24 @@ pub fn init(cfg: &LogConfig) -> Result<LogHandle, String> {
     };
     result.map_err(|e| e.to_string())?;
     Ok(LogHandle(handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_crates_are_quiet_unless_named() {
+        let f = filter("info").unwrap().to_string();
+        assert!(
+            f.contains("fjall=warn") && f.contains("lsm_tree=warn"),
+            "{f}"
+        );
+        let f = filter("info,fjall=debug").unwrap().to_string();
+        assert!(
+            f.contains("fjall=debug") && !f.contains("fjall=warn"),
+            "{f}"
+        );
+        assert!(filter("info,[").is_err());
+    }
 }
