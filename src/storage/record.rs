@@ -22,7 +22,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// - 1: the first format.
 /// - 2: in-flight records end with an optional shared subscription group id (a presence byte,
 ///   then a `u64`); every other record is as in format 1.
-pub const RECORD_FORMAT: u8 = 2;
+/// - 3: session records end with the optional user name of the session's last connection (a
+///   presence byte, then the string); every other record is as in format 2.
+pub const RECORD_FORMAT: u8 = 3;
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,16 +265,19 @@ impl SessionRecord {
                 will.put(&mut w);
             }
         }
-        if let Some(user) = &self.username {
-            w.push(1);
-            put_bytes(&mut w, user.as_bytes());
+        match &self.username {
+            None => w.push(0),
+            Some(user) => {
+                w.push(1);
+                put_bytes(&mut w, user.as_bytes());
+            }
         }
         w
     }
 
     pub fn decode(bytes: &[u8]) -> Result<SessionRecord, DecodeError> {
         let mut r = Reader::new(Bytes::copy_from_slice(bytes));
-        r.header()?;
+        let format = r.header()?;
         let s = SessionRecord {
             client_id: r.string()?,
             session_id: r.u64()?,
@@ -283,8 +288,8 @@ impl SessionRecord {
             } else {
                 None
             },
-            // Absent in records written before user names were kept.
-            username: if r.remaining() > 0 && r.bool()? {
+            // Formats before 3 did not keep the user name.
+            username: if format >= 3 && r.bool()? {
                 Some(r.string()?)
             } else {
                 None
@@ -586,9 +591,17 @@ mod tests {
         assert_eq!(v1.pop(), Some(0), "absent group");
         v1[0] = 1;
         assert_eq!(InflightRecord::decode(&v1), Ok(rec));
-        let mut s = session().encode();
-        s[0] = 1;
-        assert_eq!(SessionRecord::decode(&s), Ok(session()));
+        // Format 1 and 2 session records end after the will (no user name).
+        let rec = SessionRecord {
+            username: None,
+            ..session()
+        };
+        let mut old = rec.encode();
+        assert_eq!(old.pop(), Some(0), "absent user name");
+        for format in [1, 2] {
+            old[0] = format;
+            assert_eq!(SessionRecord::decode(&old), Ok(rec.clone()));
+        }
     }
 
     #[test]
