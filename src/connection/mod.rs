@@ -174,12 +174,14 @@ pub async fn serve<S>(
             if let ProtocolError::UnsupportedProtocolVersion(_) = e {
                 // [MQTT-3.1.2-2] CONNACK 0x01 (3.1.1 form: we cannot speak the client's).
                 io.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
-                io.flush_quietly().await;
             }
+            // A clean close (FIN; over WebSockets a close frame) rather than a dropped socket.
+            io.flush_quietly().await;
             return;
         }
         Err(_) => {
             tracing::info!(%peer, "no CONNECT within {}s, closing", connect_timeout.as_secs());
+            io.flush_quietly().await;
             return;
         }
     };

@@ -27,6 +27,8 @@ pub struct Broker {
     running: tern::Running,
     pub tcp: SocketAddr,
     pub metrics: SocketAddr,
+    /// The `[listeners.ws]` address, when the test configured that listener.
+    pub ws: Option<SocketAddr>,
     data_dir: Option<std::path::PathBuf>,
 }
 
@@ -60,10 +62,12 @@ impl Broker {
             .expect("broker starts");
         let tcp = running.tcp_addr().expect("tcp listener bound");
         let metrics = running.metrics_addr().expect("metrics listener bound");
+        let ws = running.ws_addr();
         Broker {
             running,
             tcp,
             metrics,
+            ws,
             data_dir,
         }
     }

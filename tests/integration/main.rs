@@ -9,3 +9,4 @@ mod shared;
 mod tls;
 mod v311;
 mod v5;
+mod websocket;
