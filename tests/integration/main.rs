@@ -2,6 +2,7 @@
 //! with rumqttc 3.1.1 and 5.0 clients.
 
 mod common;
+mod operations;
 mod raw;
 mod retained;
 mod sessions;
