@@ -150,24 +150,35 @@ pub async fn run(
         );
         let broker = broker.clone();
         let shutdown = shutdown.clone();
-        let transport = transport.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            match transport {
-                Transport::Tcp => {
+        // One spawn per transport, so that each task's future is only as large as its own
+        // transport's (a plain TCP connection does not carry room for TLS and WebSocket state:
+        // with 10,000 connections that is tens of MiB).
+        match transport.clone() {
+            Transport::Tcp => {
+                tokio::spawn(async move {
+                    let _slot = slot;
                     crate::connection::serve(stream, peer, broker, shutdown, None).await
-                }
-                Transport::Tls(tls) => {
+                });
+            }
+            Transport::Tls(tls) => {
+                tokio::spawn(async move {
+                    let _slot = slot;
                     if let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await {
                         crate::connection::serve(s, peer, broker, shutdown, identity).await
                     }
-                }
-                Transport::Ws(ws) => {
+                });
+            }
+            Transport::Ws(ws) => {
+                tokio::spawn(async move {
+                    let _slot = slot;
                     if let Some(s) = ws_handshake(stream, peer, &broker, &ws).await {
                         crate::connection::serve(s, peer, broker, shutdown, None).await
                     }
-                }
-                Transport::Wss(tls, ws) => {
+                });
+            }
+            Transport::Wss(tls, ws) => {
+                tokio::spawn(async move {
+                    let _slot = slot;
                     let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await
                     else {
                         return;
@@ -175,9 +186,9 @@ pub async fn run(
                     if let Some(s) = ws_handshake(s, peer, &broker, &ws).await {
                         crate::connection::serve(s, peer, broker, shutdown, identity).await
                     }
-                }
+                });
             }
-        });
+        }
     }
 }
 
