@@ -537,31 +537,51 @@ impl Config {
                 "must be a topic name without wildcards that does not start with '$'",
             );
         }
-        if let Some(tls) = &self.listeners.tls {
-            if tls.require_client_cert && tls.client_ca.is_none() {
-                return invalid(
+        // Client certificate options of the TLS and WSS listeners need a CA to verify against.
+        let tls_listeners = [
+            (
+                [
                     "listeners.tls.require_client_cert",
-                    "needs listeners.tls.client_ca to verify client certificates against",
-                );
-            }
-            if tls.use_identity_as_username && tls.client_ca.is_none() {
-                return invalid(
                     "listeners.tls.use_identity_as_username",
-                    "needs listeners.tls.client_ca (an unverified certificate proves nothing)",
-                );
-            }
-        }
-        if let Some(wss) = &self.listeners.wss {
-            if wss.require_client_cert && wss.client_ca.is_none() {
-                return invalid(
+                ],
+                "listeners.tls.client_ca",
+                self.listeners.tls.as_ref().map(|t| {
+                    (
+                        t.require_client_cert,
+                        t.use_identity_as_username,
+                        &t.client_ca,
+                    )
+                }),
+            ),
+            (
+                [
                     "listeners.wss.require_client_cert",
-                    "needs listeners.wss.client_ca to verify client certificates against",
+                    "listeners.wss.use_identity_as_username",
+                ],
+                "listeners.wss.client_ca",
+                self.listeners.wss.as_ref().map(|t| {
+                    (
+                        t.require_client_cert,
+                        t.use_identity_as_username,
+                        &t.client_ca,
+                    )
+                }),
+            ),
+        ];
+        for ([require_key, identity_key], ca_key, on) in tls_listeners {
+            let Some((require, identity, None)) = on else {
+                continue;
+            };
+            if require {
+                return invalid(
+                    require_key,
+                    &format!("needs {ca_key} to verify client certificates against"),
                 );
             }
-            if wss.use_identity_as_username && wss.client_ca.is_none() {
+            if identity {
                 return invalid(
-                    "listeners.wss.use_identity_as_username",
-                    "needs listeners.wss.client_ca (an unverified certificate proves nothing)",
+                    identity_key,
+                    &format!("needs {ca_key} (an unverified certificate proves nothing)"),
                 );
             }
         }

@@ -185,96 +185,58 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             ready.clone(),
         )));
     }
+    let open = Opener {
+        broker: &broker,
+        connections: &connections,
+        shutdown: &shutdown_rx,
+    };
     let mut tcp_addr = None;
     if let Some(tcp) = &broker.config.listeners.tcp {
-        let l = TcpListener::bind(tcp.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "tcp listener",
-                addr: tcp.bind,
-                source,
-            })?;
-        tcp_addr = l.local_addr().ok();
-        tasks.push(tokio::spawn(listener::run(
-            l,
-            listener::Transport::Tcp,
-            broker.clone(),
-            connections.clone(),
-            shutdown_rx.clone(),
-        )));
+        tcp_addr = open
+            .listener(
+                "tcp listener",
+                tcp.bind,
+                listener::Transport::Tcp,
+                &mut tasks,
+            )
+            .await?;
     }
     let mut tls_addr = None;
     let mut tls_reloader = None;
     if let Some(tls) = &broker.config.listeners.tls {
         let reloader = Arc::new(tls::TlsReloader::new(tls.clone())?);
-        let l = TcpListener::bind(tls.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "tls listener",
-                addr: tls.bind,
-                source,
-            })?;
-        tls_addr = l.local_addr().ok();
+        let transport = listener::Transport::Tls(reloader.clone());
+        tls_addr = open
+            .listener("tls listener", tls.bind, transport, &mut tasks)
+            .await?;
         tasks.push(tokio::spawn(reloader.clone().watch()));
-        tasks.push(tokio::spawn(listener::run(
-            l,
-            listener::Transport::Tls(reloader.clone()),
-            broker.clone(),
-            connections.clone(),
-            shutdown_rx.clone(),
-        )));
         tls_reloader = Some(reloader);
     }
     // A WebSocket message carries MQTT packets (usually one); the bound only keeps a
     // client from making the broker buffer more than a packet's worth plus slack.
-    let ws_options = |path: &str, origins: &[String]| {
+    let ws_options = |ws: &config::WsListenerConfig| {
         Arc::new(websocket::WsOptions {
-            path: path.to_string(),
-            allowed_origins: origins.to_vec(),
+            path: ws.path.clone(),
+            allowed_origins: ws.allowed_origins.clone(),
             max_message_size: broker.config.limits.max_packet_size as usize + 64 * 1024,
         })
     };
     let mut ws_addr = None;
     if let Some(ws) = &broker.config.listeners.ws {
-        let l = TcpListener::bind(ws.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "ws listener",
-                addr: ws.bind,
-                source,
-            })?;
-        ws_addr = l.local_addr().ok();
-        tasks.push(tokio::spawn(listener::run(
-            l,
-            listener::Transport::Ws(ws_options(&ws.path, &ws.allowed_origins)),
-            broker.clone(),
-            connections.clone(),
-            shutdown_rx.clone(),
-        )));
+        let transport = listener::Transport::Ws(ws_options(ws));
+        ws_addr = open
+            .listener("ws listener", ws.bind, transport, &mut tasks)
+            .await?;
     }
     let mut wss_addr = None;
     let mut wss_reloader = None;
     if let Some(wss) = &broker.config.listeners.wss {
         let reloader = Arc::new(tls::TlsReloader::new(wss.tls())?);
-        let l = TcpListener::bind(wss.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "wss listener",
-                addr: wss.bind,
-                source,
-            })?;
-        wss_addr = l.local_addr().ok();
+        let transport = listener::Transport::Wss(reloader.clone(), ws_options(&wss.ws()));
+        wss_addr = open
+            .listener("wss listener", wss.bind, transport, &mut tasks)
+            .await?;
         tasks.push(tokio::spawn(reloader.clone().watch()));
-        tasks.push(tokio::spawn(listener::run(
-            l,
-            listener::Transport::Wss(
-                reloader.clone(),
-                ws_options(&wss.path, &wss.allowed_origins),
-            ),
-            broker.clone(),
-            connections.clone(),
-            shutdown_rx.clone(),
-        )));
         wss_reloader = Some(reloader);
     }
     tasks.push(tokio::spawn(broker.clone().run_expiry()));
@@ -297,4 +259,36 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ready,
         log: None,
     })
+}
+
+/// What every listener's accept loop shares.
+struct Opener<'a> {
+    broker: &'a Arc<broker::Broker>,
+    connections: &'a Arc<AtomicUsize>,
+    shutdown: &'a watch::Receiver<bool>,
+}
+
+impl Opener<'_> {
+    /// Binds `addr` and starts accepting `transport` connections on it; returns the bound
+    /// address (the real port when `addr` has port 0).
+    async fn listener(
+        &self,
+        what: &'static str,
+        addr: SocketAddr,
+        transport: listener::Transport,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> Result<Option<SocketAddr>, StartError> {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })?;
+        let bound = l.local_addr().ok();
+        tasks.push(tokio::spawn(listener::run(
+            l,
+            transport,
+            self.broker.clone(),
+            self.connections.clone(),
+            self.shutdown.clone(),
+        )));
+        Ok(bound)
+    }
 }
