@@ -84,7 +84,9 @@ pub struct WsListenerConfig {
     pub allowed_origins: Vec<String>,
 }
 
-/// `[listeners.wss]`: the WebSocket keys plus the TLS listener's.
+/// `[listeners.wss]`: the WebSocket keys plus the TLS listener's. The fields are repeated
+/// rather than `#[serde(flatten)]`ed: flatten does not work with `deny_unknown_fields`, and
+/// a typo must stay an error naming the key. [`Self::tls`] and [`Self::ws`] give the parts.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WssListenerConfig {
