@@ -5,6 +5,9 @@
 //! connection task → encode → socket. Tests and the binary start the same thing through
 //! [`start`].
 
+// Data from clients and files must never reach a panic: outside tests, no unwrap/expect.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod auth;
 pub mod broker;
 pub mod config;

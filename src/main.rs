@@ -1,5 +1,7 @@
 //! The `tern` command: run the broker, or check a configuration.
 
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
