@@ -5,6 +5,7 @@
 //! describe broker state (sessions, subscriptions, retained) are read at scrape time.
 
 use crate::broker::Broker;
+use crate::protocol::kind;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -81,9 +82,33 @@ const PACKET_TYPES: [&str; 16] = [
     "auth",
 ];
 
-/// Packet types a client sends and the broker sends.
-const FROM_CLIENT: [u8; 11] = [1, 3, 4, 5, 6, 7, 8, 10, 12, 14, 15];
-const TO_CLIENT: [u8; 11] = [2, 3, 4, 5, 6, 7, 9, 11, 13, 14, 15];
+/// Packet types a client sends, and those the broker sends.
+const FROM_CLIENT: [u8; 11] = [
+    kind::CONNECT,
+    kind::PUBLISH,
+    kind::PUBACK,
+    kind::PUBREC,
+    kind::PUBREL,
+    kind::PUBCOMP,
+    kind::SUBSCRIBE,
+    kind::UNSUBSCRIBE,
+    kind::PINGREQ,
+    kind::DISCONNECT,
+    kind::AUTH,
+];
+const TO_CLIENT: [u8; 11] = [
+    kind::CONNACK,
+    kind::PUBLISH,
+    kind::PUBACK,
+    kind::PUBREC,
+    kind::PUBREL,
+    kind::PUBCOMP,
+    kind::SUBACK,
+    kind::UNSUBACK,
+    kind::PINGRESP,
+    kind::DISCONNECT,
+    kind::AUTH,
+];
 
 /// One counter per packet type of one direction, resolved once; indexed by the type nibble.
 pub struct PacketCounters([Option<IntCounter>; 16]);
@@ -102,31 +127,12 @@ impl PacketCounters {
         self.0.iter().flatten().map(|c| c.get()).sum()
     }
 
-    /// Adds `n` packets of type `kind` (the fixed header's high nibble).
-    pub fn add(&self, kind: u8, n: u64) {
-        if let Some(Some(c)) = self.0.get(usize::from(kind)) {
+    /// Adds `n` packets of type `packet_type` (a [`kind`] constant).
+    pub fn add(&self, packet_type: u8, n: u64) {
+        if let Some(Some(c)) = self.0.get(usize::from(packet_type)) {
             c.inc_by(n);
         }
     }
-}
-
-/// Packet type numbers ([MQTT-2.1.2]) for [`PacketCounters::add`].
-pub mod kind {
-    pub const CONNECT: u8 = 1;
-    pub const CONNACK: u8 = 2;
-    pub const PUBLISH: u8 = 3;
-    pub const PUBACK: u8 = 4;
-    pub const PUBREC: u8 = 5;
-    pub const PUBREL: u8 = 6;
-    pub const PUBCOMP: u8 = 7;
-    pub const SUBSCRIBE: u8 = 8;
-    pub const SUBACK: u8 = 9;
-    pub const UNSUBSCRIBE: u8 = 10;
-    pub const UNSUBACK: u8 = 11;
-    pub const PINGREQ: u8 = 12;
-    pub const PINGRESP: u8 = 13;
-    pub const DISCONNECT: u8 = 14;
-    pub const AUTH: u8 = 15;
 }
 
 /// Per shared subscription group series, labelled by ShareName and filter. Groups are made by
@@ -415,6 +421,16 @@ impl Metrics {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// PUBLISH packets received from clients, all QoS.
+    pub fn publish_received(&self) -> u64 {
+        self.received.iter().map(|c| c.get()).sum()
+    }
+
+    /// PUBLISH packets sent to clients, all QoS.
+    pub fn publish_sent(&self) -> u64 {
+        self.sent.iter().map(|c| c.get()).sum()
     }
 
     /// Messages dropped for any reason.

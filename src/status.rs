@@ -95,8 +95,8 @@ fn render(broker: &Broker, prev: Option<&Previous>, now: Instant) -> (String, Pr
     let m = &broker.metrics;
     let cur = Previous {
         at: now,
-        received: m.received.iter().map(|c| c.get()).sum(),
-        sent: m.sent.iter().map(|c| c.get()).sum(),
+        received: m.publish_received(),
+        sent: m.publish_sent(),
         bytes_received: m.bytes_received.get(),
         bytes_sent: m.bytes_sent.get(),
     };
@@ -132,8 +132,7 @@ fn render(broker: &Broker, prev: Option<&Previous>, now: Instant) -> (String, Pr
         .collect();
     topics.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     topics.truncate(TOP);
-    let stats = broker.registry.stats();
-    let queues = broker.registry.deepest(TOP);
+    let (stats, queues) = broker.registry.stats_and_deepest(TOP);
 
     let mut j = String::with_capacity(2048);
     j.push('{');

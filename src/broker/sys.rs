@@ -59,8 +59,8 @@ impl Sample {
         Sample {
             packets_received: m.packets_received.total(),
             packets_sent: m.packets_sent.total(),
-            publish_received: m.received.iter().map(|c| c.get()).sum(),
-            publish_sent: m.sent.iter().map(|c| c.get()).sum(),
+            publish_received: m.publish_received(),
+            publish_sent: m.publish_sent(),
             publish_dropped: m.dropped_total(),
             bytes_received: m.bytes_received.get(),
             bytes_sent: m.bytes_sent.get(),

@@ -4,7 +4,6 @@ use super::handlers::Client;
 use crate::auth::Authentication;
 use crate::broker::Broker;
 use crate::config::Limits;
-use crate::metrics::kind;
 use crate::protocol::*;
 use crate::session::registry::Kick;
 use crate::session::TopicAliases;

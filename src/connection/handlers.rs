@@ -9,7 +9,6 @@ use crate::broker::{After, Broker, Staged, Subscriber};
 use crate::config::Limits;
 use crate::error::ProtocolError;
 use crate::message::Message;
-use crate::metrics::kind;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::*;
 use crate::session::registry::{Detached, SessionHandle};
@@ -247,7 +246,7 @@ impl Client {
     }
 
     fn handle_packet(&mut self, packet: Packet, wbuf: &mut BytesMut) -> Result<(), Close> {
-        self.tally.packets_in[usize::from(packet_kind(&packet))] += 1;
+        self.tally.packets_in[usize::from(packet.kind())] += 1;
         match packet {
             Packet::Publish(p) => self.handle_publish(p, wbuf).map_err(Close::Protocol),
             Packet::PubAck(a) => {
@@ -861,22 +860,5 @@ impl Client {
             // within the delay).
             Detached::TakenOver => {}
         }
-    }
-}
-
-/// The type nibble of a decoded packet, for the per-type packet counters.
-fn packet_kind(p: &Packet) -> u8 {
-    match p {
-        Packet::Connect(_) => kind::CONNECT,
-        Packet::Publish(_) => kind::PUBLISH,
-        Packet::PubAck(_) => kind::PUBACK,
-        Packet::PubRec(_) => kind::PUBREC,
-        Packet::PubRel(_) => kind::PUBREL,
-        Packet::PubComp(_) => kind::PUBCOMP,
-        Packet::Subscribe(_) => kind::SUBSCRIBE,
-        Packet::Unsubscribe(_) => kind::UNSUBSCRIBE,
-        Packet::PingReq => kind::PINGREQ,
-        Packet::Disconnect(_) => kind::DISCONNECT,
-        Packet::Auth(_) => kind::AUTH,
     }
 }

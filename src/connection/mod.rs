@@ -228,7 +228,7 @@ pub async fn serve<S>(
             broker
                 .metrics
                 .packets_sent
-                .add(crate::metrics::kind::DISCONNECT, 1);
+                .add(crate::protocol::kind::DISCONNECT, 1);
         }
     }
     client.flush_tally();

@@ -2,7 +2,6 @@
 //! loading a stored queue from disk, and re-sending in-flight messages on reconnect.
 
 use super::handlers::{inflight_record, Client};
-use crate::metrics::kind;
 use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};

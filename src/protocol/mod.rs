@@ -230,7 +230,43 @@ pub enum Packet {
     Auth(Box<Auth>),
 }
 
+/// Control packet types: the high nibble of the fixed header's first byte ([MQTT-2.1.2]).
+pub mod kind {
+    pub const CONNECT: u8 = 1;
+    pub const CONNACK: u8 = 2;
+    pub const PUBLISH: u8 = 3;
+    pub const PUBACK: u8 = 4;
+    pub const PUBREC: u8 = 5;
+    pub const PUBREL: u8 = 6;
+    pub const PUBCOMP: u8 = 7;
+    pub const SUBSCRIBE: u8 = 8;
+    pub const SUBACK: u8 = 9;
+    pub const UNSUBSCRIBE: u8 = 10;
+    pub const UNSUBACK: u8 = 11;
+    pub const PINGREQ: u8 = 12;
+    pub const PINGRESP: u8 = 13;
+    pub const DISCONNECT: u8 = 14;
+    pub const AUTH: u8 = 15;
+}
+
 impl Packet {
+    /// The packet's type (see [`kind`]).
+    pub fn kind(&self) -> u8 {
+        match self {
+            Packet::Connect(_) => kind::CONNECT,
+            Packet::Publish(_) => kind::PUBLISH,
+            Packet::PubAck(_) => kind::PUBACK,
+            Packet::PubRec(_) => kind::PUBREC,
+            Packet::PubRel(_) => kind::PUBREL,
+            Packet::PubComp(_) => kind::PUBCOMP,
+            Packet::Subscribe(_) => kind::SUBSCRIBE,
+            Packet::Unsubscribe(_) => kind::UNSUBSCRIBE,
+            Packet::PingReq => kind::PINGREQ,
+            Packet::Disconnect(_) => kind::DISCONNECT,
+            Packet::Auth(_) => kind::AUTH,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Packet::Connect(_) => "CONNECT",

@@ -360,72 +360,65 @@ impl Registry {
         self.max_queued_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    /// Counts and queue depths of every session. The registry lock is held only to copy the
-    /// handles; each outbox is read after it is released.
+    /// Counts and queue depths of every session.
     pub fn stats(&self) -> SessionStats {
-        let mut handles = Vec::new();
-        let mut st = SessionStats::default();
-        {
-            let map = self.lock();
-            handles.reserve(map.len());
-            for e in map.values() {
-                if e.attached.is_some() {
-                    st.online += 1;
-                } else {
-                    st.offline += 1;
-                }
-                handles.push(e.handle.clone());
-            }
-        }
-        for h in handles {
-            let depth = h.outbox.len();
-            st.queued += depth;
-            st.inflight += h.inflight.load(Ordering::Relaxed);
-            for (i, le) in QUEUE_DEPTH_BUCKETS.iter().enumerate() {
-                if depth <= *le {
-                    st.depth[i] += 1;
-                }
-            }
-        }
-        st
+        self.stats_and_deepest(0).0
     }
 
-    /// The `n` sessions with the most queued messages (status page), deepest first.
-    pub fn deepest(&self, n: usize) -> Vec<QueueDepth> {
+    /// Counts and queue depths of every session, and the `n` sessions with the most queued
+    /// messages (status page), deepest first. One pass; the registry lock is held only to copy
+    /// the handles, each outbox is read after it is released.
+    pub fn stats_and_deepest(&self, n: usize) -> (SessionStats, Vec<QueueDepth>) {
         let handles: Vec<(Arc<SessionHandle>, bool)> = self
             .lock()
             .values()
             .map(|e| (e.handle.clone(), e.attached.is_some()))
             .collect();
-        let mut all: Vec<QueueDepth> = handles
-            .into_iter()
-            .map(|(h, online)| QueueDepth {
-                queued: h.outbox.len(),
-                inflight: h.inflight.load(Ordering::Relaxed),
-                client_id: h.client_id.clone(),
-                online,
-            })
-            .collect();
+        let mut st = SessionStats::default();
+        let mut all = Vec::with_capacity(if n > 0 { handles.len() } else { 0 });
+        for (h, online) in handles {
+            if online {
+                st.online += 1;
+            } else {
+                st.offline += 1;
+            }
+            let queued = h.outbox.len();
+            let inflight = h.inflight.load(Ordering::Relaxed);
+            st.queued += queued;
+            st.inflight += inflight;
+            for (i, le) in QUEUE_DEPTH_BUCKETS.iter().enumerate() {
+                if queued <= *le {
+                    st.depth[i] += 1;
+                }
+            }
+            if n > 0 {
+                all.push(QueueDepth {
+                    client_id: h.client_id.clone(),
+                    queued,
+                    inflight,
+                    online,
+                });
+            }
+        }
         let key = |q: &QueueDepth| std::cmp::Reverse((q.queued, q.inflight));
         if all.len() > n {
             all.select_nth_unstable_by_key(n, key);
             all.truncate(n);
         }
         all.sort_by_key(key);
-        all
-    }
-
-    /// (connected, disconnected) session counts.
-    pub fn counts(&self) -> (usize, usize) {
-        let map = self.lock();
-        let online = map.values().filter(|e| e.attached.is_some()).count();
-        (online, map.len() - online)
+        (st, all)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// (connected, disconnected) session counts.
+    fn counts(r: &Registry) -> (usize, usize) {
+        let s = r.stats();
+        (s.online, s.offline)
+    }
 
     #[tokio::test]
     async fn attach_detach_and_present() {
@@ -439,7 +432,7 @@ mod tests {
         let id = a.handle.id;
         drop(a);
         assert!(matches!(r.detach("c", 1, 60), Detached::Kept));
-        assert_eq!(r.counts(), (0, 1));
+        assert_eq!(counts(&r), (0, 1));
         let (tx, _rx) = oneshot::channel();
         let b = r
             .attach("c", 2, 60, tx, Duration::from_secs(1))
@@ -449,7 +442,7 @@ mod tests {
         assert_eq!(b.handle.id, id);
         drop(b);
         assert!(matches!(r.detach("c", 2, 0), Detached::Ended(_)));
-        assert_eq!(r.counts(), (0, 0));
+        assert_eq!(counts(&r), (0, 0));
     }
 
     #[tokio::test]
@@ -511,6 +504,6 @@ mod tests {
         let expired = r.take_expired(later);
         assert_eq!(expired.len(), 1);
         assert_eq!(&*expired[0].handle.client_id, "a");
-        assert_eq!(r.counts(), (1, 1));
+        assert_eq!(counts(&r), (1, 1));
     }
 }
