@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 
 import pytest
 
@@ -23,6 +24,24 @@ def _toml_value(v):
     if isinstance(v, (int, float)):
         return str(v)
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+GEN = os.path.join(ROOT, "certs", "gen.sh")
+CERT_FILES = ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")
+
+
+def gen_certs(out_dir, cn="device1"):
+    """Run certs/gen.sh into out_dir; returns a namespace of the file paths."""
+    r = subprocess.run(["bash", GEN, str(out_dir), cn], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=30)
+    assert r.returncode == 0, r.stdout.decode("utf-8", "replace")
+    return cert_paths(out_dir)
+
+
+def cert_paths(d):
+    d = str(d)
+    return types.SimpleNamespace(
+        dir=d, **{name.replace(".", "_"): os.path.join(d, name) for name in CERT_FILES})
 
 
 class Broker:
@@ -107,9 +126,9 @@ def broker():
     assert alive, "broker died during the test:\n" + b.log()
 
 
-@pytest.fixture
-def make_broker():
-    """Factory for tests that need non-default settings: make_broker({"limits": {...}})."""
+def _brokers(check_alive):
+    """Yields a factory of Brokers and closes them afterwards; with check_alive, fails the
+    test if one of them died during it."""
     made = []
 
     def factory(overrides=None):
@@ -122,4 +141,17 @@ def make_broker():
     logs = "".join(b.log() for b in dead)
     for b in made:
         b.close()
-    assert not dead, "broker died during the test:\n" + logs
+    if check_alive:
+        assert not dead, "broker died during the test:\n" + logs
+
+
+@pytest.fixture
+def make_broker():
+    """Factory for tests that need non-default settings: make_broker({"limits": {...}})."""
+    yield from _brokers(check_alive=True)
+
+
+@pytest.fixture
+def stoppable():
+    """Like make_broker, for tests that stop the broker themselves (no liveness check)."""
+    yield from _brokers(check_alive=False)

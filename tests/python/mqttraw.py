@@ -488,6 +488,28 @@ def uid(prefix="raw"):
     return f"{prefix}-{os.getpid()}-{next(_ids)}"
 
 
+def fill_from_socket(conn, deadline):
+    """Read more bytes from conn.sock into conn.buf (objects with sock, buf, eof). Returns
+    False on EOF (and sets conn.eof); raises Timeout at the deadline."""
+    if conn.eof:
+        return False
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise Timeout("timed out waiting for data")
+    conn.sock.settimeout(left)
+    try:
+        chunk = conn.sock.recv(65536)
+    except socket.timeout:
+        raise Timeout("timed out waiting for data") from None
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        chunk = b""
+    if not chunk:
+        conn.eof = True
+        return False
+    conn.buf += chunk
+    return True
+
+
 class Client:
     """One TCP connection. Every read has a deadline; nothing blocks forever."""
 
@@ -520,24 +542,7 @@ class Client:
             return False
 
     def _fill(self, deadline):
-        """Read more bytes into the buffer. Returns False on EOF; raises Timeout."""
-        if self.eof:
-            return False
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Timeout("timed out waiting for data")
-        self.sock.settimeout(left)
-        try:
-            chunk = self.sock.recv(65536)
-        except socket.timeout:
-            raise Timeout("timed out waiting for data") from None
-        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-            chunk = b""
-        if not chunk:
-            self.eof = True
-            return False
-        self.buf += chunk
-        return True
+        return fill_from_socket(self, deadline)
 
     def _try_parse(self):
         """Pop one complete packet from the buffer, or None if incomplete."""

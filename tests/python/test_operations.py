@@ -58,21 +58,6 @@ def raws():
         c.close()
 
 
-@pytest.fixture
-def stoppable():
-    """Like make_broker, for tests that stop the broker themselves (no liveness check)."""
-    made = []
-
-    def factory(overrides=None):
-        b = Broker(overrides)
-        made.append(b)
-        return b
-
-    yield factory
-    for b in made:
-        b.close()
-
-
 def persistent(version):
     """CONNECT keyword arguments for a session that outlives its connection."""
     kw = dict(clean=False)

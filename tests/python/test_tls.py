@@ -20,32 +20,17 @@ import types
 import pytest
 
 import mqttraw
+from conftest import cert_paths, gen_certs
 from pahoutil import TIMEOUT, V311, V5, TClient, metric
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-GEN = os.path.join(ROOT, "certs", "gen.sh")
 TLS_READY = re.compile(r"tern: ready .* tls=(\S+):(\d+)")
 HANDSHAKES = "tern_tls_handshakes_total"
 HAVE_MOSQUITTO = bool(shutil.which("mosquitto_sub") and shutil.which("mosquitto_pub"))
 STDBUF = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
-CERT_FILES = ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def gen_certs(out_dir, cn="device1"):
-    """Run certs/gen.sh into out_dir; returns a namespace of the file paths."""
-    r = subprocess.run(["bash", GEN, str(out_dir), cn], stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=30)
-    assert r.returncode == 0, r.stdout.decode("utf-8", "replace")
-    return cert_paths(out_dir)
-
-
-def cert_paths(d):
-    d = str(d)
-    return types.SimpleNamespace(
-        dir=d, **{name.replace(".", "_"): os.path.join(d, name) for name in CERT_FILES})
 
 
 @pytest.fixture(scope="module")

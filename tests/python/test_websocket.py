@@ -27,11 +27,10 @@ import types
 import pytest
 
 import mqttraw
-from conftest import Broker
+from conftest import Broker, gen_certs
 from pahoutil import TIMEOUT, V311, V5, TClient
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-GEN = os.path.join(ROOT, "certs", "gen.sh")
 BROWSER_DIR = os.path.join(ROOT, "tests", "browser")
 CHROMIUM = "/usr/bin/chromium"
 WS_READY = re.compile(r"tern: ready .*\bws=(\S+):(\d+)")
@@ -122,12 +121,7 @@ def ws_broker():
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """Dev CA + server certificate for localhost / 127.0.0.1 (certs/gen.sh)."""
-    out = tmp_path_factory.mktemp("ws-certs")
-    r = subprocess.run(["bash", GEN, str(out)], stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=30)
-    assert r.returncode == 0, r.stdout.decode("utf-8", "replace")
-    return types.SimpleNamespace(**{n.replace(".", "_"): str(out / n)
-                                    for n in ("ca.pem", "server.pem", "server.key")})
+    return gen_certs(tmp_path_factory.mktemp("ws-certs"))
 
 
 # --------------------------------------------------------------------------- paho clients
@@ -225,23 +219,7 @@ class RawWs:
             pass
 
     def _fill(self, deadline):
-        if self.eof:
-            return False
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError("timed out waiting for data")
-        self.sock.settimeout(left)
-        try:
-            chunk = self.sock.recv(65536)
-        except socket.timeout:
-            raise AssertionError("timed out waiting for data") from None
-        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-            chunk = b""
-        if not chunk:
-            self.eof = True
-            return False
-        self.buf += chunk
-        return True
+        return mqttraw.fill_from_socket(self, deadline)
 
     def body(self, timeout=None):
         """The rest of an HTTP error response (until the broker closes)."""
