@@ -126,13 +126,13 @@ def broker():
     assert alive, "broker died during the test:\n" + b.log()
 
 
-def _brokers(check_alive):
-    """Yields a factory of Brokers and closes them afterwards; with check_alive, fails the
-    test if one of them died during it."""
+def brokers(check_alive, make=Broker):
+    """Yields a factory of brokers (`make(...)`, Broker by default) and closes them afterwards;
+    with check_alive, fails the test if one of them died during it. For fixtures."""
     made = []
 
-    def factory(overrides=None):
-        b = Broker(overrides)
+    def factory(*args, **kwargs):
+        b = make(*args, **kwargs)
         made.append(b)
         return b
 
@@ -148,10 +148,10 @@ def _brokers(check_alive):
 @pytest.fixture
 def make_broker():
     """Factory for tests that need non-default settings: make_broker({"limits": {...}})."""
-    yield from _brokers(check_alive=True)
+    yield from brokers(check_alive=True)
 
 
 @pytest.fixture
 def stoppable():
     """Like make_broker, for tests that stop the broker themselves (no liveness check)."""
-    yield from _brokers(check_alive=False)
+    yield from brokers(check_alive=False)

@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mqttraw as mr
-from conftest import ROOT, TERN_BIN, Broker, _toml_value
+from conftest import ROOT, TERN_BIN, Broker, _toml_value, brokers
 from mqttraw import CONNACK, DISCONNECT, PUBLISH, uid
 from pahoutil import TIMEOUT, V311, V5, ClientFactory
 
@@ -812,16 +812,7 @@ class SplitBroker(Broker):
 
 @pytest.fixture
 def split_broker():
-    made = []
-
-    def factory(overrides=None):
-        b = SplitBroker(overrides)
-        made.append(b)
-        return b
-
-    yield factory
-    for b in made:
-        b.close()
+    yield from brokers(check_alive=False, make=SplitBroker)
 
 
 def wait_for(pred, timeout=TIMEOUT, what="condition"):

@@ -27,7 +27,7 @@ import types
 import pytest
 
 import mqttraw
-from conftest import Broker, gen_certs
+from conftest import Broker, brokers, gen_certs
 from pahoutil import TIMEOUT, V311, V5, TClient
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -86,9 +86,8 @@ def ws_broker():
     """Factory: ws_broker(path=None, allowed_origins=None, wss=None) starts Tern with TCP,
     metrics and a WebSocket listener (and a wss one when `wss` is a cert namespace).
     Returned broker has ws_port (and wss_port)."""
-    made = []
 
-    def factory(path=None, allowed_origins=None, wss=None, extra=None):
+    def start(path=None, allowed_origins=None, wss=None, extra=None):
         ws = {"bind": "127.0.0.1:0"}
         if path is not None:
             ws["path"] = path
@@ -104,18 +103,16 @@ def ws_broker():
         for k, v in (extra or {}).items():
             overrides.setdefault(k, {}).update(v)
         b = WsBroker(overrides, raw)
-        made.append(b)
-        b.ws_port = ready_port(b, WS_READY, "ws")
-        if wss is not None:
-            b.wss_port = ready_port(b, WSS_READY, "wss")
+        try:
+            b.ws_port = ready_port(b, WS_READY, "ws")
+            if wss is not None:
+                b.wss_port = ready_port(b, WSS_READY, "wss")
+        except BaseException:
+            b.close()
+            raise
         return b
 
-    yield factory
-    dead = [b for b in made if not b.alive()]
-    logs = "".join(b.log() for b in dead)
-    for b in made:
-        b.close()
-    assert not dead, "broker died during the test:\n" + logs
+    yield from brokers(check_alive=True, make=start)
 
 
 @pytest.fixture(scope="module")
