@@ -5,7 +5,7 @@
 use super::pending::{AckQueue, Gate, OpsCommit, PendingAck, Response};
 use super::{Close, TokenBucket};
 use crate::broker::shared::Group;
-use crate::broker::{After, Broker, Staged, Subscriber};
+use crate::broker::{Broker, Staged, Subscriber};
 use crate::config::Limits;
 use crate::error::ProtocolError;
 use crate::message::Message;
@@ -343,17 +343,32 @@ impl Client {
 
     /// Sends `ack` now when nothing is ahead of it and its commit is done (the common case
     /// with the in-memory store), else queues it behind the others.
-    fn queue_ack(&mut self, commit: Commit, ack: Response, then: Vec<After>, wbuf: &mut BytesMut) {
+    fn queue_ack(
+        &mut self,
+        commit: Commit,
+        ack: Response,
+        retained: Vec<Delivery>,
+        wbuf: &mut BytesMut,
+    ) {
         if counts_against_receive_maximum(&ack) {
             self.acks.unacked_publishes += 1;
         }
         if self.acks.queue.is_empty() && matches!(commit, Commit::Done) {
             self.send_ack(&ack, wbuf);
-            for a in then {
-                a.apply(&self.broker);
-            }
+            self.queue_retained(retained);
         } else {
-            self.acks.queue.push_back(PendingAck { commit, ack, then });
+            self.acks.queue.push_back(PendingAck {
+                commit,
+                ack,
+                retained,
+            });
+        }
+    }
+
+    /// Retained messages for a subscription this client just made, after its SUBACK.
+    fn queue_retained(&self, retained: Vec<Delivery>) {
+        for d in retained {
+            self.broker.push(&self.handle, d);
         }
     }
 
@@ -473,13 +488,10 @@ impl Client {
                     }
                 }
                 // Ack after durable: the PUBACK/PUBREC waits for the commit that stores the
-                // message for every persistent session (and the retained slot).
-                let commit = if staged.ops.is_empty() {
-                    Commit::Done
-                } else {
-                    broker.store.submit(std::mem::take(&mut staged.ops))
-                };
-                let then = std::mem::take(&mut staged.after);
+                // message for every persistent session (and the retained slot). The store, not
+                // this connection, makes those deliveries visible when the commit is done, so
+                // they happen even if this client vanishes before its acknowledgement.
+                let commit = broker.submit_staged(staged);
                 let reason = if v5 && routed.matched == 0 {
                     ReasonCode::NoMatchingSubscribers.as_u8()
                 } else {
@@ -490,7 +502,7 @@ impl Client {
                 } else {
                     Response::PubRec(p.packet_id, reason)
                 };
-                self.queue_ack(commit, ack, then, wbuf);
+                self.queue_ack(commit, ack, Vec::new(), wbuf);
                 return Ok(());
             }
         };
@@ -672,10 +684,7 @@ impl Client {
                         sub_ids.push(id);
                     }
                     let qos = options.qos.min(msg.qos);
-                    retained.push(After::Deliver(
-                        self.handle.clone(),
-                        Delivery::new(msg, qos, true, sub_ids),
-                    ));
+                    retained.push(Delivery::new(msg, qos, true, sub_ids));
                 }
             }
         }
@@ -770,9 +779,7 @@ impl Client {
                 break;
             };
             self.send_ack(&p.ack, wbuf);
-            for a in p.then {
-                a.apply(&self.broker);
-            }
+            self.queue_retained(p.retained);
         }
         Ok(())
     }
@@ -857,8 +864,14 @@ impl Client {
                 }
             }
             // The new connection owns the session (and cancels a delayed will by arriving
-            // within the delay).
-            Detached::TakenOver => {}
+            // within the delay). If this connection ended the session (expiry 0 at its close,
+            // typically a DISCONNECT read while being taken over), the new one must not
+            // continue it: it learns so from the state it is waiting for.
+            Detached::TakenOver => {
+                if self.session_expiry == 0 {
+                    state.ended = true;
+                }
+            }
         }
     }
 }

@@ -33,6 +33,9 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// thousands of idle clients cost little memory.
 const READ_MIN: usize = 128;
 const READ_MAX: usize = 64 * 1024;
+/// How long a connection being taken over waits for input still on its way (see
+/// `Io::drain_input`).
+const TAKEOVER_DRAIN: Duration = Duration::from_millis(20);
 
 /// A token bucket: `rate` tokens per second, holding at most one second's worth. `take` may
 /// run it into debt (a packet already read must be handled); the owner then waits
@@ -282,27 +285,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     }
 
     /// Before handing the session over: handle what the client already sent (typically the
-    /// PUBACK it wrote just before reconnecting), so the new connection does not re-send
-    /// messages that were in fact acknowledged. Takes only what is readable right now.
-    async fn drain_input(&mut self, client: &mut Client) {
+    /// PUBACK it wrote just before reconnecting, or the DISCONNECT it sent before connecting
+    /// again), so the new connection does not re-send messages that were in fact
+    /// acknowledged, and a normal DISCONNECT is not mistaken for a lost connection (which
+    /// would publish the will, [MQTT-3.14.4-3]). Returns the close the input asked for, if
+    /// any.
+    ///
+    /// Data the client wrote before its new CONNECT is already in this socket's receive
+    /// buffer on loopback, but the runtime may not have seen it become readable yet, so each
+    /// read may wait [`TAKEOVER_DRAIN`]: long enough for the reactor to report it, short
+    /// enough not to slow the takeover of a dead connection noticeably.
+    async fn drain_input(&mut self, client: &mut Client) -> Option<Close> {
         for _ in 0..16 {
-            if client
-                .process_input(&mut self.rbuf, &mut self.wbuf)
-                .is_err()
-            {
-                return;
+            if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
+                return Some(close);
             }
             self.rbuf.reserve(READ_MIN);
-            // A zero timeout still polls the read once: data already buffered is taken,
-            // nothing is waited for.
-            match tokio::time::timeout(Duration::ZERO, self.reader.read_buf(&mut self.rbuf)).await {
+            match tokio::time::timeout(TAKEOVER_DRAIN, self.reader.read_buf(&mut self.rbuf)).await {
                 Ok(Ok(n)) if n > 0 => continue,
-                _ => {
-                    let _ = client.process_input(&mut self.rbuf, &mut self.wbuf);
-                    return;
-                }
+                _ => return client.process_input(&mut self.rbuf, &mut self.wbuf).err(),
             }
         }
+        None
     }
 
     async fn run(
@@ -391,8 +395,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             tokio::select! {
                 k = &mut kick, if kick_live => match k {
                     Ok(Kick::TakenOver) => {
-                        self.drain_input(client).await;
-                        return Close::TakenOver;
+                        return match self.drain_input(client).await {
+                            // The client said goodbye before it connected again.
+                            Some(close @ (Close::Normal | Close::NormalWithWill)) => close,
+                            _ => Close::TakenOver,
+                        };
                     }
                     Err(_) => kick_live = false,
                 },

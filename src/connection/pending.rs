@@ -1,7 +1,7 @@
 //! What waits before it may go out: acknowledgements behind their commits, output behind the
 //! QoS 2 write gate, and a connection's outstanding bookkeeping submits.
 
-use crate::broker::After;
+use crate::outbox::Delivery;
 use crate::storage::Commit;
 use bytes::BytesMut;
 use std::collections::VecDeque;
@@ -12,9 +12,11 @@ use std::time::Duration;
 pub(crate) struct PendingAck {
     pub(crate) commit: Commit,
     pub(crate) ack: Response,
-    /// Deliveries that become visible once the commit is done (durable deliveries of a
-    /// PUBLISH; retained messages after a SUBACK).
-    pub(crate) then: Vec<After>,
+    /// Retained messages for this client's own new subscription, queued right after its
+    /// SUBACK. They are this connection's: if it vanishes first, the client never saw the
+    /// SUBACK and subscribes again. (Deliveries to *other* sessions never wait here; the store
+    /// applies them with the commit, see `Broker::submit_staged`.)
+    pub(crate) retained: Vec<Delivery>,
 }
 
 #[derive(Debug, Clone)]
