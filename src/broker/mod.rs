@@ -28,7 +28,7 @@ use retain::{RetainOutcome, RetainTree};
 use shared::{Group, Groups};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use trie::Trie;
 
 /// One entry of the subscription index.
@@ -316,7 +316,7 @@ impl Broker {
                 message_staged = true;
                 ops.push(Op::PutMessage(StoredMessage::from_message(
                     msg,
-                    Instant::now(),
+                    crate::clock::now(),
                     unix_now_ms(),
                 )));
             }
@@ -567,7 +567,7 @@ impl Broker {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .matching(filter, out);
-        let now = Instant::now();
+        let now = crate::clock::now();
         out.retain(|m| !m.is_expired(now));
     }
 
@@ -794,7 +794,7 @@ impl Broker {
             }
         };
         let full = entries.len() == LOAD_BATCH;
-        let now = Instant::now();
+        let now = crate::clock::now();
         let unix = unix_now_ms();
         let mut loaded = Vec::with_capacity(entries.len());
         let mut missing = 0;
@@ -838,7 +838,7 @@ impl Broker {
 
     /// Turns a Will into a message and routes it.
     pub fn publish_will(self: &Arc<Self>, will: &Will, origin: u64) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         // The will's topic was authorised at CONNECT; only the broker's own topics are
         // checked again.
         if will.topic.as_str().starts_with('$') {
@@ -869,7 +869,7 @@ impl Broker {
         let mut drops = DropLog::default();
         loop {
             tick.tick().await;
-            let now = Instant::now();
+            let now = crate::clock::now();
             for expired in self.registry.take_expired(now) {
                 // Nobody is attached (checked under the registry lock), so the state is free.
                 if let Ok(mut state) = expired.state.try_lock() {

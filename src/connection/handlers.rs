@@ -74,6 +74,11 @@ pub(crate) struct Client {
     /// The limits this connection was accepted with: its CONNACK announced them, so a reload
     /// applies to later connections only.
     pub(super) limits: Arc<Limits>,
+    /// The time as the driver last told it (see `core.rs`): handlers never read a clock.
+    pub(super) now: Instant,
+    /// When the client last sent something (keep alive) and when we last wrote (write stall).
+    pub(super) last_read: Instant,
+    pub(super) last_write: Instant,
 }
 
 /// Whether a queued acknowledgement stands for a PUBLISH the Receive Maximum counts while it
@@ -135,10 +140,9 @@ impl Client {
         aliases: TopicAliases,
         limits: Arc<Limits>,
     ) -> Client {
+        let now = crate::clock::now();
         let rates = (limits.max_publish_rate, limits.max_publish_bytes_rate);
-        let bucket = |rate: u32| {
-            (rate > 0).then(|| TokenBucket::new(f64::from(rate), std::time::Instant::now()))
-        };
+        let bucket = |rate: u32| (rate > 0).then(|| TokenBucket::new(f64::from(rate), now));
         Client {
             broker,
             version,
@@ -169,6 +173,9 @@ impl Client {
             pressure: None,
             held_input: false,
             limits,
+            now,
+            last_read: now,
+            last_write: now,
         }
     }
 
@@ -185,7 +192,7 @@ impl Client {
         if self.publish_rate.is_none() && self.publish_bytes_rate.is_none() {
             return None;
         }
-        let now = std::time::Instant::now();
+        let now = self.now;
         let a = self.publish_rate.as_mut().and_then(|b| b.wait(now));
         let b = self.publish_bytes_rate.as_mut().and_then(|b| b.wait(now));
         a.max(b)
@@ -193,7 +200,7 @@ impl Client {
 
     /// Charges one PUBLISH of `size` bytes to the publish budgets.
     fn charge_publish(&mut self, size: usize) {
-        let now = std::time::Instant::now();
+        let now = self.now;
         if let Some(b) = self.publish_rate.as_mut() {
             b.take(1.0, now);
         }
@@ -447,7 +454,7 @@ impl Client {
             Some(r) if v5 => r.as_u8(),
             Some(_) => 0,
             None => {
-                let now = Instant::now();
+                let now = self.now;
                 let expiry = p.properties.message_expiry_interval;
                 let msg = Arc::new(Message {
                     id: broker.next_message_id(),

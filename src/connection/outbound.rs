@@ -38,7 +38,7 @@ impl Client {
                 self.batch = batch;
                 break;
             }
-            let now = Instant::now();
+            let now = self.now;
             for d in batch.drain(..) {
                 // A group's message was routed to the group, not to this member: its topic's
                 // owner (another client's reply topic) and the ACL are checked here.
@@ -194,8 +194,22 @@ impl Client {
 
     /// On reconnect of a session: re-send unacknowledged PUBLISHes with DUP and pending PUBRELs,
     /// in their original order and with their original packet ids ([MQTT-4.4.0-1]).
+    ///
+    /// The in-flight state re-sent here may not be stored yet: the previous connection (just
+    /// taken over, or gone a moment ago) submitted its last records, but their commit may still
+    /// be running. Sent before that, a broker crash would recover the older state and deliver
+    /// a QoS 2 message the client already has as new (or re-send a PUBLISH the client
+    /// completed): a duplicate. So the re-sends sit behind the write gate until a commit
+    /// submitted now, after all of those, is done (found by the deterministic simulation).
     pub fn resend_inflight(&mut self, wbuf: &mut BytesMut) {
-        let now = Instant::now();
+        if self.state.inflight.is_empty() {
+            return;
+        }
+        if self.stores_session() {
+            let barrier = self.broker.store.submit(Vec::new());
+            self.gate.hold_commit(wbuf.len(), Some(barrier));
+        }
+        let now = self.now;
         let version = self.version;
         let inflight: &Inflight = &self.state.inflight;
         for (id, entry) in inflight.iter() {

@@ -252,7 +252,7 @@ impl Registry {
         entry.expires_at = if expiry == u32::MAX {
             None
         } else {
-            Some(Instant::now() + Duration::from_secs(u64::from(expiry)))
+            Some(crate::clock::now() + Duration::from_secs(u64::from(expiry)))
         };
         Detached::Kept
     }

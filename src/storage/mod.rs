@@ -15,6 +15,8 @@
 pub mod durable;
 mod memory;
 pub mod record;
+#[cfg(test)]
+pub mod sim;
 
 pub use durable::{CommitObserver, DurableMode, DurableStore, Op, Recovered, StorageError};
 pub use memory::MemoryStore;
@@ -49,6 +51,13 @@ impl OnCommit {
     /// No effect (bookkeeping submits).
     pub fn none() -> OnCommit {
         OnCommit(None)
+    }
+
+    /// Drops the effect without running it (a simulated crash: the broker that would have
+    /// run it is gone).
+    #[cfg(test)]
+    pub fn discard(mut self) {
+        drop(self.0.take());
     }
 
     pub fn run(mut self, outcome: Outcome) {
