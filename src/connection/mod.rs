@@ -8,6 +8,8 @@
 
 mod connect;
 mod core;
+#[cfg(test)]
+mod core_tests;
 mod handlers;
 mod outbound;
 mod pending;

@@ -442,6 +442,11 @@ impl World {
             }
             let _ = c.write(&mut buf);
         }
+        if a.conn.is_some() && !a.connected {
+            // The previous connection made a session whose CONNACK it never read: whether a
+            // session exists now is no longer known to it.
+            a.expects_no_session = false;
+        }
         // What it wrote on the old connection is on its way there (a DISCONNECT before a
         // quick reconnect): the old connection reads it when it is taken over.
         if let Some(c) = a.conn.take() {
