@@ -893,6 +893,8 @@ impl World {
             actor.expects_session = false;
             actor.expects_no_session = true;
             actor.established = None;
+            // Its session is over: so is its state (QoS 2 ids awaiting PUBREL).
+            actor.qos2_ids.clear();
         }
         self.client_reads(a);
     }
