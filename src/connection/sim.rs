@@ -174,6 +174,13 @@ struct Actor {
     last_seen: HashMap<(usize, String), u64>,
     /// Wills: true when it has one.
     has_will: bool,
+    /// It got Session Present for a session it has no state of: [MQTT-3.2.2-4] it closes the
+    /// connection and starts clean.
+    restart_clean: bool,
+    /// Its current connection's session ends with it (3.1.1 clean session, or v5 expiry 0).
+    ephemeral: bool,
+    /// Group messages it first received while its session was ephemeral.
+    ephemeral_keys: BTreeSet<u64>,
 }
 
 /// The broker side of one connection: a connection core and its buffers.
@@ -297,6 +304,9 @@ impl World {
                 received: HashMap::new(),
                 last_seen: HashMap::new(),
                 has_will: false,
+                restart_clean: false,
+                ephemeral: false,
+                ephemeral_keys: BTreeSet::new(),
             });
         };
         add(Role::WillWatcher, true, &mut rng);
@@ -401,13 +411,21 @@ impl World {
         );
         a.gen += 1;
         a.has_will = matches!(a.role, Role::Publisher);
+        let clean = !persistent || std::mem::take(&mut a.restart_clean);
+        let _ = writeln!(
+            self.log,
+            "{} CONNECT gen {} clean {clean}",
+            a.client_id, a.gen
+        );
+        // 3.1.1 has no expiry: a clean session ends with its connection.
+        a.ephemeral = !persistent || (clean && !a.v5);
         let will_topic = format!("will/{}", a.id);
         let will_payload = format!("{}", a.gen).into_bytes();
         let mut buf = BytesMut::new();
         if a.v5 {
             let mut c = v5::Connect::new(a.client_id.clone());
             c.keep_alive = 0;
-            c.clean_session = !persistent;
+            c.clean_session = clean;
             c.properties = Some(v5::ConnectProperties {
                 session_expiry_interval: Some(if persistent { 3600 } else { 0 }),
                 receive_maximum: Some(a.receive_max),
@@ -431,7 +449,7 @@ impl World {
         } else {
             let mut c = v4::Connect::new(a.client_id.clone());
             c.keep_alive = 0;
-            c.clean_session = !persistent;
+            c.clean_session = clean;
             if a.has_will {
                 c.last_will = Some(v4::LastWill::new(
                     will_topic,
@@ -618,11 +636,13 @@ impl World {
                     a.qos2_ids.clear();
                     a.established = None;
                     self.subscribe(i);
-                } else if a.established.is_none() {
-                    // A session it knows nothing of (made by a connection whose CONNACK it
-                    // never read): [MQTT-3.2.2-4] has it start clean; subscribing again has
-                    // the same effect for this model.
-                    self.subscribe(i);
+                } else if a.established.is_none() && !matches!(a.role, Role::Publisher) {
+                    // A session it has no state of (it ended its session, or a connection
+                    // whose CONNACK it never read made one): [MQTT-3.2.2-4] it closes the
+                    // connection without reading on, and connects again with a clean start.
+                    a.incoming.clear();
+                    a.restart_clean = true;
+                    let _ = writeln!(self.log, "{} rejects an unknown session", a.client_id);
                 }
             }
             Incoming::SubAck(codes) => {
@@ -639,7 +659,7 @@ impl World {
                                 ..
                             }
                     );
-                    a.expects_session = persistent;
+                    a.expects_session = persistent && !a.ephemeral;
                 } else {
                     let msg = format!("{} SUBACK refused: {codes:?}", a.client_id);
                     self.violation(msg);
@@ -757,11 +777,20 @@ impl World {
         }
         let _ = dup;
         let a = &mut self.actors[i];
+        let grouped =
+            matches!(&a.role, Role::Subscriber { filter, .. } if filter.starts_with("$share/"));
         if is_new {
             let n = a.received.entry(k).or_insert(0);
             *n += 1;
             let first = *n == 1;
-            if qos == QoS::ExactlyOnce && *n > 1 {
+            if first && grouped && a.ephemeral {
+                a.ephemeral_keys.insert(k);
+            }
+            // A group promises QoS 2 exactly once only through persistent members: one whose
+            // session ended with its connection keeps no state that could stop a redelivery
+            // after a crash (docs/shared-subscriptions.md).
+            let promised = !(grouped && a.ephemeral_keys.contains(&k));
+            if qos == QoS::ExactlyOnce && *n > 1 && promised {
                 let msg = format!(
                     "{} got QoS 2 message {publisher}:{counter} twice",
                     a.client_id
@@ -855,9 +884,10 @@ impl World {
         let a = conn.actor;
         let _ = writeln!(
             self.log,
-            "close {} ({})",
+            "close {} ({}), expiry {}",
             self.actors[a].client_id,
-            close.describe()
+            close.describe(),
+            conn.client.session_expiry
         );
         let _ = conn.client.release_acks(&mut conn.wbuf);
         conn.client.flush_ops();
@@ -990,6 +1020,16 @@ impl World {
             self.conns[c] = Some(conn);
             if mine {
                 self.client_reads(a);
+            }
+        }
+        for i in 0..self.actors.len() {
+            if self.actors[i].restart_clean {
+                if let Some(c) = self.actors[i].conn {
+                    self.close_conn(c, Close::PeerGone("client rejected the session"));
+                }
+                if !self.actors[i].connecting {
+                    self.connect(i);
+                }
             }
         }
         moved

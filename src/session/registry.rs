@@ -224,7 +224,8 @@ impl Registry {
             .map_err(|_| AttachError::Busy)?;
         // Decided again now that the previous connection has let go: it may have read a
         // DISCONNECT that ended the session after we kicked it.
-        let existed = existed && !std::mem::take(&mut state.ended);
+        let ended = std::mem::take(&mut state.ended);
+        let existed = existed && !ended;
         Ok(Attached {
             handle,
             state,
