@@ -276,11 +276,17 @@ pub async fn serve<S>(
     client.gate.settle(&mut io.wbuf).await;
     if client.version.is_v5() {
         if let Some(reason) = close.reason() {
+            let at = io.wbuf.len();
             encode_disconnect(&mut io.wbuf, reason, None);
-            broker
-                .metrics
-                .packets_sent
-                .add(crate::protocol::kind::DISCONNECT, 1);
+            if io.wbuf.len() - at > client.max_packet_out {
+                // [MQTT-3.1.2-24] not even 4 bytes fit what the client accepts: close without.
+                io.wbuf.truncate(at);
+            } else {
+                broker
+                    .metrics
+                    .packets_sent
+                    .add(crate::protocol::kind::DISCONNECT, 1);
+            }
         }
     }
     client.flush_tally();

@@ -100,6 +100,61 @@ def test_wrong_protocol_name_closed(broker, name, level):
     check_broker_serves(broker)
 
 
+# MQTT 3.1 ("MQIsdp", level 3) has no section numbers like [MQTT-x.y.z-n]; the cases cite the
+# 3.1 specification's CONNECT/CONNACK text.
+@pytest.mark.parametrize("clean", [pytest.param(True, id="clean"),
+                                   pytest.param(False, id="persistent")])
+def test_mqtt31_empty_client_id_rejected_0x02(broker, clean):
+    """MQTT 3.1 requires a Client Identifier of 1 to 23 characters and has no assigned ids:
+    an empty one gets CONNACK 0x02 (identifier rejected) whatever Clean Session says, then
+    the connection is closed."""
+    c = Client.to(broker, V31)
+    c.send(connect("", version=V31, clean=clean))
+    packets, closed = c.wait_closed(5)
+    assert [p.raw for p in packets] == [b"\x20\x02\x00\x02"], packets
+    assert closed
+    check_broker_serves(broker)
+
+
+@pytest.mark.parametrize("level", [
+    pytest.param(4, id="MQIsdp-level4"),
+    pytest.param(5, id="MQIsdp-level5"),
+    pytest.param(2, id="MQIsdp-level2"),
+])
+def test_mqisdp_unknown_level_connack_0x01(broker, level):
+    """The 3.1 protocol name at a level other than 3: CONNACK 0x01 (unacceptable protocol
+    version), as for "MQTT" at an unknown level [MQTT-3.1.2-2], then close."""
+    c = Client.to(broker, V311)
+    c.send(connect(uid("mqisdp"), version=level, protocol_name="MQIsdp"))
+    packets, closed = c.wait_closed(5)
+    assert [p.raw for p in packets] == [b"\x20\x02\x00\x01"], packets
+    assert closed
+    check_broker_serves(broker)
+
+
+def test_mqtt31_session_present_is_always_0(broker):
+    """3.1's CONNACK has no Session Present flag (that byte is reserved): a 3.1 client resuming
+    a persistent session gets 20 02 00 00, and the session is resumed all the same (its
+    subscription and the message queued while it was away)."""
+    cid = uid("v31sp")
+    topic = f"v31sp/{cid}"
+    c = Client.to(broker, V31)
+    c.send(connect(cid, version=V31, clean=False))
+    assert c.expect(CONNACK).raw == b"\x20\x02\x00\x00"
+    assert c.subscribe([(topic, 1)]).codes == [1]
+    c.disconnect()
+    p = connected(broker, uid("v31pub"), V311)
+    p.publish(topic, b"while away", qos=1, pid=3)
+    p.disconnect()
+    c = Client.to(broker, V31)
+    c.send(connect(cid, version=V31, clean=False))
+    assert c.expect(CONNACK).raw == b"\x20\x02\x00\x00"
+    got = c.expect(PUBLISH)
+    assert (got.topic, got.payload) == (topic, b"while away"), got
+    c.send(puback(got.pid))
+    c.disconnect()
+
+
 def test_empty_client_id_persistent_session_rejected_0x02(broker):
     """[MQTT-3.1.3-8] 3.1.1: zero-byte ClientId with CleanSession=0 -> CONNACK 0x02, close."""
     c = Client.to(broker, V311)
