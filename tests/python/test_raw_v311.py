@@ -326,6 +326,80 @@ def test_pubrel_unknown_id_gets_pubcomp(broker, version, expected):
     c.disconnect()
 
 
+def wrong_ack_setup(broker, version, qos):
+    """A subscriber with one QoS `qos` PUBLISH from the broker in flight, and a will the test
+    can watch for. Returns (subscriber, the PUBLISH, watcher, will topic)."""
+    topic = f"wrongack/{uid('t')}"
+    will_topic = f"{topic}/will"
+    watcher = connected(broker, uid("watch"), version)
+    watcher.subscribe([(will_topic, 0)])
+    s = Client.to(broker, version)
+    s.connect(uid("wrong"), will=dict(topic=will_topic, payload=b"gone"))
+    s.subscribe([(topic, qos)])
+    p = connected(broker, uid("pub"), version)
+    p.publish(topic, b"m", qos=qos, pid=1)
+    p.disconnect()
+    got = s.expect(PUBLISH)
+    assert got.qos == qos, got
+    return s, got, watcher, will_topic
+
+
+@pytest.mark.parametrize("version", BOTH)
+@pytest.mark.parametrize("qos,answer", [
+    pytest.param(1, "pubcomp", id="pubcomp-for-qos1-[MQTT-4.3.2-3]"),
+    pytest.param(1, "pubrec", id="pubrec-for-qos1-[MQTT-4.3.2-3]"),
+    pytest.param(2, "puback", id="puback-for-qos2-[MQTT-4.3.3-3]"),
+    pytest.param(2, "pubcomp", id="pubcomp-before-pubrel-[MQTT-4.3.3-3]"),
+    pytest.param(2, "pubrec-then-puback", id="puback-after-pubrel-[MQTT-4.3.3-5]"),
+])
+def test_wrong_acknowledgement_type_is_a_protocol_error(broker, version, qos, answer):
+    """The subscriber answers a PUBLISH with an acknowledgement of the wrong kind: QoS 1 ends
+    with PUBACK only [MQTT-4.3.2-3], QoS 2 with PUBREC [MQTT-4.3.3-3] and then, after the
+    broker's PUBREL, PUBCOMP [MQTT-4.3.3-5]. That is a protocol error: v5 DISCONNECT 0x82,
+    3.1.1 a close without a packet; no PUBREL goes out for a PUBREC to a QoS 1 message, and the
+    will is published (an abnormal end)."""
+    s, got, watcher, will_topic = wrong_ack_setup(broker, version, qos)
+    if answer == "pubrec-then-puback":
+        s.send(pubrec(got.pid, version))
+        rel = s.expect(PUBREL)
+        assert rel.pid == got.pid, rel
+        answer = "puback"
+    build = {"puback": puback, "pubrec": pubrec, "pubcomp": pubcomp}[answer]
+    s.send(build(got.pid, version))
+    packets, closed = s.wait_closed(5)
+    if version == V5:
+        assert [(p.type, p.rc) for p in packets] == [(DISCONNECT, 0x82)], packets
+    else:
+        assert packets == [], packets
+    assert closed
+    wills = [(p.topic, p.payload) for p in watcher.collect(1.0) if p.type == PUBLISH]
+    assert wills == [(will_topic, b"gone")], wills
+    watcher.disconnect()
+    check_broker_serves(broker, version=version)
+
+
+@pytest.mark.parametrize("version", BOTH)
+def test_acknowledgements_for_unknown_ids_are_tolerated(broker, version):
+    """PUBACK, PUBREC and PUBCOMP for packet ids that are not in flight (a client may repeat
+    acknowledgements after a reconnect) change nothing and keep the connection: PUBREC is
+    answered with PUBREL (v5 reason 0x92, Packet Identifier not found); a message in flight
+    with another id is unaffected and completes normally."""
+    s, got, watcher, _ = wrong_ack_setup(broker, version, 1)
+    other = 1 if got.pid != 1 else 2
+    s.send(puback(other, version) + pubcomp(other, version) + pubrec(other, version))
+    rel = s.expect(PUBREL)
+    assert rel.pid == other, rel
+    if version == V5:
+        assert rel.rc == 0x92, rel
+    assert s.ping().type == PINGRESP
+    s.send(puback(got.pid, version))
+    s.send(puback(got.pid, version))  # repeated: unknown by now, tolerated
+    assert s.ping().type == PINGRESP
+    s.disconnect()
+    watcher.assert_silent(0.3)
+    watcher.disconnect()
+
+
 @pytest.mark.parametrize("version", BOTH)
 @pytest.mark.parametrize("qos", [
     pytest.param(1, id="puback-[MQTT-4.6.0-2]"),
