@@ -40,11 +40,11 @@ const READ_MAX: usize = 64 * 1024;
 /// answer with a TCP RST, and a client that is still writing then gets EPIPE/ECONNRESET and
 /// typically never reads the DISCONNECT (or refusing CONNACK) that says why. A well-behaved
 /// client reads it and closes within a round trip; the bound is for those that never do.
-pub(crate) const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// At most this many connections drain at once, process-wide; past it a connection is closed
 /// at once (as before draining existed). A flood of misbehaving clients must not be able to
 /// hold [`DRAIN_LIMIT`] worth of file descriptors each without bound.
-pub(crate) const MAX_DRAINING: usize = 1024;
+const MAX_DRAINING: usize = 1024;
 /// Read size while draining: the input is thrown away, so a small reused buffer will do.
 const DRAIN_READ: usize = 4096;
 /// Connections draining right now (see [`MAX_DRAINING`]).

@@ -11,7 +11,6 @@ The client here is the kind that makes this matter: a single loop that writes ev
 (answers plus filler PINGREQs) and reads whatever arrived, and that gives up at the first
 failing write, as client libraries do. Raw sockets on loopback; every loop is bounded.
 """
-import select
 import threading
 import time
 
@@ -22,7 +21,7 @@ from mqttraw import (
     CONNACK, DISCONNECT, PUBREC, RECEIVE_MAXIMUM, SESSION_EXPIRY_INTERVAL, V311, V5,
     Client, check_broker_serves, connect, pingreq, publish, pubrel, uid,
 )
-from test_websocket import OP_BINARY, OP_CLOSE, RawWs, raw_ws, ws_broker  # noqa: F401
+from test_websocket import OP_BINARY, OP_CLOSE, RawWs, ws_broker  # noqa: F401 (fixture)
 
 BOTH = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
 # The broker's drain bound (DRAIN_LIMIT) and how long the tests allow around it.
@@ -191,6 +190,17 @@ def tcp_client(b, version, client_id=None, **kw):
     return c
 
 
+def wait_closed_in_log(b, client_id, why, timeout=5.0):
+    """Waits for the broker's "connection closed" line for `client_id` giving `why`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any("connection closed" in line and client_id in line and why in line
+               for line in list(b.log_lines)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no 'connection closed' for {client_id} ({why}):\n{b.log()}")
+
+
 def assert_read_then_eof(out, expected):
     """The client read `expected` (type, reason) pairs (PINGRESPs aside), never failed a write
     before it had them, and then saw a clean EOF."""
@@ -303,8 +313,9 @@ def test_client_that_never_stops_writing_is_closed_after_the_bound(make_broker):
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    # While that connection drains: a reconnect with its client id is not held up by the drain.
-    time.sleep(0.3)
+    # Once the broker has closed that connection (it now drains): a reconnect with its client
+    # id is not held up by the drain.
+    wait_closed_in_log(b, cid, "exceeds the maximum")
     started = time.monotonic()
     again = Client.to(b, V5, timeout=5)
     ack = again.connect(cid, **persistent)
