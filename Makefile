@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench fuzz
+.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench fuzz soak
 
 ## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
 run:
@@ -79,6 +79,12 @@ bench:
 	target/release/tern-bench run --tern target/release/tern --mosquitto "$$(command -v mosquitto || echo /usr/sbin/mosquitto)" \
 	  --out target/bench --docs docs/benchmarks.md \
 	  $(if $(SCENARIOS),--scenarios "$(SCENARIOS)") $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(QUICK),--quick) $(if $(DURATION),--duration $(DURATION))
+
+## Deterministic simulation (src/connection/sim.rs) with random seeds for SECONDS (default 600):
+## prints schedules per second and every failing seed (replay: TERN_SIM_SEED=n
+## cargo test --lib sim::tests::replay -- --nocapture). `make test` runs a fixed seed set.
+soak:
+	TERN_SIM_SECONDS=$(or $(SECONDS),600) $(CARGO) test --release --lib connection::sim::tests::soak -- --ignored --nocapture
 
 ## Fuzz each target for FUZZ_SECONDS (default 60) with cargo-fuzz on nightly (docs/fuzzing.md).
 ## Not part of `make test`. Fails on the first crash; the input is left in fuzz/artifacts/.

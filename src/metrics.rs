@@ -34,6 +34,8 @@ pub struct Metrics {
     pub dropped_not_authorized: IntCounter,
     pub dropped_no_subscribers: IntCounter,
     pub dropped_retain_full: IntCounter,
+    /// Deliveries whose commit failed (I/O error, disk full): their places were released.
+    pub dropped_storage_failed: IntCounter,
     pub protocol_errors: IntCounter,
     pub tls_handshakes: IntCounter,
     pub tls_failures: IntCounter,
@@ -54,6 +56,8 @@ pub struct Metrics {
     retained: IntGauge,
     queued: IntGauge,
     inflight: IntGauge,
+    /// Places reserved in persistent queues whose commit has not settled yet.
+    reservations_open: IntGauge,
     queue_depth: Vec<IntGauge>,
     uptime: IntGauge,
     started: std::time::Instant,
@@ -232,6 +236,10 @@ impl Metrics {
             "tern_inflight_messages",
             "QoS 1/2 messages sent to clients and not yet acknowledged",
         )?;
+        let reservations_open = IntGauge::new(
+            "tern_reservations_open",
+            "Places reserved in persistent queues (sessions and shared groups) whose store commit has not settled; returns to 0 whenever the store is idle",
+        )?;
         let depth_vec = IntGaugeVec::new(
             Opts::new(
                 "tern_session_queue_depth",
@@ -252,7 +260,7 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for c in [&queued, &inflight, &uptime] {
+        for c in [&queued, &inflight, &reservations_open, &uptime] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(depth_vec))?;
@@ -384,6 +392,7 @@ impl Metrics {
             dropped_not_authorized: dropped.with_label_values(&["not_authorized"]),
             dropped_no_subscribers: dropped.with_label_values(&["no_subscribers"]),
             dropped_retain_full: dropped.with_label_values(&["retained_full"]),
+            dropped_storage_failed: dropped.with_label_values(&["storage_failed"]),
             protocol_errors,
             tls_handshakes: tls.with_label_values(&["ok"]),
             tls_failures: tls.with_label_values(&["failed"]),
@@ -394,6 +403,7 @@ impl Metrics {
             packets_sent: PacketCounters::new(&packets_out, &TO_CLIENT),
             queued,
             inflight,
+            reservations_open,
             queue_depth,
             uptime,
             started: std::time::Instant::now(),
@@ -442,6 +452,7 @@ impl Metrics {
             &self.dropped_not_authorized,
             &self.dropped_no_subscribers,
             &self.dropped_retain_full,
+            &self.dropped_storage_failed,
         ]
         .iter()
         .map(|c| c.get())
@@ -479,6 +490,14 @@ impl Metrics {
             .set(st.offline as i64);
         self.queued.set(st.queued as i64);
         self.inflight.set(st.inflight as i64);
+        let groups_reserved: usize = broker
+            .groups
+            .all()
+            .iter()
+            .map(|g| g.queue.outbox.open_reservations())
+            .sum();
+        self.reservations_open
+            .set((st.reservations_open + groups_reserved) as i64);
         for (g, n) in self.queue_depth.iter().zip(st.depth.iter()) {
             g.set(*n as i64);
         }

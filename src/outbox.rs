@@ -339,6 +339,51 @@ impl Outbox {
         }
     }
 
+    /// A hot reservation's commit failed: its place is given back. True if the reservation
+    /// was still open (false: a clean start cleared the queue meanwhile).
+    pub fn release_reserved(&self, weight: usize, epoch: u64) -> bool {
+        let mut q = self.lock();
+        if q.epoch != epoch || q.pending == 0 {
+            return false;
+        }
+        q.pending -= 1;
+        q.pending_bytes = q.pending_bytes.saturating_sub(weight);
+        true
+    }
+
+    /// A spilled reservation's commit failed: the entry never reached the disk, so it leaves
+    /// the count, and the loader, no longer stopped at it, reads on past the gap.
+    pub fn release_spilled(&self, seq: u64, weight: usize, epoch: u64) -> bool {
+        let mut q = self.lock();
+        if q.epoch != epoch {
+            return false;
+        }
+        let Some(i) = q.uncommitted.iter().position(|&s| s == seq) else {
+            return false;
+        };
+        q.uncommitted.remove(i);
+        q.spilled = q.spilled.saturating_sub(1);
+        q.spilled_bytes = q.spilled_bytes.saturating_sub(weight);
+        if q.spilled == 0 {
+            q.spilled_bytes = 0;
+            q.spill_from = q.next_seq;
+        }
+        let wake = q.items.is_empty();
+        drop(q);
+        if wake {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Reservations whose commit has not settled yet (hot and spilled). Each settles when
+    /// the store runs its commit's effects, so this returns to 0 whenever the store is idle;
+    /// a count that stays up is a leaked reservation (`tern_reservations_open`).
+    pub fn open_reservations(&self) -> usize {
+        let q = self.lock();
+        q.pending + q.uncommitted.len()
+    }
+
     /// A spilled entry's commit completed: the loader may read up to it.
     pub fn spill_committed(&self, seq: u64, epoch: u64) {
         let mut q = self.lock();
@@ -671,6 +716,42 @@ mod tests {
         o.pop_batch(100, 100, &mut all);
         assert_eq!(all.len(), 8);
         assert!(matches!(o.pop_if(|_| true), Popped::Empty));
+    }
+
+    #[test]
+    fn failed_reservations_are_released_and_the_loader_reads_past_them() {
+        let o = Outbox::new(100, 1 << 30);
+        o.set_online(true);
+        let Reservation::Hot { epoch, .. } = o.reserve(10) else {
+            panic!("hot")
+        };
+        assert_eq!(o.open_reservations(), 1);
+        assert!(o.release_reserved(10, epoch));
+        assert_eq!((o.open_reservations(), o.len()), (0, 0));
+        // Offline: three spilled entries, the middle one's commit fails.
+        o.set_online(false);
+        let seqs: Vec<u64> = (0..3)
+            .map(|_| match o.reserve(10) {
+                Reservation::Spill { seq, .. } => seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(o.open_reservations(), 3);
+        o.spill_committed(seqs[0], epoch);
+        assert!(o.release_spilled(seqs[1], 10, epoch));
+        assert!(!o.release_spilled(seqs[1], 10, epoch), "released once only");
+        // The loader stops before the third (still uncommitted), not at the failed one.
+        assert_eq!(o.spill_window(), Some((seqs[0], seqs[2], epoch)));
+        o.spill_committed(seqs[2], epoch);
+        assert_eq!(o.spill_window(), Some((seqs[0], seqs[2] + 1, epoch)));
+        assert_eq!((o.open_reservations(), o.len()), (0, 2));
+        // A release after a clean start is stale: nothing to give back.
+        let Reservation::Spill { seq, epoch } = o.reserve(10) else {
+            panic!("spill")
+        };
+        o.clear();
+        assert!(!o.release_spilled(seq, 10, epoch));
+        assert_eq!(o.open_reservations(), 0);
     }
 
     #[test]

@@ -23,11 +23,12 @@ use crate::session::{Outbound, SessionState};
 use crate::storage::record::{unix_now_ms, QueueEntry, SessionRecord, StoredMessage};
 use crate::storage::Store;
 use crate::storage::{Commit, Op};
+use crate::storage::{OnCommit, Outcome};
 use retain::{RetainOutcome, RetainTree};
 use shared::{Group, Groups};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use trie::Trie;
 
 /// One entry of the subscription index.
@@ -79,25 +80,83 @@ impl Staged {
     }
 }
 
-/// A delivery waiting for a commit.
-pub enum After {
-    /// A durable delivery for a session's memory queue.
-    Push(Arc<SessionHandle>, Delivery, u64),
-    /// A durable delivery that lives on disk only; its session's connection loads it.
-    Spilled(Arc<SessionHandle>, u64, u64),
-    /// A plain delivery (retained messages after a SUBACK).
-    Deliver(Arc<SessionHandle>, Delivery),
+/// A durable delivery waiting for the commit that stores it: a place reserved in a
+/// persistent queue (a session's or a shared group's). It ends exactly once: made visible
+/// when the commit is durable ([`After::durable`]), or its place is given back
+/// ([`After::release`]) when the commit fails — and, should it ever be dropped unsettled on
+/// some path, on drop. So a reservation cannot outlive its commit, whoever submitted it.
+pub struct After {
+    session: Arc<SessionHandle>,
+    epoch: u64,
+    reserved: Option<Reserved>,
+}
+
+enum Reserved {
+    /// Goes into the session's memory queue once committed.
+    Hot(Delivery),
+    /// Lives on disk only; the session's connection loads it once committed.
+    Spilled { seq: u64, weight: usize },
 }
 
 impl After {
-    pub fn apply(self, broker: &Broker) {
-        match self {
-            After::Push(s, d, epoch) => s.outbox.push_reserved(d, epoch),
-            After::Spilled(s, seq, epoch) => s.outbox.spill_committed(seq, epoch),
-            After::Deliver(s, d) => {
-                broker.push(&s, d);
+    /// For a [`Reservation`] the session's outbox handed out; `delivery.seq` is set here.
+    pub fn reserved(
+        session: Arc<SessionHandle>,
+        reservation: Reservation,
+        mut delivery: Delivery,
+    ) -> Option<After> {
+        let (reserved, epoch) = match reservation {
+            Reservation::Hot { seq, epoch } => {
+                delivery.seq = Some(seq);
+                delivery.stored = true;
+                (Reserved::Hot(delivery), epoch)
             }
+            Reservation::Spill { seq, epoch } => (
+                Reserved::Spilled {
+                    seq,
+                    weight: delivery.msg.weight(),
+                },
+                epoch,
+            ),
+            Reservation::Full => return None,
+        };
+        Some(After {
+            session,
+            epoch,
+            reserved: Some(reserved),
+        })
+    }
+
+    /// The commit is durable: the delivery becomes visible to the session's connection.
+    pub fn durable(mut self) {
+        match self.reserved.take() {
+            Some(Reserved::Hot(d)) => self.session.outbox.push_reserved(d, self.epoch),
+            Some(Reserved::Spilled { seq, .. }) => {
+                self.session.outbox.spill_committed(seq, self.epoch)
+            }
+            None => {}
         }
+    }
+
+    /// The commit failed: gives the place back. True if a message was lost for a queue that
+    /// still wanted it (the caller counts it); false if the queue was cleared meanwhile.
+    pub fn release(&mut self) -> bool {
+        match self.reserved.take() {
+            Some(Reserved::Hot(d)) => self
+                .session
+                .outbox
+                .release_reserved(d.msg.weight(), self.epoch),
+            Some(Reserved::Spilled { seq, weight }) => {
+                self.session.outbox.release_spilled(seq, weight, self.epoch)
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for After {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -257,7 +316,7 @@ impl Broker {
                 message_staged = true;
                 ops.push(Op::PutMessage(StoredMessage::from_message(
                     msg,
-                    Instant::now(),
+                    crate::clock::now(),
                     unix_now_ms(),
                 )));
             }
@@ -335,7 +394,7 @@ impl Broker {
             // Live messages carry RETAIN=0 unless Retain As Published ([MQTT-3.3.1-12]
             // [MQTT-3.3.1-13]); a group keeps the flag and applies each member's option.
             let retain = msg.retain && (retain_as_published || group.is_some());
-            let mut delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
+            let delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
             let mut queued = true;
             if durable
                 && delivery.qos != QoS::AtMostOnce
@@ -347,25 +406,24 @@ impl Broker {
                     retain: delivery.retain,
                     sub_ids: delivery.sub_ids.as_slice().to_vec(),
                 };
-                match session.outbox.reserve(msg.weight()) {
+                let reservation = session.outbox.reserve(msg.weight());
+                match reservation {
                     Reservation::Full => {
                         self.metrics.dropped_queue_full.inc();
                         queued = false;
                     }
-                    r @ (Reservation::Hot { seq, epoch } | Reservation::Spill { seq, epoch }) => {
+                    Reservation::Hot { seq, .. } | Reservation::Spill { seq, .. } => {
                         stage_message(&mut staged.ops);
                         staged.ops.push(Op::Enqueue {
                             session_id: session.id,
                             seq,
                             entry,
                         });
-                        staged.after.push(if matches!(r, Reservation::Hot { .. }) {
-                            delivery.seq = Some(seq);
-                            delivery.stored = true;
-                            After::Push(session.clone(), delivery, epoch)
-                        } else {
-                            After::Spilled(session.clone(), seq, epoch)
-                        });
+                        staged.after.extend(After::reserved(
+                            session.clone(),
+                            reservation,
+                            delivery,
+                        ));
                     }
                 }
             } else {
@@ -407,33 +465,41 @@ impl Broker {
         self.commit_detached(staged);
     }
 
-    /// Submits `staged` and applies its deliveries once committed, without waiting.
-    pub fn commit_detached(self: &Arc<Self>, staged: Staged) {
+    /// Submits `staged`: the store makes its deliveries visible once the commit is durable,
+    /// or releases their places (counted as `storage_failed`) if it fails — whether or not the
+    /// submitter is still there. The returned commit only gates the submitter's own
+    /// acknowledgement.
+    pub fn submit_staged(&self, staged: Staged) -> Commit {
         if staged.ops.is_empty() {
+            // Nothing to store: nothing was reserved either (reservations come with ops).
             for a in staged.after {
-                a.apply(self);
+                a.durable();
             }
-            return;
+            return Commit::Done;
         }
-        match self.store.submit(staged.ops) {
-            Commit::Done => {
-                for a in staged.after {
-                    a.apply(self);
+        let then = if staged.after.is_empty() {
+            OnCommit::none()
+        } else {
+            let lost = self.metrics.dropped_storage_failed.clone();
+            let after = staged.after;
+            OnCommit::new(move |outcome| match outcome {
+                Outcome::Durable => after.into_iter().for_each(After::durable),
+                Outcome::Failed => {
+                    let n = after
+                        .into_iter()
+                        .filter_map(|mut a| a.release().then_some(()))
+                        .count();
+                    lost.inc_by(n as u64);
                 }
-            }
-            Commit::Pending(rx) => {
-                let broker = self.clone();
-                tokio::spawn(async move {
-                    if rx.await.is_ok() {
-                        for a in staged.after {
-                            a.apply(&broker);
-                        }
-                    }
-                });
-            }
-            // Logged by the store; nothing was promised to anyone.
-            Commit::Failed => {}
-        }
+            })
+        };
+        self.store.submit_then(staged.ops, then)
+    }
+
+    /// Submits `staged` for nobody's acknowledgement (QoS 0 retained updates, wills, group
+    /// hand-backs); its effects are the store's, as with [`Broker::submit_staged`].
+    pub fn commit_detached(&self, staged: Staged) {
+        let _ = self.submit_staged(staged);
     }
 
     /// Publishes `will` after `delay` seconds unless aborted (a reconnect) and, if the session
@@ -501,7 +567,7 @@ impl Broker {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .matching(filter, out);
-        let now = Instant::now();
+        let now = crate::clock::now();
         out.retain(|m| !m.is_expired(now));
     }
 
@@ -728,7 +794,7 @@ impl Broker {
             }
         };
         let full = entries.len() == LOAD_BATCH;
-        let now = Instant::now();
+        let now = crate::clock::now();
         let unix = unix_now_ms();
         let mut loaded = Vec::with_capacity(entries.len());
         let mut missing = 0;
@@ -772,7 +838,7 @@ impl Broker {
 
     /// Turns a Will into a message and routes it.
     pub fn publish_will(self: &Arc<Self>, will: &Will, origin: u64) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         // The will's topic was authorised at CONNECT; only the broker's own topics are
         // checked again.
         if will.topic.as_str().starts_with('$') {
@@ -803,7 +869,7 @@ impl Broker {
         let mut drops = DropLog::default();
         loop {
             tick.tick().await;
-            let now = Instant::now();
+            let now = crate::clock::now();
             for expired in self.registry.take_expired(now) {
                 // Nobody is attached (checked under the registry lock), so the state is free.
                 if let Ok(mut state) = expired.state.try_lock() {

@@ -11,7 +11,7 @@ use crate::session::{Outbound, SessionState, Subscription};
 use crate::storage::record::unix_now_ms;
 use crate::storage::{Op, Recovered};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What was restored, for the startup log line.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
     let mut out = Restored::default();
     broker.set_next_message_id(rec.next_message_id);
     broker.registry.set_next_id(rec.next_session_id);
-    let now = Instant::now();
+    let now = crate::clock::now();
     let unix = unix_now_ms();
     let mut cleanup = Vec::new();
 

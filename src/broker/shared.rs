@@ -539,7 +539,7 @@ pub fn give_back_stored(
     staged: &mut Staged,
 ) {
     let r = group.queue.outbox.reserve_with(d.msg.weight(), true);
-    let (Reservation::Hot { seq, epoch } | Reservation::Spill { seq, epoch }) = r else {
+    let (Reservation::Hot { seq, .. } | Reservation::Spill { seq, .. }) = r else {
         return;
     };
     staged.ops.push(Op::Enqueue {
@@ -556,14 +556,10 @@ pub fn give_back_stored(
         session_id: member_session,
         packet_id,
     });
-    staged.after.push(if matches!(r, Reservation::Hot { .. }) {
-        let mut back = strip_member_fields(d.clone());
-        back.seq = Some(seq);
-        back.stored = true;
-        After::Push(group.queue.clone(), back, epoch)
-    } else {
-        After::Spilled(group.queue.clone(), seq, epoch)
-    });
+    let back = strip_member_fields(d.clone());
+    staged
+        .after
+        .extend(After::reserved(group.queue.clone(), r, back));
     group.metrics.redelivered.inc();
 }
 

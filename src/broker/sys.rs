@@ -200,7 +200,7 @@ pub async fn run(broker: Arc<Broker>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        tree.publish(&broker, Instant::now());
+        tree.publish(&broker, crate::clock::now());
         tokio::time::sleep(Duration::from_secs(interval)).await;
     }
 }

@@ -322,11 +322,20 @@ pub(super) async fn accept(
         }
     };
     let session_present = attached.existed && !c.clean_start;
+    let stored_before = attached
+        .handle
+        .persistent
+        .load(std::sync::atomic::Ordering::Relaxed);
     if !session_present {
         // [MQTT-3.1.2-4] a clean start discards the previous session; so does a session that
         // ended with its previous connection.
         broker.end_session(&attached.handle, &mut attached.state);
     }
+    // The commit CONNACK waits for: Session Present promises a state, so the state it
+    // describes is stored first. Without this, a crash right after a CONNACK saying "no
+    // session" could bring the deleted session back, and its QoS 2 messages the client has
+    // already received (and forgotten with its session) would arrive again as new.
+    let mut connack_commit = None;
     if broker.store.durable() {
         let persistent = session_expiry > 0;
         attached
@@ -335,19 +344,23 @@ pub(super) async fn accept(
             .store(persistent, std::sync::atomic::Ordering::Relaxed);
         if persistent {
             // Ordered before everything this connection stores later.
-            let _ = broker.store.submit(vec![Op::PutSession(SessionRecord {
+            connack_commit = Some(broker.store.submit(vec![Op::PutSession(SessionRecord {
                 client_id: client_id.to_string(),
                 session_id: attached.handle.id,
                 expiry_interval: session_expiry,
                 disconnected_at_ms: None,
                 will: c.will.as_ref().map(WillRecord::from),
                 username: username.as_deref().map(str::to_string),
-            })]);
+            })]));
+        } else if stored_before && !session_present {
+            // The stored session was deleted just now: wait for the deletion.
+            connack_commit = Some(broker.store.submit(Vec::new()));
         }
     }
     attached.handle.set_username(username.clone());
     attached.handle.outbox.set_online(true);
 
+    let connack_at = wbuf.len();
     encode_connack(wbuf, version, session_present, ReasonCode::Success, &props);
     broker.metrics.packets_sent.add(kind::CONNACK, 1);
     broker.metrics.connections_total.inc();
@@ -383,6 +396,7 @@ pub(super) async fn accept(
         limits,
     );
     client.username = username;
+    client.gate.hold_commit(connack_at, connack_commit);
     if session_present {
         client.attach_groups();
         client.resend_inflight(wbuf);

@@ -5,7 +5,7 @@
 use super::pending::{AckQueue, Gate, OpsCommit, PendingAck, Response};
 use super::{Close, TokenBucket};
 use crate::broker::shared::Group;
-use crate::broker::{After, Broker, Staged, Subscriber};
+use crate::broker::{Broker, Staged, Subscriber};
 use crate::config::Limits;
 use crate::error::ProtocolError;
 use crate::message::Message;
@@ -74,6 +74,11 @@ pub(crate) struct Client {
     /// The limits this connection was accepted with: its CONNACK announced them, so a reload
     /// applies to later connections only.
     pub(super) limits: Arc<Limits>,
+    /// The time as the driver last told it (see `core.rs`): handlers never read a clock.
+    pub(super) now: Instant,
+    /// When the client last sent something (keep alive) and when we last wrote (write stall).
+    pub(super) last_read: Instant,
+    pub(super) last_write: Instant,
 }
 
 /// Whether a queued acknowledgement stands for a PUBLISH the Receive Maximum counts while it
@@ -141,10 +146,9 @@ impl Client {
         aliases: TopicAliases,
         limits: Arc<Limits>,
     ) -> Client {
+        let now = crate::clock::now();
         let rates = (limits.max_publish_rate, limits.max_publish_bytes_rate);
-        let bucket = |rate: u32| {
-            (rate > 0).then(|| TokenBucket::new(f64::from(rate), std::time::Instant::now()))
-        };
+        let bucket = |rate: u32| (rate > 0).then(|| TokenBucket::new(f64::from(rate), now));
         Client {
             broker,
             version,
@@ -175,6 +179,9 @@ impl Client {
             pressure: None,
             held_input: false,
             limits,
+            now,
+            last_read: now,
+            last_write: now,
         }
     }
 
@@ -191,7 +198,7 @@ impl Client {
         if self.publish_rate.is_none() && self.publish_bytes_rate.is_none() {
             return None;
         }
-        let now = std::time::Instant::now();
+        let now = self.now;
         let a = self.publish_rate.as_mut().and_then(|b| b.wait(now));
         let b = self.publish_bytes_rate.as_mut().and_then(|b| b.wait(now));
         a.max(b)
@@ -199,7 +206,7 @@ impl Client {
 
     /// Charges one PUBLISH of `size` bytes to the publish budgets.
     fn charge_publish(&mut self, size: usize) {
-        let now = std::time::Instant::now();
+        let now = self.now;
         if let Some(b) = self.publish_rate.as_mut() {
             b.take(1.0, now);
         }
@@ -358,17 +365,32 @@ impl Client {
 
     /// Sends `ack` now when nothing is ahead of it and its commit is done (the common case
     /// with the in-memory store), else queues it behind the others.
-    fn queue_ack(&mut self, commit: Commit, ack: Response, then: Vec<After>, wbuf: &mut BytesMut) {
+    fn queue_ack(
+        &mut self,
+        commit: Commit,
+        ack: Response,
+        retained: Vec<Delivery>,
+        wbuf: &mut BytesMut,
+    ) {
         if counts_against_receive_maximum(&ack) {
             self.acks.unacked_publishes += 1;
         }
         if self.acks.queue.is_empty() && matches!(commit, Commit::Done) {
             self.send_ack(&ack, wbuf);
-            for a in then {
-                a.apply(&self.broker);
-            }
+            self.queue_retained(retained);
         } else {
-            self.acks.queue.push_back(PendingAck { commit, ack, then });
+            self.acks.queue.push_back(PendingAck {
+                commit,
+                ack,
+                retained,
+            });
+        }
+    }
+
+    /// Retained messages for a subscription this client just made, after its SUBACK.
+    fn queue_retained(&self, retained: Vec<Delivery>) {
+        for d in retained {
+            self.broker.push(&self.handle, d);
         }
     }
 
@@ -447,7 +469,7 @@ impl Client {
             Some(r) if v5 => r.as_u8(),
             Some(_) => 0,
             None => {
-                let now = Instant::now();
+                let now = self.now;
                 let expiry = p.properties.message_expiry_interval;
                 let msg = Arc::new(Message {
                     id: broker.next_message_id(),
@@ -488,13 +510,10 @@ impl Client {
                     }
                 }
                 // Ack after durable: the PUBACK/PUBREC waits for the commit that stores the
-                // message for every persistent session (and the retained slot).
-                let commit = if staged.ops.is_empty() {
-                    Commit::Done
-                } else {
-                    broker.store.submit(std::mem::take(&mut staged.ops))
-                };
-                let then = std::mem::take(&mut staged.after);
+                // message for every persistent session (and the retained slot). The store, not
+                // this connection, makes those deliveries visible when the commit is done, so
+                // they happen even if this client vanishes before its acknowledgement.
+                let commit = broker.submit_staged(staged);
                 let reason = if v5 && routed.matched == 0 {
                     ReasonCode::NoMatchingSubscribers.as_u8()
                 } else {
@@ -505,7 +524,7 @@ impl Client {
                 } else {
                     Response::PubRec(p.packet_id, reason)
                 };
-                self.queue_ack(commit, ack, then, wbuf);
+                self.queue_ack(commit, ack, Vec::new(), wbuf);
                 return Ok(());
             }
         };
@@ -694,10 +713,7 @@ impl Client {
                         sub_ids.push(id);
                     }
                     let qos = options.qos.min(msg.qos);
-                    retained.push(After::Deliver(
-                        self.handle.clone(),
-                        Delivery::new(msg, qos, true, sub_ids),
-                    ));
+                    retained.push(Delivery::new(msg, qos, true, sub_ids));
                 }
             }
         }
@@ -792,9 +808,7 @@ impl Client {
                 break;
             };
             self.send_ack(&p.ack, wbuf);
-            for a in p.then {
-                a.apply(&self.broker);
-            }
+            self.queue_retained(p.retained);
         }
         Ok(())
     }
@@ -879,8 +893,14 @@ impl Client {
                 }
             }
             // The new connection owns the session (and cancels a delayed will by arriving
-            // within the delay).
-            Detached::TakenOver => {}
+            // within the delay). If this connection ended the session (expiry 0 at its close,
+            // typically a DISCONNECT read while being taken over), the new one must not
+            // continue it: it learns so from the state it is waiting for.
+            Detached::TakenOver => {
+                if self.session_expiry == 0 {
+                    state.ended = true;
+                }
+            }
         }
     }
 }

@@ -7,10 +7,15 @@
 //! Generic over the stream, so TLS and WebSocket streams slot in unchanged.
 
 mod connect;
+mod core;
+#[cfg(test)]
+mod core_tests;
 mod handlers;
 mod outbound;
 mod pending;
 mod shared;
+#[cfg(test)]
+pub(crate) mod sim;
 
 use crate::broker::Broker;
 use crate::error::ProtocolError;
@@ -34,6 +39,9 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// thousands of idle clients cost little memory.
 const READ_MIN: usize = 128;
 const READ_MAX: usize = 64 * 1024;
+/// How long a connection being taken over waits for input still on its way (see
+/// `Io::drain_input`).
+const TAKEOVER_DRAIN: Duration = Duration::from_millis(20);
 
 /// How long a connection the broker ends keeps reading (and discarding) what the client still
 /// sends after our last packet and our FIN. Closing a socket with unread input makes the kernel
@@ -387,29 +395,34 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     }
 
     /// Before handing the session over: handle what the client already sent (typically the
-    /// PUBACK it wrote just before reconnecting), so the new connection does not re-send
-    /// messages that were in fact acknowledged. Takes only what is readable right now.
-    async fn drain_input(&mut self, client: &mut Client) {
+    /// PUBACK it wrote just before reconnecting, or the DISCONNECT it sent before connecting
+    /// again), so the new connection does not re-send messages that were in fact
+    /// acknowledged, and a normal DISCONNECT is not mistaken for a lost connection (which
+    /// would publish the will, [MQTT-3.14.4-3]). Returns the close the input asked for, if
+    /// any.
+    ///
+    /// Data the client wrote before its new CONNECT is already in this socket's receive
+    /// buffer on loopback, but the runtime may not have seen it become readable yet, so each
+    /// read may wait [`TAKEOVER_DRAIN`]: long enough for the reactor to report it, short
+    /// enough not to slow the takeover of a dead connection noticeably.
+    async fn drain_input(&mut self, client: &mut Client) -> Option<Close> {
         for _ in 0..16 {
-            if client
-                .process_input(&mut self.rbuf, &mut self.wbuf)
-                .is_err()
-            {
-                return;
+            if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
+                return Some(close);
             }
             self.rbuf.reserve(READ_MIN);
-            // A zero timeout still polls the read once: data already buffered is taken,
-            // nothing is waited for.
-            match tokio::time::timeout(Duration::ZERO, self.reader.read_buf(&mut self.rbuf)).await {
+            match tokio::time::timeout(TAKEOVER_DRAIN, self.reader.read_buf(&mut self.rbuf)).await {
                 Ok(Ok(n)) if n > 0 => continue,
-                _ => {
-                    let _ = client.process_input(&mut self.rbuf, &mut self.wbuf);
-                    return;
-                }
+                _ => return client.process_input(&mut self.rbuf, &mut self.wbuf).err(),
             }
         }
+        None
     }
 
+    /// The driver: waits on whichever comes first (bytes from the client, room to write, new
+    /// deliveries, a commit completing, a timer, a takeover or shutdown) and hands it to the
+    /// core with the time. Reads and writes are separate branches, so a client that stops
+    /// reading is caught by the write-stall timer instead of stalling the task.
     async fn run(
         &mut self,
         client: &mut Client,
@@ -417,10 +430,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         mut shutdown: watch::Receiver<bool>,
     ) -> Close {
         let broker = client.broker.clone();
-        let write_timeout = Duration::from_secs(client.limits.write_timeout);
-        let keep_alive = client.keep_alive_limit();
-        let mut last_read = Instant::now();
-        let mut last_write = Instant::now();
         let timer = tokio::time::sleep(Duration::from_secs(1));
         tokio::pin!(timer);
         let mut timer_armed = false;
@@ -434,28 +443,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             return Close::Shutdown;
         }
         loop {
-            if let Err(close) = client.release_acks(&mut self.wbuf) {
+            let now = Instant::now();
+            if let Err(close) = client.poll_output(now.into_std(), &mut self.wbuf, WRITE_HIGH_WATER)
+            {
                 return close;
             }
-            client.fill_from_outbox(&mut self.wbuf, WRITE_HIGH_WATER);
-            client.flush_ops();
             // One timer covers keep alive and write stall. It is moved only when a deadline
             // earlier than the armed one appears (a stall), not on every packet: a later keep
             // alive deadline is picked up when the timer fires.
-            let mut next = keep_alive.map(|k| last_read + k);
-            if !self.wbuf.is_empty() {
-                let stall = last_write + write_timeout;
-                next = Some(next.map_or(stall, |n| n.min(stall)));
-            }
-            // A client whose in-flight window is full while messages wait, and that has sent
-            // nothing (no acknowledgement, no ping) for write_timeout, has stopped reading too:
-            // the unacknowledged data sits in the kernel's send buffer, not ours.
-            let window_stuck = !client.can_take_more() && client.has_waiting();
-            if window_stuck {
-                let stall = last_read + write_timeout;
-                next = Some(next.map_or(stall, |n| n.min(stall)));
-            }
-            if let Some(at) = next {
+            if let Some(at) = client.poll_timeout(!self.wbuf.is_empty()) {
+                let at = Instant::from_std(at);
                 if !timer_armed || at < timer.deadline() {
                     timer.as_mut().reset(at);
                     timer_armed = true;
@@ -465,7 +462,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 Some(wait) => {
                     throttle
                         .as_mut()
-                        .reset(Instant::now() + wait.max(Duration::from_millis(1)));
+                        .reset(now + wait.max(Duration::from_millis(1)));
                     true
                 }
                 None => false,
@@ -473,8 +470,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             if !throttled && client.held_input {
                 // The pause ended (e.g. back-pressure eased between two looks): handle what
                 // was held back now; waiting for the socket could wait forever.
-                last_read = Instant::now();
-                if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
+                if let Err(close) =
+                    client.handle_resume(now.into_std(), &mut self.rbuf, &mut self.wbuf)
+                {
                     return close;
                 }
                 continue;
@@ -490,14 +488,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             }
             let offered = self.rbuf.capacity() - self.rbuf.len();
             // Output behind an open gate waits for the commit that makes it safe to send.
-            let writable = client.gate.writable(self.wbuf.len());
+            let writable = client.writable(self.wbuf.len());
             let wbuf = &self.wbuf[..writable];
             let gated = client.gate.waiting();
             tokio::select! {
                 k = &mut kick, if kick_live => match k {
                     Ok(Kick::TakenOver) => {
-                        self.drain_input(client).await;
-                        return Close::TakenOver;
+                        return match self.drain_input(client).await {
+                            // The client said goodbye before it connected again.
+                            Some(close @ (Close::Normal | Close::NormalWithWill)) => close,
+                            _ => Close::TakenOver,
+                        };
                     }
                     Err(_) => kick_live = false,
                 },
@@ -507,22 +508,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     Ok(n) => {
                         broker.metrics.bytes_sent.inc_by(n as u64);
                         self.wbuf.advance(n);
-                        client.gate.advanced(n);
+                        client.handle_written(Instant::now().into_std(), n);
                         if self.wbuf.is_empty() {
                             self.wbuf.clear();
                         }
-                        last_write = Instant::now();
                     }
                     Err(_) => return Close::PeerGone("write failed"),
                 },
                 r = self.reader.read_buf(&mut self.rbuf), if can_read => match r {
                     Ok(0) => return Close::PeerGone("connection closed by peer"),
                     Ok(n) => {
-                        last_read = Instant::now();
                         if n == offered && read_size < READ_MAX {
                             read_size *= 2;
                         }
-                        if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
+                        let now = Instant::now().into_std();
+                        if let Err(close) = client.handle_input(now, &mut self.rbuf, &mut self.wbuf) {
                             return close;
                         }
                         if client.take_routed() {
@@ -536,9 +536,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 },
                 _ = &mut throttle, if throttled => {
                     // The budget refilled (or back-pressure eased): handle what was read but
-                    // held back. We chose not to read: that must not run out the keep alive.
-                    last_read = Instant::now();
-                    if let Err(close) = client.process_input(&mut self.rbuf, &mut self.wbuf) {
+                    // held back.
+                    let now = Instant::now().into_std();
+                    if let Err(close) = client.handle_resume(now, &mut self.rbuf, &mut self.wbuf) {
                         return close;
                     }
                     if client.take_routed() {
@@ -551,21 +551,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 _ = client.ops_commit.ready(), if store_behind => {}
                 _ = &mut timer, if timer_armed => {
                     timer_armed = false;
-                    let now = Instant::now();
-                    if keep_alive.is_some_and(|k| now >= last_read + k) {
-                        // [MQTT-3.1.2-24] no packet within 1.5 x Keep Alive.
-                        return Close::KeepAlive;
-                    }
-                    if !self.wbuf.is_empty() && now >= last_write + write_timeout {
-                        tracing::debug!(peer = %self.peer, "peer stopped reading");
-                        return Close::WriteStalled;
-                    }
-                    if !client.can_take_more()
-                        && client.has_waiting()
-                        && now >= last_read + write_timeout
-                    {
-                        tracing::debug!(peer = %self.peer, "peer stopped acknowledging with its window full");
-                        return Close::WriteStalled;
+                    let pending_write = !self.wbuf.is_empty();
+                    if let Err(close) = client.handle_timeout(Instant::now().into_std(), pending_write) {
+                        if let Close::WriteStalled = close {
+                            tracing::debug!(peer = %self.peer, "write stalled");
+                        }
+                        return close;
                     }
                     // Idle: give back buffer memory an idle connection does not need.
                     if self.rbuf.is_empty() && self.rbuf.capacity() > READ_MIN {

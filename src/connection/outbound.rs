@@ -38,7 +38,7 @@ impl Client {
                 self.batch = batch;
                 break;
             }
-            let now = Instant::now();
+            let now = self.now;
             for d in batch.drain(..) {
                 // A group's message was routed to the group, not to this member: its topic's
                 // owner (another client's reply topic) and the ACL are checked here.
@@ -194,8 +194,26 @@ impl Client {
 
     /// On reconnect of a session: re-send unacknowledged PUBLISHes with DUP and pending PUBRELs,
     /// in their original order and with their original packet ids ([MQTT-4.4.0-1]).
+    ///
+    /// The in-flight state re-sent here may not be stored yet: the previous connection (just
+    /// taken over, or gone a moment ago) submitted its last records, but their commit may still
+    /// be running. Sent before that, a broker crash would recover the older state and deliver
+    /// a QoS 2 message the client already has as new (or re-send a PUBLISH the client
+    /// completed): a duplicate. So the re-sends sit behind the write gate until a commit
+    /// submitted now, after all of those, is done (found by the deterministic simulation).
+    ///
+    /// Messages this connection may no longer read are not re-sent (see
+    /// [`Client::revoke_inflight`]).
     pub fn resend_inflight(&mut self, wbuf: &mut BytesMut) {
-        let now = Instant::now();
+        if self.state.inflight.is_empty() {
+            return;
+        }
+        if self.stores_session() {
+            let barrier = self.broker.store.submit(Vec::new());
+            self.gate.hold_commit(wbuf.len(), Some(barrier));
+        }
+        let released = self.revoke_inflight();
+        let now = self.now;
         let version = self.version;
         let inflight: &Inflight = &self.state.inflight;
         for (id, entry) in inflight.iter() {
@@ -221,10 +239,80 @@ impl Client {
                     self.tally.packets_out[usize::from(kind::PUBLISH)] += 1;
                 }
                 Outbound::Released(_) => {
+                    if released.contains(id) {
+                        // Sent only once its released state is stored, like any PUBREL.
+                        self.gate.hold_from(wbuf.len());
+                    }
                     encode_pub_response(wbuf, version, PUBREL, *id, 0);
                     self.tally.packets_out[usize::from(kind::PUBREL)] += 1;
                 }
             }
         }
+    }
+
+    /// Before re-sending in-flight messages: those this connection may no longer read (the ACL
+    /// was reloaded since they were sent, or the session came back under another user name)
+    /// are not sent again, and count as dropped (not_authorized):
+    /// - QoS 1: finished as if acknowledged (the receiver keeps no state for it);
+    /// - QoS 2 before PUBREC: released instead, as if PUBREC'd, so PUBREL goes in place of the
+    ///   PUBLISH. A client that did receive it (its PUBREC lost with the connection) still
+    ///   holds the packet id until PUBREL and would take a later message under the same id
+    ///   for a duplicate; one that did not answers PUBCOMP (0x92 in MQTT 5).
+    ///
+    /// A QoS 2 message already PUBREC'd always finishes (its PUBREL is re-sent): the client
+    /// has it. Returns the packet ids released here whose state is being stored (their PUBREL
+    /// waits for that commit).
+    fn revoke_inflight(&mut self) -> Vec<u16> {
+        let acl = self.broker.auth.has_acl();
+        let denied: Vec<(u16, QoS)> = self
+            .state
+            .inflight
+            .iter()
+            .filter_map(|(id, o)| match o {
+                Outbound::Published(d)
+                    if (acl || d.group.is_some())
+                        && !self.broker.auth.can_receive(
+                            self.username.as_deref(),
+                            &self.client_id,
+                            d.msg.topic.as_str(),
+                        ) =>
+                {
+                    Some((*id, d.qos))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut released = Vec::new();
+        for (id, qos) in denied {
+            self.broker.metrics.dropped_not_authorized.inc();
+            if qos == QoS::AtLeastOnce {
+                // A QoS 1 entry, so never a `WrongAck`.
+                if let Ok(Some(d)) = self.state.inflight.on_puback(id) {
+                    self.stage_inflight_done(id);
+                    self.group_delivery_done(&d, true, true);
+                }
+                continue;
+            }
+            // As `handle_pubrec` does for a PUBREC with reason 0.
+            if let Some(Outbound::Published(d)) = self.state.inflight.get(id) {
+                let d = d.clone();
+                self.group_delivery_done(&d, true, false);
+            }
+            // A QoS 2 entry still Published, so never a `WrongAck`.
+            let _ = self.state.inflight.on_pubrec(id, 0);
+            if self.stores_session() {
+                if let Some(Outbound::Released(d)) = self.state.inflight.get(id) {
+                    if d.stored {
+                        let rec = inflight_record(id, d, true);
+                        self.pending_ops.push(Op::PutInflight {
+                            session_id: self.handle.id,
+                            rec,
+                        });
+                        released.push(id);
+                    }
+                }
+            }
+        }
+        released
     }
 }

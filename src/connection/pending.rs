@@ -1,7 +1,7 @@
 //! What waits before it may go out: acknowledgements behind their commits, output behind the
 //! QoS 2 write gate, and a connection's outstanding bookkeeping submits.
 
-use crate::broker::After;
+use crate::outbox::Delivery;
 use crate::storage::Commit;
 use bytes::BytesMut;
 use std::collections::VecDeque;
@@ -12,9 +12,11 @@ use std::time::Duration;
 pub(crate) struct PendingAck {
     pub(crate) commit: Commit,
     pub(crate) ack: Response,
-    /// Deliveries that become visible once the commit is done (durable deliveries of a
-    /// PUBLISH; retained messages after a SUBACK).
-    pub(crate) then: Vec<After>,
+    /// Retained messages for this client's own new subscription, queued right after its
+    /// SUBACK. They are this connection's: if it vanishes first, the client never saw the
+    /// SUBACK and subscribes again. (Deliveries to *other* sessions never wait here; the store
+    /// applies them with the commit, see `Broker::submit_staged`.)
+    pub(crate) retained: Vec<Delivery>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,9 +73,31 @@ pub(crate) struct Gate {
     pub(crate) needs_submit: bool,
     /// The submit that covers everything held (commits complete in order).
     pub(crate) commit: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// That commit failed: what is held can never go out, and the connection is closed
+    /// (`Close::StorageFailed`).
+    pub(crate) failed: bool,
 }
 
 impl Gate {
+    /// Holds output from `offset` on until `commit` is done (a commit submitted by someone
+    /// else than `flush_ops`, e.g. the session record CONNACK describes). Commits complete in
+    /// submission order, so the newest one covers everything held.
+    pub(crate) fn hold_commit(&mut self, offset: usize, commit: Option<Commit>) {
+        match commit {
+            None | Some(Commit::Done) => {}
+            Some(Commit::Pending(rx)) => {
+                self.hold_from(offset);
+                self.needs_submit = false;
+                self.commit = Some(rx);
+            }
+            Some(Commit::Failed) => {
+                self.hold_from(offset);
+                self.needs_submit = false;
+                self.failed = true;
+            }
+        }
+    }
+
     /// Call before encoding a packet that must wait for the next submit.
     pub(crate) fn hold_from(&mut self, offset: usize) {
         if self.start.is_none() {
@@ -99,13 +123,44 @@ impl Gate {
         self.commit.is_some()
     }
 
+    /// The covering commit is done: what it covers may go. Unless more gated output came
+    /// after it was submitted and waits for the next submit (`needs_submit`): the record
+    /// that output depends on is not even submitted yet, so everything stays held until
+    /// that next commit (found by the deterministic simulation: a PUBREL sent before its
+    /// in-flight record was stored, so a crash brought the message back as new).
+    fn release_held(&mut self) {
+        if !self.needs_submit {
+            self.start = None;
+        }
+    }
+
+    /// Without waiting: if the covering commit is done, everything held may go. (A sans-IO
+    /// driver calls this through `poll_output`; the tokio driver also awaits [`Gate::ready`].)
+    pub fn poll(&mut self) {
+        if let Some(rx) = &mut self.commit {
+            match rx.try_recv() {
+                Ok(()) => {
+                    self.commit = None;
+                    self.release_held();
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    self.commit = None;
+                    self.failed = true;
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+        }
+    }
+
     /// Resolves when the covering commit is done; then everything held may go.
     pub async fn ready(&mut self) {
         if let Some(rx) = &mut self.commit {
             let ok = rx.await.is_ok();
             self.commit = None;
             if ok {
-                self.start = None;
+                self.release_held();
+            } else {
+                self.failed = true;
             }
         }
     }

@@ -202,6 +202,11 @@ pub struct SessionState {
     pub inbound_qos2: HashSet<u16>,
     /// Next send order for in-flight records (kept so re-sends after a restart keep order).
     pub next_order: u64,
+    /// The connection that held this state last ended the session (Session Expiry 0 when it
+    /// closed, e.g. a v5 DISCONNECT setting it to 0) but had already been taken over, so the
+    /// registry entry was no longer its to remove. The connection that waited for this state
+    /// starts a new session instead of continuing this one (Session Present 0).
+    pub ended: bool,
 }
 
 impl SessionState {

@@ -97,6 +97,8 @@ pub struct SessionStats {
     pub queued: usize,
     /// QoS 1/2 messages sent and not yet acknowledged.
     pub inflight: usize,
+    /// Places reserved in session queues whose commit has not settled.
+    pub reservations_open: usize,
     /// Sessions whose queue holds at most `QUEUE_DEPTH_BUCKETS[i]` messages (cumulative).
     pub depth: [usize; QUEUE_DEPTH_BUCKETS.len()],
 }
@@ -217,9 +219,12 @@ impl Registry {
                 }
             }
         };
-        let state = tokio::time::timeout(wait, state.lock_owned())
+        let mut state = tokio::time::timeout(wait, state.lock_owned())
             .await
             .map_err(|_| AttachError::Busy)?;
+        // Decided again now that the previous connection has let go: it may have read a
+        // DISCONNECT that ended the session after we kicked it.
+        let existed = existed && !std::mem::take(&mut state.ended);
         Ok(Attached {
             handle,
             state,
@@ -247,7 +252,7 @@ impl Registry {
         entry.expires_at = if expiry == u32::MAX {
             None
         } else {
-            Some(Instant::now() + Duration::from_secs(u64::from(expiry)))
+            Some(crate::clock::now() + Duration::from_secs(u64::from(expiry)))
         };
         Detached::Kept
     }
@@ -386,6 +391,7 @@ impl Registry {
             let inflight = h.inflight.load(Ordering::Relaxed);
             st.queued += queued;
             st.inflight += inflight;
+            st.reservations_open += h.outbox.open_reservations();
             for (i, le) in QUEUE_DEPTH_BUCKETS.iter().enumerate() {
                 if queued <= *le {
                     st.depth[i] += 1;

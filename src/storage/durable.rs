@@ -427,6 +427,9 @@ mod keys {
 struct Request {
     ops: Vec<Op>,
     done: oneshot::Sender<()>,
+    /// Run by the storage thread once the batch holding `ops` is durable, before `done`
+    /// resolves; run as failed if the request is dropped unapplied.
+    then: super::OnCommit,
 }
 
 /// The durable store. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -525,11 +528,18 @@ impl DurableStore {
     /// the caller must not acknowledge. After a failed commit the store accepts no more
     /// writes (its reference counts can no longer be trusted); the error is logged once.
     pub fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<()> {
+        self.submit_then(ops, super::OnCommit::none())
+    }
+
+    /// [`DurableStore::submit`] with effects the storage thread runs once the ops are durable
+    /// (before the receiver resolves), or as failed when they are not.
+    pub fn submit_then(&self, ops: Vec<Op>, then: super::OnCommit) -> oneshot::Receiver<()> {
         let (done, rx) = oneshot::channel();
         let tx = self.tx.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = tx.as_ref() {
-            // A send error means the thread is gone; dropping `done` tells the caller.
-            let _ = tx.send(Request { ops, done });
+            // A send error means the thread is gone; dropping the request (its `done` and its
+            // effects) tells the caller and releases what the effects held.
+            let _ = tx.send(Request { ops, done, then });
         }
         rx
     }

@@ -123,13 +123,23 @@ pub struct InflightRecord {
 }
 
 impl StoredMessage {
-    /// Rebuilds the broker's message, turning the wall-clock deadline into an `Instant`
-    /// (a deadline already past becomes `now_instant`, i.e. expired).
+    /// Rebuilds the broker's message, turning the wall-clock deadline into an `Instant`. A
+    /// deadline already past stays in the past (by as much as it is past): a reader whose own
+    /// "now" was taken a moment before this one must still see it expired.
     pub fn to_message(&self, now_instant: Instant, now_unix_ms: u64) -> Message {
         let expires_at = self.expires_at_ms.and_then(|at| {
-            let left = Duration::from_millis(at.saturating_sub(now_unix_ms));
+            if at <= now_unix_ms {
+                let ago = Duration::from_millis(now_unix_ms - at);
+                // Clamped at `now_instant - ago` being unrepresentable (just after boot):
+                // one millisecond before is still in the past for any later reader.
+                return Some(
+                    now_instant
+                        .checked_sub(ago.max(Duration::from_millis(1)))
+                        .unwrap_or(now_instant),
+                );
+            }
             // An unrepresentable deadline is far enough away to mean "never".
-            now_instant.checked_add(left)
+            now_instant.checked_add(Duration::from_millis(at - now_unix_ms))
         });
         Message {
             id: self.id,
@@ -656,13 +666,16 @@ mod tests {
         // Stored deadline 1_700_000_000_000 is far in this clock's future.
         assert!(live.expires_at.is_some_and(|d| d > now));
         assert_eq!(StoredMessage::from_message(&live, now, now_ms), m);
-        // Already expired: deadline now.
+        // Already expired: the deadline stays in the past, so a reader whose clock was read
+        // a moment earlier also sees it expired.
         let old = StoredMessage {
-            expires_at_ms: Some(5),
+            expires_at_ms: Some(now_ms - 500),
             ..m.clone()
         };
         let live = old.to_message(now, now_ms);
-        assert_eq!(live.expires_at, Some(now));
+        let earlier = now.checked_sub(Duration::from_millis(10)).unwrap_or(now);
+        assert!(live.expires_at.is_some_and(|d| d < now));
+        assert!(live.is_expired(earlier) || earlier == now);
         assert!(live.is_expired(now));
         let never = StoredMessage {
             expires_at_ms: None,

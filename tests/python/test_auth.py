@@ -16,6 +16,7 @@ import pytest
 import mqttraw as mr
 from conftest import TERN_BIN
 from mqttraw import PUBLISH, V311, V5, uid
+from pahoutil import metric
 
 VERSIONS = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
 
@@ -82,14 +83,15 @@ def env(make_broker, tmp_path):
             self.passwd = tmp_path / "passwd"
             self.acl = tmp_path / "acl"
 
-        def start(self, acl=None, users=("alice", "bob"), allow_anonymous=False):
+        def start(self, acl=None, users=("alice", "bob"), allow_anonymous=False,
+                  overrides=None):
             for u in users:
                 tern_passwd(self.passwd, u, USERS[u])
             auth = {"allow_anonymous": allow_anonymous, "password_file": str(self.passwd)}
             if acl is not None:
                 write(self.acl, acl)
                 auth["acl_file"] = str(self.acl)
-            self.broker = make_broker({"auth": auth})
+            self.broker = make_broker(dict(overrides or {}, auth=auth))
             return self.broker
 
         def client(self, version, user=None, password=None, expect_rc=0, cid=None, **kw):
@@ -503,6 +505,83 @@ def test_sighup_applies_to_messages_queued_for_offline_session(env, version):
     assert carol.connack.session_present is True, carol.connack
     expect_next(carol, "a/open", b"queued-open")
     carol.assert_silent(0.5)
+
+
+def dropped_not_authorized(b):
+    return metric(b, "tern_messages_dropped_total", {"reason": "not_authorized"})
+
+
+@pytest.mark.parametrize("durability", ["os", "memory"])
+@pytest.mark.parametrize("filt", ["a/#", "$share/g/a/#"], ids=["plain", "shared"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sighup_applies_to_in_flight_messages_resent_on_reconnect(env, version, filt, durability):
+    """A reload that revokes read access also covers messages that were sent but not
+    acknowledged when the client went away: on its return the broker does not re-send them
+    (QoS 1 unacknowledged, QoS 2 before PUBREC; counted as dropped, not_authorized). The
+    exchanges it must finish still go: the PUBREL of a QoS 2 message the client already
+    PUBREC'd, and the DUP re-send of a message the client may still read. A revoked QoS 2
+    message may be closed with a PUBREL (frees the packet id a client that did get it still
+    holds), never re-sent as a PUBLISH."""
+    b = env.start(ACL_QUEUE_BEFORE, users=("alice", "carol"),
+                  overrides={"storage": {"durability": durability}})
+    cid = uid("carol-inflight")
+    kw = dict(clean=False)
+    if version == V5:
+        kw["properties"] = {mr.SESSION_EXPIRY_INTERVAL: 300}
+    carol = env.client(version, "carol", cid=cid, **kw)
+    assert carol.subscribe([(filt, 2)], pid=1).codes == [2]
+    alice = env.client(version, "alice")
+
+    def sent_to_carol(topic, payload, qos, pid):
+        assert publish_rc(alice, topic, payload, qos, pid) in (0, 0x10)
+        p, _ = carol.recv_until(lambda p: p.type == PUBLISH)
+        assert (p.topic, p.payload, p.qos) == (topic, payload, qos), p
+        return p
+
+    sent_to_carol("a/open", b"open-1", 1, 1)            # not acknowledged; still readable
+    sent_to_carol("a/secret", b"secret-1", 1, 2)        # not acknowledged
+    q2_sent = sent_to_carol("a/secret", b"secret-2", 2, 3)  # no PUBREC
+    q2_recd = sent_to_carol("a/secret", b"secret-3", 2, 4)  # PUBREC'd, PUBREL seen, no PUBCOMP
+    carol.send(mr.pubrec(q2_recd.pid, version))
+    assert carol.expect_ack(mr.PUBREL).pid == q2_recd.pid
+    time.sleep(0.2)  # let the broker store the PUBREL state
+    carol.abort()
+    time.sleep(0.2)  # let the broker finish closing carol's connection
+    dropped_before = dropped_not_authorized(b)
+
+    write(env.acl, ACL_QUEUE_AFTER)
+    b.proc.send_signal(signal.SIGHUP)
+    wait_log(b, RELOADED, 1)
+
+    carol = env.client(version, "carol", cid=cid, **kw)
+    assert carol.connack.session_present is True, carol.connack
+    got = carol.collect(1.0)
+    leaked = [p for p in got if p.type == PUBLISH and p.topic == "a/secret"]
+    assert not leaked, f"revoked in-flight messages re-sent after the reload: {leaked!r}"
+    opened = [p for p in got if p.type == PUBLISH]
+    assert [(p.topic, p.payload) for p in opened] == [("a/open", b"open-1")], got
+    rels = [p.pid for p in got if p.type == mr.PUBREL]
+    assert q2_recd.pid in rels, f"PUBREL of a PUBREC'd message not re-sent: {got!r}"
+    assert set(rels) <= {q2_recd.pid, q2_sent.pid}, got
+    assert len(got) == len(opened) + len(rels), got
+    for p in opened:
+        carol.ack_publish(p)
+    for pid in rels:
+        carol.send(mr.pubcomp(pid, version))
+    # Both revoked messages that were not finished count as dropped, not authorized.
+    deadline = time.monotonic() + 5
+    while dropped_not_authorized(b) - dropped_before < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dropped_not_authorized(b) - dropped_before == 2
+
+    # The session goes on: packet ids freed by the dropped messages are reused safely.
+    for i in range(4):
+        payload = b"after-%d" % i
+        assert publish_rc(alice, "a/open", payload, 2, 10 + i) == 0
+        expect_next(carol, "a/open", payload)
+    assert publish_rc(alice, "a/secret", b"after-secret", 1, 20) in (0, 0x10)
+    carol.assert_silent(0.3)
+    assert carol.ping().type == mr.PINGRESP
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -593,3 +593,66 @@ pub(super) fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Effects travel with their commit: they run on the storage thread, in submission order,
+/// before the submitter's receiver resolves, whether or not anybody still waits for it.
+#[test]
+fn effects_run_in_order_before_the_receiver_even_without_a_waiter() {
+    use crate::storage::{OnCommit, Outcome};
+    let dir = TempDir::new("effects");
+    let (store, _) = open(&dir);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut receivers = Vec::new();
+    for i in 0..50u64 {
+        let l = log.clone();
+        let rx = store.submit_then(
+            vec![
+                Op::PutMessage(msg(i + 1)),
+                Op::Enqueue {
+                    session_id: 1,
+                    seq: i + 1,
+                    entry: entry(i + 1),
+                },
+            ],
+            OnCommit::new(move |o| l.lock().expect("log").push((i, o))),
+        );
+        if i % 2 == 0 {
+            // The submitter vanished: its receiver is gone, its effect must still run.
+            drop(rx);
+        } else {
+            receivers.push((i, rx));
+        }
+    }
+    for (i, rx) in receivers {
+        wait(rx);
+        let seen = log.lock().expect("log").len() as u64;
+        assert!(seen > i, "effect {i} ran before its receiver resolved");
+    }
+    store.close();
+    let log = log.lock().expect("log").clone();
+    let expected: Vec<(u64, Outcome)> = (0..50).map(|i| (i, Outcome::Durable)).collect();
+    assert_eq!(log, expected);
+}
+
+/// A submit that cannot be stored (the store is closed) runs its effects as failed: what
+/// they hold is released, never left waiting.
+#[test]
+fn effects_of_a_submit_that_cannot_be_stored_run_as_failed() {
+    use crate::storage::{OnCommit, Outcome};
+    let dir = TempDir::new("effects-failed");
+    let (store, _) = open(&dir);
+    store.close();
+    let seen = Arc::new(Mutex::new(None));
+    let s = seen.clone();
+    let rx = store.submit_then(
+        vec![Op::PutMessage(msg(1))],
+        OnCommit::new(move |o| *s.lock().expect("seen") = Some(o)),
+    );
+    assert!(rx.blocking_recv().is_err(), "nothing was stored");
+    assert_eq!(*seen.lock().expect("seen"), Some(Outcome::Failed));
+    // Dropping an effect that never ran counts as a failure too.
+    let s = seen.clone();
+    *seen.lock().expect("seen") = None;
+    drop(OnCommit::new(move |o| *s.lock().expect("seen") = Some(o)));
+    assert_eq!(*seen.lock().expect("seen"), Some(Outcome::Failed));
+}

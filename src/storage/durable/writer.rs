@@ -108,7 +108,7 @@ impl Writer {
                     let ops = req.ops.len() as u64;
                     self.apply_submit(req.ops)?;
                     self.stats.ops.fetch_add(ops, Ordering::Relaxed);
-                    waiters.push(req.done);
+                    waiters.push((req.done, req.then));
                 }
                 self.commit()
             })();
@@ -125,12 +125,18 @@ impl Writer {
                             self.mode != PersistMode::Buffer,
                         );
                     }
-                    for done in waiters {
+                    for (done, then) in waiters {
+                        // Effects first (in submission order), so whatever the submitter
+                        // acknowledges on `done` is already visible to its subscribers; they
+                        // run whether or not the submitter is still there to wait.
+                        then.run(crate::storage::Outcome::Durable);
                         // The submitter may have stopped waiting; nothing to do then.
                         let _ = done.send(());
                     }
                 }
                 Err(e) => {
+                    // Dropping `waiters` runs their effects as failed (reservations released).
+                    drop(waiters);
                     self.overlay = Default::default();
                     self.touched.clear();
                     tracing::error!(error = %e,
