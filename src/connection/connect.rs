@@ -19,16 +19,23 @@ use tokio::sync::oneshot;
 /// How long a new connection waits for a previous one with the same ClientId to let go.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
+/// Refuses the connection with a CONNACK carrying `reason`, unless even that bare CONNACK is
+/// larger than the client's Maximum Packet Size `max_out` ([MQTT-3.1.2-24]): then the
+/// connection is closed without it.
 fn refuse(
     broker: &Broker,
     wbuf: &mut BytesMut,
     version: ProtocolVersion,
+    max_out: usize,
     reason: ReasonCode,
     peer: SocketAddr,
     why: &str,
 ) -> Option<Client> {
-    encode_connack(wbuf, version, false, reason, &Properties::default());
-    broker.metrics.packets_sent.add(kind::CONNACK, 1);
+    let props = Properties::default();
+    if connack_size(version, &props) <= max_out {
+        encode_connack(wbuf, version, false, reason, &props);
+        broker.metrics.packets_sent.add(kind::CONNACK, 1);
+    }
     if matches!(
         reason,
         ReasonCode::NotAuthorized
@@ -58,6 +65,47 @@ fn assign_client_id(conn_id: u64) -> String {
     format!("tern-{epoch:x}-{conn_id:x}")
 }
 
+/// Makes a success CONNACK fit the client's Maximum Packet Size `max` ([MQTT-3.1.2-24]) by
+/// leaving out, in this order, what the client can do without:
+///
+/// 1. Reason String and User Properties (never set today; [MQTT-3.2.2-19], [MQTT-3.2.2-20]);
+/// 2. Response Information (the server may always leave it out);
+/// 3. properties that only restate their default (Wildcard Subscription, Subscription
+///    Identifier and Shared Subscription Available = 1, Retain Available = 1);
+/// 4. Topic Alias Maximum: without it the client may use no aliases (the caller then accepts
+///    none either).
+///
+/// What changes how the client must behave (Receive Maximum, Maximum Packet Size, Maximum QoS,
+/// Retain Available = 0, Session Expiry Interval, Server Keep Alive, Assigned Client
+/// Identifier) is never dropped: returns false when the CONNACK does not fit without it, and
+/// the connection is then closed without a CONNACK.
+fn fit_connack(props: &mut Properties, max: usize) -> bool {
+    let fits = |p: &Properties| connack_size(ProtocolVersion::V5, p) <= max;
+    let drops: [fn(&mut Properties); 8] = [
+        |p| p.reason_string = None,
+        |p| p.user_properties.clear(),
+        |p| p.response_information = None,
+        |p| {
+            p.wildcard_subscription_available =
+                p.wildcard_subscription_available.filter(|&v| v != 1)
+        },
+        |p| {
+            p.subscription_identifier_available =
+                p.subscription_identifier_available.filter(|&v| v != 1)
+        },
+        |p| p.shared_subscription_available = p.shared_subscription_available.filter(|&v| v != 1),
+        |p| p.retain_available = p.retain_available.filter(|&v| v != 1),
+        |p| p.topic_alias_maximum = None,
+    ];
+    for drop in drops {
+        if fits(props) {
+            return true;
+        }
+        drop(props);
+    }
+    fits(props)
+}
+
 /// Handles CONNECT. On success the CONNACK (and any re-sent in-flight messages) are in `wbuf`
 /// and the session is attached; on refusal `wbuf` holds the refusing CONNACK.
 pub(super) async fn accept(
@@ -76,6 +124,11 @@ pub(super) async fn accept(
     let c = *c;
     let version = c.version;
     let v5 = version.is_v5();
+    // The client's Maximum Packet Size: nothing larger may be sent to it ([MQTT-3.1.2-24]).
+    let max_out = c
+        .properties
+        .maximum_packet_size
+        .map_or(usize::MAX, |m| m as usize);
 
     if v5 && c.properties.authentication_method.is_some() {
         // No enhanced authentication methods are supported.
@@ -83,6 +136,7 @@ pub(super) async fn accept(
             broker,
             wbuf,
             version,
+            max_out,
             ReasonCode::BadAuthenticationMethod,
             peer,
             "unsupported authentication method",
@@ -103,6 +157,7 @@ pub(super) async fn accept(
                     broker,
                     wbuf,
                     version,
+                    max_out,
                     ReasonCode::NotAuthorized,
                     peer,
                     "anonymous clients are not allowed",
@@ -114,6 +169,7 @@ pub(super) async fn accept(
                     broker,
                     wbuf,
                     version,
+                    max_out,
                     ReasonCode::BadUserNameOrPassword,
                     peer,
                     "bad user name or password",
@@ -132,6 +188,7 @@ pub(super) async fn accept(
                 broker,
                 wbuf,
                 version,
+                max_out,
                 ReasonCode::TopicNameInvalid,
                 peer,
                 "will topic over limits.max_topic_length or limits.max_topic_levels",
@@ -145,6 +202,7 @@ pub(super) async fn accept(
                 broker,
                 wbuf,
                 version,
+                max_out,
                 ReasonCode::NotAuthorized,
                 peer,
                 "will topic not authorised",
@@ -154,12 +212,26 @@ pub(super) async fn accept(
     let conn_id = broker.next_connection_id();
     let mut assigned = None;
     let client_id: Arc<str> = if c.client_id.is_empty() {
+        if version == ProtocolVersion::V3_1 {
+            // MQTT 3.1 §3.1: the Client Identifier must be 1 to 23 characters; 3.1 has no
+            // server-assigned identifiers. (Longer ones are accepted, as 3.1.1 allows.)
+            return refuse(
+                broker,
+                wbuf,
+                version,
+                max_out,
+                ReasonCode::ClientIdentifierNotValid,
+                peer,
+                "empty client id from an MQTT 3.1 client",
+            );
+        }
         if !v5 && !c.clean_start {
             // [MQTT-3.1.3-8]
             return refuse(
                 broker,
                 wbuf,
                 version,
+                max_out,
                 ReasonCode::ClientIdentifierNotValid,
                 peer,
                 "empty client id with a persistent session",
@@ -188,6 +260,45 @@ pub(super) async fn accept(
         server_keep_alive = Some(keep_alive);
     }
 
+    let mut props = Properties::default();
+    if v5 {
+        let cfg = &broker.config;
+        if session_expiry != requested_expiry {
+            props.session_expiry_interval = Some(session_expiry);
+        }
+        props.receive_maximum = Some(limits.receive_maximum);
+        if cfg.mqtt.max_qos < 2 {
+            props.maximum_qos = Some(cfg.mqtt.max_qos);
+        }
+        props.retain_available = Some(u8::from(cfg.mqtt.retain_available));
+        props.maximum_packet_size = Some(limits.max_packet_size);
+        props.assigned_client_identifier = assigned.map(MqttStr::from);
+        if cfg.mqtt.topic_alias_maximum > 0 {
+            props.topic_alias_maximum = Some(cfg.mqtt.topic_alias_maximum);
+        }
+        props.wildcard_subscription_available = Some(1);
+        props.subscription_identifier_available = Some(1);
+        props.shared_subscription_available = Some(1);
+        props.server_keep_alive = server_keep_alive;
+        if c.properties.request_response_information == Some(1) {
+            props.response_information = broker
+                .auth
+                .response_information(&client_id)
+                .map(MqttStr::from);
+        }
+    }
+    if v5 && !fit_connack(&mut props, max_out) {
+        // [MQTT-3.1.2-24] even the CONNACK without its optional properties is larger than the
+        // client accepts: close without one (before attaching, so no session is touched).
+        broker.metrics.refused_protocol.inc();
+        tracing::info!(
+            %peer,
+            max_packet_size = max_out,
+            "connection refused: CONNACK larger than the client's Maximum Packet Size, not sent"
+        );
+        return None;
+    }
+
     let mut attached = match broker
         .registry
         .attach(&client_id, conn_id, session_expiry, kick, TAKEOVER_WAIT)
@@ -203,6 +314,7 @@ pub(super) async fn accept(
                 broker,
                 wbuf,
                 version,
+                max_out,
                 ReasonCode::ServerBusy,
                 peer,
                 &e.to_string(),
@@ -248,33 +360,6 @@ pub(super) async fn accept(
     attached.handle.set_username(username.clone());
     attached.handle.outbox.set_online(true);
 
-    let mut props = Properties::default();
-    if v5 {
-        let cfg = &broker.config;
-        if session_expiry != requested_expiry {
-            props.session_expiry_interval = Some(session_expiry);
-        }
-        props.receive_maximum = Some(limits.receive_maximum);
-        if cfg.mqtt.max_qos < 2 {
-            props.maximum_qos = Some(cfg.mqtt.max_qos);
-        }
-        props.retain_available = Some(u8::from(cfg.mqtt.retain_available));
-        props.maximum_packet_size = Some(limits.max_packet_size);
-        props.assigned_client_identifier = assigned.map(MqttStr::from);
-        if cfg.mqtt.topic_alias_maximum > 0 {
-            props.topic_alias_maximum = Some(cfg.mqtt.topic_alias_maximum);
-        }
-        props.wildcard_subscription_available = Some(1);
-        props.subscription_identifier_available = Some(1);
-        props.shared_subscription_available = Some(1);
-        props.server_keep_alive = server_keep_alive;
-        if c.properties.request_response_information == Some(1) {
-            props.response_information = broker
-                .auth
-                .response_information(&client_id)
-                .map(MqttStr::from);
-        }
-    }
     let connack_at = wbuf.len();
     encode_connack(wbuf, version, session_present, ReasonCode::Success, &props);
     broker.metrics.packets_sent.add(kind::CONNACK, 1);
@@ -283,13 +368,11 @@ pub(super) async fn accept(
     let window = usize::from(limits.max_inflight).min(usize::from(
         c.properties.receive_maximum.unwrap_or(u16::MAX),
     ));
-    let max_packet_out = c
-        .properties
-        .maximum_packet_size
-        .map_or(usize::MAX, |m| m as usize);
+    let max_packet_out = max_out;
     let aliases = if v5 {
+        // What CONNACK announced (none when it had to be left out to fit).
         TopicAliases::new(
-            broker.config.mqtt.topic_alias_maximum,
+            props.topic_alias_maximum.unwrap_or(0),
             c.properties.topic_alias_maximum.unwrap_or(0),
         )
     } else {
@@ -319,4 +402,106 @@ pub(super) async fn accept(
         client.resend_inflight(wbuf);
     }
     Some(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Tern's CONNACK carries with the default configuration.
+    fn full() -> Properties {
+        Properties {
+            receive_maximum: Some(1024),
+            retain_available: Some(1),
+            maximum_packet_size: Some(1_048_576),
+            topic_alias_maximum: Some(64),
+            wildcard_subscription_available: Some(1),
+            subscription_identifier_available: Some(1),
+            shared_subscription_available: Some(1),
+            response_information: Some(MqttStr::from("reply/a-client")),
+            ..Properties::default()
+        }
+    }
+
+    fn size(p: &Properties) -> usize {
+        connack_size(ProtocolVersion::V5, p)
+    }
+
+    #[test]
+    fn a_connack_that_fits_is_left_alone() {
+        let mut p = full();
+        assert!(fit_connack(&mut p, size(&full())));
+        assert_eq!(p, full());
+        assert!(fit_connack(&mut p, usize::MAX));
+        assert_eq!(p, full());
+    }
+
+    #[test]
+    fn optional_properties_go_first_in_order() {
+        // One byte short: Response Information goes, nothing else.
+        let mut p = full();
+        assert!(fit_connack(&mut p, size(&full()) - 1));
+        assert_eq!(p.response_information, None);
+        assert_eq!(
+            Properties {
+                response_information: None,
+                ..full()
+            },
+            p
+        );
+        // Then the properties that restate their defaults, Topic Alias Maximum last.
+        let essential = Properties {
+            receive_maximum: Some(1024),
+            maximum_packet_size: Some(1_048_576),
+            ..Properties::default()
+        };
+        let mut p = full();
+        let with_aliases = Properties {
+            topic_alias_maximum: Some(64),
+            ..essential.clone()
+        };
+        assert!(fit_connack(&mut p, size(&with_aliases)));
+        assert_eq!(p, with_aliases);
+        let mut p = full();
+        assert!(fit_connack(&mut p, size(&essential)));
+        assert_eq!(p, essential);
+    }
+
+    #[test]
+    fn reason_string_and_user_properties_are_dropped_before_anything_else() {
+        let mut p = Properties {
+            reason_string: Some(MqttStr::from("why")),
+            user_properties: vec![(MqttStr::from("k"), MqttStr::from("v"))],
+            ..full()
+        };
+        assert!(fit_connack(&mut p, size(&full())));
+        assert_eq!(p, full());
+    }
+
+    #[test]
+    fn what_the_client_must_know_is_never_dropped() {
+        let essential = Properties {
+            receive_maximum: Some(10),
+            maximum_packet_size: Some(1024),
+            maximum_qos: Some(1),
+            retain_available: Some(0),
+            session_expiry_interval: Some(60),
+            server_keep_alive: Some(30),
+            assigned_client_identifier: Some(MqttStr::from("tern-1-2")),
+            ..Properties::default()
+        };
+        let mut p = Properties {
+            wildcard_subscription_available: Some(1),
+            topic_alias_maximum: Some(64),
+            ..essential.clone()
+        };
+        assert!(fit_connack(&mut p, size(&essential)));
+        assert_eq!(
+            p, essential,
+            "Retain Available = 0 stays: it is not the default"
+        );
+        let mut p = essential.clone();
+        assert!(!fit_connack(&mut p, size(&essential) - 1));
+        assert_eq!(p, essential, "nothing essential was dropped trying");
+    }
 }

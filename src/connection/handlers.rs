@@ -12,7 +12,7 @@ use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::*;
 use crate::session::registry::{Detached, SessionHandle};
-use crate::session::{Outbound, PubRecAction, SessionState, Subscription, TopicAliases};
+use crate::session::{Outbound, PubRecAction, SessionState, Subscription, TopicAliases, WrongAck};
 use crate::storage::record::{
     unix_now_ms, InflightRecord, QueueEntry, SessionRecord, SubscriptionRecord, WillRecord,
 };
@@ -90,6 +90,12 @@ fn counts_against_receive_maximum(ack: &Response) -> bool {
         Response::PubRec(_, reason) => *reason >= 0x80,
         _ => false,
     }
+}
+
+/// An acknowledgement of the wrong kind for its message (PUBCOMP for QoS 1, PUBACK for QoS 2,
+/// ...) is a protocol error: v5 DISCONNECT 0x82, 3.x close.
+fn wrong_ack(e: WrongAck) -> Close {
+    Close::Protocol(ProtocolError::Protocol(e.0))
 }
 
 /// How often a publisher paused by back-pressure looks at the queue again.
@@ -257,22 +263,31 @@ impl Client {
         match packet {
             Packet::Publish(p) => self.handle_publish(p, wbuf).map_err(Close::Protocol),
             Packet::PubAck(a) => {
-                if let Some(d) = self.state.inflight.on_puback(a.packet_id) {
+                // An id not in flight is a late or repeated PUBACK: nothing to do.
+                if let Some(d) = self
+                    .state
+                    .inflight
+                    .on_puback(a.packet_id)
+                    .map_err(wrong_ack)?
+                {
                     self.stage_inflight_done(a.packet_id);
                     self.group_delivery_done(&d, true, true);
                 }
                 Ok(())
             }
-            Packet::PubRec(a) => {
-                self.handle_pubrec(a, wbuf);
-                Ok(())
-            }
+            Packet::PubRec(a) => self.handle_pubrec(a, wbuf),
             Packet::PubRel(a) => {
                 self.handle_pubrel(a, wbuf);
                 Ok(())
             }
             Packet::PubComp(a) => {
-                if let Some(d) = self.state.inflight.on_pubcomp(a.packet_id) {
+                // An id not in flight is a late or repeated PUBCOMP: nothing to do.
+                if let Some(d) = self
+                    .state
+                    .inflight
+                    .on_pubcomp(a.packet_id)
+                    .map_err(wrong_ack)?
+                {
                     self.stage_inflight_done(a.packet_id);
                     self.group_delivery_done(&d, false, true);
                 }
@@ -538,17 +553,23 @@ impl Client {
         Ok(())
     }
 
-    fn handle_pubrec(&mut self, a: PubResponse, wbuf: &mut BytesMut) {
+    fn handle_pubrec(&mut self, a: PubResponse, wbuf: &mut BytesMut) -> Result<(), Close> {
         // A shared subscription delivery: the group learns the outcome below.
         let group_delivery = match self.state.inflight.get(a.packet_id) {
             Some(Outbound::Published(d)) if d.group.is_some() => Some(d.clone()),
             _ => None,
         };
+        // Checked before the group hears of it: a PUBREC for a QoS 1 message settles nothing.
+        let action = self
+            .state
+            .inflight
+            .on_pubrec(a.packet_id, a.reason)
+            .map_err(wrong_ack)?;
         if let Some(d) = &group_delivery {
             // PUBREC (accepted or refused) settles where the message is: not back to the group.
             self.group_delivery_done(d, true, a.reason >= 0x80);
         }
-        match self.state.inflight.on_pubrec(a.packet_id, a.reason) {
+        match action {
             PubRecAction::SendPubRel(reason) => {
                 if reason == 0 && self.stores_session() {
                     if let Some(Outbound::Released(d)) = self
@@ -570,6 +591,7 @@ impl Client {
             }
             PubRecAction::Finished => self.stage_inflight_done(a.packet_id),
         }
+        Ok(())
     }
 
     fn handle_pubrel(&mut self, a: PubResponse, wbuf: &mut BytesMut) {

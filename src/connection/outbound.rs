@@ -286,7 +286,8 @@ impl Client {
         for (id, qos) in denied {
             self.broker.metrics.dropped_not_authorized.inc();
             if qos == QoS::AtLeastOnce {
-                if let Some(d) = self.state.inflight.on_puback(id) {
+                // A QoS 1 entry, so never a `WrongAck`.
+                if let Ok(Some(d)) = self.state.inflight.on_puback(id) {
                     self.stage_inflight_done(id);
                     self.group_delivery_done(&d, true, true);
                 }
@@ -297,7 +298,8 @@ impl Client {
                 let d = d.clone();
                 self.group_delivery_done(&d, true, false);
             }
-            self.state.inflight.on_pubrec(id, 0);
+            // A QoS 2 entry still Published, so never a `WrongAck`.
+            let _ = self.state.inflight.on_pubrec(id, 0);
             if self.stores_session() {
                 if let Some(Outbound::Released(d)) = self.state.inflight.get(id) {
                     if d.stored {

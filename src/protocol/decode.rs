@@ -167,7 +167,10 @@ fn decode_connect(body: Bytes) -> Result<Connect, ProtocolError> {
         (b"MQTT", 4) => ProtocolVersion::V3_1_1,
         (b"MQTT", 5) => ProtocolVersion::V5,
         (b"MQIsdp", 3) => ProtocolVersion::V3_1,
-        (b"MQTT", l) => return Err(ProtocolError::UnsupportedProtocolVersion(l)),
+        // [MQTT-3.1.2-2] a known protocol name at a level we do not speak: CONNACK 0x01. 3.1
+        // (MQIsdp) says the same: "unacceptable protocol version" for a version it does not
+        // support, so MQIsdp at level 4 or 5 is refused with 0x01, not dropped.
+        (b"MQTT" | b"MQIsdp", l) => return Err(ProtocolError::UnsupportedProtocolVersion(l)),
         // [MQTT-3.1.2-1] not an MQTT client: close without CONNACK.
         _ => return Err(ProtocolError::Protocol("unknown protocol name")),
     };
@@ -496,10 +499,22 @@ mod tests {
         );
         b[4] = b'X';
         assert!(matches!(decode(&b, None), Err(ProtocolError::Protocol(_))));
-        // MQIsdp is only ever level 3.
-        let b = [
+        // MQIsdp is only ever level 3: any other level is an unsupported version (CONNACK
+        // 0x01), as for "MQTT".
+        let mut b = [
             0x10, 0x10, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 4, 0x02, 0, 10, 0, 2, b'o', b'k',
         ];
+        assert_eq!(
+            decode(&b, None).unwrap_err(),
+            ProtocolError::UnsupportedProtocolVersion(4)
+        );
+        b[10] = 5;
+        assert_eq!(
+            decode(&b, None).unwrap_err(),
+            ProtocolError::UnsupportedProtocolVersion(5)
+        );
+        // A wrong name is not MQTT at all: no CONNACK.
+        b[4] = b'X';
         assert!(matches!(decode(&b, None), Err(ProtocolError::Protocol(_))));
     }
 

@@ -13,6 +13,7 @@ fn put_header(buf: &mut BytesMut, first: u8, remaining: usize) {
 }
 
 /// CONNACK. For 3.x the reason is mapped to a 3.1.1 return code and properties are ignored.
+/// 3.1 has no Session Present flag: its first byte is reserved, so it is always 0 there.
 pub fn encode_connack(
     buf: &mut BytesMut,
     version: ProtocolVersion,
@@ -20,16 +21,29 @@ pub fn encode_connack(
     reason: ReasonCode,
     props: &Properties,
 ) {
+    let flags = u8::from(session_present && version != ProtocolVersion::V3_1);
     if version.is_v5() {
         let plen = props.encoded_len();
         put_header(buf, 0x20, 2 + varint_len(plen) + plen);
-        buf.put_u8(session_present as u8);
+        buf.put_u8(flags);
         buf.put_u8(reason.as_u8());
         props.put(buf);
     } else {
         put_header(buf, 0x20, 2);
-        buf.put_u8(session_present as u8);
+        buf.put_u8(flags);
         buf.put_u8(reason.v3_connack_code());
+    }
+}
+
+/// Size on the wire of the CONNACK [`encode_connack`] writes, to compare with the client's
+/// Maximum Packet Size before sending it ([MQTT-3.1.2-24]).
+pub fn connack_size(version: ProtocolVersion, props: &Properties) -> usize {
+    if version.is_v5() {
+        let plen = props.encoded_len();
+        let remaining = 2 + varint_len(plen) + plen;
+        1 + varint_len(remaining) + remaining
+    } else {
+        4
     }
 }
 
@@ -191,6 +205,43 @@ mod tests {
             &props,
         );
         assert_eq!(&b[..], &[0x20, 0x06, 0x00, 0x00, 0x03, 0x21, 0x00, 0x0a]);
+        assert_eq!(connack_size(ProtocolVersion::V5, &props), b.len());
+        assert_eq!(
+            connack_size(ProtocolVersion::V3_1_1, &props),
+            4,
+            "3.x has no properties"
+        );
+    }
+
+    #[test]
+    fn connack_v31_never_sets_session_present() {
+        let mut b = BytesMut::new();
+        encode_connack(
+            &mut b,
+            ProtocolVersion::V3_1,
+            true,
+            ReasonCode::Success,
+            &Properties::default(),
+        );
+        assert_eq!(&b[..], &[0x20, 0x02, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn connack_size_counts_a_two_byte_remaining_length() {
+        let props = Properties {
+            response_information: Some(MqttStr::from("r".repeat(200).as_str())),
+            ..Properties::default()
+        };
+        let mut b = BytesMut::new();
+        encode_connack(
+            &mut b,
+            ProtocolVersion::V5,
+            false,
+            ReasonCode::Success,
+            &props,
+        );
+        assert_eq!(connack_size(ProtocolVersion::V5, &props), b.len());
+        assert!(b.len() > 200);
     }
 
     #[test]

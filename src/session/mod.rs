@@ -6,7 +6,7 @@
 pub mod registry;
 
 use crate::outbox::Delivery;
-use crate::protocol::{MqttStr, SubscriptionOptions};
+use crate::protocol::{MqttStr, QoS, SubscriptionOptions};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -48,6 +48,14 @@ pub struct Inflight {
     entries: VecDeque<(u16, Outbound)>,
     next_id: u16,
 }
+
+/// An acknowledgement of the wrong kind for the state of its packet id, such as PUBCOMP for a
+/// QoS 1 message: the client is not following the QoS handshake it was sent, which is a
+/// protocol error (v5 DISCONNECT 0x82). The text says which for the log. An acknowledgement
+/// for an id not in flight is not one of these: clients legitimately repeat acknowledgements
+/// after a reconnect, so those stay tolerated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrongAck(pub &'static str);
 
 /// What to do after a PUBREC.
 #[derive(Debug, PartialEq, Eq)]
@@ -92,14 +100,18 @@ impl Inflight {
         }
     }
 
-    /// PUBACK: finishes a QoS 1 message and returns it. None when the id is unknown or not a
-    /// QoS 1 PUBLISH.
-    pub fn on_puback(&mut self, id: u16) -> Option<Delivery> {
-        match self.position(id) {
-            Some(i) if matches!(&self.entries[i].1, Outbound::Published(d) if d.qos == crate::protocol::QoS::AtLeastOnce) => {
-                self.entries.remove(i).map(|(_, o)| o.into_delivery())
+    /// PUBACK: finishes a QoS 1 message and returns it ([MQTT-4.3.2-3]); None when the id is
+    /// not in flight. A PUBACK for a QoS 2 message is a [`WrongAck`]: QoS 2 waits for PUBREC
+    /// ([MQTT-4.3.3-3]) and then PUBCOMP ([MQTT-4.3.3-5]).
+    pub fn on_puback(&mut self, id: u16) -> Result<Option<Delivery>, WrongAck> {
+        let Some(i) = self.position(id) else {
+            return Ok(None);
+        };
+        match &self.entries[i].1 {
+            Outbound::Published(d) if d.qos == QoS::AtLeastOnce => {
+                Ok(self.entries.remove(i).map(|(_, o)| o.into_delivery()))
             }
-            _ => None,
+            _ => Err(WrongAck("PUBACK for a QoS 2 message")),
         }
     }
 
@@ -121,31 +133,41 @@ impl Inflight {
         taken
     }
 
-    /// PUBREC for a QoS 2 message ([MQTT-4.3.3-?]: the sender then sends PUBREL).
-    pub fn on_pubrec(&mut self, id: u16, reason: u8) -> PubRecAction {
-        match self.position(id) {
-            Some(i) => {
-                if reason >= 0x80 {
-                    self.entries.remove(i);
-                    return PubRecAction::Finished;
-                }
-                let entry = &mut self.entries[i].1;
-                if let Outbound::Published(d) = entry {
-                    *entry = Outbound::Released(d.clone());
-                }
-                PubRecAction::SendPubRel(0)
-            }
-            None => PubRecAction::SendPubRel(0x92),
+    /// PUBREC for a QoS 2 message: the sender then sends PUBREL ([MQTT-4.3.3-4]); a repeated
+    /// PUBREC after that gets the PUBREL again, one for an id not in flight PUBREL 0x92. A
+    /// PUBREC for a QoS 1 message is a [`WrongAck`]: QoS 1 ends with PUBACK ([MQTT-4.3.2-3]).
+    pub fn on_pubrec(&mut self, id: u16, reason: u8) -> Result<PubRecAction, WrongAck> {
+        let Some(i) = self.position(id) else {
+            return Ok(PubRecAction::SendPubRel(0x92));
+        };
+        let entry = &mut self.entries[i].1;
+        if matches!(entry, Outbound::Published(d) if d.qos != QoS::ExactlyOnce) {
+            return Err(WrongAck("PUBREC for a QoS 1 message"));
         }
+        if reason >= 0x80 {
+            self.entries.remove(i);
+            return Ok(PubRecAction::Finished);
+        }
+        if let Outbound::Published(d) = entry {
+            *entry = Outbound::Released(d.clone());
+        }
+        Ok(PubRecAction::SendPubRel(0))
     }
 
-    /// PUBCOMP: finishes a QoS 2 message and returns it.
-    pub fn on_pubcomp(&mut self, id: u16) -> Option<Delivery> {
-        match self.position(id) {
-            Some(i) if matches!(self.entries[i].1, Outbound::Released(_)) => {
-                self.entries.remove(i).map(|(_, o)| o.into_delivery())
+    /// PUBCOMP: finishes a QoS 2 message whose PUBREL was sent and returns it
+    /// ([MQTT-4.3.3-5]); None when the id is not in flight. PUBCOMP for a QoS 1 message, or
+    /// for a QoS 2 message still waiting for its PUBREC (no PUBREL sent yet), is a
+    /// [`WrongAck`].
+    pub fn on_pubcomp(&mut self, id: u16) -> Result<Option<Delivery>, WrongAck> {
+        let Some(i) = self.position(id) else {
+            return Ok(None);
+        };
+        match &self.entries[i].1 {
+            Outbound::Released(_) => Ok(self.entries.remove(i).map(|(_, o)| o.into_delivery())),
+            Outbound::Published(d) if d.qos == QoS::ExactlyOnce => {
+                Err(WrongAck("PUBCOMP for a QoS 2 message before its PUBREL"))
             }
-            _ => None,
+            Outbound::Published(_) => Err(WrongAck("PUBCOMP for a QoS 1 message")),
         }
     }
 
@@ -271,7 +293,7 @@ mod tests {
     use super::*;
     use crate::message::Message;
     use crate::outbox::SubIds;
-    use crate::protocol::{PublishProperties, QoS};
+    use crate::protocol::PublishProperties;
     use bytes::Bytes;
 
     fn d(qos: QoS) -> Delivery {
@@ -298,9 +320,12 @@ mod tests {
         let a = f.insert(d(QoS::AtLeastOnce));
         let b = f.insert(d(QoS::AtLeastOnce));
         assert_ne!(a, b);
-        assert!(f.on_puback(b).is_some(), "out of order ack");
-        assert!(f.on_puback(b).is_none(), "twice");
-        assert!(f.on_puback(a).is_some());
+        assert!(f.on_puback(b).unwrap().is_some(), "out of order ack");
+        assert!(
+            matches!(f.on_puback(b), Ok(None)),
+            "twice: unknown, tolerated"
+        );
+        assert!(f.on_puback(a).unwrap().is_some());
         assert!(f.is_empty());
     }
 
@@ -309,18 +334,78 @@ mod tests {
         let mut f = Inflight::default();
         let a = f.insert(d(QoS::ExactlyOnce));
         let b = f.insert(d(QoS::ExactlyOnce));
-        assert!(f.on_puback(a).is_none(), "PUBACK does not finish QoS 2");
-        assert_eq!(f.on_pubrec(a, 0), PubRecAction::SendPubRel(0));
-        assert!(f.on_pubcomp(b).is_none(), "PUBCOMP before PUBREC");
+        assert_eq!(f.on_pubrec(a, 0), Ok(PubRecAction::SendPubRel(0)));
+        assert_eq!(
+            f.on_pubrec(a, 0),
+            Ok(PubRecAction::SendPubRel(0)),
+            "a repeated PUBREC gets the PUBREL again"
+        );
         let order: Vec<(u16, bool)> = f
             .iter()
             .map(|(id, o)| (*id, matches!(o, Outbound::Released(_))))
             .collect();
         assert_eq!(order, vec![(a, true), (b, false)]);
-        assert!(f.on_pubcomp(a).is_some());
-        assert_eq!(f.on_pubrec(999, 0), PubRecAction::SendPubRel(0x92));
-        assert_eq!(f.on_pubrec(b, 0x80), PubRecAction::Finished);
+        assert!(f.on_pubcomp(a).unwrap().is_some());
+        assert_eq!(f.on_pubrec(999, 0), Ok(PubRecAction::SendPubRel(0x92)));
+        assert_eq!(f.on_pubrec(b, 0x80), Ok(PubRecAction::Finished));
         assert!(f.is_empty());
+    }
+
+    /// The acknowledgement that does not belong to the message's QoS or state is refused and
+    /// leaves the message as it was, whatever its position in the window.
+    #[test]
+    fn wrong_acknowledgement_types_are_refused() {
+        let mut f = Inflight::default();
+        let one = f.insert(d(QoS::AtLeastOnce));
+        let two = f.insert(d(QoS::ExactlyOnce));
+        assert_eq!(
+            f.on_pubcomp(one).map(|_| ()),
+            Err(WrongAck("PUBCOMP for a QoS 1 message"))
+        );
+        assert_eq!(
+            f.on_pubrec(one, 0),
+            Err(WrongAck("PUBREC for a QoS 1 message"))
+        );
+        assert_eq!(
+            f.on_pubrec(one, 0x80),
+            Err(WrongAck("PUBREC for a QoS 1 message")),
+            "a failing PUBREC is still the wrong packet for QoS 1"
+        );
+        assert_eq!(
+            f.on_puback(two).map(|_| ()),
+            Err(WrongAck("PUBACK for a QoS 2 message"))
+        );
+        assert_eq!(
+            f.on_pubcomp(two).map(|_| ()),
+            Err(WrongAck("PUBCOMP for a QoS 2 message before its PUBREL"))
+        );
+        assert_eq!(f.len(), 2, "nothing finished by a wrong acknowledgement");
+        assert!(matches!(f.get(one), Some(Outbound::Published(_))));
+        assert!(matches!(f.get(two), Some(Outbound::Published(_))));
+        // After PUBREC the QoS 2 message waits for PUBCOMP: PUBACK is still wrong.
+        assert_eq!(f.on_pubrec(two, 0), Ok(PubRecAction::SendPubRel(0)));
+        assert_eq!(
+            f.on_puback(two).map(|_| ()),
+            Err(WrongAck("PUBACK for a QoS 2 message"))
+        );
+        assert!(matches!(f.get(two), Some(Outbound::Released(_))));
+        // The right ones still work.
+        assert!(f.on_puback(one).unwrap().is_some());
+        assert!(f.on_pubcomp(two).unwrap().is_some());
+        assert!(f.is_empty());
+    }
+
+    /// Acknowledgements for ids not in flight are tolerated (a client may repeat them after a
+    /// reconnect): nothing happens, PUBREC is answered with PUBREL 0x92.
+    #[test]
+    fn unknown_ids_are_tolerated() {
+        let mut f = Inflight::default();
+        let one = f.insert(d(QoS::AtLeastOnce));
+        assert_eq!(f.on_puback(7).map(|o| o.is_none()), Ok(true));
+        assert_eq!(f.on_pubcomp(7).map(|o| o.is_none()), Ok(true));
+        assert_eq!(f.on_pubrec(7, 0), Ok(PubRecAction::SendPubRel(0x92)));
+        assert_eq!(f.on_pubrec(7, 0x80), Ok(PubRecAction::SendPubRel(0x92)));
+        assert_eq!(f.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![one]);
     }
 
     #[test]

@@ -100,6 +100,61 @@ def test_wrong_protocol_name_closed(broker, name, level):
     check_broker_serves(broker)
 
 
+# MQTT 3.1 ("MQIsdp", level 3) has no section numbers like [MQTT-x.y.z-n]; the cases cite the
+# 3.1 specification's CONNECT/CONNACK text.
+@pytest.mark.parametrize("clean", [pytest.param(True, id="clean"),
+                                   pytest.param(False, id="persistent")])
+def test_mqtt31_empty_client_id_rejected_0x02(broker, clean):
+    """MQTT 3.1 requires a Client Identifier of 1 to 23 characters and has no assigned ids:
+    an empty one gets CONNACK 0x02 (identifier rejected) whatever Clean Session says, then
+    the connection is closed."""
+    c = Client.to(broker, V31)
+    c.send(connect("", version=V31, clean=clean))
+    packets, closed = c.wait_closed(5)
+    assert [p.raw for p in packets] == [b"\x20\x02\x00\x02"], packets
+    assert closed
+    check_broker_serves(broker)
+
+
+@pytest.mark.parametrize("level", [
+    pytest.param(4, id="MQIsdp-level4"),
+    pytest.param(5, id="MQIsdp-level5"),
+    pytest.param(2, id="MQIsdp-level2"),
+])
+def test_mqisdp_unknown_level_connack_0x01(broker, level):
+    """The 3.1 protocol name at a level other than 3: CONNACK 0x01 (unacceptable protocol
+    version), as for "MQTT" at an unknown level [MQTT-3.1.2-2], then close."""
+    c = Client.to(broker, V311)
+    c.send(connect(uid("mqisdp"), version=level, protocol_name="MQIsdp"))
+    packets, closed = c.wait_closed(5)
+    assert [p.raw for p in packets] == [b"\x20\x02\x00\x01"], packets
+    assert closed
+    check_broker_serves(broker)
+
+
+def test_mqtt31_session_present_is_always_0(broker):
+    """3.1's CONNACK has no Session Present flag (that byte is reserved): a 3.1 client resuming
+    a persistent session gets 20 02 00 00, and the session is resumed all the same (its
+    subscription and the message queued while it was away)."""
+    cid = uid("v31sp")
+    topic = f"v31sp/{cid}"
+    c = Client.to(broker, V31)
+    c.send(connect(cid, version=V31, clean=False))
+    assert c.expect(CONNACK).raw == b"\x20\x02\x00\x00"
+    assert c.subscribe([(topic, 1)]).codes == [1]
+    c.disconnect()
+    p = connected(broker, uid("v31pub"), V311)
+    p.publish(topic, b"while away", qos=1, pid=3)
+    p.disconnect()
+    c = Client.to(broker, V31)
+    c.send(connect(cid, version=V31, clean=False))
+    assert c.expect(CONNACK).raw == b"\x20\x02\x00\x00"
+    got = c.expect(PUBLISH)
+    assert (got.topic, got.payload) == (topic, b"while away"), got
+    c.send(puback(got.pid))
+    c.disconnect()
+
+
 def test_empty_client_id_persistent_session_rejected_0x02(broker):
     """[MQTT-3.1.3-8] 3.1.1: zero-byte ClientId with CleanSession=0 -> CONNACK 0x02, close."""
     c = Client.to(broker, V311)
@@ -269,6 +324,80 @@ def test_pubrel_unknown_id_gets_pubcomp(broker, version, expected):
         assert comp.raw == expected, comp
     assert c.ping().type == PINGRESP
     c.disconnect()
+
+
+def wrong_ack_setup(broker, version, qos):
+    """A subscriber with one QoS `qos` PUBLISH from the broker in flight, and a will the test
+    can watch for. Returns (subscriber, the PUBLISH, watcher, will topic)."""
+    topic = f"wrongack/{uid('t')}"
+    will_topic = f"{topic}/will"
+    watcher = connected(broker, uid("watch"), version)
+    watcher.subscribe([(will_topic, 0)])
+    s = Client.to(broker, version)
+    s.connect(uid("wrong"), will=dict(topic=will_topic, payload=b"gone"))
+    s.subscribe([(topic, qos)])
+    p = connected(broker, uid("pub"), version)
+    p.publish(topic, b"m", qos=qos, pid=1)
+    p.disconnect()
+    got = s.expect(PUBLISH)
+    assert got.qos == qos, got
+    return s, got, watcher, will_topic
+
+
+@pytest.mark.parametrize("version", BOTH)
+@pytest.mark.parametrize("qos,answer", [
+    pytest.param(1, "pubcomp", id="pubcomp-for-qos1-[MQTT-4.3.2-3]"),
+    pytest.param(1, "pubrec", id="pubrec-for-qos1-[MQTT-4.3.2-3]"),
+    pytest.param(2, "puback", id="puback-for-qos2-[MQTT-4.3.3-3]"),
+    pytest.param(2, "pubcomp", id="pubcomp-before-pubrel-[MQTT-4.3.3-3]"),
+    pytest.param(2, "pubrec-then-puback", id="puback-after-pubrel-[MQTT-4.3.3-5]"),
+])
+def test_wrong_acknowledgement_type_is_a_protocol_error(broker, version, qos, answer):
+    """The subscriber answers a PUBLISH with an acknowledgement of the wrong kind: QoS 1 ends
+    with PUBACK only [MQTT-4.3.2-3], QoS 2 with PUBREC [MQTT-4.3.3-3] and then, after the
+    broker's PUBREL, PUBCOMP [MQTT-4.3.3-5]. That is a protocol error: v5 DISCONNECT 0x82,
+    3.1.1 a close without a packet; no PUBREL goes out for a PUBREC to a QoS 1 message, and the
+    will is published (an abnormal end)."""
+    s, got, watcher, will_topic = wrong_ack_setup(broker, version, qos)
+    if answer == "pubrec-then-puback":
+        s.send(pubrec(got.pid, version))
+        rel = s.expect(PUBREL)
+        assert rel.pid == got.pid, rel
+        answer = "puback"
+    build = {"puback": puback, "pubrec": pubrec, "pubcomp": pubcomp}[answer]
+    s.send(build(got.pid, version))
+    packets, closed = s.wait_closed(5)
+    if version == V5:
+        assert [(p.type, p.rc) for p in packets] == [(DISCONNECT, 0x82)], packets
+    else:
+        assert packets == [], packets
+    assert closed
+    wills = [(p.topic, p.payload) for p in watcher.collect(1.0) if p.type == PUBLISH]
+    assert wills == [(will_topic, b"gone")], wills
+    watcher.disconnect()
+    check_broker_serves(broker, version=version)
+
+
+@pytest.mark.parametrize("version", BOTH)
+def test_acknowledgements_for_unknown_ids_are_tolerated(broker, version):
+    """PUBACK, PUBREC and PUBCOMP for packet ids that are not in flight (a client may repeat
+    acknowledgements after a reconnect) change nothing and keep the connection: PUBREC is
+    answered with PUBREL (v5 reason 0x92, Packet Identifier not found); a message in flight
+    with another id is unaffected and completes normally."""
+    s, got, watcher, _ = wrong_ack_setup(broker, version, 1)
+    other = 1 if got.pid != 1 else 2
+    s.send(puback(other, version) + pubcomp(other, version) + pubrec(other, version))
+    rel = s.expect(PUBREL)
+    assert rel.pid == other, rel
+    if version == V5:
+        assert rel.rc == 0x92, rel
+    assert s.ping().type == PINGRESP
+    s.send(puback(got.pid, version))
+    s.send(puback(got.pid, version))  # repeated: unknown by now, tolerated
+    assert s.ping().type == PINGRESP
+    s.disconnect()
+    watcher.assert_silent(0.3)
+    watcher.disconnect()
 
 
 @pytest.mark.parametrize("version", BOTH)

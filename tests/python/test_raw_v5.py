@@ -8,7 +8,8 @@ import pytest
 from mqttraw import (
     ASSIGNED_CLIENT_IDENTIFIER, AUTHENTICATION_METHOD, CONNACK, DISCONNECT, MAXIMUM_PACKET_SIZE,
     MAXIMUM_QOS, PAYLOAD_FORMAT_INDICATOR, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
-    RECEIVE_MAXIMUM, RETAIN_AVAILABLE, SESSION_EXPIRY_INTERVAL, SHARED_SUBSCRIPTION_AVAILABLE,
+    RECEIVE_MAXIMUM, REQUEST_RESPONSE_INFORMATION, RESPONSE_INFORMATION, RETAIN_AVAILABLE,
+    SESSION_EXPIRY_INTERVAL, SHARED_SUBSCRIPTION_AVAILABLE,
     SERVER_KEEP_ALIVE, SUBSCRIPTION_IDENTIFIER_AVAILABLE, TOPIC_ALIAS, TOPIC_ALIAS_MAXIMUM, V311, V5,
     WILDCARD_SUBSCRIPTION_AVAILABLE, Client, check_broker_serves, connect, connected, puback,
     pubcomp, publish, pubrec, uid,
@@ -421,6 +422,65 @@ def test_client_maximum_packet_size_respected(broker):
     p.disconnect()
     small.disconnect()
     big.disconnect()
+
+
+def connack_with_max(broker, maximum, **props):
+    """CONNECT with Maximum Packet Size `maximum` (and Request Response Information = 1);
+    returns (packets until close or 0.5 s, closed?, client)."""
+    c = Client.to(broker, V5)
+    c.send(connect(uid("mps"), version=V5,
+                   properties=[(MAXIMUM_PACKET_SIZE, maximum), (REQUEST_RESPONSE_INFORMATION, 1)]))
+    packets, closed = c.wait_closed(0.5)
+    return packets, closed, c
+
+
+def test_connack_trimmed_to_client_maximum_packet_size(broker):
+    """[MQTT-3.1.2-24] The server must not send a packet larger than the client's Maximum
+    Packet Size, CONNACK included ([MQTT-3.2.2-19]/[MQTT-3.2.2-20] for its Reason String and
+    User Properties). Tern leaves optional properties out until it fits: Response Information
+    first, then the ones that restate their default, then Topic Alias Maximum; Receive Maximum
+    and Maximum Packet Size always stay."""
+    full, closed, c = connack_with_max(broker, 1 << 20)
+    assert not closed and full[0].type == CONNACK, full
+    full = full[0]
+    assert RESPONSE_INFORMATION in full.props, full
+    c.disconnect()
+    # One byte short: only Response Information goes.
+    got, closed, c = connack_with_max(broker, len(full.raw) - 1)
+    assert not closed and got[0].rc == 0, got
+    assert len(got[0].raw) <= len(full.raw) - 1, got
+    assert RESPONSE_INFORMATION not in got[0].props
+    assert {k: v for k, v in full.props.items() if k != RESPONSE_INFORMATION} == \
+        dict(got[0].props), got
+    assert c.ping().type == PINGRESP
+    c.disconnect()
+    # 13 bytes: Receive Maximum and Maximum Packet Size and nothing else. Without Topic
+    # Alias Maximum the client may use no alias: one is a protocol error (0x94).
+    got, closed, c = connack_with_max(broker, 13)
+    assert not closed and len(got) == 1, got
+    assert len(got[0].raw) == 13, got
+    assert dict(got[0].props) == {RECEIVE_MAXIMUM: 1024, MAXIMUM_PACKET_SIZE: 1048576}, got
+    c.send(publish("mps/t", b"x", version=V5, properties=[(TOPIC_ALIAS, 1)]))
+    packets, closed = c.wait_closed(5)
+    assert [(p.type, p.rc) for p in packets] == [(DISCONNECT, 0x94)], packets
+    assert closed
+
+
+def test_connack_that_cannot_fit_is_not_sent(broker):
+    """[MQTT-3.1.2-24] When even the CONNACK without optional properties is larger than the
+    client's Maximum Packet Size (here 12 bytes), the connection is closed without one; a
+    refusing CONNACK (5 bytes) larger than a 4-byte maximum is not sent either."""
+    got, closed, c = connack_with_max(broker, 12)
+    if not closed:
+        packets, closed = c.wait_closed(5)
+        got += packets
+    assert got == [] and closed, got
+    c = Client.to(broker, V5)
+    c.send(connect(uid("mps"), version=V5,
+                   properties=[(MAXIMUM_PACKET_SIZE, 4), (AUTHENTICATION_METHOD, "SCRAM-SHA-1")]))
+    packets, closed = c.wait_closed(5)
+    assert packets == [] and closed, packets
+    check_broker_serves(broker, version=V5)
 
 
 @pytest.mark.parametrize("qos", [
