@@ -84,17 +84,10 @@ fn connect_bytes(id: &str, v5: bool, clean: bool, keep_alive: u16, will: bool) -
         let mut c = v5::Connect::new(id);
         c.clean_session = clean;
         c.keep_alive = keep_alive;
-        c.properties = Some(v5::ConnectProperties {
-            session_expiry_interval: Some(if clean { 0 } else { 600 }),
-            receive_maximum: None,
-            max_packet_size: None,
-            topic_alias_max: None,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: Vec::new(),
-            authentication_method: None,
-            authentication_data: None,
-        });
+        c.properties = Some(super::sim::v5_connect_properties(
+            if clean { 0 } else { 600 },
+            None,
+        ));
         if will {
             c.last_will = Some(v5::LastWill::new("will/t", "gone", QoS::AtLeastOnce, false));
         }

@@ -183,6 +183,41 @@ struct Actor {
     ephemeral_keys: BTreeSet<u64>,
 }
 
+impl Actor {
+    /// What a client keeps of a connection ends with it: bytes in both directions, what it
+    /// held unacknowledged on it, and (a clean publisher) its unacknowledged publishes.
+    fn forget_connection(&mut self) {
+        self.connecting = false;
+        self.connected = false;
+        self.incoming.clear();
+        self.outgoing.clear();
+        self.holding.clear();
+        self.held_acks.clear();
+        if matches!(self.role, Role::Publisher) {
+            self.out_inflight.clear();
+            self.out_released.clear();
+        }
+    }
+}
+
+/// v5 CONNECT properties with only Session Expiry Interval and Receive Maximum set.
+pub(super) fn v5_connect_properties(
+    expiry: u32,
+    receive_maximum: Option<u16>,
+) -> v5::ConnectProperties {
+    v5::ConnectProperties {
+        session_expiry_interval: Some(expiry),
+        receive_maximum,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: Vec::new(),
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
 /// The broker side of one connection: a connection core and its buffers.
 struct Conn {
     client: Client,
@@ -426,17 +461,10 @@ impl World {
             let mut c = v5::Connect::new(a.client_id.clone());
             c.keep_alive = 0;
             c.clean_session = clean;
-            c.properties = Some(v5::ConnectProperties {
-                session_expiry_interval: Some(if persistent { 3600 } else { 0 }),
-                receive_maximum: Some(a.receive_max),
-                max_packet_size: None,
-                topic_alias_max: None,
-                request_response_info: None,
-                request_problem_info: None,
-                user_properties: Vec::new(),
-                authentication_method: None,
-                authentication_data: None,
-            });
+            c.properties = Some(v5_connect_properties(
+                if persistent { 3600 } else { 0 },
+                Some(a.receive_max),
+            ));
             if a.has_will {
                 c.last_will = Some(v5::LastWill::new(
                     will_topic,
@@ -472,17 +500,8 @@ impl World {
                 conn.rbuf.extend_from_slice(&a.outgoing);
             }
         }
+        a.forget_connection();
         a.connecting = true;
-        a.connected = false;
-        a.incoming.clear();
-        a.outgoing.clear();
-        a.holding.clear();
-        a.held_acks.clear();
-        // Unacknowledged publishes of a clean publisher are gone with its session.
-        if matches!(a.role, Role::Publisher) {
-            a.out_inflight.clear();
-            a.out_released.clear();
-        }
         let packet = match decode_packet(&mut buf, None, 1 << 20) {
             Ok(DecodeOutcome::Packet(p, _)) => p,
             other => panic!("sim CONNECT does not decode: {other:?}"),
@@ -1099,16 +1118,7 @@ impl World {
         self.broker = broker;
         for a in self.actors.iter_mut() {
             a.conn = None;
-            a.connecting = false;
-            a.connected = false;
-            a.incoming.clear();
-            a.outgoing.clear();
-            a.holding.clear();
-            a.held_acks.clear();
-            if matches!(a.role, Role::Publisher) {
-                a.out_inflight.clear();
-                a.out_released.clear();
-            }
+            a.forget_connection();
             // A clean session is gone with the broker; a persistent one must be back.
             if matches!(
                 a.role,
