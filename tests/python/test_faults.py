@@ -43,6 +43,8 @@ from mqttraw import DISCONNECT, PUBACK, PUBLISH, V311, V5
 
 BOTH = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
 DURABLE = [pytest.param("os", id="os"), pytest.param("fsync", id="fsync")]
+# The five-step regression holds in every mode ("memory" keeps the session in RAM only).
+EVERY_MODE = DURABLE + [pytest.param("memory", id="memory")]
 
 EXPIRY = 3600
 # Far above what any test here queues: a queue_full drop would be a loss the oracle cannot
@@ -262,7 +264,7 @@ STALL_TOPIC = "stall/t"
 RESET_WAVES = 3
 
 
-@pytest.mark.parametrize("durability", DURABLE)
+@pytest.mark.parametrize("durability", EVERY_MODE)
 @pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
 @pytest.mark.parametrize("version", BOTH)
 def test_reset_publishers_do_not_stall_a_persistent_subscriber(make_broker, version, online,
