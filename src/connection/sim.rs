@@ -1660,17 +1660,25 @@ mod tests {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(60);
-        let base = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
+        // TERN_SIM_GENERATOR replays a soak's exact sequence of seeds.
+        let base = std::env::var("TERN_SIM_GENERATOR")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
         let mut rng = Rng(base);
         let started = std::time::Instant::now();
         let mut ran = 0u64;
-        let mut first = None;
+        let mut tried = Vec::new();
         let mut failures = Vec::new();
         while started.elapsed().as_secs() < secs {
             let seed = rng.next() >> 16;
-            first.get_or_insert(seed);
+            if tried.len() < 5 {
+                tried.push(seed);
+            }
             let o = run(seed, STEPS);
             ran += 1;
             if !o.violations.is_empty() {
@@ -1680,7 +1688,7 @@ mod tests {
         }
         let el = started.elapsed().as_secs_f64();
         eprintln!(
-            "soak: {ran} schedules in {el:.0}s ({:.1}/s), seeds drawn from generator seed {base}; failing seeds: {failures:?}",
+            "soak: {ran} schedules in {el:.0}s ({:.1}/s); seeds {tried:?}... drawn from generator {base} (TERN_SIM_GENERATOR={base} replays the sequence); failing seeds: {failures:?}",
             ran as f64 / el
         );
         assert!(failures.is_empty(), "failing seeds: {failures:?}");
