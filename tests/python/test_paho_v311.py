@@ -653,7 +653,7 @@ def test_oversized_packet_closes_only_that_client(make_broker, mkc):
     other.subscribe("big/#", 1)
     c = mkc("c", P, broker=b)
     c.connect(will=Will("big/will", b"w", qos=1))
-    c.publish("big/t", b"x" * 2000, qos=1, wait=False)
+    c.publish("big/t", b"x" * 2000, qos=1, wait=False, closes=True)
     c.wait_disconnect()
     m = other.get()  # not the oversized message, but the will of the closed connection
     assert (m.topic, m.payload) == ("big/will", b"w")

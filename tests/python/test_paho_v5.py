@@ -974,7 +974,7 @@ def test_packet_larger_than_broker_limit(make_broker, mkc):
     other.subscribe("big5/#", 1)
     c = mkc("c", P, broker=b)
     c.connect(will=Will("big5/will", b"w", qos=1))
-    c.publish("big5/t", b"x" * 2000, qos=1, wait=False)
+    c.publish("big5/t", b"x" * 2000, qos=1, wait=False, closes=True)
     reason, flags, _, _ = c.wait_disconnect()
     assert flags.is_disconnect_packet_from_server
     assert reason.value == 0x95
@@ -1023,7 +1023,7 @@ def test_inbound_topic_alias_errors(mk, alias, empty_topic, code):
     c.connect(will=Will("tae/will", b"err", qos=1))
     p = Properties(PUBLISH)
     object.__setattr__(p, "TopicAlias", alias)  # paho refuses 0 itself
-    c.publish("" if empty_topic else "tae/t", b"x", qos=1, properties=p, wait=False)
+    c.publish("" if empty_topic else "tae/t", b"x", qos=1, properties=p, wait=False, closes=True)
     reason, flags, _, _ = c.wait_disconnect()
     assert flags.is_disconnect_packet_from_server
     assert reason.value == code
