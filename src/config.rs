@@ -685,6 +685,73 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Docs drift: every key the built-in configuration has is documented in
+    /// docs/configuration.md, in the table under its section's heading, with its default.
+    #[test]
+    fn every_key_is_documented_with_its_default() {
+        let doc = include_str!("../docs/configuration.md");
+        let value = toml::Value::try_from(Config::default()).expect("serialise defaults");
+        let mut missing = Vec::new();
+        let mut checked = 0;
+        fn walk(
+            path: &str,
+            v: &toml::Value,
+            doc: &str,
+            missing: &mut Vec<String>,
+            checked: &mut usize,
+        ) {
+            let Some(table) = v.as_table() else { return };
+            for (key, v) in table {
+                let full = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                if v.is_table() {
+                    walk(&full, v, doc, missing, checked);
+                    continue;
+                }
+                *checked += 1;
+                // The section's part of the document: from its heading to the next heading.
+                let heading = format!("### `[{path}]`");
+                let Some(start) = doc.find(&heading) else {
+                    missing.push(format!("{full}: no heading {heading}"));
+                    continue;
+                };
+                let rest = &doc[start + heading.len()..];
+                let section = &rest[..rest.find("\n#").unwrap_or(rest.len())];
+                let Some(row) = section
+                    .lines()
+                    .find(|l| l.starts_with(&format!("| `{key}`")))
+                else {
+                    missing.push(format!("{full}: no row"));
+                    continue;
+                };
+                let shown = match v {
+                    toml::Value::String(s) if s.is_empty() => {
+                        vec!["none".to_string(), "`\"\"`".into()]
+                    }
+                    toml::Value::String(s) => vec![format!("`\"{s}\"`"), format!("`{s}`")],
+                    toml::Value::Array(a) if a.is_empty() => vec!["`[]`".to_string()],
+                    toml::Value::Array(_) => continue,
+                    other => vec![format!("`{other}`")],
+                };
+                if !shown.iter().any(|s| row.contains(s.as_str())) {
+                    missing.push(format!("{full}: default {v} not in its row"));
+                }
+            }
+        }
+        walk("", &value, doc, &mut missing, &mut checked);
+        assert!(
+            missing.is_empty(),
+            "docs/configuration.md drifted:\n{}",
+            missing.join("\n")
+        );
+        // Not vacuous: the built-in configuration has 36 keys outside the optional tables
+        // (`[listeners.tls]`, `[listeners.ws]`, `[listeners.wss]`, which it does not walk).
+        assert!(checked >= 36, "only {checked} keys checked");
+    }
+
     #[test]
     fn default_toml_lists_every_builtin_default_except_dev_overrides() {
         let text =
