@@ -273,6 +273,28 @@ def test_exposition_parses_and_names_every_series(make_broker, mk, raws):
         time.sleep(0.1)
 
 
+def test_every_metric_is_documented(broker):
+    """Docs drift: every metric family the broker exposes (with a shared subscription group
+    present, so the per-group series exist too) is described in docs/operations.md; the
+    process collector's standard `process_*` series are described there as a group."""
+    c = mr.Client.to(broker, mr.V5)
+    c.connect(uid("doc-metrics"))
+    c.subscribe([("$share/docs/m/#", 1)])
+    status, body, _ = http_get(broker, "/metrics")
+    assert status == 200, (status, body)
+    names = sorted(set(re.findall(r"^# HELP (\w+) ", body, re.M)))
+    ours = [n for n in names if n.startswith("tern_")]
+    assert len(ours) >= 30, f"only {len(ours)} tern_ metrics exposed: {ours}"
+    with open(os.path.join(ROOT, "docs", "operations.md")) as f:
+        doc = f.read()
+    # Written as `name` or with its labels, `name{label}`.
+    undocumented = [n for n in ours if not re.search(r"`" + n + r"(\{[^`]*\})?`", doc)]
+    assert not undocumented, f"metrics missing from docs/operations.md: {undocumented}"
+    if any(n.startswith("process_") for n in names):
+        assert "process_" in doc, "process_* metrics not mentioned in docs/operations.md"
+    c.disconnect()
+
+
 def test_health_ready_and_unknown_path(broker):
     status, body, _ = http_get(broker, "/health")
     assert (status, body.strip()) == (200, "ok")
