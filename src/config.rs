@@ -369,6 +369,15 @@ impl Default for StorageConfig {
     }
 }
 
+impl Limits {
+    /// `max_topic_length` (bytes) and `max_topic_levels` for a topic name or filter: the one
+    /// place both limits are applied (PUBLISH, SUBSCRIBE, the will at CONNECT).
+    pub fn topic_within(&self, topic: &str) -> bool {
+        topic.len() <= self.max_topic_length
+            && topic.bytes().filter(|&b| b == b'/').count() < self.max_topic_levels
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

@@ -181,9 +181,7 @@ pub(super) async fn accept(
     if let Some(w) = &c.will {
         let cid = c.client_id.as_str();
         let topic = w.topic.as_str();
-        if topic.len() > limits.max_topic_length
-            || topic.bytes().filter(|&b| b == b'/').count() >= limits.max_topic_levels
-        {
+        if !limits.topic_within(topic) {
             return refuse(
                 broker,
                 wbuf,

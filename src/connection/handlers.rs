@@ -619,14 +619,11 @@ impl Client {
 
     /// `limits.max_topic_length` and `limits.max_topic_levels` for a topic name or filter.
     pub(super) fn topic_within_limits(&self, topic: &str) -> bool {
-        let l = &self.limits;
-        topic.len() <= l.max_topic_length
-            && topic.bytes().filter(|&b| b == b'/').count() < l.max_topic_levels
+        self.limits.topic_within(topic)
     }
 
     fn handle_subscribe(&mut self, s: Subscribe, wbuf: &mut BytesMut) {
         let broker = self.broker.clone();
-        let v5 = self.version.is_v5();
         let max_qos = QoS::from_u8(broker.config.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce);
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
@@ -717,13 +714,7 @@ impl Client {
                 }
             }
         }
-        if !v5 {
-            for c in &mut codes {
-                if *c >= 0x80 {
-                    *c = 0x80;
-                }
-            }
-        }
+        // 3.x has one failure code (0x80): `encode_suback` maps every refusal to it.
         // SUBACK after the subscription is stored.
         let commit = if ops.is_empty() {
             Commit::Done

@@ -229,7 +229,13 @@ pub async fn serve<S>(
             tracing::info!(%peer, error = %e, "connection refused before CONNECT");
             if let ProtocolError::UnsupportedProtocolVersion(_) = e {
                 // [MQTT-3.1.2-2] CONNACK 0x01 (3.1.1 form: we cannot speak the client's).
-                io.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+                crate::protocol::encode_connack(
+                    &mut io.wbuf,
+                    crate::protocol::ProtocolVersion::V3_1_1,
+                    false,
+                    ReasonCode::UnsupportedProtocolVersion,
+                    &crate::protocol::Properties::default(),
+                );
             }
             // A clean close (FIN; over WebSockets a close frame) rather than a dropped socket,
             // and the client's further input read, so the refusal is not lost to a reset.

@@ -235,7 +235,7 @@ pub(crate) fn read_properties(r: &mut Reader, ctx: Context) -> Result<Properties
             id::RECEIVE_MAXIMUM => {
                 let v = r.u16()?;
                 if v == 0 {
-                    // [MQTT-3.1.2-?] Receive Maximum of 0 is a protocol error.
+                    // MQTT 5.0 §3.1.2.11.3: a Receive Maximum of 0 is a protocol error.
                     return Err(ProtocolError::Protocol("receive maximum of 0"));
                 }
                 set_once(&mut p.receive_maximum, v)?
@@ -258,7 +258,7 @@ pub(crate) fn read_properties(r: &mut Reader, ctx: Context) -> Result<Properties
             id::SUBSCRIPTION_IDENTIFIER => {
                 let v = r.varint()?;
                 if v == 0 {
-                    // [MQTT-3.8.2-?] a Subscription Identifier of 0 is a protocol error.
+                    // MQTT 5.0 §3.8.2.1.2: a Subscription Identifier of 0 is a protocol error.
                     return Err(ProtocolError::Protocol("subscription identifier of 0"));
                 }
                 set_once(&mut p.subscription_identifier, v)?

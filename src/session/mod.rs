@@ -198,7 +198,7 @@ pub struct SessionState {
     pub subscriptions: HashMap<String, Subscription>,
     pub inflight: Inflight,
     /// Inbound QoS 2 packet ids whose PUBREC was sent and PUBREL is awaited: a PUBLISH with
-    /// one of these ids is a re-send and is not delivered again ([MQTT-4.3.3-?] method B).
+    /// one of these ids is a re-send and is not delivered again (MQTT 5.0 §4.3.3, method B).
     pub inbound_qos2: HashSet<u16>,
     /// Next send order for in-flight records (kept so re-sends after a restart keep order).
     pub next_order: u64,
