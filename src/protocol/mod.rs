@@ -12,6 +12,8 @@
 
 mod codec;
 mod decode;
+#[cfg(test)]
+mod differential_tests;
 mod encode;
 mod properties;
 pub mod validate;
