@@ -18,10 +18,11 @@ build:
 certs:
 	bash certs/gen.sh certs
 
-## fmt check + clippy with warnings as errors.
+## fmt check, clippy with warnings as errors, and the layer order (tools/layers.py).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	python3 tools/layers.py
 
 ## Everything CI runs: lint, Rust unit + integration tests, Python (paho-mqtt, raw socket,
 ## mosquitto clients) tests against the real binary.

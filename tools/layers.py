@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""The layer check run by `make lint`: a module of src/ may use only modules of its own layer
+or of the layers below it (docs/architecture.md). It reads every `crate::NAME` path in a
+file's non-test code, in `use` lines and inline alike (a field type `crate::status::X` counts),
+so an upward import cannot hide.
+
+Known upward imports that today's code still has are listed in KNOWN with the issue that
+removes them. A new one fails the check; one that disappears must be taken off the list (the
+check fails on a stale entry too), so the list only shrinks.
+"""
+import glob
+import os
+import re
+import sys
+
+# Bottom first. A module may use its own layer and those before it.
+LAYERS = [
+    ["clock"],
+    ["protocol", "error"],
+    ["config"],
+    ["message"],
+    ["auth", "tls", "logging"],
+    ["storage"],
+    ["outbox"],
+    ["session"],
+    ["metrics"],
+    ["broker"],
+    ["status"],
+    ["connection"],
+    ["websocket"],
+    ["listener"],
+    ["reload"],
+]
+
+# (from, to): upward imports the code still has, each to be removed by issue 14.
+KNOWN = {
+    ("error", "auth"),      # StartError lives with ProtocolError; it belongs with startup.
+    ("error", "config"),
+    ("error", "storage"),
+    ("error", "tls"),
+    ("outbox", "broker"),   # Delivery.group is an Arc<broker::shared::Group>.
+    ("broker", "status"),   # the topic sampler of the status page is kept in Broker.
+    ("metrics", "broker"),  # metrics.rs also serves HTTP and renders from the broker.
+    ("metrics", "status"),
+}
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+
+def rank_of():
+    ranks = {}
+    for i, layer in enumerate(LAYERS):
+        for m in layer:
+            ranks[m] = i
+    return ranks
+
+
+def imports():
+    """{(from, to)} over non-test code of every top-level module of src/."""
+    found = set()
+    for path in glob.glob(os.path.join(ROOT, "**", "*.rs"), recursive=True):
+        rel = os.path.relpath(path, ROOT)
+        top = rel.split(os.sep)[0]
+        top = top[:-3] if top.endswith(".rs") else top
+        if top in ("lib", "main"):
+            continue
+        with open(path) as f:
+            text = f.read()
+        if rel.endswith(("tests.rs", "_tests.rs")) or rel.endswith(os.path.join("connection", "sim.rs")):
+            continue
+        text = re.split(r"#\[cfg\(test\)\]\s*\n\s*mod tests", text)[0]
+        for m in re.finditer(r"\bcrate::(\w+)", text):
+            if m.group(1) != top:
+                found.add((top, m.group(1)))
+    return found
+
+
+def main():
+    ranks = rank_of()
+    found = imports()
+    errors = []
+    for a, b in sorted(found):
+        for m in (a, b):
+            if m not in ranks:
+                errors.append(f"module `{m}` is in no layer: add it to LAYERS in tools/layers.py")
+        if a in ranks and b in ranks and ranks[b] > ranks[a] and (a, b) not in KNOWN:
+            errors.append(f"`{a}` uses `{b}`, a layer above it (docs/architecture.md)")
+    for a, b in sorted(KNOWN - found):
+        errors.append(f"`{a}` no longer uses `{b}`: take ({a!r}, {b!r}) off KNOWN in tools/layers.py")
+    for e in sorted(set(errors)):
+        print(f"layers: {e}", file=sys.stderr)
+    if errors:
+        return 1
+    print(f"layers: {len(found)} imports between {len(ranks)} modules, all downward "
+          f"but {len(KNOWN)} known ones")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
