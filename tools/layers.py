@@ -39,7 +39,6 @@ KNOWN = {
     ("error", "storage"),
     ("error", "tls"),
     ("outbox", "broker"),   # Delivery.group is an Arc<broker::shared::Group>.
-    ("broker", "status"),   # the topic sampler of the status page is kept in Broker.
     ("metrics", "broker"),  # metrics.rs also serves HTTP and renders from the broker.
     ("metrics", "status"),
 }

@@ -10,6 +10,7 @@ pub mod recovery;
 pub mod retain;
 pub mod shared;
 pub mod sys;
+pub mod topics;
 pub mod trie;
 
 use crate::auth::Authorizer;
@@ -59,7 +60,7 @@ pub struct Broker {
     pub auth: Authorizer,
     pub groups: Groups,
     /// Per-topic message counts (sampled) for the status page.
-    pub topic_sampler: crate::status::TopicSampler,
+    pub topic_sampler: topics::TopicSampler,
     subscriptions: RwLock<Trie<Subscriber>>,
     retained: RwLock<RetainTree>,
     next_message_id: AtomicU64,
