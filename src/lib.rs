@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod http;
 pub mod listener;
 pub mod logging;
 pub mod message;
@@ -183,11 +184,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 source,
             })?;
         metrics_addr = l.local_addr().ok();
-        tasks.push(tokio::spawn(metrics::serve(
-            l,
-            broker.clone(),
-            ready.clone(),
-        )));
+        tasks.push(tokio::spawn(http::serve(l, broker.clone(), ready.clone())));
     }
     let open = Opener {
         broker: &broker,

@@ -1,20 +1,18 @@
-//! Prometheus metrics and their HTTP exposition (`/metrics`, plus `/health`, `/ready` and the
-//! status page `/`, `/status.json` of [`crate::status`]).
+//! Prometheus metrics: the counters the core bumps, and their text exposition.
 //!
 //! Labelled children are resolved once here so the hot path only bumps an atomic. Gauges that
-//! describe broker state (sessions, subscriptions, retained) are read at scrape time.
+//! describe broker state (sessions, subscriptions, retained) are set at scrape time from a
+//! [`BrokerState`] the HTTP side reads from the broker (this module sits below the broker and
+//! does not know it; `http.rs` serves `/metrics`).
 
-use crate::broker::Broker;
 use crate::protocol::kind;
+use crate::session::registry::SessionStats;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 pub struct Metrics {
     registry: Registry,
@@ -460,9 +458,9 @@ impl Metrics {
     }
 
     /// The counters of group `share`/`filter`, resolved once.
-    pub fn group_metrics(&self, share: &str, filter: &str) -> crate::broker::shared::GroupMetrics {
+    pub fn group_metrics(&self, share: &str, filter: &str) -> GroupMetrics {
         let l = &[share, filter];
-        crate::broker::shared::GroupMetrics {
+        GroupMetrics {
             delivered: self.shared.delivered.with_label_values(l),
             redelivered: self.shared.redelivered.with_label_values(l),
             dropped: self.shared.dropped.with_label_values(l),
@@ -479,9 +477,9 @@ impl Metrics {
         let _ = self.shared.dropped.remove_label_values(l);
     }
 
-    /// Text exposition of every metric, with state gauges read from the broker now.
-    pub fn render(&self, broker: &Broker) -> Vec<u8> {
-        let st = broker.registry.stats();
+    /// Text exposition of every metric, with the state gauges set from `state`.
+    pub fn render(&self, state: &BrokerState) -> Vec<u8> {
+        let st = &state.sessions;
         self.sessions
             .with_label_values(&["online"])
             .set(st.online as i64);
@@ -490,12 +488,7 @@ impl Metrics {
             .set(st.offline as i64);
         self.queued.set(st.queued as i64);
         self.inflight.set(st.inflight as i64);
-        let groups_reserved: usize = broker
-            .groups
-            .all()
-            .iter()
-            .map(|g| g.queue.outbox.open_reservations())
-            .sum();
+        let groups_reserved: usize = state.groups.iter().map(|g| g.reservations_open).sum();
         self.reservations_open
             .set((st.reservations_open + groups_reserved) as i64);
         for (g, n) in self.queue_depth.iter().zip(st.depth.iter()) {
@@ -505,18 +498,15 @@ impl Metrics {
             all.set((st.online + st.offline) as i64);
         }
         self.uptime.set(self.started.elapsed().as_secs() as i64);
-        self.subscriptions.set(broker.subscription_count() as i64);
-        self.retained.set(broker.retained_count() as i64);
-        for g in broker.groups.all() {
-            let l = &[&*g.share, &*g.filter];
+        self.subscriptions.set(state.subscriptions as i64);
+        self.retained.set(state.retained as i64);
+        for g in &state.groups {
+            let l = &[g.share.as_str(), g.filter.as_str()];
             self.shared
                 .members
                 .with_label_values(l)
-                .set(g.member_count() as i64);
-            self.shared
-                .queued
-                .with_label_values(l)
-                .set(g.queue.outbox.len() as i64);
+                .set(g.members as i64);
+            self.shared.queued.with_label_values(l).set(g.queued as i64);
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for I/O reasons; a failure would be a bug in a
@@ -529,6 +519,32 @@ impl Metrics {
         }
         out
     }
+}
+
+/// A shared subscription group's counters, resolved once when the group is made.
+pub struct GroupMetrics {
+    pub delivered: IntCounter,
+    pub redelivered: IntCounter,
+    pub dropped: IntCounter,
+}
+
+/// The broker's state as a scrape reports it, read by the HTTP side just before rendering.
+#[derive(Debug, Default)]
+pub struct BrokerState {
+    pub sessions: SessionStats,
+    pub subscriptions: usize,
+    pub retained: usize,
+    pub groups: Vec<GroupState>,
+}
+
+/// One shared subscription group at scrape time.
+#[derive(Debug)]
+pub struct GroupState {
+    pub share: String,
+    pub filter: String,
+    pub members: usize,
+    pub queued: usize,
+    pub reservations_open: usize,
 }
 
 /// Storage thread metrics; a clone is handed to the store as its commit observer.
@@ -550,77 +566,5 @@ impl crate::storage::CommitObserver for StorageMetrics {
         self.ops.inc_by(ops as u64);
         self.commit_seconds.observe(elapsed.as_secs_f64());
         self.batch_submits.observe(submits as f64);
-    }
-}
-
-/// Serves `/metrics`, `/health` and `/ready` until the task is dropped. Deliberately tiny:
-/// one request per connection, bounded header size and time, so a scraper cannot hold
-/// resources. `ready` is set once the store is recovered and every listener is open, and
-/// cleared when shutdown begins, so a load balancer stops sending clients first.
-pub async fn serve(listener: TcpListener, broker: Arc<Broker>, ready: Arc<AtomicBool>) {
-    let status = Arc::new(crate::status::Status::default());
-    loop {
-        let (mut sock, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let broker = broker.clone();
-        let status = status.clone();
-        let ready = ready.load(Ordering::Acquire);
-        tokio::spawn(async move {
-            let mut req = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut chunk = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => req.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                return;
-            }
-            let line = req.split(|&b| b == b'\r').next().unwrap_or(&[]);
-            let path = line.split(|&b| b == b' ').nth(1).unwrap_or(b"/");
-            let (status, ctype, body) = match path {
-                b"/metrics" => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    broker.metrics.render(&broker),
-                ),
-                b"/" => (
-                    "200 OK",
-                    "text/html; charset=utf-8",
-                    crate::status::PAGE.as_bytes().to_vec(),
-                ),
-                b"/status.json" => (
-                    "200 OK",
-                    "application/json",
-                    status.json(&broker).into_bytes(),
-                ),
-                b"/health" => ("200 OK", "text/plain", b"ok\n".to_vec()),
-                b"/ready" if ready => ("200 OK", "text/plain", b"ready\n".to_vec()),
-                b"/ready" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    b"not ready\n".to_vec(),
-                ),
-                _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(&body).await;
-            let _ = sock.shutdown().await;
-        });
     }
 }

@@ -27,6 +27,7 @@ LAYERS = [
     ["broker"],
     ["status"],
     ["connection"],
+    ["http"],
     ["websocket"],
     ["listener"],
     ["reload"],
@@ -39,8 +40,6 @@ KNOWN = {
     ("error", "storage"),
     ("error", "tls"),
     ("outbox", "broker"),   # Delivery.group is an Arc<broker::shared::Group>.
-    ("metrics", "broker"),  # metrics.rs also serves HTTP and renders from the broker.
-    ("metrics", "status"),
 }
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")

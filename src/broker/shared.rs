@@ -33,7 +33,6 @@ use crate::protocol::{QoS, SubscriptionOptions};
 use crate::session::registry::SessionHandle;
 use crate::storage::record::QueueEntry;
 use crate::storage::Op;
-use prometheus::IntCounter;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -44,12 +43,7 @@ use tokio::sync::Notify;
 /// Prefix of the store's session record of a group (never a valid MQTT client id).
 pub const RECORD_PREFIX: &str = "\0";
 
-/// A group's counters, resolved once when the group is made.
-pub struct GroupMetrics {
-    pub delivered: IntCounter,
-    pub redelivered: IntCounter,
-    pub dropped: IntCounter,
-}
+pub use crate::metrics::GroupMetrics;
 
 struct Member {
     session: Arc<SessionHandle>,
