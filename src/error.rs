@@ -1,5 +1,6 @@
-//! Typed errors and the ONE mapping from a protocol error to the MQTT 5 reason code that closes
-//! the connection. Every place that decides to drop a client goes through [`ProtocolError`], so
+//! The protocol error and the ONE mapping from it to the MQTT 5 reason code that closes the
+//! connection (errors that stop the broker from starting are `StartError`, with startup in
+//! `lib.rs`). Every place that decides to drop a client goes through [`ProtocolError`], so
 //! the reason a v5 client sees and the line an operator reads always agree.
 
 use crate::protocol::ReasonCode;
@@ -55,25 +56,4 @@ impl ProtocolError {
             ProtocolError::UnsupportedProtocolVersion(_) => ReasonCode::UnsupportedProtocolVersion,
         }
     }
-}
-
-/// Errors that stop the broker from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error("cannot bind {what} on {addr}: {source}")]
-    Bind {
-        what: &'static str,
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("metrics: {0}")]
-    Metrics(String),
-    #[error(transparent)]
-    Auth(#[from] crate::auth::AuthError),
-    #[error("tls: {0}")]
-    Tls(#[from] crate::tls::TlsError),
-    #[error("storage: {0}")]
-    Storage(#[from] crate::storage::StorageError),
 }

@@ -29,7 +29,6 @@ pub mod tls;
 pub mod websocket;
 
 pub use config::Config;
-pub use error::StartError;
 pub use reload::{ReloadError, Reloaded};
 
 use std::net::SocketAddr;
@@ -146,6 +145,27 @@ impl Running {
         self.broker.groups.close_all();
         self.broker.store.close();
     }
+}
+
+/// Errors that stop the broker from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// Binds the listeners and starts serving. Returns once every listener is open.
