@@ -84,8 +84,8 @@ fn connect_bytes(id: &str, v5: bool, clean: bool, keep_alive: u16, will: bool) -
         let mut c = v5::Connect::new(id);
         c.clean_session = clean;
         c.keep_alive = keep_alive;
-        c.properties = Some(super::sim::v5_connect_properties(
-            if clean { 0 } else { 600 },
+        c.properties = Some(crate::protocol::test_support::v5_connect_properties(
+            Some(if clean { 0 } else { 600 }),
             None,
         ));
         if will {

@@ -202,23 +202,7 @@ impl Actor {
     }
 }
 
-/// v5 CONNECT properties with only Session Expiry Interval and Receive Maximum set.
-pub(super) fn v5_connect_properties(
-    expiry: u32,
-    receive_maximum: Option<u16>,
-) -> v5::ConnectProperties {
-    v5::ConnectProperties {
-        session_expiry_interval: Some(expiry),
-        receive_maximum,
-        max_packet_size: None,
-        topic_alias_max: None,
-        request_response_info: None,
-        request_problem_info: None,
-        user_properties: Vec::new(),
-        authentication_method: None,
-        authentication_data: None,
-    }
-}
+use crate::protocol::test_support::v5_connect_properties;
 
 /// The broker side of one connection: a connection core and its buffers.
 struct Conn {
@@ -465,7 +449,7 @@ impl World {
             c.keep_alive = 0;
             c.clean_session = clean;
             c.properties = Some(v5_connect_properties(
-                if persistent { 3600 } else { 0 },
+                Some(if persistent { 3600 } else { 0 }),
                 Some(a.receive_max),
             ));
             if a.has_will {

@@ -300,17 +300,7 @@ proptest! {
             if let Some((t, m, q, r)) = &will {
                 c.last_will = Some(v5::LastWill::new(t.clone(), m.clone(), qos_of(*q).1, *r));
             }
-            c.properties = Some(v5::ConnectProperties {
-                session_expiry_interval: expiry,
-                receive_maximum: None,
-                max_packet_size: None,
-                topic_alias_max: None,
-                request_response_info: None,
-                request_problem_info: None,
-                user_properties: Vec::new(),
-                authentication_method: None,
-                authentication_data: None,
-            });
+            c.properties = Some(super::test_support::v5_connect_properties(expiry, None));
             c.write(&mut buf).expect("encode");
         } else {
             let mut c = v4::Connect::new(id.clone());

@@ -16,6 +16,8 @@ mod decode;
 mod differential_tests;
 mod encode;
 mod properties;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod validate;
 
 pub use codec::MqttStr;
