@@ -41,6 +41,7 @@ use super::Close;
 use crate::broker::{recovery, Broker};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::protocol::test_support::v5_connect_properties;
 use crate::protocol::{decode_packet, encode_disconnect, DecodeOutcome};
 use crate::session::registry::Kick;
 use crate::storage::sim::SimStore;
@@ -201,8 +202,6 @@ impl Actor {
         }
     }
 }
-
-use crate::protocol::test_support::v5_connect_properties;
 
 /// The broker side of one connection: a connection core and its buffers.
 struct Conn {
