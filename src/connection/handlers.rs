@@ -87,7 +87,7 @@ pub(crate) struct Client {
 fn counts_against_receive_maximum(ack: &Response) -> bool {
     match ack {
         Response::PubAck(..) => true,
-        Response::PubRec(_, reason) => *reason >= 0x80,
+        Response::PubRec(_, reason) => reason.is_failure(),
         _ => false,
     }
 }
@@ -433,7 +433,7 @@ impl Client {
             // ([MQTT-4.3.3-9]).
             self.queue_ack(
                 Commit::Done,
-                Response::PubRec(p.packet_id, 0),
+                Response::PubRec(p.packet_id, ReasonCode::Success),
                 Vec::new(),
                 wbuf,
             );
@@ -466,8 +466,8 @@ impl Client {
         }
         let reason = match refusal {
             // 3.1.1 has no way to refuse: acknowledge and drop.
-            Some(r) if v5 => r.as_u8(),
-            Some(_) => 0,
+            Some(r) if v5 => r,
+            Some(_) => ReasonCode::Success,
             None => {
                 let now = self.now;
                 let expiry = p.properties.message_expiry_interval;
@@ -515,9 +515,9 @@ impl Client {
                 // they happen even if this client vanishes before its acknowledgement.
                 let commit = broker.submit_staged(staged);
                 let reason = if v5 && routed.matched == 0 {
-                    ReasonCode::NoMatchingSubscribers.as_u8()
+                    ReasonCode::NoMatchingSubscribers
                 } else {
-                    0
+                    ReasonCode::Success
                 };
                 let ack = if p.qos == QoS::AtLeastOnce {
                     Response::PubAck(p.packet_id, reason)
@@ -539,7 +539,7 @@ impl Client {
             QoS::ExactlyOnce => {
                 // A refusal (reason >= 0x80) ends the exchange; a 3.1.1 "acknowledge and drop"
                 // still expects PUBREL.
-                if reason < 0x80 {
+                if !reason.is_failure() {
                     self.state.inbound_qos2.insert(p.packet_id);
                 }
                 self.queue_ack(
@@ -605,9 +605,9 @@ impl Client {
             Commit::Done
         };
         let reason = if known {
-            0
+            ReasonCode::Success
         } else {
-            ReasonCode::PacketIdentifierNotFound.as_u8()
+            ReasonCode::PacketIdentifierNotFound
         };
         self.queue_ack(
             commit,
@@ -633,18 +633,18 @@ impl Client {
             let f = filter.as_str();
             let shared = crate::broker::shared::parse(f);
             if matches!(shared, Some(Err(()))) {
-                codes.push(ReasonCode::TopicFilterInvalid.as_u8());
+                codes.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
             if !validate::is_valid_topic_filter(f) || !self.topic_within_limits(f) {
-                codes.push(ReasonCode::TopicFilterInvalid.as_u8());
+                codes.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
             if !broker
                 .auth
                 .can_subscribe(self.username.as_deref(), &self.client_id, f)
             {
-                codes.push(ReasonCode::NotAuthorized.as_u8());
+                codes.push(ReasonCode::NotAuthorized);
                 continue;
             }
             let max_subs = self.limits.max_subscriptions;
@@ -653,7 +653,7 @@ impl Client {
                 && !self.state.subscriptions.contains_key(f)
             {
                 // limits.max_subscriptions; re-subscribing to a filter it has is fine.
-                codes.push(ReasonCode::QuotaExceeded.as_u8());
+                codes.push(ReasonCode::QuotaExceeded);
                 continue;
             }
             options.qos = options.qos.min(max_qos);
@@ -684,7 +684,7 @@ impl Client {
                     },
                 });
             }
-            codes.push(options.qos.as_u8());
+            codes.push(ReasonCode::granted(options.qos));
             // Retained messages: Retain Handling 0 always, 1 only for a new subscription,
             // 2 never ([MQTT-3.3.1-9] .. [MQTT-3.3.1-11]); always with RETAIN=1 ([MQTT-3.3.1-8]).
             // Never for a shared subscription (MQTT 5 §4.8.2).
@@ -744,9 +744,9 @@ impl Client {
                 }
             }
             codes.push(if removed {
-                0
+                ReasonCode::Success
             } else {
-                ReasonCode::NoSubscriptionExisted.as_u8()
+                ReasonCode::NoSubscriptionExisted
             });
         }
         let commit = if ops.is_empty() {
@@ -817,17 +817,23 @@ impl Client {
         match ack {
             Response::PubAck(id, r) => {
                 self.acks.unacked_publishes -= 1;
-                encode_pub_response(wbuf, v, PUBACK, *id, *r)
+                encode_pub_response(wbuf, v, PUBACK, *id, r.as_u8())
             }
             Response::PubRec(id, r) => {
                 if counts_against_receive_maximum(ack) {
                     self.acks.unacked_publishes -= 1;
                 }
-                encode_pub_response(wbuf, v, PUBREC, *id, *r)
+                encode_pub_response(wbuf, v, PUBREC, *id, r.as_u8())
             }
-            Response::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, *r),
-            Response::SubAck(id, codes) => encode_suback(wbuf, v, *id, codes),
-            Response::UnsubAck(id, codes) => encode_unsuback(wbuf, v, *id, codes),
+            Response::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, r.as_u8()),
+            Response::SubAck(id, codes) => {
+                let raw: Vec<u8> = codes.iter().map(|c| c.as_u8()).collect();
+                encode_suback(wbuf, v, *id, &raw)
+            }
+            Response::UnsubAck(id, codes) => {
+                let raw: Vec<u8> = codes.iter().map(|c| c.as_u8()).collect();
+                encode_unsuback(wbuf, v, *id, &raw)
+            }
         }
     }
 

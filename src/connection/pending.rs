@@ -2,6 +2,7 @@
 //! QoS 2 write gate, and a connection's outstanding bookkeeping submits.
 
 use crate::outbox::Delivery;
+use crate::protocol::ReasonCode;
 use crate::storage::Commit;
 use bytes::BytesMut;
 use std::collections::VecDeque;
@@ -21,11 +22,11 @@ pub(crate) struct PendingAck {
 
 #[derive(Debug, Clone)]
 pub(crate) enum Response {
-    PubAck(u16, u8),
-    PubRec(u16, u8),
-    PubComp(u16, u8),
-    SubAck(u16, Vec<u8>),
-    UnsubAck(u16, Vec<u8>),
+    PubAck(u16, ReasonCode),
+    PubRec(u16, ReasonCode),
+    PubComp(u16, ReasonCode),
+    SubAck(u16, Vec<ReasonCode>),
+    UnsubAck(u16, Vec<ReasonCode>),
 }
 
 #[derive(Default)]

@@ -115,6 +115,20 @@ impl ReasonCode {
         self as u8
     }
 
+    /// A refusal (0x80 and above) rather than a success.
+    pub fn is_failure(self) -> bool {
+        self.as_u8() >= 0x80
+    }
+
+    /// The SUBACK code that grants `qos` (0x00, 0x01, 0x02).
+    pub fn granted(qos: QoS) -> ReasonCode {
+        match qos {
+            QoS::AtMostOnce => ReasonCode::Success,
+            QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+            QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+        }
+    }
+
     /// The 3.1.1 CONNACK return code for a refusal ([MQTT-3.2.2-4] .. table 3.1).
     pub fn v3_connack_code(self) -> u8 {
         match self {

@@ -34,7 +34,8 @@ def used_names():
         # Test modules (not the `#[cfg(test)] mod sim;` declarations above real code).
         text = re.split(r"#\[cfg\(test\)\]\s*\n\s*mod tests", text)[0]
         # A match arm (`ReasonCode::X =>` or `ReasonCode::X | ...`) maps a code, it sends none.
-        used |= set(re.findall(r"ReasonCode::(\w+)\b(?!\s*(?:=>|\|))", text))
+        # Variants are CamelCase; `ReasonCode::granted(..)` and friends are functions.
+        used |= set(re.findall(r"ReasonCode::([A-Z]\w*)\b(?!\s*(?:=>|\|))", text))
     return used
 
 
