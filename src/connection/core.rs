@@ -11,6 +11,7 @@
 //! | [`Client::handle_written`] | `n` bytes were written | remembers the write (stall detection), moves the gate |
 //! | [`Client::poll_timeout`] | before every wait | the earliest deadline: keep alive, write stall, a full window the client stopped acknowledging |
 //! | [`Client::handle_timeout`] | that deadline passed | closes the connection if a limit ran out |
+//! | [`Client::begin_close`], [`Client::end_close`] | the connection ends | what may still go out: earned acknowledgements, then (once the write gate has settled) the v5 DISCONNECT |
 //!
 //! The core never reads the clock: every `now` comes from its driver, so tests and the
 //! simulation drive it on their own time. What it waits for besides bytes and time (commits
@@ -20,6 +21,7 @@
 
 use super::handlers::Client;
 use super::Close;
+use crate::protocol::{encode_disconnect, kind};
 use bytes::BytesMut;
 use std::time::{Duration, Instant};
 
@@ -114,15 +116,29 @@ impl Client {
         Ok(())
     }
 
-    /// A pause (publish rate limit, back-pressure) ended at `now` with packets held in
-    /// `rbuf`: handles them. Not reading was our choice, so it does not count against the
-    /// client's keep alive.
-    pub fn handle_resume(
-        &mut self,
-        now: Instant,
-        rbuf: &mut BytesMut,
-        wbuf: &mut BytesMut,
-    ) -> Result<(), Close> {
-        self.handle_input(now, rbuf, wbuf)
+    /// The connection ends: acknowledgements already earned go into `wbuf` (before the
+    /// DISCONNECT), bookkeeping is submitted. The driver then settles the write gate (output
+    /// held for a commit goes only if that commit completes) and calls [`Client::end_close`].
+    pub fn begin_close(&mut self, wbuf: &mut BytesMut) {
+        let _ = self.release_acks(wbuf);
+        self.flush_ops();
+    }
+
+    /// After the gate settled: the v5 DISCONNECT with `close`'s reason, if it has one and it
+    /// fits the client's Maximum Packet Size ([MQTT-3.1.2-24]: else the connection closes
+    /// without it), and the last tallies.
+    pub fn end_close(&mut self, close: &Close, wbuf: &mut BytesMut) {
+        if self.version.is_v5() {
+            if let Some(reason) = close.reason() {
+                let at = wbuf.len();
+                encode_disconnect(wbuf, reason, None);
+                if wbuf.len() - at > self.max_packet_out {
+                    wbuf.truncate(at);
+                } else {
+                    self.tally.packets_out[usize::from(kind::DISCONNECT)] += 1;
+                }
+            }
+        }
+        self.flush_tally();
     }
 }

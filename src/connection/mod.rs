@@ -19,7 +19,7 @@ pub(crate) mod sim;
 
 use crate::broker::Broker;
 use crate::error::ProtocolError;
-use crate::protocol::{decode_packet, encode_disconnect, DecodeOutcome, Packet, ReasonCode};
+use crate::protocol::{decode_packet, DecodeOutcome, Packet, ReasonCode};
 use crate::session::registry::Kick;
 use bytes::{Buf, BytesMut};
 use handlers::Client;
@@ -285,25 +285,9 @@ pub async fn serve<S>(
     tracing::info!(%peer, client_id = %client.client_id, reason = %close.describe(), "connection closed");
     // Acknowledgements already earned go out before the DISCONNECT; gated output only once
     // its commit is done (else it is not sent at all).
-    let _ = client.release_acks(&mut io.wbuf);
-    client.flush_ops();
+    client.begin_close(&mut io.wbuf);
     client.gate.settle(&mut io.wbuf).await;
-    if client.version.is_v5() {
-        if let Some(reason) = close.reason() {
-            let at = io.wbuf.len();
-            encode_disconnect(&mut io.wbuf, reason, None);
-            if io.wbuf.len() - at > client.max_packet_out {
-                // [MQTT-3.1.2-24] not even 4 bytes fit what the client accepts: close without.
-                io.wbuf.truncate(at);
-            } else {
-                broker
-                    .metrics
-                    .packets_sent
-                    .add(crate::protocol::kind::DISCONNECT, 1);
-            }
-        }
-    }
-    client.flush_tally();
+    client.end_close(&close, &mut io.wbuf);
     if !matches!(close, Close::WriteStalled | Close::PeerGone(_)) {
         io.flush_quietly().await;
     }
@@ -477,7 +461,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 // The pause ended (e.g. back-pressure eased between two looks): handle what
                 // was held back now; waiting for the socket could wait forever.
                 if let Err(close) =
-                    client.handle_resume(now.into_std(), &mut self.rbuf, &mut self.wbuf)
+                    client.handle_input(now.into_std(), &mut self.rbuf, &mut self.wbuf)
                 {
                     return close;
                 }
@@ -544,7 +528,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     // The budget refilled (or back-pressure eased): handle what was read but
                     // held back.
                     let now = Instant::now().into_std();
-                    if let Err(close) = client.handle_resume(now, &mut self.rbuf, &mut self.wbuf) {
+                    if let Err(close) = client.handle_input(now, &mut self.rbuf, &mut self.wbuf) {
                         return close;
                     }
                     if client.take_routed() {

@@ -171,6 +171,11 @@ impl Gate {
         if self.commit.is_some() {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.ready()).await;
         }
+        self.drop_held(wbuf);
+    }
+
+    /// Drops the held output (its commit did not come): it is never sent.
+    pub(crate) fn drop_held(&mut self, wbuf: &mut BytesMut) {
         if let Some(s) = self.start.take() {
             wbuf.truncate(s);
         }

@@ -42,7 +42,7 @@ use crate::broker::{recovery, Broker};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::test_support::v5_connect_properties;
-use crate::protocol::{decode_packet, encode_disconnect, DecodeOutcome};
+use crate::protocol::{decode_packet, DecodeOutcome};
 use crate::session::registry::Kick;
 use crate::storage::sim::SimStore;
 use crate::storage::Store;
@@ -906,18 +906,11 @@ impl World {
             close.describe(),
             conn.client.session_expiry
         );
-        let _ = conn.client.release_acks(&mut conn.wbuf);
-        conn.client.flush_ops();
+        conn.client.begin_close(&mut conn.wbuf);
         // The gate's commit is not awaited here: held output is dropped, as at a close
         // whose commit did not come in time.
-        if let Some(s) = conn.client.gate.start.take() {
-            conn.wbuf.truncate(s);
-        }
-        if conn.client.version.is_v5() {
-            if let Some(reason) = close.reason() {
-                encode_disconnect(&mut conn.wbuf, reason, None);
-            }
-        }
+        conn.client.gate.drop_held(&mut conn.wbuf);
+        conn.client.end_close(&close, &mut conn.wbuf);
         let actor = &mut self.actors[a];
         if actor.conn == Some(c) && !actor.connected {
             // It never read this connection's CONNACK, yet the connection made (or kept) a
@@ -1017,7 +1010,7 @@ impl World {
             } else if conn.client.held_input && conn.client.throttle_wait().is_none() {
                 result = conn
                     .client
-                    .handle_resume(now, &mut conn.rbuf, &mut conn.wbuf);
+                    .handle_input(now, &mut conn.rbuf, &mut conn.wbuf);
             }
             if result.is_ok() {
                 result = conn.client.poll_output(now, &mut conn.wbuf, HIGH_WATER);
