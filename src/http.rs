@@ -22,12 +22,15 @@ pub fn state_of(broker: &Broker) -> BrokerState {
             .groups
             .all()
             .iter()
-            .map(|g| GroupState {
-                share: g.share.to_string(),
-                filter: g.filter.to_string(),
-                members: g.member_count(),
-                queued: g.queue.outbox.len(),
-                reservations_open: g.queue.outbox.open_reservations(),
+            .map(|g| {
+                let (queued, reservations_open) = g.queue.outbox.counts();
+                GroupState {
+                    share: g.share.to_string(),
+                    filter: g.filter.to_string(),
+                    members: g.member_count(),
+                    queued,
+                    reservations_open,
+                }
             })
             .collect(),
     }

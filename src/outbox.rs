@@ -380,8 +380,17 @@ impl Outbox {
     /// the store runs its commit's effects, so this returns to 0 whenever the store is idle;
     /// a count that stays up is a leaked reservation (`tern_reservations_open`).
     pub fn open_reservations(&self) -> usize {
+        self.counts().1
+    }
+
+    /// Queued messages ([`Outbox::len`]) and open reservations, under one lock (a scrape
+    /// reads both for every session).
+    pub fn counts(&self) -> (usize, usize) {
         let q = self.lock();
-        q.pending + q.uncommitted.len()
+        (
+            q.items.len() + q.pending + q.spilled,
+            q.pending + q.uncommitted.len(),
+        )
     }
 
     /// A spilled entry's commit completed: the loader may read up to it.

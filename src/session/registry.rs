@@ -388,11 +388,11 @@ impl Registry {
             } else {
                 st.offline += 1;
             }
-            let queued = h.outbox.len();
+            let (queued, reservations_open) = h.outbox.counts();
             let inflight = h.inflight.load(Ordering::Relaxed);
             st.queued += queued;
             st.inflight += inflight;
-            st.reservations_open += h.outbox.open_reservations();
+            st.reservations_open += reservations_open;
             for (i, le) in QUEUE_DEPTH_BUCKETS.iter().enumerate() {
                 if queued <= *le {
                     st.depth[i] += 1;
