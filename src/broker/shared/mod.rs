@@ -25,6 +25,8 @@
 //! its own queue; one handed to a non-persistent member stays in the group's queue until the
 //! member acknowledges it (QoS 1) or PUBRECs it (QoS 2), so a crash redelivers it to the group.
 
+mod membership;
+
 use super::{After, Broker, Staged};
 use crate::config::Strategy;
 use crate::outbox::Reservation;

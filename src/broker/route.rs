@@ -1,0 +1,168 @@
+//! Routing one message: the retained slot, the subscriptions that match, and one delivery
+//! per receiving session (or shared subscription group) into its queue.
+
+use super::retain::RetainOutcome;
+use super::shared::Group;
+use super::staged::Staging;
+use super::{Broker, Staged, Subscriber};
+use crate::message::Message;
+use crate::outbox::{Delivery, SubIds};
+use crate::session::registry::SessionHandle;
+use crate::storage::Op;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+/// Result of routing one message.
+#[derive(Default, Clone)]
+pub struct Routed {
+    /// Sessions (and shared subscription groups) that matched.
+    pub matched: usize,
+    /// Of those, how many could not take it (full queue).
+    pub dropped: usize,
+    /// A queue this message went into that is over the back-pressure threshold
+    /// (`shared.backpressure`, `limits.backpressure`): the publisher should pause.
+    pub pressure: Option<Arc<SessionHandle>>,
+}
+
+impl Broker {
+    /// Routes `msg` to every matching subscription; also stores it as retained when its
+    /// RETAIN flag is set. `scratch` is the caller's reused buffer. With durable storage,
+    /// what must be stored before the message may be acknowledged (the message, its place in
+    /// persistent sessions' queues, the retained slot) is added to `staged`, and deliveries to
+    /// persistent sessions wait there until that commit completes.
+    pub fn publish(
+        &self,
+        msg: &Arc<Message>,
+        scratch: &mut Vec<Subscriber>,
+        staged: &mut Staged,
+    ) -> Routed {
+        // `$` topics are the broker's own (`$SYS`): only the broker publishes them (clients
+        // may not, wills may not), they describe this run, and they are never persisted.
+        let durable = self.store.durable() && !msg.topic.as_str().starts_with('$');
+        let mut staging = durable.then(|| Staging::new(msg, staged));
+        self.topic_sampler.record(msg.id, msg.topic.as_str());
+        if msg.retain && self.config.mqtt.retain_available {
+            self.retain(msg, staging.as_mut());
+        }
+        self.match_into(msg, scratch);
+        let mut routed = Routed::default();
+        let rule = self.auth.receive_rule(msg.topic.as_str());
+        let mut i = 0;
+        while i < scratch.len() {
+            // Overlapping subscriptions of one session: one copy at the highest QoS, with every
+            // matching subscription identifier ([MQTT-3.3.4-2] .. [MQTT-3.3.4-5]).
+            let session = &scratch[i].session;
+            let group = scratch[i].group.as_ref();
+            let mut qos = scratch[i].options.qos;
+            let mut retain_as_published = scratch[i].options.retain_as_published;
+            let mut sub_ids = SubIds::None;
+            let mut j = i;
+            while j < scratch.len() && Arc::ptr_eq(&scratch[j].session, session) {
+                qos = qos.max(scratch[j].options.qos);
+                retain_as_published |= scratch[j].options.retain_as_published;
+                if let Some(id) = scratch[j].id {
+                    sub_ids.push(id);
+                }
+                j += 1;
+            }
+            i = j;
+            // A group's message is authorised per member when the member's connection takes
+            // it (each member has its own identity; see `Client::fill_from_outbox`).
+            let allowed = group.is_some()
+                || if rule.needs_username() {
+                    rule.allows(session.username().as_deref(), &session.client_id)
+                } else {
+                    rule.allows(None, &session.client_id)
+                };
+            if !allowed {
+                self.metrics.dropped_not_authorized.inc();
+                continue;
+            }
+            routed.matched += 1;
+            // Live messages carry RETAIN=0 unless Retain As Published ([MQTT-3.3.1-12]
+            // [MQTT-3.3.1-13]); a group keeps the flag and applies each member's option.
+            let retain = msg.retain && (retain_as_published || group.is_some());
+            let delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
+            if !self.deliver(session, delivery, staging.as_mut()) {
+                routed.dropped += 1;
+                if let Some(g) = group {
+                    g.metrics.dropped.inc();
+                }
+            } else if routed.pressure.is_none() && self.presses_back(session, group, msg.origin) {
+                routed.pressure = Some(session.clone());
+            }
+        }
+        if routed.matched == 0 && !msg.retain {
+            self.metrics.dropped_no_subscribers.inc();
+        }
+        routed
+    }
+
+    /// Updates the retained slot of `msg`'s topic, staging the change when durable.
+    fn retain(&self, msg: &Arc<Message>, staging: Option<&mut Staging<'_>>) {
+        let outcome = self
+            .retained
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .store(msg.clone(), self.limits().max_retained_messages);
+        match (outcome, staging) {
+            (RetainOutcome::Full, _) => self.metrics.dropped_retain_full.inc(),
+            (RetainOutcome::Deleted, Some(s)) => s.op_alone(Op::DeleteRetained {
+                topic: msg.topic.to_string(),
+            }),
+            (RetainOutcome::Stored | RetainOutcome::Replaced, Some(s)) => s.op(Op::PutRetained {
+                topic: msg.topic.to_string(),
+                msg_id: msg.id,
+            }),
+            _ => {}
+        }
+    }
+
+    /// The subscriptions matching `msg`'s topic into `scratch`, sorted so that one session's
+    /// entries are adjacent, without those No Local excludes.
+    fn match_into(&self, msg: &Message, scratch: &mut Vec<Subscriber>) {
+        scratch.clear();
+        let lists = self
+            .subscriptions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .match_into(msg.topic.as_str(), scratch);
+        // No Local: a subscription with it set does not match its own session's messages
+        // ([MQTT-3.8.3-3]).
+        scratch.retain(|s| !(s.options.no_local && s.session.id == msg.origin));
+        // Entries of one filter are unique per session; only several filters can overlap.
+        if lists > 1 && scratch.len() > 1 {
+            scratch.sort_unstable_by_key(|s| s.session.id);
+        }
+    }
+
+    /// Whether the queue a message just went into is over the back-pressure threshold
+    /// (`shared.backpressure`, `limits.backpressure`), so its publisher should pause. A
+    /// publisher that drains the queue itself must not stop reading its acks.
+    fn presses_back(
+        &self,
+        session: &SessionHandle,
+        group: Option<&Arc<Group>>,
+        origin: u64,
+    ) -> bool {
+        let enabled = match group {
+            Some(_) => self.config.shared.backpressure,
+            None => self.backpressure.load(Ordering::Relaxed),
+        };
+        enabled
+            && session.outbox.drained_and_above(3, 4)
+            && match group {
+                Some(g) => !g.is_member(origin),
+                None => session.id != origin,
+            }
+    }
+
+    /// Routes a message nobody acknowledges (a will): what it staged is committed in the
+    /// background and its durable deliveries become visible when that completes.
+    pub fn publish_detached(self: &Arc<Self>, msg: &Arc<Message>) {
+        let mut scratch = Vec::new();
+        let mut staged = Staged::default();
+        self.publish(msg, &mut scratch, &mut staged);
+        self.commit_detached(staged);
+    }
+}

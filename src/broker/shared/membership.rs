@@ -1,0 +1,192 @@
+//! The lifecycle of shared subscription groups on the broker: a session joins or leaves a
+//! group, a group is made (or restored) and indexed once in the subscription index, a group
+//! nobody belongs to any more ends, and a member that goes away gives back what it held.
+
+use super::{give_back_stored, parse, record_key, Group};
+use crate::broker::{Broker, Staged, Subscriber};
+use crate::outbox::Outbox;
+use crate::protocol::{QoS, SubscriptionOptions};
+use crate::session::registry::SessionHandle;
+use crate::session::{Outbound, SessionState};
+use crate::storage::record::SessionRecord;
+use crate::storage::Op;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+impl Broker {
+    /// Joins (or updates) `session`'s membership of shared subscription `share`/`filter`.
+    /// `window` is the member connection's in-flight window (`online` false: restored while
+    /// its client is away).
+    #[allow(clippy::too_many_arguments)]
+    pub fn subscribe_shared(
+        self: &Arc<Self>,
+        session: &Arc<SessionHandle>,
+        share: &str,
+        filter: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        online: bool,
+        window: usize,
+    ) -> Arc<Group> {
+        let key = format!("$share/{share}/{filter}");
+        let (group, created) = self.groups.join(
+            &key,
+            || self.make_group(share, filter, None),
+            |g| g.join(session, options, id, online, window),
+        );
+        if self.store.durable()
+            && session.persistent.load(Ordering::Relaxed)
+            && !group.queue.persistent.swap(true, Ordering::Relaxed)
+        {
+            // Stored before anything is queued for it (the store keeps submission order).
+            let _ = self.store.submit(vec![Op::PutSession(SessionRecord {
+                client_id: group.queue.client_id.to_string(),
+                session_id: group.queue.id,
+                expiry_interval: u32::MAX,
+                disconnected_at_ms: None,
+                will: None,
+                username: None,
+            })]);
+        }
+        self.index_group(&group);
+        if created {
+            tokio::spawn(group.clone().run(Arc::downgrade(self)));
+        }
+        group
+    }
+
+    /// Makes a group (`restored`: its storage id and queue recovered from the store).
+    pub(crate) fn make_group(
+        &self,
+        share: &str,
+        filter: &str,
+        restored: Option<u64>,
+    ) -> Arc<Group> {
+        let shared = &self.config.shared;
+        let key = format!("$share/{share}/{filter}");
+        let id = restored.unwrap_or_else(|| self.registry.allocate_id());
+        let queue = Arc::new(SessionHandle::new(
+            id,
+            Arc::from(record_key(&key)),
+            Outbox::new(shared.max_queued_messages, shared.max_queued_bytes),
+            restored.is_some(),
+        ));
+        let metrics = self.metrics.group_metrics(share, filter);
+        Arc::new(Group::new(
+            share,
+            filter,
+            shared.strategy_of(share),
+            queue,
+            metrics,
+        ))
+    }
+
+    /// (Re)writes a group's entry in the subscription index: one entry per group, at the
+    /// highest QoS any member asked for.
+    fn index_group(&self, group: &Arc<Group>) {
+        let options = SubscriptionOptions {
+            qos: group.max_qos(),
+            ..SubscriptionOptions::default()
+        };
+        self.subscriptions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .subscribe(
+                &group.filter,
+                group.queue.id,
+                Subscriber {
+                    session: group.queue.clone(),
+                    options,
+                    id: None,
+                    group: Some(group.clone()),
+                },
+            );
+    }
+
+    /// `session` leaves the group `key` (`$share/NAME/FILTER`); true if it was a member.
+    pub fn unsubscribe_shared(&self, session: &SessionHandle, key: &str) -> bool {
+        let Some(group) = self.groups.get(key) else {
+            return false;
+        };
+        let was = group.is_member(session.id);
+        if group.leave(session.id) {
+            self.drop_group(&group);
+        } else {
+            self.index_group(&group);
+        }
+        was
+    }
+
+    /// Removes a group nobody belongs to any more; what it still queued is discarded.
+    pub(crate) fn drop_group(&self, group: &Arc<Group>) {
+        if !self.groups.remove_if_empty(group) {
+            return;
+        }
+        self.subscriptions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unsubscribe(&group.filter, group.queue.id);
+        let discarded = group.queue.outbox.clear();
+        if discarded > 0 {
+            self.metrics.dropped_no_subscribers.inc_by(discarded as u64);
+        }
+        if self.store.durable() && group.queue.persistent.load(Ordering::Relaxed) {
+            let _ = self.store.submit(vec![Op::DeleteSession {
+                client_id: group.queue.client_id.to_string(),
+                session_id: group.queue.id,
+            }]);
+        }
+        self.metrics.forget_group(&group.share, &group.filter);
+        tracing::debug!(group = %group.key(), "shared subscription group ended");
+    }
+
+    /// A member's connection left (`ended`: its session ended too). Its lanes go back to its
+    /// groups and so do the deliveries it had not finished (see [`shared`] for which).
+    pub fn shared_member_gone(
+        self: &Arc<Self>,
+        handle: &SessionHandle,
+        state: &mut SessionState,
+        ended: bool,
+    ) {
+        let mut emptied = Vec::new();
+        for filter in state.subscriptions.keys() {
+            if parse(filter).is_none() {
+                continue;
+            }
+            let Some(group) = self.groups.get(filter) else {
+                continue;
+            };
+            if !ended {
+                group.set_online(handle.id, false, 0);
+            } else if group.leave(handle.id) {
+                emptied.push(group);
+            } else {
+                self.index_group(&group);
+            }
+        }
+        let taken = state.inflight.take_where(|o| match o {
+            Outbound::Published(d) => d.group.is_some() && (ended || d.qos == QoS::AtLeastOnce),
+            Outbound::Released(d) => ended && d.group.is_some(),
+        });
+        let mut staged = Staged::default();
+        for (packet_id, o) in taken {
+            let (Outbound::Published(d) | Outbound::Released(d)) = &o;
+            let Some(group) = d.group.clone() else {
+                continue;
+            };
+            group.release(handle.id);
+            if matches!(o, Outbound::Released(_)) || group.is_closed() {
+                continue;
+            }
+            if d.stored && self.store.durable() {
+                give_back_stored(&group, handle.id, packet_id, d, &mut staged);
+            } else {
+                group.take_back(vec![d.clone()]);
+            }
+        }
+        self.commit_detached(staged);
+        for group in emptied {
+            self.drop_group(&group);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The durable routing step. With durable storage a QoS 1/2 delivery to a persistent queue
+//! (a session's or a shared group's) may not be seen before it is stored: the publisher is
+//! acknowledged only after the commit, and a subscriber must never get a message that a crash
+//! could make the broker forget. So routing *reserves* the delivery's place in the queue and
+//! stages the store operations; the store makes the delivery visible when the commit is
+//! durable, or gives the place back when it fails, whoever submitted it ([`After`]).
+//! Everything else (QoS 0, clean sessions, memory storage) is pushed at once.
+
+use super::Broker;
+use crate::message::Message;
+use crate::outbox::{Delivery, Pushed, Reservation};
+use crate::protocol::QoS;
+use crate::session::registry::SessionHandle;
+use crate::storage::record::{unix_now_ms, QueueEntry, StoredMessage};
+use crate::storage::{Commit, OnCommit, Op, Outcome};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// What a publish leaves for its commit: the operations to store, and deliveries that become
+/// visible once they are stored.
+#[derive(Default)]
+pub struct Staged {
+    pub ops: Vec<Op>,
+    pub after: Vec<After>,
+}
+
+impl Staged {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.after.is_empty()
+    }
+}
+
+/// A durable delivery waiting for the commit that stores it: a place reserved in a
+/// persistent queue (a session's or a shared group's). It ends exactly once: made visible
+/// when the commit is durable ([`After::durable`]), or its place is given back
+/// ([`After::release`]) when the commit fails — and, should it ever be dropped unsettled on
+/// some path, on drop. So a reservation cannot outlive its commit, whoever submitted it.
+pub struct After {
+    session: Arc<SessionHandle>,
+    epoch: u64,
+    reserved: Option<Reserved>,
+}
+
+enum Reserved {
+    /// Goes into the session's memory queue once committed.
+    Hot(Delivery),
+    /// Lives on disk only; the session's connection loads it once committed.
+    Spilled { seq: u64, weight: usize },
+}
+
+impl After {
+    /// For a [`Reservation`] the session's outbox handed out; `delivery.seq` is set here.
+    pub fn reserved(
+        session: Arc<SessionHandle>,
+        reservation: Reservation,
+        mut delivery: Delivery,
+    ) -> Option<After> {
+        let (reserved, epoch) = match reservation {
+            Reservation::Hot { seq, epoch } => {
+                delivery.seq = Some(seq);
+                delivery.stored = true;
+                (Reserved::Hot(delivery), epoch)
+            }
+            Reservation::Spill { seq, epoch } => (
+                Reserved::Spilled {
+                    seq,
+                    weight: delivery.msg.weight(),
+                },
+                epoch,
+            ),
+            Reservation::Full => return None,
+        };
+        Some(After {
+            session,
+            epoch,
+            reserved: Some(reserved),
+        })
+    }
+
+    /// The commit is durable: the delivery becomes visible to the session's connection.
+    pub fn durable(mut self) {
+        match self.reserved.take() {
+            Some(Reserved::Hot(d)) => self.session.outbox.push_reserved(d, self.epoch),
+            Some(Reserved::Spilled { seq, .. }) => {
+                self.session.outbox.spill_committed(seq, self.epoch)
+            }
+            None => {}
+        }
+    }
+
+    /// The commit failed: gives the place back. True if a message was lost for a queue that
+    /// still wanted it (the caller counts it); false if the queue was cleared meanwhile.
+    pub fn release(&mut self) -> bool {
+        match self.reserved.take() {
+            Some(Reserved::Hot(d)) => self
+                .session
+                .outbox
+                .release_reserved(d.msg.weight(), self.epoch),
+            Some(Reserved::Spilled { seq, weight }) => {
+                self.session.outbox.release_spilled(seq, weight, self.epoch)
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for After {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// One message's part of a [`Staged`]: the message itself is stored at most once, however
+/// many queues and the retained slot refer to it.
+pub(super) struct Staging<'a> {
+    msg: &'a Arc<Message>,
+    staged: &'a mut Staged,
+    message_staged: bool,
+}
+
+impl<'a> Staging<'a> {
+    pub(super) fn new(msg: &'a Arc<Message>, staged: &'a mut Staged) -> Self {
+        Staging {
+            msg,
+            staged,
+            message_staged: false,
+        }
+    }
+
+    /// Stages `op`, which refers to the message: the message goes first, once.
+    pub(super) fn op(&mut self, op: Op) {
+        if !self.message_staged {
+            self.message_staged = true;
+            self.staged
+                .ops
+                .push(Op::PutMessage(StoredMessage::from_message(
+                    self.msg,
+                    crate::clock::now(),
+                    unix_now_ms(),
+                )));
+        }
+        self.staged.ops.push(op);
+    }
+
+    /// Stages an op that does not refer to the message (a retained deletion).
+    pub(super) fn op_alone(&mut self, op: Op) {
+        self.staged.ops.push(op);
+    }
+}
+
+impl Broker {
+    /// Puts one delivery into `session`'s queue; false when the queue is full (counted).
+    /// `staging` is given when the message is durable: a QoS 1/2 delivery to a persistent
+    /// queue then reserves its place and waits for the commit instead of being pushed.
+    pub(super) fn deliver(
+        &self,
+        session: &Arc<SessionHandle>,
+        delivery: Delivery,
+        staging: Option<&mut Staging<'_>>,
+    ) -> bool {
+        let staging = match staging {
+            Some(s)
+                if delivery.qos != QoS::AtMostOnce
+                    && session.persistent.load(Ordering::Relaxed) =>
+            {
+                s
+            }
+            _ => return self.push(session, delivery) != Pushed::DroppedFull,
+        };
+        let reservation = session.outbox.reserve(delivery.msg.weight());
+        let (Reservation::Hot { seq, .. } | Reservation::Spill { seq, .. }) = reservation else {
+            self.metrics.dropped_queue_full.inc();
+            return false;
+        };
+        staging.op(Op::Enqueue {
+            session_id: session.id,
+            seq,
+            entry: QueueEntry {
+                msg_id: delivery.msg.id,
+                qos: delivery.qos,
+                retain: delivery.retain,
+                sub_ids: delivery.sub_ids.as_slice().to_vec(),
+            },
+        });
+        staging
+            .staged
+            .after
+            .extend(After::reserved(session.clone(), reservation, delivery));
+        true
+    }
+
+    /// Submits `staged`: the store makes its deliveries visible once the commit is durable,
+    /// or releases their places (counted as `storage_failed`) if it fails — whether or not the
+    /// submitter is still there. The returned commit only gates the submitter's own
+    /// acknowledgement.
+    pub fn submit_staged(&self, staged: Staged) -> Commit {
+        if staged.ops.is_empty() {
+            // Nothing to store: nothing was reserved either (reservations come with ops).
+            for a in staged.after {
+                a.durable();
+            }
+            return Commit::Done;
+        }
+        let then = if staged.after.is_empty() {
+            OnCommit::none()
+        } else {
+            let lost = self.metrics.dropped_storage_failed.clone();
+            let after = staged.after;
+            OnCommit::new(move |outcome| match outcome {
+                Outcome::Durable => after.into_iter().for_each(After::durable),
+                Outcome::Failed => {
+                    let n = after
+                        .into_iter()
+                        .filter_map(|mut a| a.release().then_some(()))
+                        .count();
+                    lost.inc_by(n as u64);
+                }
+            })
+        };
+        self.store.submit_then(staged.ops, then)
+    }
+
+    /// Submits `staged` for nobody's acknowledgement (QoS 0 retained updates, wills, group
+    /// hand-backs); its effects are the store's, as with [`Broker::submit_staged`].
+    pub fn commit_detached(&self, staged: Staged) {
+        let _ = self.submit_staged(staged);
+    }
+}
