@@ -69,10 +69,60 @@ def imports():
     return found
 
 
+def sibling_imports():
+    """{top: {(from_sub, to_sub)}}: imports between the submodules of one top-level module
+    (`crate::storage::codec` or `super::codec` from storage/record.rs), parent file excluded,
+    over non-test code. Submodules have no order written down, but they must not form a
+    cycle (issue 14: records and their encoding in one direction)."""
+    edges = {}
+    for path in glob.glob(os.path.join(ROOT, "*", "**", "*.rs"), recursive=True):
+        rel = os.path.relpath(path, ROOT).split(os.sep)
+        top, sub = rel[0], rel[1][:-3] if rel[1].endswith(".rs") else rel[1]
+        if sub in ("mod", "tests", "sim") or sub.endswith("_tests") or rel[-1].endswith("tests.rs"):
+            continue
+        subs = {n[:-3] if n.endswith(".rs") else n for n in os.listdir(os.path.join(ROOT, top))}
+        with open(path) as f:
+            text = re.split(r"#\[cfg\(test\)\]\s*\n\s*mod tests", f.read())[0]
+        refs = [m.group(1) for m in re.finditer(rf"\bcrate::{top}::(\w+)", text)]
+        # `super::` names a sibling from a file directly under the module, `super::super::`
+        # from one a level deeper.
+        up = "super::" if len(rel) == 2 else "super::super::"
+        refs += [m.group(1) for m in re.finditer(rf"(?<!::)\b{up}(\w+)", text)]
+        for r in refs:
+            if r in subs and r != sub and r != "mod":
+                edges.setdefault(top, set()).add((sub, r))
+    return edges
+
+
+def cycles(edges):
+    """Each cycle of the graph once, as a list of nodes."""
+    graph = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+    found, seen = [], set()
+
+    def walk(node, path):
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == path[0]:
+                key = frozenset(path)
+                if key not in seen:
+                    seen.add(key)
+                    found.append(path + [nxt])
+            elif nxt not in path and nxt > path[0]:
+                walk(nxt, path + [nxt])
+
+    for start in sorted(graph):
+        walk(start, [start])
+    return found
+
+
 def main():
     ranks = rank_of()
     found = imports()
     errors = []
+    for top, edges in sorted(sibling_imports().items()):
+        for c in cycles(edges):
+            errors.append(f"import cycle inside `{top}`: {' -> '.join(c)}")
     for a, b in sorted(found):
         for m in (a, b):
             if m not in ranks:

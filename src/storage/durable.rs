@@ -31,7 +31,6 @@
 //! A client id never contains 0x00 (MQTT strings exclude U+0000), so `client id + 0x00` is an
 //! unambiguous prefix for one client's subscriptions.
 
-pub(crate) mod codec;
 mod recover;
 #[cfg(test)]
 mod stress_tests;

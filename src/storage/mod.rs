@@ -12,6 +12,7 @@
 //! is not. It never rides with the submitting connection, which may vanish mid-commit (a
 //! device resetting its link) and would take the effect with it: issue 13's stalled queues.
 
+mod codec;
 pub mod durable;
 mod memory;
 pub mod record;

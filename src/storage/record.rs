@@ -8,36 +8,14 @@
 //! every length against the bytes actually present: garbage yields a [`DecodeError`], never a
 //! panic or an allocation sized by an untrusted count.
 
-use super::durable::codec::{
+use super::codec::{
     put_bytes, put_len, put_opt_u64, put_properties, put_u16, put_u32, put_u64, Reader,
 };
+pub use super::codec::{DecodeError, RECORD_FORMAT};
 use crate::message::Message;
 use crate::protocol::{MqttStr, PublishProperties, QoS, SubscriptionOptions, Will};
 use bytes::Bytes;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Format byte written at the start of every record value. Bump it when an encoding changes,
-/// and keep decoding the older formats.
-///
-/// - 1: the first format.
-/// - 2: in-flight records end with an optional shared subscription group id (a presence byte,
-///   then a `u64`); every other record is as in format 1.
-/// - 3: session records end with the optional user name of the session's last connection (a
-///   presence byte, then the string); every other record is as in format 2.
-pub const RECORD_FORMAT: u8 = 3;
-
-/// Why a record could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("record ends early")]
-    Truncated,
-    #[error("{0}")]
-    Invalid(&'static str),
-    #[error("record format {0} is newer than this build supports ({RECORD_FORMAT})")]
-    NewerFormat(u8),
-    #[error("{0} unexpected bytes after the record")]
-    TrailingBytes(usize),
-}
 
 /// Wall-clock time in milliseconds since the Unix epoch. Deadlines are stored in wall-clock
 /// time because an `Instant` means nothing after a restart.

@@ -1,9 +1,33 @@
-//! Encoding primitives of the record format (see `storage::record`): big-endian integers,
-//! `u32`-length-prefixed byte strings, presence bytes and bitmaps, and a bounds-checked reader.
+//! Encoding primitives of the record format (see `storage::record`): its format byte and
+//! decode error, big-endian integers, `u32`-length-prefixed byte strings, presence bytes and
+//! bitmaps, and a bounds-checked reader. The records are built on these, never the reverse:
+//! `record` → `codec`, one direction.
 
 use crate::protocol::{MqttStr, PublishProperties, QoS};
-use crate::storage::record::{DecodeError, RECORD_FORMAT};
 use bytes::Bytes;
+
+/// Format byte written at the start of every record value. Bump it when an encoding changes,
+/// and keep decoding the older formats.
+///
+/// - 1: the first format.
+/// - 2: in-flight records end with an optional shared subscription group id (a presence byte,
+///   then a `u64`); every other record is as in format 1.
+/// - 3: session records end with the optional user name of the session's last connection (a
+///   presence byte, then the string); every other record is as in format 2.
+pub const RECORD_FORMAT: u8 = 3;
+
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record ends early")]
+    Truncated,
+    #[error("{0}")]
+    Invalid(&'static str),
+    #[error("record format {0} is newer than this build supports ({RECORD_FORMAT})")]
+    NewerFormat(u8),
+    #[error("{0} unexpected bytes after the record")]
+    TrailingBytes(usize),
+}
 
 pub(crate) fn put_u16(w: &mut Vec<u8>, v: u16) {
     w.extend_from_slice(&v.to_be_bytes());
