@@ -6,6 +6,7 @@
 //! client that stops reading is caught by the write-stall timer instead of stalling the task.
 //! Generic over the stream, so TLS and WebSocket streams slot in unchanged.
 
+mod client;
 mod connect;
 mod core;
 #[cfg(test)]
@@ -16,13 +17,14 @@ mod pending;
 mod shared;
 #[cfg(test)]
 pub(crate) mod sim;
+mod tally;
 
 use crate::broker::Broker;
 use crate::error::ProtocolError;
 use crate::protocol::{decode_packet, DecodeOutcome, Packet, ReasonCode};
 use crate::session::registry::Kick;
 use bytes::{Buf, BytesMut};
-use handlers::Client;
+use client::Client;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 //! Outbound: draining the session's outbox into the write buffer within the in-flight window,
 //! loading a stored queue from disk, and re-sending in-flight messages on reconnect.
 
-use super::handlers::{inflight_record, Client};
+use super::client::Client;
+use super::handlers::inflight_record;
 use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};
@@ -156,36 +157,6 @@ impl Client {
         if let Some(g) = &d.group {
             g.release(self.handle.id);
         }
-    }
-
-    /// Adds the per-connection tallies to the shared counters.
-    pub fn flush_tally(&mut self) {
-        let m = &self.broker.metrics;
-        let t = std::mem::take(&mut self.tally);
-        for q in 0..3 {
-            if t.received[q] > 0 {
-                m.received[q].inc_by(t.received[q]);
-            }
-            if t.sent[q] > 0 {
-                m.sent[q].inc_by(t.sent[q]);
-            }
-        }
-        if t.bytes_received > 0 {
-            m.bytes_received.inc_by(t.bytes_received);
-        }
-        for k in 0..16u8 {
-            let (i, o) = (t.packets_in[usize::from(k)], t.packets_out[usize::from(k)]);
-            if i > 0 {
-                m.packets_received.add(k, u64::from(i));
-            }
-            if o > 0 {
-                m.packets_sent.add(k, u64::from(o));
-            }
-        }
-        self.handle.inflight.store(
-            self.state.inflight.len(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
     }
 
     fn aliases_enabled(&self) -> bool {

@@ -35,8 +35,8 @@
 //! `cargo test --lib sim::` runs a fixed seed set; `make soak SECONDS=600` runs random seeds
 //! (`TERN_SIM_SECONDS`), and `TERN_SIM_SEED=n` replays one seed and prints its schedule.
 
+use super::client::Client;
 use super::connect::accept;
-use super::handlers::Client;
 use super::Close;
 use crate::broker::{recovery, Broker};
 use crate::config::Config;

@@ -2,84 +2,23 @@
 //! outbound. Everything here writes into the connection's write buffer and calls the broker;
 //! no socket I/O happens in this file.
 
-use super::pending::{AckQueue, Gate, OpsCommit, PendingAck, Response};
-use super::{Close, TokenBucket};
-use crate::broker::shared::Group;
-use crate::broker::{Broker, Staged, Subscriber};
-use crate::config::Limits;
+use super::client::Client;
+use super::pending::{PendingAck, Response};
+use super::Close;
+use crate::broker::Staged;
 use crate::error::ProtocolError;
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::*;
-use crate::session::registry::{Detached, SessionHandle};
-use crate::session::{Outbound, PubRecAction, SessionState, Subscription, TopicAliases, WrongAck};
+use crate::session::registry::Detached;
+use crate::session::{Outbound, PubRecAction, Subscription, WrongAck};
 use crate::storage::record::{
     unix_now_ms, InflightRecord, QueueEntry, SessionRecord, SubscriptionRecord, WillRecord,
 };
 use crate::storage::{Commit, Op};
 use bytes::BytesMut;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::OwnedMutexGuard;
-
-/// A connected client: protocol state of this connection plus the attached session.
-pub(crate) struct Client {
-    pub broker: Arc<Broker>,
-    pub version: ProtocolVersion,
-    pub client_id: Arc<str>,
-    /// The authenticated username (or the TLS certificate identity), for authorisation.
-    pub username: Option<Arc<str>>,
-    pub clean_start: bool,
-    pub conn_id: u64,
-    pub handle: Arc<SessionHandle>,
-    pub state: OwnedMutexGuard<SessionState>,
-    /// Keep Alive in effect, seconds (0: none).
-    pub keep_alive: u16,
-    /// Session Expiry Interval in effect, seconds (`u32::MAX`: never).
-    pub session_expiry: u32,
-    /// The Session Expiry Interval the client sent in CONNECT (0 forbids raising it later).
-    pub connect_expiry: u32,
-    pub will: Option<Will>,
-    /// Outbound window: min(limits.max_inflight, client's Receive Maximum).
-    pub window: usize,
-    /// Client's Maximum Packet Size.
-    pub max_packet_out: usize,
-    pub aliases: TopicAliases,
-    pub acks: AckQueue,
-    pub(super) scratch: Vec<Subscriber>,
-    pub(super) batch: Vec<Delivery>,
-    /// Per-connection tallies, added to the shared counters once per read or write batch
-    /// rather than once per message (shared atomics are contended across cores).
-    pub(super) tally: Tally,
-    /// Durable bookkeeping of outbound messages, submitted once per batch.
-    pub(super) pending_ops: Vec<Op>,
-    /// Whether the last input routed a message to someone.
-    pub(super) routed: bool,
-    /// The last submit of `pending_ops`: delivering waits for it, so a subscriber draining a
-    /// stored queue goes at the store's pace instead of piling work up in front of it.
-    pub ops_commit: OpsCommit,
-    pub gate: Gate,
-    /// `limits.max_publish_rate` / `limits.max_publish_bytes_rate` budgets (None: no limit).
-    pub(super) publish_rate: Option<TokenBucket>,
-    pub(super) publish_bytes_rate: Option<TokenBucket>,
-    /// Shared subscription groups this session is a member of (their lanes are drained with
-    /// the outbox).
-    pub(super) groups: Vec<Arc<Group>>,
-    /// A queue this client's last publish filled past the back-pressure threshold: reading
-    /// pauses until it has drained to half.
-    pub(super) pressure: Option<Arc<SessionHandle>>,
-    /// Complete packets were left in the read buffer by a pause: handle them when it ends,
-    /// whether or not the client sends anything more.
-    pub held_input: bool,
-    /// The limits this connection was accepted with: its CONNACK announced them, so a reload
-    /// applies to later connections only.
-    pub(super) limits: Arc<Limits>,
-    /// The time as the driver last told it (see `core.rs`): handlers never read a clock.
-    pub(super) now: Instant,
-    /// When the client last sent something (keep alive) and when we last wrote (write stall).
-    pub(super) last_read: Instant,
-    pub(super) last_write: Instant,
-}
+use std::time::Duration;
 
 /// Whether a queued acknowledgement stands for a PUBLISH the Receive Maximum counts while it
 /// waits. An accepted QoS 2 PUBLISH is counted once, by its packet id in `inbound_qos2` (from
@@ -117,74 +56,7 @@ pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> I
     }
 }
 
-#[derive(Default)]
-pub(super) struct Tally {
-    pub(super) received: [u64; 3],
-    pub(super) sent: [u64; 3],
-    pub(super) bytes_received: u64,
-    /// Control packets by type nibble, received and sent.
-    pub(super) packets_in: [u32; 16],
-    pub(super) packets_out: [u32; 16],
-}
-
 impl Client {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        broker: Arc<Broker>,
-        version: ProtocolVersion,
-        client_id: Arc<str>,
-        clean_start: bool,
-        conn_id: u64,
-        handle: Arc<SessionHandle>,
-        state: OwnedMutexGuard<SessionState>,
-        keep_alive: u16,
-        session_expiry: u32,
-        connect_expiry: u32,
-        will: Option<Will>,
-        window: usize,
-        max_packet_out: usize,
-        aliases: TopicAliases,
-        limits: Arc<Limits>,
-    ) -> Client {
-        let now = crate::clock::now();
-        let rates = (limits.max_publish_rate, limits.max_publish_bytes_rate);
-        let bucket = |rate: u32| (rate > 0).then(|| TokenBucket::new(f64::from(rate), now));
-        Client {
-            broker,
-            version,
-            client_id,
-            username: None,
-            clean_start,
-            conn_id,
-            handle,
-            state,
-            keep_alive,
-            session_expiry,
-            connect_expiry,
-            will,
-            window,
-            max_packet_out,
-            aliases,
-            acks: AckQueue::default(),
-            scratch: Vec::new(),
-            batch: Vec::new(),
-            tally: Tally::default(),
-            pending_ops: Vec::new(),
-            routed: false,
-            ops_commit: OpsCommit::default(),
-            gate: Gate::default(),
-            publish_rate: bucket(rates.0),
-            publish_bytes_rate: bucket(rates.1),
-            groups: Vec::new(),
-            pressure: None,
-            held_input: false,
-            limits,
-            now,
-            last_read: now,
-            last_write: now,
-        }
-    }
-
     /// How long until this client's publish budget allows reading on (None: it does now).
     pub fn throttle_wait(&mut self) -> Option<Duration> {
         if let Some(queue) = &self.pressure {
@@ -213,11 +85,6 @@ impl Client {
         if let Some(b) = self.publish_bytes_rate.as_mut() {
             b.take(size as f64, now);
         }
-    }
-
-    /// The keep alive deadline after the last packet: 1.5 times Keep Alive ([MQTT-3.1.2-24]).
-    pub fn keep_alive_limit(&self) -> Option<tokio::time::Duration> {
-        (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
     }
 
     /// Decodes and handles every complete packet in `rbuf`.
@@ -323,43 +190,12 @@ impl Client {
         }
     }
 
-    /// Whether input since the last call routed a message to a subscriber.
-    pub fn take_routed(&mut self) -> bool {
-        std::mem::take(&mut self.routed)
-    }
-
-    /// Whether this session's state goes to the durable store.
-    pub(super) fn stores_session(&self) -> bool {
-        self.broker.store.durable()
-            && self
-                .handle
-                .persistent
-                .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     pub(super) fn stage_inflight_done(&mut self, packet_id: u16) {
         if self.stores_session() {
             self.pending_ops.push(Op::DeleteInflight {
                 session_id: self.handle.id,
                 packet_id,
             });
-        }
-    }
-
-    /// Submits what the subscriber side staged (in-flight bookkeeping). Nothing is
-    /// acknowledged on its strength, so nobody waits; the storage thread keeps the order.
-    pub fn flush_ops(&mut self) {
-        if !self.pending_ops.is_empty() {
-            let ops = std::mem::take(&mut self.pending_ops);
-            if let Commit::Pending(rx) = self.broker.store.submit(ops) {
-                // The store commits in submission order: the newest receiver covers the rest.
-                if self.gate.needs_submit {
-                    self.gate.needs_submit = false;
-                    self.gate.commit = Some(rx);
-                } else {
-                    self.ops_commit.push(rx);
-                }
-            }
         }
     }
 
