@@ -10,7 +10,7 @@
 
 use super::pending::{AckQueue, Gate, OpsCommit};
 use super::tally::Tally;
-use super::TokenBucket;
+use super::throttle::TokenBucket;
 use crate::broker::shared::Group;
 use crate::broker::{Broker, Subscriber};
 use crate::config::Limits;

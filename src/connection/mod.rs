@@ -18,6 +18,7 @@ mod shared;
 #[cfg(test)]
 pub(crate) mod sim;
 mod tally;
+mod throttle;
 
 use crate::broker::Broker;
 use crate::error::ProtocolError;
@@ -32,6 +33,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
+
+pub(crate) use throttle::TokenBucket;
 
 /// Stop reading from a client while this much output is waiting for it: its acknowledgements
 /// would otherwise pile up in our memory (inbound back-pressure).
@@ -78,55 +81,6 @@ impl<'a> DrainSlot<'a> {
 impl Drop for DrainSlot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A token bucket: `rate` tokens per second, holding at most one second's worth. `take` may
-/// run it into debt (a packet already read must be handled); the owner then waits
-/// [`TokenBucket::wait`] before taking more.
-#[derive(Debug)]
-pub(crate) struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl TokenBucket {
-    pub(crate) fn new(rate: f64, now: std::time::Instant) -> TokenBucket {
-        TokenBucket {
-            rate,
-            tokens: rate,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: std::time::Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
-    }
-
-    /// Takes `n` tokens if that many are there.
-    pub(crate) fn try_take(&mut self, n: f64, now: std::time::Instant) -> bool {
-        self.refill(now);
-        if self.tokens >= n {
-            self.tokens -= n;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Takes `n` tokens, going into debt if needed.
-    pub(crate) fn take(&mut self, n: f64, now: std::time::Instant) {
-        self.refill(now);
-        self.tokens -= n;
-    }
-
-    /// How long until the bucket is out of debt (None: it is not in debt).
-    pub(crate) fn wait(&mut self, now: std::time::Instant) -> Option<Duration> {
-        self.refill(now);
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
     }
 }
 

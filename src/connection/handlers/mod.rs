@@ -18,7 +18,6 @@ use crate::storage::record::{
 use crate::storage::{Commit, Op};
 use bytes::BytesMut;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Whether a queued acknowledgement stands for a PUBLISH the Receive Maximum counts while it
 /// waits. An accepted QoS 2 PUBLISH is counted once, by its packet id in `inbound_qos2` (from
@@ -37,9 +36,6 @@ fn wrong_ack(e: WrongAck) -> Close {
     Close::Protocol(ProtocolError::Protocol(e.0))
 }
 
-/// How often a publisher paused by back-pressure looks at the queue again.
-const BACKPRESSURE_POLL: Duration = Duration::from_millis(5);
-
 /// The durable record of an in-flight delivery.
 pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
     InflightRecord {
@@ -57,36 +53,6 @@ pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> I
 }
 
 impl Client {
-    /// How long until this client's publish budget allows reading on (None: it does now).
-    pub fn throttle_wait(&mut self) -> Option<Duration> {
-        if let Some(queue) = &self.pressure {
-            // Back-pressure: wait while the queue is above half and someone drains it (a queue
-            // nobody is connected to would never drain: then its limit drops messages instead).
-            if queue.outbox.drained_and_above(1, 2) {
-                return Some(BACKPRESSURE_POLL);
-            }
-            self.pressure = None;
-        }
-        if self.publish_rate.is_none() && self.publish_bytes_rate.is_none() {
-            return None;
-        }
-        let now = self.now;
-        let a = self.publish_rate.as_mut().and_then(|b| b.wait(now));
-        let b = self.publish_bytes_rate.as_mut().and_then(|b| b.wait(now));
-        a.max(b)
-    }
-
-    /// Charges one PUBLISH of `size` bytes to the publish budgets.
-    fn charge_publish(&mut self, size: usize) {
-        let now = self.now;
-        if let Some(b) = self.publish_rate.as_mut() {
-            b.take(1.0, now);
-        }
-        if let Some(b) = self.publish_bytes_rate.as_mut() {
-            b.take(size as f64, now);
-        }
-    }
-
     /// Decodes and handles every complete packet in `rbuf`.
     pub fn process_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Result<(), Close> {
         let max = self.limits.max_packet_size as usize;
