@@ -8,7 +8,8 @@
 //! acknowledgement behind a commit and counts itself), and the core is driven one call at a time
 //! by one task, so nothing in it is shared or locked except the session state it owns.
 
-use super::pending::{AckQueue, Gate, OpsCommit};
+use super::pending::{Gate, OpsCommit};
+use super::responses::AckQueue;
 use super::tally::Tally;
 use super::throttle::TokenBucket;
 use crate::broker::shared::Group;

@@ -13,6 +13,7 @@ mod handlers;
 mod io;
 mod outbound;
 mod pending;
+mod responses;
 mod shared;
 #[cfg(test)]
 pub(crate) mod sim;

@@ -3,7 +3,7 @@
 //! no socket I/O happens in this file.
 
 use super::client::Client;
-use super::pending::{PendingAck, Response};
+use super::responses::Response;
 use super::Close;
 use crate::broker::Staged;
 use crate::error::ProtocolError;
@@ -18,17 +18,6 @@ use crate::storage::record::{
 use crate::storage::{Commit, Op};
 use bytes::BytesMut;
 use std::sync::Arc;
-
-/// Whether a queued acknowledgement stands for a PUBLISH the Receive Maximum counts while it
-/// waits. An accepted QoS 2 PUBLISH is counted once, by its packet id in `inbound_qos2` (from
-/// PUBLISH to PUBREL), not a second time while its PUBREC waits for a commit.
-fn counts_against_receive_maximum(ack: &Response) -> bool {
-    match ack {
-        Response::PubAck(..) => true,
-        Response::PubRec(_, reason) => reason.is_failure(),
-        _ => false,
-    }
-}
 
 /// An acknowledgement of the wrong kind for its message (PUBCOMP for QoS 1, PUBACK for QoS 2,
 /// ...) is a protocol error: v5 DISCONNECT 0x82, 3.x close.
@@ -162,37 +151,6 @@ impl Client {
                 session_id: self.handle.id,
                 packet_id,
             });
-        }
-    }
-
-    /// Sends `ack` now when nothing is ahead of it and its commit is done (the common case
-    /// with the in-memory store), else queues it behind the others.
-    fn queue_ack(
-        &mut self,
-        commit: Commit,
-        ack: Response,
-        retained: Vec<Delivery>,
-        wbuf: &mut BytesMut,
-    ) {
-        if counts_against_receive_maximum(&ack) {
-            self.acks.unacked_publishes += 1;
-        }
-        if self.acks.queue.is_empty() && matches!(commit, Commit::Done) {
-            self.send_ack(&ack, wbuf);
-            self.queue_retained(retained);
-        } else {
-            self.acks.queue.push_back(PendingAck {
-                commit,
-                ack,
-                retained,
-            });
-        }
-    }
-
-    /// Retained messages for a subscription this client just made, after its SUBACK.
-    fn queue_retained(&self, retained: Vec<Delivery>) {
-        for d in retained {
-            self.broker.push(&self.handle, d);
         }
     }
 
@@ -578,64 +536,6 @@ impl Client {
             Close::NormalWithWill
         } else {
             Close::Normal
-        }
-    }
-
-    /// Moves acknowledgements whose commits are done into the write buffer, in order.
-    pub fn release_acks(&mut self, wbuf: &mut BytesMut) -> Result<(), Close> {
-        while let Some(front) = self.acks.queue.front_mut() {
-            let failed = match &mut front.commit {
-                Commit::Done => false,
-                Commit::Failed => true,
-                Commit::Pending(rx) => match rx.try_recv() {
-                    Ok(()) => false,
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(()),
-                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => true,
-                },
-            };
-            if failed {
-                // The store failed: never acknowledge what it did not keep.
-                return Err(Close::StorageFailed);
-            }
-            let Some(p) = self.acks.queue.pop_front() else {
-                break;
-            };
-            self.send_ack(&p.ack, wbuf);
-            self.queue_retained(p.retained);
-        }
-        Ok(())
-    }
-
-    fn send_ack(&mut self, ack: &Response, wbuf: &mut BytesMut) {
-        let v = self.version;
-        let k = match ack {
-            Response::PubAck(..) => kind::PUBACK,
-            Response::PubRec(..) => kind::PUBREC,
-            Response::PubComp(..) => kind::PUBCOMP,
-            Response::SubAck(..) => kind::SUBACK,
-            Response::UnsubAck(..) => kind::UNSUBACK,
-        };
-        self.tally.packets_out[usize::from(k)] += 1;
-        match ack {
-            Response::PubAck(id, r) => {
-                self.acks.unacked_publishes -= 1;
-                encode_pub_response(wbuf, v, PUBACK, *id, r.as_u8())
-            }
-            Response::PubRec(id, r) => {
-                if counts_against_receive_maximum(ack) {
-                    self.acks.unacked_publishes -= 1;
-                }
-                encode_pub_response(wbuf, v, PUBREC, *id, r.as_u8())
-            }
-            Response::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, r.as_u8()),
-            Response::SubAck(id, codes) => {
-                let raw: Vec<u8> = codes.iter().map(|c| c.as_u8()).collect();
-                encode_suback(wbuf, v, *id, &raw)
-            }
-            Response::UnsubAck(id, codes) => {
-                let raw: Vec<u8> = codes.iter().map(|c| c.as_u8()).collect();
-                encode_unsuback(wbuf, v, *id, &raw)
-            }
         }
     }
 
