@@ -19,6 +19,7 @@ mod shared;
 pub(crate) mod sim;
 mod tally;
 mod throttle;
+mod will;
 
 use crate::broker::Broker;
 use crate::error::ProtocolError;

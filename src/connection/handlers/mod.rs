@@ -10,11 +10,8 @@ use crate::error::ProtocolError;
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::*;
-use crate::session::registry::Detached;
 use crate::session::{Outbound, PubRecAction, Subscription, WrongAck};
-use crate::storage::record::{
-    unix_now_ms, InflightRecord, QueueEntry, SessionRecord, SubscriptionRecord, WillRecord,
-};
+use crate::storage::record::{InflightRecord, QueueEntry, SubscriptionRecord};
 use crate::storage::{Commit, Op};
 use bytes::BytesMut;
 use std::sync::Arc;
@@ -536,70 +533,6 @@ impl Client {
             Close::NormalWithWill
         } else {
             Close::Normal
-        }
-    }
-
-    /// After the connection closed: the will, then the session goes back to the registry
-    /// (kept, ended, or already taken over) and, when durable, its record is updated.
-    pub fn finish(mut self, publish_will: bool) {
-        self.flush_ops();
-        let broker = self.broker.clone();
-        let mut will = self.will.take().filter(|_| publish_will);
-        let delay = match &will {
-            Some(w) if self.version.is_v5() => w.delay_interval.min(self.session_expiry),
-            _ => 0,
-        };
-        if delay == 0 {
-            if let Some(w) = will.take() {
-                broker.publish_will(&w, self.handle.id);
-            }
-        }
-        let mut state = self.state;
-        match broker
-            .registry
-            .detach(&self.client_id, self.conn_id, self.session_expiry)
-        {
-            Detached::Ended(handle) => {
-                broker.end_session(&handle, &mut state);
-                if let Some(w) = will {
-                    // The session ended first ([MQTT-3.1.3-9]: whichever comes first).
-                    broker.publish_will(&w, self.handle.id);
-                }
-            }
-            Detached::Kept => {
-                broker.shared_member_gone(&self.handle, &mut state, false);
-                let record = SessionRecord {
-                    client_id: self.client_id.to_string(),
-                    session_id: self.handle.id,
-                    expiry_interval: self.session_expiry,
-                    disconnected_at_ms: Some(unix_now_ms()),
-                    will: will.as_ref().map(WillRecord::from),
-                    username: self.username.as_deref().map(str::to_string),
-                };
-                if broker.store.durable()
-                    && self
-                        .handle
-                        .persistent
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    let _ = broker.store.submit(vec![Op::PutSession(record.clone())]);
-                }
-                if let Some(w) = will {
-                    let abort = broker.spawn_delayed_will(w, delay, record);
-                    broker
-                        .registry
-                        .set_pending_will(&self.client_id, self.handle.id, abort);
-                }
-            }
-            // The new connection owns the session (and cancels a delayed will by arriving
-            // within the delay). If this connection ended the session (expiry 0 at its close,
-            // typically a DISCONNECT read while being taken over), the new one must not
-            // continue it: it learns so from the state it is waiting for.
-            Detached::TakenOver => {
-                if self.session_expiry == 0 {
-                    state.ended = true;
-                }
-            }
         }
     }
 }
