@@ -1,14 +1,33 @@
 //! Outbound: draining the session's outbox into the write buffer within the in-flight window,
-//! loading a stored queue from disk, and re-sending in-flight messages on reconnect.
+//! loading a stored queue from disk, and re-sending in-flight messages on reconnect. The
+//! durable bookkeeping of the in-flight window (its records, staged in `pending_ops`) is here
+//! too, where deliveries enter it; the acknowledgement handlers (`handlers/acks.rs`) use it to
+//! settle them.
 
 use super::client::Client;
-use super::handlers::inflight_record;
 use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};
+use crate::storage::record::{InflightRecord, QueueEntry};
 use crate::storage::Op;
 use bytes::BytesMut;
 use std::time::Instant;
+
+/// The durable record of an in-flight delivery.
+pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
+    InflightRecord {
+        packet_id,
+        order: d.order,
+        entry: QueueEntry {
+            msg_id: d.msg.id,
+            qos: d.qos,
+            retain: d.retain,
+            sub_ids: d.sub_ids.as_slice().to_vec(),
+        },
+        released,
+        group: d.group.as_ref().map(|g| g.queue.id),
+    }
+}
 
 impl Client {
     /// Whether the outbox can give us anything now (window not full).
@@ -143,6 +162,16 @@ impl Client {
         encode_publish(wbuf, self.version, &out);
         self.tally.sent[d.qos as usize] += 1;
         self.tally.packets_out[usize::from(kind::PUBLISH)] += 1;
+    }
+
+    /// An in-flight delivery is finished: its durable record goes.
+    pub(super) fn stage_inflight_done(&mut self, packet_id: u16) {
+        if self.stores_session() {
+            self.pending_ops.push(Op::DeleteInflight {
+                session_id: self.handle.id,
+                packet_id,
+            });
+        }
     }
 
     /// A delivery that is finished without an acknowledgement (sent at QoS 0, or never to be

@@ -2,6 +2,7 @@
 //! outbound. Everything here writes into the connection's write buffer and calls the broker;
 //! no socket I/O happens in this file.
 
+mod acks;
 mod publish;
 
 use super::client::Client;
@@ -10,32 +11,10 @@ use super::Close;
 use crate::error::ProtocolError;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::*;
-use crate::session::{Outbound, PubRecAction, Subscription, WrongAck};
-use crate::storage::record::{InflightRecord, QueueEntry, SubscriptionRecord};
+use crate::session::Subscription;
+use crate::storage::record::SubscriptionRecord;
 use crate::storage::{Commit, Op};
 use bytes::BytesMut;
-
-/// An acknowledgement of the wrong kind for its message (PUBCOMP for QoS 1, PUBACK for QoS 2,
-/// ...) is a protocol error: v5 DISCONNECT 0x82, 3.x close.
-fn wrong_ack(e: WrongAck) -> Close {
-    Close::Protocol(ProtocolError::Protocol(e.0))
-}
-
-/// The durable record of an in-flight delivery.
-pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
-    InflightRecord {
-        packet_id,
-        order: d.order,
-        entry: QueueEntry {
-            msg_id: d.msg.id,
-            qos: d.qos,
-            retain: d.retain,
-            sub_ids: d.sub_ids.as_slice().to_vec(),
-        },
-        released,
-        group: d.group.as_ref().map(|g| g.queue.id),
-    }
-}
 
 impl Client {
     /// Decodes and handles every complete packet in `rbuf`.
@@ -80,37 +59,13 @@ impl Client {
         self.tally.packets_in[usize::from(packet.kind())] += 1;
         match packet {
             Packet::Publish(p) => self.handle_publish(p, wbuf).map_err(Close::Protocol),
-            Packet::PubAck(a) => {
-                // An id not in flight is a late or repeated PUBACK: nothing to do.
-                if let Some(d) = self
-                    .state
-                    .inflight
-                    .on_puback(a.packet_id)
-                    .map_err(wrong_ack)?
-                {
-                    self.stage_inflight_done(a.packet_id);
-                    self.group_delivery_done(&d, true, true);
-                }
-                Ok(())
-            }
+            Packet::PubAck(a) => self.handle_puback(a),
             Packet::PubRec(a) => self.handle_pubrec(a, wbuf),
             Packet::PubRel(a) => {
                 self.handle_pubrel(a, wbuf);
                 Ok(())
             }
-            Packet::PubComp(a) => {
-                // An id not in flight is a late or repeated PUBCOMP: nothing to do.
-                if let Some(d) = self
-                    .state
-                    .inflight
-                    .on_pubcomp(a.packet_id)
-                    .map_err(wrong_ack)?
-                {
-                    self.stage_inflight_done(a.packet_id);
-                    self.group_delivery_done(&d, false, true);
-                }
-                Ok(())
-            }
+            Packet::PubComp(a) => self.handle_pubcomp(a),
             Packet::Subscribe(s) => {
                 if s.filters
                     .iter()
@@ -139,56 +94,6 @@ impl Client {
             ))),
             Packet::Connect(_) => Err(Close::Protocol(ProtocolError::Protocol("second CONNECT"))),
         }
-    }
-
-    pub(super) fn stage_inflight_done(&mut self, packet_id: u16) {
-        if self.stores_session() {
-            self.pending_ops.push(Op::DeleteInflight {
-                session_id: self.handle.id,
-                packet_id,
-            });
-        }
-    }
-
-    fn handle_pubrec(&mut self, a: PubResponse, wbuf: &mut BytesMut) -> Result<(), Close> {
-        // A shared subscription delivery: the group learns the outcome below.
-        let group_delivery = match self.state.inflight.get(a.packet_id) {
-            Some(Outbound::Published(d)) if d.group.is_some() => Some(d.clone()),
-            _ => None,
-        };
-        // Checked before the group hears of it: a PUBREC for a QoS 1 message settles nothing.
-        let action = self
-            .state
-            .inflight
-            .on_pubrec(a.packet_id, a.reason)
-            .map_err(wrong_ack)?;
-        if let Some(d) = &group_delivery {
-            // PUBREC (accepted or refused) settles where the message is: not back to the group.
-            self.group_delivery_done(d, true, a.reason >= 0x80);
-        }
-        match action {
-            PubRecAction::SendPubRel(reason) => {
-                if reason == 0 && self.stores_session() {
-                    if let Some(Outbound::Released(d)) = self
-                        .state
-                        .inflight
-                        .get(a.packet_id)
-                        .filter(|o| matches!(o, Outbound::Released(d) if d.stored))
-                    {
-                        let rec = inflight_record(a.packet_id, d, true);
-                        self.pending_ops.push(Op::PutInflight {
-                            session_id: self.handle.id,
-                            rec,
-                        });
-                        self.gate.hold_from(wbuf.len());
-                    }
-                }
-                self.tally.packets_out[usize::from(kind::PUBREL)] += 1;
-                encode_pub_response(wbuf, self.version, PUBREL, a.packet_id, reason)
-            }
-            PubRecAction::Finished => self.stage_inflight_done(a.packet_id),
-        }
-        Ok(())
     }
 
     /// `limits.max_topic_length` and `limits.max_topic_levels` for a topic name or filter.
