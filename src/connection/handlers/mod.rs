@@ -1,20 +1,43 @@
-//! What a connected client's packets do: `handle_<packet>` for inbound, `send_<packet>` for
-//! outbound. Everything here writes into the connection's write buffer and calls the broker;
-//! no socket I/O happens in this file.
+//! The one dispatch from a decoded packet to its handler ([`Client::process_input`]), and the
+//! handlers one file per packet family, in the way of Mosquitto's `handle_*.c` files:
+//!
+//! | file | packets |
+//! |---|---|
+//! | `publish.rs` | PUBLISH and PUBREL: the client as publisher, its QoS 1/2 flow |
+//! | `acks.rs` | PUBACK, PUBREC, PUBCOMP: the client acknowledging the broker's deliveries |
+//! | `subscribe.rs` | SUBSCRIBE, UNSUBSCRIBE (retained messages on subscribe, shared groups) |
+//! | `ping.rs` | PINGREQ |
+//! | `disconnect.rs` | DISCONNECT |
+//!
+//! CONNECT is not among them: it comes before there is a [`Client`] to dispatch to (it makes
+//! one, `connect.rs`). AUTH and a second CONNECT are refused by the dispatch itself.
+//!
+//! Why one dispatch: what every packet goes through happens in one place, the same for all:
+//! the decode (with this connection's version and `limits.max_packet_size`), the pause for
+//! the publish budgets and back-pressure (`throttle.rs`), the tally of packets in, and the
+//! handler's error becoming the [`Close`] that ends the connection. A handler writes only into
+//! the write buffer, directly or through the acknowledgement queue (`responses.rs`), and calls
+//! the broker; no socket I/O and no clock.
 
 mod acks;
+mod disconnect;
+mod ping;
 mod publish;
 mod subscribe;
 
 use super::client::Client;
-use super::Close;
+use super::close::Close;
 use crate::error::ProtocolError;
-use crate::protocol::*;
+use crate::protocol::{decode_packet, DecodeOutcome, Packet};
 use bytes::BytesMut;
 
 impl Client {
     /// Decodes and handles every complete packet in `rbuf`.
-    pub fn process_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Result<(), Close> {
+    pub(in crate::connection) fn process_input(
+        &mut self,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+    ) -> Result<(), Close> {
         let max = self.limits.max_packet_size as usize;
         loop {
             if self.throttle_wait().is_some() {
@@ -51,6 +74,7 @@ impl Client {
         }
     }
 
+    /// The dispatch: one arm per packet type, each calling its handler.
     fn handle_packet(&mut self, packet: Packet, wbuf: &mut BytesMut) -> Result<(), Close> {
         self.tally.packets_in[usize::from(packet.kind())] += 1;
         match packet {
@@ -68,11 +92,12 @@ impl Client {
                 Ok(())
             }
             Packet::PingReq => {
-                encode_pingresp(wbuf);
-                self.tally.packets_out[usize::from(kind::PINGRESP)] += 1;
+                self.handle_pingreq(wbuf);
                 Ok(())
             }
             Packet::Disconnect(d) => Err(self.handle_disconnect(d)),
+            // No enhanced authentication: a CONNECT with an Authentication Method is refused
+            // (`connect.rs`), so there is no exchange an AUTH could belong to.
             Packet::Auth(_) => Err(Close::Protocol(ProtocolError::Protocol(
                 "AUTH without an authentication method",
             ))),
@@ -83,22 +108,5 @@ impl Client {
     /// `limits.max_topic_length` and `limits.max_topic_levels` for a topic name or filter.
     pub(super) fn topic_within_limits(&self, topic: &str) -> bool {
         self.limits.topic_within(topic)
-    }
-
-    fn handle_disconnect(&mut self, d: Disconnect) -> Close {
-        if let Some(expiry) = d.session_expiry_interval {
-            if self.connect_expiry == 0 && expiry != 0 {
-                // [MQTT-3.14.2-2]
-                return Close::Protocol(ProtocolError::Protocol(
-                    "session expiry set at DISCONNECT after 0 at CONNECT",
-                ));
-            }
-            self.session_expiry = expiry.min(self.limits.max_session_expiry);
-        }
-        if d.reason == ReasonCode::DisconnectWithWill.as_u8() {
-            Close::NormalWithWill
-        } else {
-            Close::Normal
-        }
     }
 }
