@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use std::time::Instant;
 
 /// The durable record of an in-flight delivery.
-pub(super) fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
+fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
     InflightRecord {
         packet_id,
         order: d.order,
@@ -174,6 +174,28 @@ impl Client {
         }
     }
 
+    /// A QoS 2 delivery was just released (PUBREC'd): when this session is stored and so is
+    /// the message, its in-flight record becomes "released", staged for the next submit.
+    /// Returns whether it did; the PUBREL must then wait for that commit (the write gate), or a
+    /// crash in between would bring the message back as new.
+    pub(super) fn stage_released(&mut self, packet_id: u16) -> bool {
+        if !self.stores_session() {
+            return false;
+        }
+        let Some(Outbound::Released(d)) = self.state.inflight.get(packet_id) else {
+            return false;
+        };
+        if !d.stored {
+            return false;
+        }
+        let rec = inflight_record(packet_id, d, true);
+        self.pending_ops.push(Op::PutInflight {
+            session_id: self.handle.id,
+            rec,
+        });
+        true
+    }
+
     /// A delivery that is finished without an acknowledgement (sent at QoS 0, or never to be
     /// sent) leaves its durable queue and gives its group credit back.
     fn stage_dequeue(&mut self, d: &Delivery) {
@@ -300,17 +322,8 @@ impl Client {
             }
             // A QoS 2 entry still Published, so never a `WrongAck`.
             let _ = self.state.inflight.on_pubrec(id, 0);
-            if self.stores_session() {
-                if let Some(Outbound::Released(d)) = self.state.inflight.get(id) {
-                    if d.stored {
-                        let rec = inflight_record(id, d, true);
-                        self.pending_ops.push(Op::PutInflight {
-                            session_id: self.handle.id,
-                            rec,
-                        });
-                        released.push(id);
-                    }
-                }
+            if self.stage_released(id) {
+                released.push(id);
             }
         }
         released

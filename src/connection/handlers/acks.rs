@@ -8,11 +8,9 @@
 
 use crate::connection::client::Client;
 use crate::connection::close::Close;
-use crate::connection::outbound::inflight_record;
 use crate::error::ProtocolError;
 use crate::protocol::*;
 use crate::session::{Outbound, PubRecAction, WrongAck};
-use crate::storage::Op;
 use bytes::BytesMut;
 
 /// An acknowledgement of the wrong kind for its message (PUBCOMP for QoS 1, PUBACK for QoS 2,
@@ -61,20 +59,8 @@ impl Client {
         }
         match action {
             PubRecAction::SendPubRel(reason) => {
-                if reason == 0 && self.stores_session() {
-                    if let Some(Outbound::Released(d)) = self
-                        .state
-                        .inflight
-                        .get(a.packet_id)
-                        .filter(|o| matches!(o, Outbound::Released(d) if d.stored))
-                    {
-                        let rec = inflight_record(a.packet_id, d, true);
-                        self.pending_ops.push(Op::PutInflight {
-                            session_id: self.handle.id,
-                            rec,
-                        });
-                        self.gate.hold_from(wbuf.len());
-                    }
+                if reason == 0 && self.stage_released(a.packet_id) {
+                    self.gate.hold_from(wbuf.len());
                 }
                 self.tally.packets_out[usize::from(kind::PUBREL)] += 1;
                 encode_pub_response(wbuf, self.version, PUBREL, a.packet_id, reason)
