@@ -104,9 +104,4 @@ impl Client {
             Packet::Connect(_) => Err(Close::Protocol(ProtocolError::Protocol("second CONNECT"))),
         }
     }
-
-    /// `limits.max_topic_length` and `limits.max_topic_levels` for a topic name or filter.
-    pub(super) fn topic_within_limits(&self, topic: &str) -> bool {
-        self.limits.topic_within(topic)
-    }
 }

@@ -51,7 +51,7 @@ impl Client {
             // [MQTT-3.3.2-2] wildcards make the packet ill-formed, not merely unacceptable.
             return Err(ProtocolError::Protocol("wildcard in a topic name"));
         }
-        if !self.topic_within_limits(topic.as_str()) {
+        if !self.limits.topic_within(topic.as_str()) {
             // limits.max_topic_length / max_topic_levels (v5: DISCONNECT 0x90).
             return Err(ProtocolError::TopicNameInvalid);
         }

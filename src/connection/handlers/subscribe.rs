@@ -45,7 +45,7 @@ impl Client {
                 codes.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
-            if !validate::is_valid_topic_filter(f) || !self.topic_within_limits(f) {
+            if !validate::is_valid_topic_filter(f) || !self.limits.topic_within(f) {
                 codes.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
