@@ -138,6 +138,7 @@ impl Client {
         Ok(())
     }
 
+    /// Encodes one acknowledgement: the one place a Response becomes bytes.
     fn send_ack(&mut self, ack: &Response, wbuf: &mut BytesMut) {
         let v = self.version;
         let k = match ack {
@@ -148,17 +149,13 @@ impl Client {
             Response::UnsubAck(..) => kind::UNSUBACK,
         };
         self.tally.packets_out[usize::from(k)] += 1;
+        if counts_against_receive_maximum(ack) {
+            // Counted in by `queue_ack`: no longer waiting.
+            self.acks.unacked_publishes -= 1;
+        }
         match ack {
-            Response::PubAck(id, r) => {
-                self.acks.unacked_publishes -= 1;
-                encode_pub_response(wbuf, v, PUBACK, *id, r.as_u8())
-            }
-            Response::PubRec(id, r) => {
-                if counts_against_receive_maximum(ack) {
-                    self.acks.unacked_publishes -= 1;
-                }
-                encode_pub_response(wbuf, v, PUBREC, *id, r.as_u8())
-            }
+            Response::PubAck(id, r) => encode_pub_response(wbuf, v, PUBACK, *id, r.as_u8()),
+            Response::PubRec(id, r) => encode_pub_response(wbuf, v, PUBREC, *id, r.as_u8()),
             Response::PubComp(id, r) => encode_pub_response(wbuf, v, PUBCOMP, *id, r.as_u8()),
             Response::SubAck(id, codes) => {
                 let raw: Vec<u8> = codes.iter().map(|c| c.as_u8()).collect();
