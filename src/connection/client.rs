@@ -148,11 +148,7 @@ impl Client {
 
     /// Whether this session's state goes to the durable store.
     pub(super) fn stores_session(&self) -> bool {
-        self.broker.store.durable()
-            && self
-                .handle
-                .persistent
-                .load(std::sync::atomic::Ordering::Relaxed)
+        stores_session(&self.broker, &self.handle)
     }
 
     /// Submits what the subscriber side staged (in-flight bookkeeping). Nothing is
@@ -171,4 +167,12 @@ impl Client {
             }
         }
     }
+}
+
+/// Whether `handle`'s session state goes to the durable store: the store keeps anything, and
+/// the session was stored when it connected (`SessionHandle::persistent`: a Session Expiry
+/// Interval above 0 at CONNECT). A free function for `Client::finish`, which has moved its
+/// session state out by the time it asks.
+pub(super) fn stores_session(broker: &Broker, handle: &SessionHandle) -> bool {
+    broker.store.durable() && handle.persistent.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -7,7 +7,7 @@
 //! cancelled by a reconnect within the delay. Whether the will is
 //! published at all was decided by the close (`Close::publishes_will`).
 
-use super::client::Client;
+use super::client::{stores_session, Client};
 use crate::session::registry::Detached;
 use crate::storage::record::{unix_now_ms, SessionRecord, WillRecord};
 use crate::storage::Op;
@@ -50,12 +50,7 @@ impl Client {
                     will: will.as_ref().map(WillRecord::from),
                     username: self.username.as_deref().map(str::to_string),
                 };
-                if broker.store.durable()
-                    && self
-                        .handle
-                        .persistent
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                {
+                if stores_session(&broker, &self.handle) {
                     let _ = broker.store.submit(vec![Op::PutSession(record.clone())]);
                 }
                 if let Some(w) = will {

@@ -125,11 +125,7 @@ impl Client {
         }
         // 3.x has one failure code (0x80): `encode_suback` maps every refusal to it.
         // SUBACK after the subscription is stored.
-        let commit = if ops.is_empty() {
-            Commit::Done
-        } else {
-            broker.store.submit(ops)
-        };
+        let commit = self.submit_subscriptions(ops);
         self.queue_ack(commit, Response::SubAck(s.packet_id, codes), retained, wbuf);
         Ok(())
     }
@@ -161,16 +157,23 @@ impl Client {
                 ReasonCode::NoSubscriptionExisted
             });
         }
-        let commit = if ops.is_empty() {
-            Commit::Done
-        } else {
-            self.broker.store.submit(ops)
-        };
+        let commit = self.submit_subscriptions(ops);
         self.queue_ack(
             commit,
             Response::UnsubAck(u.packet_id, codes),
             Vec::new(),
             wbuf,
         );
+    }
+
+    /// The commit a SUBACK or UNSUBACK waits for: the stored changes to the subscriptions, or
+    /// none when nothing was stored (not durable, or every filter refused). An empty submit
+    /// would still make the acknowledgement wait for the store's next commit.
+    fn submit_subscriptions(&self, ops: Vec<Op>) -> Commit {
+        if ops.is_empty() {
+            Commit::Done
+        } else {
+            self.broker.store.submit(ops)
+        }
     }
 }
