@@ -103,8 +103,6 @@ impl Client {
         limits: Arc<Limits>,
     ) -> Client {
         let now = crate::clock::now();
-        let rates = (limits.max_publish_rate, limits.max_publish_bytes_rate);
-        let bucket = |rate: u32| (rate > 0).then(|| TokenBucket::new(f64::from(rate), now));
         Client {
             broker,
             version,
@@ -129,8 +127,8 @@ impl Client {
             routed: false,
             ops_commit: OpsCommit::default(),
             gate: Gate::default(),
-            publish_rate: bucket(rates.0),
-            publish_bytes_rate: bucket(rates.1),
+            publish_rate: TokenBucket::per_second(limits.max_publish_rate, now),
+            publish_bytes_rate: TokenBucket::per_second(limits.max_publish_bytes_rate, now),
             groups: Vec::new(),
             pressure: None,
             held_input: false,

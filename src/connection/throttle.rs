@@ -25,7 +25,14 @@ pub(crate) struct TokenBucket {
 }
 
 impl TokenBucket {
-    pub(crate) fn new(rate: f64, now: Instant) -> TokenBucket {
+    /// The bucket for a configured limit of `rate` per second, full; None for 0, which every
+    /// rate limit (`max_connect_rate`, `max_publish_rate`, `max_publish_bytes_rate`) takes to
+    /// mean "no limit".
+    pub(crate) fn per_second(rate: u32, now: Instant) -> Option<TokenBucket> {
+        (rate > 0).then(|| TokenBucket::new(f64::from(rate), now))
+    }
+
+    fn new(rate: f64, now: Instant) -> TokenBucket {
         TokenBucket {
             rate,
             tokens: rate,
