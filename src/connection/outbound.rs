@@ -40,8 +40,6 @@ impl Client {
         if self.ops_commit.waiting() {
             return;
         }
-        // With an ACL, every delivery is checked against this connection's identity: queued
-        // and stored messages were routed under an earlier one (or before a reload).
         let acl = self.broker.auth.has_acl();
         while wbuf.len() < high_water {
             let slots = self.window.saturating_sub(self.state.inflight.len());
@@ -60,15 +58,7 @@ impl Client {
             }
             let now = self.now;
             for d in batch.drain(..) {
-                // A group's message was routed to the group, not to this member: its topic's
-                // owner (another client's reply topic) and the ACL are checked here.
-                if (acl || d.group.is_some())
-                    && !self.broker.auth.can_receive(
-                        self.username.as_deref(),
-                        &self.client_id,
-                        d.msg.topic.as_str(),
-                    )
-                {
+                if self.denied(acl, &d) {
                     self.broker.metrics.dropped_not_authorized.inc();
                     self.stage_dequeue(&d);
                     continue;
@@ -79,6 +69,20 @@ impl Client {
         }
         self.flush_tally();
         self.flush_ops();
+    }
+
+    /// Whether this connection may not read delivery `d` (`acl`: an ACL is configured, asked
+    /// once per batch). With an ACL, every delivery is checked against this connection's
+    /// identity: queued and stored messages were routed under an earlier one (or before a
+    /// reload). A group's message is checked even without one: it was routed to the group, not
+    /// to this member, so its topic's owner (another client's reply topic) is checked here.
+    fn denied(&self, acl: bool, d: &Delivery) -> bool {
+        (acl || d.group.is_some())
+            && !self.broker.auth.can_receive(
+                self.username.as_deref(),
+                &self.client_id,
+                d.msg.topic.as_str(),
+            )
     }
 
     /// Moves the next committed entries of the session's on-disk queue into memory. Returns
@@ -291,16 +295,7 @@ impl Client {
             .inflight
             .iter()
             .filter_map(|(id, o)| match o {
-                Outbound::Published(d)
-                    if (acl || d.group.is_some())
-                        && !self.broker.auth.can_receive(
-                            self.username.as_deref(),
-                            &self.client_id,
-                            d.msg.topic.as_str(),
-                        ) =>
-                {
-                    Some((*id, d.qos))
-                }
+                Outbound::Published(d) if self.denied(acl, d) => Some((*id, d.qos)),
                 _ => None,
             })
             .collect();
