@@ -1,6 +1,6 @@
 //! The connection's protocol core, without I/O and without a clock of its own.
 //!
-//! In the style of quinn-proto: the driver (`Io::run` in `mod.rs`, or a simulation) owns the
+//! In the style of quinn-proto: the driver (`Io::run` in `io.rs`, or a simulation) owns the
 //! socket, the buffers and the timers, and tells the core what happened and when:
 //!
 //! | call | when | what the core does |

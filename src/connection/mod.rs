@@ -1,6 +1,11 @@
 //! One task per client connection: it owns the socket and, while attached, the session state.
 //! [`serve`] is its whole life: the CONNECT (within `limits.connect_timeout`), the loop that
 //! drives the connection (`io.rs`), and the close sequence.
+//!
+//! Each file of this module holds one concept and says why at its top (docs/architecture.md
+//! lists them, with the recipe for adding a packet). The protocol state machine is sans-IO
+//! (`core.rs` and what it calls), so the simulation and the core's tests drive the same code
+//! without this task, a socket or a clock.
 
 mod client;
 mod close;

@@ -101,6 +101,7 @@ impl Client {
             Packet::Auth(_) => Err(Close::Protocol(ProtocolError::Protocol(
                 "AUTH without an authentication method",
             ))),
+            // The decoder already refuses it on an established connection (`decode.rs`).
             Packet::Connect(_) => Err(Close::Protocol(ProtocolError::Protocol("second CONNECT"))),
         }
     }
