@@ -11,7 +11,7 @@ use crate::protocol::ReasonCode;
 
 /// Why a connection ended.
 #[derive(Debug)]
-pub(crate) enum Close {
+pub(super) enum Close {
     /// DISCONNECT from the client: no will.
     Normal,
     /// v5 DISCONNECT 0x04: publish the will.

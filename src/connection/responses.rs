@@ -47,7 +47,7 @@ pub(super) struct AckQueue {
 }
 
 impl AckQueue {
-    pub fn waiting(&self) -> bool {
+    pub(super) fn waiting(&self) -> bool {
         matches!(
             self.queue.front(),
             Some(PendingAck {
@@ -58,7 +58,7 @@ impl AckQueue {
     }
 
     /// Resolves when the front commit completes (or fails), recording which.
-    pub async fn ready(&mut self) {
+    pub(super) async fn ready(&mut self) {
         if let Some(front) = self.queue.front_mut() {
             if let Commit::Pending(rx) = &mut front.commit {
                 front.commit = match rx.await {

@@ -58,13 +58,13 @@ impl TokenBucket {
     }
 
     /// Takes `n` tokens, going into debt if needed.
-    pub(crate) fn take(&mut self, n: f64, now: Instant) {
+    fn take(&mut self, n: f64, now: Instant) {
         self.refill(now);
         self.tokens -= n;
     }
 
     /// How long until the bucket is out of debt (None: it is not in debt).
-    pub(crate) fn wait(&mut self, now: Instant) -> Option<Duration> {
+    fn wait(&mut self, now: Instant) -> Option<Duration> {
         self.refill(now);
         (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
     }
