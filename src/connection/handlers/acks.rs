@@ -35,8 +35,8 @@ impl Client {
         Ok(())
     }
 
-    /// The client received a QoS 2 delivery (or refused it): PUBREL answers, once the
-    /// released state is stored.
+    /// The client received a QoS 2 delivery (or refused it): an accepted one is answered with
+    /// PUBREL, held by the write gate while its released state is being stored.
     pub(super) fn handle_pubrec(
         &mut self,
         a: PubResponse,

@@ -1,8 +1,9 @@
 //! The client as publisher: PUBLISH in, and PUBREL, the second half of its QoS 2 exchange.
 //!
 //! A PUBLISH is checked (topic alias, topic name, limits, Maximum QoS, Retain Available, the
-//! Receive Maximum and the QoS 2 quota), authorised, routed by the broker, and acknowledged
-//! through `responses.rs` behind the commit that stores it for every persistent subscriber.
+//! Receive Maximum and the QoS 2 quota), authorised, routed by the broker, and at QoS 1/2
+//! acknowledged through `responses.rs` behind the commit that stores it for every persistent
+//! subscriber.
 //! The publish rate budgets are charged before it gets here, by the dispatch (`throttle.rs`:
 //! throttling is by not reading, so it belongs to the read loop, not to the handler).
 //!
@@ -187,7 +188,8 @@ impl Client {
     }
 
     /// The client releases a QoS 2 message it published: the exchange begun by
-    /// [`Client::handle_publish`] ends with PUBCOMP once the packet id is forgotten (stored).
+    /// [`Client::handle_publish`] ends with PUBCOMP, behind the commit that deletes the stored
+    /// packet id when the session is durable.
     pub(super) fn handle_pubrel(&mut self, a: PubResponse, wbuf: &mut BytesMut) {
         let known = self.state.inbound_qos2.remove(&a.packet_id);
         let commit = if known && self.stores_session() {
