@@ -99,11 +99,8 @@ pub async fn run(
 ) {
     // One bucket per listener, holding one second's worth of connections; remade when a
     // reload changes the rate.
-    let bucket = |rate: u32| {
-        (rate > 0).then(|| {
-            crate::connection::TokenBucket::new(f64::from(rate), std::time::Instant::now())
-        })
-    };
+    let bucket =
+        |rate: u32| crate::connection::TokenBucket::per_second(rate, std::time::Instant::now());
     let mut connect_rate = broker.limits().max_connect_rate;
     let mut rate = bucket(connect_rate);
     loop {

@@ -1,6 +1,6 @@
 //! CONNECT → CONNACK: checks, authentication, session attach, and what CONNACK advertises.
 
-use super::handlers::Client;
+use super::client::Client;
 use crate::auth::Authentication;
 use crate::broker::Broker;
 use crate::config::Limits;

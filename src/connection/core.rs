@@ -1,6 +1,6 @@
 //! The connection's protocol core, without I/O and without a clock of its own.
 //!
-//! In the style of quinn-proto: the driver (`Io::run` in `mod.rs`, or a simulation) owns the
+//! In the style of quinn-proto: the driver (`Io::run` in `io.rs`, or a simulation) owns the
 //! socket, the buffers and the timers, and tells the core what happened and when:
 //!
 //! | call | when | what the core does |
@@ -19,7 +19,7 @@
 //! in `poll_output`; a driver that does not await them (the simulation) just calls
 //! `poll_output` again.
 
-use super::handlers::Client;
+use super::client::Client;
 use super::Close;
 use crate::protocol::{encode_disconnect, kind};
 use bytes::BytesMut;
@@ -75,6 +75,11 @@ impl Client {
     /// unacknowledged data sits in the kernel's send buffer, not ours.
     fn window_stuck(&self) -> bool {
         !self.can_take_more() && self.has_waiting()
+    }
+
+    /// The keep alive deadline after the last packet: 1.5 times Keep Alive ([MQTT-3.1.2-24]).
+    fn keep_alive_limit(&self) -> Option<Duration> {
+        (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
     }
 
     fn write_timeout(&self) -> Duration {

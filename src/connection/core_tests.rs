@@ -4,8 +4,8 @@
 //! [`Client::poll_output`] wrote. Commits are completed by hand through [`SimStore`], so
 //! "acknowledged only after the commit" is observable step by step.
 
+use super::client::Client;
 use super::connect::accept;
-use super::handlers::Client;
 use super::Close;
 use crate::broker::{recovery, Broker};
 use crate::config::Config;

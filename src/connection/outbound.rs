@@ -1,13 +1,33 @@
 //! Outbound: draining the session's outbox into the write buffer within the in-flight window,
-//! loading a stored queue from disk, and re-sending in-flight messages on reconnect.
+//! loading a stored queue from disk, and re-sending in-flight messages on reconnect. The
+//! durable bookkeeping of the in-flight window (its records, staged in `pending_ops`) is here
+//! too, where deliveries enter it; the acknowledgement handlers (`handlers/acks.rs`) use it to
+//! settle them.
 
-use super::handlers::{inflight_record, Client};
+use super::client::Client;
 use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};
+use crate::storage::record::{InflightRecord, QueueEntry};
 use crate::storage::Op;
 use bytes::BytesMut;
 use std::time::Instant;
+
+/// The durable record of an in-flight delivery.
+fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightRecord {
+    InflightRecord {
+        packet_id,
+        order: d.order,
+        entry: QueueEntry {
+            msg_id: d.msg.id,
+            qos: d.qos,
+            retain: d.retain,
+            sub_ids: d.sub_ids.as_slice().to_vec(),
+        },
+        released,
+        group: d.group.as_ref().map(|g| g.queue.id),
+    }
+}
 
 impl Client {
     /// Whether the outbox can give us anything now (window not full).
@@ -20,8 +40,6 @@ impl Client {
         if self.ops_commit.waiting() {
             return;
         }
-        // With an ACL, every delivery is checked against this connection's identity: queued
-        // and stored messages were routed under an earlier one (or before a reload).
         let acl = self.broker.auth.has_acl();
         while wbuf.len() < high_water {
             let slots = self.window.saturating_sub(self.state.inflight.len());
@@ -40,15 +58,7 @@ impl Client {
             }
             let now = self.now;
             for d in batch.drain(..) {
-                // A group's message was routed to the group, not to this member: its topic's
-                // owner (another client's reply topic) and the ACL are checked here.
-                if (acl || d.group.is_some())
-                    && !self.broker.auth.can_receive(
-                        self.username.as_deref(),
-                        &self.client_id,
-                        d.msg.topic.as_str(),
-                    )
-                {
+                if self.denied(acl, &d) {
                     self.broker.metrics.dropped_not_authorized.inc();
                     self.stage_dequeue(&d);
                     continue;
@@ -59,6 +69,20 @@ impl Client {
         }
         self.flush_tally();
         self.flush_ops();
+    }
+
+    /// Whether this connection may not read delivery `d` (`acl`: an ACL is configured, asked
+    /// once per batch). With an ACL, every delivery is checked against this connection's
+    /// identity: queued and stored messages were routed under an earlier one (or before a
+    /// reload). A group's message is checked even without one: it was routed to the group, not
+    /// to this member, so its topic's owner (another client's reply topic) is checked here.
+    fn denied(&self, acl: bool, d: &Delivery) -> bool {
+        (acl || d.group.is_some())
+            && !self.broker.auth.can_receive(
+                self.username.as_deref(),
+                &self.client_id,
+                d.msg.topic.as_str(),
+            )
     }
 
     /// Moves the next committed entries of the session's on-disk queue into memory. Returns
@@ -144,6 +168,38 @@ impl Client {
         self.tally.packets_out[usize::from(kind::PUBLISH)] += 1;
     }
 
+    /// An in-flight delivery is finished: its durable record goes.
+    pub(super) fn stage_inflight_done(&mut self, packet_id: u16) {
+        if self.stores_session() {
+            self.pending_ops.push(Op::DeleteInflight {
+                session_id: self.handle.id,
+                packet_id,
+            });
+        }
+    }
+
+    /// A QoS 2 delivery was just released (PUBREC'd): when this session is stored and so is
+    /// the message, its in-flight record becomes "released", staged for the next submit.
+    /// Returns whether it did; the PUBREL must then wait for that commit (the write gate), or a
+    /// crash in between would bring the message back as new.
+    pub(super) fn stage_released(&mut self, packet_id: u16) -> bool {
+        if !self.stores_session() {
+            return false;
+        }
+        let Some(Outbound::Released(d)) = self.state.inflight.get(packet_id) else {
+            return false;
+        };
+        if !d.stored {
+            return false;
+        }
+        let rec = inflight_record(packet_id, d, true);
+        self.pending_ops.push(Op::PutInflight {
+            session_id: self.handle.id,
+            rec,
+        });
+        true
+    }
+
     /// A delivery that is finished without an acknowledgement (sent at QoS 0, or never to be
     /// sent) leaves its durable queue and gives its group credit back.
     fn stage_dequeue(&mut self, d: &Delivery) {
@@ -156,36 +212,6 @@ impl Client {
         if let Some(g) = &d.group {
             g.release(self.handle.id);
         }
-    }
-
-    /// Adds the per-connection tallies to the shared counters.
-    pub fn flush_tally(&mut self) {
-        let m = &self.broker.metrics;
-        let t = std::mem::take(&mut self.tally);
-        for q in 0..3 {
-            if t.received[q] > 0 {
-                m.received[q].inc_by(t.received[q]);
-            }
-            if t.sent[q] > 0 {
-                m.sent[q].inc_by(t.sent[q]);
-            }
-        }
-        if t.bytes_received > 0 {
-            m.bytes_received.inc_by(t.bytes_received);
-        }
-        for k in 0..16u8 {
-            let (i, o) = (t.packets_in[usize::from(k)], t.packets_out[usize::from(k)]);
-            if i > 0 {
-                m.packets_received.add(k, u64::from(i));
-            }
-            if o > 0 {
-                m.packets_sent.add(k, u64::from(o));
-            }
-        }
-        self.handle.inflight.store(
-            self.state.inflight.len(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
     }
 
     fn aliases_enabled(&self) -> bool {
@@ -269,16 +295,7 @@ impl Client {
             .inflight
             .iter()
             .filter_map(|(id, o)| match o {
-                Outbound::Published(d)
-                    if (acl || d.group.is_some())
-                        && !self.broker.auth.can_receive(
-                            self.username.as_deref(),
-                            &self.client_id,
-                            d.msg.topic.as_str(),
-                        ) =>
-                {
-                    Some((*id, d.qos))
-                }
+                Outbound::Published(d) if self.denied(acl, d) => Some((*id, d.qos)),
                 _ => None,
             })
             .collect();
@@ -300,17 +317,8 @@ impl Client {
             }
             // A QoS 2 entry still Published, so never a `WrongAck`.
             let _ = self.state.inflight.on_pubrec(id, 0);
-            if self.stores_session() {
-                if let Some(Outbound::Released(d)) = self.state.inflight.get(id) {
-                    if d.stored {
-                        let rec = inflight_record(id, d, true);
-                        self.pending_ops.push(Op::PutInflight {
-                            session_id: self.handle.id,
-                            rec,
-                        });
-                        released.push(id);
-                    }
-                }
+            if self.stage_released(id) {
+                released.push(id);
             }
         }
         released

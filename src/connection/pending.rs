@@ -1,65 +1,11 @@
-//! What waits before it may go out: acknowledgements behind their commits, output behind the
-//! QoS 2 write gate, and a connection's outstanding bookkeeping submits.
+//! Output that waits for a commit before it may go out, other than acknowledgements (those
+//! queue in `responses.rs`): the QoS 2 write gate, and a connection's outstanding bookkeeping
+//! submits.
 
-use crate::outbox::Delivery;
-use crate::protocol::ReasonCode;
 use crate::storage::Commit;
 use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::time::Duration;
-
-/// An acknowledgement waiting for the commit that covers it. Acks leave strictly in the order
-/// their packets arrived, so one waiting commit holds back the ones behind it.
-pub(crate) struct PendingAck {
-    pub(crate) commit: Commit,
-    pub(crate) ack: Response,
-    /// Retained messages for this client's own new subscription, queued right after its
-    /// SUBACK. They are this connection's: if it vanishes first, the client never saw the
-    /// SUBACK and subscribes again. (Deliveries to *other* sessions never wait here; the store
-    /// applies them with the commit, see `Broker::submit_staged`.)
-    pub(crate) retained: Vec<Delivery>,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) enum Response {
-    PubAck(u16, ReasonCode),
-    PubRec(u16, ReasonCode),
-    PubComp(u16, ReasonCode),
-    SubAck(u16, Vec<ReasonCode>),
-    UnsubAck(u16, Vec<ReasonCode>),
-}
-
-#[derive(Default)]
-pub(crate) struct AckQueue {
-    pub(crate) queue: VecDeque<PendingAck>,
-    /// QoS 1 PUBLISHes whose PUBACK (and refused QoS 2 ones whose PUBREC) is still in `queue`
-    /// (Receive Maximum accounting; accepted QoS 2 counts through `inbound_qos2`).
-    pub(crate) unacked_publishes: usize,
-}
-
-impl AckQueue {
-    pub fn waiting(&self) -> bool {
-        matches!(
-            self.queue.front(),
-            Some(PendingAck {
-                commit: Commit::Pending(_),
-                ..
-            })
-        )
-    }
-
-    /// Resolves when the front commit completes (or fails), recording which.
-    pub async fn ready(&mut self) {
-        if let Some(front) = self.queue.front_mut() {
-            if let Commit::Pending(rx) = &mut front.commit {
-                front.commit = match rx.await {
-                    Ok(()) => Commit::Done,
-                    Err(_) => Commit::Failed,
-                };
-            }
-        }
-    }
-}
 
 /// Holds back output that must not reach the client before a commit: a QoS 2 PUBLISH or
 /// PUBREL of a stored message is sent only after its in-flight record (packet id, released)

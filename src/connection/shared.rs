@@ -1,7 +1,7 @@
 //! A connection's side of shared subscriptions: joining and leaving groups, taking the lanes
 //! the groups' dispatchers fill, and telling a group when one of its deliveries is finished.
 
-use super::handlers::Client;
+use super::client::Client;
 use crate::outbox::Delivery;
 use crate::protocol::{QoS, SubscriptionOptions};
 use crate::storage::Op;

@@ -3,12 +3,12 @@
 //! fails or loses in a crash. An oracle then checks Tern's promises.
 //!
 //! What is real: the broker (routing, sessions, outboxes, shared groups and their dispatcher
-//! tasks, recovery), the connection core (`core.rs`: every packet handler), the CONNECT path
-//! (`connect::accept`, takeovers through the registry), and the durable store (fjall in a
-//! temporary directory, behind [`SimStore`]'s gate, so a simulated restart recovers exactly
-//! what a real one would). What is simulated: sockets (byte buffers moved by the schedule),
-//! clients (speaking through `mqttbytes`, an independent codec), time (tokio's paused clock;
-//! the broker reads it through `crate::clock`), and the store's timing.
+//! tasks, recovery), the connection core (`core.rs` and every packet handler in `handlers/`),
+//! the CONNECT path (`connect::accept`, takeovers through the registry), and the durable store
+//! (fjall in a temporary directory, behind [`SimStore`]'s gate, so a simulated restart
+//! recovers exactly what a real one would). What is simulated: sockets (byte buffers moved by
+//! the schedule), clients (speaking through `mqttbytes`, an independent codec), time (tokio's
+//! paused clock; the broker reads it through `crate::clock`), and the store's timing.
 //!
 //! Determinism: one thread, tokio's current-thread runtime on a paused clock, every choice
 //! from one seeded generator, connections stepped in a fixed order. The broker's spawned
@@ -35,8 +35,8 @@
 //! `cargo test --lib sim::` runs a fixed seed set; `make soak SECONDS=600` runs random seeds
 //! (`TERN_SIM_SECONDS`), and `TERN_SIM_SEED=n` replays one seed and prints its schedule.
 
+use super::client::Client;
 use super::connect::accept;
-use super::handlers::Client;
 use super::Close;
 use crate::broker::{recovery, Broker};
 use crate::config::Config;
