@@ -13,7 +13,6 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod connection;
-pub mod error;
 pub mod http;
 pub mod listener;
 pub mod logging;

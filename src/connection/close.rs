@@ -6,7 +6,7 @@
 //! shutdown, a failed commit) so that the close sequence, in `serve` and in the simulation
 //! alike, asks it rather than each path deciding for itself.
 
-use crate::error::ProtocolError;
+use crate::protocol::ProtocolError;
 use crate::protocol::ReasonCode;
 
 /// Why a connection ended.

@@ -12,7 +12,7 @@
 use super::client::Client;
 use super::close::Close;
 use crate::broker::Broker;
-use crate::error::ProtocolError;
+use crate::protocol::ProtocolError;
 use crate::protocol::{decode_packet, DecodeOutcome, Packet};
 use crate::session::registry::Kick;
 use bytes::{Buf, BytesMut};

@@ -27,7 +27,7 @@ mod throttle;
 mod will;
 
 use crate::broker::Broker;
-use crate::error::ProtocolError;
+use crate::protocol::ProtocolError;
 use crate::protocol::ReasonCode;
 use close::Close;
 use io::Io;

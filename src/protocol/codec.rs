@@ -1,6 +1,6 @@
 //! Primitive encodings: variable byte integers, two-byte lengths, MQTT UTF-8 strings.
 
-use crate::error::ProtocolError;
+use super::ProtocolError;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::fmt;
 

@@ -8,8 +8,8 @@
 
 use super::codec::Reader;
 use super::properties::{read_properties, read_publish_properties, Context};
+use super::ProtocolError;
 use super::*;
-use crate::error::ProtocolError;
 use bytes::{Buf, Bytes, BytesMut};
 
 /// Result of trying to decode one packet from the front of a buffer.

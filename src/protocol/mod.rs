@@ -15,6 +15,7 @@ mod decode;
 #[cfg(test)]
 mod differential_tests;
 mod encode;
+mod error;
 mod properties;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -23,6 +24,7 @@ pub mod validate;
 pub use codec::MqttStr;
 pub use decode::{decode_packet, DecodeOutcome};
 pub use encode::*;
+pub use error::ProtocolError;
 pub use properties::{Properties, PublishProperties};
 
 use bytes::Bytes;

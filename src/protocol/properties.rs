@@ -5,7 +5,7 @@
 //! used for CONNECT, CONNACK, DISCONNECT and AUTH, which are rare.
 
 use super::codec::{put_binary, put_varint, varint_len, MqttStr, Reader};
-use crate::error::ProtocolError;
+use super::ProtocolError;
 use bytes::{BufMut, Bytes, BytesMut};
 
 pub(crate) mod id {

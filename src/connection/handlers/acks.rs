@@ -8,7 +8,7 @@
 
 use crate::connection::client::Client;
 use crate::connection::close::Close;
-use crate::error::ProtocolError;
+use crate::protocol::ProtocolError;
 use crate::protocol::*;
 use crate::session::{Outbound, PubRecAction, WrongAck};
 use bytes::BytesMut;

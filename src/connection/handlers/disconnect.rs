@@ -4,7 +4,7 @@
 
 use crate::connection::client::Client;
 use crate::connection::close::Close;
-use crate::error::ProtocolError;
+use crate::protocol::ProtocolError;
 use crate::protocol::{Disconnect, ReasonCode};
 
 impl Client {

@@ -27,7 +27,7 @@ mod subscribe;
 
 use super::client::Client;
 use super::close::Close;
-use crate::error::ProtocolError;
+use crate::protocol::ProtocolError;
 use crate::protocol::{decode_packet, DecodeOutcome, Packet};
 use bytes::BytesMut;
 

@@ -14,8 +14,8 @@
 use crate::broker::Staged;
 use crate::connection::client::Client;
 use crate::connection::responses::Response;
-use crate::error::ProtocolError;
 use crate::message::Message;
+use crate::protocol::ProtocolError;
 use crate::protocol::*;
 use crate::storage::{Commit, Op};
 use bytes::BytesMut;

@@ -7,8 +7,8 @@
 use crate::connection::client::Client;
 use crate::connection::close::Close;
 use crate::connection::responses::Response;
-use crate::error::ProtocolError;
 use crate::outbox::{Delivery, SubIds};
+use crate::protocol::ProtocolError;
 use crate::protocol::*;
 use crate::session::Subscription;
 use crate::storage::record::SubscriptionRecord;
