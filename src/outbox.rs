@@ -18,7 +18,6 @@
 //! batches when it has drained memory. So a session may hold a million queued messages while
 //! broker memory stays flat.
 
-use crate::broker::shared::Group;
 use crate::message::Message;
 use crate::protocol::QoS;
 use std::collections::VecDeque;
@@ -72,8 +71,15 @@ pub struct Delivery {
     pub stored: bool,
     /// The shared subscription group this delivery came through: `seq` is then a position in
     /// the group's queue, and finishing it returns in-flight credit to the group.
-    pub group: Option<Arc<Group>>,
+    pub group: Option<GroupId>,
 }
+
+/// A shared subscription group, named by the storage id of the group's queue (the id its
+/// in-flight records keep). A delivery carries only this: the queue layer holds deliveries, it
+/// does not know what a group is; whoever finishes a delivery looks its group up by the id
+/// (a member's connection among the groups it belongs to, the broker in its group index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupId(pub u64);
 
 impl Delivery {
     pub fn new(msg: Arc<Message>, qos: QoS, retain: bool, sub_ids: SubIds) -> Delivery {

@@ -125,10 +125,11 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
             d.stored = true;
             // A shared subscription group's message still goes back to its group if this
             // member leaves without finishing it.
-            d.group = r
+            let group = r
                 .group
-                .and_then(|id| restored_groups.iter().find(|g| g.queue.id == id).cloned());
-            if let Some(g) = &d.group {
+                .and_then(|id| restored_groups.iter().find(|g| g.queue.id == id));
+            d.group = group.map(|g| g.id());
+            if let Some(g) = group {
                 if !r.released && d.qos == QoS::AtLeastOnce {
                     // The restart disconnected every member: an unacknowledged QoS 1 message
                     // goes back to the group now, as at any disconnect.

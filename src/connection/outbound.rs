@@ -25,7 +25,7 @@ fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightReco
             sub_ids: d.sub_ids.as_slice().to_vec(),
         },
         released,
-        group: d.group.as_ref().map(|g| g.queue.id),
+        group: d.group.map(|g| g.0),
     }
 }
 
@@ -209,7 +209,7 @@ impl Client {
                 seq,
             });
         }
-        if let Some(g) = &d.group {
+        if let Some(g) = self.group_of(d) {
             g.release(self.handle.id);
         }
     }

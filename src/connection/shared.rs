@@ -2,6 +2,7 @@
 //! the groups' dispatchers fill, and telling a group when one of its deliveries is finished.
 
 use super::client::Client;
+use crate::broker::shared::Group;
 use crate::outbox::Delivery;
 use crate::protocol::{QoS, SubscriptionOptions};
 use crate::storage::Op;
@@ -100,24 +101,34 @@ impl Client {
     /// (when it stayed there: a member whose session is not stored); `credit` — it no longer
     /// takes a place in this member's window.
     pub(super) fn group_delivery_done(&mut self, d: &Delivery, entry: bool, credit: bool) {
-        let Some(group) = &d.group else {
+        let Some(id) = d.group else {
             return;
         };
         if entry && !d.stored {
             if let Some(seq) = d.seq {
                 self.pending_ops.push(Op::Dequeue {
-                    session_id: group.queue.id,
+                    session_id: id.0,
                     seq,
                 });
             }
         }
         if credit {
-            group.release(self.handle.id);
+            if let Some(group) = self.group_of(d) {
+                group.release(self.handle.id);
+            }
         }
+    }
+
+    /// The group a delivery came through, among those this member belongs to (a handful: a
+    /// scan beats a shared lock on every acknowledgement). None once the member left it: a
+    /// group counts credit for members only, so there is nothing to give back then.
+    pub(super) fn group_of(&self, d: &Delivery) -> Option<&Arc<Group>> {
+        let id = d.group?;
+        self.groups.iter().find(|g| g.id() == id)
     }
 
     /// The queue a delivery's `seq` belongs to.
     pub(super) fn queue_of(&self, d: &Delivery) -> u64 {
-        d.group.as_ref().map_or(self.handle.id, |g| g.queue.id)
+        d.group.map_or(self.handle.id, |g| g.0)
     }
 }

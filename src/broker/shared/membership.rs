@@ -171,7 +171,8 @@ impl Broker {
         let mut staged = Staged::default();
         for (packet_id, o) in taken {
             let (Outbound::Published(d) | Outbound::Released(d)) = &o;
-            let Some(group) = d.group.clone() else {
+            // A group that ended meanwhile discarded its queue: nothing to give back to.
+            let Some(group) = d.group.and_then(|id| self.groups.by_id(id)) else {
                 continue;
             };
             group.release(handle.id);

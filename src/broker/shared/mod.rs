@@ -30,7 +30,7 @@ mod membership;
 use super::{After, Broker, Staged};
 use crate::config::Strategy;
 use crate::outbox::Reservation;
-use crate::outbox::{Delivery, Popped, SubIds};
+use crate::outbox::{Delivery, GroupId, Popped, SubIds};
 use crate::protocol::{QoS, SubscriptionOptions};
 use crate::session::registry::SessionHandle;
 use crate::storage::record::QueueEntry;
@@ -378,7 +378,7 @@ impl Group {
                     d.qos = d.qos.min(x.options.qos);
                     d.retain = d.retain && x.options.retain_as_published;
                     d.sub_ids = x.sub_id.map_or(SubIds::None, SubIds::One);
-                    d.group = Some(self.clone());
+                    d.group = Some(self.id());
                     x.lane.push_back(d);
                     x.outstanding += 1;
                     if x.lane.len() == 1 {
@@ -418,6 +418,11 @@ impl Group {
         }
     }
 
+    /// The id deliveries carry for this group: its queue's storage id.
+    pub fn id(&self) -> GroupId {
+        GroupId(self.queue.id)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -446,34 +451,46 @@ pub fn strip_member_fields(mut d: Delivery) -> Delivery {
     d
 }
 
-/// Every group, by `$share/NAME/FILTER`.
+/// The groups by `$share/NAME/FILTER` and by id, always the same set.
+#[derive(Default)]
+struct Index {
+    by_key: HashMap<String, Arc<Group>>,
+    by_id: HashMap<GroupId, Arc<Group>>,
+}
+
+/// Every group, by `$share/NAME/FILTER` (and by [`GroupId`]).
 #[derive(Default)]
 pub struct Groups {
-    map: Mutex<HashMap<String, Arc<Group>>>,
+    map: Mutex<Index>,
 }
 
 impl Groups {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Group>>> {
+    fn lock(&self) -> MutexGuard<'_, Index> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Group>> {
-        self.lock().get(key).cloned()
+        self.lock().by_key.get(key).cloned()
+    }
+
+    /// The live group a delivery came through; none once that group ended.
+    pub fn by_id(&self, id: GroupId) -> Option<Arc<Group>> {
+        self.lock().by_id.get(&id).cloned()
     }
 
     /// Stops every group's dispatcher (broker shutdown).
     pub fn close_all(&self) {
-        for g in self.lock().values() {
+        for g in self.lock().by_key.values() {
             g.close();
         }
     }
 
     pub fn all(&self) -> Vec<Arc<Group>> {
-        self.lock().values().cloned().collect()
+        self.lock().by_key.values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -490,11 +507,12 @@ impl Groups {
         on: impl FnOnce(&Arc<Group>),
     ) -> (Arc<Group>, bool) {
         let mut map = self.lock();
-        let (g, created) = match map.get(key) {
+        let (g, created) = match map.by_key.get(key) {
             Some(g) => (g.clone(), false),
             None => {
                 let g = make();
-                map.insert(key.to_string(), g.clone());
+                map.by_key.insert(key.to_string(), g.clone());
+                map.by_id.insert(g.id(), g.clone());
                 (g, true)
             }
         };
@@ -510,8 +528,9 @@ impl Groups {
             return false;
         }
         let key = group.key();
-        if map.get(&key).is_some_and(|g| Arc::ptr_eq(g, group)) {
-            map.remove(&key);
+        if map.by_key.get(&key).is_some_and(|g| Arc::ptr_eq(g, group)) {
+            map.by_key.remove(&key);
+            map.by_id.remove(&group.id());
         }
         group.close();
         true
@@ -664,7 +683,7 @@ mod tests {
             &[7],
             "the member's own identifier"
         );
-        assert!(Arc::ptr_eq(out[0].group.as_ref().expect("group"), &g));
+        assert_eq!(out[0].group, Some(g.id()));
         assert_eq!(lane(&g, &d), Vec::<u64>::new());
         assert_eq!(g.metrics.delivered.get(), 6);
     }
