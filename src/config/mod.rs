@@ -4,6 +4,13 @@
 //! `TERN__SECTION__KEY` (for example `TERN__LIMITS__MAX_QUEUED_MESSAGES=5000`). Every struct
 //! denies unknown keys so a typo is a startup error that names the full key path instead of a
 //! setting that silently does nothing.
+//!
+//! The parts: this module holds the types, their built-in defaults and loading;
+//! [`validate`](Config::validate) (in `validate.rs`) the rules serde cannot express;
+//! [`diff`](Config::diff) (in `diff.rs`) what a reload compares.
+
+mod diff;
+mod validate;
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -465,229 +472,6 @@ impl Config {
         cfg.validate()?;
         Ok(cfg)
     }
-
-    /// Checks values serde cannot: ranges and relations between keys.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.limits;
-        let invalid = |key: &'static str, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.to_string(),
-            })
-        };
-        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
-            return invalid(
-                "limits.max_packet_size",
-                "must be between 64 and 268435460 bytes",
-            );
-        }
-        if l.receive_maximum == 0 {
-            return invalid("limits.receive_maximum", "must be at least 1");
-        }
-        if l.max_inflight == 0 {
-            return invalid("limits.max_inflight", "must be at least 1");
-        }
-        if l.max_queued_messages == 0 {
-            return invalid("limits.max_queued_messages", "must be at least 1");
-        }
-        if l.max_queued_bytes == 0 {
-            return invalid("limits.max_queued_bytes", "must be at least 1");
-        }
-        if l.max_connections == 0 {
-            return invalid("limits.max_connections", "must be at least 1");
-        }
-        if l.max_inbound_qos2 == 0 {
-            return invalid("limits.max_inbound_qos2", "must be at least 1");
-        }
-        if l.connect_timeout == 0 {
-            return invalid("limits.connect_timeout", "must be at least 1 second");
-        }
-        if l.write_timeout == 0 {
-            return invalid("limits.write_timeout", "must be at least 1 second");
-        }
-        if l.max_topic_length == 0 || l.max_topic_length > 65535 {
-            return invalid(
-                "limits.max_topic_length",
-                "must be between 1 and 65535 bytes",
-            );
-        }
-        if l.max_topic_levels == 0 || l.max_topic_levels > 65535 {
-            return invalid("limits.max_topic_levels", "must be between 1 and 65535");
-        }
-        if l.max_publish_bytes_rate != 0 && l.max_publish_bytes_rate < l.max_packet_size {
-            return invalid(
-                "limits.max_publish_bytes_rate",
-                "must be 0 (no limit) or at least limits.max_packet_size bytes per second",
-            );
-        }
-        if self.shared.max_queued_messages == 0 {
-            return invalid("shared.max_queued_messages", "must be at least 1");
-        }
-        if self.shared.max_queued_bytes == 0 {
-            return invalid("shared.max_queued_bytes", "must be at least 1");
-        }
-        for g in &self.shared.groups {
-            if g.name.is_empty() || g.name.contains(['/', '+', '#']) {
-                return invalid(
-                    "shared.groups",
-                    &format!(
-                        "{:?} is not a ShareName (non-empty, no '/', '+' or '#')",
-                        g.name
-                    ),
-                );
-            }
-        }
-        if self.mqtt.max_qos > 2 {
-            return invalid("mqtt.max_qos", "must be 0, 1 or 2");
-        }
-        if self.mqtt.response_prefix.contains(['+', '#'])
-            || self.mqtt.response_prefix.starts_with('$')
-        {
-            return invalid(
-                "mqtt.response_prefix",
-                "must be a topic name without wildcards that does not start with '$'",
-            );
-        }
-        // Client certificate options of the TLS and WSS listeners need a CA to verify against.
-        let tls_listeners = [
-            (
-                [
-                    "listeners.tls.require_client_cert",
-                    "listeners.tls.use_identity_as_username",
-                ],
-                "listeners.tls.client_ca",
-                self.listeners.tls.as_ref().map(|t| {
-                    (
-                        t.require_client_cert,
-                        t.use_identity_as_username,
-                        &t.client_ca,
-                    )
-                }),
-            ),
-            (
-                [
-                    "listeners.wss.require_client_cert",
-                    "listeners.wss.use_identity_as_username",
-                ],
-                "listeners.wss.client_ca",
-                self.listeners.wss.as_ref().map(|t| {
-                    (
-                        t.require_client_cert,
-                        t.use_identity_as_username,
-                        &t.client_ca,
-                    )
-                }),
-            ),
-        ];
-        for ([require_key, identity_key], ca_key, on) in tls_listeners {
-            let Some((require, identity, None)) = on else {
-                continue;
-            };
-            if require {
-                return invalid(
-                    require_key,
-                    &format!("needs {ca_key} to verify client certificates against"),
-                );
-            }
-            if identity {
-                return invalid(
-                    identity_key,
-                    &format!("needs {ca_key} (an unverified certificate proves nothing)"),
-                );
-            }
-        }
-        for (key, ws) in [
-            (
-                "listeners.ws.path",
-                self.listeners
-                    .ws
-                    .as_ref()
-                    .map(|w| (&w.path, &w.allowed_origins)),
-            ),
-            (
-                "listeners.wss.path",
-                self.listeners
-                    .wss
-                    .as_ref()
-                    .map(|w| (&w.path, &w.allowed_origins)),
-            ),
-        ] {
-            if let Some((path, origins)) = ws {
-                if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
-                    return invalid(key, "must be an absolute HTTP path such as \"/mqtt\"");
-                }
-                if origins
-                    .iter()
-                    .any(|o| !o.contains("://") || o.ends_with('/'))
-                {
-                    return invalid(
-                        if key.starts_with("listeners.ws.") {
-                            "listeners.ws.allowed_origins"
-                        } else {
-                            "listeners.wss.allowed_origins"
-                        },
-                        "each origin is scheme://host[:port] without a path, e.g. \"https://app.example.com\"",
-                    );
-                }
-            }
-        }
-        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
-            return invalid("log.level", &e.to_string());
-        }
-        if self.sys_topics.interval > 86_400 {
-            return invalid(
-                "sys_topics.interval",
-                "must be between 0 (off) and 86400 seconds",
-            );
-        }
-        Ok(())
-    }
-
-    /// Every key whose value differs between `self` and `new`, as `(key, old, new)` with dotted
-    /// key paths (`limits.max_packet_size`); a key present in only one of them shows as
-    /// `(unset)` on the other side. Reload uses it to say what changed.
-    pub fn diff(&self, new: &Config) -> Vec<(String, String, String)> {
-        fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
-            match v {
-                toml::Value::Table(t) => {
-                    for (k, v) in t {
-                        let key = if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        };
-                        flatten(&key, v, out);
-                    }
-                }
-                other => out.push((prefix.to_string(), other.to_string())),
-            }
-        }
-        let flat = |c: &Config| {
-            let mut out = Vec::new();
-            // Serialising plain data into a TOML value cannot fail; an empty map would only
-            // make the report say less.
-            if let Ok(v) = toml::Value::try_from(c) {
-                flatten("", &v, &mut out);
-            }
-            out.into_iter()
-                .collect::<std::collections::BTreeMap<_, _>>()
-        };
-        let (a, b) = (flat(self), flat(new));
-        let unset = || "(unset)".to_string();
-        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-        keys.sort();
-        keys.dedup();
-        keys.into_iter()
-            .filter(|k| a.get(*k) != b.get(*k))
-            .map(|k| {
-                (
-                    k.clone(),
-                    a.get(k).cloned().unwrap_or_else(unset),
-                    b.get(k).cloned().unwrap_or_else(unset),
-                )
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -698,7 +482,7 @@ mod tests {
     /// docs/configuration.md, in the table under its section's heading, with its default.
     #[test]
     fn every_key_is_documented_with_its_default() {
-        let doc = include_str!("../docs/configuration.md");
+        let doc = include_str!("../../docs/configuration.md");
         let value = toml::Value::try_from(Config::default()).expect("serialise defaults");
         let mut missing = Vec::new();
         let mut checked = 0;
@@ -837,47 +621,6 @@ mod tests {
     }
 
     #[test]
-    fn bad_value_is_an_error_naming_the_key() {
-        let err = Config::from_toml("[mqtt]\nmax_qos = 3\n").unwrap_err();
-        assert!(err.to_string().contains("mqtt.max_qos"), "{err}");
-        let err = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
-        assert!(err.to_string().contains("max_inflight"), "{err}");
-    }
-
-    #[test]
-    fn abuse_limits_out_of_range_name_the_key() {
-        for (text, key) in [
-            (
-                "[limits]\nmax_topic_length = 0\n",
-                "limits.max_topic_length",
-            ),
-            (
-                "[limits]\nmax_topic_length = 65536\n",
-                "limits.max_topic_length",
-            ),
-            (
-                "[limits]\nmax_topic_levels = 0\n",
-                "limits.max_topic_levels",
-            ),
-            (
-                "[limits]\nmax_publish_bytes_rate = 1000\n",
-                "limits.max_publish_bytes_rate",
-            ),
-            ("[limits]\nmax_connect_rate = -1\n", "max_connect_rate"),
-            ("[limits]\nmax_publish_rate = -5\n", "max_publish_rate"),
-            ("[limits]\nmax_subscriptions = -1\n", "max_subscriptions"),
-        ] {
-            let err = Config::from_toml(text).unwrap_err();
-            assert!(err.to_string().contains(key), "{text}: {err}");
-        }
-        let c = Config::from_toml(
-            "[limits]\nmax_connect_rate = 50\nmax_publish_rate = 200\nmax_publish_bytes_rate = 2097152\nmax_subscriptions = 10\n",
-        )
-        .unwrap();
-        assert_eq!(c.limits.max_publish_rate, 200);
-    }
-
-    #[test]
     fn listeners_and_metrics_are_on_only_when_present() {
         let c = Config::from_toml("[limits]\nmax_inflight = 5\n").unwrap();
         assert!(
@@ -905,41 +648,6 @@ mod tests {
             Config::from_toml("[shared]\ngroups = [{ name = \"a/b\", strategy = \"random\" }]\n")
                 .unwrap_err();
         assert!(err.to_string().contains("shared.groups"), "{err}");
-    }
-
-    #[test]
-    fn diff_names_changed_keys_with_old_and_new_values() {
-        let a = Config::from_toml("[limits]\nmax_packet_size = 2000\n").unwrap();
-        let b = Config::from_toml(
-            "[limits]\nmax_packet_size = 3000\n[log]\nformat = \"json\"\n[auth]\nacl_file = \"x\"\n",
-        )
-        .unwrap();
-        let d = a.diff(&b);
-        assert_eq!(
-            d,
-            vec![
-                ("auth.acl_file".into(), "(unset)".into(), "\"x\"".into()),
-                (
-                    "limits.max_packet_size".into(),
-                    "2000".into(),
-                    "3000".into()
-                ),
-                ("log.format".into(), "\"text\"".into(), "\"json\"".into()),
-            ]
-        );
-        assert!(a.diff(&a.clone()).is_empty());
-    }
-
-    #[test]
-    fn sys_topics_and_log_format_parse_and_validate() {
-        let c =
-            Config::from_toml("[sys_topics]\ninterval = 0\n[log]\nformat = \"json\"\n").unwrap();
-        assert_eq!(c.sys_topics.interval, 0);
-        assert_eq!(c.log.format, LogFormat::Json);
-        let err = Config::from_toml("[log]\nformat = \"xml\"\n").unwrap_err();
-        assert!(err.to_string().contains("xml"), "{err}");
-        let err = Config::from_toml("[sys_topics]\ninterval = 100000\n").unwrap_err();
-        assert!(err.to_string().contains("sys_topics.interval"), "{err}");
     }
 
     #[test]
