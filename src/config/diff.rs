@@ -76,4 +76,32 @@ mod tests {
         );
         assert!(a.diff(&a.clone()).is_empty());
     }
+
+    /// The diff compares parsed values: a time key rewritten in another form is no change.
+    #[test]
+    fn diff_compares_durations_by_value_not_spelling() {
+        let a = Config::from_toml(
+            "[limits]\nwrite_timeout = 30\nconnect_timeout = 60\n[sys_topics]\ninterval = 10\n",
+        )
+        .unwrap();
+        let b = Config::from_toml(
+            "[limits]\nwrite_timeout = \"30s\"\nconnect_timeout = \"1m\"\n[sys_topics]\ninterval = \"10\"\n",
+        )
+        .unwrap();
+        assert!(a.diff(&b).is_empty(), "{:?}", a.diff(&b));
+        let c =
+            Config::from_toml("[limits]\nwrite_timeout = \"5m\"\nconnect_timeout = \"1500ms\"\n")
+                .unwrap();
+        assert_eq!(
+            a.diff(&c),
+            vec![
+                (
+                    "limits.connect_timeout".into(),
+                    "60".into(),
+                    "\"1500ms\"".into()
+                ),
+                ("limits.write_timeout".into(), "30".into(), "300".into()),
+            ]
+        );
+    }
 }

@@ -7,14 +7,17 @@
 //!
 //! The parts: this module holds the types, their built-in defaults and loading;
 //! [`validate`](Config::validate) (in `validate.rs`) the rules serde cannot express;
-//! [`diff`](Config::diff) (in `diff.rs`) what a reload compares.
+//! [`diff`](Config::diff) (in `diff.rs`) what a reload compares; [`duration`] how every time
+//! key is read (`30`, `"30s"`, `"5m"` ...).
 
 mod diff;
+pub mod duration;
 mod validate;
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Errors found while loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,38 @@ pub enum ConfigError {
     Load(String),
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// A value of the wrong form for its key, found while reading it (a [`duration`] such as
+    /// `"3 parsecs"`).
+    #[error("configuration key `{key}`: {message}")]
+    Value { key: String, message: String },
+}
+
+impl ConfigError {
+    /// The `config` crate's error as ours. A [`duration`] error gets its key in front, as
+    /// validation errors have it; other errors keep the crate's wording (which names the key
+    /// at the end: ``... for key `limits.max_inflight` ``).
+    fn from_loader(e: config::ConfigError) -> ConfigError {
+        if let config::ConfigError::At {
+            error,
+            key: Some(key),
+            origin,
+        } = &e
+        {
+            if let config::ConfigError::Message(message) = error.as_ref() {
+                if message.starts_with(duration::ERROR_PREFIX) {
+                    let message = match origin {
+                        Some(origin) => format!("{message} in {origin}"),
+                        None => message.clone(),
+                    };
+                    return ConfigError::Value {
+                        key: key.clone(),
+                        message,
+                    };
+                }
+            }
+        }
+        ConfigError::Load(e.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -43,13 +78,16 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SysTopicsConfig {
-    /// Seconds between publications; 0 turns `$SYS` topics off.
-    pub interval: u64,
+    /// Time between publications, whole seconds; 0 turns `$SYS` topics off.
+    #[serde(with = "duration::seconds")]
+    pub interval: Duration,
 }
 
 impl Default for SysTopicsConfig {
     fn default() -> Self {
-        SysTopicsConfig { interval: 10 }
+        SysTopicsConfig {
+            interval: Duration::from_secs(10),
+        }
     }
 }
 
@@ -202,21 +240,26 @@ pub struct Limits {
     pub max_queued_messages: usize,
     /// Bytes (payload plus topic of each message) queued per session before new ones are dropped.
     pub max_queued_bytes: usize,
-    /// Largest keep alive a client may use, in seconds; v5 clients are told via Server Keep Alive.
-    /// 0 means no limit.
-    pub max_keepalive: u16,
+    /// Largest keep alive a client may use (whole seconds, at most 65535); v5 clients are told
+    /// via Server Keep Alive. 0 means no limit. In CONNACK's terms: [`Self::max_keepalive_secs`].
+    #[serde(with = "duration::seconds")]
+    pub max_keepalive: Duration,
     /// Concurrent client connections; further connections are closed at accept.
     pub max_connections: usize,
-    /// Cap on a session's expiry interval, in seconds (v5 clients are told in CONNACK).
-    pub max_session_expiry: u32,
+    /// Cap on a session's expiry interval (whole seconds, at most u32::MAX = never expires; v5
+    /// clients are told in CONNACK). In CONNACK's terms: [`Self::max_session_expiry_secs`].
+    #[serde(with = "duration::seconds")]
+    pub max_session_expiry: Duration,
     /// Retained messages kept broker-wide; new topics beyond this are not retained.
     pub max_retained_messages: usize,
     /// Inbound QoS 2 packet ids awaiting PUBREL per client (3.1.1 clients have no Receive Maximum).
     pub max_inbound_qos2: usize,
-    /// Seconds a new socket may take to send CONNECT.
-    pub connect_timeout: u64,
-    /// Seconds a peer may leave written data unread before it is disconnected.
-    pub write_timeout: u64,
+    /// Time a new socket may take to send CONNECT; at least 1 s.
+    #[serde(with = "duration::seconds")]
+    pub connect_timeout: Duration,
+    /// Time a peer may leave written data unread before it is disconnected; at least 1 s.
+    #[serde(with = "duration::seconds")]
+    pub write_timeout: Duration,
     /// New connections accepted per second per listener (token bucket, burst of one second's
     /// worth); connections over the rate are closed at accept. 0 means no limit.
     pub max_connect_rate: u32,
@@ -383,6 +426,18 @@ impl Limits {
         topic.len() <= self.max_topic_length
             && topic.bytes().filter(|&b| b == b'/').count() < self.max_topic_levels
     }
+
+    /// `max_keepalive` as Server Keep Alive carries it: seconds in a u16 (validation keeps it
+    /// a whole number within range).
+    pub fn max_keepalive_secs(&self) -> u16 {
+        u16::try_from(self.max_keepalive.as_secs()).unwrap_or(u16::MAX)
+    }
+
+    /// `max_session_expiry` as Session Expiry Interval carries it: seconds in a u32
+    /// (`u32::MAX`: never; validation keeps it a whole number within range).
+    pub fn max_session_expiry_secs(&self) -> u32 {
+        u32::try_from(self.max_session_expiry.as_secs()).unwrap_or(u32::MAX)
+    }
 }
 
 impl Default for Limits {
@@ -393,13 +448,13 @@ impl Default for Limits {
             max_inflight: 1024,
             max_queued_messages: 1000,
             max_queued_bytes: 16 * 1024 * 1024,
-            max_keepalive: 0,
+            max_keepalive: Duration::ZERO,
             max_connections: 10_000,
-            max_session_expiry: u32::MAX,
+            max_session_expiry: Duration::from_secs(u64::from(u32::MAX)),
             max_retained_messages: 100_000,
             max_inbound_qos2: 1024,
-            connect_timeout: 10,
-            write_timeout: 30,
+            connect_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             max_connect_rate: 0,
             max_topic_length: 65535,
             max_topic_levels: 128,
@@ -434,6 +489,15 @@ impl Default for LogConfig {
 impl Config {
     /// Loads defaults, then `file` (if any), then `TERN__*` environment variables, and validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with(file, None)
+    }
+
+    /// [`Self::load`] with the environment variables `vars` instead of the process's when given
+    /// (tests: the process environment is shared by every test thread).
+    fn load_with(
+        file: Option<&Path>,
+        vars: Option<config::Map<String, String>>,
+    ) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
@@ -448,14 +512,11 @@ impl Config {
             config::Environment::with_prefix("TERN")
                 .prefix_separator("__")
                 .separator("__")
+                .source(vars)
                 .try_parsing(true),
         );
-        let built = builder
-            .build()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let built = builder.build().map_err(ConfigError::from_loader)?;
+        let cfg: Config = built.try_deserialize().map_err(ConfigError::from_loader)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -465,10 +526,8 @@ impl Config {
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+            .map_err(ConfigError::from_loader)?;
+        let cfg: Config = built.try_deserialize().map_err(ConfigError::from_loader)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -648,6 +707,137 @@ mod tests {
             Config::from_toml("[shared]\ngroups = [{ name = \"a/b\", strategy = \"random\" }]\n")
                 .unwrap_err();
         assert!(err.to_string().contains("shared.groups"), "{err}");
+    }
+
+    /// Every time key, by its full path, and how to set it in a test.
+    const TIME_KEYS: [(&str, &str); 5] = [
+        ("limits", "max_keepalive"),
+        ("limits", "max_session_expiry"),
+        ("limits", "connect_timeout"),
+        ("limits", "write_timeout"),
+        ("sys_topics", "interval"),
+    ];
+
+    fn time_keys(c: &Config) -> [Duration; 5] {
+        [
+            c.limits.max_keepalive,
+            c.limits.max_session_expiry,
+            c.limits.connect_timeout,
+            c.limits.write_timeout,
+            c.sys_topics.interval,
+        ]
+    }
+
+    /// A file in the temporary directory, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let path = std::env::temp_dir().join(format!("tern-{}-{name}", std::process::id()));
+            std::fs::write(&path, text).expect("write temporary file");
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+        Some(
+            vars.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// Both forms of every time key, from a file and from `TERN__` variables (whose values
+    /// arrive as strings: "30" is 30 seconds), as `tern` loads them.
+    #[test]
+    fn time_keys_take_integers_and_units_from_file_and_environment() {
+        let secs = Duration::from_secs;
+        for (i, (integers, units)) in [
+            ("60", "\"1m\""),
+            ("86400", "\"1d\""),
+            ("2", "\"2000ms\""),
+            ("7200", "\"2h\""),
+            ("30", "\"30 s\""),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let want = [secs(60), secs(86_400), secs(2), secs(7200), secs(30)][i];
+            let (section, key) = TIME_KEYS[i];
+            for value in [integers, units] {
+                let file = TempFile::new(
+                    &format!("{section}-{key}.toml"),
+                    &format!("[{section}]\n{key} = {value}\n"),
+                );
+                let c = Config::load_with(Some(&file.0), env(&[])).expect(value);
+                assert_eq!(time_keys(&c)[i], want, "file: {section}.{key} = {value}");
+                let var = format!("TERN__{section}__{key}").to_uppercase();
+                let c =
+                    Config::load_with(None, env(&[(&var, value.trim_matches('"'))])).expect(value);
+                assert_eq!(time_keys(&c)[i], want, "env: {var}={value}");
+            }
+        }
+
+        // The environment overrides the file, whichever form either uses.
+        let file = TempFile::new(
+            "override.toml",
+            "[limits]\nconnect_timeout = 5\nwrite_timeout = \"2m\"\n",
+        );
+        let c = Config::load_with(
+            Some(&file.0),
+            env(&[
+                ("TERN__LIMITS__CONNECT_TIMEOUT", "1500ms"),
+                ("TERN__LIMITS__WRITE_TIMEOUT", "45"),
+            ]),
+        )
+        .expect("override");
+        assert_eq!(c.limits.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(c.limits.write_timeout, secs(45));
+    }
+
+    #[test]
+    fn a_bad_duration_is_an_error_naming_the_key() {
+        let expected = |key: &str| {
+            format!(
+                "configuration key `{key}`: invalid duration \"3 parsecs\": expected an integer number of seconds or a number with a unit ms, s, m, h, d"
+            )
+        };
+        for (section, key) in TIME_KEYS {
+            let full = format!("{section}.{key}");
+            let err =
+                Config::from_toml(&format!("[{section}]\n{key} = \"3 parsecs\"\n")).unwrap_err();
+            assert_eq!(err.to_string(), expected(&full));
+            let file = TempFile::new(
+                &format!("bad-{section}-{key}.toml"),
+                &format!("[{section}]\n{key} = \"3 parsecs\"\n"),
+            );
+            let err = Config::load_with(Some(&file.0), env(&[])).unwrap_err();
+            assert!(err.to_string().starts_with(&expected(&full)), "{err}");
+            let var = format!("TERN__{section}__{key}").to_uppercase();
+            let err = Config::load_with(None, env(&[(&var, "3 parsecs")])).unwrap_err();
+            assert!(err.to_string().starts_with(&expected(&full)), "{err}");
+        }
+        for (text, shown) in [
+            ("[limits]\nwrite_timeout = -1\n", "invalid duration -1:"),
+            ("[limits]\nwrite_timeout = 2.5\n", "invalid duration 2.5:"),
+            (
+                "[limits]\nwrite_timeout = \"99999999999999999999d\"\n",
+                "invalid duration \"99999999999999999999d\": too large",
+            ),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("configuration key `limits.write_timeout`: ")
+                    && err.contains(shown),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,22 @@
 //! with the key it is about.
 
 use super::{Config, ConfigError};
+use std::time::Duration;
+
+/// A time key whose consumers count whole seconds (CONNACK's u16 and u32 fields, the `$SYS`
+/// timer): `Err` with the message when `d` is a fraction of a second or above `max` seconds.
+fn whole_seconds(d: Duration, max: u64, range: &str) -> Result<(), String> {
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "must be a whole number of seconds, not {}",
+            super::duration::display(d)
+        ));
+    }
+    if d.as_secs() > max {
+        return Err(format!("must be {range}"));
+    }
+    Ok(())
+}
 
 impl Config {
     /// Checks values serde cannot: ranges and relations between keys.
@@ -31,16 +47,30 @@ impl Config {
         if l.max_queued_bytes == 0 {
             return invalid("limits.max_queued_bytes", "must be at least 1");
         }
+        if let Err(m) = whole_seconds(
+            l.max_keepalive,
+            u64::from(u16::MAX),
+            "between 0 (no limit) and 65535 seconds",
+        ) {
+            return invalid("limits.max_keepalive", &m);
+        }
         if l.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
+        }
+        if let Err(m) = whole_seconds(
+            l.max_session_expiry,
+            u64::from(u32::MAX),
+            "between 0 and 4294967295 seconds (never expires)",
+        ) {
+            return invalid("limits.max_session_expiry", &m);
         }
         if l.max_inbound_qos2 == 0 {
             return invalid("limits.max_inbound_qos2", "must be at least 1");
         }
-        if l.connect_timeout == 0 {
+        if l.connect_timeout < Duration::from_secs(1) {
             return invalid("limits.connect_timeout", "must be at least 1 second");
         }
-        if l.write_timeout == 0 {
+        if l.write_timeout < Duration::from_secs(1) {
             return invalid("limits.write_timeout", "must be at least 1 second");
         }
         if l.max_topic_length == 0 || l.max_topic_length > 65535 {
@@ -172,11 +202,12 @@ impl Config {
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return invalid("log.level", &e.to_string());
         }
-        if self.sys_topics.interval > 86_400 {
-            return invalid(
-                "sys_topics.interval",
-                "must be between 0 (off) and 86400 seconds",
-            );
+        if let Err(m) = whole_seconds(
+            self.sys_topics.interval,
+            86_400,
+            "between 0 (off) and 86400 seconds",
+        ) {
+            return invalid("sys_topics.interval", &m);
         }
         Ok(())
     }
@@ -228,11 +259,71 @@ mod tests {
         assert_eq!(c.limits.max_publish_rate, 200);
     }
 
+    /// The range of each time key, in any unit: whole seconds where the consumer counts seconds
+    /// (CONNACK fields, the `$SYS` timer), at least 1 s for the timeouts.
+    #[test]
+    fn time_keys_out_of_range_name_the_key() {
+        for (text, key) in [
+            ("[limits]\nmax_keepalive = 65536\n", "limits.max_keepalive"),
+            (
+                "[limits]\nmax_keepalive = \"19h\"\n",
+                "limits.max_keepalive",
+            ),
+            (
+                "[limits]\nmax_keepalive = \"1500ms\"\n",
+                "limits.max_keepalive",
+            ),
+            (
+                "[limits]\nmax_session_expiry = 4294967296\n",
+                "limits.max_session_expiry",
+            ),
+            (
+                "[limits]\nmax_session_expiry = \"49711d\"\n",
+                "limits.max_session_expiry",
+            ),
+            (
+                "[limits]\nmax_session_expiry = \"10ms\"\n",
+                "limits.max_session_expiry",
+            ),
+            ("[limits]\nconnect_timeout = 0\n", "limits.connect_timeout"),
+            (
+                "[limits]\nconnect_timeout = \"999ms\"\n",
+                "limits.connect_timeout",
+            ),
+            ("[limits]\nwrite_timeout = \"0s\"\n", "limits.write_timeout"),
+            (
+                "[sys_topics]\ninterval = \"1500ms\"\n",
+                "sys_topics.interval",
+            ),
+            ("[sys_topics]\ninterval = \"2d\"\n", "sys_topics.interval"),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("configuration key `{key}`: must be")),
+                "{text}: {err}"
+            );
+        }
+        let c = Config::from_toml(
+            "[limits]\nmax_keepalive = \"1h\"\nmax_session_expiry = \"49710d\"\nconnect_timeout = \"1500ms\"\nwrite_timeout = \"1s\"\n[sys_topics]\ninterval = \"1d\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_keepalive_secs(), 3600);
+        assert_eq!(c.limits.max_session_expiry_secs(), 49_710 * 86_400);
+        assert_eq!(c.limits.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(c.sys_topics.interval, Duration::from_secs(86_400));
+        let c =
+            Config::from_toml("[limits]\nmax_keepalive = 65535\nmax_session_expiry = 4294967295\n")
+                .unwrap();
+        assert_eq!(c.limits.max_keepalive_secs(), u16::MAX);
+        assert_eq!(c.limits.max_session_expiry_secs(), u32::MAX);
+        assert_eq!(Config::default().limits.max_session_expiry_secs(), u32::MAX);
+    }
+
     #[test]
     fn sys_topics_and_log_format_parse_and_validate() {
         let c =
             Config::from_toml("[sys_topics]\ninterval = 0\n[log]\nformat = \"json\"\n").unwrap();
-        assert_eq!(c.sys_topics.interval, 0);
+        assert_eq!(c.sys_topics.interval, Duration::ZERO);
         assert_eq!(c.log.format, LogFormat::Json);
         let err = Config::from_toml("[log]\nformat = \"xml\"\n").unwrap_err();
         assert!(err.to_string().contains("xml"), "{err}");
