@@ -673,6 +673,29 @@ mod tests {
         }
     }
 
+    /// The configurations shipped for systemd and Docker, and the override example of
+    /// docs/configuration.md, are valid (they show durations with units).
+    #[test]
+    fn shipped_configs_and_the_docs_example_are_valid() {
+        for path in ["config/systemd/tern.toml", "config/docker/tern.toml"] {
+            let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+                .expect(path);
+            if let Err(e) = Config::from_toml(&text) {
+                panic!("{path}: {e}");
+            }
+        }
+        let doc = include_str!("../../docs/configuration.md");
+        let example = doc
+            .split("## Example: an override file")
+            .nth(1)
+            .and_then(|rest| rest.split("```toml\n").nth(1))
+            .and_then(|rest| rest.split("```").next())
+            .expect("the override example");
+        let c = Config::from_toml(example).expect("the override example is valid");
+        assert_eq!(c.limits.max_keepalive, Duration::from_secs(300));
+        assert_eq!(c.limits.max_session_expiry, Duration::from_secs(7 * 86_400));
+    }
+
     #[test]
     fn unknown_key_is_an_error_naming_it() {
         let err = Config::from_toml("[limits]\nmax_queued_mesages = 5\n").unwrap_err();
