@@ -200,7 +200,7 @@ async fn ws_handshake<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let timeout = Duration::from_secs(broker.limits().connect_timeout);
+    let timeout = broker.limits().connect_timeout;
     match tokio::time::timeout(timeout, crate::websocket::accept(stream, ws)).await {
         Ok(Ok(s)) => {
             broker.metrics.ws_handshakes.inc();
@@ -230,7 +230,7 @@ async fn tls_handshake(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     Option<String>,
 )> {
-    let timeout = Duration::from_secs(broker.limits().connect_timeout);
+    let timeout = broker.limits().connect_timeout;
     let tls_stream = match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

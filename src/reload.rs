@@ -137,7 +137,9 @@ pub fn apply(
         tracing::info!("TLS certificates reloaded");
     }
     target.broker.set_limits(next.limits.clone());
-    target.broker.set_sys_interval(next.sys_topics.interval);
+    target
+        .broker
+        .set_sys_interval(next.sys_topics.interval.as_secs());
 
     let mut report = Reloaded::default();
     for (key, old, new) in running.diff(new) {

@@ -103,7 +103,7 @@ impl Broker {
             topic_sampler: Default::default(),
             limits: RwLock::new(Arc::new(config.limits.clone())),
             backpressure: AtomicBool::new(config.limits.backpressure),
-            sys_interval: AtomicU64::new(config.sys_topics.interval),
+            sys_interval: AtomicU64::new(config.sys_topics.interval.as_secs()),
             config,
             metrics,
             store,

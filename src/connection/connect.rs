@@ -249,12 +249,13 @@ pub(super) async fn accept(
     } else {
         u32::MAX
     };
-    let session_expiry = requested_expiry.min(limits.max_session_expiry);
+    let session_expiry = requested_expiry.min(limits.max_session_expiry_secs());
 
     let mut keep_alive = c.keep_alive;
     let mut server_keep_alive = None;
-    if v5 && limits.max_keepalive != 0 && (keep_alive == 0 || keep_alive > limits.max_keepalive) {
-        keep_alive = limits.max_keepalive;
+    let max_keepalive = limits.max_keepalive_secs();
+    if v5 && max_keepalive != 0 && (keep_alive == 0 || keep_alive > max_keepalive) {
+        keep_alive = max_keepalive;
         server_keep_alive = Some(keep_alive);
     }
 

@@ -83,7 +83,7 @@ impl Client {
     }
 
     fn write_timeout(&self) -> Duration {
-        Duration::from_secs(self.limits.write_timeout)
+        self.limits.write_timeout
     }
 
     /// The earliest moment the core must be woken even if nothing arrives.

@@ -33,7 +33,6 @@ use close::Close;
 use io::Io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 
@@ -55,7 +54,7 @@ pub async fn serve<S>(
     let mut io = Io::new(reader, writer, peer);
     // This connection's limits for its whole life (a reload applies to later connections).
     let limits = broker.limits();
-    let connect_timeout = Duration::from_secs(limits.connect_timeout);
+    let connect_timeout = limits.connect_timeout;
     let max_packet = limits.max_packet_size as usize;
     let packet = match tokio::time::timeout(
         connect_timeout,
@@ -86,7 +85,7 @@ pub async fn serve<S>(
             return;
         }
         Err(_) => {
-            tracing::info!(%peer, "no CONNECT within {}s, closing", connect_timeout.as_secs());
+            tracing::info!(%peer, "no CONNECT within {connect_timeout:?}, closing");
             io.flush_quietly().await;
             return;
         }

@@ -18,7 +18,7 @@ impl Client {
                     "session expiry set at DISCONNECT after 0 at CONNECT",
                 ));
             }
-            self.session_expiry = expiry.min(self.limits.max_session_expiry);
+            self.session_expiry = expiry.min(self.limits.max_session_expiry_secs());
         }
         if d.reason == ReasonCode::DisconnectWithWill.as_u8() {
             Close::NormalWithWill

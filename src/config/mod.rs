@@ -4,10 +4,20 @@
 //! `TERN__SECTION__KEY` (for example `TERN__LIMITS__MAX_QUEUED_MESSAGES=5000`). Every struct
 //! denies unknown keys so a typo is a startup error that names the full key path instead of a
 //! setting that silently does nothing.
+//!
+//! The parts: this module holds the types, their built-in defaults and loading;
+//! [`validate`](Config::validate) (in `validate.rs`) the rules serde cannot express;
+//! [`diff`](Config::diff) (in `diff.rs`) what a reload compares; [`duration`] how every time
+//! key is read (`30`, `"30s"`, `"5m"` ...).
+
+mod diff;
+pub mod duration;
+mod validate;
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Errors found while loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +26,38 @@ pub enum ConfigError {
     Load(String),
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// A value of the wrong form for its key, found while reading it (a [`duration`] such as
+    /// `"3 parsecs"`).
+    #[error("configuration key `{key}`: {message}")]
+    Value { key: String, message: String },
+}
+
+impl ConfigError {
+    /// The `config` crate's error as ours. A [`duration`] error gets its key in front, as
+    /// validation errors have it; other errors keep the crate's wording (which names the key
+    /// at the end: ``... for key `limits.max_inflight` ``).
+    fn from_loader(e: config::ConfigError) -> ConfigError {
+        if let config::ConfigError::At {
+            error,
+            key: Some(key),
+            origin,
+        } = &e
+        {
+            if let config::ConfigError::Message(message) = error.as_ref() {
+                if message.starts_with(duration::ERROR_PREFIX) {
+                    let message = match origin {
+                        Some(origin) => format!("{message} in {origin}"),
+                        None => message.clone(),
+                    };
+                    return ConfigError::Value {
+                        key: key.clone(),
+                        message,
+                    };
+                }
+            }
+        }
+        ConfigError::Load(e.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -36,13 +78,16 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SysTopicsConfig {
-    /// Seconds between publications; 0 turns `$SYS` topics off.
-    pub interval: u64,
+    /// Time between publications, whole seconds; 0 turns `$SYS` topics off.
+    #[serde(with = "duration::seconds")]
+    pub interval: Duration,
 }
 
 impl Default for SysTopicsConfig {
     fn default() -> Self {
-        SysTopicsConfig { interval: 10 }
+        SysTopicsConfig {
+            interval: Duration::from_secs(10),
+        }
     }
 }
 
@@ -195,21 +240,26 @@ pub struct Limits {
     pub max_queued_messages: usize,
     /// Bytes (payload plus topic of each message) queued per session before new ones are dropped.
     pub max_queued_bytes: usize,
-    /// Largest keep alive a client may use, in seconds; v5 clients are told via Server Keep Alive.
-    /// 0 means no limit.
-    pub max_keepalive: u16,
+    /// Largest keep alive a client may use (whole seconds, at most 65535); v5 clients are told
+    /// via Server Keep Alive. 0 means no limit. In CONNACK's terms: [`Self::max_keepalive_secs`].
+    #[serde(with = "duration::seconds")]
+    pub max_keepalive: Duration,
     /// Concurrent client connections; further connections are closed at accept.
     pub max_connections: usize,
-    /// Cap on a session's expiry interval, in seconds (v5 clients are told in CONNACK).
-    pub max_session_expiry: u32,
+    /// Cap on a session's expiry interval (whole seconds, at most u32::MAX = never expires; v5
+    /// clients are told in CONNACK). In CONNACK's terms: [`Self::max_session_expiry_secs`].
+    #[serde(with = "duration::seconds")]
+    pub max_session_expiry: Duration,
     /// Retained messages kept broker-wide; new topics beyond this are not retained.
     pub max_retained_messages: usize,
     /// Inbound QoS 2 packet ids awaiting PUBREL per client (3.1.1 clients have no Receive Maximum).
     pub max_inbound_qos2: usize,
-    /// Seconds a new socket may take to send CONNECT.
-    pub connect_timeout: u64,
-    /// Seconds a peer may leave written data unread before it is disconnected.
-    pub write_timeout: u64,
+    /// Time a new socket may take to send CONNECT; at least 1 s.
+    #[serde(with = "duration::seconds")]
+    pub connect_timeout: Duration,
+    /// Time a peer may leave written data unread before it is disconnected; at least 1 s.
+    #[serde(with = "duration::seconds")]
+    pub write_timeout: Duration,
     /// New connections accepted per second per listener (token bucket, burst of one second's
     /// worth); connections over the rate are closed at accept. 0 means no limit.
     pub max_connect_rate: u32,
@@ -376,6 +426,18 @@ impl Limits {
         topic.len() <= self.max_topic_length
             && topic.bytes().filter(|&b| b == b'/').count() < self.max_topic_levels
     }
+
+    /// `max_keepalive` as Server Keep Alive carries it: seconds in a u16 (validation keeps it
+    /// a whole number within range).
+    pub fn max_keepalive_secs(&self) -> u16 {
+        u16::try_from(self.max_keepalive.as_secs()).unwrap_or(u16::MAX)
+    }
+
+    /// `max_session_expiry` as Session Expiry Interval carries it: seconds in a u32
+    /// (`u32::MAX`: never; validation keeps it a whole number within range).
+    pub fn max_session_expiry_secs(&self) -> u32 {
+        u32::try_from(self.max_session_expiry.as_secs()).unwrap_or(u32::MAX)
+    }
 }
 
 impl Default for Limits {
@@ -386,13 +448,13 @@ impl Default for Limits {
             max_inflight: 1024,
             max_queued_messages: 1000,
             max_queued_bytes: 16 * 1024 * 1024,
-            max_keepalive: 0,
+            max_keepalive: Duration::ZERO,
             max_connections: 10_000,
-            max_session_expiry: u32::MAX,
+            max_session_expiry: Duration::from_secs(u64::from(u32::MAX)),
             max_retained_messages: 100_000,
             max_inbound_qos2: 1024,
-            connect_timeout: 10,
-            write_timeout: 30,
+            connect_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             max_connect_rate: 0,
             max_topic_length: 65535,
             max_topic_levels: 128,
@@ -427,6 +489,15 @@ impl Default for LogConfig {
 impl Config {
     /// Loads defaults, then `file` (if any), then `TERN__*` environment variables, and validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with(file, None)
+    }
+
+    /// [`Self::load`] with the environment variables `vars` instead of the process's when given
+    /// (tests: the process environment is shared by every test thread).
+    fn load_with(
+        file: Option<&Path>,
+        vars: Option<config::Map<String, String>>,
+    ) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
@@ -441,14 +512,11 @@ impl Config {
             config::Environment::with_prefix("TERN")
                 .prefix_separator("__")
                 .separator("__")
+                .source(vars)
                 .try_parsing(true),
         );
-        let built = builder
-            .build()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let built = builder.build().map_err(ConfigError::from_loader)?;
+        let cfg: Config = built.try_deserialize().map_err(ConfigError::from_loader)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -458,235 +526,10 @@ impl Config {
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+            .map_err(ConfigError::from_loader)?;
+        let cfg: Config = built.try_deserialize().map_err(ConfigError::from_loader)?;
         cfg.validate()?;
         Ok(cfg)
-    }
-
-    /// Checks values serde cannot: ranges and relations between keys.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.limits;
-        let invalid = |key: &'static str, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.to_string(),
-            })
-        };
-        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
-            return invalid(
-                "limits.max_packet_size",
-                "must be between 64 and 268435460 bytes",
-            );
-        }
-        if l.receive_maximum == 0 {
-            return invalid("limits.receive_maximum", "must be at least 1");
-        }
-        if l.max_inflight == 0 {
-            return invalid("limits.max_inflight", "must be at least 1");
-        }
-        if l.max_queued_messages == 0 {
-            return invalid("limits.max_queued_messages", "must be at least 1");
-        }
-        if l.max_queued_bytes == 0 {
-            return invalid("limits.max_queued_bytes", "must be at least 1");
-        }
-        if l.max_connections == 0 {
-            return invalid("limits.max_connections", "must be at least 1");
-        }
-        if l.max_inbound_qos2 == 0 {
-            return invalid("limits.max_inbound_qos2", "must be at least 1");
-        }
-        if l.connect_timeout == 0 {
-            return invalid("limits.connect_timeout", "must be at least 1 second");
-        }
-        if l.write_timeout == 0 {
-            return invalid("limits.write_timeout", "must be at least 1 second");
-        }
-        if l.max_topic_length == 0 || l.max_topic_length > 65535 {
-            return invalid(
-                "limits.max_topic_length",
-                "must be between 1 and 65535 bytes",
-            );
-        }
-        if l.max_topic_levels == 0 || l.max_topic_levels > 65535 {
-            return invalid("limits.max_topic_levels", "must be between 1 and 65535");
-        }
-        if l.max_publish_bytes_rate != 0 && l.max_publish_bytes_rate < l.max_packet_size {
-            return invalid(
-                "limits.max_publish_bytes_rate",
-                "must be 0 (no limit) or at least limits.max_packet_size bytes per second",
-            );
-        }
-        if self.shared.max_queued_messages == 0 {
-            return invalid("shared.max_queued_messages", "must be at least 1");
-        }
-        if self.shared.max_queued_bytes == 0 {
-            return invalid("shared.max_queued_bytes", "must be at least 1");
-        }
-        for g in &self.shared.groups {
-            if g.name.is_empty() || g.name.contains(['/', '+', '#']) {
-                return invalid(
-                    "shared.groups",
-                    &format!(
-                        "{:?} is not a ShareName (non-empty, no '/', '+' or '#')",
-                        g.name
-                    ),
-                );
-            }
-        }
-        if self.mqtt.max_qos > 2 {
-            return invalid("mqtt.max_qos", "must be 0, 1 or 2");
-        }
-        if self.mqtt.response_prefix.contains(['+', '#'])
-            || self.mqtt.response_prefix.starts_with('$')
-        {
-            return invalid(
-                "mqtt.response_prefix",
-                "must be a topic name without wildcards that does not start with '$'",
-            );
-        }
-        // Client certificate options of the TLS and WSS listeners need a CA to verify against.
-        let tls_listeners = [
-            (
-                [
-                    "listeners.tls.require_client_cert",
-                    "listeners.tls.use_identity_as_username",
-                ],
-                "listeners.tls.client_ca",
-                self.listeners.tls.as_ref().map(|t| {
-                    (
-                        t.require_client_cert,
-                        t.use_identity_as_username,
-                        &t.client_ca,
-                    )
-                }),
-            ),
-            (
-                [
-                    "listeners.wss.require_client_cert",
-                    "listeners.wss.use_identity_as_username",
-                ],
-                "listeners.wss.client_ca",
-                self.listeners.wss.as_ref().map(|t| {
-                    (
-                        t.require_client_cert,
-                        t.use_identity_as_username,
-                        &t.client_ca,
-                    )
-                }),
-            ),
-        ];
-        for ([require_key, identity_key], ca_key, on) in tls_listeners {
-            let Some((require, identity, None)) = on else {
-                continue;
-            };
-            if require {
-                return invalid(
-                    require_key,
-                    &format!("needs {ca_key} to verify client certificates against"),
-                );
-            }
-            if identity {
-                return invalid(
-                    identity_key,
-                    &format!("needs {ca_key} (an unverified certificate proves nothing)"),
-                );
-            }
-        }
-        for (key, ws) in [
-            (
-                "listeners.ws.path",
-                self.listeners
-                    .ws
-                    .as_ref()
-                    .map(|w| (&w.path, &w.allowed_origins)),
-            ),
-            (
-                "listeners.wss.path",
-                self.listeners
-                    .wss
-                    .as_ref()
-                    .map(|w| (&w.path, &w.allowed_origins)),
-            ),
-        ] {
-            if let Some((path, origins)) = ws {
-                if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
-                    return invalid(key, "must be an absolute HTTP path such as \"/mqtt\"");
-                }
-                if origins
-                    .iter()
-                    .any(|o| !o.contains("://") || o.ends_with('/'))
-                {
-                    return invalid(
-                        if key.starts_with("listeners.ws.") {
-                            "listeners.ws.allowed_origins"
-                        } else {
-                            "listeners.wss.allowed_origins"
-                        },
-                        "each origin is scheme://host[:port] without a path, e.g. \"https://app.example.com\"",
-                    );
-                }
-            }
-        }
-        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
-            return invalid("log.level", &e.to_string());
-        }
-        if self.sys_topics.interval > 86_400 {
-            return invalid(
-                "sys_topics.interval",
-                "must be between 0 (off) and 86400 seconds",
-            );
-        }
-        Ok(())
-    }
-
-    /// Every key whose value differs between `self` and `new`, as `(key, old, new)` with dotted
-    /// key paths (`limits.max_packet_size`); a key present in only one of them shows as
-    /// `(unset)` on the other side. Reload uses it to say what changed.
-    pub fn diff(&self, new: &Config) -> Vec<(String, String, String)> {
-        fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
-            match v {
-                toml::Value::Table(t) => {
-                    for (k, v) in t {
-                        let key = if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        };
-                        flatten(&key, v, out);
-                    }
-                }
-                other => out.push((prefix.to_string(), other.to_string())),
-            }
-        }
-        let flat = |c: &Config| {
-            let mut out = Vec::new();
-            // Serialising plain data into a TOML value cannot fail; an empty map would only
-            // make the report say less.
-            if let Ok(v) = toml::Value::try_from(c) {
-                flatten("", &v, &mut out);
-            }
-            out.into_iter()
-                .collect::<std::collections::BTreeMap<_, _>>()
-        };
-        let (a, b) = (flat(self), flat(new));
-        let unset = || "(unset)".to_string();
-        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-        keys.sort();
-        keys.dedup();
-        keys.into_iter()
-            .filter(|k| a.get(*k) != b.get(*k))
-            .map(|k| {
-                (
-                    k.clone(),
-                    a.get(k).cloned().unwrap_or_else(unset),
-                    b.get(k).cloned().unwrap_or_else(unset),
-                )
-            })
-            .collect()
     }
 }
 
@@ -698,7 +541,7 @@ mod tests {
     /// docs/configuration.md, in the table under its section's heading, with its default.
     #[test]
     fn every_key_is_documented_with_its_default() {
-        let doc = include_str!("../docs/configuration.md");
+        let doc = include_str!("../../docs/configuration.md");
         let value = toml::Value::try_from(Config::default()).expect("serialise defaults");
         let mut missing = Vec::new();
         let mut checked = 0;
@@ -830,51 +673,33 @@ mod tests {
         }
     }
 
+    /// The configurations shipped for systemd and Docker, and the override example of
+    /// docs/configuration.md, are valid (they show durations with units).
+    #[test]
+    fn shipped_configs_and_the_docs_example_are_valid() {
+        for path in ["config/systemd/tern.toml", "config/docker/tern.toml"] {
+            let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+                .expect(path);
+            if let Err(e) = Config::from_toml(&text) {
+                panic!("{path}: {e}");
+            }
+        }
+        let doc = include_str!("../../docs/configuration.md");
+        let example = doc
+            .split("## Example: an override file")
+            .nth(1)
+            .and_then(|rest| rest.split("```toml\n").nth(1))
+            .and_then(|rest| rest.split("```").next())
+            .expect("the override example");
+        let c = Config::from_toml(example).expect("the override example is valid");
+        assert_eq!(c.limits.max_keepalive, Duration::from_secs(300));
+        assert_eq!(c.limits.max_session_expiry, Duration::from_secs(7 * 86_400));
+    }
+
     #[test]
     fn unknown_key_is_an_error_naming_it() {
         let err = Config::from_toml("[limits]\nmax_queued_mesages = 5\n").unwrap_err();
         assert!(err.to_string().contains("max_queued_mesages"), "{err}");
-    }
-
-    #[test]
-    fn bad_value_is_an_error_naming_the_key() {
-        let err = Config::from_toml("[mqtt]\nmax_qos = 3\n").unwrap_err();
-        assert!(err.to_string().contains("mqtt.max_qos"), "{err}");
-        let err = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
-        assert!(err.to_string().contains("max_inflight"), "{err}");
-    }
-
-    #[test]
-    fn abuse_limits_out_of_range_name_the_key() {
-        for (text, key) in [
-            (
-                "[limits]\nmax_topic_length = 0\n",
-                "limits.max_topic_length",
-            ),
-            (
-                "[limits]\nmax_topic_length = 65536\n",
-                "limits.max_topic_length",
-            ),
-            (
-                "[limits]\nmax_topic_levels = 0\n",
-                "limits.max_topic_levels",
-            ),
-            (
-                "[limits]\nmax_publish_bytes_rate = 1000\n",
-                "limits.max_publish_bytes_rate",
-            ),
-            ("[limits]\nmax_connect_rate = -1\n", "max_connect_rate"),
-            ("[limits]\nmax_publish_rate = -5\n", "max_publish_rate"),
-            ("[limits]\nmax_subscriptions = -1\n", "max_subscriptions"),
-        ] {
-            let err = Config::from_toml(text).unwrap_err();
-            assert!(err.to_string().contains(key), "{text}: {err}");
-        }
-        let c = Config::from_toml(
-            "[limits]\nmax_connect_rate = 50\nmax_publish_rate = 200\nmax_publish_bytes_rate = 2097152\nmax_subscriptions = 10\n",
-        )
-        .unwrap();
-        assert_eq!(c.limits.max_publish_rate, 200);
     }
 
     #[test]
@@ -907,39 +732,135 @@ mod tests {
         assert!(err.to_string().contains("shared.groups"), "{err}");
     }
 
-    #[test]
-    fn diff_names_changed_keys_with_old_and_new_values() {
-        let a = Config::from_toml("[limits]\nmax_packet_size = 2000\n").unwrap();
-        let b = Config::from_toml(
-            "[limits]\nmax_packet_size = 3000\n[log]\nformat = \"json\"\n[auth]\nacl_file = \"x\"\n",
+    /// Every time key, by its full path, and how to set it in a test.
+    const TIME_KEYS: [(&str, &str); 5] = [
+        ("limits", "max_keepalive"),
+        ("limits", "max_session_expiry"),
+        ("limits", "connect_timeout"),
+        ("limits", "write_timeout"),
+        ("sys_topics", "interval"),
+    ];
+
+    fn time_keys(c: &Config) -> [Duration; 5] {
+        [
+            c.limits.max_keepalive,
+            c.limits.max_session_expiry,
+            c.limits.connect_timeout,
+            c.limits.write_timeout,
+            c.sys_topics.interval,
+        ]
+    }
+
+    /// A file in the temporary directory, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let path = std::env::temp_dir().join(format!("tern-{}-{name}", std::process::id()));
+            std::fs::write(&path, text).expect("write temporary file");
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+        Some(
+            vars.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         )
-        .unwrap();
-        let d = a.diff(&b);
-        assert_eq!(
-            d,
-            vec![
-                ("auth.acl_file".into(), "(unset)".into(), "\"x\"".into()),
-                (
-                    "limits.max_packet_size".into(),
-                    "2000".into(),
-                    "3000".into()
-                ),
-                ("log.format".into(), "\"text\"".into(), "\"json\"".into()),
-            ]
+    }
+
+    /// Both forms of every time key, from a file and from `TERN__` variables (whose values
+    /// arrive as strings: "30" is 30 seconds), as `tern` loads them.
+    #[test]
+    fn time_keys_take_integers_and_units_from_file_and_environment() {
+        let secs = Duration::from_secs;
+        for (i, (integers, units)) in [
+            ("60", "\"1m\""),
+            ("86400", "\"1d\""),
+            ("2", "\"2000ms\""),
+            ("7200", "\"2h\""),
+            ("30", "\"30 s\""),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let want = [secs(60), secs(86_400), secs(2), secs(7200), secs(30)][i];
+            let (section, key) = TIME_KEYS[i];
+            for value in [integers, units] {
+                let file = TempFile::new(
+                    &format!("{section}-{key}.toml"),
+                    &format!("[{section}]\n{key} = {value}\n"),
+                );
+                let c = Config::load_with(Some(&file.0), env(&[])).expect(value);
+                assert_eq!(time_keys(&c)[i], want, "file: {section}.{key} = {value}");
+                let var = format!("TERN__{section}__{key}").to_uppercase();
+                let c =
+                    Config::load_with(None, env(&[(&var, value.trim_matches('"'))])).expect(value);
+                assert_eq!(time_keys(&c)[i], want, "env: {var}={value}");
+            }
+        }
+
+        // The environment overrides the file, whichever form either uses.
+        let file = TempFile::new(
+            "override.toml",
+            "[limits]\nconnect_timeout = 5\nwrite_timeout = \"2m\"\n",
         );
-        assert!(a.diff(&a.clone()).is_empty());
+        let c = Config::load_with(
+            Some(&file.0),
+            env(&[
+                ("TERN__LIMITS__CONNECT_TIMEOUT", "1500ms"),
+                ("TERN__LIMITS__WRITE_TIMEOUT", "45"),
+            ]),
+        )
+        .expect("override");
+        assert_eq!(c.limits.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(c.limits.write_timeout, secs(45));
     }
 
     #[test]
-    fn sys_topics_and_log_format_parse_and_validate() {
-        let c =
-            Config::from_toml("[sys_topics]\ninterval = 0\n[log]\nformat = \"json\"\n").unwrap();
-        assert_eq!(c.sys_topics.interval, 0);
-        assert_eq!(c.log.format, LogFormat::Json);
-        let err = Config::from_toml("[log]\nformat = \"xml\"\n").unwrap_err();
-        assert!(err.to_string().contains("xml"), "{err}");
-        let err = Config::from_toml("[sys_topics]\ninterval = 100000\n").unwrap_err();
-        assert!(err.to_string().contains("sys_topics.interval"), "{err}");
+    fn a_bad_duration_is_an_error_naming_the_key() {
+        let expected = |key: &str| {
+            format!(
+                "configuration key `{key}`: invalid duration \"3 parsecs\": expected an integer number of seconds or a number with a unit ms, s, m, h, d"
+            )
+        };
+        for (section, key) in TIME_KEYS {
+            let full = format!("{section}.{key}");
+            let err =
+                Config::from_toml(&format!("[{section}]\n{key} = \"3 parsecs\"\n")).unwrap_err();
+            assert_eq!(err.to_string(), expected(&full));
+            let file = TempFile::new(
+                &format!("bad-{section}-{key}.toml"),
+                &format!("[{section}]\n{key} = \"3 parsecs\"\n"),
+            );
+            let err = Config::load_with(Some(&file.0), env(&[])).unwrap_err();
+            assert!(err.to_string().starts_with(&expected(&full)), "{err}");
+            let var = format!("TERN__{section}__{key}").to_uppercase();
+            let err = Config::load_with(None, env(&[(&var, "3 parsecs")])).unwrap_err();
+            assert!(err.to_string().starts_with(&expected(&full)), "{err}");
+        }
+        for (text, shown) in [
+            ("[limits]\nwrite_timeout = -1\n", "invalid duration -1:"),
+            ("[limits]\nwrite_timeout = 2.5\n", "invalid duration 2.5:"),
+            (
+                "[limits]\nwrite_timeout = \"99999999999999999999d\"\n",
+                "invalid duration \"99999999999999999999d\": too large",
+            ),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("configuration key `limits.write_timeout`: ")
+                    && err.contains(shown),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,333 @@
+//! Validation: the rules serde cannot express (ranges, relations between keys), each failing
+//! with the key it is about.
+
+use super::{Config, ConfigError};
+use std::time::Duration;
+
+/// A time key whose consumers count whole seconds (CONNACK's u16 and u32 fields, the `$SYS`
+/// timer): `Err` with the message when `d` is a fraction of a second or above `max` seconds.
+fn whole_seconds(d: Duration, max: u64, range: &str) -> Result<(), String> {
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "must be a whole number of seconds, not {}",
+            super::duration::display(d)
+        ));
+    }
+    if d.as_secs() > max {
+        return Err(format!("must be {range}"));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Checks values serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let invalid = |key: &'static str, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
+            return invalid(
+                "limits.max_packet_size",
+                "must be between 64 and 268435460 bytes",
+            );
+        }
+        if l.receive_maximum == 0 {
+            return invalid("limits.receive_maximum", "must be at least 1");
+        }
+        if l.max_inflight == 0 {
+            return invalid("limits.max_inflight", "must be at least 1");
+        }
+        if l.max_queued_messages == 0 {
+            return invalid("limits.max_queued_messages", "must be at least 1");
+        }
+        if l.max_queued_bytes == 0 {
+            return invalid("limits.max_queued_bytes", "must be at least 1");
+        }
+        if let Err(m) = whole_seconds(
+            l.max_keepalive,
+            u64::from(u16::MAX),
+            "between 0 (no limit) and 65535 seconds",
+        ) {
+            return invalid("limits.max_keepalive", &m);
+        }
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if let Err(m) = whole_seconds(
+            l.max_session_expiry,
+            u64::from(u32::MAX),
+            "between 0 and 4294967295 seconds (never expires)",
+        ) {
+            return invalid("limits.max_session_expiry", &m);
+        }
+        if l.max_inbound_qos2 == 0 {
+            return invalid("limits.max_inbound_qos2", "must be at least 1");
+        }
+        if l.connect_timeout < Duration::from_secs(1) {
+            return invalid("limits.connect_timeout", "must be at least 1 second");
+        }
+        if l.write_timeout < Duration::from_secs(1) {
+            return invalid("limits.write_timeout", "must be at least 1 second");
+        }
+        if l.max_topic_length == 0 || l.max_topic_length > 65535 {
+            return invalid(
+                "limits.max_topic_length",
+                "must be between 1 and 65535 bytes",
+            );
+        }
+        if l.max_topic_levels == 0 || l.max_topic_levels > 65535 {
+            return invalid("limits.max_topic_levels", "must be between 1 and 65535");
+        }
+        if l.max_publish_bytes_rate != 0 && l.max_publish_bytes_rate < l.max_packet_size {
+            return invalid(
+                "limits.max_publish_bytes_rate",
+                "must be 0 (no limit) or at least limits.max_packet_size bytes per second",
+            );
+        }
+        if self.shared.max_queued_messages == 0 {
+            return invalid("shared.max_queued_messages", "must be at least 1");
+        }
+        if self.shared.max_queued_bytes == 0 {
+            return invalid("shared.max_queued_bytes", "must be at least 1");
+        }
+        for g in &self.shared.groups {
+            if g.name.is_empty() || g.name.contains(['/', '+', '#']) {
+                return invalid(
+                    "shared.groups",
+                    &format!(
+                        "{:?} is not a ShareName (non-empty, no '/', '+' or '#')",
+                        g.name
+                    ),
+                );
+            }
+        }
+        if self.mqtt.max_qos > 2 {
+            return invalid("mqtt.max_qos", "must be 0, 1 or 2");
+        }
+        if self.mqtt.response_prefix.contains(['+', '#'])
+            || self.mqtt.response_prefix.starts_with('$')
+        {
+            return invalid(
+                "mqtt.response_prefix",
+                "must be a topic name without wildcards that does not start with '$'",
+            );
+        }
+        // Client certificate options of the TLS and WSS listeners need a CA to verify against.
+        let tls_listeners = [
+            (
+                [
+                    "listeners.tls.require_client_cert",
+                    "listeners.tls.use_identity_as_username",
+                ],
+                "listeners.tls.client_ca",
+                self.listeners.tls.as_ref().map(|t| {
+                    (
+                        t.require_client_cert,
+                        t.use_identity_as_username,
+                        &t.client_ca,
+                    )
+                }),
+            ),
+            (
+                [
+                    "listeners.wss.require_client_cert",
+                    "listeners.wss.use_identity_as_username",
+                ],
+                "listeners.wss.client_ca",
+                self.listeners.wss.as_ref().map(|t| {
+                    (
+                        t.require_client_cert,
+                        t.use_identity_as_username,
+                        &t.client_ca,
+                    )
+                }),
+            ),
+        ];
+        for ([require_key, identity_key], ca_key, on) in tls_listeners {
+            let Some((require, identity, None)) = on else {
+                continue;
+            };
+            if require {
+                return invalid(
+                    require_key,
+                    &format!("needs {ca_key} to verify client certificates against"),
+                );
+            }
+            if identity {
+                return invalid(
+                    identity_key,
+                    &format!("needs {ca_key} (an unverified certificate proves nothing)"),
+                );
+            }
+        }
+        for (key, ws) in [
+            (
+                "listeners.ws.path",
+                self.listeners
+                    .ws
+                    .as_ref()
+                    .map(|w| (&w.path, &w.allowed_origins)),
+            ),
+            (
+                "listeners.wss.path",
+                self.listeners
+                    .wss
+                    .as_ref()
+                    .map(|w| (&w.path, &w.allowed_origins)),
+            ),
+        ] {
+            if let Some((path, origins)) = ws {
+                if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+                    return invalid(key, "must be an absolute HTTP path such as \"/mqtt\"");
+                }
+                if origins
+                    .iter()
+                    .any(|o| !o.contains("://") || o.ends_with('/'))
+                {
+                    return invalid(
+                        if key.starts_with("listeners.ws.") {
+                            "listeners.ws.allowed_origins"
+                        } else {
+                            "listeners.wss.allowed_origins"
+                        },
+                        "each origin is scheme://host[:port] without a path, e.g. \"https://app.example.com\"",
+                    );
+                }
+            }
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            return invalid("log.level", &e.to_string());
+        }
+        if let Err(m) = whole_seconds(
+            self.sys_topics.interval,
+            86_400,
+            "between 0 (off) and 86400 seconds",
+        ) {
+            return invalid("sys_topics.interval", &m);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LogFormat;
+
+    #[test]
+    fn bad_value_is_an_error_naming_the_key() {
+        let err = Config::from_toml("[mqtt]\nmax_qos = 3\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.max_qos"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
+        assert!(err.to_string().contains("max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn abuse_limits_out_of_range_name_the_key() {
+        for (text, key) in [
+            (
+                "[limits]\nmax_topic_length = 0\n",
+                "limits.max_topic_length",
+            ),
+            (
+                "[limits]\nmax_topic_length = 65536\n",
+                "limits.max_topic_length",
+            ),
+            (
+                "[limits]\nmax_topic_levels = 0\n",
+                "limits.max_topic_levels",
+            ),
+            (
+                "[limits]\nmax_publish_bytes_rate = 1000\n",
+                "limits.max_publish_bytes_rate",
+            ),
+            ("[limits]\nmax_connect_rate = -1\n", "max_connect_rate"),
+            ("[limits]\nmax_publish_rate = -5\n", "max_publish_rate"),
+            ("[limits]\nmax_subscriptions = -1\n", "max_subscriptions"),
+        ] {
+            let err = Config::from_toml(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let c = Config::from_toml(
+            "[limits]\nmax_connect_rate = 50\nmax_publish_rate = 200\nmax_publish_bytes_rate = 2097152\nmax_subscriptions = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_publish_rate, 200);
+    }
+
+    /// The range of each time key, in any unit: whole seconds where the consumer counts seconds
+    /// (CONNACK fields, the `$SYS` timer), at least 1 s for the timeouts.
+    #[test]
+    fn time_keys_out_of_range_name_the_key() {
+        for (text, key) in [
+            ("[limits]\nmax_keepalive = 65536\n", "limits.max_keepalive"),
+            (
+                "[limits]\nmax_keepalive = \"19h\"\n",
+                "limits.max_keepalive",
+            ),
+            (
+                "[limits]\nmax_keepalive = \"1500ms\"\n",
+                "limits.max_keepalive",
+            ),
+            (
+                "[limits]\nmax_session_expiry = 4294967296\n",
+                "limits.max_session_expiry",
+            ),
+            (
+                "[limits]\nmax_session_expiry = \"49711d\"\n",
+                "limits.max_session_expiry",
+            ),
+            (
+                "[limits]\nmax_session_expiry = \"10ms\"\n",
+                "limits.max_session_expiry",
+            ),
+            ("[limits]\nconnect_timeout = 0\n", "limits.connect_timeout"),
+            (
+                "[limits]\nconnect_timeout = \"999ms\"\n",
+                "limits.connect_timeout",
+            ),
+            ("[limits]\nwrite_timeout = \"0s\"\n", "limits.write_timeout"),
+            (
+                "[sys_topics]\ninterval = \"1500ms\"\n",
+                "sys_topics.interval",
+            ),
+            ("[sys_topics]\ninterval = \"2d\"\n", "sys_topics.interval"),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("configuration key `{key}`: must be")),
+                "{text}: {err}"
+            );
+        }
+        let c = Config::from_toml(
+            "[limits]\nmax_keepalive = \"1h\"\nmax_session_expiry = \"49710d\"\nconnect_timeout = \"1500ms\"\nwrite_timeout = \"1s\"\n[sys_topics]\ninterval = \"1d\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_keepalive_secs(), 3600);
+        assert_eq!(c.limits.max_session_expiry_secs(), 49_710 * 86_400);
+        assert_eq!(c.limits.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(c.sys_topics.interval, Duration::from_secs(86_400));
+        let c =
+            Config::from_toml("[limits]\nmax_keepalive = 65535\nmax_session_expiry = 4294967295\n")
+                .unwrap();
+        assert_eq!(c.limits.max_keepalive_secs(), u16::MAX);
+        assert_eq!(c.limits.max_session_expiry_secs(), u32::MAX);
+        assert_eq!(Config::default().limits.max_session_expiry_secs(), u32::MAX);
+    }
+
+    #[test]
+    fn sys_topics_and_log_format_parse_and_validate() {
+        let c =
+            Config::from_toml("[sys_topics]\ninterval = 0\n[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(c.sys_topics.interval, Duration::ZERO);
+        assert_eq!(c.log.format, LogFormat::Json);
+        let err = Config::from_toml("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert!(err.to_string().contains("xml"), "{err}");
+        let err = Config::from_toml("[sys_topics]\ninterval = 100000\n").unwrap_err();
+        assert!(err.to_string().contains("sys_topics.interval"), "{err}");
+    }
+}
