@@ -67,11 +67,17 @@ impl Config {
         if l.max_inbound_qos2 == 0 {
             return invalid("limits.max_inbound_qos2", "must be at least 1");
         }
-        if l.connect_timeout < Duration::from_secs(1) {
-            return invalid("limits.connect_timeout", "must be at least 1 second");
+        // At most a day: a timeout is added to the clock, and a deadline beyond what an
+        // `Instant` can hold would panic; nothing sensible waits longer for a peer anyway.
+        let day = Duration::from_secs(86_400);
+        if l.connect_timeout < Duration::from_secs(1) || l.connect_timeout > day {
+            return invalid(
+                "limits.connect_timeout",
+                "must be between 1 second and 1 day",
+            );
         }
-        if l.write_timeout < Duration::from_secs(1) {
-            return invalid("limits.write_timeout", "must be at least 1 second");
+        if l.write_timeout < Duration::from_secs(1) || l.write_timeout > day {
+            return invalid("limits.write_timeout", "must be between 1 second and 1 day");
         }
         if l.max_topic_length == 0 || l.max_topic_length > 65535 {
             return invalid(
@@ -260,7 +266,7 @@ mod tests {
     }
 
     /// The range of each time key, in any unit: whole seconds where the consumer counts seconds
-    /// (CONNACK fields, the `$SYS` timer), at least 1 s for the timeouts.
+    /// (CONNACK fields, the `$SYS` timer), between 1 s and 1 d for the timeouts.
     #[test]
     fn time_keys_out_of_range_name_the_key() {
         for (text, key) in [
@@ -291,6 +297,11 @@ mod tests {
                 "limits.connect_timeout",
             ),
             ("[limits]\nwrite_timeout = \"0s\"\n", "limits.write_timeout"),
+            ("[limits]\nwrite_timeout = \"2d\"\n", "limits.write_timeout"),
+            (
+                "[limits]\nconnect_timeout = 9223372036854775807\n",
+                "limits.connect_timeout",
+            ),
             (
                 "[sys_topics]\ninterval = \"1500ms\"\n",
                 "sys_topics.interval",
