@@ -1,9 +1,16 @@
 //! Tern, an MQTT 3.1 / 3.1.1 / 5.0 broker.
 //!
-//! Data flows one way: socket → [`listener`] → [`connection`] task → [`protocol`] decode →
-//! session state → [`broker`] (match, retain, fan-out) → each target's [`outbox`] → its
-//! connection task → encode → socket. Tests and the binary start the same thing through
-//! [`start`].
+//! Data flows one way: socket → [`listener`] → [`connection`] (a sans-IO core driven by a
+//! tokio task) → [`protocol`] decode → [`session`] state → [`broker`] (match, retain,
+//! fan-out, the durable routing step) → each target's [`outbox`] → its connection → encode →
+//! socket. What must survive a restart goes through [`storage`], whose commits run the
+//! effects that follow them. Tests and the binary start the same thing through [`start`].
+//!
+//! Layers, bottom first (a module uses only its own layer and those below; `make lint` checks
+//! it with `tools/layers.py`): [`clock`]; [`protocol`]; [`config`]; [`message`]; [`auth`],
+//! [`tls`], [`logging`]; [`storage`]; [`outbox`]; [`session`]; [`metrics`]; [`broker`];
+//! [`status`]; [`connection`]; [`http`]; [`websocket`]; [`listener`]; [`reload`]; then this
+//! file's startup. The map with one line per file is `docs/architecture.md`.
 
 // Data from clients and files must never reach a panic: outside tests, no unwrap/expect.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
