@@ -8,14 +8,14 @@
 //!
 //! One file per concern, each an `impl Broker` block on the same struct:
 //! - this file: the [`Broker`] itself, its limits, subscribe/unsubscribe, the end of a session;
-//! - [`route`]: routing one message (`publish`), matching, No Local, overlapping subscriptions;
-//! - [`staged`]: the durable routing step — a delivery to a persistent queue reserves its place
+//! - `route`: routing one message (`publish`), matching, No Local, overlapping subscriptions;
+//! - `staged`: the durable routing step — a delivery to a persistent queue reserves its place
 //!   and becomes visible when the store commits it ([`Staged`], [`After`]);
 //! - [`shared`]: shared subscription groups, their queue and dispatcher, and their lifecycle
 //!   (`shared::membership`);
-//! - [`spilled`]: loading a session's on-disk queue into memory;
-//! - [`will`]: wills, immediate and delayed;
-//! - [`expiry`]: the once-a-second sweep (expired sessions, retained and queued messages);
+//! - `spilled`: loading a session's on-disk queue into memory;
+//! - `will`: wills, immediate and delayed;
+//! - `expiry`: the once-a-second sweep (expired sessions, retained and queued messages);
 //! - [`recovery`]: rebuilding sessions and groups from the store at startup;
 //! - [`retain`], [`trie`], [`sys`], [`topics`]: the retained tree, the subscription index,
 //!   `$SYS` and the per-topic sampler.

@@ -141,7 +141,7 @@ impl Broker {
     }
 
     /// A member's connection left (`ended`: its session ended too). Its lanes go back to its
-    /// groups and so do the deliveries it had not finished (see [`shared`] for which).
+    /// groups and so do the deliveries it had not finished (see [`super`] for which).
     pub fn shared_member_gone(
         self: &Arc<Self>,
         handle: &SessionHandle,
