@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 /// Time a client has from connecting to the end of its request headers (slowloris).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,7 +137,7 @@ fn text(status: StatusCode, body: &'static str) -> Response {
 }
 
 /// Serves [`router`] on `listener` until `stop` completes, then stops accepting and gives the
-/// requests being answered up to [`DRAIN`] to finish.
+/// requests being answered up to [`DRAIN`] to finish; what is left then is aborted.
 ///
 /// One request per connection (no keep-alive: a scraper or a viewer holds nothing between
 /// requests), [`MAX_HEADER_BYTES`] of request head sent within [`HEADER_TIMEOUT`], at most
@@ -156,6 +157,8 @@ pub async fn serve(
         .keep_alive(false);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
+    // The connections' tasks: whatever is left after the drain is aborted with the set.
+    let mut connections = JoinSet::new();
     tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
@@ -174,8 +177,10 @@ pub async fn serve(
                 continue;
             }
         };
+        // Reap the finished ones (at most MAX_CONNECTIONS are running).
+        while connections.try_join_next().is_some() {}
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(sock), service.clone()));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
@@ -191,6 +196,7 @@ pub async fn serve(
     {
         tracing::debug!("metrics requests still running at shutdown; dropped");
     }
+    connections.abort_all();
 }
 
 #[cfg(test)]
@@ -378,14 +384,22 @@ mod tests {
     #[tokio::test]
     async fn stop_closes_the_listener_and_returns() {
         let s = server().await;
+        // A client still sending its head (accepted: the GET after it is answered) holds the
+        // stop up for the drain bound at most, and its connection is closed then.
+        let mut slow = TcpStream::connect(s.addr).await.expect("connect");
+        slow.write_all(b"GET /health HTTP/1.1\r\n")
+            .await
+            .expect("send");
         assert_eq!(get(s.addr, "/health").await.0, 200);
-        // A connection that has not sent its request yet does not hold the stop up.
-        let _idle = TcpStream::connect(s.addr).await.expect("connect");
         let _ = s.stop.send(());
         tokio::time::timeout(DRAIN * 2, s.task)
             .await
             .expect("serve returned within the drain bound")
             .expect("serve did not panic");
         assert!(TcpStream::connect(s.addr).await.is_err());
+        let mut buf = Vec::new();
+        // Closed (end of stream or reset) rather than left to its header timeout.
+        let closed = tokio::time::timeout(DRAIN, slow.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the slow connection outlived the server");
     }
 }
