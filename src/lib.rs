@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// A running broker: its bound addresses and the handle to stop it.
@@ -57,6 +57,8 @@ pub struct Running {
     broker: Arc<broker::Broker>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The HTTP server's task and its stop signal; it outlives the MQTT drain (see `shutdown`).
+    http: Option<(JoinHandle<()>, oneshot::Sender<()>)>,
     connections: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
     /// The configuration in force (the startup one, with what reloads applied).
@@ -136,7 +138,8 @@ impl Running {
     }
 
     /// Stops accepting, tells every client (v5: DISCONNECT 0x8B), publishes wills, and waits
-    /// up to `grace` for connections to finish.
+    /// up to `grace` for connections to finish. The HTTP server answers (`/ready` 503) until
+    /// then, and stops last: it stops accepting and finishes its requests within a second.
     pub async fn shutdown(self, grace: Duration) {
         self.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
@@ -144,6 +147,11 @@ impl Running {
         while self.connections.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some((task, stop)) = self.http {
+            let _ = stop.send(());
+            // `http::serve` bounds its own drain.
+            let _ = task.await;
         }
         for t in self.tasks {
             t.abort();
@@ -201,6 +209,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut tasks = Vec::new();
 
     let mut metrics_addr = None;
+    let mut http = None;
     if let Some(addr) = broker.config.metrics.bind {
         let l = TcpListener::bind(addr)
             .await
@@ -210,7 +219,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 source,
             })?;
         metrics_addr = l.local_addr().ok();
-        tasks.push(tokio::spawn(http::serve(l, broker.clone(), ready.clone())));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(http::serve(l, broker.clone(), ready.clone(), async move {
+            // Sent by `Running::shutdown`; dropped with `Running` (then serving stops too).
+            let _ = stopped.await;
+        }));
+        http = Some((task, stop));
     }
     let open = Opener {
         broker: &broker,
@@ -282,6 +296,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         broker,
         shutdown: shutdown_tx,
         tasks,
+        http,
         connections,
         ready,
         log: None,

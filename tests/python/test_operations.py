@@ -306,6 +306,21 @@ def test_health_ready_and_unknown_path(broker):
     assert status == 404
 
 
+def test_other_methods_are_405_and_head_has_no_body(broker):
+    """The endpoints answer GET and HEAD; another method is 405 with Allow (docs/operations.md)."""
+    url = f"http://127.0.0.1:{broker.metrics_port}/metrics"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=TIMEOUT)
+        raise AssertionError("POST /metrics was answered 2xx")
+    except urllib.error.HTTPError as e:
+        assert e.code == 405, e.code
+        assert e.headers.get("Allow", "").upper() == "GET,HEAD", dict(e.headers)
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT) as r:
+        assert r.status == 200
+        assert r.headers.get("Content-Type", "").startswith("text/plain")
+        assert r.read() == b""
+
+
 # ---------------------------------------------------------------------------------------------
 # 1b. Counters move by the right amounts
 # ---------------------------------------------------------------------------------------------
