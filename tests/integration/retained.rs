@@ -1,87 +1,74 @@
-//! Retained messages: store, replace, delete, RETAIN flag on delivery, v5 Retain Handling and
-//! Retain As Published.
+//! Retained messages: store, replace, delete and the RETAIN flag on delivery for 3.1.1 and 5.0
+//! (`both_versions!`); 5.0 Retain Handling and Retain As Published.
 
-use crate::common::{cid, v3, v5, Broker, QUIET};
+use crate::common::any::Version;
+use crate::common::{cid, v5, Broker, QUIET};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_retained_store_replace_delete() {
-    use rumqttc::QoS;
+both_versions!(retained_store_replace_delete);
+
+async fn retained_store_replace_delete(v: Version) {
     let b = Broker::default().await;
-    let mut p = v3::connect(b.port(), &cid("v3-ret-pub")).await;
-    p.publish("ret/a", QoS::AtLeastOnce, true, b"one").await;
-    p.publish("ret/a", QoS::AtLeastOnce, true, b"two").await;
-    p.publish("ret/b", QoS::AtMostOnce, true, b"b").await;
-    p.publish("ret/c", QoS::AtLeastOnce, false, b"not retained")
-        .await;
+    let mut p = v.connect(b.port(), &v.cid("ret-pub")).await;
+    p.publish("ret/a", 2, true, b"one").await;
+    p.publish("ret/a", 2, true, b"two").await;
+    p.publish("ret/b", 0, true, b"b").await;
+    p.publish("ret/c", 1, false, b"not retained").await;
 
-    // New subscription: the replaced value only, with RETAIN=1 [MQTT-3.3.1-6, -8].
-    let mut s = v3::connect(b.port(), &cid("v3-ret-sub")).await;
-    s.subscribe("ret/a", QoS::AtLeastOnce).await;
+    // New subscription: the replaced value only, with RETAIN=1 [MQTT-3.3.1-6, -8], at the
+    // subscription's QoS.
+    let mut s = v.connect(b.port(), &v.cid("ret-sub")).await;
+    s.subscribe("ret/a", 1).await;
     let m = s.recv_publish().await;
     assert_eq!(&m.payload[..], b"two");
     assert!(m.retain, "retained message must carry RETAIN=1");
-    assert_eq!(m.qos, QoS::AtLeastOnce);
+    assert_eq!(m.qos, 1);
     s.expect_no_publish(QUIET).await;
 
+    // At QoS 2 each retained message keeps its own QoS.
+    let mut s2 = v.connect(b.port(), &v.cid("ret-sub-2")).await;
+    s2.subscribe("ret/+", 2).await;
+    let mut got = [s2.recv_publish().await, s2.recv_publish().await];
+    got.sort_by(|x, y| x.topic.cmp(&y.topic));
+    assert_eq!(
+        got.iter()
+            .map(|m| (m.topic.as_str(), &m.payload[..], m.qos, m.retain))
+            .collect::<Vec<_>>(),
+        vec![
+            ("ret/a", &b"two"[..], 2, true),
+            ("ret/b", &b"b"[..], 0, true)
+        ]
+    );
+    s2.expect_no_publish(QUIET).await;
+
     // Wildcard subscription at QoS 0 gets both retained topics, downgraded.
-    let mut w = v3::connect(b.port(), &cid("v3-ret-wild")).await;
-    w.subscribe("ret/#", QoS::AtMostOnce).await;
+    let mut w = v.connect(b.port(), &v.cid("ret-wild")).await;
+    w.subscribe("ret/#", 0).await;
     let mut got = [w.recv_publish().await, w.recv_publish().await];
     got.sort_by(|x, y| x.topic.cmp(&y.topic));
     assert_eq!(got[0].topic, "ret/a");
     assert_eq!(&got[0].payload[..], b"two");
     assert_eq!(got[1].topic, "ret/b");
-    assert!(got.iter().all(|m| m.retain && m.qos == QoS::AtMostOnce));
+    assert!(got.iter().all(|m| m.retain && m.qos == 0));
     w.expect_no_publish(QUIET).await;
 
     // Live messages to an established subscription have RETAIN=0 [MQTT-3.3.1-9].
-    p.publish("ret/a", QoS::AtLeastOnce, true, b"three").await;
+    p.publish("ret/a", 1, true, b"three").await;
     let m = s.recv_publish().await;
     assert_eq!(&m.payload[..], b"three");
     assert!(!m.retain);
 
     // Empty retained payload deletes it, and is itself delivered normally [MQTT-3.3.1-10].
-    p.publish("ret/a", QoS::AtLeastOnce, true, b"").await;
+    p.publish("ret/a", 1, true, b"").await;
     let m = s.recv_publish().await;
     assert!(m.payload.is_empty());
     assert!(!m.retain);
 
-    let mut s2 = v3::connect(b.port(), &cid("v3-ret-sub2")).await;
-    s2.subscribe("ret/a", QoS::AtLeastOnce).await;
-    s2.subscribe("ret/c", QoS::AtLeastOnce).await;
-    s2.expect_no_publish(QUIET).await;
+    let mut s3 = v.connect(b.port(), &v.cid("ret-sub-3")).await;
+    s3.subscribe("ret/a", 1).await;
+    s3.subscribe("ret/c", 1).await;
+    s3.expect_no_publish(QUIET).await;
 
-    for c in [p, s, w, s2] {
-        c.disconnect().await;
-    }
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_retained_store_replace_delete() {
-    use rumqttc::v5::mqttbytes::QoS;
-    let b = Broker::default().await;
-    let mut p = v5::connect(b.port(), &cid("v5-ret-pub")).await;
-    p.publish("ret/a", QoS::ExactlyOnce, true, b"one").await;
-    p.publish("ret/a", QoS::ExactlyOnce, true, b"two").await;
-
-    let mut s = v5::connect(b.port(), &cid("v5-ret-sub")).await;
-    s.subscribe("ret/+", QoS::ExactlyOnce).await;
-    let m = s.recv_publish().await;
-    assert_eq!(&m.topic[..], b"ret/a");
-    assert_eq!(&m.payload[..], b"two");
-    assert!(m.retain);
-    assert_eq!(m.qos, QoS::ExactlyOnce);
-    s.expect_no_publish(QUIET).await;
-
-    p.publish("ret/a", QoS::AtLeastOnce, true, b"").await;
-    let m = s.recv_publish().await;
-    assert!(m.payload.is_empty());
-
-    let mut s2 = v5::connect(b.port(), &cid("v5-ret-sub2")).await;
-    s2.subscribe("ret/#", QoS::AtLeastOnce).await;
-    s2.expect_no_publish(QUIET).await;
-    for c in [p, s, s2] {
+    for c in [p, s, s2, w, s3] {
         c.disconnect().await;
     }
     b.stop().await;

@@ -1,25 +1,32 @@
-//! Sessions across connections: offline queues and their limit, wills, session takeover.
+//! Sessions across connections: offline queues and their limit, wills, session takeover,
+//! redelivery after reconnect and broker shutdown, each written once for 3.1.1 and 5.0
+//! (`both_versions!`); then what only 5.0 has: will properties, Session Expiry and Will Delay.
 
-use crate::common::{cid, v3, v5, Broker, QUIET, WAIT};
+use crate::common::any::Version;
+use crate::common::{cid, v5, Broker, QUIET, WAIT};
 use std::time::Duration;
 
 const QUEUE_FULL: &str = r#"tern_messages_dropped_total{reason="queue_full"}"#;
 
-fn v3_persistent(id: &str, port: u16) -> rumqttc::MqttOptions {
-    let mut o = v3::opts(id, port);
-    o.set_clean_session(false);
-    o
-}
+both_versions!(
+    persistent_session_offline_queue,
+    offline_queue_limit_drops_and_counts,
+    will_on_abnormal_close,
+    no_will_on_clean_disconnect,
+    takeover_closes_old_connection,
+    takeover_of_persistent_session_keeps_it,
+    unacked_messages_resent_with_dup_on_reconnect,
+    shutdown_closes_connections,
+);
 
-// ---------------------------------------------------------------- offline queue, 3.1.1
+// ---------------------------------------------------------------- offline queue
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_persistent_session_offline_queue() {
-    use rumqttc::QoS;
+async fn persistent_session_offline_queue(v: Version) {
     let b = Broker::default().await;
-    let id = cid("v3-oq");
-    let mut s = v3::connect_with(v3_persistent(&id, b.port())).await;
-    s.subscribe("oq/t", QoS::AtLeastOnce).await;
+    let id = v.cid("oq");
+    let mut s = v.opts(&id, b.port()).persistent().connect().await;
+    assert!(!s.session_present());
+    s.subscribe("oq/t", 2).await;
     s.disconnect().await;
     // Until the broker has seen the connection go, the session is online and a QoS 0 message
     // may still be queued for it.
@@ -31,51 +38,49 @@ async fn v311_persistent_session_offline_queue() {
     .await;
     assert!(offline.is_ok(), "the session went offline");
 
-    let mut p = v3::connect(b.port(), &cid("v3-oq-pub")).await;
-    p.publish("oq/t", QoS::AtMostOnce, false, b"qos0-not-queued")
-        .await;
-    for i in 0..10 {
-        p.publish("oq/t", QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
+    let mut p = v.connect(b.port(), &v.cid("oq-pub")).await;
+    p.publish("oq/t", 0, false, b"qos0-not-queued").await;
+    let qos = |i: u8| 1 + i % 2;
+    for i in 0..10u8 {
+        p.publish("oq/t", qos(i), false, format!("m{i}").as_bytes())
             .await;
     }
 
-    let mut s = v3::connect_with(v3_persistent(&id, b.port())).await;
-    assert!(s.connack.session_present);
-    for i in 0..10 {
+    let mut s = v.opts(&id, b.port()).persistent().connect().await;
+    assert!(s.session_present());
+    for i in 0..10u8 {
         let m = s.recv_publish().await;
         assert_eq!(
             String::from_utf8_lossy(&m.payload),
             format!("m{i}"),
             "queued messages in order, QoS 0 not queued"
         );
-        assert_eq!(m.qos, QoS::AtLeastOnce);
+        assert_eq!(m.qos, qos(i), "m{i}");
     }
     s.expect_no_publish(QUIET).await;
 
     // The subscription survived: live delivery works without re-subscribing.
-    p.publish("oq/t", QoS::AtLeastOnce, false, b"live").await;
+    p.publish("oq/t", 1, false, b"live").await;
     assert_eq!(&s.recv_publish().await.payload[..], b"live");
     s.disconnect().await;
     p.disconnect().await;
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_offline_queue_limit_drops_and_counts() {
-    use rumqttc::QoS;
+async fn offline_queue_limit_drops_and_counts(v: Version) {
     let b = Broker::start("[limits]\nmax_queued_messages = 5\n").await;
-    let id = cid("v3-ql");
-    let mut s = v3::connect_with(v3_persistent(&id, b.port())).await;
-    s.subscribe("ql/t", QoS::AtLeastOnce).await;
+    let id = v.cid("ql");
+    let mut s = v.opts(&id, b.port()).persistent().connect().await;
+    s.subscribe("ql/t", 1).await;
     s.disconnect().await;
 
-    let mut p = v3::connect(b.port(), &cid("v3-ql-pub")).await;
+    let mut p = v.connect(b.port(), &v.cid("ql-pub")).await;
     for i in 0..8 {
-        p.publish("ql/t", QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
+        p.publish("ql/t", 1, false, format!("m{i}").as_bytes())
             .await;
     }
-    let mut s = v3::connect_with(v3_persistent(&id, b.port())).await;
-    assert!(s.connack.session_present);
+    let mut s = v.opts(&id, b.port()).persistent().connect().await;
+    assert!(s.session_present());
     let mut got = Vec::new();
     while let Some(m) = s.try_recv_publish(Duration::from_millis(700)).await {
         got.push(String::from_utf8_lossy(&m.payload).into_owned());
@@ -92,102 +97,32 @@ async fn v311_offline_queue_limit_drops_and_counts() {
     b.stop().await;
 }
 
-// ---------------------------------------------------------------- offline queue, v5
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_persistent_session_offline_queue() {
-    use rumqttc::v5::mqttbytes::QoS;
-    let b = Broker::default().await;
-    let id = cid("v5-oq");
-    let mut s = v5::connect_with(v5::persistent_opts(&id, b.port(), 300)).await;
-    assert!(!s.connack.session_present);
-    s.subscribe("oq/t", QoS::ExactlyOnce).await;
-    s.disconnect().await;
-
-    let mut p = v5::connect(b.port(), &cid("v5-oq-pub")).await;
-    p.publish("oq/t", QoS::AtMostOnce, false, b"qos0-not-queued")
-        .await;
-    for i in 0..10 {
-        let qos = if i % 2 == 0 {
-            QoS::AtLeastOnce
-        } else {
-            QoS::ExactlyOnce
-        };
-        p.publish("oq/t", qos, false, format!("m{i}").as_bytes())
-            .await;
-    }
-
-    let mut s = v5::connect_with(v5::persistent_opts(&id, b.port(), 300)).await;
-    assert!(s.connack.session_present);
-    let mut got = Vec::new();
-    for _ in 0..10 {
-        let m = s.recv_publish().await;
-        got.push(String::from_utf8_lossy(&m.payload).into_owned());
-    }
-    let want: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
-    assert_eq!(got, want, "queued messages in order, QoS 0 not queued");
-    s.expect_no_publish(QUIET).await;
-    p.publish("oq/t", QoS::AtLeastOnce, false, b"live").await;
-    assert_eq!(&s.recv_publish().await.payload[..], b"live");
-    s.disconnect().await;
-    p.disconnect().await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_offline_queue_limit_drops_and_counts() {
-    use rumqttc::v5::mqttbytes::QoS;
-    let b = Broker::start("[limits]\nmax_queued_messages = 5\n").await;
-    let id = cid("v5-ql");
-    let mut s = v5::connect_with(v5::persistent_opts(&id, b.port(), 300)).await;
-    s.subscribe("ql/t", QoS::AtLeastOnce).await;
-    s.disconnect().await;
-
-    let mut p = v5::connect(b.port(), &cid("v5-ql-pub")).await;
-    for i in 0..8 {
-        p.publish("ql/t", QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
-    }
-    let mut s = v5::connect_with(v5::persistent_opts(&id, b.port(), 300)).await;
-    assert!(s.connack.session_present);
-    let mut got = Vec::new();
-    while let Some(m) = s.try_recv_publish(Duration::from_millis(700)).await {
-        got.push(String::from_utf8_lossy(&m.payload).into_owned());
-        assert!(got.len() <= 8);
-    }
-    assert_eq!(got, vec!["m0", "m1", "m2", "m3", "m4"]);
-    assert_eq!(b.metric(QUEUE_FULL).await, Some(3.0));
-    s.disconnect().await;
-    p.disconnect().await;
-    b.stop().await;
-}
-
 // ---------------------------------------------------------------- wills
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_will_on_abnormal_close() {
-    use rumqttc::{LastWill, QoS};
+async fn will_on_abnormal_close(v: Version) {
     let b = Broker::default().await;
-    let id = cid("v3-will");
+    let id = v.cid("will");
     let topic = format!("will/{id}");
-    let mut watcher = v3::connect(b.port(), &cid("v3-will-watch")).await;
-    watcher.subscribe(&topic, QoS::AtLeastOnce).await;
+    let mut watcher = v.connect(b.port(), &v.cid("will-watch")).await;
+    watcher.subscribe(&topic, 1).await;
 
-    let mut o = v3::opts(&id, b.port());
-    o.set_last_will(LastWill::new(&topic, "gone", QoS::AtLeastOnce, true));
-    let w = v3::connect_with(o).await;
+    let w = v
+        .opts(&id, b.port())
+        .will(&topic, b"gone", 1, true)
+        .connect()
+        .await;
     watcher.expect_no_publish(Duration::from_millis(200)).await;
     w.kill().await;
 
     let m = watcher.recv_publish().await;
     assert_eq!(m.topic, topic);
     assert_eq!(&m.payload[..], b"gone");
-    assert_eq!(m.qos, QoS::AtLeastOnce);
+    assert_eq!(m.qos, 1);
     watcher.expect_no_publish(QUIET).await;
 
     // Will retain honoured: a new subscriber gets it as a retained message.
-    let mut late = v3::connect(b.port(), &cid("v3-will-late")).await;
-    late.subscribe(&topic, QoS::AtLeastOnce).await;
+    let mut late = v.connect(b.port(), &v.cid("will-late")).await;
+    late.subscribe(&topic, 1).await;
     let m = late.recv_publish().await;
     assert_eq!(&m.payload[..], b"gone");
     assert!(m.retain);
@@ -196,22 +131,148 @@ async fn v311_will_on_abnormal_close() {
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_no_will_on_clean_disconnect() {
-    use rumqttc::{LastWill, QoS};
+async fn no_will_on_clean_disconnect(v: Version) {
     let b = Broker::default().await;
-    let id = cid("v3-nowill");
+    let id = v.cid("nowill");
     let topic = format!("will/{id}");
-    let mut watcher = v3::connect(b.port(), &cid("v3-nowill-watch")).await;
-    watcher.subscribe(&topic, QoS::AtLeastOnce).await;
-    let mut o = v3::opts(&id, b.port());
-    o.set_last_will(LastWill::new(&topic, "gone", QoS::AtLeastOnce, false));
-    let w = v3::connect_with(o).await;
+    let mut watcher = v.connect(b.port(), &v.cid("nowill-watch")).await;
+    watcher.subscribe(&topic, 1).await;
+    let w = v
+        .opts(&id, b.port())
+        .will(&topic, b"gone", 1, false)
+        .connect()
+        .await;
     w.disconnect().await;
     watcher.expect_no_publish(Duration::from_secs(1)).await;
     watcher.disconnect().await;
     b.stop().await;
 }
+
+// ---------------------------------------------------------------- takeover
+
+/// The old connection is closed [MQTT-3.1.4-2]: 3.1.1 just closes it, 5.0 first sends
+/// DISCONNECT 0x8E, Session taken over [MQTT-3.1.4-3].
+fn taken_over(v: Version) -> Option<u8> {
+    v.pick(None, Some(0x8E))
+}
+
+async fn takeover_closes_old_connection(v: Version) {
+    let b = Broker::default().await;
+    let id = v.cid("take");
+    let will_topic = format!("will/{id}");
+    let mut watcher = v.connect(b.port(), &v.cid("take-watch")).await;
+    watcher.subscribe(&will_topic, 1).await;
+
+    let mut first = v
+        .opts(&id, b.port())
+        .will(&will_topic, b"old", 1, false)
+        .connect()
+        .await;
+    let mut second = v.connect(b.port(), &id).await;
+    let closed = first
+        .wait_closed(WAIT)
+        .await
+        .expect("the first connection was not closed on takeover [MQTT-3.1.4-2]");
+    assert_eq!(closed.disconnect_reason(), taken_over(v));
+    // The old connection did not DISCONNECT: its will is published.
+    assert_eq!(&watcher.recv_publish().await.payload[..], b"old");
+
+    // The new connection works.
+    second.subscribe("take/t", 1).await;
+    second.publish("take/t", 1, false, b"still here").await;
+    assert_eq!(&second.recv_publish().await.payload[..], b"still here");
+    second.disconnect().await;
+    watcher.disconnect().await;
+    b.stop().await;
+}
+
+async fn takeover_of_persistent_session_keeps_it(v: Version) {
+    let b = Broker::default().await;
+    let id = v.cid("take-p");
+    let will_topic = format!("will/{id}");
+    let mut watcher = v.connect(b.port(), &v.cid("take-p-watch")).await;
+    watcher.subscribe(&will_topic, 1).await;
+
+    let mut first = v
+        .opts(&id, b.port())
+        .persistent()
+        .will(&will_topic, b"gone", 1, false)
+        .connect()
+        .await;
+    first.subscribe("take/t", 1).await;
+
+    let mut second = v.opts(&id, b.port()).persistent().connect().await;
+    assert!(second.session_present(), "session continues on takeover");
+    let closed = first
+        .wait_closed(WAIT)
+        .await
+        .expect("the first connection was not closed on takeover");
+    assert_eq!(closed.disconnect_reason(), taken_over(v));
+    assert_eq!(&watcher.recv_publish().await.payload[..], b"gone");
+
+    // The subscription moved to the new connection.
+    second.publish("take/t", 1, false, b"still here").await;
+    assert_eq!(&second.recv_publish().await.payload[..], b"still here");
+    second.disconnect().await;
+    watcher.disconnect().await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------- redelivery, shutdown
+
+async fn unacked_messages_resent_with_dup_on_reconnect(v: Version) {
+    let b = Broker::default().await;
+    let id = v.cid("dup");
+    let mut s = v
+        .opts(&id, b.port())
+        .persistent()
+        .manual_acks()
+        .connect()
+        .await;
+    s.subscribe("dup/t", 1).await;
+    let mut p = v.connect(b.port(), &v.cid("dup-pub")).await;
+    for i in 0..3 {
+        p.publish("dup/t", 1, false, format!("m{i}").as_bytes())
+            .await;
+    }
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        let m = s.recv_publish().await;
+        assert!(!m.dup);
+        first.push(m);
+    }
+    // Ack only the first, then vanish.
+    let acked = first.remove(0);
+    s.ack(&acked).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.kill().await;
+
+    let mut s = v.opts(&id, b.port()).persistent().connect().await;
+    assert!(s.session_present());
+    for old in first {
+        let m = s.recv_publish().await;
+        assert_eq!(m.payload, old.payload, "re-sent in original order");
+        assert!(m.dup, "re-sent PUBLISH must have DUP=1 [MQTT-4.4.0-1]");
+        assert_eq!(m.pkid, old.pkid, "re-sent with the same packet id");
+    }
+    s.expect_no_publish(QUIET).await;
+    s.disconnect().await;
+    p.disconnect().await;
+    b.stop().await;
+}
+
+/// On shutdown 3.1.1 connections are just closed; 5.0 ones first get DISCONNECT 0x8B, Server
+/// shutting down.
+async fn shutdown_closes_connections(v: Version) {
+    let b = Broker::default().await;
+    let mut c = v.connect(b.port(), &v.cid("shut")).await;
+    b.stop().await;
+    let closed = c.wait_closed(WAIT).await.expect("connection closed");
+    assert_eq!(closed.disconnect_reason(), v.pick(None, Some(0x8B)));
+}
+
+// ---------------------------------------------------------------- 5.0 only: will properties,
+// session expiry, will delay
 
 fn v5_will(topic: &str, retain: bool) -> rumqttc::v5::mqttbytes::v5::LastWill {
     use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
@@ -229,7 +290,7 @@ fn v5_will(topic: &str, retain: bool) -> rumqttc::v5::mqttbytes::v5::LastWill {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_will_on_abnormal_close() {
+async fn v5_will_properties_forwarded() {
     use rumqttc::v5::mqttbytes::QoS;
     let b = Broker::default().await;
     let id = cid("v5-will");
@@ -254,176 +315,6 @@ async fn v5_will_on_abnormal_close() {
     );
     watcher.expect_no_publish(QUIET).await;
     watcher.disconnect().await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_no_will_on_clean_disconnect() {
-    use rumqttc::v5::mqttbytes::QoS;
-    let b = Broker::default().await;
-    let id = cid("v5-nowill");
-    let topic = format!("will/{id}");
-    let mut watcher = v5::connect(b.port(), &cid("v5-nowill-watch")).await;
-    watcher.subscribe(&topic, QoS::AtLeastOnce).await;
-    let mut o = v5::opts(&id, b.port());
-    o.set_last_will(v5_will(&topic, false));
-    let w = v5::connect_with(o).await;
-    w.disconnect().await;
-    watcher.expect_no_publish(Duration::from_secs(1)).await;
-    watcher.disconnect().await;
-    b.stop().await;
-}
-
-// ---------------------------------------------------------------- takeover
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_takeover_closes_old_connection() {
-    use rumqttc::{LastWill, QoS};
-    let b = Broker::default().await;
-    let id = cid("v3-take");
-    let will_topic = format!("will/{id}");
-    let mut watcher = v3::connect(b.port(), &cid("v3-take-watch")).await;
-    watcher.subscribe(&will_topic, QoS::AtLeastOnce).await;
-
-    let mut o = v3::opts(&id, b.port());
-    o.set_last_will(LastWill::new(&will_topic, "old", QoS::AtLeastOnce, false));
-    let mut first = v3::connect_with(o).await;
-    let mut second = v3::connect(b.port(), &id).await;
-    assert!(
-        first.wait_closed(WAIT).await.is_some(),
-        "the first connection was not closed on takeover [MQTT-3.1.4-2]"
-    );
-    // The old connection did not DISCONNECT: its will is published.
-    assert_eq!(&watcher.recv_publish().await.payload[..], b"old");
-
-    // The new connection works.
-    second.subscribe("take/t", QoS::AtLeastOnce).await;
-    second
-        .publish("take/t", QoS::AtLeastOnce, false, b"still here")
-        .await;
-    assert_eq!(&second.recv_publish().await.payload[..], b"still here");
-    second.disconnect().await;
-    watcher.disconnect().await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_takeover_sends_session_taken_over() {
-    use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
-    use rumqttc::v5::mqttbytes::QoS;
-    let b = Broker::default().await;
-    let id = cid("v5-take");
-    let will_topic = format!("will/{id}");
-    let mut watcher = v5::connect(b.port(), &cid("v5-take-watch")).await;
-    watcher.subscribe(&will_topic, QoS::AtLeastOnce).await;
-
-    let mut o = v5::persistent_opts(&id, b.port(), 60);
-    o.set_last_will(v5_will(&will_topic, false));
-    let mut first = v5::connect_with(o).await;
-    first.subscribe("take/t", QoS::AtLeastOnce).await;
-
-    let mut second = v5::connect_with(v5::persistent_opts(&id, b.port(), 60)).await;
-    assert!(
-        second.connack.session_present,
-        "session continues on takeover"
-    );
-    match first.wait_closed(WAIT).await {
-        Some(v5::Closed::ServerDisconnect(DisconnectReasonCode::SessionTakenOver)) => {}
-        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
-    }
-    assert_eq!(&watcher.recv_publish().await.payload[..], b"gone");
-
-    // The subscription moved to the new connection.
-    second
-        .publish("take/t", QoS::AtLeastOnce, false, b"still here")
-        .await;
-    assert_eq!(&second.recv_publish().await.payload[..], b"still here");
-    second.disconnect().await;
-    watcher.disconnect().await;
-    b.stop().await;
-}
-
-// ---------------------------------------------------------------- redelivery, expiry, will delay
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_unacked_messages_resent_with_dup_on_reconnect() {
-    use rumqttc::QoS;
-    let b = Broker::default().await;
-    let id = cid("v3-dup");
-    let mut o = v3_persistent(&id, b.port());
-    o.set_manual_acks(true);
-    let mut s = v3::connect_with(o).await;
-    s.subscribe("dup/t", QoS::AtLeastOnce).await;
-    let mut p = v3::connect(b.port(), &cid("v3-dup-pub")).await;
-    for i in 0..3 {
-        p.publish("dup/t", QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
-    }
-    let mut first = Vec::new();
-    for _ in 0..3 {
-        let m = s.recv_publish().await;
-        assert!(!m.dup);
-        first.push((m.pkid, m.payload.clone()));
-    }
-    // Ack only the first, then vanish.
-    let acked = first.remove(0);
-    let ack = rumqttc::Publish {
-        pkid: acked.0,
-        ..rumqttc::Publish::new("dup/t", QoS::AtLeastOnce, acked.1.to_vec())
-    };
-    s.client.ack(&ack).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    s.kill().await;
-
-    let mut s = v3::connect_with(v3_persistent(&id, b.port())).await;
-    assert!(s.connack.session_present);
-    for (pkid, payload) in first {
-        let m = s.recv_publish().await;
-        assert_eq!(m.payload, payload, "re-sent in original order");
-        assert!(m.dup, "re-sent PUBLISH must have DUP=1 [MQTT-4.4.0-1]");
-        assert_eq!(m.pkid, pkid, "re-sent with the same packet id");
-    }
-    s.expect_no_publish(QUIET).await;
-    s.disconnect().await;
-    p.disconnect().await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_unacked_messages_resent_with_dup_on_reconnect() {
-    use rumqttc::v5::mqttbytes::QoS;
-    let b = Broker::default().await;
-    let id = cid("v5-dup");
-    let mut o = v5::persistent_opts(&id, b.port(), 60);
-    o.set_manual_acks(true);
-    let mut s = v5::connect_with(o).await;
-    s.subscribe("dup/t", QoS::AtLeastOnce).await;
-    let mut p = v5::connect(b.port(), &cid("v5-dup-pub")).await;
-    for i in 0..3 {
-        p.publish("dup/t", QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
-    }
-    let mut first = Vec::new();
-    for _ in 0..3 {
-        let m = s.recv_publish().await;
-        first.push(m);
-    }
-    let acked = first.remove(0);
-    s.client.ack(&acked).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    s.kill().await;
-
-    let mut s = v5::connect_with(v5::persistent_opts(&id, b.port(), 60)).await;
-    assert!(s.connack.session_present);
-    for old in first {
-        let m = s.recv_publish().await;
-        assert_eq!(m.payload, old.payload, "re-sent in original order");
-        assert!(m.dup, "re-sent PUBLISH must have DUP=1");
-        assert_eq!(m.pkid, old.pkid, "re-sent with the same packet id");
-    }
-    s.expect_no_publish(QUIET).await;
-    s.disconnect().await;
-    p.disconnect().await;
     b.stop().await;
 }
 
@@ -501,12 +392,4 @@ async fn v5_reconnect_within_will_delay_cancels_will() {
     back.disconnect().await;
     watcher.disconnect().await;
     b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_shutdown_closes_connections() {
-    let b = Broker::default().await;
-    let mut c = v3::connect(b.port(), &cid("v3-shut")).await;
-    b.stop().await;
-    assert!(c.wait_closed(WAIT).await.is_some());
 }

@@ -5,6 +5,7 @@
 //! persistent session), queuing while every member is away (also across a restart), publisher
 //! back-pressure, drops when back-pressure is off, and the per-group metrics.
 
+use crate::common::any::{self, Version};
 use crate::common::{cid, v3, v5, Broker, BASE_CONFIG, QUIET, WAIT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -106,6 +107,15 @@ impl Member {
         match self {
             Member::V3(c) => c.kill().await,
             Member::V5(c) => c.kill().await,
+        }
+    }
+}
+
+impl From<any::Client> for Member {
+    fn from(c: any::Client) -> Member {
+        match c {
+            any::Client::V3(c) => Member::V3(c),
+            any::Client::V5(c) => Member::V5(c),
         }
     }
 }
@@ -367,74 +377,56 @@ fn metric_parser_reads_labels_in_any_order() {
     assert_eq!(metric_sum(text, DROPPED, &[]), None);
 }
 
+both_versions!(
+    shared_subscription_accepted,
+    invalid_share_filters_refused,
+    each_message_to_exactly_one_member,
+    group_queues_while_all_members_offline_first_back_gets_all,
+    unsubscribe_leaves_the_group,
+);
+
 // ---------------------------------------------------------------- accepted, CONNACK
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_connack_shared_subscription_available_and_suback() {
+async fn shared_subscription_accepted(v: Version) {
     let b = Broker::default().await;
-    let mut c = v5::connect(b.port(), &cid("v5-sh-ok")).await;
-    let avail = c
-        .connack
-        .properties
-        .as_ref()
-        .and_then(|p| p.shared_subscription_available);
-    assert!(
-        avail.is_none() || avail == Some(1),
-        "Shared Subscription Available must be 1 or absent, got {avail:?}"
-    );
+    let c = v.connect(b.port(), &v.cid("sh-ok")).await;
+    if let any::Client::V5(c) = &c {
+        let avail = c
+            .connack
+            .properties
+            .as_ref()
+            .and_then(|p| p.shared_subscription_available);
+        assert!(
+            avail.is_none() || avail == Some(1),
+            "Shared Subscription Available must be 1 or absent, got {avail:?}"
+        );
+    }
+    let mut c = Member::from(c);
     for (filter, qos) in [
-        ("$share/g/ok/t", Q5::AtMostOnce),
-        ("$share/g/ok/+", Q5::AtLeastOnce),
-        ("$share/other/ok/#", Q5::ExactlyOnce),
-        ("$share/g/#", Q5::AtLeastOnce),
+        ("$share/g/ok/t", 0),
+        ("$share/g/ok/+", 1),
+        ("$share/other/ok/#", 2),
+        ("$share/g/#", 1),
     ] {
-        sub5(&mut c, filter, qos).await;
+        sub(&mut c, filter, qos).await;
     }
     // ok/x matches $share/g/ok/+, $share/other/ok/# and $share/g/#: three groups, each with
     // this client as its only member, so each delivers its own copy.
-    let mut p = v5::connect(b.port(), &cid("v5-sh-ok-pub")).await;
-    p.publish("ok/x", Q5::ExactlyOnce, false, b"hello").await;
+    let mut p = v.connect(b.port(), &v.cid("sh-ok-pub")).await;
+    p.publish("ok/x", 2, false, b"hello").await;
     let mut qos = Vec::new();
     for _ in 0..3 {
-        let m = c.recv_publish().await;
-        assert_eq!(&m.payload[..], b"hello");
+        let m = c.next().await;
+        assert_eq!(m.payload, "hello");
         assert_eq!(
-            &m.topic[..],
-            b"ok/x",
+            m.topic, "ok/x",
             "the published topic, not the $share filter"
         );
-        qos.push(m.qos as u8);
+        qos.push(m.qos);
     }
     qos.sort();
     assert_eq!(qos, vec![1, 1, 2], "one copy per group, at min(2, granted)");
-    c.expect_no_publish(QUIET).await;
-    c.disconnect().await;
-    p.disconnect().await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_shared_subscription_accepted() {
-    let b = Broker::default().await;
-    let mut c = v3::connect(b.port(), &cid("v3-sh-ok")).await;
-    sub3(&mut c, "$share/g/ok/t", Q3::AtLeastOnce).await;
-    sub3(&mut c, "$share/h/ok/#", Q3::ExactlyOnce).await;
-    let mut p = v3::connect(b.port(), &cid("v3-sh-ok-pub")).await;
-    p.publish("ok/t", Q3::ExactlyOnce, false, b"hello").await;
-    // Two groups, one member each: two copies, at min(2, granted).
-    let mut qos = Vec::new();
-    for _ in 0..2 {
-        let m = c.recv_publish().await;
-        assert_eq!(&m.payload[..], b"hello");
-        assert_eq!(
-            m.topic, "ok/t",
-            "topic is the published topic, not the $share filter"
-        );
-        qos.push(m.qos as u8);
-    }
-    qos.sort();
-    assert_eq!(qos, vec![1, 2]);
-    c.expect_no_publish(QUIET).await;
+    c.expect_none(QUIET).await;
     c.disconnect().await;
     p.disconnect().await;
     b.stop().await;
@@ -454,7 +446,7 @@ const INVALID_SHARES: [&str; 8] = [
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_invalid_share_filters_get_0x80() {
+async fn v311_invalid_share_filters_in_one_subscribe_get_0x80() {
     use rumqttc::{SubscribeFilter, SubscribeReasonCode};
     let b = Broker::default().await;
     let mut c = v3::connect(b.port(), &cid("v3-sh-inv")).await;
@@ -486,22 +478,17 @@ async fn v311_invalid_share_filters_get_0x80() {
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_invalid_share_filters_get_0x8f() {
-    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+/// Each invalid share filter on its own: 3.1.1 has one failure code, 5.0 says 0x8F (and
+/// rumqttc then ends the connection, so one connection per filter).
+async fn invalid_share_filters_refused(v: Version) {
     let b = Broker::default().await;
-    // rumqttc ends the connection on a failed SUBACK, so one connection per filter.
     for f in INVALID_SHARES {
-        let mut c = v5::connect(b.port(), &cid("v5-sh-inv")).await;
-        c.client.subscribe(f, Q5::AtLeastOnce).await.unwrap();
-        match c.wait_closed(WAIT).await {
-            Some(v5::Closed::SubFail(SubscribeReasonCode::TopicFilterInvalid)) => {}
-            other => panic!("{f}: expected SUBACK 0x8F, got {other:?}"),
-        }
+        let mut c = v.connect(b.port(), &v.cid("sh-inv")).await;
+        assert_eq!(c.subscribe(f, 1).await, vec![v.pick(0x80, 0x8F)], "{f}");
     }
     // The broker is fine afterwards.
-    let mut c = v5::connect(b.port(), &cid("v5-sh-inv-ok")).await;
-    sub5(&mut c, "$share/g/inv/t", Q5::AtLeastOnce).await;
+    let mut c = v.connect(b.port(), &v.cid("sh-inv-ok")).await;
+    assert_eq!(c.subscribe("$share/g/inv/t", 1).await, vec![1]);
     c.disconnect().await;
     b.stop().await;
 }
@@ -535,55 +522,19 @@ async fn v5_no_local_on_shared_subscription_is_protocol_error() {
 
 // ---------------------------------------------------------------- one member per message
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_each_message_to_exactly_one_member() {
+async fn each_message_to_exactly_one_member(v: Version) {
     let b = Broker::default().await;
-    let mut ms = vec![
-        m3(b.port(), "v3-once-a").await,
-        m3(b.port(), "v3-once-b").await,
-        m3(b.port(), "v3-once-c").await,
-    ];
-    for m in ms.iter_mut() {
-        sub(m, "$share/g/once/#", 2).await;
+    let mut ms = Vec::new();
+    for name in ["once-a", "once-b", "once-c"] {
+        let mut m = Member::from(v.connect(b.port(), &v.cid(name)).await);
+        sub(&mut m, "$share/g/once/+", 2).await;
+        ms.push(m);
     }
-    let mut p = v3::connect(b.port(), &cid("v3-once-pub")).await;
-    let want = names("m", 30);
-    for (i, w) in want.iter().enumerate() {
-        let topic = format!("once/{}", i % 4);
-        p.publish(&topic, q3((i % 3) as u8), false, w.as_bytes())
-            .await;
-    }
-    let got = collect(&mut ms, want.len()).await;
-    quiet(&mut ms).await;
-    assert_each_once(&got, &want);
-    for g in got.iter().flatten() {
-        let i: usize = g.payload[1..].parse().unwrap();
-        assert_eq!(g.qos as usize, i % 3, "{}: delivered QoS", g.payload);
-        assert_eq!(g.topic, format!("once/{}", i % 4));
-    }
-    for m in ms {
-        m.disconnect().await;
-    }
-    p.disconnect().await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_each_message_to_exactly_one_member() {
-    let b = Broker::default().await;
-    let mut ms = vec![
-        m5(b.port(), "v5-once-a").await,
-        m5(b.port(), "v5-once-b").await,
-    ];
-    for m in ms.iter_mut() {
-        sub(m, "$share/g/once/+", 2).await;
-    }
-    let mut p = v5::connect(b.port(), &cid("v5-once-pub")).await;
+    let mut p = v.connect(b.port(), &v.cid("once-pub")).await;
     let want = names("m", 30);
     for (i, w) in want.iter().enumerate() {
         let topic = format!("once/{}", i % 5);
-        p.publish(&topic, q5((i % 3) as u8), false, w.as_bytes())
-            .await;
+        p.publish(&topic, (i % 3) as u8, false, w.as_bytes()).await;
     }
     let got = collect(&mut ms, want.len()).await;
     quiet(&mut ms).await;
@@ -591,6 +542,7 @@ async fn v5_each_message_to_exactly_one_member() {
     for g in got.iter().flatten() {
         let i: usize = g.payload[1..].parse().unwrap();
         assert_eq!(g.qos as usize, i % 3, "{}: delivered QoS", g.payload);
+        assert_eq!(g.topic, format!("once/{}", i % 5));
     }
     for m in ms {
         m.disconnect().await;
@@ -1260,83 +1212,51 @@ async fn v5_persistent_member_keeps_qos2_not_pubrecd() {
 
 // ---------------------------------------------------------------- all members away
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_group_queues_while_all_members_offline() {
+async fn group_queues_while_all_members_offline_first_back_gets_all(v: Version) {
     let b = Broker::default().await;
     let labels = group("g", "oq/t");
-    let id = cid("v3-sh-oq");
-    let mut m = v3::connect_with(v3_persistent(&id, b.port())).await;
-    sub3(&mut m, "$share/g/oq/t", Q3::ExactlyOnce).await;
-    m.disconnect().await;
+    let ids = [v.cid("sh-oq-a"), v.cid("sh-oq-b")];
+    for id in &ids {
+        let mut c = v.opts(id, b.port()).persistent().connect().await;
+        assert_eq!(c.subscribe("$share/g/oq/t", 2).await, vec![2]);
+        c.disconnect().await;
+    }
     wait_none_online(&b).await;
 
-    let mut p = v3::connect(b.port(), &cid("v3-sh-oq-pub")).await;
+    let mut p = v.connect(b.port(), &v.cid("sh-oq-pub")).await;
     // QoS 0 is not queued for a group without a connected member.
-    p.publish("oq/t", Q3::AtMostOnce, false, b"qos0").await;
+    p.publish("oq/t", 0, false, b"qos0").await;
     let want = names("m", 10);
     for (i, w) in want.iter().enumerate() {
-        p.publish("oq/t", q3(1 + (i % 2) as u8), false, w.as_bytes())
+        p.publish("oq/t", 1 + (i % 2) as u8, false, w.as_bytes())
             .await;
     }
     wait_eq(&b, QUEUED, &labels, 10.0).await;
 
-    let m = v3::connect_with(v3_persistent(&id, b.port())).await;
-    assert!(m.connack.session_present);
-    let mut m = Member::V3(m);
+    let a = v.opts(&ids[0], b.port()).persistent().connect().await;
+    assert!(a.session_present());
+    let mut a = Member::from(a);
     for (i, w) in want.iter().enumerate() {
-        let g = m.next().await;
-        assert_eq!(&g.payload, w, "queued messages in order");
+        let g = a.next().await;
+        assert_eq!(
+            &g.payload, w,
+            "the first member back gets the whole queue in order"
+        );
         assert_eq!(g.qos, 1 + (i % 2) as u8);
     }
-    m.expect_none(QUIET).await;
+    a.expect_none(QUIET).await;
     wait_eq(&b, QUEUED, &labels, 0.0).await;
     wait_eq(&b, DELIVERED, &labels, 10.0).await;
-    m.disconnect().await;
-    p.disconnect().await;
-    b.stop().await;
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_group_queues_while_all_members_offline_first_back_gets_all() {
-    let b = Broker::default().await;
-    let ids = [cid("v5-sh-oq-a"), cid("v5-sh-oq-b")];
-    for id in &ids {
-        let mut c = v5::connect_with(v5::persistent_opts(id, b.port(), 300)).await;
-        sub5(&mut c, "$share/g/oq/t", Q5::ExactlyOnce).await;
-        c.disconnect().await;
-    }
-    wait_none_online(&b).await;
-    let mut p = v5::connect(b.port(), &cid("v5-sh-oq-pub")).await;
-    let want = names("m", 8);
-    for (i, w) in want.iter().enumerate() {
-        p.publish("oq/t", q5(1 + (i % 2) as u8), false, w.as_bytes())
-            .await;
-    }
-    wait_eq(&b, QUEUED, &group("g", "oq/t"), 8.0).await;
-
-    let a = v5::connect_with(v5::persistent_opts(&ids[0], b.port(), 300)).await;
-    assert!(a.connack.session_present);
-    let mut a = Member::V5(a);
-    let mut got = Vec::new();
-    for _ in 0..want.len() {
-        got.push(a.next().await.payload);
-    }
-    assert_eq!(
-        got, want,
-        "the first member back gets the whole queue in order"
-    );
-    a.expect_none(QUIET).await;
-
-    let other = v5::connect_with(v5::persistent_opts(&ids[1], b.port(), 300)).await;
-    assert!(other.connack.session_present);
-    let mut ms = vec![a, Member::V5(other)];
+    let other = v.opts(&ids[1], b.port()).persistent().connect().await;
+    assert!(other.session_present());
+    let mut ms = vec![a, Member::from(other)];
     quiet(&mut ms).await;
 
     // Both online: live messages are shared again.
     let more = names("n", 6);
     for w in &more {
-        p.publish("oq/t", Q5::AtLeastOnce, false, w.as_bytes())
-            .await;
+        p.publish("oq/t", 1, false, w.as_bytes()).await;
     }
     let got = collect(&mut ms, more.len()).await;
     quiet(&mut ms).await;
@@ -1789,92 +1709,40 @@ async fn backpressure_does_not_pause_without_a_connected_member() {
 
 // ---------------------------------------------------------------- unsubscribe and metrics
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_unsubscribe_leaves_the_group() {
+async fn unsubscribe_leaves_the_group(v: Version) {
     let b = Broker::default().await;
-    let labels = group("g", "us/t");
-    let mut a = v3::connect(b.port(), &cid("v3-us-a")).await;
-    let mut rest = m3(b.port(), "v3-us-b").await;
-    sub3(&mut a, "$share/g/us/t", Q3::AtLeastOnce).await;
-    sub(&mut rest, "$share/g/us/t", 1).await;
-    wait_eq(&b, MEMBERS, &labels, 2.0).await;
-    a.client.unsubscribe("$share/g/us/t").await.unwrap();
-    match a
-        .next_where(WAIT, |e| {
-            matches!(
-                e,
-                v3::Ev::Pkt(rumqttc::Packet::UnsubAck(_)) | v3::Ev::Closed(_)
-            )
-        })
-        .await
-    {
-        Some(v3::Ev::Pkt(_)) => {}
-        other => panic!("expected UNSUBACK, got {other:?}"),
+    let labels = group("g", "us/+");
+    let mut a = v.connect(b.port(), &v.cid("us-a")).await;
+    let mut rest = v.connect(b.port(), &v.cid("us-b")).await;
+    for c in [&mut a, &mut rest] {
+        assert_eq!(c.subscribe("$share/g/us/+", 1).await, vec![1]);
     }
+    wait_eq(&b, MEMBERS, &labels, 2.0).await;
+    // A 3.1.1 UNSUBACK carries no reason codes; 5.0 says Success.
+    assert_eq!(
+        a.unsubscribe("$share/g/us/+").await,
+        v.pick(vec![], vec![0x00])
+    );
     wait_eq(&b, MEMBERS, &labels, 1.0).await;
-    let mut p = v3::connect(b.port(), &cid("v3-us-pub")).await;
+    let mut p = v.connect(b.port(), &v.cid("us-pub")).await;
     let want = names("m", 6);
     for w in &want {
-        p.publish("us/t", Q3::AtLeastOnce, false, w.as_bytes())
-            .await;
+        p.publish("us/t", 1, false, w.as_bytes()).await;
     }
     let mut got = Vec::new();
     for _ in 0..want.len() {
-        got.push(rest.next().await.payload);
+        let m = rest.recv_publish().await;
+        got.push(String::from_utf8_lossy(&m.payload).into_owned());
     }
     assert_eq!(got, want, "the remaining member gets everything");
     a.expect_no_publish(QUIET).await;
-    rest.expect_none(QUIET).await;
+    rest.expect_no_publish(QUIET).await;
     // The last member leaving ends the group: its series go away.
-    if let Member::V3(c) = &mut rest {
-        c.client.unsubscribe("$share/g/us/t").await.unwrap();
-    }
+    rest.unsubscribe("$share/g/us/+").await;
     wait_metric(&b, MEMBERS, &labels, "no series (group ended)", |v| {
         v.is_none()
     })
     .await;
-    a.disconnect().await;
-    rest.disconnect().await;
-    p.disconnect().await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v5_unsubscribe_leaves_the_group() {
-    use rumqttc::v5::mqttbytes::v5::{Packet, UnsubAckReason};
-    let b = Broker::default().await;
-    let labels = group("g", "us/+");
-    let mut a = v5::connect(b.port(), &cid("v5-us-a")).await;
-    let mut rest = m5(b.port(), "v5-us-b").await;
-    sub5(&mut a, "$share/g/us/+", Q5::AtLeastOnce).await;
-    sub(&mut rest, "$share/g/us/+", 1).await;
-    wait_eq(&b, MEMBERS, &labels, 2.0).await;
-    a.client.unsubscribe("$share/g/us/+").await.unwrap();
-    match a
-        .next_where(WAIT, |e| {
-            matches!(e, v5::Ev::Pkt(Packet::UnsubAck(_)) | v5::Ev::Closed(_))
-        })
-        .await
-    {
-        Some(v5::Ev::Pkt(Packet::UnsubAck(u))) => {
-            assert_eq!(u.reasons, vec![UnsubAckReason::Success])
-        }
-        other => panic!("expected UNSUBACK, got {other:?}"),
-    }
-    wait_eq(&b, MEMBERS, &labels, 1.0).await;
-    let mut p = v5::connect(b.port(), &cid("v5-us-pub")).await;
-    let want = names("m", 6);
-    for w in &want {
-        p.publish("us/x", Q5::AtLeastOnce, false, w.as_bytes())
-            .await;
-    }
-    let mut got = Vec::new();
-    for _ in 0..want.len() {
-        got.push(rest.next().await.payload);
-    }
-    assert_eq!(got, want);
-    a.expect_no_publish(QUIET).await;
-    rest.expect_none(QUIET).await;
     a.disconnect().await;
     rest.disconnect().await;
     p.disconnect().await;

@@ -5,6 +5,7 @@
 //! frame, ping/pong, a text frame closing the connection and publishing the will) and the
 //! `tern_websocket_handshakes_total` counters.
 
+use crate::common::any::{Client, Opts, Version};
 use crate::common::{cid, v3, v5, Broker, QUIET, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -49,62 +50,62 @@ fn v5_ws_opts(id: &str, b: &Broker) -> rumqttc::v5::MqttOptions {
     o
 }
 
-/// [`v5_ws_opts`] for a persistent session: clean start = false, the given session expiry.
-fn v5_ws_persistent_opts(id: &str, b: &Broker, session_expiry: u32) -> rumqttc::v5::MqttOptions {
-    let mut o = v5_ws_opts(id, b);
-    o.set_clean_start(false);
-    let mut props = o.connect_properties().unwrap_or_default();
-    props.session_expiry_interval = Some(session_expiry);
-    o.set_connect_properties(props);
-    o
-}
-
 /// Bigger than the 64 KiB the broker puts in one outgoing binary frame, so a delivery to a ws
 /// client spans several frames.
 fn big_payload() -> Vec<u8> {
     (0..200_000u32).map(|i| (i % 251) as u8).collect()
 }
 
+/// [`v3_ws_opts`] or [`v5_ws_opts`].
+fn ws_opts(v: Version, id: &str, b: &Broker) -> Opts {
+    match v {
+        Version::V311 => Opts::V3(v3_ws_opts(id, b)),
+        Version::V5 => Opts::V5(v5_ws_opts(id, b)),
+    }
+}
+
+both_versions!(
+    ws_pubsub_with_tcp_both_ways,
+    ws_session_moves_between_ws_and_tcp
+);
+
 // ---------------------------------------------------------------------------------------------
 // Between ws and TCP clients
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ws_v311_pubsub_with_tcp_both_ways() {
-    use rumqttc::QoS;
+async fn ws_pubsub_with_tcp_both_ways(v: Version) {
     let b = ws_broker().await;
-    let mut ws = v3::connect_with(v3_ws_opts(&cid("ws3-sub"), &b)).await;
-    assert_eq!(ws.connack.code, rumqttc::ConnectReturnCode::Success);
-    let mut tcp = v3::connect(b.port(), &cid("tcp3-pub")).await;
+    let mut ws = ws_opts(v, &v.cid("ws-sub"), &b).connect().await;
+    if let Client::V5(c) = &ws {
+        // The CONNACK properties made it over ws too.
+        let props = c.connack.properties.clone().expect("CONNACK properties");
+        assert_eq!(props.max_packet_size, Some(1_048_576));
+    }
+    let mut tcp = v.connect(b.port(), &v.cid("tcp-pub")).await;
+    let down = format!("wsx/{v}/down");
+    let up = format!("wsx/{v}/up");
 
     // TCP publishes, the ws client receives.
-    assert_eq!(
-        ws.subscribe("wsx/v3/down/#", QoS::AtLeastOnce).await,
-        vec![rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-    );
-    tcp.publish("wsx/v3/down/a", QoS::AtLeastOnce, false, b"to ws")
-        .await;
+    assert_eq!(ws.subscribe(&format!("{down}/#"), 1).await, vec![1]);
+    tcp.publish(&format!("{down}/a"), 1, false, b"to ws").await;
     let p = ws.recv_publish().await;
-    assert_eq!(p.topic, "wsx/v3/down/a");
-    assert_eq!(p.qos, QoS::AtLeastOnce);
+    assert_eq!(p.topic, format!("{down}/a"));
+    assert_eq!(p.qos, 1);
     assert_eq!(&p.payload[..], b"to ws");
     let big = big_payload();
-    tcp.publish("wsx/v3/down/big", QoS::AtLeastOnce, false, &big)
-        .await;
+    tcp.publish(&format!("{down}/big"), 1, false, &big).await;
     let p = ws.recv_publish().await;
-    assert_eq!(p.topic, "wsx/v3/down/big");
+    assert_eq!(p.topic, format!("{down}/big"));
     assert!(p.payload[..] == big[..], "large payload arrived intact");
 
     // The ws client publishes, the TCP client receives.
-    tcp.subscribe("wsx/v3/up/#", QoS::AtLeastOnce).await;
-    ws.publish("wsx/v3/up/b", QoS::AtLeastOnce, false, b"from ws")
-        .await;
+    tcp.subscribe(&format!("{up}/#"), 1).await;
+    ws.publish(&format!("{up}/b"), 1, false, b"from ws").await;
     let p = tcp.recv_publish().await;
-    assert_eq!(p.topic, "wsx/v3/up/b");
-    assert_eq!(p.qos, QoS::AtLeastOnce);
+    assert_eq!(p.topic, format!("{up}/b"));
+    assert_eq!(p.qos, 1);
     assert_eq!(&p.payload[..], b"from ws");
-    ws.publish("wsx/v3/up/big", QoS::AtLeastOnce, false, &big)
-        .await;
+    ws.publish(&format!("{up}/big"), 1, false, &big).await;
     let p = tcp.recv_publish().await;
     assert!(p.payload[..] == big[..], "large payload arrived intact");
 
@@ -116,156 +117,45 @@ async fn ws_v311_pubsub_with_tcp_both_ways() {
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ws_v5_pubsub_with_tcp_both_ways() {
-    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, SubscribeReasonCode};
-    use rumqttc::v5::mqttbytes::QoS;
-    let b = ws_broker().await;
-    let mut ws = v5::connect_with(v5_ws_opts(&cid("ws5-sub"), &b)).await;
-    assert_eq!(ws.connack.code, ConnectReturnCode::Success);
-    let props = ws.connack.properties.clone().expect("CONNACK properties");
-    assert_eq!(props.max_packet_size, Some(1_048_576));
-    let mut tcp = v5::connect(b.port(), &cid("tcp5-pub")).await;
-
-    assert_eq!(
-        ws.subscribe("wsx/v5/down/#", QoS::AtLeastOnce).await,
-        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-    );
-    tcp.publish("wsx/v5/down/a", QoS::AtLeastOnce, false, b"to ws")
-        .await;
-    let p = ws.recv_publish().await;
-    assert_eq!(&p.topic[..], b"wsx/v5/down/a");
-    assert_eq!(p.qos, QoS::AtLeastOnce);
-    assert_eq!(&p.payload[..], b"to ws");
-    let big = big_payload();
-    tcp.publish("wsx/v5/down/big", QoS::AtLeastOnce, false, &big)
-        .await;
-    let p = ws.recv_publish().await;
-    assert_eq!(&p.topic[..], b"wsx/v5/down/big");
-    assert!(p.payload[..] == big[..], "large payload arrived intact");
-
-    tcp.subscribe("wsx/v5/up/#", QoS::AtLeastOnce).await;
-    ws.publish("wsx/v5/up/b", QoS::AtLeastOnce, false, b"from ws")
-        .await;
-    let p = tcp.recv_publish().await;
-    assert_eq!(&p.topic[..], b"wsx/v5/up/b");
-    assert_eq!(p.qos, QoS::AtLeastOnce);
-    assert_eq!(&p.payload[..], b"from ws");
-    ws.publish("wsx/v5/up/big", QoS::AtLeastOnce, false, &big)
-        .await;
-    let p = tcp.recv_publish().await;
-    assert!(p.payload[..] == big[..], "large payload arrived intact");
-
-    ws.expect_no_publish(QUIET).await;
-    tcp.expect_no_publish(QUIET).await;
-    ws.disconnect().await;
-    tcp.disconnect().await;
-    b.stop().await;
-}
-
 // ---------------------------------------------------------------------------------------------
 // One session, several transports
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ws_v311_session_moves_between_ws_and_tcp() {
-    use rumqttc::QoS;
+async fn ws_session_moves_between_ws_and_tcp(v: Version) {
     let b = ws_broker().await;
-    let id = cid("ws3-persist");
-    let mut publisher = v3::connect(b.port(), &cid("ws3-persist-pub")).await;
+    let id = v.cid("ws-persist");
+    let topic = format!("wsp/{v}/t");
+    let mut publisher = v.connect(b.port(), &v.cid("ws-persist-pub")).await;
 
-    // Created over ws: clean session = false, one QoS 1 subscription.
-    let mut o = v3_ws_opts(&id, &b);
-    o.set_clean_session(false);
-    let mut c = v3::connect_with(o).await;
-    assert!(!c.connack.session_present);
-    c.subscribe("wsp/v3/t", QoS::AtLeastOnce).await;
+    // Created over ws: a persistent session, one QoS 1 subscription.
+    let mut c = ws_opts(v, &id, &b).persistent().connect().await;
+    assert!(!c.session_present());
+    c.subscribe(&topic, 1).await;
     c.disconnect().await;
 
     // Queued while away.
     for i in 0..3u8 {
-        publisher
-            .publish("wsp/v3/t", QoS::AtLeastOnce, false, &[b'a' + i])
-            .await;
+        publisher.publish(&topic, 1, false, &[b'a' + i]).await;
     }
 
     // Back over TCP: the same session, its queue, then its subscription still live.
-    let mut o = v3::opts(&id, b.port());
-    o.set_clean_session(false);
-    let mut c = v3::connect_with(o).await;
-    assert!(
-        c.connack.session_present,
-        "session made over ws resumed over TCP"
-    );
+    let mut c = v.opts(&id, b.port()).persistent().connect().await;
+    assert!(c.session_present(), "session made over ws resumed over TCP");
     for want in [b"a", b"b", b"c"] {
         let p = c.recv_publish().await;
-        assert_eq!(p.topic, "wsp/v3/t");
-        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert_eq!(p.topic, topic);
+        assert_eq!(p.qos, 1);
         assert_eq!(&p.payload[..], want);
     }
-    publisher
-        .publish("wsp/v3/t", QoS::AtLeastOnce, false, b"live-tcp")
-        .await;
+    publisher.publish(&topic, 1, false, b"live-tcp").await;
     assert_eq!(&c.recv_publish().await.payload[..], b"live-tcp");
     c.expect_no_publish(QUIET).await;
     c.disconnect().await;
 
     // And back over ws again.
-    publisher
-        .publish("wsp/v3/t", QoS::AtLeastOnce, false, b"queued-2")
-        .await;
-    let mut o = v3_ws_opts(&id, &b);
-    o.set_clean_session(false);
-    let mut c = v3::connect_with(o).await;
-    assert!(c.connack.session_present, "session resumed over ws again");
-    assert_eq!(&c.recv_publish().await.payload[..], b"queued-2");
-    c.expect_no_publish(QUIET).await;
-    c.disconnect().await;
-    publisher.disconnect().await;
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ws_v5_session_moves_between_ws_and_tcp() {
-    use rumqttc::v5::mqttbytes::QoS;
-    let b = ws_broker().await;
-    let id = cid("ws5-persist");
-    let mut publisher = v5::connect(b.port(), &cid("ws5-persist-pub")).await;
-
-    let mut c = v5::connect_with(v5_ws_persistent_opts(&id, &b, 300)).await;
-    assert!(!c.connack.session_present);
-    c.subscribe("wsp/v5/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-
-    for i in 0..3u8 {
-        publisher
-            .publish("wsp/v5/t", QoS::AtLeastOnce, false, &[b'a' + i])
-            .await;
-    }
-
-    let mut c = v5::connect_with(v5::persistent_opts(&id, b.port(), 300)).await;
-    assert!(
-        c.connack.session_present,
-        "session made over ws resumed over TCP"
-    );
-    for want in [b"a", b"b", b"c"] {
-        let p = c.recv_publish().await;
-        assert_eq!(&p.topic[..], b"wsp/v5/t");
-        assert_eq!(p.qos, QoS::AtLeastOnce);
-        assert_eq!(&p.payload[..], want);
-    }
-    publisher
-        .publish("wsp/v5/t", QoS::AtLeastOnce, false, b"live-tcp")
-        .await;
-    assert_eq!(&c.recv_publish().await.payload[..], b"live-tcp");
-    c.expect_no_publish(QUIET).await;
-    c.disconnect().await;
-
-    publisher
-        .publish("wsp/v5/t", QoS::AtLeastOnce, false, b"queued-2")
-        .await;
-    let mut c = v5::connect_with(v5_ws_persistent_opts(&id, &b, 300)).await;
-    assert!(c.connack.session_present, "session resumed over ws again");
+    publisher.publish(&topic, 1, false, b"queued-2").await;
+    let mut c = ws_opts(v, &id, &b).persistent().connect().await;
+    assert!(c.session_present(), "session resumed over ws again");
     assert_eq!(&c.recv_publish().await.payload[..], b"queued-2");
     c.expect_no_publish(QUIET).await;
     c.disconnect().await;

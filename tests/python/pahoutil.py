@@ -18,13 +18,15 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 TIMEOUT = 5.0
+# Session Expiry Interval of a 5.0 `persistent` client: long enough to outlive any test.
+SESSION_EXPIRY = 300
 V311 = mqtt.MQTTv311
 V5 = mqtt.MQTTv5
 V31 = mqtt.MQTTv31
 
 __all__ = [
-    "TIMEOUT", "V311", "V5", "V31", "TClient", "ClientFactory", "Properties", "PacketTypes",
-    "ReasonCode", "SubscribeOptions", "props", "metric", "mqtt", "Will",
+    "TIMEOUT", "SESSION_EXPIRY", "V311", "V5", "V31", "TClient", "ClientFactory", "Properties",
+    "PacketTypes", "ReasonCode", "SubscribeOptions", "props", "metric", "mqtt", "Will",
 ]
 
 
@@ -93,13 +95,18 @@ class Will:
 
 
 class TClient:
-    """A paho client with queues for everything the broker sends back."""
+    """A paho client with queues for everything the broker sends back.
+
+    persistent=True: a session that outlives the connection and is resumed on reconnect, in
+    either version: 3.1.1 CleanSession=0; 5.0 Clean Start=0 with a Session Expiry Interval of
+    SESSION_EXPIRY (unless connect() is given clean_start / properties)."""
 
     def __init__(self, broker, client_id, protocol=V5, clean_session=True, manual_ack=False,
-                 username=None, password=None):
+                 username=None, password=None, persistent=False):
         self.broker = broker
         self.client_id = client_id
         self.protocol = protocol
+        self.persistent = persistent
         kwargs = dict(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -108,7 +115,7 @@ class TClient:
             manual_ack=manual_ack,
         )
         if protocol != V5:
-            kwargs["clean_session"] = clean_session
+            kwargs["clean_session"] = clean_session and not persistent
         self.c = mqtt.Client(**kwargs)
         self.c.max_inflight_messages_set(100)
         # The broker, not paho, must judge topic filters: let invalid ones through.
@@ -197,14 +204,17 @@ class TClient:
             return table.pop(mid)
 
     # ---- operations ----
-    def connect(self, clean_start=True, keepalive=60, properties=None, will=None,
+    def connect(self, clean_start=None, keepalive=60, properties=None, will=None,
                 expect_rc=0, timeout=TIMEOUT):
-        """Connect and wait for the CONNACK; returns (reason_code_value, session_present, props)."""
+        """Connect and wait for the CONNACK; returns (reason_code_value, session_present, props).
+        clean_start (5.0) defaults to not persistent."""
         if will is not None:
             self.c.will_set(will.topic, will.payload, will.qos, will.retain, will.properties)
         kw = dict(keepalive=keepalive)
         if self.protocol == V5:
-            kw["clean_start"] = clean_start
+            kw["clean_start"] = not self.persistent if clean_start is None else clean_start
+            if properties is None and self.persistent:
+                properties = props(PacketTypes.CONNECT, SessionExpiryInterval=SESSION_EXPIRY)
             kw["properties"] = properties
         self.c.connect(self.broker.host, self.broker.port, **kw)
         self.c.loop_start()
@@ -411,8 +421,9 @@ class ClientFactory:
         return c
 
     def again(self, old, **kw):
-        """A new client with the same ClientId (and protocol) as `old`."""
+        """A new client with the same ClientId (protocol and persistence) as `old`."""
         kw.setdefault("protocol", old.protocol)
+        kw.setdefault("persistent", old.persistent)
         c = TClient(old.broker, old.client_id, **kw)
         self.clients.append(c)
         return c

@@ -10,6 +10,8 @@ from mqttraw import (
 )
 from pahoutil import metric
 
+BOTH = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
+
 
 def _try_connect(broker, version=V311):
     """CONNECT on a fresh socket: the Client on success, None when the broker closed it."""
@@ -71,27 +73,18 @@ def test_publish_topic_at_the_limits_is_accepted(make_broker):
             c.disconnect()
 
 
+@pytest.mark.parametrize("version", BOTH)
+@pytest.mark.parametrize("qos", [0, 1])
 @pytest.mark.parametrize("topic", ["a" * 33, "a/b/c/d/e", "/a/b/c/", "////"])
-def test_publish_topic_over_limits_v5_disconnect_0x90(make_broker, topic):
+def test_publish_topic_over_limits_closes(make_broker, topic, qos, version):
+    """A PUBLISH whose topic is over the limits closes the connection: 5.0 with DISCONNECT 0x90
+    (Topic Name invalid), 3.1.1 without a word."""
     b = make_broker(TOPIC_LIMITS)
-    with connected(b, uid("tl"), V5) as c:
-        c.send(publish(topic, b"x", qos=1, pid=1, version=V5))
+    with connected(b, uid("tl"), version) as c:
+        c.send(publish(topic, b"x", qos=qos, pid=1 if qos else None, version=version))
         got, closed = c.wait_closed(timeout=5)
         assert closed, got
-        assert [p.type for p in got] == [DISCONNECT], got
-        assert got[0].rc == 0x90, got[0]
-
-
-def test_publish_topic_over_limits_v311_closes(make_broker):
-    b = make_broker(TOPIC_LIMITS)
-    with connected(b, uid("tl"), V311) as c:
-        c.send(publish("a" * 40, b"x", qos=1, pid=1))
-        got, closed = c.wait_closed(timeout=5)
-        assert closed and got == [], got
-    with connected(b, uid("tl"), V311) as c:
-        c.send(publish("a/b/c/d/e/f", b"x", qos=0))
-        got, closed = c.wait_closed(timeout=5)
-        assert closed and got == [], got
+        assert [(p.type, p.rc) for p in got] == ([(DISCONNECT, 0x90)] if version == V5 else []), got
 
 
 def test_subscribe_filter_over_limits_is_refused(make_broker):
@@ -127,15 +120,22 @@ def test_topic_limit_validation_names_the_key(make_broker):
 # ---------------------------------------------------------------------------------------------
 # max_subscriptions
 # ---------------------------------------------------------------------------------------------
-def test_max_subscriptions_v5_quota_exceeded(make_broker):
+@pytest.mark.parametrize("version", BOTH)
+def test_max_subscriptions_refused_beyond_the_limit(make_broker, version):
+    """limits.max_subscriptions=3: further filters are refused in the SUBACK (5.0 0x97 Quota
+    exceeded, 3.1.1 0x80); re-subscribing to a filter the client already has does not count,
+    and unsubscribing frees a place."""
+    refused = 0x97 if version == V5 else 0x80
     b = make_broker({"limits": {"max_subscriptions": 3}})
-    with connected(b, uid("ms"), V5) as c:
+    with connected(b, uid("ms"), version) as c:
         sub = c.subscribe([(f"s/{i}", 1) for i in range(5)], pid=1)
-        assert sub.codes == [1, 1, 1, 0x97, 0x97], sub
-        # Re-subscribing to a filter it already has does not count.
+        assert sub.codes == [1, 1, 1, refused, refused], sub
+        # Re-subscribing to filters it already has does not count (and sets the new QoS).
         assert c.subscribe([("s/0", 0)], pid=2).codes == [0]
-        assert c.subscribe([("s/9", 0)], pid=3).codes == [0x97]
-        assert c.unsubscribe(["s/1"], pid=4).codes == [0]
+        assert c.subscribe([("s/1", 2), ("s/2", 0)], pid=6).codes == [2, 0]
+        assert c.subscribe([("s/9", 0)], pid=3).codes == [refused]
+        # A 3.1.1 UNSUBACK carries no reason codes.
+        assert c.unsubscribe(["s/1"], pid=4).codes == ([0] if version == V5 else [])
         assert c.subscribe([("s/9", 0)], pid=5).codes == [0]
         # The refused filters really are not subscribed.
         c.publish("s/4", b"x", qos=0)
@@ -143,14 +143,6 @@ def test_max_subscriptions_v5_quota_exceeded(make_broker):
         got, _ = c.recv_until(lambda p: p.type == PUBLISH, timeout=5)
         assert got.topic == "s/9", got
         c.assert_silent(0.3)
-        c.disconnect()
-
-
-def test_max_subscriptions_v311(make_broker):
-    b = make_broker({"limits": {"max_subscriptions": 2}})
-    with connected(b, uid("ms"), V311) as c:
-        assert c.subscribe([("a", 1), ("b", 1), ("c", 1)]).codes == [1, 1, 0x80]
-        assert c.subscribe([("a", 2), ("b", 0)], pid=2).codes == [2, 0]
         c.disconnect()
 
 

@@ -550,20 +550,32 @@ def test_connect_timeout_closes_socket(make_broker, sent):
 # ---------------------------------------------------------------------------------------------
 # $ topics
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("topic", [
-    pytest.param("$SYS/test", id="SYS-[MQTT-4.7.2-1]"),
-    pytest.param("$private/x", id="dollar-[MQTT-4.7.2-1]"),
+@pytest.mark.parametrize("version", BOTH)
+@pytest.mark.parametrize("topic,qos", [
+    pytest.param("$SYS/test", 1, id="SYS-qos1-[MQTT-4.7.2-1]"),
+    pytest.param("$SYS/test", 2, id="SYS-qos2-[MQTT-4.7.2-1]"),
+    pytest.param("$private/x", 1, id="dollar-qos1-[MQTT-4.7.2-1]"),
 ])
-def test_client_publish_to_dollar_topic_not_delivered(broker, topic):
-    """3.1.1: a PUBLISH to a '$' topic is acknowledged (PUBACK) but never delivered, not even to
-    an explicit subscriber of that topic; '#' never sees '$' topics [MQTT-4.7.2-1]."""
-    s = connected(broker, uid("sub"))
+def test_client_publish_to_dollar_topic_not_delivered(broker, version, topic, qos):
+    """A client PUBLISH to a '$' topic is never delivered, not even to an explicit subscriber of
+    that topic; '#' never sees '$' topics [MQTT-4.7.2-1]. 3.1.1 acknowledges it like any other
+    (PUBACK / PUBREC without a reason code, the QoS 2 flow completes); 5.0 answers 0x87 (Not
+    authorized). The connection stays usable."""
+    s = connected(broker, uid("sub"), version)
     s.subscribe([(topic, 1), ("#", 1)])
-    c = connected(broker, uid("pub"))
-    ack = c.publish(topic, b"nope", qos=1, pid=5)
-    assert ack.raw == b"\x40\x02\x00\x05", ack
+    c = connected(broker, uid("pub"), version)
+    c.send(publish(topic, b"nope", qos=qos, pid=5, version=version))
+    ack = c.expect(PUBACK if qos == 1 else PUBREC)
+    if version == V5:
+        assert (ack.pid, ack.rc) == (5, 0x87), ack
+    else:
+        assert ack.raw == bytes([0x40 if qos == 1 else 0x50, 0x02, 0x00, 0x05]), ack
+        if qos == 2:
+            c.send(pubrel(5, version))
+            assert c.expect(PUBCOMP).raw == b"\x70\x02\x00\x05"
     got = [p for p in s.collect(0.5) if p.type == PUBLISH and p.topic == topic]
     assert got == [], got
+    assert c.ping().type == PINGRESP
     c.disconnect()
     s.disconnect()
 

@@ -106,25 +106,6 @@ def test_no_matching_subscribers_reason(broker, qos, subscribed, rc):
     c.disconnect()
 
 
-@pytest.mark.parametrize("topic,qos", [
-    pytest.param("$SYS/test", 1, id="SYS-qos1-0x87-[MQTT-4.7.2-1]"),
-    pytest.param("$SYS/test", 2, id="SYS-qos2-0x87-[MQTT-4.7.2-1]"),
-    pytest.param("$other/x", 1, id="dollar-qos1-0x87-[MQTT-4.7.2-1]"),
-])
-def test_publish_to_dollar_topic_not_authorized(broker, topic, qos):
-    """A client PUBLISH to a '$' topic: PUBACK/PUBREC 0x87 (Not authorized), never delivered."""
-    s = v5(broker)
-    s.subscribe([(topic, 1)])
-    c = v5(broker)
-    c.send(publish(topic, b"x", qos=qos, pid=5, version=V5))
-    a = c.expect(PUBACK if qos == 1 else PUBREC)
-    assert (a.pid, a.rc) == (5, 0x87), a
-    assert [p for p in s.collect(0.5) if p.type == PUBLISH] == []
-    assert c.ping().type == PINGRESP
-    c.disconnect()
-    s.disconnect()
-
-
 def test_payload_format_utf8_violation_0x99(broker):
     """Payload Format Indicator 1 with a non-UTF-8 payload: PUBACK 0x99 (Payload format
     invalid) and not delivered (contract; 5.0 §3.3.2.3.2)."""
