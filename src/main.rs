@@ -87,6 +87,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Handlers first: a signal sent as soon as the ready line appears (or during startup)
+        // must find them installed, not the default action (SIGHUP would kill the process).
+        let signals = Signals::install();
         let mut running = match tern::start(config).await {
             Ok(r) => r,
             Err(e) => {
@@ -97,22 +100,43 @@ fn main() -> ExitCode {
         running.set_log_handle(log);
         println!("{}", running.ready_line());
         tracing::info!("{}", running.ready_line());
-        wait_for_signal(&running, config_path.as_deref()).await;
+        signals.wait(&running, config_path.as_deref()).await;
         tracing::info!("shutting down");
         running.shutdown(Duration::from_secs(5)).await;
         ExitCode::SUCCESS
     })
 }
 
-/// Runs until SIGTERM or SIGINT; SIGHUP reloads what can change without a restart.
-async fn wait_for_signal(running: &tern::Running, config: Option<&std::path::Path>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(mut term), Ok(mut int), Ok(mut hup)) => loop {
+/// SIGTERM, SIGINT and SIGHUP, caught from before startup to shutdown.
+struct Signals {
+    unix: Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let unix = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Some((term, int, hup)),
+            _ => None,
+        };
+        Signals { unix }
+    }
+
+    /// Runs until SIGTERM or SIGINT; SIGHUP reloads what can change without a restart.
+    async fn wait(self, running: &tern::Running, config: Option<&std::path::Path>) {
+        let Some((mut term, mut int, mut hup)) = self.unix else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
             tokio::select! {
                 _ = term.recv() => return,
                 _ = int.recv() => return,
@@ -126,9 +150,6 @@ async fn wait_for_signal(running: &tern::Running, config: Option<&std::path::Pat
                     }
                 }
             }
-        },
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

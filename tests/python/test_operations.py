@@ -1264,6 +1264,17 @@ def test_reload_rejects_an_invalid_config(make_broker, raws):
     assert c.ping().type == mr.PINGRESP
 
 
+def test_sighup_right_after_the_ready_line_reloads(make_broker, raws):
+    """The signal handlers are in place before the ready line is printed: a SIGHUP sent the
+    moment it appears is a reload, not the default action (which kills the process)."""
+    for _ in range(5):
+        b = make_broker()
+        mark = reload(b, {"limits": {"max_packet_size": 4000}})
+        wait_line(b, reload_line("limits.max_packet_size"), mark)
+        assert b.alive()
+        assert connack_mps(b, raws)[1] == 4000
+
+
 def test_reload_sys_interval_and_allow_anonymous(make_broker, mk, raws):
     b = make_broker({"sys_topics": {"interval": 0}})
     c = mk("sys", broker=b)
