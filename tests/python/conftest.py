@@ -155,3 +155,23 @@ def make_broker():
 def stoppable():
     """Like make_broker, for tests that stop the broker themselves (no liveness check)."""
     yield from brokers(check_alive=False)
+
+
+@pytest.fixture
+def mk(broker, request):
+    """paho clients (pahoutil.ClientFactory) on the module's broker: mk("name", version)."""
+    from pahoutil import ClientFactory
+
+    f = ClientFactory(broker, request.node.name)
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def mkc(make_broker, request):
+    """paho clients for tests that start their own broker: mkc("name", version, broker=b)."""
+    from pahoutil import ClientFactory
+
+    f = ClientFactory(None, request.node.name)
+    yield f
+    f.close()

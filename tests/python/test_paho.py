@@ -30,21 +30,6 @@ def pick(version, v311, v5):
     return v5 if version == V5 else v311
 
 
-@pytest.fixture
-def mk(broker, request):
-    f = ClientFactory(broker, request.node.name)
-    yield f
-    f.close()
-
-
-@pytest.fixture
-def mkc(make_broker, request):
-    """Factory for tests that start their own broker: mkc("name", version, broker=b)."""
-    f = ClientFactory(None, request.node.name)
-    yield f
-    f.close()
-
-
 def closed_by(c):
     """Waits until c's connection ends; returns the reason code of the broker's DISCONNECT, or
     None when the broker just closed the connection (all it can do in 3.1.1)."""

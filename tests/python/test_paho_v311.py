@@ -15,13 +15,6 @@ from pahoutil import (TIMEOUT, V31, V311, V5, ClientFactory)
 P = V311
 
 
-@pytest.fixture
-def mk(broker, request):
-    f = ClientFactory(broker, request.node.name)
-    yield f
-    f.close()
-
-
 # --------------------------------------------------------------------------- connect
 
 

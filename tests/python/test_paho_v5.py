@@ -38,20 +38,6 @@ def has(p, name):
     return p is not None and hasattr(p, name)
 
 
-@pytest.fixture
-def mk(broker, request):
-    f = ClientFactory(broker, request.node.name)
-    yield f
-    f.close()
-
-
-@pytest.fixture
-def mkc(make_broker, request):
-    f = ClientFactory(None, request.node.name)
-    yield f
-    f.close()
-
-
 # --------------------------------------------------------------------------- connect
 
 

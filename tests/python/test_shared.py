@@ -49,20 +49,6 @@ def bad_code(proto):
 # --------------------------------------------------------------------------- fixtures/helpers
 
 
-@pytest.fixture
-def mk(broker, request):
-    f = ClientFactory(broker, request.node.name)
-    yield f
-    f.close()
-
-
-@pytest.fixture
-def mkc(make_broker, request):
-    f = ClientFactory(None, request.node.name)
-    yield f
-    f.close()
-
-
 class Raw:
     """TOML written as is by conftest's config writer (inline tables, arrays)."""
 
