@@ -89,10 +89,10 @@ soak:
 
 ## Fuzz each target for FUZZ_SECONDS (default 60) with cargo-fuzz on nightly (docs/fuzzing.md).
 ## Not part of `make test`. Fails on the first crash; the input is left in fuzz/artifacts/.
-## make fuzz [FUZZ_TARGETS="decode connection"] [FUZZ_SECONDS=60]
+## make fuzz [FUZZ_TARGETS="decode connection differential"] [FUZZ_SECONDS=60]
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	set -e; cd fuzz && for t in $(or $(FUZZ_TARGETS),decode connection); do \
+	set -e; cd fuzz && for t in $(or $(FUZZ_TARGETS),decode connection differential); do \
 	  mkdir -p work/corpus/$$t; \
 	  echo "== fuzz $$t for $(or $(FUZZ_SECONDS),60)s"; \
 	  $(CARGO) +nightly fuzz run $$t work/corpus/$$t corpus/$$t -- -max_total_time=$(or $(FUZZ_SECONDS),60); \

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Writes the committed seed corpus: hand-built MQTT 3.1.1 / 5.0 packets as raw bytes.
 
-Run from fuzz/: python3 gen_corpus.py  (rewrites corpus/decode/ and corpus/connection/).
-Every file starts with the target's selector byte (see fuzz_targets/*.rs):
-  decode:     0 = before CONNECT, 1 = MQTT 3.1.1, 2 = MQTT 5.0
-  connection: 0 = input carries its own CONNECT, 1 = 3.1.1 prefix, 2/3 = 5.0 prefixes
+Run from fuzz/: python3 gen_corpus.py  (rewrites corpus/decode/, corpus/connection/ and
+corpus/differential/). Every file starts with the target's selector byte (see
+fuzz_targets/*.rs):
+  decode:       0 = before CONNECT, 1 = MQTT 3.1.1, 2 = MQTT 5.0
+  connection:   0 = input carries its own CONNECT, 1 = 3.1.1 prefix, 2/3 = 5.0 prefixes
+  differential: 0 = MQTT 3.1.1, 1 = MQTT 5.0 (a CONNECT is read with its own version)
 """
 import os
 import struct
@@ -215,3 +217,21 @@ write("connection", "v5_auth_disconnect", b"\x02" + P5[13] + P5[14])
 write("connection", "v5_receive_max", b"\x03" + P5[10]
       + b"".join(publish("x/a", str(i), qos=1, pid=i + 1, v5=True) for i in range(4)))
 write("connection", "v5_unsub_disc", b"\x03" + P5[11] + P5[15])
+
+# --- differential: the same packets, selector 0 = 3.1.1, 1 = 5.0 ----------------------------
+for name, c, sel in [("connect_v311", C311, b"\x00"), ("connect_v311_will_auth", C311_WILL, b"\x00"),
+                     ("connect_v311_persist", C311_PERSIST, b"\x00"),
+                     ("connect_v311_empty_id", C311_EMPTY_ID, b"\x00"),
+                     ("connect_v5_props", C5, b"\x01"), ("connect_v5_will", C5_WILL, b"\x01"),
+                     ("connect_v5_auth", C5_AUTH, b"\x01"), ("connect_v5_empty_id", C5_EMPTY_ID, b"\x01")]:
+    write("differential", name, sel + c)
+for name, p in zip(names311, P311):
+    write("differential", "v311_" + name, b"\x00" + p)
+for name, p in zip(names5, P5):
+    write("differential", "v5_" + name, b"\x01" + p)
+write("differential", "stream_v311", b"\x00" + C311 + b"".join(P311))
+write("differential", "stream_v5", b"\x01" + C5 + b"".join(P5))
+write("differential", "v5_puback_props", b"\x01"
+      + pubresp(4, 3, v5=True, reason=0x10, properties=p_str(0x1F, "r") + p_user("k", "v")))
+write("differential", "v5_subscribe_id", b"\x01"
+      + subscribe(5, [("a/+", 0x15)], v5=True, properties=p_var(0x0B, 300)))

@@ -104,13 +104,19 @@ impl Reader {
         Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
     }
 
-    /// Variable Byte Integer, at most four bytes ([MQTT-1.5.5-1]).
+    /// Variable Byte Integer, at most four bytes and in its shortest form ([MQTT-1.5.5-1]:
+    /// a last byte of 0 after a continuation byte adds nothing).
     pub fn varint(&mut self) -> Result<u32, ProtocolError> {
         let mut value: u32 = 0;
         for i in 0..4 {
             let b = self.u8()?;
             value |= u32::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
+                if b == 0 && i > 0 {
+                    return Err(ProtocolError::Malformed(
+                        "variable byte integer not in its shortest form",
+                    ));
+                }
                 return Ok(value);
             }
         }

@@ -613,6 +613,21 @@ mod tests {
                 &[0x30, 0x09, 0, 1, b'a', 5, 0x23, 0, 1, 0x23, 0],
                 V5,
             ),
+            (
+                "[MQTT-1.5.5-1] property identifier 1 as two bytes (81 00)",
+                &[0x30, 0x07, 0, 0, 3, 0x81, 0x00, 0, 0],
+                V5,
+            ),
+            (
+                "[MQTT-1.5.5-1] property length 0 as two bytes (80 00)",
+                &[0x30, 0x05, 0, 1, b'a', 0x80, 0x00],
+                V5,
+            ),
+            (
+                "3.10.2.1 Reason String in UNSUBSCRIBE (v5)",
+                &[0xa2, 0x0a, 0, 1, 4, 0x1f, 0, 1, b'r', 0, 1, b'a'],
+                V5,
+            ),
             ("server-only packet type CONNACK", &[0x20, 0x02, 0, 0], V4),
             ("AUTH from 3.1.1", &[0xf0, 0x00], V4),
             ("reserved type 0", &[0x00, 0x00], V4),

@@ -88,9 +88,9 @@ fn allowed(ctx: Context, pid: u8) -> bool {
                 | TOPIC_ALIAS
                 | USER_PROPERTY
         ),
-        Context::PubResponse | Context::Unsubscribe => {
-            matches!(pid, REASON_STRING | USER_PROPERTY)
-        }
+        Context::PubResponse => matches!(pid, REASON_STRING | USER_PROPERTY),
+        // MQTT 5.0 §3.10.2.1: UNSUBSCRIBE carries User Properties only.
+        Context::Unsubscribe => pid == USER_PROPERTY,
         Context::Subscribe => matches!(pid, SUBSCRIPTION_IDENTIFIER | USER_PROPERTY),
         Context::Disconnect => matches!(
             pid,

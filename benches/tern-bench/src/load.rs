@@ -7,8 +7,11 @@
 //! window of unacknowledged messages, QoS 0 may run at most a fixed number of messages ahead
 //! of what its subscribers have received.
 
-use crate::mqtt::{self, Client};
+use crate::mqtt::{self, Client, PublishEncoder};
 use crate::stats::{self, now_ns, Histogram};
+use bytes::BytesMut;
+use mqttbytes::v4::Packet;
+use mqttbytes::{PacketType, QoS};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::io;
@@ -274,27 +277,30 @@ async fn subscriber(
     let mut tally = Tally::new(spec.pubs);
     let mut published = vec![0u64; spec.pubs];
     let error = loop {
-        tokio::select! {
-            biased;
-            r = c.read_more() => if let Err(e) = r { break Some(e.to_string()) },
-            _ = stop.changed() => break None,
+        // What the socket already has is read without arming the stop signal: the same
+        // outcome as the biased select below, whose read wins when it is ready, for less.
+        // (Budgeted as the read would have been, so a busy subscriber still yields.)
+        match c.try_read_more() {
+            Ok(true) => tokio::task::coop::consume_budget().await,
+            Ok(false) => tokio::select! {
+                biased;
+                r = c.read_more() => if let Err(e) = r { break Some(e.to_string()) },
+                _ = stop.changed() => break None,
+            },
+            Err(e) => break Some(e.to_string()),
         }
         let now = now_ns();
-        let r = c.drain(|first, body, wbuf| {
-            match first >> 4 {
-                mqtt::PUBLISH => {
-                    let p = mqtt::parse_publish(first, body)?;
-                    tally.record(p.payload, now)?;
-                    match p.qos {
-                        1 => mqtt::ack(wbuf, mqtt::PUBACK, p.pid),
-                        2 => mqtt::ack(wbuf, mqtt::PUBREC, p.pid),
-                        _ => {}
-                    }
+        let r = c.drain(|packet, wbuf| match packet {
+            Packet::Publish(p) => {
+                tally.record(&p.payload, now)?;
+                match p.qos {
+                    QoS::AtMostOnce => Ok(()),
+                    QoS::AtLeastOnce => mqtt::ack(wbuf, PacketType::PubAck, p.pkid),
+                    QoS::ExactlyOnce => mqtt::ack(wbuf, PacketType::PubRec, p.pkid),
                 }
-                mqtt::PUBREL => mqtt::ack(wbuf, mqtt::PUBCOMP, mqtt::ack_pid(body)?),
-                _ => {}
             }
-            Ok(())
+            Packet::PubRel(r) => mqtt::ack(wbuf, PacketType::PubComp, r.pkid),
+            _ => Ok(()),
         });
         if let Err(e) = r {
             break Some(e.to_string());
@@ -346,20 +352,21 @@ impl Ids {
         }
     }
     /// Handle PUBACK / PUBREC / PUBCOMP; queues PUBREL for a PUBREC.
-    fn on_ack(&mut self, kind: u8, pid: u16, wbuf: &mut Vec<u8>) {
+    fn on_ack(&mut self, kind: PacketType, pid: u16, wbuf: &mut BytesMut) -> io::Result<()> {
         let st = &mut self.state[pid as usize];
         match (kind, *st) {
-            (mqtt::PUBACK, 1) | (mqtt::PUBCOMP, 2) => {
+            (PacketType::PubAck, 1) | (PacketType::PubComp, 2) => {
                 *st = 0;
                 self.inflight -= 1;
             }
-            (mqtt::PUBREC, 1) => {
+            (PacketType::PubRec, 1) => {
                 *st = 2;
-                mqtt::ack(wbuf, mqtt::PUBREL, pid);
+                mqtt::ack(wbuf, PacketType::PubRel, pid)?;
             }
-            (mqtt::PUBREC, 2) => mqtt::ack(wbuf, mqtt::PUBREL, pid),
+            (PacketType::PubRec, 2) => mqtt::ack(wbuf, PacketType::PubRel, pid)?,
             _ => {}
         }
+        Ok(())
     }
 }
 
@@ -382,7 +389,16 @@ struct PubPlan {
 
 async fn publisher(mut c: Client, plan: PubPlan, shared: Option<Arc<Shared>>) -> PubResult {
     sleep_until(plan.start.into()).await;
-    let mut payload = vec![0u8; plan.payload.max(STAMP)];
+    let mut encoder = match PublishEncoder::new(&plan.topics, plan.qos, plan.payload.max(STAMP)) {
+        Ok(e) => e,
+        Err(e) => {
+            return PubResult {
+                sent: 0,
+                unacked: 0,
+                error: Some(e.to_string()),
+            }
+        }
+    };
     let mut seqs = vec![0u64; plan.topics.len()];
     let mut sent = 0u64;
     let mut ids = Ids::new();
@@ -436,10 +452,13 @@ async fn publisher(mut c: Client, plan: PubPlan, shared: Option<Arc<Shared>>) ->
             }
             for _ in 0..n {
                 let t = (sent % plan.topics.len() as u64) as usize;
-                stamp(&mut payload, t as u32 + plan.id as u32, seqs[t]);
-                seqs[t] += 1;
                 let pid = if plan.qos > 0 { ids.alloc() } else { 0 };
-                mqtt::publish(&mut c.wbuf, &plan.topics[t], plan.qos, pid, &payload);
+                let stream = t as u32 + plan.id as u32;
+                let r = encoder.encode(&mut c.wbuf, t, pid, |p| stamp(p, stream, seqs[t]));
+                if let Err(e) = r {
+                    break 'run Some(e.to_string());
+                }
+                seqs[t] += 1;
                 sent += 1;
             }
         }
@@ -483,12 +502,11 @@ async fn publisher(mut c: Client, plan: PubPlan, shared: Option<Arc<Shared>>) ->
                 }
             }
         }
-        let r = c.drain(|first, body, wbuf| {
-            let kind = first >> 4;
-            if matches!(kind, mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP) {
-                ids.on_ack(kind, mqtt::ack_pid(body)?, wbuf);
-            }
-            Ok(())
+        let r = c.drain(|packet, wbuf| match packet {
+            Packet::PubAck(a) => ids.on_ack(PacketType::PubAck, a.pkid, wbuf),
+            Packet::PubRec(a) => ids.on_ack(PacketType::PubRec, a.pkid, wbuf),
+            Packet::PubComp(a) => ids.on_ack(PacketType::PubComp, a.pkid, wbuf),
+            _ => Ok(()),
         });
         if let Err(e) = r {
             break Some(e.to_string());
@@ -1190,13 +1208,12 @@ async fn durable(o: &Opts, d: Duration) -> Value {
                 }
                 have_data = false;
                 let before = seen.unique + seen.dups;
-                let r = c.drain(|first, body, wbuf| {
-                    if first >> 4 == mqtt::PUBLISH {
-                        let p = mqtt::parse_publish(first, body)?;
-                        let (id, seq, _) = unstamp(p.payload)?;
-                        seen.record(id, seq, first & 0x08 != 0);
-                        if p.qos > 0 {
-                            mqtt::ack(wbuf, mqtt::PUBACK, p.pid);
+                let r = c.drain(|packet, wbuf| {
+                    if let Packet::Publish(p) = packet {
+                        let (id, seq, _) = unstamp(&p.payload)?;
+                        seen.record(id, seq, p.dup);
+                        if p.qos != QoS::AtMostOnce {
+                            mqtt::ack(wbuf, PacketType::PubAck, p.pkid)?;
                         }
                     }
                     Ok(())
@@ -1361,12 +1378,11 @@ async fn worker(
             res = c.read_more(), if queue.len() < LOCAL_BACKLOG => {
                 if let Err(e) = res { break Some(e.to_string()) }
                 let (now, at) = (now_ns(), Instant::now());
-                let res = c.drain(|f, body, _| {
-                    if f >> 4 == mqtt::PUBLISH {
-                        let p = mqtt::parse_publish(f, body)?;
-                        let (id, seq, ts) = unstamp(p.payload)?;
+                let res = c.drain(|packet, _| {
+                    if let Packet::Publish(p) = packet {
+                        let (id, seq, ts) = unstamp(&p.payload)?;
                         r.arrived += 1;
-                        if f & 0x08 != 0 {
+                        if p.dup {
                             r.dup_flagged += 1;
                         }
                         r.hist.record(now.saturating_sub(ts));
@@ -1376,7 +1392,7 @@ async fn worker(
                             Some(_) => {}
                             None => r.unexpected += 1,
                         }
-                        queue.push_back(((p.qos > 0).then_some(p.pid), seq, at));
+                        queue.push_back(((p.qos != QoS::AtMostOnce).then_some(p.pkid), seq, at));
                     }
                     Ok(())
                 });
@@ -1388,6 +1404,7 @@ async fn worker(
             _ = tick.tick() => {
                 let now = Instant::now();
                 let mut k = 0;
+                let mut failed = None;
                 while let Some(&(pid, seq, at)) = queue.front() {
                     let done = free_at.map_or(at, |f| f.max(at)) + per_msg;
                     if done > now {
@@ -1396,7 +1413,10 @@ async fn worker(
                     queue.pop_front();
                     free_at = Some(done);
                     if let Some(pid) = pid {
-                        mqtt::ack(&mut c.wbuf, mqtt::PUBACK, pid);
+                        if let Err(e) = mqtt::ack(&mut c.wbuf, PacketType::PubAck, pid) {
+                            failed = Some(e);
+                            break;
+                        }
                     }
                     if let Some(q) = seq {
                         if Board::set(&board.processed, q) {
@@ -1404,6 +1424,9 @@ async fn worker(
                         }
                     }
                     k += 1;
+                }
+                if let Some(e) = failed {
+                    break Some(e.to_string());
                 }
                 if k > 0 {
                     r.processed += k;

@@ -1,8 +1,21 @@
-//! Client-side MQTT 3.1.1: just the packets the load generator needs, encoded into and
-//! decoded from plain byte buffers so many packets go out in one write and come in with one
-//! read.
+//! Client-side MQTT 3.1.1 through `mqttbytes` (crates.io, `v4`), an implementation
+//! independent of the broker's codec, so the load generator shares no code and no
+//! assumptions with what it measures.
+//!
+//! Many packets are encoded into one reusable write buffer and sent with one write; each read
+//! appends whatever the socket has to one read buffer, and `v4::read` takes whole packets off
+//! its front (an incomplete one stays for the next read).
+//!
+//! Costs on the hot paths: a PUBLISH is a copy of a template `mqttbytes` wrote once per topic
+//! (see [`PublishEncoder`]); acknowledgements are written by their `v4` types straight into
+//! the write buffer. Decoding is `v4::read` for every packet: a PUBLISH costs its topic
+//! (`v4::Publish::read` returns a `String`) and the atomic reference counting of the `Bytes`
+//! slices it hands out (the payload is a slice of the read buffer), several times the cost of
+//! the hand-written parser this replaced (docs/benchmarks.md has the numbers).
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
+use mqttbytes::v4::{self, Packet};
+use mqttbytes::{PacketType, QoS};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -10,147 +23,128 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-pub const CONNACK: u8 = 2;
-pub const PUBLISH: u8 = 3;
-pub const PUBACK: u8 = 4;
-pub const PUBREC: u8 = 5;
-pub const PUBREL: u8 = 6;
-pub const PUBCOMP: u8 = 7;
-pub const SUBACK: u8 = 9;
-
-fn put_len(buf: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        buf.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn put_str(buf: &mut Vec<u8>, s: &str) {
-    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    buf.extend_from_slice(s.as_bytes());
-}
-
-/// CONNECT, MQTT 3.1.1, no will, no credentials; `clean` is the Clean Session flag.
-pub fn connect(buf: &mut Vec<u8>, client_id: &str, keepalive: u16, clean: bool) {
-    buf.push(0x10);
-    put_len(buf, 10 + 2 + client_id.len());
-    put_str(buf, "MQTT");
-    buf.push(4); // protocol level 3.1.1
-    buf.push(if clean { 0x02 } else { 0x00 });
-    buf.extend_from_slice(&keepalive.to_be_bytes());
-    put_str(buf, client_id);
-}
-
-pub fn subscribe(buf: &mut Vec<u8>, pid: u16, filter: &str, qos: u8) {
-    buf.push(0x82);
-    put_len(buf, 2 + 2 + filter.len() + 1);
-    buf.extend_from_slice(&pid.to_be_bytes());
-    put_str(buf, filter);
-    buf.push(qos);
-}
-
-pub fn publish(buf: &mut Vec<u8>, topic: &str, qos: u8, pid: u16, payload: &[u8]) {
-    buf.push(0x30 | (qos << 1));
-    let id_len = if qos > 0 { 2 } else { 0 };
-    put_len(buf, 2 + topic.len() + id_len + payload.len());
-    put_str(buf, topic);
-    if qos > 0 {
-        buf.extend_from_slice(&pid.to_be_bytes());
-    }
-    buf.extend_from_slice(payload);
-}
-
-/// PUBACK / PUBREC / PUBREL / PUBCOMP (PUBREL carries the mandatory 0b0010 flags).
-pub fn ack(buf: &mut Vec<u8>, kind: u8, pid: u16) {
-    let flags = if kind == PUBREL { 0x02 } else { 0 };
-    buf.push((kind << 4) | flags);
-    buf.push(2);
-    buf.extend_from_slice(&pid.to_be_bytes());
-}
-
-pub fn disconnect(buf: &mut Vec<u8>) {
-    buf.extend_from_slice(&[0xE0, 0]);
-}
-
-/// One complete packet at the front of `buf`: (first byte, body start, total length), or
-/// None when more bytes are needed.
-pub fn frame(buf: &[u8]) -> io::Result<Option<(u8, usize, usize)>> {
-    if buf.len() < 2 {
-        return Ok(None);
-    }
-    let mut len = 0usize;
-    let mut mult = 1usize;
-    let mut i = 1;
-    loop {
-        if i >= buf.len() {
-            return Ok(None);
-        }
-        if i > 4 {
-            return Err(bad("remaining length longer than 4 bytes"));
-        }
-        let b = buf[i];
-        len += (b & 0x7f) as usize * mult;
-        mult *= 128;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    let total = i + len;
-    if buf.len() < total {
-        return Ok(None);
-    }
-    Ok(Some((buf[0], i, total)))
-}
+/// Largest packet taken from a broker (the scenarios receive a few hundred bytes at most).
+const MAX_PACKET: usize = 1 << 20;
 
 pub fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
-/// A received PUBLISH, borrowed from the read buffer.
-pub struct Publish<'a> {
-    pub qos: u8,
-    pub pid: u16,
-    pub payload: &'a [u8],
+fn codec(e: mqttbytes::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("mqttbytes: {e:?}"))
 }
 
-pub fn parse_publish(first: u8, body: &[u8]) -> io::Result<Publish<'_>> {
-    let qos = (first >> 1) & 3;
-    if body.len() < 2 {
-        return Err(bad("short PUBLISH"));
-    }
-    let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
-    let mut at = 2 + tlen;
-    if body.len() < at {
-        return Err(bad("short PUBLISH topic"));
-    }
-    let mut pid = 0;
-    if qos > 0 {
-        if body.len() < at + 2 {
-            return Err(bad("short PUBLISH packet id"));
+pub fn qos(q: u8) -> io::Result<QoS> {
+    mqttbytes::qos(q).map_err(codec)
+}
+
+/// PUBACK / PUBREC / PUBREL / PUBCOMP (`kind`, as `mqttbytes` names packet types) for packet
+/// id `pkid`, appended to `buf`.
+pub fn ack(buf: &mut BytesMut, kind: PacketType, pkid: u16) -> io::Result<()> {
+    let r = match kind {
+        PacketType::PubAck => v4::PubAck::new(pkid).write(buf),
+        PacketType::PubRec => v4::PubRec::new(pkid).write(buf),
+        PacketType::PubRel => v4::PubRel::new(pkid).write(buf),
+        PacketType::PubComp => v4::PubComp::new(pkid).write(buf),
+        other => return Err(bad(&format!("{other:?} is not an acknowledgement"))),
+    };
+    r.map(drop).map_err(codec)
+}
+
+/// One publisher's PUBLISH packets. `mqttbytes` writes each topic's PUBLISH once, as a
+/// template (payload zeroed); a message is that template copied into the write buffer with
+/// its packet id and payload written over the bytes `mqttbytes` put there. Where those are is
+/// found from `mqttbytes` itself when the encoder is built: the packet id is the two bytes that
+/// change when `mqttbytes` writes the same packet with another id, and the payload is what
+/// `v4::read` returns from the template (the frame's tail). So every byte of the layout comes
+/// from `mqttbytes`, and a message costs one copy instead of a `Publish::write` per message
+/// (whose payload `Bytes` would cost two atomic reference-count updates each time). The
+/// result is byte for byte what `Publish::write` gives (tested below).
+pub struct PublishEncoder {
+    templates: Vec<Template>,
+}
+
+struct Template {
+    frame: Vec<u8>,
+    /// Offset of the packet id (None at QoS 0).
+    pkid_at: Option<usize>,
+    payload_at: usize,
+}
+
+impl Template {
+    fn new(topic: &str, q: QoS, payload_size: usize) -> io::Result<Template> {
+        let write = |pkid: u16| -> io::Result<BytesMut> {
+            let mut p = v4::Publish::new(topic, q, vec![0u8; payload_size]);
+            p.pkid = pkid;
+            let mut b = BytesMut::new();
+            p.write(&mut b).map_err(codec)?;
+            Ok(b)
+        };
+        let (a, b) = (write(0x0001)?, write(0xfffe)?);
+        let pkid_at = if q == QoS::AtMostOnce {
+            None
+        } else {
+            let diff: Vec<usize> = (0..a.len().min(b.len()))
+                .filter(|&i| a[i] != b[i])
+                .collect();
+            match diff[..] {
+                [i, j] if j == i + 1 && a.len() == b.len() && a[i..=j] == [0x00, 0x01] => Some(i),
+                _ => return Err(bad("cannot find the packet id in mqttbytes' PUBLISH")),
+            }
+        };
+        let mut check = a.clone();
+        let Packet::Publish(p) = v4::read(&mut check, MAX_PACKET).map_err(codec)? else {
+            return Err(bad("mqttbytes does not read its PUBLISH back"));
+        };
+        if !check.is_empty() || p.topic != topic || p.payload.len() != payload_size {
+            return Err(bad("mqttbytes reads its PUBLISH back differently"));
         }
-        pid = u16::from_be_bytes([body[at], body[at + 1]]);
-        at += 2;
+        Ok(Template {
+            payload_at: a.len() - payload_size,
+            frame: a.to_vec(),
+            pkid_at,
+        })
     }
-    Ok(Publish {
-        qos,
-        pid,
-        payload: &body[at..],
-    })
 }
 
-pub fn ack_pid(body: &[u8]) -> io::Result<u16> {
-    if body.len() < 2 {
-        return Err(bad("short acknowledgement"));
+impl PublishEncoder {
+    pub fn new(topics: &[String], qos_level: u8, payload_size: usize) -> io::Result<Self> {
+        let q = qos(qos_level)?;
+        Ok(PublishEncoder {
+            templates: topics
+                .iter()
+                .map(|t| Template::new(t, q, payload_size))
+                .collect::<io::Result<_>>()?,
+        })
     }
-    Ok(u16::from_be_bytes([body[0], body[1]]))
+
+    /// Appends one PUBLISH on topic `topic` (an index into the topics given to `new`) with
+    /// packet id `pkid` (ignored at QoS 0) to `buf`; `fill` writes the payload, which starts
+    /// zeroed.
+    pub fn encode(
+        &mut self,
+        buf: &mut BytesMut,
+        topic: usize,
+        pkid: u16,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> io::Result<()> {
+        let t = self
+            .templates
+            .get(topic)
+            .ok_or_else(|| bad("no such topic"))?;
+        let start = buf.len();
+        buf.extend_from_slice(&t.frame);
+        if let Some(at) = t.pkid_at {
+            if pkid == 0 {
+                // As mqttbytes refuses it (Error::PacketIdZero).
+                buf.truncate(start);
+                return Err(codec(mqttbytes::Error::PacketIdZero));
+            }
+            buf[start + at..start + at + 2].copy_from_slice(&pkid.to_be_bytes());
+        }
+        fill(&mut buf[start + t.payload_at..]);
+        Ok(())
+    }
 }
 
 /// One MQTT connection driven by a single task: packets are encoded into `wbuf` and sent
@@ -158,7 +152,7 @@ pub fn ack_pid(body: &[u8]) -> io::Result<u16> {
 pub struct Client {
     pub stream: TcpStream,
     pub rbuf: BytesMut,
-    pub wbuf: Vec<u8>,
+    pub wbuf: BytesMut,
 }
 
 impl Client {
@@ -210,21 +204,23 @@ impl Client {
             let mut c = Client {
                 stream,
                 rbuf: BytesMut::with_capacity(1024),
-                wbuf: Vec::with_capacity(256),
+                wbuf: BytesMut::with_capacity(256),
             };
-            connect(&mut c.wbuf, client_id, 0, clean);
+            let mut connect = v4::Connect::new(client_id);
+            connect.keep_alive = 0;
+            connect.clean_session = clean;
+            connect.write(&mut c.wbuf).map_err(codec)?;
             c.flush().await?;
-            let (first, body) = c.next_packet().await?;
-            if first >> 4 != CONNACK || body.len() < 2 {
+            let Packet::ConnAck(ack) = c.next_packet().await? else {
                 return Err(bad("expected CONNACK"));
-            }
-            if body[1] != 0 {
+            };
+            if ack.code != v4::ConnectReturnCode::Success {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
-                    format!("CONNACK return code {}", body[1]),
+                    format!("CONNACK return code {:?}", ack.code),
                 ));
             }
-            Ok((c, body[0] & 1 == 1))
+            Ok((c, ack.session_present))
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
@@ -236,17 +232,19 @@ impl Client {
     }
 
     /// SUBSCRIBE one filter and wait for its SUBACK; returns the granted QoS.
-    pub async fn subscribe(&mut self, filter: &str, qos: u8) -> io::Result<u8> {
-        subscribe(&mut self.wbuf, 1, filter, qos);
+    pub async fn subscribe(&mut self, filter: &str, qos_level: u8) -> io::Result<u8> {
+        let mut sub = v4::Subscribe::new(filter, qos(qos_level)?);
+        sub.pkid = 1;
+        sub.write(&mut self.wbuf).map_err(codec)?;
         self.flush().await?;
-        let (first, body) = self.next_packet().await?;
-        if first >> 4 != SUBACK || body.len() < 3 {
+        let Packet::SubAck(ack) = self.next_packet().await? else {
             return Err(bad("expected SUBACK"));
+        };
+        match ack.return_codes.first() {
+            Some(v4::SubscribeReasonCode::Success(q)) => Ok(*q as u8),
+            Some(v4::SubscribeReasonCode::Failure) => Err(bad("subscription refused")),
+            None => Err(bad("SUBACK without a return code")),
         }
-        if body[2] == 0x80 {
-            return Err(bad("subscription refused"));
-        }
-        Ok(body[2])
     }
 
     pub async fn flush(&mut self) -> io::Result<()> {
@@ -257,11 +255,15 @@ impl Client {
         Ok(())
     }
 
-    /// Read whatever the socket has (at least one byte); EOF is an error.
-    pub async fn read_more(&mut self) -> io::Result<usize> {
+    fn make_room(&mut self) {
         if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
             self.rbuf.reserve(64 * 1024);
         }
+    }
+
+    /// Read whatever the socket has (at least one byte); EOF is an error.
+    pub async fn read_more(&mut self) -> io::Result<usize> {
+        self.make_room();
         let n = self.stream.read_buf(&mut self.rbuf).await?;
         if n == 0 {
             return Err(io::Error::new(
@@ -272,35 +274,59 @@ impl Client {
         Ok(n)
     }
 
-    /// Next whole packet (handshake use only: copies the body).
-    async fn next_packet(&mut self) -> io::Result<(u8, Vec<u8>)> {
+    /// As `read_more` without waiting: false when the socket has nothing now.
+    pub fn try_read_more(&mut self) -> io::Result<bool> {
+        self.make_room();
+        match self.stream.try_read_buf(&mut self.rbuf) {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "broker closed the connection",
+            )),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The next whole packet in the read buffer, or None when it needs more bytes.
+    fn take_packet(&mut self) -> io::Result<Option<Packet>> {
+        match v4::read(&mut self.rbuf, MAX_PACKET) {
+            Ok(p) => Ok(Some(p)),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(codec(e)),
+        }
+    }
+
+    /// Next whole packet, reading as needed (handshake use).
+    async fn next_packet(&mut self) -> io::Result<Packet> {
         loop {
-            if let Some((first, start, total)) = frame(&self.rbuf)? {
-                let body = self.rbuf[start..total].to_vec();
-                self.rbuf.advance(total);
-                return Ok((first, body));
+            if let Some(p) = self.take_packet()? {
+                return Ok(p);
             }
             self.read_more().await?;
         }
     }
 
-    /// Hand every complete packet in the read buffer to `f`, then drop them from the buffer.
+    /// Hand every complete packet in the read buffer to `f`, with the write buffer for
+    /// replies; an incomplete packet stays for the next read.
     pub fn drain<F>(&mut self, mut f: F) -> io::Result<()>
     where
-        F: FnMut(u8, &[u8], &mut Vec<u8>) -> io::Result<()>,
+        F: FnMut(Packet, &mut BytesMut) -> io::Result<()>,
     {
-        let mut pos = 0;
-        while let Some((first, start, total)) = frame(&self.rbuf[pos..])? {
-            f(first, &self.rbuf[pos + start..pos + total], &mut self.wbuf)?;
-            pos += total;
+        while let Some(p) = self.take_packet()? {
+            f(p, &mut self.wbuf)?;
         }
-        self.rbuf.advance(pos);
         Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        // Infallible for DISCONNECT (a fixed two bytes).
+        let _ = v4::Disconnect.write(&mut self.wbuf);
     }
 
     /// Best-effort DISCONNECT.
     pub async fn close(mut self) {
-        disconnect(&mut self.wbuf);
+        self.disconnect();
         let _ = tokio::time::timeout(Duration::from_millis(500), self.flush()).await;
     }
 
@@ -316,7 +342,7 @@ impl Client {
     /// that it has processed the DISCONNECT; whatever arrives meanwhile is discarded. Returns
     /// whether the broker closed it in time.
     pub async fn close_and_wait(mut self, timeout: Duration) -> bool {
-        disconnect(&mut self.wbuf);
+        self.disconnect();
         let wait = async {
             self.flush().await?;
             self.read_until_closed().await
@@ -332,29 +358,74 @@ impl Client {
 mod tests {
     use super::*;
 
+    /// The template encoding is exactly what `mqttbytes` writes for the same packet.
     #[test]
-    fn publish_round_trip() {
-        let mut b = Vec::new();
-        publish(&mut b, "a/b", 1, 7, &[1u8; 300]);
-        let (first, start, total) = frame(&b).unwrap().unwrap();
-        assert_eq!(total, b.len());
-        assert_eq!(start, 3); // 2-byte remaining length
-        let p = parse_publish(first, &b[start..total]).unwrap();
-        assert_eq!((p.qos, p.pid, p.payload.len()), (1, 7, 300));
-        assert!(frame(&b[..total - 1]).unwrap().is_none());
+    fn publish_encoder_matches_mqttbytes_byte_for_byte() {
+        for (qos_level, size, topic) in [(0, 20, "t"), (1, 64, "fanin/3"), (2, 300, "a/b/c")] {
+            let mut enc = PublishEncoder::new(&[topic.to_string()], qos_level, size).unwrap();
+            for pkid in [1u16, 0x1234, 0xff00, u16::MAX] {
+                let mut buf = BytesMut::new();
+                enc.encode(&mut buf, 0, pkid, |p| {
+                    p[0] = 7;
+                    p[size - 1] = 9;
+                })
+                .unwrap();
+                let mut payload = vec![0u8; size];
+                payload[0] = 7;
+                payload[size - 1] = 9;
+                let mut p = v4::Publish::new(topic, qos(qos_level).unwrap(), payload);
+                p.pkid = if qos_level == 0 { 0 } else { pkid };
+                let mut want = BytesMut::new();
+                p.write(&mut want).unwrap();
+                assert_eq!(buf, want, "qos {qos_level} pkid {pkid}");
+                let Packet::Publish(got) = v4::read(&mut buf, MAX_PACKET).unwrap() else {
+                    panic!("not a PUBLISH")
+                };
+                assert_eq!(got, p);
+            }
+        }
+        let mut enc = PublishEncoder::new(&["a".to_string()], 1, 20).unwrap();
+        let mut buf = BytesMut::new();
+        assert!(enc.encode(&mut buf, 0, 0, |_| {}).is_err(), "packet id 0");
+        assert!(enc.encode(&mut buf, 1, 9, |_| {}).is_err(), "no topic 1");
+        assert!(buf.is_empty());
     }
 
     #[test]
-    fn acks() {
-        let mut b = Vec::new();
-        ack(&mut b, PUBREL, 0x1234);
-        assert_eq!(b, vec![0x62, 2, 0x12, 0x34]);
-        b.clear();
-        connect(&mut b, "c", 0, true);
-        assert_eq!(&b[..2], &[0x10, 13]);
-        assert_eq!(b[9], 0x02);
-        b.clear();
-        connect(&mut b, "c", 0, false);
-        assert_eq!(b[9], 0x00);
+    fn qos0_publish_has_no_packet_id() {
+        let mut enc = PublishEncoder::new(&["t".to_string()], 0, 20).unwrap();
+        let mut buf = BytesMut::new();
+        enc.encode(&mut buf, 0, 5, |_| {}).unwrap();
+        // 0x30, remaining length, topic length and "t", 20 payload bytes
+        assert_eq!(buf.len(), 2 + 3 + 20);
+        let Packet::Publish(p) = v4::read(&mut buf, MAX_PACKET).unwrap() else {
+            panic!("not a PUBLISH")
+        };
+        assert_eq!((p.qos, p.pkid), (QoS::AtMostOnce, 0));
+    }
+
+    #[test]
+    fn acks_round_trip() {
+        let mut buf = BytesMut::new();
+        for (k, pid) in [
+            (PacketType::PubAck, 1),
+            (PacketType::PubRec, 2),
+            (PacketType::PubRel, 0x1234),
+            (PacketType::PubComp, 4),
+        ] {
+            ack(&mut buf, k, pid).unwrap();
+        }
+        assert_eq!(&buf[8..12], &[0x62, 2, 0x12, 0x34], "PUBREL flags 0b0010");
+        assert!(ack(&mut BytesMut::new(), PacketType::Publish, 1).is_err());
+        let got: Vec<_> = std::iter::from_fn(|| v4::read(&mut buf, MAX_PACKET).ok()).collect();
+        assert_eq!(
+            got,
+            vec![
+                Packet::PubAck(v4::PubAck::new(1)),
+                Packet::PubRec(v4::PubRec::new(2)),
+                Packet::PubRel(v4::PubRel::new(0x1234)),
+                Packet::PubComp(v4::PubComp::new(4)),
+            ]
+        );
     }
 }
