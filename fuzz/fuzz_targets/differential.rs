@@ -858,7 +858,7 @@ fn mqttbytes_knows_reason(tp: &Packet, reason: u8) -> bool {
 }
 
 /// Remaining length of a whole frame (its fixed header's Variable Byte Integer may be longer
-/// than needed: both decoders accept that there).
+/// than needed in what `mqttbytes` accepts; Tern refuses that, [MQTT-1.5.5-1]).
 fn body_len(frame: &[u8]) -> usize {
     let vbi = frame[1..].iter().take_while(|b| *b & 0x80 != 0).count() + 1;
     frame.len() - 1 - vbi

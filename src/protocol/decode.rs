@@ -37,6 +37,13 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, ProtocolError>
         };
         len |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
+            // [MQTT-1.5.5-1] the shortest form: a last byte of 0 after a continuation byte
+            // adds nothing (3.1.1's algorithm in 2.2.3 never writes one either).
+            if b == 0 && i > 0 {
+                return Err(ProtocolError::Malformed(
+                    "remaining length not in its shortest form",
+                ));
+            }
             return Ok(Some((first, len, 2 + i)));
         }
     }
@@ -522,6 +529,16 @@ mod tests {
     #[test]
     fn malformed_table() {
         let cases: &[(&str, &[u8], Option<ProtocolVersion>)] = &[
+            (
+                "[MQTT-1.5.5-1] remaining length longer than its shortest form",
+                &[0xe0, 0x80, 0x80, 0x00],
+                Some(ProtocolVersion::V5),
+            ),
+            (
+                "[MQTT-1.5.5-1] remaining length longer than its shortest form (3.1.1)",
+                &[0xc0, 0x80, 0x00],
+                Some(ProtocolVersion::V3_1_1),
+            ),
             (
                 "[MQTT-3.1.0-1] first packet not CONNECT",
                 &[0xc0, 0x00],
