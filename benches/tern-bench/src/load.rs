@@ -74,13 +74,15 @@ pub async fn run(o: Opts) -> Value {
         "durable-q1-memory" | "durable-q1-os" | "durable-q1-fsync" => durable(&o, d).await,
         s => json!({"ok": false, "error": format!("unknown scenario {s}")}),
     };
-    let m = out.as_object_mut().expect("result is an object");
-    m.insert("scenario".into(), json!(o.scenario));
-    m.insert("broker".into(), json!(o.broker));
-    m.insert("quick".into(), json!(o.quick));
-    m.insert("client_nofile".into(), json!({"soft": soft, "hard": hard}));
-    if let Some(n) = stats::proc_nofile(o.broker_pid) {
-        m.insert("broker_nofile".into(), json!(n));
+    // Every scenario answers a JSON object (built just above).
+    if let Some(m) = out.as_object_mut() {
+        m.insert("scenario".into(), json!(o.scenario));
+        m.insert("broker".into(), json!(o.broker));
+        m.insert("quick".into(), json!(o.quick));
+        m.insert("client_nofile".into(), json!({"soft": soft, "hard": hard}));
+        if let Some(n) = stats::proc_nofile(o.broker_pid) {
+            m.insert("broker_nofile".into(), json!(n));
+        }
     }
     out
 }
@@ -212,10 +214,17 @@ fn unstamp(p: &[u8]) -> io::Result<(usize, u64, u64)> {
     if p.len() < STAMP {
         return Err(mqtt::bad("payload without a stamp"));
     }
-    let id = u32::from_le_bytes(p[0..4].try_into().expect("4 bytes")) as usize;
-    let seq = u64::from_le_bytes(p[4..12].try_into().expect("8 bytes"));
-    let ts = u64::from_le_bytes(p[12..20].try_into().expect("8 bytes"));
-    Ok((id, seq, ts))
+    let mut id = [0u8; 4];
+    let mut seq = [0u8; 8];
+    let mut ts = [0u8; 8];
+    id.copy_from_slice(&p[0..4]);
+    seq.copy_from_slice(&p[4..12]);
+    ts.copy_from_slice(&p[12..20]);
+    Ok((
+        u32::from_le_bytes(id) as usize,
+        u64::from_le_bytes(seq),
+        u64::from_le_bytes(ts),
+    ))
 }
 
 /// Per-subscriber delivery bookkeeping.
@@ -743,9 +752,11 @@ async fn tput(o: &Opts, spec: Spec, duration: Duration) -> Value {
         "msgs_per_broker_cpu_s": delivered as f64 / broker_cpu,
         "errors": errors,
     });
-    let m = out.as_object_mut().expect("object");
-    cpu_fields(m, wall, broker_cpu, client_cpu);
-    latency_fields(m, &hist);
+    // Every scenario answers a JSON object (built just above).
+    if let Some(m) = out.as_object_mut() {
+        cpu_fields(m, wall, broker_cpu, client_cpu);
+        latency_fields(m, &hist);
+    }
     out
 }
 
@@ -957,9 +968,11 @@ async fn burst(o: &Opts) -> Value {
         "msgs_per_broker_cpu_s": processed_unique as f64 / broker_cpu,
         "errors": errors,
     });
-    let m = out.as_object_mut().expect("object");
-    cpu_fields(m, wall, broker_cpu, client_cpu);
-    latency_fields(m, &hist);
+    // Every scenario answers a JSON object (built just above).
+    if let Some(m) = out.as_object_mut() {
+        cpu_fields(m, wall, broker_cpu, client_cpu);
+        latency_fields(m, &hist);
+    }
     out
 }
 
@@ -1309,8 +1322,10 @@ async fn durable(o: &Opts, d: Duration) -> Value {
         "publish_msgs_per_broker_cpu_s": acked_total as f64 / pub_bcpu,
         "msgs_per_broker_cpu_s": delivered as f64 / broker_cpu,
     });
-    let m = out.as_object_mut().expect("object");
-    cpu_fields(m, wall, broker_cpu, client_cpu);
+    // Every scenario answers a JSON object (built just above).
+    if let Some(m) = out.as_object_mut() {
+        cpu_fields(m, wall, broker_cpu, client_cpu);
+    }
     out
 }
 
@@ -1500,7 +1515,11 @@ async fn conns(o: &Opts, soft: u64) -> Value {
     let rss2 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let (wall, broker_cpu, client_cpu) = meter.read();
     // Are they all still open (the broker must not drop idle keep-alive-0 connections)?
-    let mut streams = std::mem::take(&mut *held.lock().expect("lock"));
+    let mut streams = std::mem::take(
+        &mut *held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     let mut closed = 0u64;
     let mut buf = [0u8; 16];
     for s in &streams {
@@ -1545,8 +1564,10 @@ async fn conns(o: &Opts, soft: u64) -> Value {
         "ephemeral_ports": port_range,
         "lost": 0,
     });
-    let m = out.as_object_mut().expect("object");
-    cpu_fields(m, wall, broker_cpu, client_cpu);
+    // Every scenario answers a JSON object (built just above).
+    if let Some(m) = out.as_object_mut() {
+        cpu_fields(m, wall, broker_cpu, client_cpu);
+    }
     out
 }
 
@@ -1587,12 +1608,16 @@ async fn open_conns(
                 let id = format!("{prefix}-{i}");
                 match Client::connect(addr, Some(src), &id, Duration::from_secs(5)).await {
                     Ok(c) => {
-                        held.lock().expect("lock").push(c.stream);
+                        held.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(c.stream);
                         opened.fetch_add(1, Relaxed);
                     }
                     Err(e) => {
                         stop.store(true, Relaxed);
-                        let mut fe = first_err.lock().expect("lock");
+                        let mut fe = first_err
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
                         if fe.is_none() {
                             *fe = Some(format!("connection {i}: {e}"));
                         }
@@ -1605,7 +1630,10 @@ async fn open_conns(
         let _ = t.await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let err = first_err.lock().expect("lock").clone();
+    let err = first_err
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     (opened.load(Relaxed), secs, err)
 }
 

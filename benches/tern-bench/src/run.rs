@@ -226,7 +226,10 @@ level = "warn"
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", a.tern.display()))?;
     let pid = child.id();
-    let stdout = child.stdout.take().expect("piped");
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or("the broker's stdout was not piped")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut r = BufReader::new(stdout);
@@ -363,7 +366,10 @@ fn load(a: &RunArgs, scenario: &str, broker: &str, b: &Broker) -> Result<Value, 
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let mut stdout = child.stdout.take().expect("piped");
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or("the load generator's stdout was not piped")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut s = String::new();
