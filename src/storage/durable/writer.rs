@@ -380,10 +380,12 @@ impl Writer {
                 seq,
                 entry,
             } => {
-                let key = keys::queue(session_id, seq);
+                // No read of what the key held: it holds nothing. A queue's seqs only grow
+                // (the outbox allocates them, and after a restart continues above the highest
+                // one stored), so an Enqueue never meets an entry; looking (a point read that
+                // misses through every table) was a quarter of the storage thread's time.
                 self.add_ref(entry.msg_id);
-                self.remove_queue_entry(&key)?;
-                self.put(Ks::Queue, key, entry.encode());
+                self.put(Ks::Queue, keys::queue(session_id, seq), entry.encode());
             }
             Op::Dequeue { session_id, seq } => {
                 self.remove_queue_entry(&keys::queue(session_id, seq))?;
