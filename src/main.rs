@@ -8,6 +8,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tern::Config;
 
+/// jemalloc instead of glibc's malloc: the storage thread allocates and frees a key and a
+/// value per store operation, from a different thread than the connections that made them
+/// (figures in docs/benchmarks.md and the Cargo.toml comment).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "tern", version, about = "Tern MQTT broker")]
 struct Cli {
