@@ -14,6 +14,17 @@ use tern::Config;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read when it starts. Pages freed under load go back to the OS within a
+/// quarter of a second (from one background thread) instead of after jemalloc's default ten
+/// seconds, and are not kept "muzzy" either: RSS then follows what is held. Measured with
+/// `test_offline_queue_lives_on_disk`: RSS growth for 30 MB queued on disk 35 MB with the
+/// defaults, 24 MB with these (glibc: 21 MB); throughput as with the defaults.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: Option<&'static u8> = Some(
+    &b"background_thread:true,max_background_threads:1,dirty_decay_ms:250,muzzy_decay_ms:0\0"[0],
+);
+
 #[derive(Parser)]
 #[command(name = "tern", version, about = "Tern MQTT broker")]
 struct Cli {
