@@ -27,6 +27,7 @@ V31 = mqtt.MQTTv31
 __all__ = [
     "TIMEOUT", "SESSION_EXPIRY", "V311", "V5", "V31", "TClient", "ClientFactory", "Properties",
     "PacketTypes", "ReasonCode", "SubscribeOptions", "props", "metric", "mqtt", "Will",
+    "disconnect_reason", "split_packets",
 ]
 
 
@@ -61,6 +62,18 @@ def metric(broker, name, labels=None):
 
 
 _PUBLISH_LOG = re.compile(r"Received PUBLISH \(d(\d), q(\d), r(\d), m(\d+)\), '(.*?)', ")
+
+
+def disconnect_reason(packets):
+    """The reason code of the DISCONNECT among `packets` (from TClient.read_until_close) that the
+    broker sent before closing; None if it sent none (3.1.1 has no DISCONNECT from the server).
+    PINGRESPs to a PINGREQ paho sent before it was paused are skipped."""
+    rest = [(first, body) for first, body in packets if first != 0xD0]
+    if not rest:
+        return None
+    first, body = rest[0]
+    assert first == 0xE0 and len(body) >= 1, packets
+    return body[0]
 
 
 def split_packets(data):

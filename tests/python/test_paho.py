@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from pahoutil import (TIMEOUT, V311, V5, ClientFactory, PacketTypes, Will, metric, props)
+from pahoutil import (TIMEOUT, V311, V5, ClientFactory, PacketTypes, Will, disconnect_reason, metric,
+                      props)
 
 VERSIONS = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
 
@@ -35,17 +36,6 @@ def closed_by(c):
     None when the broker just closed the connection (all it can do in 3.1.1)."""
     reason, flags, _, _ = c.wait_disconnect()
     return reason.value if flags.is_disconnect_packet_from_server else None
-
-
-def raw_disconnect_reason(data):
-    """The reason code of the DISCONNECT in raw bytes the broker sent before closing, None if it
-    sent nothing (PINGRESPs to a PINGREQ paho sent before it was paused aside)."""
-    while data.startswith(b"\xd0\x00"):
-        data = data[2:]
-    if not data:
-        return None
-    assert len(data) >= 3 and data[0] == 0xE0, data
-    return data[2]
 
 
 # --------------------------------------------------------------------------- connect
@@ -666,26 +656,12 @@ def test_keepalive_timeout_closes_and_publishes_will(mk, version):
     c.connect(keepalive=1, will=Will("ka/will", b"timeout", qos=1))
     c.publish("ka/other", b"x", qos=1)  # last packet from the client
     c.pause()
-    t0 = time.monotonic()
-    sock = c.c.socket()
-    sock.settimeout(6)
-    closed_at = None
-    data = b""
-    while time.monotonic() - t0 < 6:
-        try:
-            chunk = sock.recv(4096)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            closed_at = time.monotonic()
-            break
-        data += chunk
-    assert closed_at is not None, "broker did not close the silent connection"
-    elapsed = closed_at - t0
-    assert 1.0 <= elapsed <= 3.5, elapsed
+    packets, closed = c.read_until_close(6.0)
+    assert closed is not None, "broker did not close the silent connection"
+    assert 1.0 <= closed <= 3.5, closed
     m = w.get(timeout=3)
     assert m.payload == b"timeout"
-    assert raw_disconnect_reason(data) == pick(version, None, 0x8D), data
+    assert disconnect_reason(packets) == pick(version, None, 0x8D), packets
 
 
 # --------------------------------------------------------------------------- limits / misc

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pahoutil import (V5, ClientFactory, PacketTypes, Properties, ReasonCode, SubscribeOptions,
-                      Will, props)
+                      Will, disconnect_reason, props)
 
 P = V5
 CONNECT = PacketTypes.CONNECT
@@ -425,25 +425,10 @@ def test_server_keep_alive_enforced(make_broker, mkc):
     rc, sp, p = c.connect(keepalive=0)
     assert p.ServerKeepAlive == 1
     c.pause()
-    t0 = time.monotonic()
-    sock = c.c.socket()
-    sock.settimeout(6)
-    data = b""
-    closed_at = None
-    while time.monotonic() - t0 < 6:
-        try:
-            chunk = sock.recv(4096)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            closed_at = time.monotonic()
-            break
-        data += chunk
-    assert closed_at is not None
-    assert closed_at - t0 <= 3.5, closed_at - t0
-    while data.startswith(b"\xd0\x00"):
-        data = data[2:]
-    assert len(data) >= 3 and data[0] == 0xE0 and data[2] == 0x8D, data
+    packets, closed = c.read_until_close(6.0)
+    assert closed is not None
+    assert closed <= 3.5, closed
+    assert disconnect_reason(packets) == 0x8D, packets
 
 
 # --------------------------------------------------------------------------- request / response
