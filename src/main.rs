@@ -93,10 +93,8 @@ fn main() -> ExitCode {
         }
     };
     let config_path = cli.config.clone();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = config.server.threads();
+    let runtime = match runtime(threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tern: cannot start the runtime: {e}");
@@ -116,12 +114,29 @@ fn main() -> ExitCode {
         };
         running.set_log_handle(log);
         println!("{}", running.ready_line());
-        tracing::info!("{}", running.ready_line());
+        tracing::info!(threads, "{}", running.ready_line());
         signals.wait(&running, config_path.as_deref()).await;
         tracing::info!("shutting down");
         running.shutdown(Duration::from_secs(5)).await;
         ExitCode::SUCCESS
     })
+}
+
+/// The tokio runtime serving connections: with one thread, tokio's single-threaded
+/// scheduler (no work stealing, no worker to wake: a publisher's task wakes its subscriber's
+/// on the same thread); with more, the work-stealing one. docs/operations.md, "Threads",
+/// has the measurements behind the default.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, caught from before startup to shutdown.

@@ -15,7 +15,7 @@
 //!   (Receive Maximum, Maximum Packet Size, Server Keep Alive ...);
 //! - `sys_topics.interval`.
 //!
-//! Anything else (listeners, storage, metrics, mqtt, shared, log.format) is reported as
+//! Anything else (listeners, storage, metrics, mqtt, shared, server, log.format) is reported as
 //! needing a restart and keeps its running value.
 
 use crate::auth::{AuthError, Authorizer};
@@ -185,6 +185,7 @@ mod tests {
             "metrics.bind",
             "mqtt.max_qos",
             "shared.strategy",
+            "server.threads",
             "limitsx",
         ] {
             assert!(!reloadable(k), "{k}");

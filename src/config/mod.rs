@@ -72,6 +72,41 @@ pub struct Config {
     pub log: LogConfig,
     pub shared: SharedConfig,
     pub sys_topics: SysTopicsConfig,
+    pub server: ServerConfig,
+}
+
+/// The process itself.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Threads serving connections (the tokio runtime's workers); 0: one per CPU the process
+    /// may use, less one, at least one. Read at start only.
+    pub threads: usize,
+}
+
+impl ServerConfig {
+    /// Most threads `threads` may ask for.
+    pub const MAX_THREADS: usize = 1024;
+
+    /// `threads`, with 0 resolved against the CPUs available to the process.
+    ///
+    /// Why one less than the CPUs: connection work is not the process's only work. The
+    /// store's writer thread, fjall's flush and compaction threads and the kernel's network
+    /// processing for our sockets need a core too; a runtime thread per CPU competes with
+    /// them, and tokio's work stealing between several threads costs a cross-thread wake-up
+    /// per hand-over. With one thread, tokio's single-threaded scheduler has neither
+    /// (docs/operations.md, "Threads", has the measurements).
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            0 => auto_threads(std::thread::available_parallelism().map_or(1, usize::from)),
+            n => n,
+        }
+    }
+}
+
+/// The `threads = 0` rule for a process that may use `cpus` CPUs.
+fn auto_threads(cpus: usize) -> usize {
+    cpus.saturating_sub(1).max(1)
 }
 
 /// Mosquitto-compatible `$SYS/broker/...` topics.
@@ -628,6 +663,7 @@ mod tests {
             "log",
             "shared",
             "sys_topics",
+            "server",
         ] {
             assert!(raw.get(section).is_some(), "section [{section}] missing");
         }
@@ -730,6 +766,16 @@ mod tests {
             Config::from_toml("[shared]\ngroups = [{ name = \"a/b\", strategy = \"random\" }]\n")
                 .unwrap_err();
         assert!(err.to_string().contains("shared.groups"), "{err}");
+    }
+
+    #[test]
+    fn threads_zero_leaves_a_cpu_for_the_store_and_the_kernel() {
+        assert_eq!(auto_threads(1), 1);
+        assert_eq!(auto_threads(2), 1);
+        assert_eq!(auto_threads(16), 15);
+        let c = Config::from_toml("[server]\nthreads = 3\n").unwrap();
+        assert_eq!(c.server.threads(), 3);
+        assert!(Config::default().server.threads() >= 1);
     }
 
     /// Every time key, by its full path, and how to set it in a test.

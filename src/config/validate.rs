@@ -215,6 +215,12 @@ impl Config {
         ) {
             return invalid("sys_topics.interval", &m);
         }
+        if self.server.threads > super::ServerConfig::MAX_THREADS {
+            return invalid(
+                "server.threads",
+                "must be between 0 (one per CPU, less one) and 1024",
+            );
+        }
         Ok(())
     }
 }
@@ -307,6 +313,7 @@ mod tests {
                 "sys_topics.interval",
             ),
             ("[sys_topics]\ninterval = \"2d\"\n", "sys_topics.interval"),
+            ("[server]\nthreads = 1025\n", "server.threads"),
         ] {
             let err = Config::from_toml(text).unwrap_err().to_string();
             assert!(
