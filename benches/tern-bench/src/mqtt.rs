@@ -180,6 +180,18 @@ impl Client {
         clean: bool,
         timeout: Duration,
     ) -> io::Result<(Client, bool)> {
+        Self::connect_with(addr, source, client_id, clean, 0, timeout).await
+    }
+
+    /// As `connect_session`, with the Keep Alive (seconds) given.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        client_id: &str,
+        clean: bool,
+        keep_alive: u16,
+        timeout: Duration,
+    ) -> io::Result<(Client, bool)> {
         let fut = async {
             let sock = TcpSocket::new_v4()?;
             if let Some(ip) = source {
@@ -207,7 +219,7 @@ impl Client {
                 wbuf: BytesMut::with_capacity(256),
             };
             let mut connect = v4::Connect::new(client_id);
-            connect.keep_alive = 0;
+            connect.keep_alive = keep_alive;
             connect.clean_session = clean;
             connect.write(&mut c.wbuf).map_err(codec)?;
             c.flush().await?;

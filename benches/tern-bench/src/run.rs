@@ -687,7 +687,7 @@ const ROWS: &[RowDef] = &[
         scenario: "fanin-q0",
         metric: "delivered msg/s",
         key: "rate",
-        target: Target::RatioAtLeast(1.5),
+        target: Target::RatioAtLeast(3.0),
     },
     RowDef {
         scenario: "fanin-q1",
@@ -729,13 +729,13 @@ const ROWS: &[RowDef] = &[
         scenario: "latency-q1",
         metric: "latency p50",
         key: "p50_us",
-        target: Target::RatioAtMost(1.0),
+        target: Target::RatioAtMost(0.8),
     },
     RowDef {
         scenario: "latency-q1",
         metric: "latency p99",
         key: "p99_us",
-        target: Target::RatioAtMost(1.0),
+        target: Target::RatioAtMost(0.8),
     },
     RowDef {
         scenario: "latency-q1",
@@ -753,7 +753,7 @@ const ROWS: &[RowDef] = &[
         scenario: "conns",
         metric: "connections/s",
         key: "connect_rate",
-        target: Target::RatioAtLeast(1.0),
+        target: Target::RatioAtLeast(1.2),
     },
     RowDef {
         scenario: "conns",
@@ -765,7 +765,7 @@ const ROWS: &[RowDef] = &[
         scenario: "conns",
         metric: "KiB per conn at that count",
         key: "kib_per_conn_max",
-        target: Target::Info,
+        target: Target::TernAtMost(1.0),
     },
     RowDef {
         scenario: "burst-q1",
@@ -849,7 +849,7 @@ const ROWS: &[RowDef] = &[
         scenario: "durable-q1-os",
         metric: "drain msg/s (after reconnect)",
         key: "drain_rate",
-        target: Target::Info,
+        target: Target::RatioAtLeast(1.5),
     },
     RowDef {
         scenario: "durable-q1-os",
