@@ -152,36 +152,34 @@ pub async fn run(
         // with 10,000 connections that is tens of MiB).
         match transport.clone() {
             Transport::Tcp => {
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    crate::connection::serve(stream, peer, broker, shutdown, None).await
-                });
+                // `serve` itself is the task (no wrapping block that would keep a second copy
+                // of its arguments in every connection's task); it holds the slot.
+                tokio::spawn(crate::connection::serve(
+                    stream, peer, broker, shutdown, None, slot,
+                ));
             }
             Transport::Tls(tls) => {
                 tokio::spawn(async move {
-                    let _slot = slot;
                     if let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await {
-                        crate::connection::serve(s, peer, broker, shutdown, identity).await
+                        crate::connection::serve(s, peer, broker, shutdown, identity, slot).await
                     }
                 });
             }
             Transport::Ws(ws) => {
                 tokio::spawn(async move {
-                    let _slot = slot;
                     if let Some(s) = ws_handshake(stream, peer, &broker, &ws).await {
-                        crate::connection::serve(s, peer, broker, shutdown, None).await
+                        crate::connection::serve(s, peer, broker, shutdown, None, slot).await
                     }
                 });
             }
             Transport::Wss(tls, ws) => {
                 tokio::spawn(async move {
-                    let _slot = slot;
                     let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await
                     else {
                         return;
                     };
                     if let Some(s) = ws_handshake(s, peer, &broker, &ws).await {
-                        crate::connection::serve(s, peer, broker, shutdown, identity).await
+                        crate::connection::serve(s, peer, broker, shutdown, identity, slot).await
                     }
                 });
             }

@@ -388,7 +388,7 @@ pub(super) async fn accept(
         keep_alive,
         session_expiry,
         requested_expiry,
-        c.will,
+        c.will.map(Box::new),
         window,
         max_packet_out,
         aliases,

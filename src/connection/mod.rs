@@ -40,15 +40,18 @@ pub(crate) use throttle::TokenBucket;
 
 /// Serves one client from its first byte to its last.
 /// `identity` is a username already authenticated by the transport (a verified TLS client
-/// certificate's Common Name with `use_identity_as_username`).
-pub async fn serve<S>(
+/// certificate's Common Name with `use_identity_as_username`); `_slot` is held for the
+/// connection's life (the listener's count of connections).
+pub async fn serve<S, G>(
     stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
     identity: Option<String>,
+    _slot: G,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
+    G: Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
     let mut io = Io::new(reader, writer, peer);
@@ -80,13 +83,13 @@ pub async fn serve<S>(
             }
             // A clean close (FIN; over WebSockets a close frame) rather than a dropped socket,
             // and the client's further input read, so the refusal is not lost to a reset.
-            io.flush_quietly().await;
-            io.drain_before_close().await;
+            Box::pin(io.flush_quietly()).await;
+            Box::pin(io.drain_before_close()).await;
             return;
         }
         Err(_) => {
             tracing::info!(%peer, "no CONNECT within {connect_timeout:?}, closing");
-            io.flush_quietly().await;
+            Box::pin(io.flush_quietly()).await;
             return;
         }
     };
@@ -103,8 +106,8 @@ pub async fn serve<S>(
     .await
     else {
         // Refused: the CONNACK saying why, then the same graceful close as any refusal.
-        io.flush_quietly().await;
-        io.drain_before_close().await;
+        Box::pin(io.flush_quietly()).await;
+        Box::pin(io.drain_before_close()).await;
         return;
     };
     tracing::info!(
@@ -127,15 +130,17 @@ pub async fn serve<S>(
     // Acknowledgements already earned go out before the DISCONNECT; gated output only once
     // its commit is done (else it is not sent at all).
     client.begin_close(&mut io.wbuf);
-    client.gate.settle(&mut io.wbuf).await;
+    // The closing steps are boxed: they happen once, and inline they would make every
+    // connection's task (parked ones included) as large as their futures.
+    Box::pin(client.gate.settle(&mut io.wbuf)).await;
     client.end_close(&close, &mut io.wbuf);
     if !matches!(close, Close::WriteStalled | Close::PeerGone(_)) {
-        io.flush_quietly().await;
+        Box::pin(io.flush_quietly()).await;
     }
     // The session goes back (will, registry) before the drain: a reconnect or takeover waits
     // for it and must not also wait out the drain.
     client.finish(close.publishes_will());
     if close.drains() {
-        io.drain_before_close().await;
+        Box::pin(io.drain_before_close()).await;
     }
 }

@@ -47,14 +47,14 @@ impl Client {
                     session_id: self.handle.id,
                     expiry_interval: self.session_expiry,
                     disconnected_at_ms: Some(unix_now_ms()),
-                    will: will.as_ref().map(WillRecord::from),
+                    will: will.as_deref().map(WillRecord::from),
                     username: self.username.as_deref().map(str::to_string),
                 };
                 if stores_session(&broker, &self.handle) {
                     let _ = broker.store.submit(vec![Op::PutSession(record.clone())]);
                 }
                 if let Some(w) = will {
-                    let abort = broker.spawn_delayed_will(w, delay, record);
+                    let abort = broker.spawn_delayed_will(*w, delay, record);
                     broker
                         .registry
                         .set_pending_will(&self.client_id, self.handle.id, abort);

@@ -218,13 +218,20 @@ impl SessionState {
 }
 
 /// Topic aliases of one connection (v5). They do not survive the connection ([MQTT-3.3.2-7]).
+/// The maps are allocated when the first alias is used: most connections never use one, and
+/// this struct sits in every connection's task.
 #[derive(Debug, Default)]
 pub struct TopicAliases {
     /// Our Topic Alias Maximum (what the client may use).
     inbound_max: u16,
-    inbound: HashMap<u16, MqttStr>,
     /// The client's Topic Alias Maximum (what we may use).
     outbound_max: u16,
+    maps: Option<Box<AliasMaps>>,
+}
+
+#[derive(Debug, Default)]
+struct AliasMaps {
+    inbound: HashMap<u16, MqttStr>,
     outbound: HashMap<Arc<str>, u16>,
 }
 
@@ -259,9 +266,16 @@ impl TopicAliases {
             return Err(AliasError::Invalid);
         }
         if topic.is_empty() {
-            return self.inbound.get(&alias).cloned().ok_or(AliasError::Unknown);
+            return self
+                .maps
+                .as_ref()
+                .and_then(|m| m.inbound.get(&alias).cloned())
+                .ok_or(AliasError::Unknown);
         }
-        self.inbound.insert(alias, topic.clone());
+        self.maps
+            .get_or_insert_with(Box::default)
+            .inbound
+            .insert(alias, topic.clone());
         Ok(topic)
     }
 
@@ -276,14 +290,15 @@ impl TopicAliases {
         if self.outbound_max == 0 {
             return None;
         }
-        if let Some(&a) = self.outbound.get(topic) {
+        let maps = self.maps.get_or_insert_with(Box::default);
+        if let Some(&a) = maps.outbound.get(topic) {
             return Some((a, false));
         }
-        let next = self.outbound.len() as u16 + 1;
+        let next = maps.outbound.len() as u16 + 1;
         if next > self.outbound_max {
             return None;
         }
-        self.outbound.insert(Arc::from(topic), next);
+        maps.outbound.insert(Arc::from(topic), next);
         Some((next, true))
     }
 }
