@@ -393,7 +393,20 @@ impl Writer {
             Op::PutInflight { session_id, rec } => {
                 let key = keys::packet(session_id, rec.packet_id);
                 self.add_ref(rec.entry.msg_id);
-                self.remove_inflight(&key)?;
+                if rec.released {
+                    // A QoS 2 delivery's record turning "released" replaces the record of the
+                    // same message at this key (or is its first record, for a message sent
+                    // without one): look, so the reference is counted once either way.
+                    self.remove_inflight(&key)?;
+                }
+                // A record for a new delivery meets no record at its key: the connection
+                // takes a packet id only when no delivery of the session holds it, and the
+                // record of the last one to hold it was deleted (DeleteInflight, in an
+                // earlier or the same submit) when it finished. Looking would be a point read
+                // that misses through every table, once per message delivered from a stored
+                // queue. Were that ever wrong, the record it replaced would leave its message
+                // one reference too many (kept on disk, never lost), and recovery, which
+                // counts references afresh, deletes it at the next start.
                 self.put(Ks::Inflight, key, rec.encode());
             }
             Op::DeleteInflight {
