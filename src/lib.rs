@@ -320,9 +320,7 @@ impl Opener<'_> {
         transport: listener::Transport,
         tasks: &mut Vec<JoinHandle<()>>,
     ) -> Result<Option<SocketAddr>, StartError> {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })?;
+        let l = listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })?;
         let bound = l.local_addr().ok();
         tasks.push(tokio::spawn(listener::run(
             l,

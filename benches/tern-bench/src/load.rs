@@ -1514,11 +1514,12 @@ async fn conns(o: &Opts, soft: u64) -> Value {
     let rss0 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let meter = Meter::start(pid);
     let held: Arc<Mutex<Vec<tokio::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-    let (n1, secs1, err1) = open_conns(o, 0, first_n, &sources, &held).await;
+    let (n1, secs1, err1) = open_conns(o, 0, first_n, &sources, &held, CONNECTORS).await;
     sleep(Duration::from_millis(1000)).await;
     let rss1 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let (n2, secs2, err2) = if n1 == first_n && cap > first_n {
-        open_conns(o, first_n, cap, &sources, &held).await
+        // The rest as a storm: more clients at once than a small listen backlog holds.
+        open_conns(o, first_n, cap, &sources, &held, STORM_CONNECTORS).await
     } else {
         (0, 0.0, None)
     };
@@ -1582,7 +1583,13 @@ async fn conns(o: &Opts, soft: u64) -> Value {
     out
 }
 
-/// Open connections `from..to` with bounded concurrency; stops at the first failure.
+/// Clients connecting at once in `conns`' first phase (the connect-rate row).
+const CONNECTORS: usize = 64;
+/// Clients connecting at once in its second phase: a reconnect storm, beyond the listen
+/// backlog of `std` (128) and Mosquitto (100).
+const STORM_CONNECTORS: usize = 256;
+
+/// Open connections `from..to`, `workers` at a time; stops at the first failure.
 /// Returns (opened, seconds, first error).
 async fn open_conns(
     o: &Opts,
@@ -1590,15 +1597,15 @@ async fn open_conns(
     to: usize,
     sources: &[IpAddr],
     held: &Arc<Mutex<Vec<tokio::net::TcpStream>>>,
+    workers: usize,
 ) -> (usize, f64, Option<String>) {
-    const WORKERS: usize = 64;
     let next = Arc::new(AtomicUsize::new(from));
     let stop = Arc::new(AtomicBool::new(false));
     let opened = Arc::new(AtomicUsize::new(0));
     let first_err: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..WORKERS {
+    for _ in 0..workers {
         let (next, stop, opened, first_err, held) = (
             next.clone(),
             stop.clone(),

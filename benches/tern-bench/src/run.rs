@@ -402,12 +402,13 @@ fn progress(v: &Value) -> String {
     let f = |k: &str| num(v, k).unwrap_or(f64::NAN);
     let mut s = match v["scenario"].as_str().unwrap_or("") {
         "conns" => format!(
-            "{} conn/s, {:.2} KiB/conn at {}, max {} ({:.2} KiB/conn)",
+            "{} conn/s, {:.2} KiB/conn at {}, max {} ({:.2} KiB/conn, {} conn/s 256 at once)",
             fmt_num(f("connect_rate")),
             f("kib_per_conn"),
             fmt_num(f("idle_opened")),
             fmt_num(f("max_opened")),
-            f("kib_per_conn_max")
+            f("kib_per_conn_max"),
+            fmt_num(f("max_phase_rate"))
         ),
         "burst-q1" => format!(
             "publish {} msg/s, drain {:.2} s (ideal {:.2}), per consumer {}, lost {}, \
@@ -754,6 +755,12 @@ const ROWS: &[RowDef] = &[
         metric: "connections/s",
         key: "connect_rate",
         target: Target::RatioAtLeast(1.2),
+    },
+    RowDef {
+        scenario: "conns",
+        metric: "connections/s, 256 at once, 10k to the fd limit",
+        key: "max_phase_rate",
+        target: Target::Info,
     },
     RowDef {
         scenario: "conns",
