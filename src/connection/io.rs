@@ -130,8 +130,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         let mut kick_live = true;
         // Publish rate limiting: while the client's budget is spent, its socket is not read
         // (TCP pushes back on it) and this timer fires when the budget is back.
-        let throttle = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(throttle);
+        // Boxed and made on first use: most connections are never throttled, and inline it
+        // would be in every connection's task.
+        let mut throttle: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         if *shutdown.borrow() {
             return Close::Shutdown;
         }
@@ -153,9 +154,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             }
             let throttled = match client.throttle_wait() {
                 Some(wait) => {
-                    throttle
-                        .as_mut()
-                        .reset(now + wait.max(Duration::from_millis(1)));
+                    let at = now + wait.max(Duration::from_millis(1));
+                    match throttle.as_mut() {
+                        Some(t) => t.as_mut().reset(at),
+                        None => throttle = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
                     true
                 }
                 None => false,
@@ -187,7 +190,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
             tokio::select! {
                 k = &mut kick, if kick_live => match k {
                     Ok(Kick::TakenOver) => {
-                        return match self.drain_input(client).await {
+                        // Boxed: once per connection at most, and inline it would be in every
+                        // connection's task.
+                        return match Box::pin(self.drain_input(client)).await {
                             // The client said goodbye before it connected again.
                             Some(close @ (Close::Normal | Close::NormalWithWill)) => close,
                             _ => Close::TakenOver,
@@ -227,7 +232,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     }
                     Err(_) => return Close::PeerGone("read failed"),
                 },
-                _ = &mut throttle, if throttled => {
+                _ = async { if let Some(t) = throttle.as_mut() { t.as_mut().await } }, if throttled => {
                     // The budget refilled (or back-pressure eased): handle what was read but
                     // held back.
                     let now = Instant::now().into_std();
