@@ -54,9 +54,9 @@ pub fn raise_fd_limit(max_connections: usize) -> u64 {
 /// with 128, and Mosquitto listens with 100: when more clients than that connect at once (a
 /// fleet reconnecting after a restart or a network blip), the kernel drops the surplus
 /// handshakes and those clients retry only after a second or more. Measured with 256
-/// clients connecting at once (tern-bench `conns` with 256 connectors): 1,400 listen
-/// overflows in 10,000 connections and about 9,400 connections/s for either broker, against
-/// 35,000 with 64 connectors.
+/// clients connecting at once (tern-bench `conns`): with a backlog of 128 (Tern) or 100
+/// (Mosquitto) about 8,000-9,400 connections/s, hundreds of listen overflows per run
+/// (`nstat`: TcpExtListenOverflows); with 4096, 48,800 connections/s.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds an MQTT listener with [`LISTEN_BACKLOG`] (address reuse on, as `std` sets it, so a

@@ -131,7 +131,7 @@ pub async fn serve<S, G>(
     // its commit is done (else it is not sent at all).
     client.begin_close(&mut io.wbuf);
     // The closing steps are boxed: they happen once, and inline they would make every
-    // connection's task (parked ones included) as large as their futures.
+    // connection's task, idle ones included, as large as their futures.
     Box::pin(client.gate.settle(&mut io.wbuf)).await;
     client.end_close(&close, &mut io.wbuf);
     if !matches!(close, Close::WriteStalled | Close::PeerGone(_)) {
