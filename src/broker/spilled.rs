@@ -34,13 +34,24 @@ impl Broker {
         let mut loaded = Vec::with_capacity(entries.len());
         let mut missing = 0;
         let mut next_from = below;
-        for (seq, e) in entries {
-            if seq >= below {
-                break;
-            }
-            next_from = seq + 1;
-            match self.store.get_message(e.msg_id) {
-                Ok(Some(m)) => {
+        let entries: Vec<_> = entries
+            .into_iter()
+            .take_while(|(seq, _)| *seq < below)
+            .collect();
+        if let Some((last, _)) = entries.last() {
+            next_from = last + 1;
+        }
+        // One pass over the batch's messages; should that fail, one read each as before (a
+        // message that cannot be read is then dequeued, below).
+        let ids: Vec<u64> = entries.iter().map(|(_, e)| e.msg_id).collect();
+        let messages = self.store.get_messages(&ids).unwrap_or_else(|_| {
+            ids.iter()
+                .map(|&id| self.store.get_message(id).ok().flatten())
+                .collect()
+        });
+        for ((seq, e), m) in entries.into_iter().zip(messages) {
+            match m {
+                Some(m) => {
                     let mut sub_ids = SubIds::None;
                     for id in e.sub_ids {
                         sub_ids.push(id);
@@ -51,7 +62,7 @@ impl Broker {
                     d.stored = true;
                     loaded.push(d);
                 }
-                _ => {
+                None => {
                     missing += 1;
                     ops.push(Op::Dequeue {
                         session_id: handle.id,

@@ -74,6 +74,10 @@ const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 /// minimum; the default of 512 MiB would hold that much disk for an idle broker).
 const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
+/// [`DurableStore::get_messages`] reads a range when the ids span at most this many times
+/// their number.
+const DENSE_SPAN: u64 = 4;
+
 /// Largest number of ops applied in one group commit, to bound the latency of the first
 /// submitter in a group and the size of one journal write.
 const MAX_GROUP_OPS: usize = 4096;
@@ -580,6 +584,42 @@ impl DurableStore {
         StoredMessage::decode(&v)
             .map(Some)
             .map_err(|e| StorageError::decode(&self.path, "message", &key, e))
+    }
+
+    /// The messages of `ids`, in the same order. When the ids are dense (their span at most
+    /// [`DENSE_SPAN`] times their number, as in a queue filled by a steady stream) they are
+    /// read in one pass over that key range, skipping the other sessions' messages in it;
+    /// else one point read each. Why: draining a stored queue read each message with a
+    /// point lookup that walked fjall's levels again, nearly two thirds of the draining
+    /// connection's time (perf, `durable-q1-os`).
+    pub fn get_messages(&self, ids: &[u64]) -> Result<Vec<Option<StoredMessage>>, StorageError> {
+        let (Some(&lo), Some(&hi)) = (ids.iter().min(), ids.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        let span = hi - lo + 1;
+        if ids.len() < 2 || span > (ids.len() as u64).saturating_mul(DENSE_SPAN) {
+            return ids.iter().map(|&id| self.get_message(id)).collect();
+        }
+        let mut at: HashMap<u64, Vec<usize>> = HashMap::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            at.entry(id).or_default().push(i);
+        }
+        let mut out: Vec<Option<StoredMessage>> = vec![None; ids.len()];
+        let range = keys::message(lo)..=keys::message(hi);
+        for guard in self.ks.messages.range(range) {
+            let (k, v) = guard
+                .into_inner()
+                .map_err(StorageError::fjall(&self.path))?;
+            let Some(positions) = keys::parse_u64(&k).and_then(|id| at.get(&id)) else {
+                continue;
+            };
+            let m = StoredMessage::decode(&v)
+                .map_err(|e| StorageError::decode(&self.path, "message", &k, e))?;
+            for &i in positions {
+                out[i] = Some(m.clone());
+            }
+        }
+        Ok(out)
     }
 
     /// Bytes on disk (journals and tables); 0 if fjall cannot tell.

@@ -117,6 +117,11 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(u64, QueueEntry)>, StorageError>;
     fn get_message(&self, id: u64) -> Result<Option<StoredMessage>, StorageError>;
+    /// The messages of `ids`, in the same order (`None`: not stored). A queue's batch names
+    /// messages with close ids; a store may read them in one pass instead of one by one.
+    fn get_messages(&self, ids: &[u64]) -> Result<Vec<Option<StoredMessage>>, StorageError> {
+        ids.iter().map(|&id| self.get_message(id)).collect()
+    }
     /// Flushes and stops the store (at shutdown).
     fn close(&self);
     fn name(&self) -> &'static str;
@@ -141,6 +146,9 @@ impl Store for DurableStore {
     }
     fn get_message(&self, id: u64) -> Result<Option<StoredMessage>, StorageError> {
         DurableStore::get_message(self, id)
+    }
+    fn get_messages(&self, ids: &[u64]) -> Result<Vec<Option<StoredMessage>>, StorageError> {
+        DurableStore::get_messages(self, ids)
     }
     fn close(&self) {
         DurableStore::close(self)

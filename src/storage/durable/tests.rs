@@ -731,3 +731,40 @@ fn effects_of_a_submit_that_cannot_be_stored_run_as_failed() {
     drop(OnCommit::new(move |o| *s.lock().expect("seen") = Some(o)));
     assert_eq!(*seen.lock().expect("seen"), Some(Outcome::Failed));
 }
+
+/// `get_messages` answers what one `get_message` per id would, in the caller's order: dense
+/// ids (one pass over their range, skipping messages not asked for), sparse ids (point
+/// reads), missing ones, repeats.
+#[test]
+fn get_messages_answers_as_point_reads_do() {
+    let dir = TempDir::new("get-messages");
+    let (store, _) = open(&dir);
+    let mut ops = Vec::new();
+    for id in (1..=40).chain([1_000]) {
+        ops.push(Op::PutMessage(msg(id)));
+        ops.push(Op::Enqueue {
+            session_id: 1,
+            seq: id,
+            entry: entry(id),
+        });
+    }
+    wait(store.submit(ops));
+    for ids in [
+        vec![3, 4, 5, 7, 6],      // dense, unsorted, 6 and 7 swapped
+        vec![10, 12, 99, 11, 10], // dense with a missing id and a repeat
+        vec![2, 1_000],           // sparse: point reads
+        vec![5],
+        vec![],
+        vec![41, 42, 43], // none stored
+    ] {
+        let one_by_one: Vec<_> = ids
+            .iter()
+            .map(|&id| store.get_message(id).unwrap())
+            .collect();
+        assert_eq!(store.get_messages(&ids).unwrap(), one_by_one, "{ids:?}");
+    }
+    assert_eq!(
+        store.get_messages(&[7, 8]).unwrap(),
+        vec![Some(msg(7)), Some(msg(8))]
+    );
+}
