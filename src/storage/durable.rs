@@ -74,6 +74,16 @@ const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 /// minimum; the default of 512 MiB would hold that much disk for an idle broker).
 const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
+/// fjall's background threads (memtable flushes and compactions). fjall 3.1 defaults to one
+/// per CPU (up to 4), and with more than one its worker 0 hands every compaction request back
+/// to the queue for another worker and takes it again at once: while a compaction runs, that
+/// worker spins on the queue. perf showed it as about a third of the broker's CPU while a stored
+/// queue drained (fjall `worker_tick`, flume send/recv); with one worker the same runs gave
+/// durable-q1-os publish 325k -> 350k msg/s and drain 165k -> 187k msg/s on 2 CPUs. One worker
+/// runs flushes and compactions in turn; in those runs (800k messages stored, then drained) it
+/// was busy a third of the time, so it keeps up with the storage thread's writes.
+const FJALL_WORKERS: usize = 1;
+
 /// [`DurableStore::get_messages`] reads a range when the ids span at most this many times
 /// their number.
 const DENSE_SPAN: u64 = 4;
@@ -472,6 +482,7 @@ impl DurableStore {
             .cache_size(CACHE_BYTES)
             .max_cached_files(Some(MAX_CACHED_FILES))
             .max_journaling_size(JOURNAL_BYTES)
+            .worker_threads(FJALL_WORKERS)
             .open()
             .map_err(StorageError::fjall(&path))?;
         let ks = Keyspaces::open(&db, &path)?;

@@ -768,3 +768,97 @@ fn get_messages_answers_as_point_reads_do() {
         vec![Some(msg(7)), Some(msg(8))]
     );
 }
+
+/// Dequeues are answered from the group's read-ahead of their queue range exactly as point
+/// reads would answer them: an entry dequeued twice (in one submit, or in two submits that
+/// may share a group) drops its message's reference once, an absent seq changes nothing, a
+/// message another session still holds stays, and an entry enqueued earlier in the same group
+/// (not yet in fjall) is found in the overlay, not reported absent by the read-ahead.
+#[test]
+fn dequeues_read_ahead_count_each_entry_once() {
+    let dir = TempDir::new("dequeue-read-ahead");
+    {
+        let (store, _) = open(&dir);
+        let mut ops = Vec::new();
+        for seq in 0..50 {
+            ops.push(Op::PutMessage(msg(seq + 1)));
+            ops.push(Op::Enqueue {
+                session_id: 1,
+                seq,
+                entry: entry(seq + 1),
+            });
+        }
+        ops.push(Op::PutMessage(msg(100)));
+        for session_id in [1, 2] {
+            ops.push(Op::Enqueue {
+                session_id,
+                seq: if session_id == 1 { 60 } else { 0 },
+                entry: entry(100),
+            });
+        }
+        wait(store.submit(ops));
+
+        let dequeue = |seq| Op::Dequeue { session_id: 1, seq };
+        let mut first: Vec<Op> = (0..30).map(dequeue).collect();
+        first.extend([dequeue(10), dequeue(55), dequeue(60), dequeue(60)]);
+        let a = store.submit(first);
+        let b = store.submit(vec![dequeue(45), dequeue(46), dequeue(45), dequeue(29)]);
+        let c = store.submit(vec![
+            Op::PutMessage(msg(200)),
+            Op::Enqueue {
+                session_id: 3,
+                seq: 5,
+                entry: entry(200),
+            },
+            Op::Dequeue {
+                session_id: 3,
+                seq: 5,
+            },
+            Op::Dequeue {
+                session_id: 3,
+                seq: 6,
+            },
+        ]);
+        for rx in [a, b, c] {
+            wait(rx);
+        }
+        let expect = |store: &DurableStore| {
+            for seq in 0..50 {
+                let kept = (30..50).contains(&seq) && seq != 45 && seq != 46;
+                assert_eq!(has(store, seq + 1), kept, "message of seq {seq}");
+            }
+            assert!(has(store, 100), "still queued for session 2");
+            assert!(!has(store, 200), "enqueued and dequeued in one submit");
+        };
+        expect(&store);
+        wait(store.submit(vec![Op::Dequeue {
+            session_id: 2,
+            seq: 0,
+        }]));
+        assert!(!has(&store, 100), "its last reference is gone");
+        expect_queue_of_session_1(&store);
+    }
+    // Recovery counts references afresh: the same messages survive.
+    let (store, _) = open(&dir);
+    for seq in 0..50 {
+        let kept = (30..50).contains(&seq) && seq != 45 && seq != 46;
+        assert_eq!(
+            has(&store, seq + 1),
+            kept,
+            "message of seq {seq} after reopen"
+        );
+    }
+    assert!(!has(&store, 100));
+}
+
+/// Session 1's queue after `dequeues_read_ahead_count_each_entry_once`: seqs 30..50 but 45, 46.
+fn expect_queue_of_session_1(store: &DurableStore) {
+    let seqs: Vec<u64> = store
+        .read_queue(1, 0, 100)
+        .expect("read queue")
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    let want: Vec<u64> = (30..50).filter(|s| *s != 45 && *s != 46).collect();
+    assert_eq!(seqs, want);
+}
