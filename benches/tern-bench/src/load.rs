@@ -1514,7 +1514,13 @@ async fn conns(o: &Opts, soft: u64) -> Value {
     let rss0 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let meter = Meter::start(pid);
     let held: Arc<Mutex<Vec<tokio::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+    // The connect-rate phase measured on its own: whose CPU it took, and how much of the
+    // machine nobody used (then the rate is the handshake's round trip, not a broker's limit).
+    let phase = Meter::start(pid);
+    let sys0 = stats::system_cpu_ticks();
     let (n1, secs1, err1) = open_conns(o, 0, first_n, &sources, &held, CONNECTORS).await;
+    let (phase_wall, phase_broker, phase_client) = phase.read();
+    let phase_idle = stats::idle_pct(sys0, stats::system_cpu_ticks());
     sleep(Duration::from_millis(1000)).await;
     let rss1 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let (n2, secs2, err2) = if n1 == first_n && cap > first_n {
@@ -1560,6 +1566,9 @@ async fn conns(o: &Opts, soft: u64) -> Value {
         "idle_opened": n1,
         "connect_s": secs1,
         "connect_rate": n1 as f64 / secs1.max(1e-9),
+        "connect_broker_cores": phase_broker / phase_wall.max(1e-9),
+        "connect_client_cores": phase_client / phase_wall.max(1e-9),
+        "connect_cpu_idle_pct": phase_idle,
         "rss_before_kib": rss0,
         "rss_idle_kib": rss1,
         "kib_per_conn": kib(rss0, rss1, n1),

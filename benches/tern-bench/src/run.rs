@@ -402,8 +402,11 @@ fn progress(v: &Value) -> String {
     let f = |k: &str| num(v, k).unwrap_or(f64::NAN);
     let mut s = match v["scenario"].as_str().unwrap_or("") {
         "conns" => format!(
-            "{} conn/s, {:.2} KiB/conn at {}, max {} ({:.2} KiB/conn, {} conn/s 256 at once)",
+            "{} conn/s (broker {:.2} cores, CPUs {:.0}% idle), {:.2} KiB/conn at {}, max {} \
+             ({:.2} KiB/conn, {} conn/s 256 at once)",
             fmt_num(f("connect_rate")),
+            f("connect_broker_cores"),
+            f("connect_cpu_idle_pct"),
             f("kib_per_conn"),
             fmt_num(f("idle_opened")),
             fmt_num(f("max_opened")),
@@ -1177,6 +1180,10 @@ fn summarize(a: &RunArgs, runs: &[Value]) -> (String, Vec<Value>) {
     (out, json_rows)
 }
 
+/// A connect phase during which this share of all CPUs stayed idle, with the broker below 0.9
+/// of a core, measured the handshake's round trip rather than either broker's limit.
+const LATENCY_BOUND_IDLE_PCT: f64 = 25.0;
+
 fn notes(t: &[&Value], m: &[&Value], key: &str) -> String {
     let mut n = Vec::new();
     for (name, rs) in [("Tern", t), ("Mosquitto", m)] {
@@ -1197,6 +1204,27 @@ fn notes(t: &[&Value], m: &[&Value], key: &str) -> String {
                 90.0,
                 rs.len()
             ));
+        }
+    }
+    if key == "connect_rate" {
+        for (name, rs) in [("Tern", t), ("Mosquitto", m)] {
+            let mut idle: Vec<f64> = rs
+                .iter()
+                .filter_map(|r| num(r, "connect_cpu_idle_pct"))
+                .collect();
+            let mut broker: Vec<f64> = rs
+                .iter()
+                .filter_map(|r| num(r, "connect_broker_cores"))
+                .collect();
+            if idle.is_empty() || broker.is_empty() {
+                continue;
+            }
+            let (idle, broker) = (stats::median(&mut idle), stats::median(&mut broker));
+            if idle >= LATENCY_BOUND_IDLE_PCT && broker < 0.9 {
+                n.push(format!(
+                    "{name}: CPUs {idle:.0}% idle, broker {broker:.2} cores (handshake-latency-bound)"
+                ));
+            }
         }
     }
     if key == "publish_rate" || key == "drain_rate" {

@@ -108,6 +108,30 @@ pub fn proc_cpu_s(pid: u32) -> Option<f64> {
     Some((ut + st) / clk_tck())
 }
 
+/// The machine's CPU time so far from /proc/stat's `cpu` line, in clock ticks: (idle, all).
+/// Idle counts `idle` and `iowait`; the difference of two readings over a phase tells how much
+/// of every CPU nobody used.
+pub fn system_cpu_ticks() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest times are inside user and nice)
+    let all: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((idle, all))
+}
+
+/// Share of all CPUs idle between two [`system_cpu_ticks`] readings, in percent.
+pub fn idle_pct(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((i0, a0), (i1, a1)) = (before?, after?);
+    let all = a1.checked_sub(a0).filter(|&d| d > 0)?;
+    Some(100.0 * i1.saturating_sub(i0) as f64 / all as f64)
+}
+
 /// A "VmRSS:"-style line of /proc/PID/status, in KiB.
 pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -174,6 +198,19 @@ pub fn median(v: &mut [f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_share_of_a_phase() {
+        assert_eq!(idle_pct(Some((10, 100)), Some((60, 200))), Some(50.0));
+        assert_eq!(
+            idle_pct(Some((10, 100)), Some((10, 100))),
+            None,
+            "no time passed"
+        );
+        assert_eq!(idle_pct(None, Some((10, 100))), None);
+        let (idle, all) = system_cpu_ticks().expect("/proc/stat");
+        assert!(idle <= all && all > 0);
+    }
 
     #[test]
     fn histogram_quantiles() {
