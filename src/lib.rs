@@ -140,24 +140,35 @@ impl Running {
     /// Stops accepting, tells every client (v5: DISCONNECT 0x8B), publishes wills, and waits
     /// up to `grace` for connections to finish. The HTTP server answers (`/ready` 503) until
     /// then, and stops last: it stops accepting and finishes its requests within a second.
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(mut self, grace: Duration) {
         self.ready.store(false, Ordering::Release);
+        // The listeners stop on the watch; connections learn it through the registry (the
+        // channel they already wait on for a takeover, see `Registry::close`).
         let _ = self.shutdown.send(true);
+        self.broker.registry.close();
         let deadline = tokio::time::Instant::now() + grace;
         while self.connections.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if let Some((task, stop)) = self.http {
+        if let Some((task, stop)) = self.http.take() {
             let _ = stop.send(());
             // `http::serve` bounds its own drain.
             let _ = task.await;
         }
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             t.abort();
         }
         self.broker.groups.close_all();
         self.broker.store.close();
+    }
+}
+
+impl Drop for Running {
+    /// Dropped without `shutdown` (a test, a failed start): serving stops too. The listeners
+    /// see the watch's sender go; the connections are told through the registry.
+    fn drop(&mut self) {
+        self.broker.registry.close();
     }
 }
 

@@ -169,7 +169,6 @@ pub async fn run(
                 .with_interval(Duration::from_secs(10)),
         );
         let broker = broker.clone();
-        let shutdown = shutdown.clone();
         // One spawn per transport, so that each task's future is only as large as its own
         // transport's (a plain TCP connection does not carry room for TLS and WebSocket state:
         // with 10,000 connections that is tens of MiB).
@@ -177,21 +176,19 @@ pub async fn run(
             Transport::Tcp => {
                 // `serve` itself is the task (no wrapping block that would keep a second copy
                 // of its arguments in every connection's task); it holds the slot.
-                tokio::spawn(crate::connection::serve(
-                    stream, peer, broker, shutdown, None, slot,
-                ));
+                tokio::spawn(crate::connection::serve(stream, peer, broker, None, slot));
             }
             Transport::Tls(tls) => {
                 tokio::spawn(async move {
                     if let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await {
-                        crate::connection::serve(s, peer, broker, shutdown, identity, slot).await
+                        crate::connection::serve(s, peer, broker, identity, slot).await
                     }
                 });
             }
             Transport::Ws(ws) => {
                 tokio::spawn(async move {
                     if let Some(s) = ws_handshake(stream, peer, &broker, &ws).await {
-                        crate::connection::serve(s, peer, broker, shutdown, None, slot).await
+                        crate::connection::serve(s, peer, broker, None, slot).await
                     }
                 });
             }
@@ -202,7 +199,7 @@ pub async fn run(
                         return;
                     };
                     if let Some(s) = ws_handshake(s, peer, &broker, &ws).await {
-                        crate::connection::serve(s, peer, broker, shutdown, identity, slot).await
+                        crate::connection::serve(s, peer, broker, identity, slot).await
                     }
                 });
             }

@@ -11,7 +11,7 @@
 use super::pending::{Gate, OpsCommit};
 use super::responses::AckQueue;
 use super::tally::Tally;
-use super::throttle::TokenBucket;
+use super::throttle::PublishBudgets;
 use crate::broker::shared::Group;
 use crate::broker::{Broker, Subscriber};
 use crate::config::Limits;
@@ -63,9 +63,10 @@ pub(super) struct Client {
     /// stored queue goes at the store's pace instead of piling work up in front of it.
     pub(super) ops_commit: OpsCommit,
     pub(super) gate: Gate,
-    /// `limits.max_publish_rate` / `limits.max_publish_bytes_rate` budgets (None: no limit).
-    pub(super) publish_rate: Option<TokenBucket>,
-    pub(super) publish_bytes_rate: Option<TokenBucket>,
+    /// `limits.max_publish_rate` / `limits.max_publish_bytes_rate` budgets; None when neither
+    /// is set. Boxed: most brokers set neither, and inline they would be in every idle
+    /// connection's task.
+    pub(super) publish_budgets: Option<Box<PublishBudgets>>,
     /// Shared subscription groups this session is a member of (their lanes are drained with
     /// the outbox).
     pub(super) groups: Vec<Arc<Group>>,
@@ -129,8 +130,11 @@ impl Client {
             routed: false,
             ops_commit: OpsCommit::default(),
             gate: Gate::default(),
-            publish_rate: TokenBucket::per_second(limits.max_publish_rate, now),
-            publish_bytes_rate: TokenBucket::per_second(limits.max_publish_bytes_rate, now),
+            publish_budgets: PublishBudgets::new(
+                limits.max_publish_rate,
+                limits.max_publish_bytes_rate,
+                now,
+            ),
             groups: Vec::new(),
             pressure: None,
             held_input: false,

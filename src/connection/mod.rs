@@ -34,7 +34,7 @@ use io::Io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 pub(crate) use throttle::TokenBucket;
 
@@ -46,12 +46,12 @@ pub(crate) use throttle::TokenBucket;
 /// Not an `async fn`: one of those keeps each argument twice in its future (as captured and
 /// as a local it is moved to), for the connection's whole life. Here the socket is split and
 /// wrapped before the future exists, and the `async move` block captures each value once;
-/// the task fits jemalloc's 1,792-byte class instead of 2,048 (`-Zprint-type-sizes`).
+/// with `Io::run` made the same way, the task fits jemalloc's 1,536-byte class (was 2,048;
+/// `-Zprint-type-sizes`, docs/architecture.md).
 pub fn serve<S, G>(
     stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
-    shutdown: watch::Receiver<bool>,
     identity: Option<String>,
     slot: G,
 ) -> impl std::future::Future<Output = ()> + Send + 'static
@@ -130,7 +130,7 @@ where
         // Packets that came in the same read as CONNECT (a client may pipeline SUBSCRIBE or
         // PUBLISH behind it) are handled at once, not when the next bytes arrive.
         client.held_input = !io.rbuf.is_empty();
-        let close = io.run(&mut client, kick_rx, shutdown).await;
+        let close = io.run(&mut client, kick_rx).await;
         broker.metrics.connections.dec();
         if let Close::Protocol(_) = close {
             broker.metrics.protocol_errors.inc();

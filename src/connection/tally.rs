@@ -8,10 +8,12 @@
 
 use super::client::Client;
 
+/// Counts of one batch (a read of at most 64 KiB, or what one pass of output encodes), so
+/// 32 bits hold them; the shared counters are 64-bit.
 #[derive(Default)]
 pub(super) struct Tally {
-    pub(super) received: [u64; 3],
-    pub(super) sent: [u64; 3],
+    pub(super) received: [u32; 3],
+    pub(super) sent: [u32; 3],
     pub(super) bytes_received: u64,
     /// Control packets by type nibble, received and sent.
     pub(super) packets_in: [u32; 16],
@@ -25,10 +27,10 @@ impl Client {
         let t = std::mem::take(&mut self.tally);
         for q in 0..3 {
             if t.received[q] > 0 {
-                m.received[q].inc_by(t.received[q]);
+                m.received[q].inc_by(u64::from(t.received[q]));
             }
             if t.sent[q] > 0 {
-                m.sent[q].inc_by(t.sent[q]);
+                m.sent[q].inc_by(u64::from(t.sent[q]));
             }
         }
         if t.bytes_received > 0 {

@@ -81,23 +81,42 @@ impl Client {
             }
             self.pressure = None;
         }
-        if self.publish_rate.is_none() && self.publish_bytes_rate.is_none() {
-            return None;
-        }
         let now = self.now;
-        let a = self.publish_rate.as_mut().and_then(|b| b.wait(now));
-        let b = self.publish_bytes_rate.as_mut().and_then(|b| b.wait(now));
+        let budgets = self.publish_budgets.as_mut()?;
+        let a = budgets.messages.as_mut().and_then(|b| b.wait(now));
+        let b = budgets.bytes.as_mut().and_then(|b| b.wait(now));
         a.max(b)
     }
 
     /// Charges one PUBLISH of `size` bytes to the publish budgets.
     pub(super) fn charge_publish(&mut self, size: usize) {
         let now = self.now;
-        if let Some(b) = self.publish_rate.as_mut() {
+        let Some(budgets) = self.publish_budgets.as_mut() else {
+            return;
+        };
+        if let Some(b) = budgets.messages.as_mut() {
             b.take(1.0, now);
         }
-        if let Some(b) = self.publish_bytes_rate.as_mut() {
+        if let Some(b) = budgets.bytes.as_mut() {
             b.take(size as f64, now);
         }
+    }
+}
+
+/// A connection's publish budgets (`limits.max_publish_rate`, `limits.max_publish_bytes_rate`).
+#[derive(Debug)]
+pub(super) struct PublishBudgets {
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+}
+
+impl PublishBudgets {
+    /// None when neither limit is set (0 means no limit).
+    pub(super) fn new(messages: u32, bytes: u32, now: Instant) -> Option<Box<PublishBudgets>> {
+        let budgets = PublishBudgets {
+            messages: TokenBucket::per_second(messages, now),
+            bytes: TokenBucket::per_second(bytes, now),
+        };
+        (budgets.messages.is_some() || budgets.bytes.is_some()).then(|| Box::new(budgets))
     }
 }
