@@ -18,6 +18,7 @@
 pub mod auth;
 pub mod broker;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod http;

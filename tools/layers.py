@@ -25,6 +25,7 @@ LAYERS = [
     ["session"],
     ["metrics"],
     ["broker"],
+    ["cluster"],
     ["status"],
     ["connection"],
     ["http"],
