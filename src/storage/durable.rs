@@ -626,8 +626,13 @@ impl DurableStore {
             };
             let m = StoredMessage::decode(&v)
                 .map_err(|e| StorageError::decode(&self.path, "message", &k, e))?;
-            for &i in positions {
-                out[i] = Some(m.clone());
+            // Moved into its last position, cloned for the others (an id asked for twice):
+            // a clone of a freshly decoded payload makes it shared, an allocation.
+            if let Some((&last, rest)) = positions.split_last() {
+                for &i in rest {
+                    out[i] = Some(m.clone());
+                }
+                out[last] = Some(m);
             }
         }
         Ok(out)
