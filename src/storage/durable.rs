@@ -84,9 +84,15 @@ const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// was busy a third of the time, so it keeps up with the storage thread's writes.
 const FJALL_WORKERS: usize = 1;
 
-/// [`DurableStore::get_messages`] reads a range when the ids span at most this many times
-/// their number.
+/// [`DurableStore::get_messages`] and the storage thread's read-ahead of Dequeues read a
+/// range instead of one key each when the keys span at most this many times their number.
 const DENSE_SPAN: u64 = 4;
+
+/// Whether `n` keys from `lo` to `hi` (sorted ids or seqs) are worth one range pass instead
+/// of `n` point reads (see [`DENSE_SPAN`]).
+fn worth_a_range(lo: u64, hi: u64, n: usize) -> bool {
+    n >= 2 && hi - lo < (n as u64).saturating_mul(DENSE_SPAN)
+}
 
 /// Largest number of ops applied in one group commit, to bound the latency of the first
 /// submitter in a group and the size of one journal write.
@@ -607,8 +613,7 @@ impl DurableStore {
         let (Some(&lo), Some(&hi)) = (ids.iter().min(), ids.iter().max()) else {
             return Ok(Vec::new());
         };
-        let span = hi - lo + 1;
-        if ids.len() < 2 || span > (ids.len() as u64).saturating_mul(DENSE_SPAN) {
+        if !worth_a_range(lo, hi, ids.len()) {
             return ids.iter().map(|&id| self.get_message(id)).collect();
         }
         let mut at: HashMap<u64, Vec<usize>> = HashMap::with_capacity(ids.len());

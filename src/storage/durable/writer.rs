@@ -14,13 +14,13 @@
 //! draining a stored queue sends hundreds of Dequeues of neighbouring seqs per group, and a
 //! point read each, walking fjall's tables down again, was nearly half of this thread's time
 //! (perf, durable-q1-os drain). So before applying a group, the entries its Dequeues name are
-//! read ahead with one range pass per session when their seqs are close (`DENSE_SPAN`), into
+//! read ahead with one range pass per session when their seqs are close (`worth_a_range`), into
 //! `prefetched`. That is exact: until the group's batch is committed this thread is the only
 //! writer, so fjall's state cannot change under the read-ahead, and the overlay (the group's
 //! own earlier writes) is still consulted first.
 
 use super::recover::{NEXT_MESSAGE_KEY, NEXT_SESSION_KEY};
-use super::{keys, Keyspaces, Op, Request, Stats, StorageError, DENSE_SPAN, MAX_GROUP_OPS};
+use super::{keys, worth_a_range, Keyspaces, Op, Request, Stats, StorageError, MAX_GROUP_OPS};
 use crate::storage::record::{
     decode_msg_ref, encode_msg_ref, InflightRecord, QueueEntry, SessionRecord,
 };
@@ -183,13 +183,15 @@ impl Writer {
         }
     }
 
-    fn get(&self, k: Ks, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    fn get(&mut self, k: Ks, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         if let Some(pending) = self.overlay[k as usize].get(key) {
             return Ok(pending.clone());
         }
+        // Taken, not copied: a key read again in this group is answered by the overlay (its
+        // Dequeue deleted it) or, if it was absent, by fjall, which still agrees.
         if let (Ks::Queue, Ok(key)) = (k, <&[u8; 16]>::try_from(key)) {
-            if let Some(read_ahead) = self.prefetched.get(key) {
-                return Ok(read_ahead.clone());
+            if let Some(read_ahead) = self.prefetched.remove(key) {
+                return Ok(read_ahead);
             }
         }
         Ok(self
@@ -200,8 +202,8 @@ impl Writer {
     }
 
     /// Reads ahead the queue entries the group's Dequeues name (see the module doc): per
-    /// session, one pass over the range from the lowest to the highest seq when they span at
-    /// most `DENSE_SPAN` times their number; sparse ones are left to point reads.
+    /// session, one pass over the range from the lowest to the highest seq when that is
+    /// `worth_a_range`; sparse ones are left to point reads.
     fn prefetch_dequeues(&mut self, group: &[Request]) -> Result<(), StorageError> {
         let mut by_session: HashMap<u64, Vec<u64>> = HashMap::new();
         for req in group {
@@ -217,7 +219,7 @@ impl Writer {
             let (Some(&lo), Some(&hi)) = (seqs.first(), seqs.last()) else {
                 continue;
             };
-            if seqs.len() < 2 || hi - lo >= (seqs.len() as u64).saturating_mul(DENSE_SPAN) {
+            if !worth_a_range(lo, hi, seqs.len()) {
                 continue;
             }
             for &seq in &seqs {
