@@ -135,6 +135,9 @@ impl Running {
                 line.push_str(&format!(" {name}={a}"));
             }
         }
+        if let Some(peers) = self.broker.peers() {
+            line.push_str(&format!(" cluster={}", peers.node()));
+        }
         line
     }
 
@@ -192,6 +195,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Binds the listeners and starts serving. Returns once every listener is open.
@@ -219,6 +224,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let connections = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
+    if let Some(cluster) = broker.config.cluster.clone() {
+        // Joined before any listener opens: the first client already sees the cluster's
+        // retained messages and reaches the other nodes.
+        let joined = cluster::Node::join(&broker, &cluster).await?;
+        tasks.extend(joined.tasks);
+    }
 
     let mut metrics_addr = None;
     let mut http = None;

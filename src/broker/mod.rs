@@ -15,12 +15,14 @@
 //!   (`shared::membership`);
 //! - `spilled`: loading a session's on-disk queue into memory;
 //! - `will`: wills, immediate and delayed;
+//! - `peers`: the other nodes of a cluster, installed by `cluster/` ([`Peers`]);
 //! - `expiry`: the once-a-second sweep (expired sessions, retained and queued messages);
 //! - [`recovery`]: rebuilding sessions and groups from the store at startup;
 //! - [`retain`], [`trie`], [`sys`], [`topics`]: the retained tree, the subscription index,
 //!   `$SYS` and the per-topic sampler.
 
 mod expiry;
+mod peers;
 pub mod recovery;
 pub mod retain;
 mod route;
@@ -32,6 +34,7 @@ pub mod topics;
 pub mod trie;
 mod will;
 
+pub use peers::Peers;
 pub use route::Routed;
 pub use staged::{After, Staged};
 
@@ -84,6 +87,8 @@ pub struct Broker {
     retained: RwLock<RetainTree>,
     next_message_id: AtomicU64,
     next_connection_id: AtomicU64,
+    /// The other nodes, when this one is in a cluster (`peers.rs`).
+    peers: std::sync::OnceLock<Arc<dyn Peers>>,
 }
 
 impl Broker {
@@ -111,6 +116,7 @@ impl Broker {
             retained: RwLock::new(RetainTree::default()),
             next_message_id: AtomicU64::new(1),
             next_connection_id: AtomicU64::new(1),
+            peers: std::sync::OnceLock::new(),
         }
     }
 

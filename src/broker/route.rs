@@ -36,12 +36,24 @@ impl Broker {
         scratch: &mut Vec<Subscriber>,
         staged: &mut Staged,
     ) -> Routed {
+        self.route(msg, scratch, staged, true)
+    }
+
+    /// [`Broker::publish`]; `retain_slot` false leaves the retained slot alone (a message
+    /// from another node, whose retained state comes through the cluster's retained stream).
+    pub(super) fn route(
+        &self,
+        msg: &Arc<Message>,
+        scratch: &mut Vec<Subscriber>,
+        staged: &mut Staged,
+        retain_slot: bool,
+    ) -> Routed {
         // `$` topics are the broker's own (`$SYS`): only the broker publishes them (clients
         // may not, wills may not), they describe this run, and they are never persisted.
         let durable = self.store.durable() && !msg.topic.as_str().starts_with('$');
         let mut staging = durable.then(|| Staging::new(msg, staged));
         self.topic_sampler.record(msg.id, msg.topic.as_str());
-        if msg.retain && self.config.mqtt.retain_available {
+        if retain_slot && msg.retain && self.config.mqtt.retain_available {
             self.retain(msg, staging.as_mut());
         }
         self.match_into(msg, scratch);
@@ -118,6 +130,20 @@ impl Broker {
         }
     }
 
+    /// Updates the retained slot of `msg`'s topic alone (no routing), staging the change in
+    /// `staged` when the store is durable.
+    pub(super) fn retain_staged(&self, msg: &Arc<Message>, staged: &mut Staged) {
+        if !self.config.mqtt.retain_available {
+            return;
+        }
+        if self.store.durable() {
+            let mut staging = Staging::new(msg, staged);
+            self.retain(msg, Some(&mut staging));
+        } else {
+            self.retain(msg, None);
+        }
+    }
+
     /// The subscriptions matching `msg`'s topic into `scratch`, sorted so that one session's
     /// entries are adjacent, without those No Local excludes.
     fn match_into(&self, msg: &Message, scratch: &mut Vec<Subscriber>) {
@@ -159,10 +185,12 @@ impl Broker {
 
     /// Routes a message nobody acknowledges (a will): what it staged is committed in the
     /// background and its durable deliveries become visible when that completes.
+    /// In a cluster it goes to the other nodes too.
     pub fn publish_detached(self: &Arc<Self>, msg: &Arc<Message>) {
         let mut scratch = Vec::new();
         let mut staged = Staged::default();
         self.publish(msg, &mut scratch, &mut staged);
-        self.commit_detached(staged);
+        let local = self.submit_staged(staged);
+        let _ = self.forward(msg, local);
     }
 }

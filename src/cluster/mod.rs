@@ -1,9 +1,329 @@
-//! Tern nodes as one broker over NATS (issue 16, in progress).
+//! Tern nodes as one broker over NATS JetStream (docs/cluster.md).
 //!
-//! What is here so far is the mapping of MQTT topics and filters to NATS subjects
-//! (`subject.rs`). It is the piece that lets NATS do cross-node matching: each node
-//! subscribes with the subjects of its local filters, and a message crosses on its topic's
-//! subject. Nothing in the broker uses it yet; `[cluster]` is not a configuration section
-//! yet either.
+//! A node keeps everything that is per connection local (sockets, codec, auth, its trie,
+//! outboxes, in-flight windows) and shares, through NATS, what makes several nodes one
+//! broker. Every promise that must outlive a node lives in a replicated JetStream stream,
+//! never in a node's memory or in an asynchronous route table:
+//!
+//! | what | where in NATS | why |
+//! |---|---|---|
+//! | QoS 0 messages | core NATS, `P.live.m.<levels>` | at most once is allowed: no store, no ack |
+//! | QoS 1/2 messages | stream `P_MSGS`, subjects `P.msg.>`, file storage, `replicas` copies | the publisher's PUBACK waits for JetStream's ack, given only once the stream's quorum has it |
+//! | each node's read position | one durable pull consumer per node (`node`), not per subscription | a node that was cut off or restarted resumes where it was; thousands of subscriptions cost no JetStream API calls (nats-server's own MQTT layer creates one consumer per subscription and times out under reconnect storms) |
+//! | retained messages | stream `P_RETAINED`, one message per topic subject (`P.ret.m.<levels>`) | every node reads the last of each at start and follows the changes in stream order, so all nodes converge on the same retained set |
+//! | who holds a client id | key-value bucket `P_clients`, key = SHA-256 of the client id | the bucket's revision orders concurrent CONNECTs on different nodes: the newest claim wins, older holders are taken over |
+//! | which nodes are up | key-value bucket `P_nodes`, a heartbeat per node that expires | quorum health for this node, and the members for operators |
+//!
+//! `P` is `cluster.prefix`. Message bodies cross nodes in the storage record format
+//! (`storage::record::StoredMessage`: versioned, properties and expiry included), so nodes of
+//! different releases read each other's messages as they read old data directories.
+//!
+//! Files: `subject.rs` maps topics and filters to subjects; `wire.rs` the message envelope;
+//! `forward.rs` sends this node's messages out, in publish order, and gates acknowledgements
+//! on JetStream's acks; `receive.rs` routes other nodes' messages here and follows the
+//! retained stream; `claims.rs` keeps client ids unique across the cluster.
 
+mod claims;
+mod forward;
+mod receive;
 pub mod subject;
+mod wire;
+
+use crate::broker::{Broker, Peers};
+use crate::config::ClusterConfig;
+use crate::message::Message;
+use crate::storage::Commit;
+use async_nats::jetstream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use subject::Subjects;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Why a node could not join its cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {urls}: {message}")]
+    Connect { urls: String, message: String },
+    #[error(
+        "NATS max_payload is {max_payload} bytes, below limits.max_packet_size ({max_packet}) \
+         plus {overhead} bytes of envelope: raise max_payload in the nats-server configuration \
+         (e.g. `max_payload: 8MB`) or lower limits.max_packet_size"
+    )]
+    MaxPayload {
+        max_payload: usize,
+        max_packet: u32,
+        overhead: usize,
+    },
+    #[error("JetStream: {0}")]
+    JetStream(String),
+    #[error("cluster.prefix: {0}")]
+    Prefix(String),
+}
+
+/// Bytes a message's envelope may add to its packet (ids, lengths, expiry, origin): a
+/// packet of `max_packet_size` must still fit in one NATS message with its headers.
+const ENVELOPE_OVERHEAD: usize = 4096;
+
+/// The subjects of one cluster (`cluster.prefix`).
+pub(crate) struct Names {
+    /// QoS 0 messages, core NATS.
+    pub(crate) live: Subjects,
+    /// QoS 1/2 messages, the `msgs` stream.
+    pub(crate) msgs: Subjects,
+    /// Retained messages, the `retained` stream.
+    pub(crate) retained: Subjects,
+    pub(crate) msgs_stream: String,
+    pub(crate) retained_stream: String,
+    pub(crate) clients_bucket: String,
+    pub(crate) nodes_bucket: String,
+    pub(crate) prefix: String,
+}
+
+impl Names {
+    fn new(prefix: &str) -> Result<Names, ClusterError> {
+        let sub = |space: &str| {
+            Subjects::new(&format!("{prefix}.{space}"))
+                .map_err(|e| ClusterError::Prefix(e.to_string()))
+        };
+        let upper = prefix.to_ascii_uppercase();
+        Ok(Names {
+            live: sub("live")?,
+            msgs: sub("msg")?,
+            retained: sub("ret")?,
+            msgs_stream: format!("{upper}_MSGS"),
+            retained_stream: format!("{upper}_RETAINED"),
+            clients_bucket: format!("{prefix}_clients"),
+            nodes_bucket: format!("{prefix}_nodes"),
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+/// This node's membership of the cluster: what the broker calls through [`Peers`].
+pub struct Node {
+    name: String,
+    out: mpsc::Sender<forward::Outgoing>,
+    claims: Arc<claims::Claims>,
+    /// The last heartbeat reached JetStream's quorum (see [`Node::available`]).
+    available: Arc<AtomicBool>,
+}
+
+/// A joined node and the tasks that keep it in the cluster.
+pub struct Joined {
+    pub node: Arc<Node>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Connects to NATS, makes sure the streams and buckets exist, starts this node's
+    /// consumer and the retained follower (waiting until the retained messages are loaded),
+    /// and installs the node in the broker. Fails when NATS cannot be reached within
+    /// `cluster.connect_timeout`.
+    pub async fn join(
+        broker: &Arc<Broker>,
+        config: &ClusterConfig,
+    ) -> Result<Joined, ClusterError> {
+        let names = Arc::new(Names::new(&config.prefix)?);
+        let client = tokio::time::timeout(config.connect_timeout, connect(config))
+            .await
+            .map_err(|_| ClusterError::Connect {
+                urls: config.nats.join(","),
+                message: format!(
+                    "no answer within cluster.connect_timeout ({} s)",
+                    config.connect_timeout.as_secs()
+                ),
+            })??;
+        let max_payload = client.server_info().max_payload;
+        let max_packet = broker.config.limits.max_packet_size;
+        if max_payload < max_packet as usize + ENVELOPE_OVERHEAD {
+            return Err(ClusterError::MaxPayload {
+                max_payload,
+                max_packet,
+                overhead: ENVELOPE_OVERHEAD,
+            });
+        }
+        let api = jetstream::ContextBuilder::new()
+            .timeout(config.connect_timeout.min(Duration::from_secs(10)))
+            .build(client.clone());
+        let deadline = tokio::time::Instant::now() + config.connect_timeout;
+        let setup = receive::Setup::create(&api, &names, config, deadline).await?;
+        let available = Arc::new(AtomicBool::new(true));
+        let publisher = jetstream::ContextBuilder::new()
+            .timeout(config.quorum_timeout)
+            .ack_timeout(config.quorum_timeout)
+            .max_ack_inflight(65_536)
+            .build(client.clone());
+        let claims = Arc::new(claims::Claims::new(
+            broker.clone(),
+            config.node.clone(),
+            setup.clients.clone(),
+        ));
+        let mut tasks = Vec::new();
+        let (out, rx) = mpsc::channel(forward::CAPACITY);
+        tasks.push(tokio::spawn(
+            forward::Forwarder {
+                client: client.clone(),
+                js: publisher,
+                names: names.clone(),
+                node: config.node.clone(),
+                boot: boot_id(),
+                quorum_timeout: config.quorum_timeout,
+                broker: broker.clone(),
+            }
+            .run(rx),
+        ));
+        // Retained first: a client connecting once the node is ready sees them all.
+        let retained = receive::follow_retained(
+            broker.clone(),
+            &setup.retained,
+            format!("{}.ret.>", names.prefix),
+            deadline,
+            config.node.clone(),
+        )
+        .await?;
+        tasks.push(retained);
+        tasks.push(receive::consume(broker.clone(), setup.consumer, config.node.clone()).await?);
+        tasks.push(
+            receive::live(broker.clone(), client.clone(), &names, config.node.clone()).await?,
+        );
+        tasks.push(tokio::spawn(claims.clone().watch()));
+        tasks.push(tokio::spawn(heartbeat(
+            setup.nodes,
+            config.node.clone(),
+            available.clone(),
+            config.quorum_timeout,
+            config.heartbeat_ttl,
+        )));
+        let node = Arc::new(Node {
+            name: config.node.clone(),
+            out,
+            claims,
+            available,
+        });
+        broker.set_peers(node.clone());
+        tracing::info!(
+            node = %config.node,
+            nats = %client.server_info().server_name,
+            replicas = config.replicas,
+            "joined the cluster"
+        );
+        Ok(Joined { node, tasks })
+    }
+
+    /// Whether JetStream took this node's last heartbeat: false while the cluster has no
+    /// quorum (or this node cannot reach it), when a durable promise cannot be made.
+    pub fn available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+}
+
+impl Peers for Node {
+    fn node(&self) -> &str {
+        &self.name
+    }
+
+    fn forward(&self, msg: &Arc<Message>, local: Commit) -> Commit {
+        forward::submit(&self.out, msg, local)
+    }
+
+    fn claim(&self, client_id: &Arc<str>, conn_id: u64) {
+        self.claims.claim(client_id, conn_id);
+    }
+
+    fn release(&self, client_id: &str, conn_id: u64) {
+        self.claims.release(client_id, conn_id);
+    }
+
+    fn available(&self) -> bool {
+        Node::available(self)
+    }
+}
+
+/// Connects to the seed servers; async-nats reconnects by itself, forever, to any server of
+/// the cluster it has learnt of.
+async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterError> {
+    let error = |message: String| ClusterError::Connect {
+        urls: config.nats.join(","),
+        message,
+    };
+    let mut options = if config.credentials.as_os_str().is_empty() {
+        async_nats::ConnectOptions::new()
+    } else {
+        async_nats::ConnectOptions::with_credentials_file(&config.credentials)
+            .await
+            .map_err(|e| error(format!("credentials {}: {e}", config.credentials.display())))?
+    };
+    let node = config.node.clone();
+    options = options
+        .name(format!("tern-{}", config.node))
+        // Our own core NATS publishes need not come back to us.
+        .no_echo()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let node = node.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!(%node, "NATS connected"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(%node, "NATS disconnected; reconnecting")
+                    }
+                    other => tracing::warn!(%node, event = %other, "NATS"),
+                }
+            }
+        });
+    let urls: Vec<async_nats::ServerAddr> = config
+        .nats
+        .iter()
+        .map(|u| u.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| error(format!("bad URL: {e}")))?;
+    options
+        .connect(urls)
+        .await
+        .map_err(|e| error(e.to_string()))
+}
+
+/// Unique per run of a node: with the node name and a message id it makes the JetStream
+/// deduplication id, so a restarted node's ids (which start again at 1) are never taken
+/// for duplicates of its previous run's.
+fn boot_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Puts this node's heartbeat every third of the bucket's TTL; whether the put reached
+/// JetStream's quorum is this node's availability.
+async fn heartbeat(
+    nodes: jetstream::kv::Store,
+    node: String,
+    available: Arc<AtomicBool>,
+    quorum_timeout: Duration,
+    ttl: Duration,
+) {
+    let every = ttl / 3;
+    loop {
+        let put = tokio::time::timeout(
+            quorum_timeout,
+            nodes.put(&node, bytes::Bytes::from_static(b"up")),
+        )
+        .await;
+        let ok = matches!(put, Ok(Ok(_)));
+        if available.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!(%node, "cluster quorum reachable again");
+            } else {
+                tracing::warn!(%node, "cluster quorum unreachable: durable publishes are refused");
+            }
+        }
+        tokio::time::sleep(if ok {
+            every
+        } else {
+            Duration::from_millis(500)
+        })
+        .await;
+    }
+}

@@ -73,6 +73,87 @@ pub struct Config {
     pub shared: SharedConfig,
     pub sys_topics: SysTopicsConfig,
     pub server: ServerConfig,
+    /// Present: this node joins a cluster over NATS JetStream (docs/cluster.md). Absent: a
+    /// single node on its embedded store. Read at start only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the NATS servers this node joins through, and how durable state is kept there.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster: it names the node's JetStream consumer and
+    /// marks the messages it publishes (letters, digits, `-` and `_`).
+    pub node: String,
+    /// Seed URLs of the NATS servers (`nats://host:port`); the client learns the others from
+    /// them and reconnects to any of them.
+    pub nats: Vec<String>,
+    /// JetStream replicas of every stream Tern creates (1 for a single NATS server, 3 to
+    /// survive the loss of one server).
+    #[serde(default = "ClusterConfig::default_replicas")]
+    pub replicas: usize,
+    /// How long a QoS 1/2 publish waits for JetStream to store it with its replicas before
+    /// the publisher is told it failed (MQTT 5: reason 0x83; 3.1.1: the connection closes).
+    #[serde(
+        default = "ClusterConfig::default_quorum_timeout",
+        with = "duration::seconds"
+    )]
+    pub quorum_timeout: Duration,
+    /// How long a node's heartbeat lives in the nodes bucket; it is renewed every third of
+    /// this. A node whose heartbeat is gone is not listed as a member.
+    #[serde(
+        default = "ClusterConfig::default_heartbeat_ttl",
+        with = "duration::seconds"
+    )]
+    pub heartbeat_ttl: Duration,
+    /// How long startup waits for NATS and the streams before giving up.
+    #[serde(
+        default = "ClusterConfig::default_connect_timeout",
+        with = "duration::seconds"
+    )]
+    pub connect_timeout: Duration,
+    /// First token of every subject, stream and bucket name, so several clusters can share
+    /// NATS servers.
+    #[serde(default = "ClusterConfig::default_prefix")]
+    pub prefix: String,
+    /// How long JetStream keeps a message of the messages stream (whole seconds): a node
+    /// down for longer misses what was published meanwhile.
+    #[serde(
+        default = "ClusterConfig::default_stream_max_age",
+        with = "duration::seconds"
+    )]
+    pub stream_max_age: Duration,
+    /// Most bytes the messages stream holds; the oldest go first.
+    #[serde(default = "ClusterConfig::default_stream_max_bytes")]
+    pub stream_max_bytes: u64,
+    /// A NATS credentials file (`.creds`: JWT and NKey seed); empty: none.
+    #[serde(default)]
+    pub credentials: PathBuf,
+}
+
+impl ClusterConfig {
+    fn default_replicas() -> usize {
+        3
+    }
+    fn default_quorum_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_heartbeat_ttl() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_connect_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_prefix() -> String {
+        "tern".to_string()
+    }
+    fn default_stream_max_age() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    fn default_stream_max_bytes() -> u64 {
+        1 << 30
+    }
 }
 
 /// The process itself.

@@ -221,6 +221,65 @@ impl Config {
                 "must be between 0 (one per CPU, less one) and 1024",
             );
         }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl super::ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        // Names become NATS tokens and JetStream names: keep them to what both accept.
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 32
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !name_ok(&self.node) {
+            return invalid(
+                "cluster.node",
+                "1 to 32 letters, digits, '-' or '_', unique in the cluster",
+            );
+        }
+        if !name_ok(&self.prefix) {
+            return invalid("cluster.prefix", "1 to 32 letters, digits, '-' or '_'");
+        }
+        if self.nats.is_empty() || self.nats.iter().any(|u| u.trim().is_empty()) {
+            return invalid(
+                "cluster.nats",
+                "at least one NATS server URL, e.g. [\"nats://127.0.0.1:4222\"]",
+            );
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return invalid("cluster.replicas", "between 1 and 5 (JetStream's limit)");
+        }
+        if self.quorum_timeout < Duration::from_millis(100)
+            || self.quorum_timeout > Duration::from_secs(300)
+        {
+            return invalid("cluster.quorum_timeout", "between 100ms and 300 seconds");
+        }
+        if self.heartbeat_ttl < Duration::from_secs(1)
+            || self.heartbeat_ttl > Duration::from_secs(3600)
+        {
+            return invalid("cluster.heartbeat_ttl", "between 1 and 3600 seconds");
+        }
+        if self.connect_timeout < Duration::from_secs(1) {
+            return invalid("cluster.connect_timeout", "at least 1 second");
+        }
+        if self.stream_max_age < Duration::from_secs(60) {
+            return invalid("cluster.stream_max_age", "at least 60 seconds");
+        }
+        if self.stream_max_bytes < 1 << 20 {
+            return invalid("cluster.stream_max_bytes", "at least 1048576 (1 MiB)");
+        }
         Ok(())
     }
 }

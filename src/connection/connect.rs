@@ -250,6 +250,19 @@ pub(super) async fn accept(
         u32::MAX
     };
     let session_expiry = requested_expiry.min(limits.max_session_expiry_secs());
+    if session_expiry > 0 && broker.peers().is_some_and(|p| !p.available()) {
+        // A persistent session is a durable promise the cluster cannot make without its
+        // store's quorum (3.1.1: return code 3, Server unavailable).
+        return refuse(
+            broker,
+            wbuf,
+            version,
+            max_out,
+            ReasonCode::ServerUnavailable,
+            peer,
+            "cluster without quorum: persistent session refused",
+        );
+    }
 
     let mut keep_alive = c.keep_alive;
     let mut server_keep_alive = None;
@@ -320,6 +333,11 @@ pub(super) async fn accept(
             );
         }
     };
+    if let Some(peers) = broker.peers() {
+        // The client id is this node's now: a connection holding it on another node is
+        // taken over ([MQTT-3.1.4-3] across the cluster).
+        peers.claim(&client_id, conn_id);
+    }
     let session_present = attached.existed && !c.clean_start;
     let stored_before = attached
         .handle

@@ -70,6 +70,16 @@ impl AckQueue {
     }
 }
 
+/// Whether a failed commit behind `ack` is answered with a failure reason code instead of
+/// closing the connection (asked only in a cluster, of an MQTT 5 client): a PUBACK or PUBREC.
+/// The cluster's store can be out of reach for a while (no JetStream quorum) with nothing
+/// wrong with this connection; the client learns its message was not accepted and may send
+/// it again. 3.1.1 has no way to say so: its connection closes without the acknowledgement,
+/// and the client re-sends after reconnecting.
+fn refusable_ack(ack: &Response) -> bool {
+    matches!(ack, Response::PubAck(..) | Response::PubRec(..))
+}
+
 /// Whether a queued acknowledgement stands for a PUBLISH the Receive Maximum counts while it
 /// waits. An accepted QoS 2 PUBLISH is counted once, by its packet id in `inbound_qos2` (from
 /// PUBLISH to PUBREL), not a second time while its PUBREC waits for a commit.
@@ -115,6 +125,7 @@ impl Client {
 
     /// Moves acknowledgements whose commits are done into the write buffer, in order.
     pub(super) fn release_acks(&mut self, wbuf: &mut BytesMut) -> Result<(), Close> {
+        let refusable = self.version.is_v5() && self.broker.peers().is_some();
         while let Some(front) = self.acks.queue.front_mut() {
             let failed = match &mut front.commit {
                 Commit::Done => false,
@@ -125,17 +136,39 @@ impl Client {
                     Err(tokio::sync::oneshot::error::TryRecvError::Closed) => true,
                 },
             };
-            if failed {
+            if failed && !(refusable && refusable_ack(&front.ack)) {
                 // The store failed: never acknowledge what it did not keep.
                 return Err(Close::StorageFailed);
             }
-            let Some(p) = self.acks.queue.pop_front() else {
+            let Some(mut p) = self.acks.queue.pop_front() else {
                 break;
             };
+            if failed {
+                p.ack = self.refused(p.ack);
+            }
             self.send_ack(&p.ack, wbuf);
             self.queue_retained(p.retained);
         }
         Ok(())
+    }
+
+    /// `ack` turned into its refusal: 0x83 Implementation specific error, "the PUBLISH is
+    /// valid but the receiver is not willing to accept it". A QoS 2 exchange ends with a
+    /// PUBREC whose reason is 0x80 or above, so its packet id is forgotten.
+    fn refused(&mut self, ack: Response) -> Response {
+        let r = ReasonCode::ImplementationSpecificError;
+        match ack {
+            Response::PubAck(id, _) => Response::PubAck(id, r),
+            Response::PubRec(id, _) => {
+                self.state.inbound_qos2.remove(&id);
+                // Counted by `queue_ack` as accepted (through `inbound_qos2`); a refused
+                // PUBREC counts against Receive Maximum while queued, and `send_ack` takes
+                // one off for it.
+                self.acks.unacked_publishes += 1;
+                Response::PubRec(id, r)
+            }
+            other => other,
+        }
     }
 
     /// Encodes one acknowledgement: the one place a Response becomes bytes.

@@ -29,6 +29,9 @@ impl Client {
             }
         }
         let mut state = self.state;
+        if let Some(peers) = broker.peers() {
+            peers.release(&self.client_id, self.conn_id);
+        }
         match broker
             .registry
             .detach(&self.client_id, self.conn_id, self.session_expiry)

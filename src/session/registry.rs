@@ -258,6 +258,24 @@ impl Registry {
         }
     }
 
+    /// Asks connection `conn_id`, if it still holds `client_id`'s session, to leave because
+    /// a connection on another node of the cluster took the client id ([MQTT-3.1.4-3] across
+    /// nodes). True if it was asked.
+    pub fn take_over(&self, client_id: &str, conn_id: u64) -> bool {
+        let mut map = self.lock();
+        let Some(attachment) = map
+            .get_mut(client_id)
+            .and_then(|e| e.attached.as_mut())
+            .filter(|a| a.conn_id == conn_id)
+        else {
+            return false;
+        };
+        attachment
+            .kick
+            .take()
+            .is_some_and(|kick| kick.send(Kick::TakenOver).is_ok())
+    }
+
     /// Releases the session of connection `conn_id`. `expiry` is the Session Expiry Interval
     /// in seconds (`u32::MAX`: never); 0 ends the session now.
     pub fn detach(&self, client_id: &str, conn_id: u64, expiry: u32) -> Detached {

@@ -129,7 +129,8 @@ impl Client {
                 }
                 if p.qos == QoS::AtMostOnce {
                     // Nothing is acknowledged: retained state is stored in the background.
-                    broker.commit_detached(staged);
+                    let local = broker.submit_staged(staged);
+                    let _ = broker.forward(&msg, local);
                     return Ok(());
                 }
                 if p.qos == QoS::ExactlyOnce {
@@ -148,6 +149,8 @@ impl Client {
                 // this connection, makes those deliveries visible when the commit is done, so
                 // they happen even if this client vanishes before its acknowledgement.
                 let commit = broker.submit_staged(staged);
+                // In a cluster, also stored by JetStream with its replicas before the ack.
+                let commit = broker.forward(&msg, commit);
                 let reason = if v5 && routed.matched == 0 {
                     ReasonCode::NoMatchingSubscribers
                 } else {

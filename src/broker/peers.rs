@@ -1,0 +1,70 @@
+//! The other nodes of a cluster, as the broker sees them.
+//!
+//! The broker knows nothing of NATS: the cluster layer (`src/cluster/`) sits above it and
+//! installs itself here as a [`Peers`] when the node joins. Through it the broker hands every
+//! message a client (or a will) publishes on this node to the other nodes, and the cluster
+//! hands messages from other nodes back through [`Broker::publish_remote`] and retained
+//! updates through [`Broker::apply_retained`]. Without `[cluster]` nothing is installed and
+//! every call here is a no-op, so a single node pays one `OnceLock` read per publish.
+
+use super::{Broker, Staged};
+use crate::message::Message;
+use crate::storage::Commit;
+use std::sync::Arc;
+
+/// What carries messages and client-id claims to the other nodes.
+pub trait Peers: Send + Sync + 'static {
+    /// This node's name in the cluster.
+    fn node(&self) -> &str;
+    /// `msg` was published on this node and routed to its own subscribers; `local` is the
+    /// commit of this node's part. Returns the commit the publisher's acknowledgement waits
+    /// for: for QoS 1/2, `local` and the cluster's replicated store of the message both.
+    fn forward(&self, msg: &Arc<Message>, local: Commit) -> Commit;
+    /// Connection `conn_id` of this node now holds `client_id`: connections holding it on
+    /// other nodes are taken over.
+    fn claim(&self, client_id: &Arc<str>, conn_id: u64);
+    /// Connection `conn_id` let go of `client_id`.
+    fn release(&self, client_id: &str, conn_id: u64);
+    /// Whether the cluster can make durable promises now (its store has quorum). A
+    /// CONNECT that asks for a persistent session is refused while it cannot.
+    fn available(&self) -> bool;
+}
+
+impl Broker {
+    /// Installs the cluster (once, at startup, before any listener opens).
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    pub fn peers(&self) -> Option<&Arc<dyn Peers>> {
+        self.peers.get()
+    }
+
+    /// Hands a message published on this node to the other nodes (see [`Peers::forward`]).
+    /// `$` topics are this node's own (`$SYS`) and stay here.
+    pub fn forward(&self, msg: &Arc<Message>, local: Commit) -> Commit {
+        match self.peers.get() {
+            Some(p) if !msg.topic.as_str().starts_with('$') => p.forward(msg, local),
+            _ => local,
+        }
+    }
+
+    /// Routes a message another node published to this node's subscribers. Its retained
+    /// slot is not touched here: retained state arrives in its own order through
+    /// [`Broker::apply_retained`]. Returns the commit of what it stored for persistent
+    /// sessions here; the caller acknowledges the message to the cluster after it.
+    pub fn publish_remote(&self, msg: &Arc<Message>) -> Commit {
+        let mut scratch = Vec::new();
+        let mut staged = Staged::default();
+        self.route(msg, &mut scratch, &mut staged, false);
+        self.submit_staged(staged)
+    }
+
+    /// Sets (or, for an empty payload, clears) the retained slot of `msg`'s topic from the
+    /// cluster's retained stream, storing the change here too.
+    pub fn apply_retained(&self, msg: &Arc<Message>) {
+        let mut staged = Staged::default();
+        self.retain_staged(msg, &mut staged);
+        self.commit_detached(staged);
+    }
+}

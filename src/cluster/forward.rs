@@ -1,0 +1,183 @@
+//! This node's messages, out to the others: one task, so they leave in the order they were
+//! published (MQTT's ordering per topic and QoS holds across nodes), and one small waiter
+//! per QoS 1/2 message that releases the publisher's acknowledgement once both this node's
+//! commit and JetStream's replicated store are done.
+//!
+//! QoS 0 goes over core NATS: at most once is what QoS 0 promises, and it costs no store.
+//! QoS 1/2 goes through the messages stream and nowhere else, so a QoS ≥ 1 message never
+//! rides an at-most-once path: a node whose NATS connection drops reads it from its durable
+//! consumer when it is back. A retained message of any QoS also goes to the retained stream,
+//! where every node, including one started later, finds the last of each topic.
+//!
+//! Without quorum JetStream does not ack. The waiter publishes again (same deduplication id,
+//! so JetStream stores it once) until `cluster.quorum_timeout` has passed since the publish,
+//! then fails the commit: the publisher is refused, never acknowledged.
+
+use super::{wire, Names};
+use crate::broker::Broker;
+use crate::message::Message;
+use crate::protocol::QoS;
+use crate::storage::Commit;
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Messages waiting to be handed to NATS. Full means NATS takes nothing (a long disconnect):
+/// QoS 0 is dropped (counted) and QoS 1/2 refused.
+pub(crate) const CAPACITY: usize = 65_536;
+
+/// Pause between publishes of a message JetStream did not ack.
+const RETRY: Duration = Duration::from_millis(250);
+
+pub(crate) struct Outgoing {
+    msg: Arc<Message>,
+    /// For QoS 1/2: this node's commit, and where to say the whole is done.
+    gate: Option<(Commit, oneshot::Sender<()>)>,
+}
+
+/// Queues `msg` for the other nodes; returns the commit its publisher's ack waits for.
+pub(crate) fn submit(out: &mpsc::Sender<Outgoing>, msg: &Arc<Message>, local: Commit) -> Commit {
+    if msg.qos == QoS::AtMostOnce {
+        let _ = out.try_send(Outgoing {
+            msg: msg.clone(),
+            gate: None,
+        });
+        return local;
+    }
+    let (done, rx) = oneshot::channel();
+    match out.try_send(Outgoing {
+        msg: msg.clone(),
+        gate: Some((local, done)),
+    }) {
+        Ok(()) => Commit::Pending(rx),
+        Err(_) => Commit::Failed,
+    }
+}
+
+pub(crate) struct Forwarder {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) names: Arc<Names>,
+    pub(crate) node: String,
+    pub(crate) boot: u64,
+    pub(crate) quorum_timeout: Duration,
+    pub(crate) broker: Arc<Broker>,
+}
+
+/// One JetStream publish, with what it takes to publish it again.
+#[derive(Clone)]
+struct Publish {
+    js: jetstream::Context,
+    subject: String,
+    body: Bytes,
+    headers: HeaderMap,
+    id: String,
+}
+
+impl Publish {
+    async fn send(&self) -> Option<PublishAckFuture> {
+        self.js
+            .send_publish(
+                self.subject.clone(),
+                PublishMessage::build()
+                    .payload(self.body.clone())
+                    .headers(self.headers.clone())
+                    .message_id(&self.id),
+            )
+            .await
+            .ok()
+    }
+
+    /// Whether JetStream stored it before `deadline`, publishing again as needed.
+    async fn stored(self, mut attempt: Option<PublishAckFuture>, deadline: Instant) -> bool {
+        loop {
+            if let Some(ack) = attempt.take() {
+                if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, ack.into_future()).await {
+                    return true;
+                }
+            }
+            if Instant::now() + RETRY >= deadline {
+                return false;
+            }
+            tokio::time::sleep(RETRY).await;
+            attempt = self.send().await;
+        }
+    }
+}
+
+impl Forwarder {
+    pub(crate) async fn run(self, mut rx: mpsc::Receiver<Outgoing>) {
+        while let Some(Outgoing { msg, gate }) = rx.recv().await {
+            let body = wire::encode(&msg);
+            let headers = wire::headers(&self.node);
+            let id = format!("{}.{}.{}", self.node, self.boot, msg.id);
+            let deadline = Instant::now() + self.quorum_timeout;
+            let retained = if msg.retain {
+                let p = Publish {
+                    js: self.js.clone(),
+                    subject: self.names.retained.topic(msg.topic.as_str()),
+                    body: body.clone(),
+                    headers: headers.clone(),
+                    id: format!("{id}.r"),
+                };
+                let first = p.send().await;
+                Some((p, first))
+            } else {
+                None
+            };
+            let Some((local, done)) = gate else {
+                let subject = self.names.live.topic(msg.topic.as_str());
+                if let Err(e) = self
+                    .client
+                    .publish_with_headers(subject, headers, body)
+                    .await
+                {
+                    tracing::debug!(error = %e, "QoS 0 message not forwarded");
+                }
+                if let Some((p, first)) = retained {
+                    // Nobody waits for a QoS 0 retained update; it is kept when JetStream can.
+                    let broker = self.broker.clone();
+                    tokio::spawn(async move {
+                        if !p.stored(first, deadline).await {
+                            broker.metrics.dropped_storage_failed.inc();
+                        }
+                    });
+                }
+                continue;
+            };
+            let p = Publish {
+                js: self.js.clone(),
+                subject: self.names.msgs.topic(msg.topic.as_str()),
+                body,
+                headers,
+                id,
+            };
+            let first = p.send().await;
+            tokio::spawn(async move {
+                let local_done = async {
+                    match local {
+                        Commit::Done => true,
+                        Commit::Failed => false,
+                        Commit::Pending(rx) => rx.await.is_ok(),
+                    }
+                };
+                let retained_done = async {
+                    match retained {
+                        Some((r, first)) => r.stored(first, deadline).await,
+                        None => true,
+                    }
+                };
+                let (a, b, c) = tokio::join!(local_done, p.stored(first, deadline), retained_done);
+                if a && b && c {
+                    let _ = done.send(());
+                }
+                // Otherwise `done` drops: the publisher is refused (see `responses.rs`).
+            });
+        }
+    }
+}
