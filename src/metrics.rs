@@ -47,6 +47,8 @@ pub struct Metrics {
     /// Control packets to clients, by type.
     pub packets_sent: PacketCounters,
     pub storage: StorageMetrics,
+    /// The cluster's traffic and health (zero on a single node).
+    pub cluster: ClusterMetrics,
     /// Publishers paused because a queue they publish to passed the back-pressure threshold.
     pub backpressure_pauses: IntCounter,
     sessions: IntGaugeVec,
@@ -62,6 +64,68 @@ pub struct Metrics {
     /// Most connections open at once since the start (`$SYS/broker/clients/maximum`).
     connections_max: std::sync::atomic::AtomicI64,
     shared: SharedVecs,
+}
+
+/// What crosses between this node and the others of its cluster (src/cluster/).
+pub struct ClusterMetrics {
+    /// Messages handed to NATS: core NATS (QoS 0) and the messages stream (QoS 1/2).
+    pub out_live: IntCounter,
+    pub out_stream: IntCounter,
+    /// Messages from other nodes routed here, by the same two paths.
+    pub in_live: IntCounter,
+    pub in_stream: IntCounter,
+    /// QoS 1/2 publishes JetStream did not store within `cluster.quorum_timeout`: refused,
+    /// never acknowledged.
+    pub refused: IntCounter,
+    /// QoS 0 messages not forwarded because the queue to NATS was full.
+    pub dropped_live: IntCounter,
+    /// Connections here taken over by a connection with the same client id on another node.
+    pub taken_over: IntCounter,
+    /// 1 while this node's heartbeat reaches JetStream's quorum.
+    pub available: IntGauge,
+}
+
+impl ClusterMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<ClusterMetrics> {
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "tern_cluster_messages_total",
+                "Messages between this node and the others, by direction and path (live: core NATS, QoS 0; stream: JetStream, QoS 1/2)",
+            ),
+            &["direction", "path"],
+        )?;
+        registry.register(Box::new(messages.clone()))?;
+        let refused = IntCounter::new(
+            "tern_cluster_publishes_refused_total",
+            "QoS 1/2 publishes JetStream did not store with its replicas within cluster.quorum_timeout (refused, not acknowledged)",
+        )?;
+        registry.register(Box::new(refused.clone()))?;
+        let dropped_live = IntCounter::new(
+            "tern_cluster_live_dropped_total",
+            "QoS 0 messages not forwarded to the other nodes because the queue to NATS was full",
+        )?;
+        registry.register(Box::new(dropped_live.clone()))?;
+        let taken_over = IntCounter::new(
+            "tern_cluster_takeovers_total",
+            "Connections closed because the same client id connected on another node",
+        )?;
+        registry.register(Box::new(taken_over.clone()))?;
+        let available = IntGauge::new(
+            "tern_cluster_available",
+            "1 while this node's heartbeat reaches JetStream's quorum (durable promises possible), else 0",
+        )?;
+        registry.register(Box::new(available.clone()))?;
+        Ok(ClusterMetrics {
+            out_live: messages.with_label_values(&["out", "live"]),
+            out_stream: messages.with_label_values(&["out", "stream"]),
+            in_live: messages.with_label_values(&["in", "live"]),
+            in_stream: messages.with_label_values(&["in", "stream"]),
+            refused,
+            dropped_live,
+            taken_over,
+            available,
+        })
+    }
 }
 
 /// Names of MQTT control packet types, indexed by the type nibble of the fixed header.
@@ -312,6 +376,7 @@ impl Metrics {
             "Times a publisher was paused because a queue it publishes to was 3/4 full",
         )?;
         registry.register(Box::new(backpressure_pauses.clone()))?;
+        let cluster = ClusterMetrics::new(&registry)?;
         let storage = StorageMetrics {
             commits: IntCounter::new(
                 "tern_storage_commits_total",
@@ -407,6 +472,7 @@ impl Metrics {
             started: std::time::Instant::now(),
             connections_max: std::sync::atomic::AtomicI64::new(0),
             storage,
+            cluster,
             backpressure_pauses,
             sessions,
             subscriptions,

@@ -7,8 +7,10 @@
 //! updates through [`Broker::apply_retained`]. Without `[cluster]` nothing is installed and
 //! every call here is a no-op, so a single node pays one `OnceLock` read per publish.
 
+use super::shared::Group;
 use super::{Broker, Staged};
 use crate::message::Message;
+use crate::outbox::{Delivery, SubIds};
 use crate::storage::Commit;
 use std::sync::Arc;
 
@@ -25,6 +27,11 @@ pub trait Peers: Send + Sync + 'static {
     fn claim(&self, client_id: &Arc<str>, conn_id: u64);
     /// Connection `conn_id` let go of `client_id`.
     fn release(&self, client_id: &str, conn_id: u64);
+    /// A shared subscription group now has a member on this node: this node takes its share
+    /// of the group's messages from the cluster (see [`Broker::publish_to_group`]).
+    fn group_started(&self, group: &Arc<Group>);
+    /// The group has no member on this node any more.
+    fn group_ended(&self, group: &Arc<Group>);
     /// Whether the cluster can make durable promises now (its store has quorum). A
     /// CONNECT that asks for a persistent session is refused while it cannot.
     fn available(&self) -> bool;
@@ -58,6 +65,29 @@ impl Broker {
         let mut staged = Staged::default();
         self.route(msg, &mut scratch, &mut staged, false);
         self.submit_staged(staged)
+    }
+
+    /// Queues a message the cluster gave this node for shared subscription group `group`
+    /// (each message of a group goes to one node, see `cluster/groups.rs`). Returns the
+    /// commit of the group's queue, or `None` when the queue is full (counted).
+    pub fn publish_to_group(&self, group: &Arc<Group>, msg: &Arc<Message>) -> Option<Commit> {
+        let mut staged = Staged::default();
+        let durable = self.store.durable();
+        let mut staging = durable.then(|| super::staged::Staging::new(msg, &mut staged));
+        // A group keeps the RETAIN flag and applies each member's option when it hands the
+        // message over, as in `route`.
+        let delivery = Delivery::new(
+            msg.clone(),
+            group.max_qos().min(msg.qos),
+            msg.retain,
+            SubIds::None,
+        );
+        if !self.deliver(&group.queue, delivery, staging.as_mut()) {
+            group.metrics.dropped.inc();
+            return None;
+        }
+        drop(staging);
+        Some(self.submit_staged(staged))
     }
 
     /// Sets (or, for an empty payload, clears) the retained slot of `msg`'s topic from the

@@ -65,6 +65,12 @@ impl Broker {
             // matching subscription identifier ([MQTT-3.3.4-2] .. [MQTT-3.3.4-5]).
             let session = &scratch[i].session;
             let group = scratch[i].group.as_ref();
+            if group.is_some() && self.peers.get().is_some() {
+                // In a cluster a group's messages come from its JetStream consumer or its
+                // NATS queue group, one node per message (`Broker::publish_to_group`).
+                i += 1;
+                continue;
+            }
             let mut qos = scratch[i].options.qos;
             let mut retain_as_published = scratch[i].options.retain_as_published;
             let mut sub_ids = SubIds::None;

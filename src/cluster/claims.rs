@@ -113,6 +113,7 @@ impl Claims {
 
     fn taken_over(&self, c: &Claim) {
         if self.broker.registry.take_over(&c.client_id, c.conn_id) {
+            self.broker.metrics.cluster.taken_over.inc();
             tracing::info!(client_id = %c.client_id, "session taken over by another node");
         }
     }

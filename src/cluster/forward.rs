@@ -16,6 +16,7 @@
 use super::{wire, Names};
 use crate::broker::Broker;
 use crate::message::Message;
+use crate::metrics::ClusterMetrics;
 use crate::protocol::QoS;
 use crate::storage::Commit;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
@@ -41,12 +42,20 @@ pub(crate) struct Outgoing {
 }
 
 /// Queues `msg` for the other nodes; returns the commit its publisher's ack waits for.
-pub(crate) fn submit(out: &mpsc::Sender<Outgoing>, msg: &Arc<Message>, local: Commit) -> Commit {
+pub(crate) fn submit(
+    out: &mpsc::Sender<Outgoing>,
+    metrics: &ClusterMetrics,
+    msg: &Arc<Message>,
+    local: Commit,
+) -> Commit {
     if msg.qos == QoS::AtMostOnce {
-        let _ = out.try_send(Outgoing {
+        let queued = out.try_send(Outgoing {
             msg: msg.clone(),
             gate: None,
         });
+        if queued.is_err() {
+            metrics.dropped_live.inc();
+        }
         return local;
     }
     let (done, rx) = oneshot::channel();
@@ -55,7 +64,10 @@ pub(crate) fn submit(out: &mpsc::Sender<Outgoing>, msg: &Arc<Message>, local: Co
         gate: Some((local, done)),
     }) {
         Ok(()) => Commit::Pending(rx),
-        Err(_) => Commit::Failed,
+        Err(_) => {
+            metrics.refused.inc();
+            Commit::Failed
+        }
     }
 }
 
@@ -158,6 +170,8 @@ impl Forwarder {
                 id,
             };
             let first = p.send().await;
+            self.broker.metrics.cluster.out_stream.inc();
+            let broker = self.broker.clone();
             tokio::spawn(async move {
                 let local_done = async {
                     match local {
@@ -175,6 +189,8 @@ impl Forwarder {
                 let (a, b, c) = tokio::join!(local_done, p.stored(first, deadline), retained_done);
                 if a && b && c {
                     let _ = done.send(());
+                } else if !(b && c) {
+                    broker.metrics.cluster.refused.inc();
                 }
                 // Otherwise `done` drops: the publisher is refused (see `responses.rs`).
             });

@@ -12,6 +12,7 @@
 //! | each node's read position | one durable pull consumer per node (`node`), not per subscription | a node that was cut off or restarted resumes where it was; thousands of subscriptions cost no JetStream API calls (nats-server's own MQTT layer creates one consumer per subscription and times out under reconnect storms) |
 //! | retained messages | stream `P_RETAINED`, one message per topic subject (`P.ret.m.<levels>`) | every node reads the last of each at start and follows the changes in stream order, so all nodes converge on the same retained set |
 //! | who holds a client id | key-value bucket `P_clients`, key = SHA-256 of the client id | the bucket's revision orders concurrent CONNECTs on different nodes: the newest claim wins, older holders are taken over |
+//! | shared subscription groups | a durable pull consumer per group (QoS 1/2) and a NATS queue group (QoS 0) | each message to one node; nodes pull as their group queue has room (`groups.rs`) |
 //! | which nodes are up | key-value bucket `P_nodes`, a heartbeat per node that expires | quorum health for this node, and the members for operators |
 //!
 //! `P` is `cluster.prefix`. Message bodies cross nodes in the storage record format
@@ -21,14 +22,17 @@
 //! Files: `subject.rs` maps topics and filters to subjects; `wire.rs` the message envelope;
 //! `forward.rs` sends this node's messages out, in publish order, and gates acknowledgements
 //! on JetStream's acks; `receive.rs` routes other nodes' messages here and follows the
-//! retained stream; `claims.rs` keeps client ids unique across the cluster.
+//! retained stream; `claims.rs` keeps client ids unique across the cluster; `groups.rs`
+//! makes the members of a shared subscription on every node one group.
 
 mod claims;
 mod forward;
+mod groups;
 mod receive;
 pub mod subject;
 mod wire;
 
+use crate::broker::shared::Group;
 use crate::broker::{Broker, Peers};
 use crate::config::ClusterConfig;
 use crate::message::Message;
@@ -104,8 +108,10 @@ impl Names {
 /// This node's membership of the cluster: what the broker calls through [`Peers`].
 pub struct Node {
     name: String,
+    broker: Arc<Broker>,
     out: mpsc::Sender<forward::Outgoing>,
     claims: Arc<claims::Claims>,
+    groups: Arc<groups::ClusterGroups>,
     /// The last heartbeat reached JetStream's quorum (see [`Node::available`]).
     available: Arc<AtomicBool>,
 }
@@ -126,7 +132,7 @@ impl Node {
         config: &ClusterConfig,
     ) -> Result<Joined, ClusterError> {
         let names = Arc::new(Names::new(&config.prefix)?);
-        let client = tokio::time::timeout(config.connect_timeout, connect(config))
+        let client = tokio::time::timeout(config.connect_timeout, connect(config, false))
             .await
             .map_err(|_| ClusterError::Connect {
                 urls: config.nats.join(","),
@@ -160,6 +166,21 @@ impl Node {
             config.node.clone(),
             setup.clients.clone(),
         ));
+        let echo = tokio::time::timeout(config.connect_timeout, connect(config, true))
+            .await
+            .map_err(|_| ClusterError::Connect {
+                urls: config.nats.join(","),
+                message: "no answer within cluster.connect_timeout".to_string(),
+            })??;
+        let groups = Arc::new(groups::ClusterGroups {
+            broker: broker.clone(),
+            echo,
+            msgs: setup.msgs.clone(),
+            names: names.clone(),
+            replicas: config.replicas,
+            idle: config.stream_max_age,
+            running: Default::default(),
+        });
         let mut tasks = Vec::new();
         let (out, rx) = mpsc::channel(forward::CAPACITY);
         tasks.push(tokio::spawn(
@@ -189,7 +210,9 @@ impl Node {
             receive::live(broker.clone(), client.clone(), &names, config.node.clone()).await?,
         );
         tasks.push(tokio::spawn(claims.clone().watch()));
+        broker.metrics.cluster.available.set(1);
         tasks.push(tokio::spawn(heartbeat(
+            broker.clone(),
             setup.nodes,
             config.node.clone(),
             available.clone(),
@@ -198,11 +221,17 @@ impl Node {
         )));
         let node = Arc::new(Node {
             name: config.node.clone(),
+            broker: broker.clone(),
             out,
             claims,
+            groups: groups.clone(),
             available,
         });
         broker.set_peers(node.clone());
+        // Groups restored from the store before the node joined.
+        for group in broker.groups.all() {
+            groups.start(&group);
+        }
         tracing::info!(
             node = %config.node,
             nats = %client.server_info().server_name,
@@ -225,7 +254,7 @@ impl Peers for Node {
     }
 
     fn forward(&self, msg: &Arc<Message>, local: Commit) -> Commit {
-        forward::submit(&self.out, msg, local)
+        forward::submit(&self.out, &self.broker.metrics.cluster, msg, local)
     }
 
     fn claim(&self, client_id: &Arc<str>, conn_id: u64) {
@@ -239,11 +268,21 @@ impl Peers for Node {
     fn available(&self) -> bool {
         Node::available(self)
     }
+
+    fn group_started(&self, group: &Arc<Group>) {
+        self.groups.start(group);
+    }
+
+    fn group_ended(&self, group: &Arc<Group>) {
+        self.groups.end(group);
+    }
 }
 
 /// Connects to the seed servers; async-nats reconnects by itself, forever, to any server of
 /// the cluster it has learnt of.
-async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterError> {
+/// `echo`: whether this connection receives what it publishes itself (only the groups'
+/// connection does; see `groups.rs`).
+async fn connect(config: &ClusterConfig, echo: bool) -> Result<async_nats::Client, ClusterError> {
     let error = |message: String| ClusterError::Connect {
         urls: config.nats.join(","),
         message,
@@ -256,10 +295,12 @@ async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterEr
             .map_err(|e| error(format!("credentials {}: {e}", config.credentials.display())))?
     };
     let node = config.node.clone();
+    if !echo {
+        // Our own core NATS publishes need not come back to us.
+        options = options.no_echo();
+    }
     options = options
         .name(format!("tern-{}", config.node))
-        // Our own core NATS publishes need not come back to us.
-        .no_echo()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
@@ -298,6 +339,7 @@ fn boot_id() -> u64 {
 /// Puts this node's heartbeat every third of the bucket's TTL; whether the put reached
 /// JetStream's quorum is this node's availability.
 async fn heartbeat(
+    broker: Arc<Broker>,
     nodes: jetstream::kv::Store,
     node: String,
     available: Arc<AtomicBool>,
@@ -312,6 +354,7 @@ async fn heartbeat(
         )
         .await;
         let ok = matches!(put, Ok(Ok(_)));
+        broker.metrics.cluster.available.set(i64::from(ok));
         if available.swap(ok, Ordering::Relaxed) != ok {
             if ok {
                 tracing::info!(%node, "cluster quorum reachable again");

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 /// What the cluster's streams, buckets and this node's consumer are.
 pub(crate) struct Setup {
+    pub(crate) msgs: jetstream::stream::Stream,
     pub(crate) consumer: jetstream::consumer::Consumer<pull::Config>,
     pub(crate) retained: jetstream::stream::Stream,
     pub(crate) clients: kv::Store,
@@ -132,6 +133,7 @@ impl Setup {
         })
         .await?;
         Ok(Setup {
+            msgs,
             consumer,
             retained,
             clients,
@@ -208,6 +210,7 @@ pub(crate) async fn consume(
                     let _ = m.ack_with(AckKind::Term).await;
                     continue;
                 };
+                broker.metrics.cluster.in_stream.inc();
                 match broker.publish_remote(&msg) {
                     Commit::Done => {
                         let _ = m.ack().await;
@@ -249,6 +252,7 @@ pub(crate) async fn live(
             }
             match wire::decode(&m.payload, broker.next_message_id()) {
                 Some(msg) => {
+                    broker.metrics.cluster.in_live.inc();
                     let _ = broker.publish_remote(&msg);
                 }
                 None => tracing::warn!(subject = %m.subject, "undecodable cluster message dropped"),

@@ -51,6 +51,9 @@ impl Broker {
         self.index_group(&group);
         if created {
             tokio::spawn(group.clone().run(Arc::downgrade(self)));
+            if let Some(peers) = self.peers() {
+                peers.group_started(&group);
+            }
         }
         group
     }
@@ -135,6 +138,9 @@ impl Broker {
                 client_id: group.queue.client_id.to_string(),
                 session_id: group.queue.id,
             }]);
+        }
+        if let Some(peers) = self.peers() {
+            peers.group_ended(group);
         }
         self.metrics.forget_group(&group.share, &group.filter);
         tracing::debug!(group = %group.key(), "shared subscription group ended");
