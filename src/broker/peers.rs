@@ -82,11 +82,11 @@ impl Broker {
             msg.retain,
             SubIds::None,
         );
-        if !self.deliver(&group.queue, delivery, staging.as_mut()) {
+        let accepted = self.deliver(&group.queue, delivery, staging.as_mut());
+        if !accepted {
             group.metrics.dropped.inc();
             return None;
         }
-        drop(staging);
         Some(self.submit_staged(staged))
     }
 
