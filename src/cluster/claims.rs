@@ -9,10 +9,15 @@
 //! nothing. So of two racing CONNECTs exactly the later one in the stream survives, on
 //! every node's reading.
 //!
+//! A node that loses a client id also ends its session of it, at once when its client is
+//! away, or when the connection it takes over lets go: a client id has one session in the
+//! cluster, never a stale second one to come back to.
+//!
 //! Keys are the SHA-256 of the client id in hex: a client id may hold any UTF-8 and be up to
 //! 65,535 bytes, a key may not.
 
 use crate::broker::Broker;
+use crate::session::registry::Moved;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -75,8 +80,9 @@ impl Claims {
             },
         );
         let this = self.clone();
+        let client_id = client_id.clone();
         tokio::spawn(async move {
-            let value = format!("{}/{conn_id}", this.node);
+            let value = format!("{}/{conn_id}/{client_id}", this.node);
             match this.kv.put(&key, value.into()).await {
                 Ok(revision) => {
                     let mut held = this.held();
@@ -112,9 +118,25 @@ impl Claims {
     }
 
     fn taken_over(&self, c: &Claim) {
-        if self.broker.registry.take_over(&c.client_id, c.conn_id) {
-            self.broker.metrics.cluster.taken_over.inc();
-            tracing::info!(client_id = %c.client_id, "session taken over by another node");
+        self.moved(&c.client_id, Some(c.conn_id));
+    }
+
+    /// `client_id` is another node's now: the connection (`conn_id`) or the away session
+    /// here gives way (`Registry::moved`).
+    fn moved(&self, client_id: &str, conn_id: Option<u64>) {
+        match self.broker.registry.moved(client_id, conn_id) {
+            Moved::Nothing => {}
+            Moved::Kicked => {
+                self.broker.metrics.cluster.taken_over.inc();
+                tracing::info!(%client_id, "session taken over by another node");
+            }
+            Moved::Ended(ended) => {
+                // Nobody is attached (checked under the registry lock): the state is free.
+                if let Ok(mut state) = ended.state.try_lock() {
+                    self.broker.end_session(&ended.handle, &mut state);
+                }
+                tracing::info!(%client_id, "session ended: its client connected on another node");
+            }
         }
     }
 
@@ -142,7 +164,16 @@ impl Claims {
                         c.newest_other = c.newest_other.max(entry.revision);
                         c.revision.is_some_and(|r| r < entry.revision)
                     }
-                    None => false,
+                    None => {
+                        drop(held);
+                        // No connection here holds it; a session of its client may be
+                        // waiting here, and must not outlive the move.
+                        let text = String::from_utf8_lossy(&entry.value);
+                        if let Some(client_id) = text.splitn(3, '/').nth(2) {
+                            self.moved(client_id, None);
+                        }
+                        continue;
+                    }
                 };
                 if lost {
                     if let Some(c) = held.remove(&entry.key) {

@@ -54,6 +54,16 @@ impl SessionHandle {
     }
 }
 
+/// What [`Registry::moved`] did.
+pub enum Moved {
+    /// No session here, or one another connection here holds.
+    Nothing,
+    /// Its connection was asked to leave; the session ends when it does.
+    Kicked,
+    /// The session's client was away: it ended, and the caller discards its state.
+    Ended(Expired),
+}
+
 /// Why a connection is asked to close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kick {
@@ -79,6 +89,9 @@ struct Entry {
     expires_at: Option<Instant>,
     /// A delayed Will waiting to be published; a reconnect cancels it ([MQTT-3.1.3-9]).
     pending_will: Option<tokio::task::AbortHandle>,
+    /// The client id connected on another node of the cluster: the session ends when its
+    /// connection here lets go ([`Registry::moved`]).
+    moved: bool,
 }
 
 pub struct Registry {
@@ -193,9 +206,10 @@ impl Registry {
                 Some(entry) => {
                     // A session whose connection is still attached with expiry 0 ends with that
                     // connection: we take the entry over but not the session.
-                    let mut continues = true;
+                    // A session whose client id went to another node meanwhile is stale.
+                    let mut continues = !std::mem::take(&mut entry.moved);
                     if let Some(old) = entry.attached.take() {
-                        continues = old.expiry != 0;
+                        continues &= old.expiry != 0;
                         if let Some(kick) = old.kick {
                             let _ = kick.send(Kick::TakenOver);
                         }
@@ -224,6 +238,7 @@ impl Registry {
                             attached: Some(attachment),
                             expires_at: None,
                             pending_will: None,
+                            moved: false,
                         },
                     );
                     (handle, state, false)
@@ -258,22 +273,45 @@ impl Registry {
         }
     }
 
-    /// Asks connection `conn_id`, if it still holds `client_id`'s session, to leave because
-    /// a connection on another node of the cluster took the client id ([MQTT-3.1.4-3] across
-    /// nodes). True if it was asked.
-    pub fn take_over(&self, client_id: &str, conn_id: u64) -> bool {
+    /// `client_id` connected on another node of the cluster ([MQTT-3.1.4-3] across nodes):
+    /// the session here must not live on beside the one there. With `Some(conn_id)`, that
+    /// connection, if it still holds the session, is asked to leave and the session ends
+    /// when it does. With `None`, a session whose client is away ends now, its delayed will
+    /// cancelled (the client is back, elsewhere); one a connection holds is left alone (that
+    /// connection's own claim decides, by revision).
+    pub fn moved(&self, client_id: &str, conn_id: Option<u64>) -> Moved {
         let mut map = self.lock();
-        let Some(attachment) = map
-            .get_mut(client_id)
-            .and_then(|e| e.attached.as_mut())
-            .filter(|a| a.conn_id == conn_id)
-        else {
-            return false;
+        let Some(entry) = map.get_mut(client_id) else {
+            return Moved::Nothing;
         };
-        attachment
-            .kick
-            .take()
-            .is_some_and(|kick| kick.send(Kick::TakenOver).is_ok())
+        match &mut entry.attached {
+            Some(a) if conn_id == Some(a.conn_id) => {
+                entry.moved = true;
+                let kicked = a
+                    .kick
+                    .take()
+                    .is_some_and(|k| k.send(Kick::TakenOver).is_ok());
+                if kicked {
+                    Moved::Kicked
+                } else {
+                    Moved::Nothing
+                }
+            }
+            Some(_) => Moved::Nothing,
+            None if conn_id.is_some() => Moved::Nothing,
+            None => {
+                let Some(e) = map.remove(client_id) else {
+                    return Moved::Nothing;
+                };
+                if let Some(will) = e.pending_will {
+                    will.abort();
+                }
+                Moved::Ended(Expired {
+                    handle: e.handle,
+                    state: e.state,
+                })
+            }
+        }
     }
 
     /// Releases the session of connection `conn_id`. `expiry` is the Session Expiry Interval
@@ -288,7 +326,7 @@ impl Registry {
         }
         entry.attached = None;
         entry.handle.outbox.set_online(false);
-        if expiry == 0 {
+        if expiry == 0 || entry.moved {
             let handle = entry.handle.clone();
             map.remove(client_id);
             return Detached::Ended(handle);
@@ -355,6 +393,7 @@ impl Registry {
                 attached: None,
                 expires_at,
                 pending_will: None,
+                moved: false,
             },
         );
         handle
@@ -493,6 +532,67 @@ mod tests {
         drop(b);
         assert!(matches!(r.detach("c", 2, 0), Detached::Ended(_)));
         assert_eq!(counts(&r), (0, 0));
+    }
+
+    /// A client id that connected on another node: the connection here is told to leave
+    /// (only the one that claimed it), its session ends with it instead of waiting for a
+    /// return, and an away session ends at once; a session a connection holds is not ended
+    /// behind its back.
+    #[tokio::test]
+    async fn a_session_moved_to_another_node_ends_here() {
+        let r = Registry::new(10, 1000);
+        let (tx, mut rx) = oneshot::channel();
+        drop(
+            r.attach("c", 1, 60, tx, Duration::from_secs(1))
+                .await
+                .unwrap(),
+        );
+        assert!(
+            matches!(r.moved("c", None), Moved::Nothing),
+            "held by a connection"
+        );
+        assert!(
+            matches!(r.moved("c", Some(9)), Moved::Nothing),
+            "another connection's claim"
+        );
+        assert!(rx.try_recv().is_err());
+        assert!(matches!(r.moved("c", Some(1)), Moved::Kicked));
+        assert_eq!(rx.try_recv().unwrap(), Kick::TakenOver);
+        assert!(matches!(r.detach("c", 1, 60), Detached::Ended(_)));
+        assert_eq!(counts(&r), (0, 0));
+
+        let (tx, _rx) = oneshot::channel();
+        drop(
+            r.attach("d", 2, 60, tx, Duration::from_secs(1))
+                .await
+                .unwrap(),
+        );
+        assert!(matches!(r.detach("d", 2, 60), Detached::Kept));
+        assert!(matches!(r.moved("d", None), Moved::Ended(_)));
+        assert_eq!(counts(&r), (0, 0));
+        assert!(matches!(r.moved("nobody", None), Moved::Nothing));
+
+        // The client comes back here while its old connection is being told to leave: the
+        // session it finds is not the stale one.
+        let (tx, _rx) = oneshot::channel();
+        drop(
+            r.attach("e", 3, 60, tx, Duration::from_secs(1))
+                .await
+                .unwrap(),
+        );
+        assert!(matches!(r.moved("e", Some(3)), Moved::Kicked));
+        let (tx, _rx) = oneshot::channel();
+        let back = r
+            .attach("e", 4, 60, tx, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(!back.existed);
+        drop(back);
+        assert!(matches!(r.detach("e", 3, 60), Detached::TakenOver));
+        assert!(
+            matches!(r.detach("e", 4, 60), Detached::Kept),
+            "moved was reset"
+        );
     }
 
     /// A shutdown reaches every attached connection, and one that attaches afterwards (its
