@@ -489,6 +489,12 @@ impl Outbox {
         }
     }
 
+    /// Copies of the deliveries in memory, head first (the part of the queue not spilled),
+    /// for handing a session to another node; the queue is not changed.
+    pub fn memory_items(&self) -> Vec<Delivery> {
+        self.lock().items.iter().cloned().collect()
+    }
+
     /// Messages queued for this session, in memory and on disk.
     pub fn len(&self) -> usize {
         let q = self.lock();

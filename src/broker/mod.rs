@@ -22,6 +22,7 @@
 //!   `$SYS` and the per-topic sampler.
 
 mod expiry;
+mod handover;
 mod peers;
 pub mod recovery;
 pub mod retain;
@@ -34,8 +35,8 @@ pub mod topics;
 pub mod trie;
 mod will;
 
-pub use peers::Peers;
-pub use route::Routed;
+pub use peers::{BoxFuture, Peers};
+pub use route::{Routed, Targets};
 pub use staged::{After, Staged};
 
 use crate::auth::Authorizer;

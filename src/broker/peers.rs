@@ -7,12 +7,19 @@
 //! updates through [`Broker::apply_retained`]. Without `[cluster]` nothing is installed and
 //! every call here is a no-op, so a single node pays one `OnceLock` read per publish.
 
+use super::route::Targets;
 use super::shared::Group;
 use super::{Broker, Staged};
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
+use crate::session::registry::SessionHandle;
+use crate::session::SessionState;
 use crate::storage::Commit;
 use std::sync::Arc;
+
+/// A boxed future, for the one async call of [`Peers`] (a trait object's methods cannot be
+/// `async fn`).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// What carries messages and client-id claims to the other nodes.
 pub trait Peers: Send + Sync + 'static {
@@ -32,6 +39,15 @@ pub trait Peers: Send + Sync + 'static {
     fn group_started(&self, group: &Arc<Group>);
     /// The group has no member on this node any more.
     fn group_ended(&self, group: &Arc<Group>);
+    /// Takes `client_id`'s persistent session from the node that has it, if another does,
+    /// into `handle`'s (the connecting client's, new) session. `Some`: it did, and the commit
+    /// is what the CONNACK with Session Present 1 waits for.
+    fn take_session<'a>(
+        &'a self,
+        client_id: &'a str,
+        handle: &'a Arc<SessionHandle>,
+        state: &'a mut SessionState,
+    ) -> BoxFuture<'a, Option<Commit>>;
     /// Whether the cluster can make durable promises now (its store has quorum). A
     /// CONNECT that asks for a persistent session is refused while it cannot.
     fn available(&self) -> bool;
@@ -56,14 +72,15 @@ impl Broker {
         }
     }
 
-    /// Routes a message another node published to this node's subscribers. Its retained
+    /// Routes a message from the cluster to `targets` (all, for another node's message; the
+    /// persistent sessions, for this node's own back from the stream). Its retained
     /// slot is not touched here: retained state arrives in its own order through
     /// [`Broker::apply_retained`]. Returns the commit of what it stored for persistent
     /// sessions here; the caller acknowledges the message to the cluster after it.
-    pub fn publish_remote(&self, msg: &Arc<Message>) -> Commit {
+    pub fn publish_remote(&self, msg: &Arc<Message>, targets: Targets) -> Commit {
         let mut scratch = Vec::new();
         let mut staged = Staged::default();
-        self.route(msg, &mut scratch, &mut staged, false);
+        self.route(msg, &mut scratch, &mut staged, false, targets);
         self.submit_staged(staged)
     }
 

@@ -12,6 +12,23 @@ use crate::storage::Op;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
+/// Which of the matching sessions a routing reaches. On a single node always all of them.
+/// In a cluster, QoS 1/2 deliveries to persistent sessions are made in the order of the
+/// cluster's messages stream, by the node's consumer, whoever published (so a session's
+/// queue has one well-defined position in that stream, which lets it move between nodes
+/// without a gap or a double, `cluster/sessions.rs`); the publishing node reaches the others
+/// at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Targets {
+    All,
+    /// All but persistent sessions (a message published here, in a cluster).
+    NotPersistent,
+    /// Persistent sessions only (a message published here, back from the stream).
+    PersistentOnly,
+    /// One session (catching a session up on what it missed while it moved).
+    Session(u64),
+}
+
 /// Result of routing one message.
 #[derive(Default, Clone)]
 pub struct Routed {
@@ -36,7 +53,15 @@ impl Broker {
         scratch: &mut Vec<Subscriber>,
         staged: &mut Staged,
     ) -> Routed {
-        self.route(msg, scratch, staged, true)
+        let targets = if self.peers.get().is_some()
+            && msg.qos != crate::protocol::QoS::AtMostOnce
+            && !msg.topic.as_str().starts_with('$')
+        {
+            Targets::NotPersistent
+        } else {
+            Targets::All
+        };
+        self.route(msg, scratch, staged, true, targets)
     }
 
     /// [`Broker::publish`]; `retain_slot` false leaves the retained slot alone (a message
@@ -47,6 +72,7 @@ impl Broker {
         scratch: &mut Vec<Subscriber>,
         staged: &mut Staged,
         retain_slot: bool,
+        targets: Targets,
     ) -> Routed {
         // `$` topics are the broker's own (`$SYS`): only the broker publishes them (clients
         // may not, wills may not), they describe this run, and they are never persisted.
@@ -70,6 +96,24 @@ impl Broker {
                 // NATS queue group, one node per message (`Broker::publish_to_group`).
                 i += 1;
                 continue;
+            }
+            if targets != Targets::All {
+                let persistent = session.persistent.load(Ordering::Relaxed);
+                let skip = match targets {
+                    Targets::All => false,
+                    Targets::NotPersistent => persistent,
+                    Targets::PersistentOnly => !persistent,
+                    Targets::Session(id) => session.id != id,
+                };
+                if skip {
+                    // Skipped here, reached through the stream: still a match.
+                    routed.matched += usize::from(targets == Targets::NotPersistent);
+                    let id = session.id;
+                    while i < scratch.len() && scratch[i].session.id == id {
+                        i += 1;
+                    }
+                    continue;
+                }
             }
             let mut qos = scratch[i].options.qos;
             let mut retain_as_published = scratch[i].options.retain_as_published;

@@ -13,6 +13,7 @@
 //! | retained messages | stream `P_RETAINED`, one message per topic subject (`P.ret.m.<levels>`) | every node reads the last of each at start and follows the changes in stream order, so all nodes converge on the same retained set |
 //! | who holds a client id | key-value bucket `P_clients`, key = SHA-256 of the client id | the bucket's revision orders concurrent CONNECTs on different nodes: the newest claim wins, older holders are taken over |
 //! | shared subscription groups | a durable pull consumer per group (QoS 1/2) and a NATS queue group (QoS 0) | each message to one node; nodes pull as their group queue has room (`groups.rs`) |
+//! | persistent sessions | on the node their client is connected to; moved whole (a snapshot, in chunks, by request between nodes) when it connects elsewhere | the seam is cut at a position in the messages stream, so nothing is lost or doubled (`sessions.rs`) |
 //! | which nodes are up | key-value bucket `P_nodes`, a heartbeat per node that expires | quorum health for this node, and the members for operators |
 //!
 //! `P` is `cluster.prefix`. Message bodies cross nodes in the storage record format
@@ -23,19 +24,23 @@
 //! `forward.rs` sends this node's messages out, in publish order, and gates acknowledgements
 //! on JetStream's acks; `receive.rs` routes other nodes' messages here and follows the
 //! retained stream; `claims.rs` keeps client ids unique across the cluster; `groups.rs`
-//! makes the members of a shared subscription on every node one group.
+//! makes the members of a shared subscription on every node one group; `sessions.rs` moves a
+//! persistent session to the node its client connects to.
 
 mod claims;
 mod forward;
 mod groups;
 mod receive;
+mod sessions;
 pub mod subject;
 mod wire;
 
 use crate::broker::shared::Group;
-use crate::broker::{Broker, Peers};
+use crate::broker::{BoxFuture, Broker, Peers};
 use crate::config::ClusterConfig;
 use crate::message::Message;
+use crate::session::registry::SessionHandle;
+use crate::session::SessionState;
 use crate::storage::Commit;
 use async_nats::jetstream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,6 +117,7 @@ pub struct Node {
     out: mpsc::Sender<forward::Outgoing>,
     claims: Arc<claims::Claims>,
     groups: Arc<groups::ClusterGroups>,
+    sessions: Arc<sessions::Sessions>,
     /// The last heartbeat reached JetStream's quorum (see [`Node::available`]).
     available: Arc<AtomicBool>,
 }
@@ -205,7 +211,27 @@ impl Node {
         )
         .await?;
         tasks.push(retained);
-        tasks.push(receive::consume(broker.clone(), setup.consumer, config.node.clone()).await?);
+        let sequencer = Arc::new(sessions::Sequencer::default());
+        tasks.push(
+            receive::consume(
+                broker.clone(),
+                setup.consumer,
+                config.node.clone(),
+                sequencer.clone(),
+            )
+            .await?,
+        );
+        let sessions = Arc::new(sessions::Sessions::new(
+            broker.clone(),
+            client.clone(),
+            setup.msgs.clone(),
+            names.clone(),
+            config.node.clone(),
+            sequencer,
+            setup.clients.clone(),
+            config.quorum_timeout,
+        ));
+        tasks.push(tokio::spawn(sessions.clone().serve()));
         tasks.push(
             receive::live(broker.clone(), client.clone(), &names, config.node.clone()).await?,
         );
@@ -225,6 +251,7 @@ impl Node {
             out,
             claims,
             groups: groups.clone(),
+            sessions,
             available,
         });
         broker.set_peers(node.clone());
@@ -275,6 +302,15 @@ impl Peers for Node {
 
     fn group_ended(&self, group: &Arc<Group>) {
         self.groups.end(group);
+    }
+
+    fn take_session<'a>(
+        &'a self,
+        client_id: &'a str,
+        handle: &'a Arc<SessionHandle>,
+        state: &'a mut SessionState,
+    ) -> BoxFuture<'a, Option<Commit>> {
+        Box::pin(self.sessions.take_session(client_id, handle, state))
     }
 }
 

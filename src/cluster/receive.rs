@@ -8,8 +8,9 @@
 //! another node reaches this node's subscribers even if this node's NATS connection, or the
 //! node itself, drops in between: at least once, as QoS 1 allows.
 
+use super::sessions::Sequencer;
 use super::{wire, ClusterError, Names};
-use crate::broker::Broker;
+use crate::broker::{Broker, Targets};
 use crate::config::ClusterConfig;
 use crate::storage::Commit;
 use async_nats::jetstream::{
@@ -21,6 +22,7 @@ use async_nats::jetstream::{
 };
 use futures_util::StreamExt;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -175,6 +177,7 @@ pub(crate) async fn consume(
     broker: Arc<Broker>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     node: String,
+    sequencer: Arc<Sequencer>,
 ) -> Result<JoinHandle<()>, ClusterError> {
     Ok(tokio::spawn(async move {
         loop {
@@ -200,18 +203,31 @@ pub(crate) async fn consume(
                         continue;
                     }
                 };
-                if wire::from_node(m.headers.as_ref(), &node) {
-                    // Routed here when it was published.
-                    let _ = m.ack().await;
-                    continue;
-                }
+                let own = wire::from_node(m.headers.as_ref(), &node);
                 let Some(msg) = wire::decode(&m.payload, broker.next_message_id()) else {
                     tracing::warn!(subject = %m.subject, "undecodable cluster message dropped");
                     let _ = m.ack_with(AckKind::Term).await;
                     continue;
                 };
-                broker.metrics.cluster.in_stream.inc();
-                match broker.publish_remote(&msg) {
+                if !own {
+                    broker.metrics.cluster.in_stream.inc();
+                }
+                // Routed to everyone else when it was published here; persistent sessions
+                // take it now, in stream order (see `sessions.rs`, "The seam").
+                let targets = if own {
+                    Targets::PersistentOnly
+                } else {
+                    Targets::All
+                };
+                let seq = m.info().map_or(0, |i| i.stream_sequence);
+                let commit = {
+                    let mut position = sequencer.position.lock().await;
+                    let commit = broker.publish_remote(&msg, targets);
+                    *position = (*position).max(seq);
+                    sequencer.seen.store(*position, Ordering::Relaxed);
+                    commit
+                };
+                match commit {
                     Commit::Done => {
                         let _ = m.ack().await;
                     }
@@ -253,7 +269,7 @@ pub(crate) async fn live(
             match wire::decode(&m.payload, broker.next_message_id()) {
                 Some(msg) => {
                     broker.metrics.cluster.in_live.inc();
-                    let _ = broker.publish_remote(&msg);
+                    let _ = broker.publish_remote(&msg, Targets::All);
                 }
                 None => tracing::warn!(subject = %m.subject, "undecodable cluster message dropped"),
             }

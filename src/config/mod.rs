@@ -680,8 +680,11 @@ mod tests {
                 (_, toml::Value::String(s)) => format!("\"{s}\""),
                 (_, other) => other.to_string(),
             };
-            assert!(row.contains(&format!("`{shown}`")) || shown == "(required)" && row.contains(&shown),
-                "cluster.{key}: default {shown} not in {row}");
+            assert!(
+                row.contains(&format!("`{shown}`"))
+                    || shown == "(required)" && row.contains(&shown),
+                "cluster.{key}: default {shown} not in {row}"
+            );
         }
     }
 

@@ -333,12 +333,7 @@ pub(super) async fn accept(
             );
         }
     };
-    if let Some(peers) = broker.peers() {
-        // The client id is this node's now: a connection holding it on another node is
-        // taken over ([MQTT-3.1.4-3] across the cluster).
-        peers.claim(&client_id, conn_id);
-    }
-    let session_present = attached.existed && !c.clean_start;
+    let mut session_present = attached.existed && !c.clean_start;
     let stored_before = attached
         .handle
         .persistent
@@ -373,6 +368,22 @@ pub(super) async fn accept(
             // The stored session was deleted just now: wait for the deletion.
             connack_commit = Some(broker.store.submit(Vec::new()));
         }
+    }
+    if let Some(peers) = broker.peers() {
+        if !session_present && !c.clean_start && session_expiry > 0 {
+            // The client's session may be on another node of the cluster: it moves here,
+            // stored before the CONNACK that says so (`cluster/sessions.rs`).
+            if let Some(commit) = peers
+                .take_session(&client_id, &attached.handle, &mut attached.state)
+                .await
+            {
+                session_present = true;
+                connack_commit = Some(commit);
+            }
+        }
+        // The client id is this node's now: a connection holding it on another node is
+        // taken over ([MQTT-3.1.4-3] across the cluster).
+        peers.claim(&client_id, conn_id);
     }
     attached.handle.set_username(username.clone());
     attached.handle.outbox.set_online(true);

@@ -314,6 +314,50 @@ impl Registry {
         }
     }
 
+    /// Takes `client_id`'s session to hand it to another node of the cluster: a connection
+    /// holding it is asked to leave ([MQTT-3.1.4-3], the client is connecting elsewhere), a
+    /// delayed will is cancelled (its client is back), and once nobody holds the state the
+    /// caller does. `None` when there is no session (or it ended as its connection left).
+    /// The entry stays, detached, until [`Registry::remove_handed_over`].
+    pub async fn take_for_handover(
+        &self,
+        client_id: &str,
+        wait: Duration,
+    ) -> Option<(Arc<SessionHandle>, OwnedMutexGuard<SessionState>)> {
+        let (handle, state) = {
+            let mut map = self.lock();
+            let entry = map.get_mut(client_id)?;
+            if let Some(kick) = entry.attached.as_mut().and_then(|a| a.kick.take()) {
+                let _ = kick.send(Kick::TakenOver);
+            }
+            (entry.handle.clone(), entry.state.clone())
+        };
+        let guard = tokio::time::timeout(wait, state.lock_owned()).await.ok()?;
+        let mut map = self.lock();
+        let entry = map
+            .get_mut(client_id)
+            .filter(|e| e.handle.id == handle.id && e.attached.is_none())?;
+        if let Some(will) = entry.pending_will.take() {
+            will.abort();
+        }
+        // Not an expiry candidate while it moves.
+        entry.expires_at = None;
+        Some((handle, guard))
+    }
+
+    /// The session handed over by [`Registry::take_for_handover`] is the other node's now:
+    /// its entry goes (unless a connection here attached to it meanwhile).
+    pub fn remove_handed_over(&self, client_id: &str, session_id: u64) -> bool {
+        let mut map = self.lock();
+        let ours = map
+            .get(client_id)
+            .is_some_and(|e| e.handle.id == session_id && e.attached.is_none());
+        if ours {
+            map.remove(client_id);
+        }
+        ours
+    }
+
     /// Releases the session of connection `conn_id`. `expiry` is the Session Expiry Interval
     /// in seconds (`u32::MAX`: never); 0 ends the session now.
     pub fn detach(&self, client_id: &str, conn_id: u64, expiry: u32) -> Detached {

@@ -408,6 +408,74 @@ impl InflightRecord {
     }
 }
 
+/// A persistent session's state as it moves from one cluster node to another (never kept on
+/// disk): the reading position of the sending node in the cluster's messages stream, then the
+/// subscriptions, the in-flight deliveries with their packet ids, the inbound QoS 2 ids and the
+/// queue, each record in its own encoding above. The messages travel whole: their ids are the
+/// sending node's and mean nothing to the receiver, which stores them under its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionSnapshot {
+    /// Messages stream sequence up to which the sender routed into this session.
+    pub position: u64,
+    pub subscriptions: Vec<SubscriptionRecord>,
+    pub inflight: Vec<(InflightRecord, StoredMessage)>,
+    pub qos2: Vec<u16>,
+    pub queue: Vec<(QueueEntry, StoredMessage)>,
+}
+
+impl SessionSnapshot {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(64);
+        w.push(RECORD_FORMAT);
+        put_u64(&mut w, self.position);
+        put_len(&mut w, self.subscriptions.len());
+        for s in &self.subscriptions {
+            put_bytes(&mut w, &s.encode());
+        }
+        put_len(&mut w, self.inflight.len());
+        for (rec, m) in &self.inflight {
+            put_bytes(&mut w, &rec.encode());
+            put_bytes(&mut w, &m.encode());
+        }
+        put_len(&mut w, self.qos2.len());
+        for &id in &self.qos2 {
+            put_u16(&mut w, id);
+        }
+        put_len(&mut w, self.queue.len());
+        for (e, m) in &self.queue {
+            put_bytes(&mut w, &e.encode());
+            put_bytes(&mut w, &m.encode());
+        }
+        w
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<SessionSnapshot, DecodeError> {
+        let mut r = Reader::new(Bytes::copy_from_slice(bytes));
+        r.header()?;
+        let mut s = SessionSnapshot {
+            position: r.u64()?,
+            ..Default::default()
+        };
+        for _ in 0..r.count(4)? {
+            s.subscriptions
+                .push(SubscriptionRecord::decode(&r.bytes()?)?);
+        }
+        for _ in 0..r.count(8)? {
+            let rec = InflightRecord::decode(&r.bytes()?)?;
+            s.inflight.push((rec, StoredMessage::decode(&r.bytes()?)?));
+        }
+        for _ in 0..r.count(2)? {
+            s.qos2.push(r.u16()?);
+        }
+        for _ in 0..r.count(8)? {
+            let e = QueueEntry::decode(&r.bytes()?)?;
+            s.queue.push((e, StoredMessage::decode(&r.bytes()?)?));
+        }
+        r.finish()?;
+        Ok(s)
+    }
+}
+
 /// A reference to a stored message (the value of a retained topic).
 pub fn encode_msg_ref(id: u64) -> Vec<u8> {
     let mut w = Vec::with_capacity(9);

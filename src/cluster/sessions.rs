@@ -1,0 +1,414 @@
+//! Persistent sessions that follow their client from node to node.
+//!
+//! A client with a persistent session on node A connects to node B. Before B answers the
+//! CONNACK, B asks A (the node its client-id claim names) for the session; A tells its
+//! connection to leave (0x8E), takes the session out of its routing, and sends it whole as a
+//! `SessionSnapshot` (subscriptions, in-flight deliveries with their packet ids, inbound QoS 2
+//! ids, the queue); B stores it as the client's session and answers Session Present 1.
+//!
+//! **The seam.** Messages keep being published while the session moves; none may be lost
+//! or doubled for it. QoS 1/2 deliveries to persistent sessions are made by each node's
+//! consumer in the order of the messages stream (`Targets`, `broker/route.rs`), under
+//! [`Sequencer::position`], which also records the stream sequence routed last. So:
+//!
+//! 1. A, holding its position lock, takes the session's subscriptions out of its index and
+//!    notes its position `P_A`: the snapshot holds exactly the messages up to `P_A`.
+//! 2. B waits until its own consumer has routed up to `P_A` (it reads the same stream), then,
+//!    holding its position lock (its consumer pauses), installs the subscriptions and notes
+//!    its position `P_B >= P_A`. It routes the messages `(P_A, P_B]` of the stream into this
+//!    one session, reading them again from JetStream, before letting its consumer go on,
+//!    which routes everything after `P_B` into the session like any other.
+//!
+//! Every stream message after `P_A` thus reaches the session once, on B, after the snapshot's
+//! queue and in stream order. QoS 0 messages do not go through the stream; those published
+//! during the move may miss the session (QoS 0 promises no more).
+//!
+//! **Failures.** A keeps the session (and its stored copy) until B says it has stored it
+//! (`done`). Without that word within [`HANDOVER_TIMEOUT`], A puts the subscriptions back and
+//! catches the session up from `P_A` the same way, unless the client id has meanwhile been
+//! claimed by B (then the session is B's, and ends here). If A does not answer (it is down),
+//! B starts a new session (Session Present 0): adopting a dead node's sessions is not built
+//! yet (docs/cluster.md).
+//!
+//! The snapshot crosses in chunks of at most [`CHUNK`] bytes, so a queue larger than NATS'
+//! `max_payload` still moves.
+
+use super::{claims, wire, Names};
+use crate::broker::{Broker, Targets};
+use crate::session::registry::SessionHandle;
+use crate::session::SessionState;
+use crate::storage::record::SessionSnapshot;
+use crate::storage::Commit;
+use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, kv};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+
+/// Largest piece of a snapshot in one NATS message.
+const CHUNK: usize = 512 * 1024;
+/// How long the old node keeps a session it sent, waiting for the new node's `done`.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request between nodes waits for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the old node waits for the session's connection to let go.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// Header of a `take` answer: how many chunks the snapshot has (absent: no session here).
+const CHUNKS: &str = "Tern-Chunks";
+
+/// Where this node's consumer is in the messages stream, and the lock that holds it still.
+#[derive(Default)]
+pub(crate) struct Sequencer {
+    /// The stream sequence routed last; held while a message is routed to persistent
+    /// sessions, and while a session enters or leaves the index.
+    pub(crate) position: tokio::sync::Mutex<u64>,
+    /// The same number, for waiting without the lock.
+    pub(crate) seen: AtomicU64,
+}
+
+/// A session this node sent, kept until the new node has stored it.
+struct Sent {
+    handle: Arc<SessionHandle>,
+    state: OwnedMutexGuard<SessionState>,
+    chunks: Vec<Bytes>,
+    position: u64,
+    deadline: Instant,
+}
+
+pub(crate) struct Sessions {
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) client: async_nats::Client,
+    pub(crate) msgs: jetstream::stream::Stream,
+    pub(crate) names: Arc<Names>,
+    pub(crate) node: String,
+    pub(crate) sequencer: Arc<Sequencer>,
+    pub(crate) clients: kv::Store,
+    pub(crate) quorum_timeout: Duration,
+    sent: Mutex<HashMap<String, Sent>>,
+}
+
+impl Sessions {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        broker: Arc<Broker>,
+        client: async_nats::Client,
+        msgs: jetstream::stream::Stream,
+        names: Arc<Names>,
+        node: String,
+        sequencer: Arc<Sequencer>,
+        clients: kv::Store,
+        quorum_timeout: Duration,
+    ) -> Sessions {
+        Sessions {
+            broker,
+            client,
+            msgs,
+            names,
+            node,
+            sequencer,
+            clients,
+            quorum_timeout,
+            sent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn subject(&self, node: &str, verb: &str) -> String {
+        format!("{}.node.{node}.{verb}", self.names.prefix)
+    }
+
+    fn sent(&self) -> std::sync::MutexGuard<'_, HashMap<String, Sent>> {
+        self.sent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Answers other nodes' requests for this node's sessions, for good; and gives back to
+    /// routing what was sent and never confirmed.
+    pub(crate) async fn serve(self: Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                this.expire_sent().await;
+            }
+        });
+        loop {
+            let mut sub = match self.client.subscribe(self.subject(&self.node, "*")).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot serve session handovers; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(m) = sub.next().await {
+                let this = self.clone();
+                tokio::spawn(async move { this.answer(m).await });
+            }
+        }
+    }
+
+    async fn answer(&self, m: async_nats::Message) {
+        let Some(reply) = m.reply.clone() else { return };
+        let verb = m.subject.rsplit('.').next().unwrap_or("");
+        let text = String::from_utf8_lossy(&m.payload).into_owned();
+        let (headers, body) = match verb {
+            "take" => self.take(&text).await,
+            "chunk" => {
+                let (index, client_id) = text.split_once('\n').unwrap_or(("", ""));
+                let chunk = index.parse::<usize>().ok().and_then(|i| {
+                    self.sent()
+                        .get(client_id)
+                        .and_then(|s| s.chunks.get(i).cloned())
+                });
+                (HeaderMap::new(), chunk.unwrap_or_default())
+            }
+            "done" => {
+                let sent = self.sent().remove(&text);
+                if let Some(mut s) = sent {
+                    self.broker.end_handed_over(&s.handle, &mut s.state);
+                    tracing::info!(client_id = %text, "session handed over to another node");
+                }
+                (HeaderMap::new(), Bytes::from_static(b"ok"))
+            }
+            _ => return,
+        };
+        if let Err(e) = self.client.publish_with_headers(reply, headers, body).await {
+            tracing::debug!(error = %e, "handover answer not sent");
+        }
+    }
+
+    /// Sends `client_id`'s session: its first chunk, and how many there are.
+    async fn take(&self, client_id: &str) -> (HeaderMap, Bytes) {
+        let none = (HeaderMap::new(), Bytes::new());
+        if let Some(s) = self.sent().get(client_id) {
+            // Asked again (the first answer was lost): the same snapshot.
+            let mut h = HeaderMap::new();
+            h.insert(CHUNKS, s.chunks.len().to_string().as_str());
+            return (h, s.chunks.first().cloned().unwrap_or_default());
+        }
+        let Some((handle, mut state)) = self
+            .broker
+            .registry
+            .take_for_handover(client_id, RELEASE_WAIT)
+            .await
+        else {
+            return none;
+        };
+        let position = {
+            let position = self.sequencer.position.lock().await;
+            self.broker.withdraw_session(&handle, &mut state);
+            *position
+        };
+        let mut snap = match self.broker.export_session(&handle, &state).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(%client_id, error = %e, "session not handed over: cannot read its queue");
+                self.reinstate(&handle, &state, position).await;
+                return none;
+            }
+        };
+        snap.position = position;
+        let bytes = Bytes::from(snap.encode());
+        let chunks: Vec<Bytes> = if bytes.is_empty() {
+            vec![Bytes::new()]
+        } else {
+            bytes.chunks(CHUNK).map(|c| bytes.slice_ref(c)).collect()
+        };
+        let mut h = HeaderMap::new();
+        h.insert(CHUNKS, chunks.len().to_string().as_str());
+        let first = chunks.first().cloned().unwrap_or_default();
+        self.sent().insert(
+            client_id.to_string(),
+            Sent {
+                handle,
+                state,
+                chunks,
+                position,
+                deadline: Instant::now() + HANDOVER_TIMEOUT,
+            },
+        );
+        (h, first)
+    }
+
+    /// Sessions sent and never confirmed go back into routing here, caught up on what they
+    /// missed; unless the client id went to another node meanwhile (then they end).
+    async fn expire_sent(&self) {
+        let now = Instant::now();
+        let expired: Vec<(String, Sent)> = {
+            let mut sent = self.sent();
+            let keys: Vec<String> = sent
+                .iter()
+                .filter(|(_, s)| s.deadline <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| sent.remove(&k).map(|s| (k, s)))
+                .collect()
+        };
+        for (client_id, mut s) in expired {
+            if !self.broker.registry.is_detached(&client_id, s.handle.id) {
+                self.broker.end_session(&s.handle, &mut s.state);
+                continue;
+            }
+            tracing::warn!(%client_id, "session handover not confirmed: the session stays here");
+            self.reinstate(&s.handle, &s.state, s.position).await;
+        }
+    }
+
+    /// Puts a withdrawn session back into routing, caught up from `from`.
+    async fn reinstate(&self, handle: &Arc<SessionHandle>, state: &SessionState, from: u64) {
+        let position = self.sequencer.position.lock().await;
+        self.broker.install_subscriptions(handle, state);
+        self.catch_up(handle.id, from, *position).await;
+    }
+
+    /// Routes the stream's messages `(from, to]` into session `session_id` alone (the caller
+    /// holds the position lock, so nothing else routes meanwhile).
+    async fn catch_up(&self, session_id: u64, from: u64, to: u64) {
+        if to <= from {
+            return;
+        }
+        let consumer = self
+            .msgs
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from + 1,
+                },
+                filter_subject: format!("{}.msg.>", self.names.prefix),
+                ..Default::default()
+            })
+            .await;
+        let mut messages = match consumer {
+            Ok(c) => match c.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(error = %e, from, to, "session catch-up failed: messages may be missing");
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, from, to, "session catch-up failed: messages may be missing");
+                return;
+            }
+        };
+        let mut routed = 0u64;
+        loop {
+            let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await;
+            let m = match next {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(_))) => continue,
+                Ok(None) | Err(_) => {
+                    tracing::error!(
+                        from,
+                        to,
+                        routed,
+                        "session catch-up ended early: messages may be missing"
+                    );
+                    return;
+                }
+            };
+            let Ok(info) = m.info() else { continue };
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > to {
+                break;
+            }
+            if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id()) {
+                let _ = self
+                    .broker
+                    .publish_remote(&msg, Targets::Session(session_id));
+                routed += 1;
+            }
+            if seq == to || pending == 0 {
+                break;
+            }
+        }
+        tracing::debug!(from, to, routed, "session caught up");
+    }
+
+    /// Asks the node that holds `client_id`'s session for it and takes it into `handle`'s
+    /// session. `None`: no other node had one (or it could not be reached).
+    pub(crate) async fn take_session(
+        &self,
+        client_id: &str,
+        handle: &Arc<SessionHandle>,
+        state: &mut SessionState,
+    ) -> Option<Commit> {
+        let owner = match self.clients.get(claims::key(client_id)).await {
+            Ok(Some(v)) => String::from_utf8_lossy(&v)
+                .split('/')
+                .next()
+                .map(str::to_string)?,
+            _ => return None,
+        };
+        if owner == self.node {
+            return None;
+        }
+        let ask = |verb: &'static str, payload: String| {
+            let subject = self.subject(&owner, verb);
+            async move {
+                tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    self.client.request(subject, Bytes::from(payload)),
+                )
+                .await
+                .ok()?
+                .ok()
+            }
+        };
+        let first = ask("take", client_id.to_string()).await?;
+        let n: usize = first.headers.as_ref()?.get(CHUNKS)?.as_str().parse().ok()?;
+        let mut bytes = first.payload.to_vec();
+        for i in 1..n {
+            let chunk = ask("chunk", format!("{i}\n{client_id}")).await?;
+            bytes.extend_from_slice(&chunk.payload);
+        }
+        let snap = match SessionSnapshot::decode(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(%client_id, %owner, error = %e, "session from another node not readable: starting a new one");
+                return None;
+            }
+        };
+        let from = snap.position;
+        let staged = self.broker.import_session(handle, state, snap);
+        let commit = self.broker.submit_staged(staged);
+        // Our consumer reads the same stream: wait until it has routed what the snapshot
+        // covers, so nothing up to `from` reaches the session twice.
+        let deadline = Instant::now() + self.quorum_timeout;
+        while self.sequencer.seen.load(Ordering::Relaxed) < from && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        {
+            let position = self.sequencer.position.lock().await;
+            if *position < from {
+                tracing::warn!(%client_id, behind = from - *position, "this node's consumer lags: the moved session may get some messages twice");
+            }
+            self.broker.install_subscriptions(handle, state);
+            self.catch_up(handle.id, from, *position).await;
+        }
+        // Stored here once `commit` is: the old node may let go. (Told after our commit is
+        // submitted; the store applies submits in order, so nothing acknowledged later can
+        // overtake it.)
+        let done = async {
+            let stored = match commit {
+                Commit::Done => true,
+                Commit::Failed => false,
+                Commit::Pending(rx) => rx.await.is_ok(),
+            };
+            if stored {
+                let _ = ask("done", client_id.to_string()).await;
+            }
+            stored
+        };
+        if !done.await {
+            return Some(Commit::Failed);
+        }
+        tracing::info!(%client_id, from = %owner, "session taken over from another node");
+        Some(Commit::Done)
+    }
+}
