@@ -596,7 +596,36 @@ mod tests {
             (inflight().encode(), |b| InflightRecord::decode(b).is_ok()),
             (inflight().entry.encode(), |b| QueueEntry::decode(b).is_ok()),
             (encode_msg_ref(17), |b| decode_msg_ref(b).is_ok()),
+            (snapshot().encode(), |b| SessionSnapshot::decode(b).is_ok()),
         ]
+    }
+
+    fn snapshot() -> SessionSnapshot {
+        SessionSnapshot {
+            position: 77,
+            subscriptions: vec![subscription()],
+            inflight: vec![(inflight(), message(3))],
+            qos2: vec![4, 9],
+            queue: vec![(inflight().entry, message(5))],
+        }
+    }
+
+    #[test]
+    fn a_session_snapshot_round_trips_and_refuses_a_cut() {
+        let s = snapshot();
+        let bytes = s.encode();
+        assert_eq!(SessionSnapshot::decode(&bytes), Ok(s));
+        assert_eq!(
+            SessionSnapshot::decode(&SessionSnapshot::default().encode()),
+            Ok(SessionSnapshot::default())
+        );
+        // A chunk lost on the way must not pass for a smaller session.
+        for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+            assert!(
+                SessionSnapshot::decode(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 
     /// Decodes with every decoder; true when any accepts.
