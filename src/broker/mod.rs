@@ -236,6 +236,11 @@ impl Broker {
         // Shared subscription groups first: what goes back to them is submitted before the
         // session's deletion drops its in-flight records.
         self.shared_member_gone(handle, state, true);
+        if let Some(peers) = self.peers() {
+            if handle.persistent.load(Ordering::Relaxed) {
+                peers.session_ended(&handle.client_id);
+            }
+        }
         if self.store.durable() && handle.persistent.swap(false, Ordering::Relaxed) {
             // Fire and forget: nothing is acknowledged on the strength of a deletion, and the
             // storage thread applies it before anything submitted later.

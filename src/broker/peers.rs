@@ -14,6 +14,7 @@ use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::session::registry::SessionHandle;
 use crate::session::SessionState;
+use crate::storage::record::SubscriptionRecord;
 use crate::storage::Commit;
 use std::sync::Arc;
 
@@ -48,6 +49,20 @@ pub trait Peers: Send + Sync + 'static {
         handle: &'a Arc<SessionHandle>,
         state: &'a mut SessionState,
     ) -> BoxFuture<'a, Option<Commit>>;
+    /// This node's position in the cluster's messages stream: every QoS 1/2 message up to it
+    /// has been routed here (read before looking at a session's queue, see
+    /// `SessionHandle::drained_at`).
+    fn position(&self) -> u64;
+    /// A persistent session's subscriptions changed: the SUBACK/UNSUBACK waits for the
+    /// returned commit, which covers `local` and the cluster's copy of them.
+    fn store_subscriptions(
+        &self,
+        client_id: &Arc<str>,
+        subs: Vec<SubscriptionRecord>,
+        local: Commit,
+    ) -> Commit;
+    /// A persistent session of this node ended.
+    fn session_ended(&self, client_id: &Arc<str>);
     /// Whether the cluster can make durable promises now (its store has quorum). A
     /// CONNECT that asks for a persistent session is refused while it cannot.
     fn available(&self) -> bool;

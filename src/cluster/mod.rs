@@ -14,6 +14,7 @@
 //! | who holds a client id | key-value bucket `P_clients`, key = SHA-256 of the client id | the bucket's revision orders concurrent CONNECTs on different nodes: the newest claim wins, older holders are taken over |
 //! | shared subscription groups | a durable pull consumer per group (QoS 1/2) and a NATS queue group (QoS 0) | each message to one node; nodes pull as their group queue has room (`groups.rs`) |
 //! | persistent sessions | on the node their client is connected to; moved whole (a snapshot, in chunks, by request between nodes) when it connects elsewhere | the seam is cut at a position in the messages stream, so nothing is lost or doubled (`sessions.rs`) |
+//! | where a session is found if its node dies | key-value bucket `P_sessions`: node, subscriptions and a stream position per persistent session | another node rebuilds it from there (`anchors.rs`) |
 //! | which nodes are up | key-value bucket `P_nodes`, a heartbeat per node that expires | quorum health for this node, and the members for operators |
 //!
 //! `P` is `cluster.prefix`. Message bodies cross nodes in the storage record format
@@ -27,6 +28,7 @@
 //! makes the members of a shared subscription on every node one group; `sessions.rs` moves a
 //! persistent session to the node its client connects to.
 
+mod anchors;
 mod claims;
 mod forward;
 mod groups;
@@ -41,6 +43,7 @@ use crate::config::ClusterConfig;
 use crate::message::Message;
 use crate::session::registry::SessionHandle;
 use crate::session::SessionState;
+use crate::storage::record::SubscriptionRecord;
 use crate::storage::Commit;
 use async_nats::jetstream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,6 +90,7 @@ pub(crate) struct Names {
     pub(crate) retained_stream: String,
     pub(crate) clients_bucket: String,
     pub(crate) nodes_bucket: String,
+    pub(crate) sessions_bucket: String,
     pub(crate) prefix: String,
 }
 
@@ -105,6 +109,7 @@ impl Names {
             retained_stream: format!("{upper}_RETAINED"),
             clients_bucket: format!("{prefix}_clients"),
             nodes_bucket: format!("{prefix}_nodes"),
+            sessions_bucket: format!("{prefix}_sessions"),
             prefix: prefix.to_string(),
         })
     }
@@ -118,6 +123,8 @@ pub struct Node {
     claims: Arc<claims::Claims>,
     groups: Arc<groups::ClusterGroups>,
     sessions: Arc<sessions::Sessions>,
+    anchors: Arc<anchors::Anchors>,
+    sequencer: Arc<sessions::Sequencer>,
     /// The last heartbeat reached JetStream's quorum (see [`Node::available`]).
     available: Arc<AtomicBool>,
 }
@@ -211,6 +218,13 @@ impl Node {
         )
         .await?;
         tasks.push(retained);
+        let (anchors, writer) = anchors::Anchors::new(config.node.clone(), setup.sessions.clone());
+        tasks.push(tokio::spawn(writer));
+        // Sessions restored from this node's store: those whose client went to another node
+        // while this one was down end here; the others get (or keep) their anchor. Before the
+        // consumer starts, so an ended session takes nothing more from the stream.
+        sessions::settle_restored(broker, &setup.clients, &anchors, &config.node).await;
+        tasks.push(tokio::spawn(anchors.clone().sweep(broker.clone())));
         let sequencer = Arc::new(sessions::Sequencer::default());
         tasks.push(
             receive::consume(
@@ -227,8 +241,9 @@ impl Node {
             setup.msgs.clone(),
             names.clone(),
             config.node.clone(),
-            sequencer,
+            sequencer.clone(),
             setup.clients.clone(),
+            anchors.clone(),
             config.quorum_timeout,
         ));
         tasks.push(tokio::spawn(sessions.clone().serve()));
@@ -252,6 +267,8 @@ impl Node {
             claims,
             groups: groups.clone(),
             sessions,
+            anchors,
+            sequencer,
             available,
         });
         broker.set_peers(node.clone());
@@ -304,6 +321,23 @@ impl Peers for Node {
         self.groups.end(group);
     }
 
+    fn position(&self) -> u64 {
+        self.sequencer.seen.load(Ordering::Acquire)
+    }
+
+    fn store_subscriptions(
+        &self,
+        client_id: &Arc<str>,
+        subs: Vec<SubscriptionRecord>,
+        local: Commit,
+    ) -> Commit {
+        both(local, self.anchors.put(client_id, subs, None))
+    }
+
+    fn session_ended(&self, client_id: &Arc<str>) {
+        self.anchors.delete(client_id);
+    }
+
     fn take_session<'a>(
         &'a self,
         client_id: &'a str,
@@ -311,6 +345,31 @@ impl Peers for Node {
         state: &'a mut SessionState,
     ) -> BoxFuture<'a, Option<Commit>> {
         Box::pin(self.sessions.take_session(client_id, handle, state))
+    }
+}
+
+/// A commit done when both are (failed when either fails).
+fn both(a: Commit, b: Commit) -> Commit {
+    let wait = |c: Commit| async move {
+        match c {
+            Commit::Done => true,
+            Commit::Failed => false,
+            Commit::Pending(rx) => rx.await.is_ok(),
+        }
+    };
+    match (a, b) {
+        (Commit::Failed, _) | (_, Commit::Failed) => Commit::Failed,
+        (Commit::Done, c) | (c, Commit::Done) => c,
+        (a, b) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let (a, b) = tokio::join!(wait(a), wait(b));
+                if a && b {
+                    let _ = tx.send(());
+                }
+            });
+            Commit::Pending(rx)
+        }
     }
 }
 

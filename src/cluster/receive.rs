@@ -35,6 +35,7 @@ pub(crate) struct Setup {
     pub(crate) retained: jetstream::stream::Stream,
     pub(crate) clients: kv::Store,
     pub(crate) nodes: kv::Store,
+    pub(crate) sessions: kv::Store,
 }
 
 /// Messages a node's consumer may hold unacknowledged (committing here, in flight to NATS).
@@ -116,6 +117,14 @@ impl Setup {
             deadline,
         )
         .await?;
+        let sessions = bucket(
+            api,
+            &names.sessions_bucket,
+            config,
+            Duration::ZERO,
+            deadline,
+        )
+        .await?;
         let durable = config.node.clone();
         let consumer = retry("node consumer", deadline, || {
             msgs.get_or_create_consumer(
@@ -140,6 +149,7 @@ impl Setup {
             retained,
             clients,
             nodes,
+            sessions,
         })
     }
 }
@@ -224,7 +234,7 @@ pub(crate) async fn consume(
                     let mut position = sequencer.position.lock().await;
                     let commit = broker.publish_remote(&msg, targets);
                     *position = (*position).max(seq);
-                    sequencer.seen.store(*position, Ordering::Relaxed);
+                    sequencer.seen.store(*position, Ordering::Release);
                     commit
                 };
                 match commit {

@@ -33,11 +33,12 @@
 //! The snapshot crosses in chunks of at most [`CHUNK`] bytes, so a queue larger than NATS'
 //! `max_payload` still moves.
 
+use super::anchors::Anchors;
 use super::{claims, wire, Names};
 use crate::broker::{Broker, Targets};
 use crate::session::registry::SessionHandle;
 use crate::session::SessionState;
-use crate::storage::record::SessionSnapshot;
+use crate::storage::record::{SessionSnapshot, SubscriptionRecord};
 use crate::storage::Commit;
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, kv};
 use async_nats::HeaderMap;
@@ -89,6 +90,7 @@ pub(crate) struct Sessions {
     pub(crate) node: String,
     pub(crate) sequencer: Arc<Sequencer>,
     pub(crate) clients: kv::Store,
+    pub(crate) anchors: Arc<Anchors>,
     pub(crate) quorum_timeout: Duration,
     sent: Mutex<HashMap<String, Sent>>,
 }
@@ -103,6 +105,7 @@ impl Sessions {
         node: String,
         sequencer: Arc<Sequencer>,
         clients: kv::Store,
+        anchors: Arc<Anchors>,
         quorum_timeout: Duration,
     ) -> Sessions {
         Sessions {
@@ -113,6 +116,7 @@ impl Sessions {
             node,
             sequencer,
             clients,
+            anchors,
             quorum_timeout,
             sent: Mutex::new(HashMap::new()),
         }
@@ -330,8 +334,9 @@ impl Sessions {
         tracing::debug!(from, to, routed, "session caught up");
     }
 
-    /// Asks the node that holds `client_id`'s session for it and takes it into `handle`'s
-    /// session. `None`: no other node had one (or it could not be reached).
+    /// Takes `client_id`'s session from the node that has it into `handle`'s session: by
+    /// asking that node, or, when it is gone (nobody answers for it), from the session's
+    /// anchor and the stream (`anchors.rs`). `None`: no other node had one.
     pub(crate) async fn take_session(
         &self,
         client_id: &str,
@@ -348,6 +353,7 @@ impl Sessions {
         if owner == self.node {
             return None;
         }
+        let anchor = self.anchors.get(client_id).await;
         let ask = |verb: &'static str, payload: String| {
             let subject = self.subject(&owner, verb);
             async move {
@@ -356,22 +362,40 @@ impl Sessions {
                     self.client.request(subject, Bytes::from(payload)),
                 )
                 .await
-                .ok()?
-                .ok()
             }
         };
-        let first = ask("take", client_id.to_string()).await?;
-        let n: usize = first.headers.as_ref()?.get(CHUNKS)?.as_str().parse().ok()?;
-        let mut bytes = first.payload.to_vec();
-        for i in 1..n {
-            let chunk = ask("chunk", format!("{i}\n{client_id}")).await?;
-            bytes.extend_from_slice(&chunk.payload);
-        }
-        let snap = match SessionSnapshot::decode(&bytes) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(%client_id, %owner, error = %e, "session from another node not readable: starting a new one");
-                return None;
+        let (snap, low, adopted) = match ask("take", client_id.to_string()).await {
+            Ok(Ok(first)) => {
+                let n: usize = first.headers.as_ref()?.get(CHUNKS)?.as_str().parse().ok()?;
+                let mut bytes = first.payload.to_vec();
+                for i in 1..n {
+                    let chunk = ask("chunk", format!("{i}\n{client_id}")).await.ok()?.ok()?;
+                    bytes.extend_from_slice(&chunk.payload);
+                }
+                match SessionSnapshot::decode(&bytes) {
+                    Ok(s) => (s, anchor.map_or(0, |a| a.low), false),
+                    Err(e) => {
+                        tracing::error!(%client_id, %owner, error = %e, "session from another node not readable: starting a new one");
+                        return None;
+                    }
+                }
+            }
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                // Its node is gone: rebuild the session from its anchor, the queue from the
+                // stream (at least once).
+                let a = anchor.filter(|a| a.node == owner)?;
+                let snap = SessionSnapshot {
+                    position: a.low,
+                    subscriptions: a.subscriptions,
+                    ..Default::default()
+                };
+                (snap, a.low, true)
+            }
+            // The node is there but did not answer in time: no second copy of the session
+            // may start here. The CONNECT fails; the client tries again.
+            _ => {
+                tracing::warn!(%client_id, %owner, "the node holding the session did not answer");
+                return Some(Commit::Failed);
             }
         };
         let from = snap.position;
@@ -380,7 +404,7 @@ impl Sessions {
         // Our consumer reads the same stream: wait until it has routed what the snapshot
         // covers, so nothing up to `from` reaches the session twice.
         let deadline = Instant::now() + self.quorum_timeout;
-        while self.sequencer.seen.load(Ordering::Relaxed) < from && Instant::now() < deadline {
+        while self.sequencer.seen.load(Ordering::Acquire) < from && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         {
@@ -391,24 +415,87 @@ impl Sessions {
             self.broker.install_subscriptions(handle, state);
             self.catch_up(handle.id, from, *position).await;
         }
-        // Stored here once `commit` is: the old node may let go. (Told after our commit is
-        // submitted; the store applies submits in order, so nothing acknowledged later can
-        // overtake it.)
-        let done = async {
-            let stored = match commit {
-                Commit::Done => true,
-                Commit::Failed => false,
-                Commit::Pending(rx) => rx.await.is_ok(),
-            };
-            if stored {
-                let _ = ask("done", client_id.to_string()).await;
-            }
-            stored
-        };
-        if !done.await {
+        // The anchor names this node before the old one lets go.
+        let client: Arc<str> = Arc::from(client_id);
+        let subs = subscriptions_of(state);
+        self.anchors.track(&client, subs.clone(), low);
+        let anchored = self.anchors.put(&client, subs, Some(low));
+        let stored = wait(commit).await && wait(anchored).await;
+        if !stored {
             return Some(Commit::Failed);
         }
-        tracing::info!(%client_id, from = %owner, "session taken over from another node");
+        if adopted {
+            tracing::warn!(%client_id, from = %owner, "session adopted from a node that is gone (at least once from its last drained position)");
+        } else {
+            let _ = ask("done", client_id.to_string()).await;
+            tracing::info!(%client_id, from = %owner, "session taken over from another node");
+        }
         Some(Commit::Done)
+    }
+}
+
+async fn wait(c: Commit) -> bool {
+    match c {
+        Commit::Done => true,
+        Commit::Failed => false,
+        Commit::Pending(rx) => rx.await.is_ok(),
+    }
+}
+
+fn subscriptions_of(state: &SessionState) -> Vec<SubscriptionRecord> {
+    state
+        .subscriptions
+        .iter()
+        .map(|(filter, s)| SubscriptionRecord {
+            filter: filter.clone(),
+            options: s.options,
+            id: s.id,
+        })
+        .collect()
+}
+
+/// At startup, before the node's consumer runs: a session restored from this node's store
+/// whose client id was claimed by another node meanwhile ends here (its client went on
+/// there, and took or rebuilt the session); the others are anchored, so that another node
+/// finds them should this one die.
+pub(crate) async fn settle_restored(
+    broker: &Arc<Broker>,
+    clients: &kv::Store,
+    anchors: &Arc<Anchors>,
+    node: &str,
+) {
+    let mine = format!("{node}/");
+    for h in broker.registry.handles() {
+        if !h.persistent.load(Ordering::Relaxed) {
+            continue;
+        }
+        let claimed_elsewhere = matches!(
+            clients.get(claims::key(&h.client_id)).await,
+            Ok(Some(v)) if !v.starts_with(mine.as_bytes())
+        );
+        if claimed_elsewhere {
+            if let crate::session::registry::Moved::Ended(e) =
+                broker.registry.moved(&h.client_id, None)
+            {
+                if let Ok(mut state) = e.state.try_lock() {
+                    broker.end_session(&e.handle, &mut state);
+                }
+            }
+            tracing::info!(client_id = %h.client_id, "session ended: its client went to another node while this one was down");
+            continue;
+        }
+        let Some(state) = broker.registry.state_of(&h.client_id) else {
+            continue;
+        };
+        let subs = match state.try_lock() {
+            Ok(st) => subscriptions_of(&st),
+            Err(_) => continue,
+        };
+        let low = match anchors.get(&h.client_id).await {
+            Some(a) if a.node == node => a.low,
+            _ => 0,
+        };
+        anchors.track(&h.client_id, subs.clone(), low);
+        let _ = anchors.put(&h.client_id, subs, Some(low));
     }
 }

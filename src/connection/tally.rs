@@ -49,5 +49,21 @@ impl Client {
             self.state.inflight.len(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        if let Some(peers) = self.broker.peers() {
+            if self
+                .handle
+                .persistent
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                // The position first, then the queue: whatever was routed up to it is in the
+                // queue or finished (`cluster/anchors.rs`).
+                let position = peers.position();
+                if self.state.inflight.is_empty() && self.handle.outbox.is_empty() {
+                    self.handle
+                        .drained_at
+                        .fetch_max(position, std::sync::atomic::Ordering::Release);
+                }
+            }
+        }
     }
 }

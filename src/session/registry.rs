@@ -28,6 +28,9 @@ pub struct SessionHandle {
     /// QoS 1/2 messages sent and not yet acknowledged, as its connection last reported
     /// (the state itself is owned by that connection): read by metrics at scrape time.
     pub inflight: AtomicUsize,
+    /// In a cluster: the node's position in the messages stream at which its connection last
+    /// found the session drained (nothing queued, nothing in flight). See `cluster/anchors.rs`.
+    pub drained_at: AtomicU64,
 }
 
 impl SessionHandle {
@@ -39,6 +42,7 @@ impl SessionHandle {
             persistent: AtomicBool::new(persistent),
             user: std::sync::RwLock::new(None),
             inflight: AtomicUsize::new(0),
+            drained_at: AtomicU64::new(0),
         }
     }
 
@@ -388,6 +392,16 @@ impl Registry {
         self.lock()
             .get(client_id)
             .is_some_and(|e| e.handle.id == session_id && e.attached.is_none())
+    }
+
+    /// The state of `client_id`'s session (to read while nobody holds it).
+    pub fn state_of(&self, client_id: &str) -> Option<Arc<tokio::sync::Mutex<SessionState>>> {
+        self.lock().get(client_id).map(|e| e.state.clone())
+    }
+
+    /// Every session's handle.
+    pub fn handles(&self) -> Vec<Arc<SessionHandle>> {
+        self.lock().values().map(|e| e.handle.clone()).collect()
     }
 
     /// Sessions whose client is away.

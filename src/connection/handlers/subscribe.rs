@@ -171,9 +171,31 @@ impl Client {
     /// would still make the acknowledgement wait for the store's next commit.
     fn submit_subscriptions(&self, ops: Vec<Op>) -> Commit {
         if ops.is_empty() {
-            Commit::Done
-        } else {
-            self.broker.store.submit(ops)
+            return Commit::Done;
+        }
+        let local = self.broker.store.submit(ops);
+        match self.broker.peers() {
+            // In a cluster the session's subscriptions are also kept where another node
+            // finds them should this one die (`cluster/anchors.rs`).
+            Some(peers)
+                if self
+                    .handle
+                    .persistent
+                    .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                let subs = self
+                    .state
+                    .subscriptions
+                    .iter()
+                    .map(|(filter, s)| SubscriptionRecord {
+                        filter: filter.clone(),
+                        options: s.options,
+                        id: s.id,
+                    })
+                    .collect();
+                peers.store_subscriptions(&self.client_id, subs, local)
+            }
+            _ => local,
         }
     }
 }
