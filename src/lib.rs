@@ -155,6 +155,9 @@ impl Running {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if let Some(peers) = self.broker.peers() {
+            peers.drain().await;
+        }
         if let Some((task, stop)) = self.http.take() {
             let _ = stop.send(());
             // `http::serve` bounds its own drain.

@@ -12,6 +12,7 @@ use super::shared::Group;
 use super::{Broker, Staged};
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
+use crate::protocol::Will;
 use crate::session::registry::SessionHandle;
 use crate::session::SessionState;
 use crate::storage::record::SubscriptionRecord;
@@ -33,8 +34,11 @@ pub trait Peers: Send + Sync + 'static {
     /// Connection `conn_id` of this node now holds `client_id`: connections holding it on
     /// other nodes are taken over.
     fn claim(&self, client_id: &Arc<str>, conn_id: u64);
-    /// Connection `conn_id` let go of `client_id`.
+    /// Connection `conn_id` let go of `client_id` (and its node dealt with its will).
     fn release(&self, client_id: &str, conn_id: u64);
+    /// Connection `conn_id` of `client_id` has `will`: kept where a survivor finds it should
+    /// this node die with the connection open. The CONNACK waits for the returned commit.
+    fn store_will(&self, client_id: &str, conn_id: u64, will: &Will) -> Commit;
     /// A shared subscription group now has a member on this node: this node takes its share
     /// of the group's messages from the cluster (see [`Broker::publish_to_group`]).
     fn group_started(&self, group: &Arc<Group>);
@@ -63,6 +67,9 @@ pub trait Peers: Send + Sync + 'static {
     ) -> Commit;
     /// A persistent session of this node ended.
     fn session_ended(&self, client_id: &Arc<str>);
+    /// At shutdown, once the connections are closed: waits (briefly) until what they left
+    /// for the other nodes (wills, will copies to remove) has reached NATS.
+    fn drain(&self) -> BoxFuture<'_, ()>;
     /// Whether the cluster can make durable promises now (its store has quorum). A
     /// CONNECT that asks for a persistent session is refused while it cannot.
     fn available(&self) -> bool;

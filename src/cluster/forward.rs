@@ -79,6 +79,8 @@ pub(crate) struct Forwarder {
     pub(crate) boot: u64,
     pub(crate) quorum_timeout: Duration,
     pub(crate) broker: Arc<Broker>,
+    /// A message taken from the queue and not yet handed to NATS (for a shutdown's drain).
+    pub(crate) busy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One JetStream publish, with what it takes to publish it again.
@@ -122,9 +124,20 @@ impl Publish {
     }
 }
 
+/// Marks the forwarder idle when one message is done with.
+struct Idle(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 impl Forwarder {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<Outgoing>) {
         while let Some(Outgoing { msg, gate }) = rx.recv().await {
+            self.busy.store(true, std::sync::atomic::Ordering::Release);
+            let _idle = Idle(self.busy.clone());
             let body = wire::encode(&msg);
             let headers = wire::headers(&self.node);
             let id = format!("{}.{}.{}", self.node, self.boot, msg.id);

@@ -15,6 +15,7 @@
 //! | shared subscription groups | a durable pull consumer per group (QoS 1/2) and a NATS queue group (QoS 0) | each message to one node; nodes pull as their group queue has room (`groups.rs`) |
 //! | persistent sessions | on the node their client is connected to; moved whole (a snapshot, in chunks, by request between nodes) when it connects elsewhere | the seam is cut at a position in the messages stream, so nothing is lost or doubled (`sessions.rs`) |
 //! | where a session is found if its node dies | key-value bucket `P_sessions`: node, subscriptions and a stream position per persistent session | another node rebuilds it from there (`anchors.rs`) |
+//! | wills of connected clients | key-value bucket `P_wills`, one copy per connection with a will, gone when it closes | a copy left behind by a dead node is published by a survivor (`wills.rs`) |
 //! | which nodes are up | key-value bucket `P_nodes`, a heartbeat per node that expires | quorum health for this node, and the members for operators |
 //!
 //! `P` is `cluster.prefix`. Message bodies cross nodes in the storage record format
@@ -35,12 +36,14 @@ mod groups;
 mod receive;
 mod sessions;
 pub mod subject;
+mod wills;
 mod wire;
 
 use crate::broker::shared::Group;
 use crate::broker::{BoxFuture, Broker, Peers};
 use crate::config::ClusterConfig;
 use crate::message::Message;
+use crate::protocol::Will;
 use crate::session::registry::SessionHandle;
 use crate::session::SessionState;
 use crate::storage::record::SubscriptionRecord;
@@ -91,6 +94,7 @@ pub(crate) struct Names {
     pub(crate) clients_bucket: String,
     pub(crate) nodes_bucket: String,
     pub(crate) sessions_bucket: String,
+    pub(crate) wills_bucket: String,
     pub(crate) prefix: String,
 }
 
@@ -110,6 +114,7 @@ impl Names {
             clients_bucket: format!("{prefix}_clients"),
             nodes_bucket: format!("{prefix}_nodes"),
             sessions_bucket: format!("{prefix}_sessions"),
+            wills_bucket: format!("{prefix}_wills"),
             prefix: prefix.to_string(),
         })
     }
@@ -125,6 +130,10 @@ pub struct Node {
     sessions: Arc<sessions::Sessions>,
     anchors: Arc<anchors::Anchors>,
     sequencer: Arc<sessions::Sequencer>,
+    wills: Arc<wills::Wills>,
+    /// The forwarder holds a message not yet handed to NATS.
+    busy: Arc<AtomicBool>,
+    client: async_nats::Client,
     /// The last heartbeat reached JetStream's quorum (see [`Node::available`]).
     available: Arc<AtomicBool>,
 }
@@ -196,6 +205,7 @@ impl Node {
         });
         let mut tasks = Vec::new();
         let (out, rx) = mpsc::channel(forward::CAPACITY);
+        let busy = Arc::new(AtomicBool::new(false));
         tasks.push(tokio::spawn(
             forward::Forwarder {
                 client: client.clone(),
@@ -205,6 +215,7 @@ impl Node {
                 boot: boot_id(),
                 quorum_timeout: config.quorum_timeout,
                 broker: broker.clone(),
+                busy: busy.clone(),
             }
             .run(rx),
         ));
@@ -225,6 +236,17 @@ impl Node {
         // consumer starts, so an ended session takes nothing more from the stream.
         sessions::settle_restored(broker, &setup.clients, &anchors, &config.node).await;
         tasks.push(tokio::spawn(anchors.clone().sweep(broker.clone())));
+        let wills = Arc::new(wills::Wills {
+            broker: broker.clone(),
+            kv: setup.wills.clone(),
+            nodes: setup.nodes.clone(),
+            node: config.node.clone(),
+            heartbeat_ttl: config.heartbeat_ttl,
+            removing: Default::default(),
+        });
+        // Our previous run's connections ended when it stopped: their wills go out now.
+        wills.reap(&config.node).await;
+        tasks.push(tokio::spawn(wills.clone().watch_nodes()));
         let sequencer = Arc::new(sessions::Sequencer::default());
         tasks.push(
             receive::consume(
@@ -269,6 +291,9 @@ impl Node {
             sessions,
             anchors,
             sequencer,
+            wills,
+            busy,
+            client: client.clone(),
             available,
         });
         broker.set_peers(node.clone());
@@ -307,6 +332,11 @@ impl Peers for Node {
 
     fn release(&self, client_id: &str, conn_id: u64) {
         self.claims.release(client_id, conn_id);
+        self.wills.remove(client_id, conn_id);
+    }
+
+    fn store_will(&self, client_id: &str, conn_id: u64, will: &Will) -> Commit {
+        self.wills.put(client_id, conn_id, will)
     }
 
     fn available(&self) -> bool {
@@ -331,11 +361,25 @@ impl Peers for Node {
         subs: Vec<SubscriptionRecord>,
         local: Commit,
     ) -> Commit {
-        both(local, self.anchors.put(client_id, subs, None))
+        Commit::both(local, self.anchors.put(client_id, subs, None))
     }
 
     fn session_ended(&self, client_id: &Arc<str>) {
         self.anchors.delete(client_id);
+    }
+
+    fn drain(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while (self.out.capacity() < forward::CAPACITY
+                || self.busy.load(Ordering::Acquire)
+                || self.wills.removing.load(Ordering::Acquire) > 0)
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+        })
     }
 
     fn take_session<'a>(
@@ -345,31 +389,6 @@ impl Peers for Node {
         state: &'a mut SessionState,
     ) -> BoxFuture<'a, Option<Commit>> {
         Box::pin(self.sessions.take_session(client_id, handle, state))
-    }
-}
-
-/// A commit done when both are (failed when either fails).
-fn both(a: Commit, b: Commit) -> Commit {
-    let wait = |c: Commit| async move {
-        match c {
-            Commit::Done => true,
-            Commit::Failed => false,
-            Commit::Pending(rx) => rx.await.is_ok(),
-        }
-    };
-    match (a, b) {
-        (Commit::Failed, _) | (_, Commit::Failed) => Commit::Failed,
-        (Commit::Done, c) | (c, Commit::Done) => c,
-        (a, b) => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            tokio::spawn(async move {
-                let (a, b) = tokio::join!(wait(a), wait(b));
-                if a && b {
-                    let _ = tx.send(());
-                }
-            });
-            Commit::Pending(rx)
-        }
     }
 }
 

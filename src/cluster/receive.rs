@@ -36,6 +36,7 @@ pub(crate) struct Setup {
     pub(crate) clients: kv::Store,
     pub(crate) nodes: kv::Store,
     pub(crate) sessions: kv::Store,
+    pub(crate) wills: kv::Store,
 }
 
 /// Messages a node's consumer may hold unacknowledged (committing here, in flight to NATS).
@@ -125,6 +126,7 @@ impl Setup {
             deadline,
         )
         .await?;
+        let wills = bucket(api, &names.wills_bucket, config, Duration::ZERO, deadline).await?;
         let durable = config.node.clone();
         let consumer = retry("node consumer", deadline, || {
             msgs.get_or_create_consumer(
@@ -150,6 +152,7 @@ impl Setup {
             clients,
             nodes,
             sessions,
+            wills,
         })
     }
 }

@@ -98,6 +98,33 @@ pub enum Commit {
     Failed,
 }
 
+impl Commit {
+    /// Done when both are; failed when either fails (a task waits for the pair).
+    pub fn both(a: Commit, b: Commit) -> Commit {
+        async fn wait(c: Commit) -> bool {
+            match c {
+                Commit::Done => true,
+                Commit::Failed => false,
+                Commit::Pending(rx) => rx.await.is_ok(),
+            }
+        }
+        match (a, b) {
+            (Commit::Failed, _) | (_, Commit::Failed) => Commit::Failed,
+            (Commit::Done, c) | (c, Commit::Done) => c,
+            (a, b) => {
+                let (tx, rx) = oneshot::channel();
+                tokio::spawn(async move {
+                    let (a, b) = tokio::join!(wait(a), wait(b));
+                    if a && b {
+                        let _ = tx.send(());
+                    }
+                });
+                Commit::Pending(rx)
+            }
+        }
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Whether anything is written at all (`false` for `durability = "memory"`): callers skip
     /// building operations nobody would keep.

@@ -1,0 +1,210 @@
+//! Wills of clients whose node died: published by a surviving node.
+//!
+//! While a client with a Will Message is connected, its will is also in the wills bucket
+//! (key: the client id's hash; value: node, connection, the will), stored before its CONNACK.
+//! The connection's own node handles the will as on a single node and removes the copy when
+//! the connection closes. A copy left behind therefore means its node died with the
+//! connection open:
+//!
+//! - every node watches the heartbeats in the nodes bucket; when a node it saw alive is gone,
+//!   the survivors race to create one `reap` key for it, and the winner publishes the wills
+//!   that name the dead node (after each one's Will Delay Interval, unless the client has
+//!   connected again meanwhile: then its new connection replaced the copy), removing each;
+//! - a node that restarts publishes the copies that name itself (its previous run's clients
+//!   lost their connections when it stopped) before it accepts clients.
+//!
+//! A will whose delay was still running on a node that died then is not covered (it left
+//! the bucket with its connection): docs/cluster.md.
+
+use crate::broker::Broker;
+use crate::protocol::Will;
+use crate::storage::record::SessionRecord;
+use crate::storage::Commit;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+pub(crate) struct Wills {
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) kv: kv::Store,
+    pub(crate) nodes: kv::Store,
+    pub(crate) node: String,
+    pub(crate) heartbeat_ttl: Duration,
+    /// Removals under way (a shutdown waits for them, or the next start would publish
+    /// wills of connections that closed normally).
+    pub(crate) removing: Arc<AtomicUsize>,
+}
+
+fn encode(node: &str, conn_id: u64, client_id: &str, will: &Will) -> Bytes {
+    let rec = SessionRecord {
+        client_id: client_id.to_string(),
+        session_id: 0,
+        expiry_interval: 0,
+        disconnected_at_ms: None,
+        will: Some(will.into()),
+        username: None,
+    };
+    let mut v = format!("{node}\n{conn_id}\n").into_bytes();
+    v.extend_from_slice(&rec.encode());
+    Bytes::from(v)
+}
+
+/// (node, connection, client id, will) of a stored copy.
+fn decode(v: &[u8]) -> Option<(String, u64, String, Will)> {
+    let mut parts = v.splitn(3, |&b| b == b'\n');
+    let node = std::str::from_utf8(parts.next()?).ok()?.to_string();
+    let conn = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let rec = SessionRecord::decode(parts.next()?).ok()?;
+    let will = rec.will?.to_will();
+    Some((node, conn, rec.client_id, will))
+}
+
+/// Counts a removal done when dropped, however its task ends.
+struct Decrement(Arc<AtomicUsize>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Wills {
+    /// Stores the will of connection `conn_id`; the CONNACK waits for the returned commit.
+    pub(crate) fn put(self: &Arc<Self>, client_id: &str, conn_id: u64, will: &Will) -> Commit {
+        let (tx, rx) = oneshot::channel();
+        let key = super::claims::key(client_id);
+        let value = encode(&self.node, conn_id, client_id, will);
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.kv.put(key, value).await {
+                Ok(_) => {
+                    let _ = tx.send(());
+                }
+                Err(e) => tracing::warn!(error = %e, "will not stored in the cluster"),
+            }
+        });
+        Commit::Pending(rx)
+    }
+
+    /// Connection `conn_id` closed and its node dealt with its will: the copy goes.
+    pub(crate) fn remove(self: &Arc<Self>, client_id: &str, conn_id: u64) {
+        let key = super::claims::key(client_id);
+        let this = self.clone();
+        self.removing.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            let _done = Decrement(this.removing.clone());
+            if let Ok(Some(e)) = this.kv.entry(key.clone()).await {
+                let ours =
+                    decode(&e.value).is_some_and(|(n, c, ..)| n == this.node && c == conn_id);
+                if ours && e.operation == kv::Operation::Put {
+                    let _ = this.kv.delete_expect_revision(&key, Some(e.revision)).await;
+                }
+            }
+        });
+    }
+
+    /// Publishes (after their delays) the wills left by `dead`'s connections.
+    pub(crate) async fn reap(self: &Arc<Self>, dead: &str) {
+        let Ok(mut keys) = self.kv.keys().await else {
+            return;
+        };
+        let mut n = 0;
+        while let Some(Ok(key)) = keys.next().await {
+            let Ok(Some(e)) = self.kv.entry(key.clone()).await else {
+                continue;
+            };
+            if e.operation != kv::Operation::Put {
+                continue;
+            }
+            let Some((node, _, client_id, will)) = decode(&e.value) else {
+                continue;
+            };
+            if node != dead {
+                continue;
+            }
+            n += 1;
+            let this = self.clone();
+            let revision = e.revision;
+            tokio::spawn(async move {
+                if will.delay_interval > 0 {
+                    tokio::time::sleep(Duration::from_secs(u64::from(will.delay_interval))).await;
+                }
+                // Still the dead connection's copy: its client did not come back meanwhile.
+                let still = matches!(this.kv.entry(key.clone()).await, Ok(Some(e)) if e.revision == revision && e.operation == kv::Operation::Put);
+                if still
+                    && this
+                        .kv
+                        .delete_expect_revision(&key, Some(revision))
+                        .await
+                        .is_ok()
+                {
+                    tracing::info!(%client_id, node = %node, "will of a client of a node that is gone published");
+                    this.broker.publish_will(&will, 0);
+                }
+            });
+        }
+        if n > 0 {
+            tracing::warn!(node = %dead, wills = n, "publishing the wills of a node that is gone");
+        }
+    }
+
+    /// Watches the heartbeats for good; the first survivor to claim a vanished node's reap
+    /// key publishes its wills.
+    pub(crate) async fn watch_nodes(self: Arc<Self>) {
+        let mut alive: HashSet<String> = HashSet::new();
+        loop {
+            tokio::time::sleep(self.heartbeat_ttl / 2).await;
+            let Ok(keys) = self.nodes.keys().await else {
+                continue;
+            };
+            let now: HashSet<String> = keys
+                .filter_map(|k| async move { k.ok() })
+                .filter(|k| std::future::ready(!k.starts_with("reap.")))
+                .collect()
+                .await;
+            for gone in alive.difference(&now) {
+                if *gone == self.node {
+                    continue;
+                }
+                let claim = self
+                    .nodes
+                    .create(format!("reap.{gone}"), Bytes::from(self.node.clone()))
+                    .await;
+                if claim.is_ok() {
+                    self.reap(gone).await;
+                }
+            }
+            alive = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{MqttStr, PublishProperties, QoS};
+
+    #[test]
+    fn a_will_copy_round_trips() {
+        let will = Will {
+            topic: MqttStr::from("dev/1/status"),
+            payload: Bytes::from_static(b"offline"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            delay_interval: 5,
+            properties: PublishProperties::default(),
+        };
+        let (node, conn, cid, w) = decode(&encode("t3", 42, "dev-1", &will)).unwrap();
+        assert_eq!((node.as_str(), conn, cid.as_str()), ("t3", 42, "dev-1"));
+        assert_eq!(
+            crate::storage::record::WillRecord::from(&w),
+            crate::storage::record::WillRecord::from(&will)
+        );
+        assert!(decode(b"t3\nx\n").is_none());
+    }
+}
