@@ -230,7 +230,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if let Some(cluster) = broker.config.cluster.clone() {
         // Joined before any listener opens: the first client already sees the cluster's
         // retained messages and reaches the other nodes.
-        let joined = cluster::Node::join(&broker, &cluster).await?;
+        let joined =
+            cluster::Node::join(&broker, &cluster, held(&restored), cluster::JoinMode::Serve)
+                .await?;
         tasks.extend(joined.tasks);
     }
 
@@ -327,6 +329,48 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ready,
         log: None,
     })
+}
+
+/// What a recovered store holds, said for an error message; `None` when empty.
+fn held(r: &broker::recovery::Restored) -> Option<String> {
+    (r.sessions + r.retained > 0)
+        .then(|| format!("{} sessions, {} retained messages", r.sessions, r.retained))
+}
+
+/// `tern cluster import`: takes a single-node store into the cluster it is configured to
+/// join (its retained messages into the cluster's retained stream; its sessions stay in the
+/// store, served by this node and anchored for the others) and marks it as this node's.
+/// Returns what the store held.
+pub async fn import(config: Config) -> Result<String, StartError> {
+    config.validate()?;
+    let Some(cluster) = config.cluster.clone() else {
+        return Err(StartError::Config(config::ConfigError::Invalid {
+            key: "cluster",
+            message: "`tern cluster import` needs the [cluster] section of the node to join"
+                .to_string(),
+        }));
+    };
+    let metrics = metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?;
+    let (store, recovered) = storage::open(&config.storage)?;
+    let auth = auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)?;
+    let broker = Arc::new(broker::Broker::new(config, metrics, store, auth));
+    let restored = broker::recovery::restore(&broker, recovered);
+    let what = held(&restored).unwrap_or_else(|| "nothing".to_string());
+    let joined = cluster::Node::join(
+        &broker,
+        &cluster,
+        held(&restored),
+        cluster::JoinMode::Import,
+    )
+    .await?;
+    if let Some(peers) = broker.peers() {
+        peers.drain().await;
+    }
+    for t in joined.tasks {
+        t.abort();
+    }
+    broker.store.close();
+    Ok(what)
 }
 
 /// What every listener's accept loop shares.

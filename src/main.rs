@@ -42,6 +42,18 @@ enum Command {
     /// Add or update USER in a Mosquitto-format password file (created, mode 0600, if missing).
     /// The password is read from standard input (one line) or, on a terminal, prompted twice.
     Passwd(PasswdArgs),
+    /// Cluster operations (docs/cluster.md).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Take the single-node store in storage.dir into the cluster the configuration's
+    /// [cluster] section names: its retained messages go to the cluster, its persistent
+    /// sessions stay in the store (served by this node, found by the others), and the
+    /// directory is marked as this node's. Then start the node as usual.
+    Import,
 }
 
 #[derive(clap::Args)]
@@ -70,6 +82,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Cluster(ClusterCommand::Import)) = cli.command {
+        return cluster_import(config);
+    }
     if let Some(Command::Check) = cli.command {
         // The files the configuration names are read as the broker would read them.
         if let Err(e) = tern::auth::Authorizer::prepare(&config.auth) {
@@ -120,6 +135,29 @@ fn main() -> ExitCode {
         running.shutdown(Duration::from_secs(5)).await;
         ExitCode::SUCCESS
     })
+}
+
+fn cluster_import(config: tern::Config) -> ExitCode {
+    let log = tern::logging::init(&config.log);
+    let runtime = match runtime(1) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tern: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(tern::import(config));
+    drop(log);
+    match result {
+        Ok(what) => {
+            println!("tern: imported into the cluster: {what}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tern: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The tokio runtime serving connections: with one thread, tokio's single-threaded

@@ -75,6 +75,76 @@ pub enum ClusterError {
     JetStream(String),
     #[error("cluster.prefix: {0}")]
     Prefix(String),
+    #[error(
+        "{dir} holds a single-node store ({what}); a cluster node starts from its own: import \
+         it with `tern cluster import --config FILE` (its retained messages go to the cluster, \
+         its sessions stay on this node), or move the directory away"
+    )]
+    SingleNodeStore { dir: String, what: String },
+    #[error("{dir} belongs to {owner}, not to node {node} of cluster prefix {prefix}: set storage.dir to this node's own directory")]
+    ForeignStore {
+        dir: String,
+        owner: String,
+        node: String,
+        prefix: String,
+    },
+    #[error("{0}: {1}")]
+    Marker(String, std::io::Error),
+}
+
+/// How [`Node::join`] treats a data directory without a cluster marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinMode {
+    /// Refuse one that holds state (a single-node store).
+    Serve,
+    /// `tern cluster import`: take its retained messages into the cluster, then mark it.
+    Import,
+}
+
+/// The file in `storage.dir` that says which node of which cluster the directory is.
+const MARKER: &str = "CLUSTER";
+
+/// What a node's data directory says about itself: `Ok(true)` when it is this node's (or
+/// new, and now marked so), `Ok(false)` when it holds a single-node store and `mode` is
+/// `Import` (the caller imports, then calls [`mark`]).
+fn check_marker(
+    dir: &std::path::Path,
+    config: &ClusterConfig,
+    held: Option<String>,
+    mode: JoinMode,
+) -> Result<bool, ClusterError> {
+    let path = dir.join(MARKER);
+    let want = format!("prefix={}\nnode={}\n", config.prefix, config.node);
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found == want => return Ok(true),
+        Ok(found) => {
+            return Err(ClusterError::ForeignStore {
+                dir: dir.display().to_string(),
+                owner: found.trim().replace('\n', " "),
+                node: config.node.clone(),
+                prefix: config.prefix.clone(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ClusterError::Marker(path.display().to_string(), e)),
+    }
+    match (held, mode) {
+        (Some(what), JoinMode::Serve) => Err(ClusterError::SingleNodeStore {
+            dir: dir.display().to_string(),
+            what,
+        }),
+        (Some(_), JoinMode::Import) => Ok(false),
+        (None, _) => {
+            mark(dir, config)?;
+            Ok(true)
+        }
+    }
+}
+
+fn mark(dir: &std::path::Path, config: &ClusterConfig) -> Result<(), ClusterError> {
+    let path = dir.join(MARKER);
+    let want = format!("prefix={}\nnode={}\n", config.prefix, config.node);
+    std::fs::write(&path, want).map_err(|e| ClusterError::Marker(path.display().to_string(), e))
 }
 
 /// Bytes a message's envelope may add to its packet (ids, lengths, expiry, origin): a
@@ -148,11 +218,20 @@ impl Node {
     /// Connects to NATS, makes sure the streams and buckets exist, starts this node's
     /// consumer and the retained follower (waiting until the retained messages are loaded),
     /// and installs the node in the broker. Fails when NATS cannot be reached within
-    /// `cluster.connect_timeout`.
+    /// `cluster.connect_timeout`. `held` names what the node's store recovered (sessions,
+    /// retained messages), if anything: a store with state and no cluster marker is a
+    /// single-node store, refused unless `mode` is [`JoinMode::Import`].
     pub async fn join(
         broker: &Arc<Broker>,
         config: &ClusterConfig,
+        held: Option<String>,
+        mode: JoinMode,
     ) -> Result<Joined, ClusterError> {
+        let marked = if broker.store.durable() {
+            check_marker(&broker.config.storage.dir, config, held, mode)?
+        } else {
+            true
+        };
         let names = Arc::new(Names::new(&config.prefix)?);
         let client = tokio::time::timeout(config.connect_timeout, connect(config, false))
             .await
@@ -219,6 +298,11 @@ impl Node {
             }
             .run(rx),
         ));
+        if !marked {
+            let n = import_retained(broker, &api, &names, &config.node).await?;
+            mark(&broker.config.storage.dir, config)?;
+            tracing::info!(retained = n, "single-node store imported into the cluster");
+        }
         // Retained first: a client connecting once the node is ready sees them all.
         let retained = receive::follow_retained(
             broker.clone(),
@@ -392,6 +476,31 @@ impl Peers for Node {
     }
 }
 
+/// Publishes every retained message of this node's store to the cluster's retained stream
+/// (`tern cluster import`), waiting for each to be stored.
+async fn import_retained(
+    broker: &Arc<Broker>,
+    js: &jetstream::Context,
+    names: &Names,
+    node: &str,
+) -> Result<usize, ClusterError> {
+    let mut all = Vec::new();
+    broker.retained_for("#", &mut all);
+    for msg in &all {
+        let ack = js
+            .publish_with_headers(
+                names.retained.topic(msg.topic.as_str()),
+                wire::headers(node),
+                wire::encode(msg),
+            )
+            .await
+            .map_err(|e| ClusterError::JetStream(format!("importing retained: {e}")))?;
+        ack.await
+            .map_err(|e| ClusterError::JetStream(format!("importing retained: {e}")))?;
+    }
+    Ok(all.len())
+}
+
 /// Connects to the seed servers; async-nats reconnects by itself, forever, to any server of
 /// the cluster it has learnt of.
 /// `echo`: whether this connection receives what it publishes itself (only the groups'
@@ -482,5 +591,44 @@ async fn heartbeat(
             Duration::from_millis(500)
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(node: &str) -> ClusterConfig {
+        crate::config::Config::from_toml(&format!(
+            "[cluster]\nnode = \"{node}\"\nnats = [\"nats://127.0.0.1:4222\"]\n"
+        ))
+        .unwrap()
+        .cluster
+        .unwrap()
+    }
+
+    /// A new directory becomes the node's; one with single-node state is refused unless
+    /// imported; another node's is refused always.
+    #[test]
+    fn a_data_directory_belongs_to_one_node() {
+        let dir = std::env::temp_dir().join(format!("tern-marker-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let held = || Some("1 sessions, 0 retained messages".to_string());
+        let t1 = config("t1");
+        let e = check_marker(&dir, &t1, held(), JoinMode::Serve).unwrap_err();
+        assert!(e.to_string().contains("tern cluster import"), "{e}");
+        assert!(!check_marker(&dir, &t1, held(), JoinMode::Import).unwrap());
+        mark(&dir, &t1).unwrap();
+        assert!(check_marker(&dir, &t1, held(), JoinMode::Serve).unwrap());
+        let e = check_marker(&dir, &config("t2"), None, JoinMode::Serve).unwrap_err();
+        assert!(matches!(e, ClusterError::ForeignStore { .. }), "{e}");
+        std::fs::remove_file(dir.join(MARKER)).unwrap();
+        assert!(
+            check_marker(&dir, &t1, None, JoinMode::Serve).unwrap(),
+            "empty: marked"
+        );
+        assert!(dir.join(MARKER).exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
