@@ -83,6 +83,8 @@ pub struct ClusterMetrics {
     pub taken_over: IntCounter,
     /// 1 while this node's heartbeat reaches JetStream's quorum.
     pub available: IntGauge,
+    /// Nodes with a live heartbeat.
+    pub members: IntGauge,
 }
 
 impl ClusterMetrics {
@@ -115,6 +117,11 @@ impl ClusterMetrics {
             "1 while this node's heartbeat reaches JetStream's quorum (durable promises possible), else 0",
         )?;
         registry.register(Box::new(available.clone()))?;
+        let members = IntGauge::new(
+            "tern_cluster_members",
+            "Nodes of the cluster with a live heartbeat, this one included (0 on a single node)",
+        )?;
+        registry.register(Box::new(members.clone()))?;
         Ok(ClusterMetrics {
             out_live: messages.with_label_values(&["out", "live"]),
             out_stream: messages.with_label_values(&["out", "stream"]),
@@ -124,6 +131,7 @@ impl ClusterMetrics {
             dropped_live,
             taken_over,
             available,
+            members,
         })
     }
 }

@@ -133,6 +133,21 @@ fn render(broker: &Broker, prev: Option<&Previous>, now: Instant) -> (String, Pr
         rate(cur.bytes_received, prev.bytes_received),
         rate(cur.bytes_sent, prev.bytes_sent),
     );
+    match broker.peers() {
+        Some(p) => {
+            j.push_str("\"cluster\":{\"node\":");
+            json_string(&mut j, p.node());
+            let _ = write!(j, ",\"available\":{},\"members\":[", p.available());
+            for (i, n) in p.members().iter().enumerate() {
+                if i > 0 {
+                    j.push(',');
+                }
+                json_string(&mut j, n);
+            }
+            j.push_str("]},");
+        }
+        None => j.push_str("\"cluster\":null,"),
+    }
     let _ = write!(j, "\"sample_every\":{SAMPLE_EVERY},\"top_topics\":[");
     for (i, (t, r)) in topics.iter().enumerate() {
         if i > 0 {
@@ -202,6 +217,7 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 </head>
 <body>
 <h1>Tern <span id="version"></span> &mdash; up <span id="uptime">?</span></h1>
+<p id="cluster" hidden></p>
 <p id="error"></p>
 <div class="cards">
   <div class="card"><div class="v" id="connections">&ndash;</div><div class="k">connections</div></div>
@@ -243,6 +259,12 @@ async function refresh() {
     const s = await r.json();
     set("version", s.version);
     set("uptime", s.uptime_seconds + " s");
+    const c = document.getElementById("cluster");
+    c.hidden = !s.cluster;
+    if (s.cluster) {
+      set("cluster", "Cluster node " + s.cluster.node + " of " + s.cluster.members.join(", ") +
+        (s.cluster.available ? " (quorum reachable)" : " (NO QUORUM: durable publishes refused)"));
+    }
     set("connections", s.connections);
     set("offline", s.sessions.offline);
     set("rate-in", s.rates.received_per_second.toFixed(1));

@@ -70,6 +70,8 @@ pub trait Peers: Send + Sync + 'static {
     /// At shutdown, once the connections are closed: waits (briefly) until what they left
     /// for the other nodes (wills, will copies to remove) has reached NATS.
     fn drain(&self) -> BoxFuture<'_, ()>;
+    /// The nodes whose heartbeat is live, sorted (this one included while it reaches NATS).
+    fn members(&self) -> Vec<String>;
     /// Whether the cluster can make durable promises now (its store has quorum). A
     /// CONNECT that asks for a persistent session is refused while it cannot.
     fn available(&self) -> bool;

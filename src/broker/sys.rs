@@ -155,6 +155,14 @@ impl SysTree {
             ),
             ("retained messages/count".into(), retained.to_string()),
         ];
+        if let Some(p) = b.peers() {
+            v.push(("cluster/node".into(), p.node().to_string()));
+            v.push(("cluster/members".into(), p.members().join(",")));
+            v.push((
+                "cluster/available".into(),
+                u8::from(p.available()).to_string(),
+            ));
+        }
         for (load, name) in self.loads.iter().zip(LOAD_TOPICS) {
             for (avg, (_, window)) in load.avg.iter().zip(WINDOWS) {
                 v.push((format!("load/{name}/{window}"), format!("{avg:.2}")));

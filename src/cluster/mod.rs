@@ -327,6 +327,7 @@ impl Node {
             node: config.node.clone(),
             heartbeat_ttl: config.heartbeat_ttl,
             removing: Default::default(),
+            members: std::sync::RwLock::new(vec![config.node.clone()]),
         });
         // Our previous run's connections ended when it stopped: their wills go out now.
         wills.reap(&config.node).await;
@@ -450,6 +451,14 @@ impl Peers for Node {
 
     fn session_ended(&self, client_id: &Arc<str>) {
         self.anchors.delete(client_id);
+    }
+
+    fn members(&self) -> Vec<String> {
+        self.wills
+            .members
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn drain(&self) -> BoxFuture<'_, ()> {

@@ -38,6 +38,8 @@ pub(crate) struct Wills {
     /// Removals under way (a shutdown waits for them, or the next start would publish
     /// wills of connections that closed normally).
     pub(crate) removing: Arc<AtomicUsize>,
+    /// The nodes with a live heartbeat at the last look, sorted.
+    pub(crate) members: std::sync::RwLock<Vec<String>>,
 }
 
 fn encode(node: &str, conn_id: u64, client_id: &str, will: &Will) -> Bytes {
@@ -167,6 +169,13 @@ impl Wills {
                 .filter(|k| std::future::ready(!k.starts_with("reap.")))
                 .collect()
                 .await;
+            let mut sorted: Vec<String> = now.iter().cloned().collect();
+            sorted.sort();
+            self.broker.metrics.cluster.members.set(sorted.len() as i64);
+            *self
+                .members
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = sorted;
             for gone in alive.difference(&now) {
                 if *gone == self.node {
                     continue;
