@@ -32,8 +32,9 @@ pub trait Peers: Send + Sync + 'static {
     /// for: for QoS 1/2, `local` and the cluster's replicated store of the message both.
     fn forward(&self, msg: &Arc<Message>, local: Commit) -> Commit;
     /// Connection `conn_id` of this node now holds `client_id`: connections holding it on
-    /// other nodes are taken over.
-    fn claim(&self, client_id: &Arc<str>, conn_id: u64);
+    /// other nodes are taken over. The CONNACK waits for the returned commit (the claim
+    /// stored), so of two CONNECTs on two nodes the one answered later also claims later.
+    fn claim(&self, client_id: &Arc<str>, conn_id: u64) -> Commit;
     /// Connection `conn_id` let go of `client_id` (and its node dealt with its will).
     fn release(&self, client_id: &str, conn_id: u64);
     /// Connection `conn_id` of `client_id` has `will`: kept where a survivor finds it should

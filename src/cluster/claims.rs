@@ -18,6 +18,7 @@
 
 use crate::broker::Broker;
 use crate::session::registry::Moved;
+use crate::storage::Commit;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -28,6 +29,9 @@ use std::time::Duration;
 
 pub(crate) struct Claims {
     broker: Arc<Broker>,
+    /// The node's quorum health (`Node::available`): a claim is not waited for without it.
+    available: Arc<std::sync::atomic::AtomicBool>,
+    quorum_timeout: Duration,
     node: String,
     kv: kv::Store,
     /// Client ids whose connection is on this node, by key.
@@ -54,9 +58,17 @@ pub(crate) fn key(client_id: &str) -> String {
 }
 
 impl Claims {
-    pub(crate) fn new(broker: Arc<Broker>, node: String, kv: kv::Store) -> Claims {
+    pub(crate) fn new(
+        broker: Arc<Broker>,
+        node: String,
+        kv: kv::Store,
+        available: Arc<std::sync::atomic::AtomicBool>,
+        quorum_timeout: Duration,
+    ) -> Claims {
         Claims {
             broker,
+            available,
+            quorum_timeout,
             node,
             kv,
             held: Mutex::new(HashMap::new()),
@@ -67,8 +79,9 @@ impl Claims {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records that `conn_id` holds `client_id` here, and tells the cluster.
-    pub(crate) fn claim(self: &Arc<Self>, client_id: &Arc<str>, conn_id: u64) {
+    /// Records that `conn_id` holds `client_id` here, and tells the cluster; the commit is
+    /// done once the claim is stored.
+    pub(crate) fn claim(self: &Arc<Self>, client_id: &Arc<str>, conn_id: u64) -> Commit {
         let key = key(client_id);
         self.held().insert(
             key.clone(),
@@ -81,10 +94,35 @@ impl Claims {
         );
         let this = self.clone();
         let client_id = client_id.clone();
+        let (stored, rx) = tokio::sync::oneshot::channel();
+        // Without quorum the claim cannot be stored: a clean session still connects (it
+        // promises nothing durable), without waiting, its client id unique only as far as
+        // this node knows.
+        let mut stored = if self.available.load(std::sync::atomic::Ordering::Relaxed) {
+            Some(stored)
+        } else {
+            let _ = stored.send(());
+            None
+        };
+        let wait = self.quorum_timeout;
         tokio::spawn(async move {
             let value = format!("{}/{conn_id}/{client_id}", this.node);
-            match this.kv.put(&key, value.into()).await {
+            let put = this.kv.put(&key, value.into());
+            tokio::pin!(put);
+            let result = tokio::select! {
+                r = &mut put => r,
+                () = tokio::time::sleep(wait) => {
+                    if let Some(s) = stored.take() {
+                        let _ = s.send(());
+                    }
+                    put.await
+                }
+            };
+            match result {
                 Ok(revision) => {
+                    if let Some(s) = stored.take() {
+                        let _ = s.send(());
+                    }
                     let mut held = this.held();
                     let lost = match held.get_mut(&key) {
                         Some(c) if c.conn_id == conn_id => {
@@ -100,12 +138,18 @@ impl Claims {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "client id claim not stored: a connection with the same id on another node may not be taken over"
-                ),
+                Err(e) => {
+                    if let Some(s) = stored.take() {
+                        let _ = s.send(());
+                    }
+                    tracing::warn!(
+                        error = %e,
+                        "client id claim not stored: a connection with the same id on another node may not be taken over"
+                    )
+                }
             }
         });
+        Commit::Pending(rx)
     }
 
     /// `conn_id` let go of `client_id`.

@@ -266,6 +266,8 @@ impl Node {
             broker.clone(),
             config.node.clone(),
             setup.clients.clone(),
+            available.clone(),
+            config.quorum_timeout,
         ));
         let echo = tokio::time::timeout(config.connect_timeout, connect(config, true))
             .await
@@ -327,6 +329,8 @@ impl Node {
             node: config.node.clone(),
             heartbeat_ttl: config.heartbeat_ttl,
             removing: Default::default(),
+            available: available.clone(),
+            quorum_timeout: config.quorum_timeout,
             members: std::sync::RwLock::new(vec![config.node.clone()]),
         });
         // Our previous run's connections ended when it stopped: their wills go out now.
@@ -411,8 +415,8 @@ impl Peers for Node {
         forward::submit(&self.out, &self.broker.metrics.cluster, msg, local)
     }
 
-    fn claim(&self, client_id: &Arc<str>, conn_id: u64) {
-        self.claims.claim(client_id, conn_id);
+    fn claim(&self, client_id: &Arc<str>, conn_id: u64) -> Commit {
+        self.claims.claim(client_id, conn_id)
     }
 
     fn release(&self, client_id: &str, conn_id: u64) {

@@ -38,6 +38,8 @@ pub(crate) struct Wills {
     /// Removals under way (a shutdown waits for them, or the next start would publish
     /// wills of connections that closed normally).
     pub(crate) removing: Arc<AtomicUsize>,
+    pub(crate) available: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) quorum_timeout: Duration,
     /// The nodes with a live heartbeat at the last look, sorted.
     pub(crate) members: std::sync::RwLock<Vec<String>>,
 }
@@ -76,18 +78,37 @@ impl Drop for Decrement {
 }
 
 impl Wills {
-    /// Stores the will of connection `conn_id`; the CONNACK waits for the returned commit.
+    /// Stores the will of connection `conn_id`; the CONNACK waits for the returned commit, at
+    /// most `quorum_timeout`, and not at all without quorum: a will is the broker's promise to
+    /// the other clients, kept as far as the cluster can, and no reason to refuse a CONNECT.
     pub(crate) fn put(self: &Arc<Self>, client_id: &str, conn_id: u64, will: &Will) -> Commit {
         let (tx, rx) = oneshot::channel();
+        let mut tx = if self.available.load(Ordering::Relaxed) {
+            Some(tx)
+        } else {
+            let _ = tx.send(());
+            None
+        };
         let key = super::claims::key(client_id);
         let value = encode(&self.node, conn_id, client_id, will);
         let this = self.clone();
         tokio::spawn(async move {
-            match this.kv.put(key, value).await {
-                Ok(_) => {
-                    let _ = tx.send(());
+            let put = this.kv.put(key, value);
+            tokio::pin!(put);
+            let result = tokio::select! {
+                r = &mut put => r,
+                () = tokio::time::sleep(this.quorum_timeout) => {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(());
+                    }
+                    put.await
                 }
-                Err(e) => tracing::warn!(error = %e, "will not stored in the cluster"),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "will not stored in the cluster");
+            }
+            if let Some(t) = tx.take() {
+                let _ = t.send(());
             }
         });
         Commit::Pending(rx)

@@ -383,7 +383,11 @@ pub(super) async fn accept(
         }
         // The client id is this node's now: a connection holding it on another node is
         // taken over ([MQTT-3.1.4-3] across the cluster).
-        peers.claim(&client_id, conn_id);
+        let claimed = peers.claim(&client_id, conn_id);
+        connack_commit = Some(match connack_commit.take() {
+            Some(c) => crate::storage::Commit::both(c, claimed),
+            None => claimed,
+        });
         if let Some(w) = &c.will {
             // Published by another node should this one die with the connection open.
             let stored = peers.store_will(&client_id, conn_id, w);

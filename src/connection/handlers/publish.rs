@@ -151,7 +151,8 @@ impl Client {
                 let commit = broker.submit_staged(staged);
                 // In a cluster, also stored by JetStream with its replicas before the ack.
                 let commit = broker.forward(&msg, commit);
-                let reason = if v5 && routed.matched == 0 {
+                // In a cluster a node cannot know that no other node has a subscriber.
+                let reason = if v5 && routed.matched == 0 && broker.peers().is_none() {
                     ReasonCode::NoMatchingSubscribers
                 } else {
                     ReasonCode::Success
