@@ -186,6 +186,9 @@ mod tests {
             "mqtt.max_qos",
             "shared.strategy",
             "server.threads",
+            "cluster.node",
+            "cluster.nats",
+            "cluster.quorum_timeout",
             "limitsx",
         ] {
             assert!(!reloadable(k), "{k}");
@@ -204,5 +207,14 @@ mod tests {
         assert_eq!(e.log.level, "debug");
         assert_eq!(e.storage.dir, running.storage.dir);
         assert_eq!(e.log.format, running.log.format);
+        // [cluster] is read at start only: added, changed or removed, it waits for a restart.
+        let clustered = "[cluster]\nnode = \"t1\"\nnats = [\"nats://127.0.0.1:4222\"]\n";
+        let c = Config::from_toml(clustered).unwrap();
+        assert_eq!(effective(&running, &c).cluster, None);
+        assert_eq!(effective(&c, &running).cluster, c.cluster);
+        let changed = Config::from_toml(&format!("{clustered}quorum_timeout = 9\n")).unwrap();
+        assert_eq!(effective(&c, &changed).cluster, c.cluster);
+        let keys: Vec<String> = c.diff(&changed).into_iter().map(|d| d.0).collect();
+        assert_eq!(keys, ["cluster.quorum_timeout"]);
     }
 }
