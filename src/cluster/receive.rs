@@ -18,7 +18,6 @@ use async_nats::jetstream::{
     consumer::{pull, AckPolicy, DeliverPolicy},
     kv,
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
-    AckKind,
 };
 use futures_util::StreamExt;
 use std::future::Future;
@@ -128,13 +127,13 @@ impl Setup {
         .await?;
         let wills = bucket(api, &names.wills_bucket, config, Duration::ZERO, deadline).await?;
         let durable = config.node.clone();
-        let consumer = retry("node consumer", deadline, || {
+        let node_consumer = || {
             msgs.get_or_create_consumer(
                 &durable,
                 pull::Config {
                     durable_name: Some(durable.clone()),
                     deliver_policy: DeliverPolicy::New,
-                    ack_policy: AckPolicy::Explicit,
+                    ack_policy: AckPolicy::All,
                     ack_wait: ACK_WAIT,
                     max_ack_pending: MAX_ACK_PENDING,
                     filter_subject: format!("{}.msg.>", names.prefix),
@@ -143,8 +142,15 @@ impl Setup {
                     ..Default::default()
                 },
             )
-        })
-        .await?;
+        };
+        let mut consumer = retry("node consumer", deadline, node_consumer).await?;
+        if consumer.cached_info().config.ack_policy != AckPolicy::All {
+            // Made by an earlier build with one ack per message; the acker's acks would leave
+            // everything before them unacknowledged. Made again, from now on.
+            tracing::warn!(node = %durable, "node consumer made again (ack policy changed)");
+            let _ = msgs.delete_consumer(&durable).await;
+            consumer = retry("node consumer", deadline, node_consumer).await?;
+        }
         Ok(Setup {
             msgs,
             consumer,
@@ -192,6 +198,8 @@ pub(crate) async fn consume(
     node: String,
     sequencer: Arc<Sequencer>,
 ) -> Result<JoinHandle<()>, ClusterError> {
+    let (acks, pending) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(acker(pending));
     Ok(tokio::spawn(async move {
         loop {
             let mut messages = match consumer
@@ -219,7 +227,7 @@ pub(crate) async fn consume(
                 let own = wire::from_node(m.headers.as_ref(), &node);
                 let Some(msg) = wire::decode(&m.payload, broker.next_message_id()) else {
                     tracing::warn!(subject = %m.subject, "undecodable cluster message dropped");
-                    let _ = m.ack_with(AckKind::Term).await;
+                    let _ = acks.send((Commit::Done, m));
                     continue;
                 };
                 if !own {
@@ -240,26 +248,49 @@ pub(crate) async fn consume(
                     sequencer.seen.store(*position, Ordering::Release);
                     commit
                 };
-                match commit {
-                    Commit::Done => {
-                        let _ = m.ack().await;
-                    }
-                    Commit::Failed => {
-                        let _ = m.ack_with(AckKind::Nak(None)).await;
-                    }
-                    Commit::Pending(rx) => {
-                        tokio::spawn(async move {
-                            let kind = match rx.await {
-                                Ok(()) => AckKind::Ack,
-                                Err(_) => AckKind::Nak(None),
-                            };
-                            let _ = m.ack_with(kind).await;
-                        });
-                    }
-                }
+                // Acknowledged once this node's commit of it is done (`acker`).
+                let _ = acks.send((commit, m));
             }
         }
     }))
+}
+
+/// Acknowledges the node consumer's messages once this node's commits of them are done, in
+/// stream order, with one ack per batch of what has arrived: the consumer acks all
+/// (`AckPolicy::All`), so acking a message acks every one before it. Per-message acks were
+/// one replicated consumer update per message per node, more work for the NATS servers than
+/// storing the message itself. The channel is bounded by the consumer's `max_ack_pending`.
+async fn acker(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, jetstream::Message)>) {
+    let mut batch = Vec::with_capacity(256);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let mut last = None;
+        for (commit, m) in batch.drain(..) {
+            let stored = match commit {
+                Commit::Done => true,
+                Commit::Failed => false,
+                Commit::Pending(rx) => rx.await.is_ok(),
+            };
+            if !stored {
+                // Counted as storage_failed where it failed; the store is failing, and
+                // holding the consumer back would stop every later message here too.
+                tracing::error!(subject = %m.subject, "cluster message not stored here");
+            }
+            last = Some(m);
+        }
+        if let Some(m) = last {
+            if let Err(e) = m.ack().await {
+                // Redelivered after ACK_WAIT, routed again: at least once.
+                tracing::debug!(error = %e, "node consumer ack");
+            }
+        }
+    }
 }
 
 /// Routes QoS 0 messages of other nodes here (core NATS: what is missed is gone, as QoS 0
