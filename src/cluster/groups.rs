@@ -135,7 +135,8 @@ impl ClusterGroups {
             };
             while let Some(item) = batch.next().await {
                 let Ok(m) = item else { continue };
-                let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id()) else {
+                let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), false)
+                else {
                     let _ = m.ack_with(AckKind::Term).await;
                     continue;
                 };
@@ -179,7 +180,7 @@ impl ClusterGroups {
             }
         };
         while let Some(m) = sub.next().await {
-            if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id()) {
+            if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), false) {
                 self.broker.metrics.cluster.in_live.inc();
                 let _ = self.broker.publish_to_group(&group, &msg);
             }

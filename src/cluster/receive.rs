@@ -225,7 +225,7 @@ pub(crate) async fn consume(
                     }
                 };
                 let own = wire::from_node(m.headers.as_ref(), &node);
-                let Some(msg) = wire::decode(&m.payload, broker.next_message_id()) else {
+                let Some(msg) = wire::decode(&m.payload, broker.next_message_id(), own) else {
                     tracing::warn!(subject = %m.subject, "undecodable cluster message dropped");
                     let _ = acks.send((Commit::Done, m));
                     continue;
@@ -310,7 +310,7 @@ pub(crate) async fn live(
             if wire::from_node(m.headers.as_ref(), &node) {
                 continue;
             }
-            match wire::decode(&m.payload, broker.next_message_id()) {
+            match wire::decode(&m.payload, broker.next_message_id(), false) {
                 Some(msg) => {
                     broker.metrics.cluster.in_live.inc();
                     let _ = broker.publish_remote(&msg, Targets::All);
@@ -357,6 +357,7 @@ pub(crate) async fn follow_retained(
     let apply = |broker: &Broker, m: &jetstream::Message| match wire::decode(
         &m.payload,
         broker.next_message_id(),
+        false,
     ) {
         Some(msg) => broker.apply_retained(&msg),
         None => tracing::warn!(subject = %m.subject, "undecodable retained message skipped"),

@@ -321,7 +321,8 @@ impl Sessions {
             if seq > to {
                 break;
             }
-            if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id()) {
+            let own = wire::from_node(m.headers.as_ref(), &self.node);
+            if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), own) {
                 let _ = self
                     .broker
                     .publish_remote(&msg, Targets::Session(session_id));

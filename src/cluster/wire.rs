@@ -35,14 +35,16 @@ pub(crate) fn from_node(headers: Option<&HeaderMap>, node: &str) -> bool {
         .is_some_and(|v| v.as_str() == node)
 }
 
-/// The broker's message from a body, with a new local id and no local origin session.
-pub(crate) fn decode(body: &[u8], id: u64) -> Option<Arc<Message>> {
+/// The broker's message from a body, with a new local id. `own`: this node published it,
+/// and its origin session is one of ours (No Local applies when it comes back through the
+/// stream); otherwise session ids are another node's and mean nothing here.
+pub(crate) fn decode(body: &[u8], id: u64, own: bool) -> Option<Arc<Message>> {
     let stored = StoredMessage::decode(body).ok()?;
     let mut msg = stored.to_message(crate::clock::now(), unix_now_ms());
     msg.id = id;
-    // Session ids are per node: a remote publisher is no local session (No Local cannot
-    // match it here).
-    msg.origin = 0;
+    if !own {
+        msg.origin = 0;
+    }
     Some(Arc::new(msg))
 }
 
@@ -72,7 +74,12 @@ mod tests {
             origin: 99,
         };
         let body = encode(&msg);
-        let got = decode(&body, 1234).unwrap();
+        let got = decode(&body, 1234, false).unwrap();
+        assert_eq!(
+            decode(&body, 1, true).unwrap().origin,
+            99,
+            "own: No Local still applies"
+        );
         assert_eq!(got.id, 1234);
         assert_eq!(got.origin, 0);
         assert_eq!(got.topic.as_str(), "a/b");
@@ -82,7 +89,7 @@ mod tests {
         assert_eq!(got.properties, msg.properties);
         let left = got.remaining_expiry(crate::clock::now()).unwrap().unwrap();
         assert!((29..=30).contains(&left), "{left}");
-        assert!(decode(b"\xffnot a record", 1).is_none());
+        assert!(decode(b"\xffnot a record", 1, false).is_none());
     }
 
     #[test]
