@@ -45,6 +45,10 @@ pub trait Peers: Send + Sync + 'static {
     fn group_started(&self, group: &Arc<Group>);
     /// The group has no member on this node any more.
     fn group_ended(&self, group: &Arc<Group>);
+    /// A member here is finished with a group's message (`msg_id`, this node's id of it):
+    /// acknowledged it, or was sent it at QoS 0. Until then the cluster keeps it for the
+    /// group, so it goes to a member elsewhere should this node die.
+    fn group_done(&self, msg_id: u64);
     /// Takes `client_id`'s persistent session from the node that has it, if another does,
     /// into `handle`'s (the connecting client's, new) session. `Some`: it did, and the commit
     /// is what the CONNACK with Session Present 1 waits for.

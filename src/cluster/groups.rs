@@ -7,15 +7,18 @@
 //! | QoS 1/2 | one durable pull consumer per group on the messages stream, filtered by the group's filter; every node with members pulls from it as much as its group queue has room for, so faster nodes take more |
 //! | QoS 0 | one NATS queue group per group on the QoS 0 subjects; NATS gives each message to one subscribed node |
 //!
-//! A pulled message is acknowledged to JetStream once it is committed to the node's group
-//! queue; one that does not fit is NAKed to come back (possibly to another node) a second
-//! later. While a node has no member of a group it neither pulls nor subscribes, and its
-//! routing leaves groups out altogether (`Broker::route`), so a message never reaches a
-//! group twice through two nodes.
+//! A pulled QoS 1/2 message is acknowledged to JetStream only when a member here is finished
+//! with it (its PUBACK or PUBREC, or it was sent at QoS 0: `Peers::group_done`). Until then
+//! the node tells JetStream every five seconds that it is still working on it, so it is not
+//! given to another node meanwhile; if the node dies, the message comes back after the
+//! consumer's ack wait and goes to a member on another node: a group loses nothing with a
+//! node, at the price of a possible second delivery. One that does not fit the group queue
+//! here is NAKed to come back (possibly to another node) a second later, and when the group
+//! ends here what it still held goes back the same way.
 //!
-//! What this does not cover yet: a message committed to a node's group queue stays with that
-//! node. If the node dies, it comes back with the node's data directory, not on another
-//! node (docs/cluster.md, "Guarantees").
+//! While a node has no member of a group it neither pulls nor subscribes, and its routing
+//! leaves groups out altogether (`Broker::route`), so a message never reaches a group twice
+//! through two nodes (but for the redeliveries above).
 
 use super::{wire, Names};
 use crate::broker::shared::Group;
@@ -48,7 +51,15 @@ pub(crate) struct ClusterGroups {
     /// How long JetStream keeps a group consumer nobody pulls from.
     pub(crate) idle: Duration,
     pub(crate) running: Mutex<HashMap<String, Vec<AbortHandle>>>,
+    /// Messages pulled for a group and not yet finished by a member here, by this node's
+    /// message id, with their group's key.
+    pub(crate) held: Mutex<HashMap<u64, (String, jetstream::Message)>>,
 }
+
+/// How often held messages are reported as still in progress (well within `ACK_WAIT`).
+const PROGRESS: Duration = Duration::from_secs(5);
+/// When JetStream gives a held message that was not reported in progress to another node.
+const ACK_WAIT: Duration = Duration::from_secs(15);
 
 /// A group's name in NATS: consumer and queue group names may not hold its filter's bytes.
 fn group_name(key: &str) -> String {
@@ -79,9 +90,82 @@ impl ClusterGroups {
     }
 
     pub(crate) fn end(&self, group: &Arc<Group>) {
-        if let Some(handles) = self.running().remove(&group.key()) {
+        let key = group.key();
+        if let Some(handles) = self.running().remove(&key) {
             for h in handles {
                 h.abort();
+            }
+        }
+        // What the group still held here goes back, to a member elsewhere.
+        let back: Vec<jetstream::Message> = {
+            let mut held = self.held();
+            let ids: Vec<u64> = held
+                .iter()
+                .filter(|(_, (k, _))| *k == key)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| held.remove(&id).map(|(_, m)| m))
+                .collect()
+        };
+        if !back.is_empty() {
+            tokio::spawn(async move {
+                for m in back {
+                    let _ = m.ack_with(AckKind::Nak(None)).await;
+                }
+            });
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, jetstream::Message)>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A member here finished with message `msg_id`: the group's consumer lets go of it.
+    pub(crate) fn done(&self, msg_id: u64) {
+        let Some((_, m)) = self.held().remove(&msg_id) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = m.ack().await;
+        });
+    }
+
+    /// Tells JetStream, for good, that the held messages are still being worked on.
+    pub(crate) async fn keep_alive(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PROGRESS).await;
+            let now = crate::clock::now();
+            let (alive, expired): (Vec<_>, Vec<_>) = {
+                let mut held = self.held();
+                let expired_ids: Vec<u64> = held
+                    .iter()
+                    .filter(|(_, (_, m))| {
+                        // A message that expired is dropped by the group: let it go too.
+                        wire::decode(&m.payload, 0, false).is_none_or(|msg| msg.is_expired(now))
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                let expired: Vec<_> = expired_ids
+                    .into_iter()
+                    .filter_map(|id| held.remove(&id).map(|(_, m)| m))
+                    .collect();
+                let alive: Vec<_> = held
+                    .values()
+                    .map(|(_, m)| (m.reply.clone(), m.context.clone()))
+                    .collect();
+                (alive, expired)
+            };
+            for m in expired {
+                let _ = m.ack().await;
+            }
+            for (reply, context) in alive {
+                if let Some(reply) = reply {
+                    let _ = context
+                        .client()
+                        .publish(reply, bytes::Bytes::from_static(b"+WPI"))
+                        .await;
+                }
             }
         }
     }
@@ -92,7 +176,7 @@ impl ClusterGroups {
             durable_name: Some(name.clone()),
             deliver_policy: DeliverPolicy::New,
             ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: ACK_WAIT,
             max_ack_pending: 10_000,
             filter_subject: self.names.msgs.filter(&group.filter),
             num_replicas: self.replicas,
@@ -142,21 +226,14 @@ impl ClusterGroups {
                 };
                 self.broker.metrics.cluster.in_stream.inc();
                 match self.broker.publish_to_group(&group, &msg) {
-                    Some(Commit::Done) => {
-                        let _ = m.ack().await;
-                    }
-                    Some(Commit::Pending(rx)) => {
-                        tokio::spawn(async move {
-                            let kind = match rx.await {
-                                Ok(()) => AckKind::Ack,
-                                Err(_) => AckKind::Nak(None),
-                            };
-                            let _ = m.ack_with(kind).await;
-                        });
-                    }
-                    // Full here or not stored: back to the group, for this node or another.
-                    None | Some(Commit::Failed) => {
+                    Some(Commit::Failed) | None => {
+                        // Full here or not stored: back to the group, for this node or
+                        // another.
                         let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    }
+                    // Acknowledged when a member here is done with it (`done`).
+                    Some(_) => {
+                        self.held().insert(msg.id, (group.key(), m));
                     }
                 }
             }

@@ -283,8 +283,9 @@ impl Node {
             replicas: config.replicas,
             idle: config.stream_max_age,
             running: Default::default(),
+            held: Default::default(),
         });
-        let mut tasks = Vec::new();
+        let mut tasks = vec![tokio::spawn(groups.clone().keep_alive())];
         let (out, rx) = mpsc::channel(forward::CAPACITY);
         let busy = Arc::new(AtomicBool::new(false));
         tasks.push(tokio::spawn(
@@ -438,6 +439,10 @@ impl Peers for Node {
 
     fn group_ended(&self, group: &Arc<Group>) {
         self.groups.end(group);
+    }
+
+    fn group_done(&self, msg_id: u64) {
+        self.groups.done(msg_id);
     }
 
     fn position(&self) -> u64 {

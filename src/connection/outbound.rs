@@ -212,6 +212,7 @@ impl Client {
         if let Some(g) = self.group_of(d) {
             g.release(self.handle.id);
         }
+        self.group_finished(d);
     }
 
     fn aliases_enabled(&self) -> bool {

@@ -104,6 +104,9 @@ impl Client {
         let Some(id) = d.group else {
             return;
         };
+        if entry {
+            self.group_finished(d);
+        }
         if entry && !d.stored {
             if let Some(seq) = d.seq {
                 self.pending_ops.push(Op::Dequeue {
@@ -115,6 +118,16 @@ impl Client {
         if credit {
             if let Some(group) = self.group_of(d) {
                 group.release(self.handle.id);
+            }
+        }
+    }
+
+    /// This member is finished with a group's message: in a cluster, the group's consumer
+    /// may now let go of it (`cluster/groups.rs`).
+    pub(super) fn group_finished(&self, d: &Delivery) {
+        if d.group.is_some() {
+            if let Some(peers) = self.broker.peers() {
+                peers.group_done(d.msg.id);
             }
         }
     }
