@@ -15,11 +15,11 @@ use crate::outbox::{Delivery, SubIds};
 use crate::session::registry::SessionHandle;
 use crate::session::{Outbound, SessionState, Subscription};
 use crate::storage::record::{
-    unix_now_ms, InflightRecord, QueueEntry, SessionSnapshot, StoredMessage, SubscriptionRecord,
+    unix_now_ms, InflightRecord, QueueEntry, SessionSnapshot, StoredMessage,
 };
 use crate::storage::{Op, StorageError};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long an export waits for deliveries still being committed into the queue.
@@ -48,15 +48,7 @@ impl Broker {
     /// session's state is unchanged otherwise.
     pub fn withdraw_session(self: &Arc<Self>, handle: &SessionHandle, state: &mut SessionState) {
         self.shared_member_gone(handle, state, true);
-        let mut subs = self
-            .subscriptions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        for filter in state.subscriptions.keys() {
-            if shared::parse(filter).is_none() {
-                subs.unsubscribe(filter, handle.id);
-            }
-        }
+        self.unindex(handle, state);
     }
 
     /// Puts the session's subscriptions into the index (and its shared ones into their
@@ -94,14 +86,10 @@ impl Broker {
         let now = crate::clock::now();
         let unix = unix_now_ms();
         let stored = |m: &Message| StoredMessage::from_message(m, now, unix);
-        let mut snap = SessionSnapshot::default();
-        for (filter, sub) in &state.subscriptions {
-            snap.subscriptions.push(SubscriptionRecord {
-                filter: filter.clone(),
-                options: sub.options,
-                id: sub.id,
-            });
-        }
+        let mut snap = SessionSnapshot {
+            subscriptions: state.subscription_records(),
+            ..Default::default()
+        };
         for (packet_id, o) in state.inflight.iter() {
             let d = o.delivery();
             let rec = InflightRecord {

@@ -231,6 +231,23 @@ impl Broker {
         out.retain(|m| !m.is_expired(now));
     }
 
+    /// Takes the session's ordinary subscriptions out of the index (shared ones are their
+    /// groups' business).
+    fn unindex(&self, handle: &SessionHandle, state: &SessionState) {
+        if state.subscriptions.is_empty() {
+            return;
+        }
+        let mut subs = self
+            .subscriptions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for filter in state.subscriptions.keys() {
+            if shared::parse(filter).is_none() {
+                subs.unsubscribe(filter, handle.id);
+            }
+        }
+    }
+
     /// Removes every subscription of an ended session and empties its queue.
     pub fn end_session(self: &Arc<Self>, handle: &SessionHandle, state: &mut SessionState) {
         // Shared subscription groups first: what goes back to them is submitted before the
@@ -249,17 +266,7 @@ impl Broker {
                 session_id: handle.id,
             }]);
         }
-        if !state.subscriptions.is_empty() {
-            let mut subs = self
-                .subscriptions
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            for filter in state.subscriptions.keys() {
-                if shared::parse(filter).is_none() {
-                    subs.unsubscribe(filter, handle.id);
-                }
-            }
-        }
+        self.unindex(handle, state);
         state.clear();
         handle.outbox.clear();
     }

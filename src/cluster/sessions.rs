@@ -38,7 +38,7 @@ use super::{claims, wire, Names};
 use crate::broker::{Broker, Targets};
 use crate::session::registry::SessionHandle;
 use crate::session::SessionState;
-use crate::storage::record::{SessionSnapshot, SubscriptionRecord};
+use crate::storage::record::SessionSnapshot;
 use crate::storage::Commit;
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, kv};
 use async_nats::HeaderMap;
@@ -418,7 +418,7 @@ impl Sessions {
         }
         // The anchor names this node before the old one lets go.
         let client: Arc<str> = Arc::from(client_id);
-        let subs = subscriptions_of(state);
+        let subs = state.subscription_records();
         self.anchors.track(&client, subs.clone(), low);
         let anchored = self.anchors.put(&client, subs, Some(low));
         let stored = wait(commit).await && wait(anchored).await;
@@ -441,18 +441,6 @@ async fn wait(c: Commit) -> bool {
         Commit::Failed => false,
         Commit::Pending(rx) => rx.await.is_ok(),
     }
-}
-
-fn subscriptions_of(state: &SessionState) -> Vec<SubscriptionRecord> {
-    state
-        .subscriptions
-        .iter()
-        .map(|(filter, s)| SubscriptionRecord {
-            filter: filter.clone(),
-            options: s.options,
-            id: s.id,
-        })
-        .collect()
 }
 
 /// At startup, before the node's consumer runs: a session restored from this node's store
@@ -489,7 +477,7 @@ pub(crate) async fn settle_restored(
             continue;
         };
         let subs = match state.try_lock() {
-            Ok(st) => subscriptions_of(&st),
+            Ok(st) => st.subscription_records(),
             Err(_) => continue,
         };
         let low = match anchors.get(&h.client_id).await {

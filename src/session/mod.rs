@@ -7,6 +7,7 @@ pub mod registry;
 
 use crate::outbox::Delivery;
 use crate::protocol::{MqttStr, QoS, SubscriptionOptions};
+use crate::storage::record::SubscriptionRecord;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -210,6 +211,18 @@ pub struct SessionState {
 }
 
 impl SessionState {
+    /// The subscriptions as the store (and another cluster node) keeps them.
+    pub fn subscription_records(&self) -> Vec<SubscriptionRecord> {
+        self.subscriptions
+            .iter()
+            .map(|(filter, s)| SubscriptionRecord {
+                filter: filter.clone(),
+                options: s.options,
+                id: s.id,
+            })
+            .collect()
+    }
+
     pub fn clear(&mut self) {
         self.subscriptions.clear();
         self.inflight.clear();

@@ -183,16 +183,7 @@ impl Client {
                     .persistent
                     .load(std::sync::atomic::Ordering::Relaxed) =>
             {
-                let subs = self
-                    .state
-                    .subscriptions
-                    .iter()
-                    .map(|(filter, s)| SubscriptionRecord {
-                        filter: filter.clone(),
-                        options: s.options,
-                        id: s.id,
-                    })
-                    .collect();
+                let subs = self.state.subscription_records();
                 peers.store_subscriptions(&self.client_id, subs, local)
             }
             _ => local,
