@@ -35,8 +35,14 @@ pub trait Peers: Send + Sync + 'static {
     /// other nodes are taken over. The CONNACK waits for the returned commit (the claim
     /// stored), so of two CONNECTs on two nodes the one answered later also claims later.
     fn claim(&self, client_id: &Arc<str>, conn_id: u64) -> Commit;
-    /// Connection `conn_id` let go of `client_id` (and its node dealt with its will).
-    fn release(&self, client_id: &str, conn_id: u64);
+    /// Connection `conn_id` let go of `client_id`, and its node dealt with its will:
+    /// published it, discarded it, or (`delayed`) waits for its Will Delay Interval.
+    fn release(&self, client_id: &str, conn_id: u64, delayed: bool);
+    /// This node published (or gave up) `client_id`'s delayed will.
+    fn will_settled(&self, client_id: &str);
+    /// A connection of `client_id` without a will connected here: a delayed will its client
+    /// left (on any node) is cancelled ([MQTT-3.1.3-9]).
+    fn will_cancelled(&self, client_id: &str);
     /// Connection `conn_id` of `client_id` has `will`: kept where a survivor finds it should
     /// this node die with the connection open. The CONNACK waits for the returned commit.
     fn store_will(&self, client_id: &str, conn_id: u64, will: &Will) -> Commit;

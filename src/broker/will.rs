@@ -48,6 +48,9 @@ impl Broker {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
             b.publish_will(&will, record.session_id);
+            if let Some(peers) = b.peers() {
+                peers.will_settled(&record.client_id);
+            }
             if b.store.durable() && b.registry.is_detached(&record.client_id, record.session_id) {
                 record.will = None;
                 let _ = b.store.submit(vec![Op::PutSession(record)]);

@@ -420,9 +420,21 @@ impl Peers for Node {
         self.claims.claim(client_id, conn_id)
     }
 
-    fn release(&self, client_id: &str, conn_id: u64) {
+    fn release(&self, client_id: &str, conn_id: u64, delayed: bool) {
         self.claims.release(client_id, conn_id);
-        self.wills.remove(client_id, conn_id);
+        if delayed {
+            self.wills.closed_with_delay(client_id, conn_id);
+        } else {
+            self.wills.remove(client_id, conn_id);
+        }
+    }
+
+    fn will_settled(&self, client_id: &str) {
+        self.wills.settled(client_id);
+    }
+
+    fn will_cancelled(&self, client_id: &str) {
+        self.wills.cancelled(client_id);
     }
 
     fn store_will(&self, client_id: &str, conn_id: u64, will: &Will) -> Commit {

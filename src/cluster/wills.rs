@@ -13,8 +13,9 @@
 //! - a node that restarts publishes the copies that name itself (its previous run's clients
 //!   lost their connections when it stopped) before it accepts clients.
 //!
-//! A will whose delay was still running on a node that died then is not covered (it left
-//! the bucket with its connection): docs/cluster.md.
+//! A will waiting for its Will Delay Interval keeps its copy, marked with the disconnect's
+//! time, until its node publishes it (or the client connects again, anywhere, which cancels
+//! it): a survivor publishes it when what remains of the delay is up.
 
 use crate::broker::Broker;
 use crate::protocol::Will;
@@ -44,12 +45,20 @@ pub(crate) struct Wills {
     pub(crate) members: std::sync::RwLock<Vec<String>>,
 }
 
-fn encode(node: &str, conn_id: u64, client_id: &str, will: &Will) -> Bytes {
+/// A copy's value. `disconnected_at_ms`: set once the connection closed and its will waits
+/// for its delay (the copy then stands for that delayed will).
+fn encode(
+    node: &str,
+    conn_id: u64,
+    client_id: &str,
+    will: &Will,
+    disconnected_at_ms: Option<u64>,
+) -> Bytes {
     let rec = SessionRecord {
         client_id: client_id.to_string(),
         session_id: 0,
         expiry_interval: 0,
-        disconnected_at_ms: None,
+        disconnected_at_ms,
         will: Some(will.into()),
         username: None,
     };
@@ -58,14 +67,27 @@ fn encode(node: &str, conn_id: u64, client_id: &str, will: &Will) -> Bytes {
     Bytes::from(v)
 }
 
-/// (node, connection, client id, will) of a stored copy.
-fn decode(v: &[u8]) -> Option<(String, u64, String, Will)> {
+/// A stored copy.
+struct Stored {
+    node: String,
+    conn: u64,
+    client_id: String,
+    will: Will,
+    disconnected_at_ms: Option<u64>,
+}
+
+fn decode(v: &[u8]) -> Option<Stored> {
     let mut parts = v.splitn(3, |&b| b == b'\n');
     let node = std::str::from_utf8(parts.next()?).ok()?.to_string();
     let conn = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
     let rec = SessionRecord::decode(parts.next()?).ok()?;
-    let will = rec.will?.to_will();
-    Some((node, conn, rec.client_id, will))
+    Some(Stored {
+        node,
+        conn,
+        client_id: rec.client_id,
+        will: rec.will?.to_will(),
+        disconnected_at_ms: rec.disconnected_at_ms,
+    })
 }
 
 /// Counts a removal done when dropped, however its task ends.
@@ -90,7 +112,7 @@ impl Wills {
             None
         };
         let key = super::claims::key(client_id);
-        let value = encode(&self.node, conn_id, client_id, will);
+        let value = encode(&self.node, conn_id, client_id, will, None);
         let this = self.clone();
         tokio::spawn(async move {
             let put = this.kv.put(key, value);
@@ -116,26 +138,73 @@ impl Wills {
 
     /// Connection `conn_id` closed and its node dealt with its will: the copy goes.
     pub(crate) fn remove(self: &Arc<Self>, client_id: &str, conn_id: u64) {
+        self.with_copy(client_id, move |this, key, e| async move {
+            if decode(&e.value).is_some_and(|c| c.node == this.node && c.conn == conn_id) {
+                let _ = this.kv.delete_expect_revision(&key, Some(e.revision)).await;
+            }
+        });
+    }
+
+    /// Runs `f` on `client_id`'s copy in the background, counted for a shutdown's drain.
+    fn with_copy<F, Fut>(self: &Arc<Self>, client_id: &str, f: F)
+    where
+        F: FnOnce(Arc<Self>, String, kv::Entry) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let key = super::claims::key(client_id);
         let this = self.clone();
         self.removing.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             let _done = Decrement(this.removing.clone());
             if let Ok(Some(e)) = this.kv.entry(key.clone()).await {
-                let ours =
-                    decode(&e.value).is_some_and(|(n, c, ..)| n == this.node && c == conn_id);
-                if ours && e.operation == kv::Operation::Put {
-                    let _ = this.kv.delete_expect_revision(&key, Some(e.revision)).await;
+                if e.operation == kv::Operation::Put {
+                    f(this.clone(), key, e).await;
                 }
             }
         });
     }
 
-    /// Publishes (after their delays) the wills left by `dead`'s connections.
+    /// Connection `conn_id` closed and its will waits for its delay here: the copy stays,
+    /// marked with the time, so a survivor publishes it when the delay is up should this node
+    /// die meanwhile.
+    pub(crate) fn closed_with_delay(self: &Arc<Self>, client_id: &str, conn_id: u64) {
+        let now = crate::storage::record::unix_now_ms();
+        self.with_copy(client_id, move |this, key, e| async move {
+            if let Some(c) = decode(&e.value).filter(|c| c.node == this.node && c.conn == conn_id) {
+                let value = encode(&c.node, c.conn, &c.client_id, &c.will, Some(now));
+                let _ = this.kv.update(&key, value, e.revision).await;
+            }
+        });
+    }
+
+    /// This node published its delayed will: the copy goes.
+    pub(crate) fn settled(self: &Arc<Self>, client_id: &str) {
+        self.with_copy(client_id, |this, key, e| async move {
+            if decode(&e.value).is_some_and(|c| c.node == this.node) {
+                let _ = this.kv.delete_expect_revision(&key, Some(e.revision)).await;
+            }
+        });
+    }
+
+    /// The client connected again without a will: a delayed will it left is cancelled,
+    /// wherever it waits. (A copy of a connection still open elsewhere is that connection's.)
+    pub(crate) fn cancelled(self: &Arc<Self>, client_id: &str) {
+        self.with_copy(client_id, |this, key, e| async move {
+            if decode(&e.value).is_some_and(|c| c.disconnected_at_ms.is_some()) {
+                let _ = this.kv.delete_expect_revision(&key, Some(e.revision)).await;
+            }
+        });
+    }
+
+    /// Publishes the wills left by `dead`'s connections: at once, or when what remains of
+    /// each one's delay is up (counted from its disconnect, or from now for a connection that
+    /// was open when its node died). At this node's own start (`dead` is this node), the
+    /// clients whose session this node restored are left to that session's own will.
     pub(crate) async fn reap(self: &Arc<Self>, dead: &str) {
         let Ok(mut keys) = self.kv.keys().await else {
             return;
         };
+        let own = dead == self.node;
         let mut n = 0;
         while let Some(Ok(key)) = keys.next().await {
             let Ok(Some(e)) = self.kv.entry(key.clone()).await else {
@@ -144,18 +213,26 @@ impl Wills {
             if e.operation != kv::Operation::Put {
                 continue;
             }
-            let Some((node, _, client_id, will)) = decode(&e.value) else {
+            let Some(c) = decode(&e.value) else {
                 continue;
             };
-            if node != dead {
+            if c.node != dead || (own && self.broker.registry.state_of(&c.client_id).is_some()) {
                 continue;
             }
             n += 1;
+            let delay = u64::from(c.will.delay_interval);
+            let left = match c.disconnected_at_ms {
+                Some(at) => {
+                    let away = crate::storage::record::unix_now_ms().saturating_sub(at) / 1000;
+                    delay.saturating_sub(away)
+                }
+                None => delay,
+            };
             let this = self.clone();
             let revision = e.revision;
             tokio::spawn(async move {
-                if will.delay_interval > 0 {
-                    tokio::time::sleep(Duration::from_secs(u64::from(will.delay_interval))).await;
+                if left > 0 {
+                    tokio::time::sleep(Duration::from_secs(left)).await;
                 }
                 // Still the dead connection's copy: its client did not come back meanwhile.
                 let still = matches!(this.kv.entry(key.clone()).await, Ok(Some(e)) if e.revision == revision && e.operation == kv::Operation::Put);
@@ -166,8 +243,8 @@ impl Wills {
                         .await
                         .is_ok()
                 {
-                    tracing::info!(%client_id, node = %node, "will of a client of a node that is gone published");
-                    this.broker.publish_will(&will, 0);
+                    tracing::info!(client_id = %c.client_id, node = %c.node, "will of a client of a node that is gone published");
+                    this.broker.publish_will(&c.will, 0);
                 }
             });
         }
@@ -229,11 +306,21 @@ mod tests {
             delay_interval: 5,
             properties: PublishProperties::default(),
         };
-        let (node, conn, cid, w) = decode(&encode("t3", 42, "dev-1", &will)).unwrap();
-        assert_eq!((node.as_str(), conn, cid.as_str()), ("t3", 42, "dev-1"));
+        let c = decode(&encode("t3", 42, "dev-1", &will, Some(7))).unwrap();
         assert_eq!(
-            crate::storage::record::WillRecord::from(&w),
+            (c.node.as_str(), c.conn, c.client_id.as_str()),
+            ("t3", 42, "dev-1")
+        );
+        assert_eq!(c.disconnected_at_ms, Some(7));
+        assert_eq!(
+            crate::storage::record::WillRecord::from(&c.will),
             crate::storage::record::WillRecord::from(&will)
+        );
+        assert_eq!(
+            decode(&encode("t3", 42, "dev-1", &will, None))
+                .unwrap()
+                .disconnected_at_ms,
+            None
         );
         assert!(decode(b"t3\nx\n").is_none());
     }

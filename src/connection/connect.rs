@@ -389,12 +389,15 @@ pub(super) async fn accept(
             None => claimed,
         });
         if let Some(w) = &c.will {
-            // Published by another node should this one die with the connection open.
+            // Published by another node should this one die with the connection open (this
+            // copy also replaces a delayed will the client left).
             let stored = peers.store_will(&client_id, conn_id, w);
             connack_commit = Some(match connack_commit.take() {
                 Some(c) => crate::storage::Commit::both(c, stored),
                 None => stored,
             });
+        } else {
+            peers.will_cancelled(&client_id);
         }
     }
     attached.handle.set_username(username.clone());

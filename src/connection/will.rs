@@ -30,7 +30,7 @@ impl Client {
         }
         let mut state = self.state;
         if let Some(peers) = broker.peers() {
-            peers.release(&self.client_id, self.conn_id);
+            peers.release(&self.client_id, self.conn_id, will.is_some());
         }
         match broker
             .registry
