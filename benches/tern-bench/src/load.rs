@@ -50,8 +50,21 @@ const IDLE_KEEP_ALIVE: u16 = 60;
 const SATURATED: f64 = 0.9;
 
 pub struct Opts {
+    /// Where publishers (and `conns`' idle clients) connect.
     pub addr: SocketAddr,
+    /// Where subscribers connect (`--sub-addr`; the same as `addr` unless given): a node of a
+    /// cluster other than the publishers', for cross-node figures.
+    pub sub_addr: SocketAddr,
+    /// The broker process whose memory and open-file limit are read (the first of
+    /// `broker_pids`).
     pub broker_pid: u32,
+    /// Every process whose CPU counts as the broker's (summed): `--broker-pids`, or just
+    /// `broker_pid`.
+    pub broker_pids: Vec<u32>,
+    /// Subscribers of the throughput and latency scenarios connect with Clean Session 0 and a
+    /// client id of their own for this run (`--persistent`); their sessions are ended with a
+    /// clean connect after the measurement.
+    pub persistent: bool,
     pub broker: String,
     pub scenario: String,
     pub quick: bool,
@@ -90,6 +103,10 @@ pub async fn run(o: Opts) -> Value {
         m.insert("broker".into(), json!(o.broker));
         m.insert("quick".into(), json!(o.quick));
         m.insert("client_nofile".into(), json!({"soft": soft, "hard": hard}));
+        m.insert("addr".into(), json!(o.addr.to_string()));
+        m.insert("sub_addr".into(), json!(o.sub_addr.to_string()));
+        m.insert("broker_pids".into(), json!(o.broker_pids));
+        m.insert("persistent".into(), json!(o.persistent));
         if let Some(n) = stats::proc_nofile(o.broker_pid) {
             m.insert("broker_nofile".into(), json!(n));
         }
@@ -285,12 +302,15 @@ struct SubResult {
     error: Option<String>,
 }
 
+/// `wait_close`: after DISCONNECT, wait until the broker has closed the connection (a
+/// persistent subscriber whose session is ended by a clean connect right afterwards).
 async fn subscriber(
     mut c: Client,
     s: usize,
     spec: Spec,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    wait_close: bool,
 ) -> SubResult {
     let sources = spec.sources(s);
     let mut tally = Tally::new(spec.pubs);
@@ -335,7 +355,11 @@ async fn subscriber(
             }
         }
     };
-    c.close().await;
+    if wait_close {
+        c.close_and_wait(Duration::from_secs(2)).await;
+    } else {
+        c.close().await;
+    }
     SubResult { tally, error }
 }
 
@@ -544,23 +568,78 @@ fn client_id(o: &Opts, role: &str, i: usize) -> String {
     format!("tb-{}-{}-{role}{i}", o.scenario, std::process::id())
 }
 
-async fn connect_subs(o: &Opts, spec: &Spec, prefix: &str) -> io::Result<Vec<Client>> {
+/// Client ids of `--persistent` subscribers: unique to this run (process id and start time),
+/// so no session an earlier run left in the broker is resumed.
+fn persistent_id(o: &Opts, s: usize) -> String {
+    static RUN: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    });
+    format!(
+        "tb-{}-{}-{:x}-psub{s}",
+        o.scenario,
+        std::process::id(),
+        run % (1 << 40)
+    )
+}
+
+/// Subscribers, connected to `o.sub_addr` (with `--persistent`: Clean Session 0 and a
+/// run-unique client id; a session the broker says is present counts in the second value).
+async fn connect_subs(o: &Opts, spec: &Spec, prefix: &str) -> io::Result<(Vec<Client>, u64)> {
     let mut tasks = Vec::new();
     for s in 0..spec.subs {
-        let id = client_id(o, prefix, s);
+        let (id, clean) = if o.persistent {
+            (persistent_id(o, s), false)
+        } else {
+            (client_id(o, prefix, s), true)
+        };
         let filter = spec.filter(s);
-        let (addr, qos) = (o.addr, spec.qos);
+        let (addr, qos) = (o.sub_addr, spec.qos);
         tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(addr, None, &id, CONNECT_TIMEOUT).await?;
+            let (mut c, present) =
+                Client::connect_session(addr, None, &id, clean, CONNECT_TIMEOUT).await?;
             c.subscribe(&filter, qos).await?;
-            Ok::<_, io::Error>(c)
+            Ok::<_, io::Error>((c, present))
         }));
     }
     let mut out = Vec::new();
+    let mut present = 0;
     for t in tasks {
-        out.push(t.await.map_err(io::Error::other)??);
+        let (c, p) = t.await.map_err(io::Error::other)??;
+        out.push(c);
+        present += u64::from(p);
     }
-    Ok(out)
+    Ok((out, present))
+}
+
+/// `--persistent`: end the subscribers' sessions (a clean connect and DISCONNECT each), so
+/// nothing of this run stays in a long-running broker. Bounded; returns the failures.
+async fn end_persistent_sessions(o: &Opts, n: usize) -> Vec<String> {
+    let tasks: Vec<_> = (0..n)
+        .map(|s| {
+            let (id, addr) = (persistent_id(o, s), o.sub_addr);
+            tokio::spawn(async move {
+                match Client::connect_session(addr, None, &id, true, CONNECT_TIMEOUT).await {
+                    Ok((c, _)) => {
+                        c.close_and_wait(Duration::from_secs(2)).await;
+                        None
+                    }
+                    Err(e) => Some(format!("ending session {id}: {e}")),
+                }
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Some(e)) => errors.push(e),
+            Ok(None) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    errors
 }
 
 async fn connect_n(o: &Opts, role: &str, n: usize) -> io::Result<Vec<Client>> {
@@ -584,27 +663,28 @@ fn fail(e: impl std::fmt::Display) -> Value {
 }
 
 /// CPU and wall clock over a measured interval.
+/// The broker's CPU is summed over every process in `pids` (NaN when one is gone).
 struct Meter {
     t0: Instant,
     broker0: f64,
     client0: f64,
-    pid: u32,
+    pids: Vec<u32>,
 }
 
 impl Meter {
-    fn start(pid: u32) -> Meter {
+    fn start(pids: &[u32]) -> Meter {
         Meter {
             t0: Instant::now(),
-            broker0: stats::proc_cpu_s(pid).unwrap_or(f64::NAN),
+            broker0: stats::procs_cpu_s(pids).unwrap_or(f64::NAN),
             client0: stats::self_cpu_s(),
-            pid,
+            pids: pids.to_vec(),
         }
     }
     /// (wall s, broker CPU s, client CPU s)
     fn read(&self) -> (f64, f64, f64) {
         (
             self.t0.elapsed().as_secs_f64(),
-            stats::proc_cpu_s(self.pid).unwrap_or(f64::NAN) - self.broker0,
+            stats::procs_cpu_s(&self.pids).unwrap_or(f64::NAN) - self.broker0,
             stats::self_cpu_s() - self.client0,
         )
     }
@@ -631,7 +711,7 @@ fn latency_fields(m: &mut serde_json::Map<String, Value>, h: &Histogram) {
 
 /// Throughput / latency scenarios: fan-in, fan-out, pairs, paced latency.
 async fn tput(o: &Opts, spec: Spec, duration: Duration) -> Value {
-    let subs = match connect_subs(o, &spec, "sub").await {
+    let (subs, sessions_present) = match connect_subs(o, &spec, "sub").await {
         Ok(s) => s,
         Err(e) => return fail(format!("subscriber setup: {e}")),
     };
@@ -647,14 +727,17 @@ async fn tput(o: &Opts, spec: Spec, duration: Duration) -> Value {
         wake: (0..spec.pubs).map(|_| Notify::new()).collect(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let meter = Meter::start(o.broker_pid);
+    let meter = Meter::start(&o.broker_pids);
     let start = Instant::now() + Duration::from_millis(20);
     let start_ns = now_ns() + 20_000_000;
     let end = start + duration;
     let sub_tasks: Vec<_> = subs
         .into_iter()
         .enumerate()
-        .map(|(s, c)| tokio::spawn(subscriber(c, s, spec, shared.clone(), stop_rx.clone())))
+        .map(|(s, c)| {
+            let (shared, stop) = (shared.clone(), stop_rx.clone());
+            tokio::spawn(subscriber(c, s, spec, shared, stop, o.persistent))
+        })
         .collect();
     let pub_tasks: Vec<_> = pubs
         .into_iter()
@@ -739,6 +822,16 @@ async fn tput(o: &Opts, spec: Spec, duration: Duration) -> Value {
     }
     let active_s = (last_ns.saturating_sub(start_ns) as f64 / 1e9).max(1e-9);
     let lost = total_expected.saturating_sub(delivered);
+    if sessions_present > 0 {
+        errors.push(format!(
+            "{sessions_present} persistent subscribers found a session present on a run-unique client id"
+        ));
+    }
+    let cleanup_errors = if o.persistent {
+        end_persistent_sessions(o, spec.subs).await
+    } else {
+        Vec::new()
+    };
     let mut out = json!({
         "ok": errors.is_empty(),
         "qos": spec.qos,
@@ -762,6 +855,10 @@ async fn tput(o: &Opts, spec: Spec, duration: Duration) -> Value {
         "msgs_per_broker_cpu_s": delivered as f64 / broker_cpu,
         "errors": errors,
     });
+    if o.persistent {
+        out["sessions_present"] = json!(sessions_present);
+        out["session_cleanup_errors"] = json!(cleanup_errors);
+    }
     // Every scenario answers a JSON object (built just above).
     if let Some(m) = out.as_object_mut() {
         cpu_fields(m, wall, broker_cpu, client_cpu);
@@ -791,7 +888,7 @@ async fn burst(o: &Opts) -> Value {
     let mut subs = Vec::new();
     for s in 0..BURST_WORKERS {
         let id = client_id(o, "worker", s);
-        let mut c = match Client::connect(o.addr, None, &id, CONNECT_TIMEOUT).await {
+        let mut c = match Client::connect(o.sub_addr, None, &id, CONNECT_TIMEOUT).await {
             Ok(c) => c,
             Err(e) => return fail(format!("worker {s} connect: {e}")),
         };
@@ -825,7 +922,7 @@ async fn burst(o: &Opts) -> Value {
             }
         })
     };
-    let meter = Meter::start(pid);
+    let meter = Meter::start(&o.broker_pids);
     let start = Instant::now() + Duration::from_millis(20);
     let start_ns = now_ns() + 20_000_000;
     let board = Arc::new(Board::new(total));
@@ -1099,14 +1196,16 @@ async fn durable(o: &Opts, d: Duration) -> Value {
     let pid = o.broker_pid;
     let mut errors: Vec<String> = Vec::new();
     // A leftover session of an earlier run against the same broker: clear it.
-    match Client::connect_session(o.addr, None, DURABLE_SUB_ID, true, CONNECT_TIMEOUT).await {
+    match Client::connect_session(o.sub_addr, None, DURABLE_SUB_ID, true, CONNECT_TIMEOUT).await {
         Ok((c, _)) => {
             c.close_and_wait(Duration::from_secs(2)).await;
         }
         Err(e) => return fail(format!("subscriber connect (clean): {e}")),
     }
     let (mut sub, present0) =
-        match Client::connect_session(o.addr, None, DURABLE_SUB_ID, false, CONNECT_TIMEOUT).await {
+        match Client::connect_session(o.sub_addr, None, DURABLE_SUB_ID, false, CONNECT_TIMEOUT)
+            .await
+        {
             Ok(x) => x,
             Err(e) => return fail(format!("subscriber connect: {e}")),
         };
@@ -1147,7 +1246,7 @@ async fn durable(o: &Opts, d: Duration) -> Value {
         })
     };
     // Publish phase: the subscriber is offline, everything goes to its queue.
-    let meter = Meter::start(pid);
+    let meter = Meter::start(&o.broker_pids);
     let start = Instant::now() + Duration::from_millis(20);
     let tasks: Vec<_> = pubs
         .into_iter()
@@ -1197,13 +1296,13 @@ async fn durable(o: &Opts, d: Duration) -> Value {
     let acked_total: u64 = acked.iter().sum();
 
     // Drain phase: the subscriber comes back and takes everything.
-    let dmeter = Meter::start(pid);
+    let dmeter = Meter::start(&o.broker_pids);
     let t_back = Instant::now();
     let mut seen = Seen::new(&sent);
     let (mut first_s, mut last_s) = (f64::NAN, 0.0f64);
     let mut timed_out = false;
     let mut present = false;
-    match Client::connect_session(o.addr, None, DURABLE_SUB_ID, false, CONNECT_TIMEOUT).await {
+    match Client::connect_session(o.sub_addr, None, DURABLE_SUB_ID, false, CONNECT_TIMEOUT).await {
         Err(e) => errors.push(format!("subscriber reconnect: {e}")),
         Ok((mut c, p)) => {
             present = p;
@@ -1268,7 +1367,7 @@ async fn durable(o: &Opts, d: Duration) -> Value {
     let _ = sampler.await;
     // Leave nothing behind in a long-running broker: a clean connect ends the session.
     if let Ok((c, _)) =
-        Client::connect_session(o.addr, None, DURABLE_SUB_ID, true, CONNECT_TIMEOUT).await
+        Client::connect_session(o.sub_addr, None, DURABLE_SUB_ID, true, CONNECT_TIMEOUT).await
     {
         c.close().await;
     }
@@ -1512,11 +1611,11 @@ async fn conns(o: &Opts, soft: u64) -> Value {
         .collect();
     sleep(Duration::from_millis(200)).await;
     let rss0 = stats::proc_status_kib(pid, "VmRSS:").unwrap_or(0);
-    let meter = Meter::start(pid);
+    let meter = Meter::start(&o.broker_pids);
     let held: Arc<Mutex<Vec<tokio::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
     // The connect-rate phase measured on its own: whose CPU it took, and how much of the
     // machine nobody used (then the rate is the handshake's round trip, not a broker's limit).
-    let phase = Meter::start(pid);
+    let phase = Meter::start(&o.broker_pids);
     let sys0 = stats::system_cpu_ticks();
     let (n1, secs1, err1) = open_conns(o, 0, first_n, &sources, &held, CONNECTORS).await;
     let (phase_wall, phase_broker, phase_client) = phase.read();

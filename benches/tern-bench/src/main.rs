@@ -1,8 +1,11 @@
 //! tern-bench: Tern vs Mosquitto.
 //!
 //! `tern-bench run` starts each broker in turn and compares them (what `make bench` calls);
+//! `tern-bench cluster` compares single-node Tern, a 3-node Tern cluster and nats-server's
+//! own MQTT listener on one NATS cluster (`make bench-cluster`);
 //! `tern-bench load` runs one scenario against a running broker and prints one JSON line.
 
+mod cluster;
 mod load;
 mod mqtt;
 mod run;
@@ -15,8 +18,11 @@ const USAGE: &str = "\
 usage:
   tern-bench run [--scenarios \"a b ...\"] [--rounds N] [--quick] [--duration SECS]
                  [--tern PATH] [--mosquitto PATH] [--out DIR] [--docs FILE]
-  tern-bench load --scenario NAME --addr HOST:PORT --broker-pid PID [--broker NAME]
-                  [--quick] [--duration SECS]
+  tern-bench cluster [--rounds N] [--quick] [--duration SECS] [--tern PATH]
+                     [--nats-server PATH] [--out DIR] [--docs FILE]
+  tern-bench load --scenario NAME --addr HOST:PORT (--broker-pid PID | --broker-pids PID,PID,...)
+                  [--sub-addr HOST:PORT] [--persistent] [--broker NAME] [--quick]
+                  [--duration SECS]
   tern-bench list";
 
 fn main() -> ExitCode {
@@ -34,7 +40,7 @@ fn main() -> ExitCode {
             eprintln!("tern-bench: unexpected argument {a}\n{USAGE}");
             return ExitCode::from(2);
         };
-        if name == "quick" || name == "help" {
+        if name == "quick" || name == "help" || name == "persistent" {
             flags.insert(name.to_string());
             i += 1;
         } else if let Some(v) = args.get(i + 1) {
@@ -65,17 +71,43 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         "load" => {
-            let (Some(sc), Some(addr), Some(pid)) = (
+            // --broker-pids: several processes whose CPU is summed (a cluster); --broker-pid:
+            // one. The first is the one whose memory is read.
+            let pids: Option<Vec<u32>> = match (opts.get("broker-pids"), opts.get("broker-pid")) {
+                (Some(list), _) => list
+                    .split(',')
+                    .filter(|p| !p.trim().is_empty())
+                    .map(|p| p.trim().parse().ok())
+                    .collect::<Option<Vec<u32>>>()
+                    .filter(|v| !v.is_empty()),
+                (None, Some(p)) => p.parse().ok().map(|p| vec![p]),
+                (None, None) => None,
+            };
+            let (Some(sc), Some(addr), Some(pids)) = (
                 opts.get("scenario"),
                 opts.get("addr").and_then(|a| a.parse().ok()),
-                opts.get("broker-pid").and_then(|p| p.parse().ok()),
+                pids,
             ) else {
-                eprintln!("tern-bench load: --scenario, --addr and --broker-pid are required");
+                eprintln!(
+                    "tern-bench load: --scenario, --addr and --broker-pid (or --broker-pids) \
+                     are required"
+                );
                 return ExitCode::from(2);
+            };
+            let sub_addr = match opts.get("sub-addr").map(|a| a.parse()) {
+                None => addr,
+                Some(Ok(a)) => a,
+                Some(Err(_)) => {
+                    eprintln!("tern-bench load: --sub-addr must be HOST:PORT");
+                    return ExitCode::from(2);
+                }
             };
             let o = load::Opts {
                 addr,
-                broker_pid: pid,
+                sub_addr,
+                broker_pid: pids[0],
+                broker_pids: pids,
+                persistent: flags.contains("persistent"),
                 broker: opts
                     .get("broker")
                     .cloned()
@@ -144,6 +176,32 @@ fn main() -> ExitCode {
                 duration,
             };
             ExitCode::from(run::run(a) as u8)
+        }
+        "cluster" => {
+            let quick = flags.contains("quick");
+            let rounds = match opts.get("rounds").filter(|r| !r.is_empty()) {
+                Some(r) => match r.parse::<usize>() {
+                    Ok(n) if (1..=20).contains(&n) => n,
+                    _ => {
+                        eprintln!("tern-bench: --rounds must be 1..=20");
+                        return ExitCode::from(2);
+                    }
+                },
+                None if quick => 1,
+                None => 3,
+            };
+            let path =
+                |k: &str, d: &str| PathBuf::from(opts.get(k).map(String::as_str).unwrap_or(d));
+            let a = cluster::ClusterArgs {
+                rounds,
+                quick,
+                duration,
+                tern: path("tern", "target/release/tern"),
+                nats_server: path("nats-server", ".venv/bin/nats-server"),
+                out: path("out", "target/bench-cluster"),
+                docs: opts.get("docs").map(PathBuf::from),
+            };
+            ExitCode::from(cluster::run(a) as u8)
         }
         _ => {
             eprintln!("{USAGE}");

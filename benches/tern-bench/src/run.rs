@@ -28,7 +28,7 @@ pub struct RunArgs {
 const BROKERS: [&str; 2] = ["tern", "mosquitto"];
 /// A load-generator run that has not finished by then is killed (every scenario bounds
 /// itself far below this).
-const LOAD_TIMEOUT: Duration = Duration::from_secs(240);
+pub(crate) const LOAD_TIMEOUT: Duration = Duration::from_secs(240);
 
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -99,7 +99,7 @@ fn durability_of(scenario: &str) -> &str {
 }
 
 /// Bytes in the files under `dir` (0 when it does not exist).
-fn dir_bytes(dir: &Path) -> u64 {
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -113,7 +113,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// A fresh, empty directory (an earlier run's is removed).
-fn fresh_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn fresh_dir(dir: &Path) -> Result<(), String> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
     }
@@ -161,7 +161,7 @@ impl Broker {
 
 /// Run the brokers under the machine's hard open-file limit (the load generator raises its
 /// own soft limit itself).
-fn limited(bin: &Path, hard: u64) -> Command {
+pub(crate) fn limited(bin: &Path, hard: u64) -> Command {
     if Path::new("/usr/bin/prlimit").exists() {
         let mut c = Command::new("/usr/bin/prlimit");
         c.arg(format!("--nofile={hard}:{hard}")).arg("--").arg(bin);
@@ -350,16 +350,27 @@ fn start_mosquitto(
 /// Run the load generator for one scenario against one broker; its last stdout line is the
 /// JSON result.
 fn load(a: &RunArgs, scenario: &str, broker: &str, b: &Broker) -> Result<Value, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["load", "--scenario", scenario, "--broker", broker])
-        .args(["--addr", &b.addr, "--broker-pid", &b.pid.to_string()]);
+    let mut args: Vec<String> = ["load", "--scenario", scenario, "--broker", broker]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--addr".into(), b.addr.clone()]);
+    args.extend(["--broker-pid".into(), b.pid.to_string()]);
     if a.quick {
-        cmd.arg("--quick");
+        args.push("--quick".into());
     }
     if let Some(d) = a.duration {
-        cmd.args(["--duration", &d.to_string()]);
+        args.extend(["--duration".into(), d.to_string()]);
     }
+    load_with(&args)
+}
+
+/// Run this executable with `args` (a `load` command line), killed after LOAD_TIMEOUT; its
+/// last stdout line that is a JSON object is the result.
+pub(crate) fn load_with(args: &[String]) -> Result<Value, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -394,7 +405,7 @@ fn load(a: &RunArgs, scenario: &str, broker: &str, b: &Broker) -> Result<Value, 
     }
 }
 
-fn num(v: &Value, k: &str) -> Option<f64> {
+pub(crate) fn num(v: &Value, k: &str) -> Option<f64> {
     v.get(k)?.as_f64().filter(|x| x.is_finite())
 }
 
@@ -619,7 +630,7 @@ fn update_docs(path: &Path, md: &str) -> std::io::Result<()> {
     std::fs::write(path, new)
 }
 
-fn sh(cmd: &str, args: &[&str]) -> String {
+pub(crate) fn sh(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
         .stderr(Stdio::piped())
@@ -635,6 +646,13 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 }
 
 fn machine_info(a: &RunArgs) -> Value {
+    let mut m = machine_common(&a.tern);
+    m["mosquitto_version"] = json!(sh(&a.mosquitto.to_string_lossy(), &["-h"]));
+    m
+}
+
+/// The machine, the Tern build and the time (what both drivers record).
+pub(crate) fn machine_common(tern: &Path) -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
@@ -663,8 +681,7 @@ fn machine_info(a: &RunArgs) -> Value {
         "memory": mem,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "tern_commit": commit,
-        "tern_version": sh(&a.tern.to_string_lossy(), &["--version"]),
-        "mosquitto_version": sh(&a.mosquitto.to_string_lossy(), &["-h"]),
+        "tern_version": sh(&tern.to_string_lossy(), &["--version"]),
         "date": sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "fd_limit_hard": stats::nofile().1,
@@ -926,7 +943,7 @@ const QOS1_SCENARIOS: &[&str] = &[
     "durable-q1-fsync",
 ];
 
-fn fmt_num(x: f64) -> String {
+pub(crate) fn fmt_num(x: f64) -> String {
     if !x.is_finite() {
         return "-".into();
     }
@@ -953,7 +970,7 @@ fn fmt_num(x: f64) -> String {
 /// number of runs may still end in .5).
 const COUNT_KEYS: &[&str] = &["lost", "duplicates", "consumer_min", "consumer_max"];
 
-fn fmt_count(x: f64) -> String {
+pub(crate) fn fmt_count(x: f64) -> String {
     if x.is_finite() && x.fract() == 0.0 && x.abs() < 1000.0 {
         format!("{x:.0}")
     } else {
@@ -961,7 +978,7 @@ fn fmt_count(x: f64) -> String {
     }
 }
 
-fn fmt_us(x: f64) -> String {
+pub(crate) fn fmt_us(x: f64) -> String {
     if !x.is_finite() {
         "-".into()
     } else if x >= 1000.0 {
@@ -1278,7 +1295,7 @@ fn notes(t: &[&Value], m: &[&Value], key: &str) -> String {
     n.join("; ")
 }
 
-fn render<const N: usize>(out: &mut String, header: &[String; N], rows: &[[String; N]]) {
+pub(crate) fn render<const N: usize>(out: &mut String, header: &[String; N], rows: &[[String; N]]) {
     let mut w = [0usize; N];
     for r in std::iter::once(header).chain(rows.iter()) {
         for (i, c) in r.iter().enumerate() {

@@ -108,6 +108,11 @@ pub fn proc_cpu_s(pid: u32) -> Option<f64> {
     Some((ut + st) / clk_tck())
 }
 
+/// utime + stime of several processes summed, in seconds (None when one cannot be read).
+pub fn procs_cpu_s(pids: &[u32]) -> Option<f64> {
+    pids.iter().map(|&p| proc_cpu_s(p)).sum()
+}
+
 /// The machine's CPU time so far from /proc/stat's `cpu` line, in clock ticks: (idle, all).
 /// Idle counts `idle` and `iowait`; the difference of two readings over a phase tells how much
 /// of every CPU nobody used.
@@ -231,6 +236,16 @@ mod tests {
                 assert!((0.98..1.02).contains(&r), "{v} {r}");
             }
         }
+    }
+
+    #[test]
+    fn cpu_of_several_processes_is_summed() {
+        let me = std::process::id();
+        let one = proc_cpu_s(me).expect("/proc/self/stat");
+        let two = procs_cpu_s(&[me, me]).expect("/proc/self/stat");
+        assert!(two >= 2.0 * one, "{one} {two}");
+        assert_eq!(procs_cpu_s(&[]), Some(0.0));
+        assert_eq!(procs_cpu_s(&[me, u32::MAX]), None, "no such process");
     }
 
     #[test]
