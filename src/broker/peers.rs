@@ -49,6 +49,9 @@ pub trait Peers: Send + Sync + 'static {
     /// A shared subscription group now has a member on this node: this node takes its share
     /// of the group's messages from the cluster (see [`Broker::publish_to_group`]).
     fn group_started(&self, group: &Arc<Group>);
+    /// Done once this node takes its share of the group's messages (a group just started
+    /// here needs its consumer and queue subscription first): a SUBACK waits for it.
+    fn group_ready(&self, group: &Arc<Group>) -> Commit;
     /// The group has no member on this node any more.
     fn group_ended(&self, group: &Arc<Group>);
     /// A member here is finished with a group's message (`msg_id`, this node's id of it):

@@ -35,6 +35,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 /// Messages a node's group queue may hold before the node stops pulling more for it.
@@ -54,7 +55,14 @@ pub(crate) struct ClusterGroups {
     /// Messages pulled for a group and not yet finished by a member here, by this node's
     /// message id, with their group's key.
     pub(crate) held: Mutex<HashMap<u64, (String, jetstream::Message)>>,
+    /// Per group started here: how many of its two feeds (the consumer, the queue
+    /// subscription) are in place. A SUBACK that made the group waits for both
+    /// ([`ClusterGroups::ready`]), or messages published right after it would miss the group.
+    pub(crate) feeds: Mutex<HashMap<String, watch::Receiver<u8>>>,
 }
+
+/// How long a SUBACK waits for a new group's feeds before the subscription fails.
+const FEEDS_WAIT: Duration = Duration::from_secs(10);
 
 /// How often held messages are reported as still in progress (well within `ACK_WAIT`).
 const PROGRESS: Duration = Duration::from_secs(5);
@@ -79,8 +87,14 @@ impl ClusterGroups {
     pub(crate) fn start(self: &Arc<Self>, group: &Arc<Group>) {
         let key = group.key();
         let name = group_name(&key);
-        let pull = tokio::spawn(self.clone().pull(group.clone(), name.clone()));
-        let live = tokio::spawn(self.clone().live(group.clone(), name));
+        let (fed, feeds) = watch::channel(0u8);
+        let fed = Arc::new(fed);
+        self.feeds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), feeds);
+        let pull = tokio::spawn(self.clone().pull(group.clone(), name.clone(), fed.clone()));
+        let live = tokio::spawn(self.clone().live(group.clone(), name, fed));
         let previous = self
             .running()
             .insert(key, vec![pull.abort_handle(), live.abort_handle()]);
@@ -89,8 +103,36 @@ impl ClusterGroups {
         }
     }
 
+    /// Done once the group's feeds here are in place (at once for a group already running).
+    pub(crate) fn ready(&self, group: &Arc<Group>) -> Commit {
+        let Some(mut feeds) = self
+            .feeds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group.key())
+            .cloned()
+        else {
+            return Commit::Done;
+        };
+        if *feeds.borrow() >= 2 {
+            return Commit::Done;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let fed = tokio::time::timeout(FEEDS_WAIT, feeds.wait_for(|n| *n >= 2)).await;
+            if matches!(fed, Ok(Ok(_))) {
+                let _ = tx.send(());
+            }
+        });
+        Commit::Pending(rx)
+    }
+
     pub(crate) fn end(&self, group: &Arc<Group>) {
         let key = group.key();
+        self.feeds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
         if let Some(handles) = self.running().remove(&key) {
             for h in handles {
                 h.abort();
@@ -171,7 +213,7 @@ impl ClusterGroups {
     }
 
     /// Pulls the group's QoS 1/2 messages as long as the group has a member here.
-    async fn pull(self: Arc<Self>, group: Arc<Group>, name: String) {
+    async fn pull(self: Arc<Self>, group: Arc<Group>, name: String, fed: Arc<watch::Sender<u8>>) {
         let config = pull::Config {
             durable_name: Some(name.clone()),
             deliver_policy: DeliverPolicy::New,
@@ -190,7 +232,10 @@ impl ClusterGroups {
                 .get_or_create_consumer(&name, config.clone())
                 .await
             {
-                Ok(c) => break c,
+                Ok(c) => {
+                    fed.send_modify(|n| *n += 1);
+                    break c;
+                }
                 Err(e) => {
                     tracing::warn!(group = %group.key(), error = %e, "group consumer; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -241,7 +286,7 @@ impl ClusterGroups {
     }
 
     /// Takes this node's share of the group's QoS 0 messages.
-    async fn live(self: Arc<Self>, group: Arc<Group>, name: String) {
+    async fn live(self: Arc<Self>, group: Arc<Group>, name: String, fed: Arc<watch::Sender<u8>>) {
         let subject = self.names.live.filter(&group.filter);
         let mut sub = loop {
             match self
@@ -249,7 +294,12 @@ impl ClusterGroups {
                 .queue_subscribe(subject.clone(), name.clone())
                 .await
             {
-                Ok(s) => break s,
+                Ok(s) => {
+                    // In place once the server has it.
+                    let _ = self.echo.flush().await;
+                    fed.send_modify(|n| *n += 1);
+                    break s;
+                }
                 Err(e) => {
                     tracing::warn!(group = %group.key(), error = %e, "group queue subscription; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -284,6 +284,7 @@ impl Node {
             idle: config.stream_max_age,
             running: Default::default(),
             held: Default::default(),
+            feeds: Default::default(),
         });
         let mut tasks = vec![tokio::spawn(groups.clone().keep_alive())];
         let (out, rx) = mpsc::channel(forward::CAPACITY);
@@ -451,6 +452,10 @@ impl Peers for Node {
 
     fn group_ended(&self, group: &Arc<Group>) {
         self.groups.end(group);
+    }
+
+    fn group_ready(&self, group: &Arc<Group>) -> Commit {
+        self.groups.ready(group)
     }
 
     fn group_done(&self, msg_id: u64) {

@@ -5,7 +5,7 @@ use super::client::Client;
 use crate::broker::shared::Group;
 use crate::outbox::Delivery;
 use crate::protocol::{QoS, SubscriptionOptions};
-use crate::storage::Op;
+use crate::storage::{Commit, Op};
 use std::sync::Arc;
 
 impl Client {
@@ -16,7 +16,7 @@ impl Client {
         filter: &str,
         options: SubscriptionOptions,
         id: Option<u32>,
-    ) {
+    ) -> Commit {
         let group = self.broker.subscribe_shared(
             &self.handle,
             share,
@@ -26,9 +26,15 @@ impl Client {
             true,
             self.window,
         );
+        // In a cluster, the SUBACK waits until this node takes its share of the group.
+        let ready = self
+            .broker
+            .peers()
+            .map_or(Commit::Done, |p| p.group_ready(&group));
         if !self.groups.iter().any(|g| Arc::ptr_eq(g, &group)) {
             self.groups.push(group);
         }
+        ready
     }
 
     /// Leaves the group `$share/NAME/FILTER`. Deliveries of it still in flight stay with this

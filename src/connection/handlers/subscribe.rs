@@ -37,6 +37,7 @@ impl Client {
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let mut ops = Vec::new();
+        let mut groups_ready = Commit::Done;
         let mut found = Vec::new();
         for (filter, mut options) in s.filters {
             let f = filter.as_str();
@@ -77,7 +78,8 @@ impl Client {
                 .is_some();
             match shared {
                 Some(Ok((share, inner))) => {
-                    self.join_group(share, inner, options, s.subscription_identifier)
+                    let ready = self.join_group(share, inner, options, s.subscription_identifier);
+                    groups_ready = Commit::both(groups_ready, ready);
                 }
                 _ => {
                     broker.subscribe(&self.handle, f, options, s.subscription_identifier);
@@ -125,7 +127,7 @@ impl Client {
         }
         // 3.x has one failure code (0x80): `encode_suback` maps every refusal to it.
         // SUBACK after the subscription is stored.
-        let commit = self.submit_subscriptions(ops);
+        let commit = Commit::both(self.submit_subscriptions(ops), groups_ready);
         self.queue_ack(commit, Response::SubAck(s.packet_id, codes), retained, wbuf);
         Ok(())
     }
