@@ -73,10 +73,12 @@ pub trait Peers: Send + Sync + 'static {
     fn position(&self) -> u64;
     /// A persistent session's subscriptions changed: the SUBACK/UNSUBACK waits for the
     /// returned commit, which covers `local` and the cluster's copy of them.
+    /// `drained`: a stream position up to which the session has nothing left, if known.
     fn store_subscriptions(
         &self,
         client_id: &Arc<str>,
         subs: Vec<SubscriptionRecord>,
+        drained: Option<u64>,
         local: Commit,
     ) -> Commit;
     /// A persistent session of this node ended.

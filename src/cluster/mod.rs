@@ -259,7 +259,14 @@ impl Node {
         let available = Arc::new(AtomicBool::new(true));
         let publisher = jetstream::ContextBuilder::new()
             .timeout(config.quorum_timeout)
-            .ack_timeout(config.quorum_timeout)
+            // A publish whose ack is lost (its stream leader died) is sent again after this,
+            // with the same dedup id, until quorum_timeout (`forward.rs`): JetStream elects a
+            // new leader in about 5 s, and waiting the whole quorum_timeout for one lost ack
+            // refused publishes the new leader would have stored.
+            .ack_timeout(
+                (config.quorum_timeout / 4)
+                    .clamp(Duration::from_millis(250), Duration::from_secs(2)),
+            )
             .max_ack_inflight(65_536)
             .build(client.clone());
         let claims = Arc::new(claims::Claims::new(
@@ -470,9 +477,10 @@ impl Peers for Node {
         &self,
         client_id: &Arc<str>,
         subs: Vec<SubscriptionRecord>,
+        drained: Option<u64>,
         local: Commit,
     ) -> Commit {
-        Commit::both(local, self.anchors.put(client_id, subs, None))
+        Commit::both(local, self.anchors.put(client_id, subs, drained))
     }
 
     fn session_ended(&self, client_id: &Arc<str>) {

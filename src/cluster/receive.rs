@@ -133,7 +133,7 @@ impl Setup {
                 pull::Config {
                     durable_name: Some(durable.clone()),
                     deliver_policy: DeliverPolicy::New,
-                    ack_policy: AckPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
                     ack_wait: ACK_WAIT,
                     max_ack_pending: MAX_ACK_PENDING,
                     filter_subject: format!("{}.msg.>", names.prefix),
@@ -144,9 +144,8 @@ impl Setup {
             )
         };
         let mut consumer = retry("node consumer", deadline, node_consumer).await?;
-        if consumer.cached_info().config.ack_policy != AckPolicy::All {
-            // Made by an earlier build with one ack per message; the acker's acks would leave
-            // everything before them unacknowledged. Made again, from now on.
+        if consumer.cached_info().config.ack_policy != AckPolicy::Explicit {
+            // Made by an earlier build that acked all (see `acker`). Made again, from now on.
             tracing::warn!(node = %durable, "node consumer made again (ack policy changed)");
             let _ = msgs.delete_consumer(&durable).await;
             consumer = retry("node consumer", deadline, node_consumer).await?;
@@ -256,10 +255,10 @@ pub(crate) async fn consume(
 }
 
 /// Acknowledges the node consumer's messages once this node's commits of them are done, in
-/// stream order, with one ack per batch of what has arrived: the consumer acks all
-/// (`AckPolicy::All`), so acking a message acks every one before it. Per-message acks were
-/// one replicated consumer update per message per node, more work for the NATS servers than
-/// storing the message itself. The channel is bounded by the consumer's `max_ack_pending`.
+/// stream order, each on its own. Not `AckPolicy::All` (one ack for everything before it,
+/// tried in ac03163): when the server leading the stream dies, messages it had sent may never
+/// arrive, and a later ack-all would acknowledge them unread (the cluster tests lost 4-19
+/// acknowledged messages at such a kill). The channel is bounded by `max_ack_pending`.
 async fn acker(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, jetstream::Message)>) {
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.recv().await {
@@ -270,7 +269,6 @@ async fn acker(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, jetstream::
                 Err(_) => break,
             }
         }
-        let mut last = None;
         for (commit, m) in batch.drain(..) {
             let stored = match commit {
                 Commit::Done => true,
@@ -282,9 +280,6 @@ async fn acker(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, jetstream::
                 // holding the consumer back would stop every later message here too.
                 tracing::error!(subject = %m.subject, "cluster message not stored here");
             }
-            last = Some(m);
-        }
-        if let Some(m) = last {
             if let Err(e) = m.ack().await {
                 // Redelivered after ACK_WAIT, routed again: at least once.
                 tracing::debug!(error = %e, "node consumer ack");

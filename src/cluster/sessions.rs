@@ -266,73 +266,136 @@ impl Sessions {
 
     /// Puts a withdrawn session back into routing, caught up from `from`.
     async fn reinstate(&self, handle: &Arc<SessionHandle>, state: &SessionState, from: u64) {
-        let position = self.sequencer.position.lock().await;
-        self.broker.install_subscriptions(handle, state);
-        self.catch_up(handle.id, from, *position).await;
+        if !self.install_caught_up(handle, state, from).await {
+            tracing::error!(client_id = %handle.client_id, "session put back without some of what it missed");
+        }
     }
 
-    /// Routes the stream's messages `(from, to]` into session `session_id` alone (the caller
-    /// holds the position lock, so nothing else routes meanwhile).
-    async fn catch_up(&self, session_id: u64, from: u64, to: u64) {
-        if to <= from {
-            return;
+    /// Installs the session's subscriptions while this node's consumer is held still at its
+    /// position `to`, and routes the stream's messages `(from, to]` into that one session
+    /// first. False when the stream could not be read to `to`: the session then misses
+    /// messages. The reading consumer (ephemeral, in memory) is made before the consumer is
+    /// held and deleted after it is let go, so the hold lasts only for the reading: in a
+    /// reconnect storm the sessions of a node take turns there. A session with one
+    /// subscription reads only what it matches; several filters may overlap, which one
+    /// consumer cannot have, so those read everything in range.
+    async fn install_caught_up(
+        &self,
+        handle: &Arc<SessionHandle>,
+        state: &SessionState,
+        from: u64,
+    ) -> bool {
+        let mut filters = state
+            .subscriptions
+            .keys()
+            .filter(|f| crate::broker::shared::parse(f).is_none());
+        let filter_subject = match (filters.next(), filters.next()) {
+            (None, _) => None,
+            (Some(f), None) => Some(self.names.msgs.filter(f)),
+            _ => Some(format!("{}.msg.>", self.names.prefix)),
+        };
+        let open = |filter_subject: String| async move {
+            self.msgs
+                .create_consumer(pull::Config {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: from + 1,
+                    },
+                    ack_policy: jetstream::consumer::AckPolicy::None,
+                    filter_subject,
+                    num_replicas: 1,
+                    memory_storage: true,
+                    inactive_threshold: Duration::from_secs(10),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| tracing::error!(error = %e, from, "session catch-up: no consumer"))
+                .ok()
+        };
+        // Made before the hold when there is already something to read (the usual case
+        // after a node's death), inside it otherwise (rare: the stream moved meanwhile).
+        let mut replay = None;
+        if let Some(f) = &filter_subject {
+            if self.sequencer.seen.load(Ordering::Acquire) > from {
+                replay = open(f.clone()).await;
+            }
         }
-        let consumer = self
-            .msgs
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from + 1,
-                },
-                filter_subject: format!("{}.msg.>", self.names.prefix),
-                ..Default::default()
-            })
-            .await;
-        let mut messages = match consumer {
-            Ok(c) => match c.messages().await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::error!(error = %e, from, to, "session catch-up failed: messages may be missing");
-                    return;
+        let ok = {
+            let position = self.sequencer.position.lock().await;
+            if *position < from {
+                tracing::warn!(client_id = %handle.client_id, behind = from - *position, "this node's consumer lags: the session may get some messages twice");
+            }
+            self.broker.install_subscriptions(handle, state);
+            let to = *position;
+            match filter_subject {
+                None => true,
+                Some(_) if to <= from => true,
+                Some(f) => {
+                    if replay.is_none() {
+                        replay = open(f).await;
+                    }
+                    match &replay {
+                        Some(c) => self.catch_up(c, handle.id, to).await,
+                        None => false,
+                    }
                 }
-            },
-            Err(e) => {
-                tracing::error!(error = %e, from, to, "session catch-up failed: messages may be missing");
-                return;
             }
         };
-        let mut routed = 0u64;
-        loop {
-            let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await;
-            let m = match next {
-                Ok(Some(Ok(m))) => m,
-                Ok(Some(Err(_))) => continue,
-                Ok(None) | Err(_) => {
-                    tracing::error!(
-                        from,
-                        to,
-                        routed,
-                        "session catch-up ended early: messages may be missing"
-                    );
-                    return;
+        if let Some(mut c) = replay {
+            let name = c.cached_info().name.clone();
+            let _ = c.info().await;
+            let _ = self.msgs.delete_consumer(&name).await;
+        }
+        ok
+    }
+
+    /// Reads `consumer` up to stream sequence `to` into session `session_id` alone.
+    async fn catch_up(
+        &self,
+        consumer: &jetstream::consumer::Consumer<pull::Config>,
+        session_id: u64,
+        to: u64,
+    ) -> bool {
+        let read = async {
+            let mut messages = consumer
+                .stream()
+                .max_messages_per_batch(512)
+                .messages()
+                .await
+                .ok()?;
+            let mut routed = 0u64;
+            loop {
+                let m = match tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(_))) => continue,
+                    Ok(None) | Err(_) => return None,
+                };
+                let Ok(info) = m.info() else { continue };
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                if seq > to {
+                    return Some(routed);
                 }
-            };
-            let Ok(info) = m.info() else { continue };
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if seq > to {
-                break;
+                let own = wire::from_node(m.headers.as_ref(), &self.node);
+                if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), own) {
+                    let _ = self
+                        .broker
+                        .publish_remote(&msg, Targets::Session(session_id));
+                    routed += 1;
+                }
+                if seq >= to || pending == 0 {
+                    return Some(routed);
+                }
             }
-            let own = wire::from_node(m.headers.as_ref(), &self.node);
-            if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), own) {
-                let _ = self
-                    .broker
-                    .publish_remote(&msg, Targets::Session(session_id));
-                routed += 1;
+        };
+        match read.await {
+            Some(routed) => {
+                tracing::debug!(to, routed, "session caught up");
+                true
             }
-            if seq == to || pending == 0 {
-                break;
+            None => {
+                tracing::error!(to, "session catch-up ended early");
+                false
             }
         }
-        tracing::debug!(from, to, routed, "session caught up");
     }
 
     /// Takes `client_id`'s session from the node that has it into `handle`'s session: by
@@ -408,13 +471,8 @@ impl Sessions {
         while self.sequencer.seen.load(Ordering::Acquire) < from && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        {
-            let position = self.sequencer.position.lock().await;
-            if *position < from {
-                tracing::warn!(%client_id, behind = from - *position, "this node's consumer lags: the moved session may get some messages twice");
-            }
-            self.broker.install_subscriptions(handle, state);
-            self.catch_up(handle.id, from, *position).await;
+        if !self.install_caught_up(handle, state, from).await {
+            tracing::error!(%client_id, from, "session taken over without some of what it missed (the stream could not be read)");
         }
         // The anchor names this node before the old one lets go.
         let client: Arc<str> = Arc::from(client_id);
@@ -473,6 +531,14 @@ pub(crate) async fn settle_restored(
             tracing::info!(client_id = %h.client_id, "session ended: its client went to another node while this one was down");
             continue;
         }
+        // Its client id is this node's (a session imported by `tern cluster import` has no
+        // claim yet): another node asks this one for it.
+        let _ = clients
+            .create(
+                claims::key(&h.client_id),
+                format!("{node}/0/{}", h.client_id).into(),
+            )
+            .await;
         let Some(state) = broker.registry.state_of(&h.client_id) else {
             continue;
         };

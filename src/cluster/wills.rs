@@ -186,11 +186,13 @@ impl Wills {
         });
     }
 
-    /// The client connected again without a will: a delayed will it left is cancelled,
-    /// wherever it waits. (A copy of a connection still open elsewhere is that connection's.)
+    /// The client connected again without a will: a will with a delay it left is cancelled
+    /// ([MQTT-3.1.3-9]), wherever it waits, also that of a connection that was open when its
+    /// node died (its delay counts from the death). A will without delay stays: it was due
+    /// when its connection ended.
     pub(crate) fn cancelled(self: &Arc<Self>, client_id: &str) {
         self.with_copy(client_id, |this, key, e| async move {
-            if decode(&e.value).is_some_and(|c| c.disconnected_at_ms.is_some()) {
+            if decode(&e.value).is_some_and(|c| c.will.delay_interval > 0) {
                 let _ = this.kv.delete_expect_revision(&key, Some(e.revision)).await;
             }
         });

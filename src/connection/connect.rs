@@ -383,6 +383,16 @@ pub(super) async fn accept(
         }
         // The client id is this node's now: a connection holding it on another node is
         // taken over ([MQTT-3.1.4-3] across the cluster).
+        if session_expiry > 0 && !session_present {
+            // A new persistent session is found by the other nodes even before it subscribes
+            // (`cluster/anchors.rs`); nothing was routed to it before now.
+            let _ = peers.store_subscriptions(
+                &client_id,
+                Vec::new(),
+                Some(peers.position()),
+                crate::storage::Commit::Done,
+            );
+        }
         let claimed = peers.claim(&client_id, conn_id);
         connack_commit = Some(match connack_commit.take() {
             Some(c) => crate::storage::Commit::both(c, claimed),

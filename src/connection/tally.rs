@@ -21,6 +21,19 @@ pub(super) struct Tally {
 }
 
 impl Client {
+    /// In a cluster: when the session has nothing queued and nothing in flight, records
+    /// `position` (read by the caller *before* looking, see `cluster/anchors.rs`) as its
+    /// drained position, and returns it.
+    pub(super) fn drained(&self, position: u64) -> Option<u64> {
+        if !(self.state.inflight.is_empty() && self.handle.outbox.is_empty()) {
+            return None;
+        }
+        self.handle
+            .drained_at
+            .fetch_max(position, std::sync::atomic::Ordering::Release);
+        Some(position)
+    }
+
     /// Adds the per-connection tallies to the shared counters.
     pub(super) fn flush_tally(&mut self) {
         let m = &self.broker.metrics;
@@ -57,12 +70,7 @@ impl Client {
             {
                 // The position first, then the queue: whatever was routed up to it is in the
                 // queue or finished (`cluster/anchors.rs`).
-                let position = peers.position();
-                if self.state.inflight.is_empty() && self.handle.outbox.is_empty() {
-                    self.handle
-                        .drained_at
-                        .fetch_max(position, std::sync::atomic::Ordering::Release);
-                }
+                let _ = self.drained(peers.position());
             }
         }
     }

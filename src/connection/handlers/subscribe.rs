@@ -186,7 +186,8 @@ impl Client {
                     .load(std::sync::atomic::Ordering::Relaxed) =>
             {
                 let subs = self.state.subscription_records();
-                peers.store_subscriptions(&self.client_id, subs, local)
+                let drained = self.drained(peers.position());
+                peers.store_subscriptions(&self.client_id, subs, drained, local)
             }
             _ => local,
         }
