@@ -204,7 +204,10 @@ pub(crate) async fn consume(
             let mut messages = match consumer
                 .stream()
                 .max_messages_per_batch(1000)
-                .heartbeat(Duration::from_secs(5))
+                // A pull whose consumer lost its leader (a NATS server down) is noticed by the
+                // missing heartbeats and asked again: a short beat makes that quick.
+                .heartbeat(Duration::from_secs(1))
+                .expires(Duration::from_secs(5))
                 .messages()
                 .await
             {

@@ -571,7 +571,9 @@ def test_no_quorum_qos1_is_never_acknowledged(tern_cluster, mkc, version):
             time.sleep(0.3)
     print(f"after recovery: acknowledged at attempt {attempt}")
     # Failed ("lost-*") messages may still arrive: JetStream may store them once quorum is back.
-    deadline = time.monotonic() + PROPAGATION
+    # The subscriber's node reads it once its consumer has a leader again and its pull is
+    # renewed: up to a few heartbeats after the recovery, so more than PROPAGATION.
+    deadline = time.monotonic() + 3 * PROPAGATION
     got = []
     while acked not in got:
         left = deadline - time.monotonic()
