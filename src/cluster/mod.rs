@@ -371,6 +371,15 @@ impl Node {
             receive::live(broker.clone(), client.clone(), &names, config.node.clone()).await?,
         );
         tasks.push(tokio::spawn(claims.clone().watch()));
+        // Ready means a durable promise can be made: the first heartbeat must reach quorum.
+        // Right after the streams are created their leaders may not be elected yet, and a
+        // client refused with 0x88 in the first second of a node's life would be a lie.
+        receive::retry("first heartbeat", deadline, || {
+            setup
+                .nodes
+                .put(&config.node, bytes::Bytes::from_static(b"up"))
+        })
+        .await?;
         broker.metrics.cluster.available.set(1);
         tasks.push(tokio::spawn(heartbeat(
             broker.clone(),
@@ -619,7 +628,14 @@ async fn heartbeat(
             nodes.put(&node, bytes::Bytes::from_static(b"up")),
         )
         .await;
-        let ok = matches!(put, Ok(Ok(_)));
+        let ok = match put {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(%node, error = %e, "heartbeat not stored");
+                false
+            }
+            Err(_) => false,
+        };
         broker.metrics.cluster.available.set(i64::from(ok));
         if available.swap(ok, Ordering::Relaxed) != ok {
             if ok {

@@ -45,7 +45,7 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// Retries `f` until it succeeds or `deadline` passes: right after the NATS servers start,
 /// JetStream may not have elected its meta leader yet.
-async fn retry<T, E: std::fmt::Display, F, Fut>(
+pub(crate) async fn retry<T, E: std::fmt::Display, F, Fut>(
     what: &str,
     deadline: Instant,
     mut f: F,
