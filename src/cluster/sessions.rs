@@ -55,6 +55,14 @@ use tokio::time::Instant;
 const CHUNK: usize = 512 * 1024;
 /// How long the old node keeps a session it sent, waiting for the new node's `done`.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// When JetStream removes a catch-up's reading consumer left behind (this node died while
+/// using it; otherwise it is deleted after use). Longer than any wait for the position lock:
+/// in a reconnect storm on a slow machine the sessions queue there for seconds, and a
+/// consumer made before the wait and gone by its end left its session without its messages
+/// (CI, 2 of 2,000 storm clients).
+const REPLAY_IDLE: Duration = Duration::from_secs(300);
+/// How many consumers one catch-up may use, each going on where the last one stopped.
+const CATCH_UP_ATTEMPTS: usize = 3;
 /// How long a request between nodes waits for its answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the old node waits for the session's connection to let go.
@@ -278,7 +286,9 @@ impl Sessions {
     /// held and deleted after it is let go, so the hold lasts only for the reading: in a
     /// reconnect storm the sessions of a node take turns there. A session with one
     /// subscription reads only what it matches; several filters may overlap, which one
-    /// consumer cannot have, so those read everything in range.
+    /// consumer cannot have, so those read everything in range. A read that stops (its
+    /// consumer gone, a pull unanswered) goes on after the last message it routed with a new
+    /// consumer, a few times.
     async fn install_caught_up(
         &self,
         handle: &Arc<SessionHandle>,
@@ -294,31 +304,15 @@ impl Sessions {
             (Some(f), None) => Some(self.names.msgs.filter(f)),
             _ => Some(format!("{}.msg.>", self.names.prefix)),
         };
-        let open = |filter_subject: String| async move {
-            self.msgs
-                .create_consumer(pull::Config {
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: from + 1,
-                    },
-                    ack_policy: jetstream::consumer::AckPolicy::None,
-                    filter_subject,
-                    num_replicas: 1,
-                    memory_storage: true,
-                    inactive_threshold: Duration::from_secs(10),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| tracing::error!(error = %e, from, "session catch-up: no consumer"))
-                .ok()
-        };
         // Made before the hold when there is already something to read (the usual case
         // after a node's death), inside it otherwise (rare: the stream moved meanwhile).
         let mut replay = None;
         if let Some(f) = &filter_subject {
             if self.sequencer.seen.load(Ordering::Acquire) > from {
-                replay = open(f.clone()).await;
+                replay = self.open_replay(f, from).await;
             }
         }
+        let mut used = Vec::new();
         let ok = {
             let position = self.sequencer.position.lock().await;
             if *position < from {
@@ -330,22 +324,62 @@ impl Sessions {
                 None => true,
                 Some(_) if to <= from => true,
                 Some(f) => {
-                    if replay.is_none() {
-                        replay = open(f).await;
+                    let mut after = from;
+                    let mut done = false;
+                    for attempt in 0..CATCH_UP_ATTEMPTS {
+                        if attempt > 0 {
+                            tracing::warn!(client_id = %handle.client_id, after, to, "session catch-up stopped; reading on with a new consumer");
+                        }
+                        let consumer = match replay.take() {
+                            Some(c) => Some(c),
+                            None => self.open_replay(&f, after).await,
+                        };
+                        let Some(c) = consumer else { continue };
+                        let read = self.catch_up(&c, handle.id, to).await;
+                        used.push(c);
+                        match read {
+                            CatchUp::Done => {
+                                done = true;
+                                break;
+                            }
+                            CatchUp::Stopped { last } => after = after.max(last),
+                        }
                     }
-                    match &replay {
-                        Some(c) => self.catch_up(c, handle.id, to).await,
-                        None => false,
-                    }
+                    done
                 }
             }
         };
-        if let Some(mut c) = replay {
+        used.extend(replay);
+        for mut c in used {
             let name = c.cached_info().name.clone();
             let _ = c.info().await;
             let _ = self.msgs.delete_consumer(&name).await;
         }
         ok
+    }
+
+    /// A consumer reading the messages stream from after `after` through `filter_subject`,
+    /// without acknowledgements, for one catch-up.
+    async fn open_replay(
+        &self,
+        filter_subject: &str,
+        after: u64,
+    ) -> Option<jetstream::consumer::Consumer<pull::Config>> {
+        self.msgs
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                filter_subject: filter_subject.to_string(),
+                num_replicas: 1,
+                memory_storage: true,
+                inactive_threshold: REPLAY_IDLE,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| tracing::warn!(error = %e, after, "session catch-up: no consumer"))
+            .ok()
     }
 
     /// Reads `consumer` up to stream sequence `to` into session `session_id` alone.
@@ -354,59 +388,56 @@ impl Sessions {
         consumer: &jetstream::consumer::Consumer<pull::Config>,
         session_id: u64,
         to: u64,
-    ) -> bool {
+    ) -> CatchUp {
+        let mut last = 0;
         // Nothing of the session's in the stream from where it starts: nothing to wait for
         // (a pull with nothing to deliver would only end at its timeout, with the node's
         // consumer held meanwhile).
         match consumer.get_info().await {
-            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return true,
+            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return CatchUp::Done,
             Ok(_) => {}
             Err(e) => {
-                tracing::error!(error = %e, "session catch-up: consumer info");
-                return false;
+                tracing::warn!(error = %e, "session catch-up: consumer info");
+                return CatchUp::Stopped { last };
             }
         }
-        let read = async {
-            let mut messages = consumer
-                .stream()
-                .max_messages_per_batch(512)
-                .messages()
-                .await
-                .ok()?;
-            let mut routed = 0u64;
-            loop {
-                let m = match tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await {
-                    Ok(Some(Ok(m))) => m,
-                    Ok(Some(Err(_))) => continue,
-                    Ok(None) | Err(_) => return None,
-                };
-                let Ok(info) = m.info() else { continue };
-                let (seq, pending) = (info.stream_sequence, info.pending);
-                if seq > to {
-                    return Some(routed);
-                }
-                let own = wire::from_node(m.headers.as_ref(), &self.node);
-                if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), own) {
-                    let _ = self
-                        .broker
-                        .publish_remote(&msg, Targets::Session(session_id));
-                    routed += 1;
-                }
-                if seq >= to || pending == 0 {
-                    return Some(routed);
-                }
-            }
+        let Ok(mut messages) = consumer
+            .stream()
+            .max_messages_per_batch(512)
+            .messages()
+            .await
+        else {
+            return CatchUp::Stopped { last };
         };
-        match read.await {
-            Some(routed) => {
-                tracing::debug!(to, routed, "session caught up");
-                true
+        let mut routed = 0u64;
+        loop {
+            let m = match tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(_))) => continue,
+                Ok(None) | Err(_) => {
+                    tracing::warn!(to, last, routed, "session catch-up: the read stopped");
+                    return CatchUp::Stopped { last };
+                }
+            };
+            let Ok(info) = m.info() else { continue };
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > to {
+                break;
             }
-            None => {
-                tracing::error!(to, "session catch-up ended early");
-                false
+            let own = wire::from_node(m.headers.as_ref(), &self.node);
+            if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), own) {
+                let _ = self
+                    .broker
+                    .publish_remote(&msg, Targets::Session(session_id));
+                routed += 1;
+            }
+            last = seq;
+            if seq >= to || pending == 0 {
+                break;
             }
         }
+        tracing::debug!(to, routed, "session caught up");
+        CatchUp::Done
     }
 
     /// Takes `client_id`'s session from the node that has it into `handle`'s session: by
@@ -502,6 +533,16 @@ impl Sessions {
         }
         Some(Commit::Done)
     }
+}
+
+/// How a catch-up read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    /// Everything up to the position was routed into the session.
+    Done,
+    /// The read stopped after routing stream sequence `last` (0: nothing): reading again
+    /// from `last` on neither misses nor doubles.
+    Stopped { last: u64 },
 }
 
 async fn wait(c: Commit) -> bool {

@@ -1098,6 +1098,63 @@ class Ticker(threading.Thread):
 
 
 @pytest.mark.slow
+async def delete_replay_consumers(urls, stop, every=0.2):
+    """Fault: every `every` seconds, deletes each ephemeral consumer on TERN_MSGS (a node's
+    catch-up reads; the nodes' and groups' consumers are durable and stay). Returns how many
+    it deleted."""
+    import nats
+    nc = await nats.connect(servers=urls, connect_timeout=5)
+    js = nc.jetstream()
+    deleted = 0
+    try:
+        while not stop.is_set():
+            try:
+                for info in await js.consumers_info("TERN_MSGS"):
+                    if not info.config.durable_name:
+                        try:
+                            await js.delete_consumer("TERN_MSGS", info.name)
+                            deleted += 1
+                        except Exception:  # gone already (the node deleted it after use)
+                            pass
+            except Exception:  # the API busy or a server switching leaders: next round
+                pass
+            await asyncio.sleep(every)
+    finally:
+        await nc.close()
+    return deleted
+
+
+def test_adoption_survives_vanishing_catch_up_consumers(tc, mkc):
+    """Fault schedule: 300 persistent clients (3.1.1 and 5.0) subscribed on t1, one QoS 1
+    message each published on t2, t1 SIGKILLed; while they all reconnect to t2 and t3, a NATS
+    client deletes the nodes' catch-up consumers every 200 ms. A catch-up whose consumer goes
+    reads on after the last message it routed with a new one: every client gets Session
+    Present 1 and its message, and no node logs an error."""
+    t1, t2, t3 = tc(3, quorum_timeout=5)
+    n = 300
+    asyncio.run(asyncio.wait_for(storm_setup(t1, n, 30), 60))
+    assert asyncio.run(asyncio.wait_for(storm_publish(t2, n, 30), 60)) == n
+    kill_node(t1)
+
+    async def run():
+        stop = asyncio.Event()
+        fault = asyncio.create_task(delete_replay_consumers(tc.nats.urls(), stop))
+        try:
+            return await storm_reconnect([t2, t3], n, 60), None
+        finally:
+            stop.set()
+            deleted = await fault
+            print(f"catch-up consumers deleted by the fault: {deleted}")
+
+    results, _ = asyncio.run(asyncio.wait_for(run(), 120))
+    bad = [(i, r) for i, r in enumerate(results) if r is None or not (r[0] and r[1])]
+    errors = [line for node in (t2, t3) for line in log_lines(node, r"ERROR")]
+    resumed = sum(len(log_lines(node, r"catch-up stopped")) for node in (t2, t3))
+    print(f"{n} adopted sessions, catch-up reads resumed {resumed}, bad {bad[:5]}")
+    assert not bad, f"{len(bad)} of {n} without Session Present 1 and their message: {bad[:5]}"
+    assert not errors, errors[:5]
+
+
 def test_reconnect_storm_after_a_node_dies(tc, mkc):
     """STORM_N (2,000) persistent clients (half 3.1.1, half 5.0), each subscribed at QoS 1 to its
     own topic on t1, go offline; one message is published to each topic (on t2); t1 is
@@ -1134,16 +1191,19 @@ def test_reconnect_storm_after_a_node_dies(tc, mkc):
     done = sorted(r[2] for r in results if r and r[0] and r[1])
     lines, api = jetstream_timeouts(tc.nats)
     tern_errors = [line for node in (t2, t3)
-                   for line in log_lines(node, r"ERROR|did not answer|catch-up")]
+                   for line in log_lines(node, r"ERROR|did not answer")]
+    # A catch-up read that stopped and went on with a new consumer (loses nothing; counted).
+    resumed = sum(len(log_lines(node, r"catch-up stopped")) for node in (t2, t3))
     print(f"storm of {n}: setup on t1 {setup:.1f}s ({n / setup:.0f} clients/s), {n} publishes "
           f"{publish:.1f}s; after t1's death all reconnected in {storm:.1f}s "
           f"({n / storm:.0f}/s; clients served: median {done[len(done) // 2] if done else 0:.1f}s, "
           f"last {done[-1] if done else 0:.1f}s)"
           f"; {len(bad)} without session or message, first {bad[:5]}; nats timeout lines "
           f"{len(lines)} {lines[:5]}; JetStream API {api}; tern errors {len(tern_errors)} "
-          f"{tern_errors[:5]}; bystander t2->t3 during the storm: {ticker.sent} sent, "
+          f"{tern_errors[:5]}; catch-up reads resumed {resumed}; bystander t2->t3 during the storm: {ticker.sent} sent, "
           f"{len(delays)} received, delay max {max(delays, default=0):.1f}s")
-    assert not bad, f"{len(bad)} of {n} clients without Session Present 1 and their message"
+    assert not bad, (f"{len(bad)} of {n} clients without Session Present 1 and their message; "
+                     f"tern errors {tern_errors[:5]}")
     assert storm <= STORM_BOUND, f"storm took {storm:.1f}s > {STORM_BOUND}s"
     assert not lines, f"nats-server logged timeouts: {lines[:10]}"
     assert not tern_errors, tern_errors[:10]
