@@ -71,6 +71,9 @@ pub struct ClusterMetrics {
     /// Messages handed to NATS: core NATS (QoS 0) and the messages stream (QoS 1/2).
     pub out_live: IntCounter,
     pub out_stream: IntCounter,
+    /// JetStream messages this node put in the messages stream: a batch of one topic's
+    /// QoS 1/2 messages is one (`cluster/wire.rs`); `out_stream` ÷ this is the batch size.
+    pub stream_publishes: IntCounter,
     /// Messages from other nodes routed here, by the same two paths.
     pub in_live: IntCounter,
     pub in_stream: IntCounter,
@@ -97,6 +100,11 @@ impl ClusterMetrics {
             &["direction", "path"],
         )?;
         registry.register(Box::new(messages.clone()))?;
+        let stream_publishes = IntCounter::new(
+            "tern_cluster_stream_publishes_total",
+            "JetStream messages put in the cluster's messages stream; one carries a batch of one topic's QoS 1/2 messages, so messages_total{direction=\"out\",path=\"stream\"} divided by this is the mean batch size",
+        )?;
+        registry.register(Box::new(stream_publishes.clone()))?;
         let refused = IntCounter::new(
             "tern_cluster_publishes_refused_total",
             "QoS 1/2 publishes JetStream did not store with its replicas within cluster.quorum_timeout (refused, not acknowledged)",
@@ -125,6 +133,7 @@ impl ClusterMetrics {
         Ok(ClusterMetrics {
             out_live: messages.with_label_values(&["out", "live"]),
             out_stream: messages.with_label_values(&["out", "stream"]),
+            stream_publishes,
             in_live: messages.with_label_values(&["in", "live"]),
             in_stream: messages.with_label_values(&["in", "stream"]),
             refused,

@@ -295,6 +295,15 @@ impl Outbox {
         q.spilled_bytes = s.bytes;
     }
 
+    /// Whether `count` more messages of `weight` bytes in all fit within the limits now
+    /// (a cluster batch for a shared group is taken whole or not at all, `cluster/groups.rs`).
+    pub fn fits(&self, count: usize, weight: usize) -> bool {
+        let q = self.lock();
+        let n = q.items.len() + q.pending + q.spilled;
+        let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
+        n + count <= self.max_messages && bytes + weight <= self.max_bytes
+    }
+
     /// Reserves a place in the durable queue for a QoS 1/2 message of `weight` bytes.
     pub fn reserve(&self, weight: usize) -> Reservation {
         self.reserve_with(weight, false)
@@ -573,6 +582,21 @@ mod tests {
         assert_eq!(o.push(d(QoS::ExactlyOnce)), Pushed::Queued);
         assert_eq!(o.push(d(QoS::AtLeastOnce)), Pushed::DroppedFull);
         assert_eq!(o.len(), 4);
+    }
+
+    #[test]
+    fn fits_counts_what_is_queued_against_both_limits() {
+        let o = Outbox::new(3, 100);
+        assert!(o.fits(3, 100));
+        assert!(!o.fits(4, 10), "message limit");
+        assert!(!o.fits(1, 101), "byte limit");
+        assert!(matches!(
+            o.reserve(40),
+            Reservation::Hot { .. } | Reservation::Spill { .. }
+        ));
+        assert!(o.fits(2, 60));
+        assert!(!o.fits(3, 10));
+        assert!(!o.fits(1, 61));
     }
 
     #[test]

@@ -17,11 +17,13 @@ use super::{wire, Names};
 use crate::broker::Broker;
 use crate::message::Message;
 use crate::metrics::ClusterMetrics;
+use crate::protocol::MqttStr;
 use crate::protocol::QoS;
 use crate::storage::Commit;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,59 +135,158 @@ impl Drop for Idle {
     }
 }
 
+/// QoS 1/2 messages of one topic crossing as one JetStream message (`wire.rs`).
+struct Batch {
+    msgs: Vec<(Arc<Message>, Commit, oneshot::Sender<()>)>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn new(msg: Arc<Message>, local: Commit, done: oneshot::Sender<()>) -> Batch {
+        let bytes = msg.weight();
+        Batch {
+            msgs: vec![(msg, local, done)],
+            bytes,
+        }
+    }
+
+    /// Whether a message of `weight` joins this batch: a batch stays within
+    /// [`BATCH_MESSAGES`] and [`BATCH_BYTES`] (one larger message crosses alone).
+    fn takes(&self, weight: usize) -> bool {
+        self.msgs.len() < BATCH_MESSAGES && self.bytes + weight <= BATCH_BYTES
+    }
+}
+
+/// Most messages in one batch: a shared group's node takes a batch whole, and its queue
+/// should hold a few.
+const BATCH_MESSAGES: usize = 128;
+/// Most bytes of messages in one batch.
+const BATCH_BYTES: usize = 64 * 1024;
+/// Most messages taken from the queue in one go to form batches: only what is already
+/// waiting is batched, nothing waits for a batch to fill (one message alone leaves at once).
+const CHUNK: usize = 1024;
+
 impl Forwarder {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<Outgoing>) {
-        while let Some(Outgoing { msg, gate }) = rx.recv().await {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        while let Some(first) = rx.recv().await {
             self.busy.store(true, std::sync::atomic::Ordering::Release);
             let _idle = Idle(self.busy.clone());
-            let body = wire::encode(&msg);
-            let headers = wire::headers(&self.node);
-            let id = format!("{}.{}.{}", self.node, self.boot, msg.id);
-            let deadline = Instant::now() + self.quorum_timeout;
-            let retained = if msg.retain {
-                let p = Publish {
-                    js: self.js.clone(),
-                    subject: self.names.retained.topic(msg.topic.as_str()),
-                    body: body.clone(),
-                    headers: headers.clone(),
-                    id: format!("{id}.r"),
+            chunk.push(first);
+            while chunk.len() < CHUNK {
+                match rx.try_recv() {
+                    Ok(o) => chunk.push(o),
+                    Err(_) => break,
+                }
+            }
+            // One open batch per topic: a topic's messages leave in the order they came
+            // (MQTT orders per topic); different topics' batches need no order between them.
+            let mut open: Vec<Batch> = Vec::new();
+            let mut by_topic: HashMap<MqttStr, usize> = HashMap::new();
+            for Outgoing { msg, gate } in chunk.drain(..) {
+                let Some((local, done)) = gate else {
+                    self.live(msg).await;
+                    continue;
                 };
-                let first = p.send().await;
-                Some((p, first))
+                match by_topic.get(&msg.topic) {
+                    Some(&i) if open[i].takes(msg.weight()) => {
+                        open[i].bytes += msg.weight();
+                        open[i].msgs.push((msg, local, done));
+                    }
+                    Some(&i) => {
+                        let full = std::mem::replace(&mut open[i], Batch::new(msg, local, done));
+                        self.stream(full).await;
+                    }
+                    None => {
+                        by_topic.insert(msg.topic.clone(), open.len());
+                        open.push(Batch::new(msg, local, done));
+                    }
+                }
+            }
+            for b in open {
+                self.stream(b).await;
+            }
+        }
+    }
+
+    /// A retained message's copy for the retained stream, sent.
+    async fn retained(&self, msg: &Message, id: &str) -> (Publish, Option<PublishAckFuture>) {
+        let p = Publish {
+            js: self.js.clone(),
+            subject: self.names.retained.topic(msg.topic.as_str()),
+            body: wire::encode(msg),
+            headers: wire::headers(&self.node),
+            id: format!("{id}.r"),
+        };
+        let first = p.send().await;
+        (p, first)
+    }
+
+    /// A QoS 0 message, over core NATS (its retained copy through the retained stream).
+    async fn live(&self, msg: Arc<Message>) {
+        let id = format!("{}.{}.{}", self.node, self.boot, msg.id);
+        if msg.retain {
+            let deadline = Instant::now() + self.quorum_timeout;
+            let (p, first) = self.retained(&msg, &id).await;
+            // Nobody waits for a QoS 0 retained update; it is kept when JetStream can.
+            let broker = self.broker.clone();
+            tokio::spawn(async move {
+                if !p.stored(first, deadline).await {
+                    broker.metrics.dropped_storage_failed.inc();
+                }
+            });
+        }
+        let subject = self.names.live.topic(msg.topic.as_str());
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject, wire::headers(&self.node), wire::encode(&msg))
+            .await
+        {
+            tracing::debug!(error = %e, "QoS 0 message not forwarded");
+        }
+    }
+
+    /// A batch of QoS 1/2 messages of one topic, into the messages stream; each publisher's
+    /// acknowledgement is released once its local commit, the stream's store and (retained)
+    /// the retained stream's are done.
+    async fn stream(&self, batch: Batch) {
+        let Some((head, _, _)) = batch.msgs.first() else {
+            return;
+        };
+        let id = format!("{}.{}.{}", self.node, self.boot, head.id);
+        let deadline = Instant::now() + self.quorum_timeout;
+        let body = match batch.msgs.as_slice() {
+            [(one, _, _)] => wire::encode(one),
+            many => wire::encode_batch(&many.iter().map(|(m, _, _)| &**m).collect::<Vec<_>>()),
+        };
+        let p = Publish {
+            js: self.js.clone(),
+            subject: self.names.msgs.topic(head.topic.as_str()),
+            body,
+            headers: wire::batch_headers(&self.node, batch.msgs.len()),
+            id,
+        };
+        let first = p.send().await;
+        let cluster = &self.broker.metrics.cluster;
+        cluster.out_stream.inc_by(batch.msgs.len() as u64);
+        cluster.stream_publishes.inc();
+        let mut waiting = Vec::with_capacity(batch.msgs.len());
+        for (msg, local, done) in batch.msgs {
+            let retained = if msg.retain {
+                let id = format!("{}.{}.{}", self.node, self.boot, msg.id);
+                Some(self.retained(&msg, &id).await)
             } else {
                 None
             };
-            let Some((local, done)) = gate else {
-                let subject = self.names.live.topic(msg.topic.as_str());
-                if let Err(e) = self
-                    .client
-                    .publish_with_headers(subject, headers, body)
-                    .await
-                {
-                    tracing::debug!(error = %e, "QoS 0 message not forwarded");
-                }
-                if let Some((p, first)) = retained {
-                    // Nobody waits for a QoS 0 retained update; it is kept when JetStream can.
-                    let broker = self.broker.clone();
-                    tokio::spawn(async move {
-                        if !p.stored(first, deadline).await {
-                            broker.metrics.dropped_storage_failed.inc();
-                        }
-                    });
-                }
-                continue;
-            };
-            let p = Publish {
-                js: self.js.clone(),
-                subject: self.names.msgs.topic(msg.topic.as_str()),
-                body,
-                headers,
-                id,
-            };
-            let first = p.send().await;
-            self.broker.metrics.cluster.out_stream.inc();
-            let broker = self.broker.clone();
-            tokio::spawn(async move {
+            waiting.push((local, retained, done));
+        }
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            let stored = p.stored(first, deadline).await;
+            if !stored {
+                broker.metrics.cluster.refused.inc_by(waiting.len() as u64);
+            }
+            for (local, retained, done) in waiting {
                 let local_done = async {
                     match local {
                         Commit::Done => true,
@@ -199,14 +300,14 @@ impl Forwarder {
                         None => true,
                     }
                 };
-                let (a, b, c) = tokio::join!(local_done, p.stored(first, deadline), retained_done);
-                if a && b && c {
+                let (a, c) = tokio::join!(local_done, retained_done);
+                if stored && a && c {
                     let _ = done.send(());
-                } else if !(b && c) {
+                } else if stored && !c {
                     broker.metrics.cluster.refused.inc();
                 }
                 // Otherwise `done` drops: the publisher is refused (see `responses.rs`).
-            });
-        }
+            }
+        });
     }
 }

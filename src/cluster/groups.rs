@@ -33,6 +33,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -53,8 +54,8 @@ pub(crate) struct ClusterGroups {
     pub(crate) idle: Duration,
     pub(crate) running: Mutex<HashMap<String, Vec<AbortHandle>>>,
     /// Messages pulled for a group and not yet finished by a member here, by this node's
-    /// message id, with their group's key.
-    pub(crate) held: Mutex<HashMap<u64, (String, jetstream::Message)>>,
+    /// message id (several ids share one JetStream message when it was a batch).
+    pub(crate) held: Mutex<HashMap<u64, HeldMessage>>,
     /// Per group started here: how many of its two feeds (the consumer, the queue
     /// subscription) are in place. A SUBACK that made the group waits for both
     /// ([`ClusterGroups::ready`]), or messages published right after it would miss the group.
@@ -63,6 +64,38 @@ pub(crate) struct ClusterGroups {
 
 /// How long a SUBACK waits for a new group's feeds before the subscription fails.
 const FEEDS_WAIT: Duration = Duration::from_secs(10);
+
+/// One JetStream message a group's consumer gave this node: acknowledged when the members
+/// here are finished with every message of it that the group took (`left`).
+pub(crate) struct Held {
+    key: String,
+    m: jetstream::Message,
+    left: AtomicUsize,
+}
+
+/// One message of a [`Held`] one.
+pub(crate) struct HeldMessage {
+    held: Arc<Held>,
+    expires_at: Option<std::time::Instant>,
+}
+
+impl Held {
+    /// One of its messages is finished with: true when it was the last.
+    fn finish(&self) -> bool {
+        self.left.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}
+
+/// The distinct JetStream messages among `held` (a batch's messages share one).
+fn distinct(held: impl IntoIterator<Item = Arc<Held>>) -> Vec<Arc<Held>> {
+    let mut out: Vec<Arc<Held>> = Vec::new();
+    for h in held {
+        if !out.iter().any(|o| Arc::ptr_eq(o, &h)) {
+            out.push(h);
+        }
+    }
+    out
+}
 
 /// How often held messages are reported as still in progress (well within `ACK_WAIT`).
 const PROGRESS: Duration = Duration::from_secs(5);
@@ -138,39 +171,44 @@ impl ClusterGroups {
                 h.abort();
             }
         }
-        // What the group still held here goes back, to a member elsewhere.
-        let back: Vec<jetstream::Message> = {
+        // What the group still held here goes back, to a member elsewhere (a batch whole,
+        // with any of its messages already finished here: at least once).
+        let back = {
             let mut held = self.held();
             let ids: Vec<u64> = held
                 .iter()
-                .filter(|(_, (k, _))| *k == key)
+                .filter(|(_, h)| h.held.key == key)
                 .map(|(id, _)| *id)
                 .collect();
-            ids.into_iter()
-                .filter_map(|id| held.remove(&id).map(|(_, m)| m))
-                .collect()
+            distinct(
+                ids.into_iter()
+                    .filter_map(|id| held.remove(&id).map(|h| h.held)),
+            )
         };
         if !back.is_empty() {
             tokio::spawn(async move {
-                for m in back {
-                    let _ = m.ack_with(AckKind::Nak(None)).await;
+                for h in back {
+                    let _ = h.m.ack_with(AckKind::Nak(None)).await;
                 }
             });
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, jetstream::Message)>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HeldMessage>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A member here finished with message `msg_id`: the group's consumer lets go of it.
+    /// A member here finished with message `msg_id`: the group's consumer lets go of its
+    /// JetStream message once every message of it is finished.
     pub(crate) fn done(&self, msg_id: u64) {
-        let Some((_, m)) = self.held().remove(&msg_id) else {
+        let Some(h) = self.held().remove(&msg_id) else {
             return;
         };
-        tokio::spawn(async move {
-            let _ = m.ack().await;
-        });
+        if h.held.finish() {
+            tokio::spawn(async move {
+                let _ = h.held.m.ack().await;
+            });
+        }
     }
 
     /// Tells JetStream, for good, that the held messages are still being worked on.
@@ -178,28 +216,28 @@ impl ClusterGroups {
         loop {
             tokio::time::sleep(PROGRESS).await;
             let now = crate::clock::now();
-            let (alive, expired): (Vec<_>, Vec<_>) = {
+            let (alive, finished) = {
                 let mut held = self.held();
+                // A message that expired is dropped by the group: let it go too.
                 let expired_ids: Vec<u64> = held
                     .iter()
-                    .filter(|(_, (_, m))| {
-                        // A message that expired is dropped by the group: let it go too.
-                        wire::decode(&m.payload, 0, false).is_none_or(|msg| msg.is_expired(now))
-                    })
+                    .filter(|(_, h)| h.expires_at.is_some_and(|t| t <= now))
                     .map(|(id, _)| *id)
                     .collect();
-                let expired: Vec<_> = expired_ids
+                let finished: Vec<Arc<Held>> = expired_ids
                     .into_iter()
-                    .filter_map(|id| held.remove(&id).map(|(_, m)| m))
+                    .filter_map(|id| held.remove(&id))
+                    .filter(|h| h.held.finish())
+                    .map(|h| h.held)
                     .collect();
-                let alive: Vec<_> = held
-                    .values()
-                    .map(|(_, m)| (m.reply.clone(), m.context.clone()))
+                let alive: Vec<_> = distinct(held.values().map(|h| h.held.clone()))
+                    .into_iter()
+                    .map(|h| (h.m.reply.clone(), h.m.context.clone()))
                     .collect();
-                (alive, expired)
+                (alive, finished)
             };
-            for m in expired {
-                let _ = m.ack().await;
+            for h in finished {
+                let _ = h.m.ack().await;
             }
             for (reply, context) in alive {
                 if let Some(reply) = reply {
@@ -264,22 +302,53 @@ impl ClusterGroups {
             };
             while let Some(item) = batch.next().await {
                 let Ok(m) = item else { continue };
-                let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), false)
+                let next = || self.broker.next_message_id();
+                let Some(msgs) = wire::decode_all(m.headers.as_ref(), &m.payload, next, false)
                 else {
                     let _ = m.ack_with(AckKind::Term).await;
                     continue;
                 };
-                self.broker.metrics.cluster.in_stream.inc();
-                match self.broker.publish_to_group(&group, &msg) {
-                    Some(Commit::Failed) | None => {
-                        // Full here or not stored: back to the group, for this node or
-                        // another.
-                        let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                self.broker
+                    .metrics
+                    .cluster
+                    .in_stream
+                    .inc_by(msgs.len() as u64);
+                // A batch is taken whole or not at all while the queue here has anything
+                // else (it comes back whole); only a batch larger than an empty queue's
+                // limits loses what does not fit, counted as dropped like any full queue.
+                let outbox = &group.queue.outbox;
+                let weight = msgs.iter().map(|m| m.weight()).sum();
+                if msgs.len() > 1 && !outbox.fits(msgs.len(), weight) && !outbox.is_empty() {
+                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    continue;
+                }
+                let mut taken = Vec::with_capacity(msgs.len());
+                for msg in &msgs {
+                    match self.broker.publish_to_group(&group, msg) {
+                        Some(Commit::Failed) | None => {}
+                        Some(_) => taken.push((msg.id, msg.expires_at)),
                     }
-                    // Acknowledged when a member here is done with it (`done`).
-                    Some(_) => {
-                        self.held().insert(msg.id, (group.key(), m));
-                    }
+                }
+                if taken.is_empty() {
+                    // Full here or not stored: back to the group, for this node or another.
+                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    continue;
+                }
+                // Acknowledged when the members here are done with all of it (`done`).
+                let held = Arc::new(Held {
+                    key: group.key(),
+                    m,
+                    left: AtomicUsize::new(taken.len()),
+                });
+                let mut map = self.held();
+                for (id, expires_at) in taken {
+                    map.insert(
+                        id,
+                        HeldMessage {
+                            held: held.clone(),
+                            expires_at,
+                        },
+                    );
                 }
             }
         }

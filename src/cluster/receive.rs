@@ -227,13 +227,18 @@ pub(crate) async fn consume(
                     }
                 };
                 let own = wire::from_node(m.headers.as_ref(), &node);
-                let Some(msg) = wire::decode(&m.payload, broker.next_message_id(), own) else {
+                let Some(msgs) = wire::decode_all(
+                    m.headers.as_ref(),
+                    &m.payload,
+                    || broker.next_message_id(),
+                    own,
+                ) else {
                     tracing::warn!(subject = %m.subject, "undecodable cluster message dropped");
                     let _ = acks.send((Commit::Done, m));
                     continue;
                 };
                 if !own {
-                    broker.metrics.cluster.in_stream.inc();
+                    broker.metrics.cluster.in_stream.inc_by(msgs.len() as u64);
                 }
                 // Routed to everyone else when it was published here; persistent sessions
                 // take it now, in stream order (see `sessions.rs`, "The seam").
@@ -245,7 +250,8 @@ pub(crate) async fn consume(
                 let seq = m.info().map_or(0, |i| i.stream_sequence);
                 let commit = {
                     let mut position = sequencer.position.lock().await;
-                    let commit = broker.publish_remote(&msg, targets);
+                    let commit =
+                        Commit::all(msgs.iter().map(|msg| broker.publish_remote(msg, targets)));
                     *position = (*position).max(seq);
                     sequencer.seen.store(*position, Ordering::Release);
                     commit

@@ -425,11 +425,14 @@ impl Sessions {
                 break;
             }
             let own = wire::from_node(m.headers.as_ref(), &self.node);
-            if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), own) {
-                let _ = self
-                    .broker
-                    .publish_remote(&msg, Targets::Session(session_id));
-                routed += 1;
+            let next = || self.broker.next_message_id();
+            if let Some(msgs) = wire::decode_all(m.headers.as_ref(), &m.payload, next, own) {
+                for msg in &msgs {
+                    let _ = self
+                        .broker
+                        .publish_remote(msg, Targets::Session(session_id));
+                }
+                routed += msgs.len() as u64;
             }
             last = seq;
             if seq >= to || pending == 0 {

@@ -1098,6 +1098,107 @@ class Ticker(threading.Thread):
 
 
 @pytest.mark.slow
+async def burst_publish(node, topics, per_topic, window=400, timeout=30):
+    """Pipelines `per_topic` QoS 1 messages on each of `topics`, interleaved (payload
+    "<topic>:<i>"), from one 3.1.1 connection with up to `window` unacknowledged: what
+    arrives at the node together forms batches. Returns the PUBACK count."""
+    c = await Conn.open(node, mq.V311, timeout)
+    try:
+        await c.send(mq.connect(f"burst-{time.monotonic_ns()}", mq.V311, clean=True))
+        ack = await c.recv(timeout)
+        assert ack.type == mq.CONNACK and ack.rc == 0, ack
+        plan = [(t, i) for i in range(per_topic) for t in topics]
+        acked = sent = 0
+        while acked < len(plan):
+            out = []
+            while sent < len(plan) and sent - acked < window:
+                t, i = plan[sent]
+                out.append(mq.publish(t, f"{t}:{i}", qos=1, pid=sent % 60000 + 1))
+                sent += 1
+            if out:
+                await c.send(b"".join(out))
+            p = await c.recv(timeout)
+            assert p.type == mq.PUBACK and p.rc == 0, p
+            acked += 1
+        await c.send(mq.disconnect(mq.V311))
+        return acked
+    finally:
+        c.close()
+
+
+def test_bursts_cross_in_batches_whole_and_in_order(tc, mkc):
+    """4 topics x 1,500 QoS 1 messages pipelined into t1 cross to the other nodes batched
+    (several messages per JetStream message, counted by tern_cluster_stream_publishes_total):
+    a clean 5.0 subscriber on t2, a persistent 3.1.1 subscriber on t2 that is offline during
+    the burst, and a shared group of two members on t3 each get what they should: the
+    subscribers every message once and each topic in publish order, the group every message
+    exactly once between its members."""
+    t1, t2, t3 = tc(3, quorum_timeout=5, overrides=BIG_QUEUES)
+    topics = [f"bb/{k}" for k in range(4)]
+    per_topic = 1500
+    total = len(topics) * per_topic
+    live, _ = client(mkc, "live", V5, t2)
+    assert live.subscribe("bb/#", 1) == [1]
+    away, _ = client(mkc, "away", V311, t2, persistent=True)
+    assert away.subscribe("bb/#", 1) == [1]
+    away.disconnect()
+    members = []
+    for k in range(2):
+        m, _ = client(mkc, f"member{k}", V5, t3)
+        assert m.subscribe("$share/g/bb/#", 1) == [1]
+        members.append(m)
+    # Routes in place: one probe reaches all three kinds before the burst.
+    pub, _ = client(mkc, "probe", V5, t1)
+    assert pub.publish("bb/probe", b"p", qos=1, timeout=10) == 0
+    assert live.get(PROPAGATION).payload == b"p"
+    probe_seen = 0
+    for m in members:
+        try:
+            if m.get(2.0).payload == b"p":
+                probe_seen += 1
+        except AssertionError:
+            pass
+    assert probe_seen == 1, "the group takes the probe once"
+    out0 = metric(t1, "tern_cluster_messages_total", {"direction": "out", "path": "stream"})
+    js0 = metric(t1, "tern_cluster_stream_publishes_total")
+    assert asyncio.run(asyncio.wait_for(burst_publish(t1, topics, per_topic), 120)) == total
+    out = metric(t1, "tern_cluster_messages_total", {"direction": "out", "path": "stream"}) - out0
+    js = metric(t1, "tern_cluster_stream_publishes_total") - js0
+    print(f"{total} messages in {js:.0f} JetStream messages ({out / max(js, 1):.1f} per batch)")
+    assert out == total, out
+    assert js < total / 2, f"{total} messages crossed in {js} JetStream messages: no batching"
+
+    def check_order(name, got):
+        per = {t: [] for t in topics}
+        for msg in got:
+            t, i = msg.payload.decode().split(":")
+            per[t].append(int(i))
+        for t in topics:
+            assert per[t] == list(range(per_topic)), f"{name}: {t} not whole and in order"
+
+    check_order("live", live.get_n(total, timeout=60))
+    away2, sp = client(mkc, "away", V311, t2, persistent=True)
+    assert sp, "the persistent session is still on t2"
+    # It was subscribed when the probe went out, too.
+    got = [m for m in away2.get_n(total + 1, timeout=60) if m.payload != b"p"]
+    check_order("away", got)
+    shared = []
+    deadline = time.monotonic() + 60
+    while len(shared) < total and time.monotonic() < deadline:
+        for m in members:
+            try:
+                shared.append(m.get(0.2).payload.decode())
+            except AssertionError:
+                pass
+    counts = collections.Counter(shared)
+    dups = [p for p, n in counts.items() if n > 1]
+    want = {f"{t}:{i}" for t in topics for i in range(per_topic)}
+    assert set(counts) == want, f"group missing {len(want - set(counts))}"
+    assert not dups, f"group got {len(dups)} twice, e.g. {dups[:5]}"
+    for c in (live, away2, *members):
+        c.expect_none(0.5)
+
+
 async def delete_replay_consumers(urls, stop, every=0.2):
     """Fault: every `every` seconds, deletes each ephemeral consumer on TERN_MSGS (a node's
     catch-up reads; the nodes' and groups' consumers are durable and stay). Returns how many
