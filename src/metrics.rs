@@ -77,6 +77,10 @@ pub struct ClusterMetrics {
     /// Messages from other nodes routed here, by the same two paths.
     pub in_live: IntCounter,
     pub in_stream: IntCounter,
+    /// QoS 1 batches' copies over core NATS for clean sessions (`cluster/fast.rs`): sent,
+    /// and routed here (a copy that came after its stream copy is not counted).
+    pub out_fast: IntCounter,
+    pub in_fast: IntCounter,
     /// QoS 1/2 publishes JetStream did not store within `cluster.quorum_timeout`: refused,
     /// never acknowledged.
     pub refused: IntCounter,
@@ -95,7 +99,7 @@ impl ClusterMetrics {
         let messages = IntCounterVec::new(
             Opts::new(
                 "tern_cluster_messages_total",
-                "Messages between this node and the others, by direction and path (live: core NATS, QoS 0; stream: JetStream, QoS 1/2)",
+                "Messages between this node and the others, by direction and path (live: core NATS, QoS 0; stream: JetStream, QoS 1/2; fast: core NATS copies of QoS 1 for clean sessions)",
             ),
             &["direction", "path"],
         )?;
@@ -134,6 +138,8 @@ impl ClusterMetrics {
             out_live: messages.with_label_values(&["out", "live"]),
             out_stream: messages.with_label_values(&["out", "stream"]),
             stream_publishes,
+            out_fast: messages.with_label_values(&["out", "fast"]),
+            in_fast: messages.with_label_values(&["in", "fast"]),
             in_live: messages.with_label_values(&["in", "live"]),
             in_stream: messages.with_label_values(&["in", "stream"]),
             refused,

@@ -81,6 +81,8 @@ pub(crate) struct Forwarder {
     pub(crate) boot: u64,
     pub(crate) quorum_timeout: Duration,
     pub(crate) broker: Arc<Broker>,
+    /// Send all-QoS-1 batches over core NATS too (`cluster.fast_path`, `fast.rs`).
+    pub(crate) fast_path: bool,
     /// A message taken from the queue and not yet handed to NATS (for a shutdown's drain).
     pub(crate) busy: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -266,8 +268,23 @@ impl Forwarder {
             headers: wire::batch_headers(&self.node, batch.msgs.len()),
             id,
         };
-        let first = p.send().await;
         let cluster = &self.broker.metrics.cluster;
+        if self.fast_path && batch.msgs.iter().all(|(m, _, _)| m.qos == QoS::AtLeastOnce) {
+            // The same batch for the clean sessions of the other nodes, first: it is on its
+            // way while JetStream stores the other copy (`fast.rs`).
+            let mut headers = p.headers.clone();
+            headers.insert(super::fast::ID, p.id.as_str());
+            let subject = super::fast::subject(&self.names);
+            match self
+                .client
+                .publish_with_headers(subject, headers, p.body.clone())
+                .await
+            {
+                Ok(()) => cluster.out_fast.inc_by(batch.msgs.len() as u64),
+                Err(e) => tracing::debug!(error = %e, "fast copy not sent"),
+            }
+        }
+        let first = p.send().await;
         cluster.out_stream.inc_by(batch.msgs.len() as u64);
         cluster.stream_publishes.inc();
         let mut waiting = Vec::with_capacity(batch.msgs.len());

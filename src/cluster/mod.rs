@@ -31,6 +31,7 @@
 
 mod anchors;
 mod claims;
+mod fast;
 mod forward;
 mod groups;
 mod receive;
@@ -305,6 +306,7 @@ impl Node {
                 boot: boot_id(),
                 quorum_timeout: config.quorum_timeout,
                 broker: broker.clone(),
+                fast_path: config.fast_path,
                 busy: busy.clone(),
             }
             .run(rx),
@@ -346,12 +348,24 @@ impl Node {
         wills.reap(&config.node).await;
         tasks.push(tokio::spawn(wills.clone().watch_nodes()));
         let sequencer = Arc::new(sessions::Sequencer::default());
+        let seen = Arc::new(fast::Seen::default());
+        tasks.push(
+            fast::receive(
+                broker.clone(),
+                client.clone(),
+                &names,
+                config.node.clone(),
+                seen.clone(),
+            )
+            .await?,
+        );
         tasks.push(
             receive::consume(
                 broker.clone(),
                 setup.consumer,
                 config.node.clone(),
                 sequencer.clone(),
+                seen,
             )
             .await?,
         );

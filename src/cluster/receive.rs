@@ -196,6 +196,7 @@ pub(crate) async fn consume(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     node: String,
     sequencer: Arc<Sequencer>,
+    seen: Arc<super::fast::Seen>,
 ) -> Result<JoinHandle<()>, ClusterError> {
     let (acks, pending) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(acker(pending));
@@ -240,9 +241,13 @@ pub(crate) async fn consume(
                 if !own {
                     broker.metrics.cluster.in_stream.inc_by(msgs.len() as u64);
                 }
-                // Routed to everyone else when it was published here; persistent sessions
-                // take it now, in stream order (see `sessions.rs`, "The seam").
-                let targets = if own {
+                // Routed to everyone else when it was published here, or to the clean
+                // sessions here when its fast copy came first (`fast.rs`); persistent
+                // sessions take it now, in stream order (see `sessions.rs`, "The seam").
+                let fast_routed = !own
+                    && super::fast::has_fast_copy(m.headers.as_ref(), &msgs)
+                        .is_some_and(|id| seen.stream(id, std::time::Instant::now()));
+                let targets = if own || fast_routed {
                     Targets::PersistentOnly
                 } else {
                     Targets::All

@@ -31,7 +31,7 @@ import time
 import pytest
 
 from cluster import NatsClient
-from pahoutil import V311, V5, mqtt
+from pahoutil import V311, V5, metric, mqtt
 
 VERSIONS = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
 # quorum_timeout of the nodes in these tests: how long a QoS >= 1 publish waits for JetStream.
@@ -259,6 +259,45 @@ def test_v5_puback_success_when_only_other_nodes_subscribe(tern_cluster, mkc):
     got = sub.get_n(5, timeout=PROPAGATION)
     assert sorted(m.payload for m in got) == [f"m{i}".encode() for i in range(5)]
     assert rcs == [0] * 5, f"PUBACK reason codes {[hex(rc) for rc in rcs]} (t2 subscribes)"
+
+
+def test_qos1_fast_copies_and_the_stream_deliver_once(tern_cluster, mkc, version):
+    """QoS 1 reaches other nodes' clean sessions through a core NATS copy as well as the
+    stream (docs/cluster.md, fast path); every subscriber still gets every message once and
+    in order: from t1, which sends no fast copies (cluster.fast_path = false: every stream
+    copy arrives alone, as when a fast copy is lost), from t3, which does, and QoS 2 from t3,
+    which never has one. A clean and a persistent subscriber on t2."""
+    (t1,) = tern_cluster(1, quorum_timeout=QUORUM_TIMEOUT, fast_path=False)
+    t2, t3 = tern_cluster(2, quorum_timeout=QUORUM_TIMEOUT)
+    clean = connected(mkc, "clean", version, t2)
+    assert clean.subscribe("fp/#", 2) == [2]
+    durable = connected(mkc, "durable", version, t2, persistent=True)
+    assert durable.subscribe("fp/#", 2) == [2]
+    p1 = connected(mkc, "p1", version, t1)
+    p3 = connected(mkc, "p3", version, t3)
+    wait_routes([p1, p3], [clean, durable], "fp/probe", qos=(1,))
+    fast_out = [metric(n, "tern_cluster_messages_total", {"direction": "out", "path": "fast"})
+                for n in (t1, t3)]
+    n = 150
+    plan = [(p1, "fp/a", 1), (p3, "fp/b", 1), (p3, "fp/c", 2)]
+    mids = []
+    for i in range(n):
+        for p, topic, q in plan:
+            mids.append((p, p.publish(topic, f"{i}".encode(), qos=q, wait=False)))
+    for p, mid in mids:
+        p.wait_published(mid, timeout=QUORUM_TIMEOUT + 30)
+    for c in (clean, durable):
+        got = c.get_n(len(plan) * n, timeout=PROPAGATION + 15)
+        per = collections.defaultdict(list)
+        for m in got:
+            per[m.topic].append(int(m.payload))
+        for _, topic, _ in plan:
+            assert per[topic] == list(range(n)), f"{c.client_id}: {topic} not once each, in order"
+        c.expect_none(1.0)
+    sent = [metric(node, "tern_cluster_messages_total", {"direction": "out", "path": "fast"}) - f
+            for node, f in zip((t1, t3), fast_out)]
+    assert sent == [0, n], f"fast copies sent by t1 (fast_path off), t3: {sent}"
+    assert metric(t2, "tern_cluster_messages_total", {"direction": "in", "path": "fast"}) > 0
 
 
 def test_overlapping_filters_one_copy_per_session(tern_cluster, mkc, version):

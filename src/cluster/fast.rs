@@ -1,0 +1,187 @@
+//! The fast path for QoS 1 to clean sessions: a copy of each all-QoS-1 batch over core NATS,
+//! besides the stream.
+//!
+//! Through the stream a message reaches another node only after JetStream stored it with
+//! its replicas and handed it to that node's consumer: about a millisecond more than a core
+//! NATS hop. Persistent sessions must take their messages in stream order (a session moves
+//! between nodes cut at a stream position, `sessions.rs`), but a clean session has no such
+//! position: it may take a message as soon as it arrives. So the forwarder also publishes
+//! each batch whose messages are all QoS 1 on the core subject `P.fast`, and a receiving
+//! node routes that copy to its clean sessions at once ([`Targets::NotPersistent`]); when the
+//! stream copy comes, it goes to the persistent sessions only. The stream stays the path that
+//! guarantees delivery: a fast copy that is lost (core NATS is at most once) is noticed when
+//! the stream copy comes without one, which then goes to everyone.
+//!
+//! | first to arrive | then | routed |
+//! |---|---|---|
+//! | fast copy | stream copy | fast → clean sessions; stream → persistent ones |
+//! | stream copy | fast copy | stream → everyone; fast → nobody |
+//! | stream copy | (fast copy lost) | stream → everyone |
+//! | fast copy | (stream copy never: JetStream refused, the publisher was refused) | fast → clean sessions: delivered, not acknowledged, as a single node delivers to clean sessions before its commit |
+//!
+//! The two copies carry the same id (the stream's deduplication id). What one side saw waits
+//! for the other in [`Seen`] for at most [`FORGET`]; an entry whose other copy never comes is
+//! dropped then. Only QoS 1: a QoS 2 message delivered through the fast path whose stream
+//! publish then failed would come again as a new message when its publisher sends it again,
+//! which exactly once does not allow.
+
+use super::{wire, ClusterError, Names};
+use crate::broker::{Broker, Targets};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// How long one copy's arrival is remembered waiting for the other.
+const FORGET: Duration = Duration::from_secs(120);
+/// Header naming a copy's id on the fast path (the stream copy has `Nats-Msg-Id`).
+pub(crate) const ID: &str = "Tern-Id";
+/// JetStream's deduplication header, kept on the stored message.
+const MSG_ID: &str = "Nats-Msg-Id";
+
+/// The subject of fast copies.
+pub(crate) fn subject(names: &Names) -> String {
+    format!("{}.fast", names.prefix)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Fast,
+    Stream,
+}
+
+/// Which copy of which batch arrived first and is waiting for the other.
+#[derive(Default)]
+pub(crate) struct Seen {
+    waiting: Mutex<HashMap<String, (Side, Instant)>>,
+}
+
+impl Seen {
+    /// The fast copy of `id` arrived: whether to route it (the stream copy did not come
+    /// first).
+    pub(crate) fn fast(&self, id: &str, now: Instant) -> bool {
+        self.arrived(id, Side::Fast, now)
+    }
+
+    /// The stream copy of `id` arrived: whether its fast copy was routed already (then it
+    /// goes to persistent sessions only).
+    pub(crate) fn stream(&self, id: &str, now: Instant) -> bool {
+        !self.arrived(id, Side::Stream, now)
+    }
+
+    /// True when `side` is first.
+    fn arrived(&self, id: &str, side: Side, now: Instant) -> bool {
+        let mut w = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        match w.remove(id) {
+            Some((other, _)) if other != side => false,
+            _ => {
+                w.insert(id.to_string(), (side, now));
+                true
+            }
+        }
+    }
+
+    /// Forgets what waited longer than [`FORGET`] (its other copy is not coming).
+    pub(crate) fn forget_old(&self, now: Instant) {
+        let mut w = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        w.retain(|_, (_, at)| now.duration_since(*at) < FORGET);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Whether a stream message of another node has a fast copy (it is a batch of QoS 1 only),
+/// and its id.
+pub(crate) fn has_fast_copy<'a>(
+    headers: Option<&'a async_nats::HeaderMap>,
+    msgs: &[Arc<crate::message::Message>],
+) -> Option<&'a str> {
+    if msgs.is_empty()
+        || msgs
+            .iter()
+            .any(|m| m.qos != crate::protocol::QoS::AtLeastOnce)
+    {
+        return None;
+    }
+    headers.and_then(|h| h.get(MSG_ID)).map(|v| v.as_str())
+}
+
+/// Routes the fast copies of other nodes' batches to this node's clean sessions.
+pub(crate) async fn receive(
+    broker: Arc<Broker>,
+    client: async_nats::Client,
+    names: &Names,
+    node: String,
+    seen: Arc<Seen>,
+) -> Result<JoinHandle<()>, ClusterError> {
+    let mut sub = client
+        .subscribe(subject(names))
+        .await
+        .map_err(|e| ClusterError::JetStream(format!("subscribe: {e}")))?;
+    Ok(tokio::spawn(async move {
+        let mut last_forget = Instant::now();
+        while let Some(m) = sub.next().await {
+            let now = Instant::now();
+            if now.duration_since(last_forget) > FORGET / 4 {
+                seen.forget_old(now);
+                last_forget = now;
+            }
+            if wire::from_node(m.headers.as_ref(), &node) {
+                continue;
+            }
+            let Some(id) = m.headers.as_ref().and_then(|h| h.get(ID)) else {
+                continue;
+            };
+            if !seen.fast(id.as_str(), now) {
+                continue;
+            }
+            let next = || broker.next_message_id();
+            match wire::decode_all(m.headers.as_ref(), &m.payload, next, false) {
+                Some(msgs) => {
+                    broker.metrics.cluster.in_fast.inc_by(msgs.len() as u64);
+                    for msg in &msgs {
+                        let _ = broker.publish_remote(msg, Targets::NotPersistent);
+                    }
+                }
+                None => tracing::warn!(subject = %m.subject, "undecodable cluster message dropped"),
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every order of arrival routes each copy to the right sessions, once.
+    #[test]
+    fn whichever_copy_comes_first_the_other_is_matched() {
+        let s = Seen::default();
+        let t = Instant::now();
+        assert!(s.fast("a", t), "fast first: routed");
+        assert!(s.stream("a", t), "then the stream copy: persistent only");
+        assert_eq!(s.len(), 0);
+        assert!(!s.stream("b", t), "stream first: everyone");
+        assert!(!s.fast("b", t), "then the fast copy: nobody");
+        assert_eq!(s.len(), 0);
+        // A stream copy again (a redelivery) after both: everyone again (at least once).
+        assert!(!s.stream("b", t));
+        // Waiting copies are forgotten after FORGET.
+        assert!(s.fast("c", t));
+        s.forget_old(t + FORGET / 2);
+        assert_eq!(s.len(), 2, "b (stream) and c (fast) wait");
+        s.forget_old(t + FORGET);
+        assert_eq!(s.len(), 0);
+        assert!(
+            !s.stream("c", t + FORGET),
+            "its fast copy forgotten: everyone"
+        );
+    }
+}
