@@ -19,9 +19,11 @@
 //! | stream copy | (fast copy lost) | stream → everyone |
 //! | fast copy | (stream copy never: JetStream refused, the publisher was refused) | fast → clean sessions: delivered, not acknowledged, as a single node delivers to clean sessions before its commit |
 //!
-//! The two copies carry the same id (the stream's deduplication id). What one side saw waits
-//! for the other in [`Seen`] for at most [`FORGET`]; an entry whose other copy never comes is
-//! dropped then. Only QoS 1: a QoS 2 message delivered through the fast path whose stream
+//! The two copies carry the same id (the stream's deduplication id), and the stream copy
+//! says that a fast copy exists ([`MARK`]). What one side saw waits for the other in [`Seen`]
+//! for at most [`FORGET`]; an entry whose other copy never comes is dropped then. A fast copy
+//! that was lost lets its stream copy reach clean sessions after later messages of its topic
+//! that came the fast way: ordering holds except around such a loss. Only QoS 1: a QoS 2 message delivered through the fast path whose stream
 //! publish then failed would come again as a new message when its publisher sends it again,
 //! which exactly once does not allow.
 
@@ -37,6 +39,10 @@ use tokio::task::JoinHandle;
 const FORGET: Duration = Duration::from_secs(120);
 /// Header naming a copy's id on the fast path (the stream copy has `Nats-Msg-Id`).
 pub(crate) const ID: &str = "Tern-Id";
+/// Header of a stream copy that has a fast copy: only such a stream copy waits in [`Seen`]
+/// for its fast copy (a node with `fast_path = false` sends none, and what waits for
+/// nothing would fill the map for [`FORGET`]).
+pub(crate) const MARK: &str = "Tern-Fast";
 /// JetStream's deduplication header, kept on the stored message.
 const MSG_ID: &str = "Nats-Msg-Id";
 
@@ -97,20 +103,11 @@ impl Seen {
     }
 }
 
-/// Whether a stream message of another node has a fast copy (it is a batch of QoS 1 only),
-/// and its id.
-pub(crate) fn has_fast_copy<'a>(
-    headers: Option<&'a async_nats::HeaderMap>,
-    msgs: &[Arc<crate::message::Message>],
-) -> Option<&'a str> {
-    if msgs.is_empty()
-        || msgs
-            .iter()
-            .any(|m| m.qos != crate::protocol::QoS::AtLeastOnce)
-    {
-        return None;
-    }
-    headers.and_then(|h| h.get(MSG_ID)).map(|v| v.as_str())
+/// The id of a stream copy that has a fast copy (its sender said so with [`MARK`]).
+pub(crate) fn has_fast_copy(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    let h = headers?;
+    h.get(MARK)?;
+    h.get(MSG_ID).map(|v| v.as_str())
 }
 
 /// Routes the fast copies of other nodes' batches to this node's clean sessions.
@@ -159,6 +156,16 @@ pub(crate) async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_marked_stream_copy_waits_for_a_fast_one() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(MSG_ID, "t1.9.42");
+        assert_eq!(has_fast_copy(Some(&h)), None, "not marked: no fast copy");
+        h.insert(MARK, "1");
+        assert_eq!(has_fast_copy(Some(&h)), Some("t1.9.42"));
+        assert_eq!(has_fast_copy(None), None);
+    }
 
     /// Every order of arrival routes each copy to the right sessions, once.
     #[test]

@@ -261,15 +261,21 @@ impl Forwarder {
             [(one, _, _)] => wire::encode(one),
             many => wire::encode_batch(&many.iter().map(|(m, _, _)| &**m).collect::<Vec<_>>()),
         };
+        let fast = self.fast_path && batch.msgs.iter().all(|(m, _, _)| m.qos == QoS::AtLeastOnce);
+        let mut headers = wire::batch_headers(&self.node, batch.msgs.len());
+        if fast {
+            // Tells the receivers to expect the fast copy (`fast.rs`).
+            headers.insert(super::fast::MARK, "1");
+        }
         let p = Publish {
             js: self.js.clone(),
             subject: self.names.msgs.topic(head.topic.as_str()),
             body,
-            headers: wire::batch_headers(&self.node, batch.msgs.len()),
+            headers,
             id,
         };
         let cluster = &self.broker.metrics.cluster;
-        if self.fast_path && batch.msgs.iter().all(|(m, _, _)| m.qos == QoS::AtLeastOnce) {
+        if fast {
             // The same batch for the clean sessions of the other nodes, first: it is on its
             // way while JetStream stores the other copy (`fast.rs`).
             let mut headers = p.headers.clone();

@@ -245,7 +245,7 @@ pub(crate) async fn consume(
                 // sessions here when its fast copy came first (`fast.rs`); persistent
                 // sessions take it now, in stream order (see `sessions.rs`, "The seam").
                 let fast_routed = !own
-                    && super::fast::has_fast_copy(m.headers.as_ref(), &msgs)
+                    && super::fast::has_fast_copy(m.headers.as_ref())
                         .is_some_and(|id| seen.stream(id, std::time::Instant::now()));
                 let targets = if own || fast_routed {
                     Targets::PersistentOnly
