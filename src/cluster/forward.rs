@@ -144,6 +144,14 @@ struct Batch {
 }
 
 impl Batch {
+    /// Nothing (a batch sent early leaves this in its place; `stream` skips it).
+    fn empty() -> Batch {
+        Batch {
+            msgs: Vec::new(),
+            bytes: 0,
+        }
+    }
+
     fn new(msg: Arc<Message>, local: Commit, done: oneshot::Sender<()>) -> Batch {
         let bytes = msg.weight();
         Batch {
@@ -187,6 +195,15 @@ impl Forwarder {
             let mut by_topic: HashMap<MqttStr, usize> = HashMap::new();
             for Outgoing { msg, gate } in chunk.drain(..) {
                 let Some((local, done)) = gate else {
+                    if msg.retain {
+                        // Its retained copy must not overtake a retained QoS 1/2 message of
+                        // its topic still in a batch here: the retained stream's last message
+                        // of a topic is the topic's retained message on every node.
+                        if let Some(i) = by_topic.remove(&msg.topic) {
+                            let waiting = std::mem::replace(&mut open[i], Batch::empty());
+                            self.stream(waiting).await;
+                        }
+                    }
                     self.live(msg).await;
                     continue;
                 };

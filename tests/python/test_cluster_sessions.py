@@ -1199,6 +1199,57 @@ def test_bursts_cross_in_batches_whole_and_in_order(tc, mkc):
         c.expect_none(0.5)
 
 
+async def retained_pairs(node, n, timeout=30):
+    """For k < n, on topic rr/<k>: a retained QoS 1 "first-<k>" then a retained QoS 0
+    "last-<k>", all pipelined in one write (the QoS 1 ones batched, the QoS 0 ones not)."""
+    c = await Conn.open(node, mq.V311, timeout)
+    try:
+        await c.send(mq.connect(f"rr-{time.monotonic_ns()}", mq.V311, clean=True))
+        ack = await c.recv(timeout)
+        assert ack.type == mq.CONNACK and ack.rc == 0, ack
+        out = []
+        for k in range(n):
+            out.append(mq.publish(f"rr/{k}", f"first-{k}", qos=1, pid=k + 1, retain=True))
+            out.append(mq.publish(f"rr/{k}", f"last-{k}", qos=0, retain=True))
+        await c.send(b"".join(out))
+        for _ in range(n):
+            p = await c.recv(timeout)
+            assert p.type == mq.PUBACK and p.rc == 0, p
+        await c.send(mq.disconnect(mq.V311))
+    finally:
+        c.close()
+
+
+def test_retained_order_holds_across_batches(tc, mkc):
+    """A retained QoS 1 message (which crosses in a batch) followed at once by a retained QoS 0
+    one on the same topic (which crosses alone): on every node the topic's retained message is
+    the QoS 0 one, the last published, as on the publishing node."""
+    nodes = tc(3, quorum_timeout=5)
+    n = 200
+    asyncio.run(asyncio.wait_for(retained_pairs(nodes[0], n), 60))
+    want = {f"rr/{k}": f"last-{k}".encode() for k in range(n)}
+    for node in nodes:
+        deadline = time.monotonic() + PROPAGATION
+        while True:
+            c, _ = client(mkc, f"rr-check-{node.node}-{time.monotonic_ns()}", V311, node)
+            assert c.subscribe("rr/#", 0) == [0]
+            got = {}
+            try:
+                while len(got) < n:
+                    m = c.get(2.0)
+                    got[m.topic] = m.payload
+            except AssertionError:
+                pass
+            c.disconnect()
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        wrong = {t: v for t, v in got.items() if want.get(t) != v}
+        assert len(got) == n and not wrong, (
+            f"{node.node}: {len(got)} retained, {len(wrong)} not the last, e.g. "
+            f"{list(wrong.items())[:3]}")
+
+
 async def delete_replay_consumers(urls, stop, every=0.2):
     """Fault: every `every` seconds, deletes each ephemeral consumer on TERN_MSGS (a node's
     catch-up reads; the nodes' and groups' consumers are durable and stay). Returns how many
