@@ -112,15 +112,18 @@ impl Broker {
         }
     }
 
-    /// Routes a message from the cluster to `targets` (all, for another node's message; the
-    /// persistent sessions, for this node's own back from the stream). Its retained
-    /// slot is not touched here: retained state arrives in its own order through
-    /// [`Broker::apply_retained`]. Returns the commit of what it stored for persistent
-    /// sessions here; the caller acknowledges the message to the cluster after it.
-    pub fn publish_remote(&self, msg: &Arc<Message>, targets: Targets) -> Commit {
+    /// Routes messages from the cluster (one, or a batch of one topic's) to `targets` (all,
+    /// for another node's message; the persistent sessions, for this node's own back from
+    /// the stream), in order. Their retained slot is not touched here: retained state
+    /// arrives in its own order through [`Broker::apply_retained`]. Returns the commit of
+    /// what they stored for persistent sessions here, one for the whole batch; the caller
+    /// acknowledges the batch to the cluster after it.
+    pub fn publish_remote(&self, msgs: &[Arc<Message>], targets: Targets) -> Commit {
         let mut scratch = Vec::new();
         let mut staged = Staged::default();
-        self.route(msg, &mut scratch, &mut staged, false, targets);
+        for msg in msgs {
+            self.route(msg, &mut scratch, &mut staged, false, targets);
+        }
         self.submit_staged(staged)
     }
 

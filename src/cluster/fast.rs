@@ -143,9 +143,7 @@ pub(crate) async fn receive(
             match wire::decode_all(m.headers.as_ref(), &m.payload, next, false) {
                 Some(msgs) => {
                     broker.metrics.cluster.in_fast.inc_by(msgs.len() as u64);
-                    for msg in &msgs {
-                        let _ = broker.publish_remote(msg, Targets::NotPersistent);
-                    }
+                    let _ = broker.publish_remote(&msgs, Targets::NotPersistent);
                 }
                 None => tracing::warn!(subject = %m.subject, "undecodable cluster message dropped"),
             }

@@ -255,8 +255,7 @@ pub(crate) async fn consume(
                 let seq = m.info().map_or(0, |i| i.stream_sequence);
                 let commit = {
                     let mut position = sequencer.position.lock().await;
-                    let commit =
-                        Commit::all(msgs.iter().map(|msg| broker.publish_remote(msg, targets)));
+                    let commit = broker.publish_remote(&msgs, targets);
                     *position = (*position).max(seq);
                     sequencer.seen.store(*position, Ordering::Release);
                     commit
@@ -322,7 +321,7 @@ pub(crate) async fn live(
             match wire::decode(&m.payload, broker.next_message_id(), false) {
                 Some(msg) => {
                     broker.metrics.cluster.in_live.inc();
-                    let _ = broker.publish_remote(&msg, Targets::All);
+                    let _ = broker.publish_remote(std::slice::from_ref(&msg), Targets::All);
                 }
                 None => tracing::warn!(subject = %m.subject, "undecodable cluster message dropped"),
             }

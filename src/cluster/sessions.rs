@@ -427,11 +427,9 @@ impl Sessions {
             let own = wire::from_node(m.headers.as_ref(), &self.node);
             let next = || self.broker.next_message_id();
             if let Some(msgs) = wire::decode_all(m.headers.as_ref(), &m.payload, next, own) {
-                for msg in &msgs {
-                    let _ = self
-                        .broker
-                        .publish_remote(msg, Targets::Session(session_id));
-                }
+                let _ = self
+                    .broker
+                    .publish_remote(&msgs, Targets::Session(session_id));
                 routed += msgs.len() as u64;
             }
             last = seq;

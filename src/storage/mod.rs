@@ -125,37 +125,6 @@ impl Commit {
     }
 }
 
-impl Commit {
-    /// Done when every one of `commits` is; failed when any fails (one task waits for them
-    /// when more than one is pending: a cluster batch's messages, `cluster/receive.rs`).
-    pub fn all(commits: impl IntoIterator<Item = Commit>) -> Commit {
-        let mut pending = Vec::new();
-        for c in commits {
-            match c {
-                Commit::Done => {}
-                Commit::Failed => return Commit::Failed,
-                Commit::Pending(rx) => pending.push(rx),
-            }
-        }
-        match pending.len() {
-            0 => Commit::Done,
-            1 => pending.pop().map_or(Commit::Done, Commit::Pending),
-            _ => {
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(async move {
-                    for p in pending {
-                        if p.await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = tx.send(());
-                });
-                Commit::Pending(rx)
-            }
-        }
-    }
-}
-
 pub trait Store: Send + Sync + 'static {
     /// Whether anything is written at all (`false` for `durability = "memory"`): callers skip
     /// building operations nobody would keep.
@@ -228,40 +197,4 @@ pub fn open(config: &StorageConfig) -> Result<(Arc<dyn Store>, Recovered), Stora
     };
     let (store, recovered) = DurableStore::open(&config.dir, mode)?;
     Ok((Arc::new(store), recovered))
-}
-
-#[cfg(test)]
-mod commit_tests {
-    use super::Commit;
-    use tokio::sync::oneshot;
-
-    async fn settled(c: Commit) -> bool {
-        match c {
-            Commit::Done => true,
-            Commit::Failed => false,
-            Commit::Pending(rx) => rx.await.is_ok(),
-        }
-    }
-
-    #[tokio::test]
-    async fn all_is_done_only_when_every_one_is() {
-        assert!(matches!(Commit::all(Vec::new()), Commit::Done));
-        assert!(matches!(
-            Commit::all([Commit::Done, Commit::Failed]),
-            Commit::Failed
-        ));
-        let (a, ra) = oneshot::channel();
-        let (b, rb) = oneshot::channel();
-        let all = Commit::all([Commit::Pending(ra), Commit::Done, Commit::Pending(rb)]);
-        b.send(()).unwrap();
-        a.send(()).unwrap();
-        assert!(settled(all).await);
-        // One of them failing (its sender dropped) fails the whole.
-        let (a, ra) = oneshot::channel();
-        let (b, rb) = oneshot::channel::<()>();
-        let all = Commit::all([Commit::Pending(ra), Commit::Pending(rb)]);
-        a.send(()).unwrap();
-        drop(b);
-        assert!(!settled(all).await);
-    }
 }
