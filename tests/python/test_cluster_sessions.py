@@ -990,20 +990,24 @@ async def storm_setup(node, n, timeout):
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def storm_publish(node, n, timeout, window=50):
-    """One QoS 1 message to each st/<i> (payload m<i>) from one 3.1.1 connection on `node`;
-    returns the PUBACK count."""
+async def publish_pipelined(node, items, timeout, window):
+    """Publishes `items` ((topic, payload) pairs) at QoS 1 from one 3.1.1 connection on
+    `node`, up to `window` unacknowledged, each round of new ones in one write (what arrives
+    together forms the cluster's batches); returns the PUBACK count."""
     c = await Conn.open(node, mq.V311, timeout)
     try:
-        await c.send(mq.connect(f"storm-pub-{time.monotonic_ns()}", mq.V311, clean=True))
+        await c.send(mq.connect(f"pipelined-{time.monotonic_ns()}", mq.V311, clean=True))
         ack = await c.recv(timeout)
         assert ack.type == mq.CONNACK and ack.rc == 0, ack
-        acked = 0
-        sent = 0
-        while acked < n:
-            while sent < n and sent - acked < window:
-                await c.send(mq.publish(f"st/{sent}", f"m{sent}", qos=1, pid=sent % 60000 + 1))
+        acked = sent = 0
+        while acked < len(items):
+            out = []
+            while sent < len(items) and sent - acked < window:
+                topic, payload = items[sent]
+                out.append(mq.publish(topic, payload, qos=1, pid=sent % 60000 + 1))
                 sent += 1
+            if out:
+                await c.send(b"".join(out))
             p = await c.recv(timeout)
             assert p.type == mq.PUBACK and p.rc == 0, p
             acked += 1
@@ -1011,6 +1015,13 @@ async def storm_publish(node, n, timeout, window=50):
         return acked
     finally:
         c.close()
+
+
+async def storm_publish(node, n, timeout, window=50):
+    """One QoS 1 message to each st/<i> (payload m<i>) from one connection on `node`;
+    returns the PUBACK count."""
+    return await publish_pipelined(node, [(f"st/{i}", f"m{i}") for i in range(n)], timeout,
+                                   window)
 
 
 async def storm_reconnect(nodes, n, timeout, message_timeout=15.0):
@@ -1099,31 +1110,10 @@ class Ticker(threading.Thread):
 
 @pytest.mark.slow
 async def burst_publish(node, topics, per_topic, window=400, timeout=30):
-    """Pipelines `per_topic` QoS 1 messages on each of `topics`, interleaved (payload
-    "<topic>:<i>"), from one 3.1.1 connection with up to `window` unacknowledged: what
-    arrives at the node together forms batches. Returns the PUBACK count."""
-    c = await Conn.open(node, mq.V311, timeout)
-    try:
-        await c.send(mq.connect(f"burst-{time.monotonic_ns()}", mq.V311, clean=True))
-        ack = await c.recv(timeout)
-        assert ack.type == mq.CONNACK and ack.rc == 0, ack
-        plan = [(t, i) for i in range(per_topic) for t in topics]
-        acked = sent = 0
-        while acked < len(plan):
-            out = []
-            while sent < len(plan) and sent - acked < window:
-                t, i = plan[sent]
-                out.append(mq.publish(t, f"{t}:{i}", qos=1, pid=sent % 60000 + 1))
-                sent += 1
-            if out:
-                await c.send(b"".join(out))
-            p = await c.recv(timeout)
-            assert p.type == mq.PUBACK and p.rc == 0, p
-            acked += 1
-        await c.send(mq.disconnect(mq.V311))
-        return acked
-    finally:
-        c.close()
+    """`per_topic` QoS 1 messages on each of `topics`, interleaved (payload "<topic>:<i>"),
+    pipelined from one connection; returns the PUBACK count."""
+    items = [(t, f"{t}:{i}") for i in range(per_topic) for t in topics]
+    return await publish_pipelined(node, items, timeout, window)
 
 
 def test_bursts_cross_in_batches_whole_and_in_order(tc, mkc):
