@@ -136,17 +136,18 @@ pub(crate) async fn receive(
             let Some(id) = m.headers.as_ref().and_then(|h| h.get(ID)) else {
                 continue;
             };
+            // Decoded before it counts as routed: a copy that cannot be routed leaves its
+            // clean sessions to the stream copy.
+            let next = || broker.next_message_id();
+            let Some(msgs) = wire::decode_all(m.headers.as_ref(), &m.payload, next, false) else {
+                tracing::warn!(subject = %m.subject, "undecodable cluster message dropped");
+                continue;
+            };
             if !seen.fast(id.as_str(), now) {
                 continue;
             }
-            let next = || broker.next_message_id();
-            match wire::decode_all(m.headers.as_ref(), &m.payload, next, false) {
-                Some(msgs) => {
-                    broker.metrics.cluster.in_fast.inc_by(msgs.len() as u64);
-                    let _ = broker.publish_remote(&msgs, Targets::NotPersistent);
-                }
-                None => tracing::warn!(subject = %m.subject, "undecodable cluster message dropped"),
-            }
+            broker.metrics.cluster.in_fast.inc_by(msgs.len() as u64);
+            let _ = broker.publish_remote(&msgs, Targets::NotPersistent);
         }
     }))
 }

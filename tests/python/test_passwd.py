@@ -9,6 +9,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -169,7 +170,18 @@ def _run_on_terminal(path, user, answers):
                 break
             seen += chunk
     finally:
-        _, status = os.waitpid(pid, 0)
+        # A prompt that never came leaves the child waiting for input: it is killed after
+        # 10 s rather than waited for for ever (that hung a whole `make test` once).
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                break
+            time.sleep(0.05)
         os.close(fd)
     return os.waitstatus_to_exitcode(status), seen
 
