@@ -444,3 +444,20 @@ class ClientFactory:
     def close(self):
         for c in self.clients:
             c.close()
+
+
+def closed_by_server(c, timeout):
+    """Waits until c's connection ends; the reason code of the broker's DISCONNECT, or None
+    when the broker just closed the connection (all it can do in 3.1.1)."""
+    reason, flags, _, _ = c.wait_disconnect(timeout)
+    return reason.value if flags.is_disconnect_packet_from_server else None
+
+
+def take_all(c):
+    """The messages c has received so far, without waiting."""
+    out = []
+    while True:
+        try:
+            out.append(c.messages.get_nowait())
+        except queue.Empty:
+            return out

@@ -32,6 +32,7 @@ import pytest
 
 from cluster import NatsClient
 from pahoutil import V311, V5, metric, mqtt
+from pahoutil import closed_by_server, take_all
 
 VERSIONS = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
 # quorum_timeout of the nodes in these tests: how long a QoS >= 1 publish waits for JetStream.
@@ -60,20 +61,7 @@ def connected(mkc, name, version, node, **kw):
 
 
 def closed_by(c, timeout=PROPAGATION):
-    """Waits until c's connection ends; the reason code of the broker's DISCONNECT, or None when
-    the broker just closed the connection (all it can do in 3.1.1)."""
-    reason, flags, _, _ = c.wait_disconnect(timeout)
-    return reason.value if flags.is_disconnect_packet_from_server else None
-
-
-def take_all(c):
-    """The messages c has received so far, without waiting."""
-    out = []
-    while True:
-        try:
-            out.append(c.messages.get_nowait())
-        except queue.Empty:
-            return out
+    return closed_by_server(c, timeout)
 
 
 def is_probe(m):

@@ -39,6 +39,7 @@ import mqttraw as mq
 from cluster import TernCluster
 from conftest import TERN_BIN, Broker
 from pahoutil import V311, V5, PacketTypes, Will, metric, props
+from pahoutil import closed_by_server, take_all
 
 VERSIONS = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
 # How long a subscription, a takeover, or a catch-up may take to reach / settle on other nodes.
@@ -132,19 +133,7 @@ def client(mkc, name, version, node, persistent=False, **kw):
 
 
 def closed_by(c, timeout=PROPAGATION):
-    """Waits until c's connection ends; the reason code of the broker's DISCONNECT, or None when
-    the broker just closed the connection."""
-    reason, flags, _, _ = c.wait_disconnect(timeout)
-    return reason.value if flags.is_disconnect_packet_from_server else None
-
-
-def take_all(c):
-    out = []
-    while True:
-        try:
-            out.append(c.messages.get_nowait())
-        except queue.Empty:
-            return out
+    return closed_by_server(c, timeout)
 
 
 class Inbox:
