@@ -92,6 +92,9 @@ pub struct ClusterMetrics {
     pub available: IntGauge,
     /// Nodes with a live heartbeat.
     pub members: IntGauge,
+    /// QoS 1 deliveries to persistent sessions made from a fast copy, before the message was
+    /// stored (`broker/early.rs`).
+    pub early: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -99,7 +102,7 @@ impl ClusterMetrics {
         let messages = IntCounterVec::new(
             Opts::new(
                 "tern_cluster_messages_total",
-                "Messages between this node and the others, by direction and path (live: core NATS, QoS 0; stream: JetStream, QoS 1/2; fast: core NATS copies of QoS 1 for clean sessions)",
+                "Messages between this node and the others, by direction and path (live: core NATS, QoS 0; stream: JetStream, QoS 1/2; fast: core NATS copies of QoS 1, for clean sessions and early deliveries)",
             ),
             &["direction", "path"],
         )?;
@@ -134,6 +137,11 @@ impl ClusterMetrics {
             "Nodes of the cluster with a live heartbeat, this one included (0 on a single node)",
         )?;
         registry.register(Box::new(members.clone()))?;
+        let early = IntCounter::new(
+            "tern_cluster_early_deliveries_total",
+            "QoS 1 deliveries to persistent sessions made from another node's fast copy, before the message was stored here (stored when its stream copy comes, unless acknowledged first)",
+        )?;
+        registry.register(Box::new(early.clone()))?;
         Ok(ClusterMetrics {
             out_live: messages.with_label_values(&["out", "live"]),
             out_stream: messages.with_label_values(&["out", "stream"]),
@@ -147,6 +155,7 @@ impl ClusterMetrics {
             taken_over,
             available,
             members,
+            early,
         })
     }
 }

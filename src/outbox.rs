@@ -72,6 +72,10 @@ pub struct Delivery {
     /// The shared subscription group this delivery came through: `seq` is then a position in
     /// the group's queue, and finishing it returns in-flight credit to the group.
     pub group: Option<GroupId>,
+    /// Made before its message was stored (a cluster's fast copy, `broker/early.rs`): the
+    /// place in the session's durable queue its stored copy takes, if it gets one. Finishing
+    /// the delivery asks the broker's early ledger whether that entry must go.
+    pub early: Option<u64>,
 }
 
 /// A shared subscription group, named by the storage id of the group's queue (the id its
@@ -92,6 +96,7 @@ impl Delivery {
             order: 0,
             stored: false,
             group: None,
+            early: None,
         }
     }
 }
@@ -146,6 +151,12 @@ struct Queue {
     next_seq: u64,
     /// Bumped by `clear`, so reservations made before a clean start are ignored.
     epoch: u64,
+    /// Early deliveries refused whose stream copies have not been queued yet: while any is
+    /// outstanding, a later early delivery would overtake it, so none is made.
+    early_refused: usize,
+    /// No early delivery until every fast copy numbered below this has had its stream copy
+    /// routed (set by a subscription, `broker/early.rs`).
+    early_after: u64,
 }
 
 /// What recovery found on disk for a session's queue.
@@ -179,6 +190,8 @@ impl Outbox {
                 uncommitted: VecDeque::new(),
                 next_seq: 1,
                 epoch: 0,
+                early_refused: 0,
+                early_after: 0,
             }),
             notify: Notify::new(),
             max_messages,
@@ -334,6 +347,75 @@ impl Outbox {
             q.uncommitted.push_back(seq);
             Reservation::Spill { seq, epoch }
         }
+    }
+
+    /// Pushes a QoS 1 delivery of a persistent session before its message is stored (a
+    /// cluster's fast copy, `broker/early.rs`), taking a place in the durable queue for its
+    /// stored copy when `durable`. Only while the client is attached and nothing of the queue
+    /// waits elsewhere (on disk, for a commit, or as a refused early delivery whose stream
+    /// copy is still to come): the delivery must not overtake one of them. `taken` learns the
+    /// place before the delivery becomes visible (a PUBACK may follow at once). Returns
+    /// (the place, the queue's epoch); or Err(epoch) when it must wait for the stream: the
+    /// caller then owes an [`Outbox::early_settled`] once that stream copy is queued (or
+    /// will never come).
+    /// `settled`: every fast copy numbered below it has had its stream copy routed.
+    pub fn push_early(
+        &self,
+        mut d: Delivery,
+        durable: bool,
+        settled: u64,
+        taken: impl FnOnce(u64),
+    ) -> Result<(Option<u64>, u64), u64> {
+        let weight = d.msg.weight();
+        let mut q = self.lock();
+        if !q.online
+            || q.early_refused > 0
+            || settled < q.early_after
+            || q.pending > 0
+            || q.spilled > 0
+            || q.items.len() >= HOT_MAX.min(self.max_messages)
+            || q.bytes + weight > self.max_bytes
+        {
+            q.early_refused += 1;
+            return Err(q.epoch);
+        }
+        let seq = durable.then(|| {
+            let seq = q.next_seq;
+            q.next_seq += 1;
+            taken(seq);
+            seq
+        });
+        d.early = seq;
+        let epoch = q.epoch;
+        let was_empty = q.items.is_empty();
+        q.items.push_back(d);
+        q.bytes += weight;
+        drop(q);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok((seq, epoch))
+    }
+
+    /// A subscription was made while fast copy `mark` was the next: messages routed before
+    /// it may reach this session from their stream copies, and no early delivery may
+    /// overtake them.
+    pub fn early_after(&self, mark: u64) {
+        let mut q = self.lock();
+        q.early_after = q.early_after.max(mark);
+    }
+
+    /// The stream copy of an early delivery refused in `epoch` was queued (or is not coming).
+    pub fn early_settled(&self, epoch: u64) {
+        let mut q = self.lock();
+        if q.epoch == epoch {
+            q.early_refused = q.early_refused.saturating_sub(1);
+        }
+    }
+
+    /// The queue's epoch (bumped by [`Outbox::clear`]).
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
     }
 
     /// Makes a hot reservation's delivery visible after its commit.
@@ -536,6 +618,7 @@ impl Outbox {
         q.uncommitted.clear();
         q.spill_from = q.next_seq;
         q.epoch += 1;
+        q.early_refused = 0;
         n
     }
 
@@ -582,6 +665,61 @@ mod tests {
         assert_eq!(o.push(d(QoS::ExactlyOnce)), Pushed::Queued);
         assert_eq!(o.push(d(QoS::AtLeastOnce)), Pushed::DroppedFull);
         assert_eq!(o.len(), 4);
+    }
+
+    /// An early delivery (a cluster's fast copy) never overtakes what the queue holds
+    /// elsewhere: not a pending commit, not the disk, not an early delivery refused before
+    /// whose stream copy has not been queued yet.
+    #[test]
+    fn early_deliveries_never_overtake() {
+        let o = Outbox::new(100, 1 << 20);
+        let mut places = Vec::new();
+        assert!(
+            o.push_early(d(QoS::AtLeastOnce), true, 0, |s| places.push(s))
+                .is_err(),
+            "offline: refused"
+        );
+        o.early_settled(0);
+        o.set_online(true);
+        let (seq, epoch) = o
+            .push_early(d(QoS::AtLeastOnce), true, 0, |s| places.push(s))
+            .expect("attached, nothing waiting: taken");
+        assert_eq!((seq, epoch), (Some(1), 0));
+        assert_eq!(places, [1], "the place is known before it is visible");
+        let mut out = Vec::new();
+        o.pop_batch(10, 10, &mut out);
+        assert_eq!(out[0].early, Some(1));
+        // A reservation waiting for its commit: refused, and so is the next one until the
+        // refused one's stream copy is queued.
+        let Reservation::Hot { seq: 2, epoch: 0 } = o.reserve(10) else {
+            panic!("hot reservation expected");
+        };
+        assert_eq!(o.push_early(d(QoS::AtLeastOnce), true, 0, |_| {}), Err(0));
+        o.push_reserved(d(QoS::AtLeastOnce), 0);
+        assert_eq!(
+            o.push_early(d(QoS::AtLeastOnce), true, 0, |_| {}),
+            Err(0),
+            "an earlier refusal is outstanding"
+        );
+        o.early_settled(0);
+        o.early_settled(0);
+        assert_eq!(
+            o.push_early(d(QoS::AtLeastOnce), false, 0, |_| panic!(
+                "no place without a store"
+            )),
+            Ok((None, 0))
+        );
+        // A clean start forgets outstanding refusals.
+        assert!(o.push_early(d(QoS::AtLeastOnce), true, 0, |_| {}).is_ok());
+        o.reserve(10);
+        assert!(o.push_early(d(QoS::AtLeastOnce), true, 0, |_| {}).is_err());
+        o.clear();
+        assert!(o.push_early(d(QoS::AtLeastOnce), true, 0, |_| {}).is_ok());
+        // A subscription made while fast copy 5 was next: none until 5 is settled.
+        o.early_after(5);
+        assert!(o.push_early(d(QoS::AtLeastOnce), true, 4, |_| {}).is_err());
+        o.early_settled(1);
+        assert!(o.push_early(d(QoS::AtLeastOnce), true, 5, |_| {}).is_ok());
     }
 
     #[test]

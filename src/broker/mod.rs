@@ -21,6 +21,7 @@
 //! - [`retain`], [`trie`], [`sys`], [`topics`]: the retained tree, the subscription index,
 //!   `$SYS` and the per-topic sampler.
 
+pub mod early;
 mod expiry;
 mod handover;
 mod peers;
@@ -90,6 +91,8 @@ pub struct Broker {
     next_connection_id: AtomicU64,
     /// The other nodes, when this one is in a cluster (`peers.rs`).
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
+    /// Deliveries made before their message was stored (`early.rs`).
+    pub early: early::EarlyLedger,
 }
 
 impl Broker {
@@ -118,6 +121,7 @@ impl Broker {
             next_message_id: AtomicU64::new(1),
             next_connection_id: AtomicU64::new(1),
             peers: std::sync::OnceLock::new(),
+            early: early::EarlyLedger::default(),
         }
     }
 
@@ -199,7 +203,8 @@ impl Broker {
         options: SubscriptionOptions,
         id: Option<u32>,
     ) -> bool {
-        self.subscriptions
+        let replaced = self
+            .subscriptions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .subscribe(
@@ -211,7 +216,12 @@ impl Broker {
                     id,
                     group: None,
                 },
-            )
+            );
+        // In a cluster: messages whose fast copy was routed before this subscription may
+        // reach the session from their stream copies; no early delivery overtakes them
+        // (`early.rs`). Read after the index changed, so a fast copy numbered later saw it.
+        session.outbox.early_after(self.early.fast_mark());
+        replaced
     }
 
     pub fn unsubscribe(&self, session: &SessionHandle, filter: &str) -> bool {

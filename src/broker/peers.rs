@@ -7,16 +7,19 @@
 //! updates through [`Broker::apply_retained`]. Without `[cluster]` nothing is installed and
 //! every call here is a no-op, so a single node pays one `OnceLock` read per publish.
 
+use super::early::{FastBatch, FastRouted, Pending};
 use super::route::Targets;
 use super::shared::Group;
+use super::staged::Staging;
 use super::{Broker, Staged};
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::Will;
 use crate::session::registry::SessionHandle;
 use crate::session::SessionState;
+use crate::storage::record::QueueEntry;
 use crate::storage::record::SubscriptionRecord;
-use crate::storage::Commit;
+use crate::storage::{Commit, Op};
 use std::sync::Arc;
 
 /// A boxed future, for the one async call of [`Peers`] (a trait object's methods cannot be
@@ -122,9 +125,108 @@ impl Broker {
         let mut scratch = Vec::new();
         let mut staged = Staged::default();
         for msg in msgs {
-            self.route(msg, &mut scratch, &mut staged, false, targets);
+            self.route(msg, &mut scratch, &mut staged, false, targets, &[]);
         }
         self.submit_staged(staged)
+    }
+
+    /// Routes another node's fast copy of a batch (`cluster/fast.rs`): to every clean
+    /// session, and to the persistent sessions that can take it before it is stored
+    /// (`early.rs`). Returns what its stream copy must settle
+    /// ([`Broker::publish_stream_copy`], or [`Broker::forget_fast`] if it never comes).
+    pub fn publish_fast(&self, msgs: &[Arc<Message>]) -> FastBatch {
+        let number = self.early.fast_begin();
+        let mut scratch = Vec::new();
+        let mut staged = Staged::default();
+        let routed = msgs
+            .iter()
+            .map(|msg| {
+                self.route(msg, &mut scratch, &mut staged, false, Targets::Fast, &[])
+                    .fast
+            })
+            .collect();
+        // Nothing is stored for a fast copy: clean sessions keep nothing, and the early
+        // deliveries are stored with the stream copy.
+        debug_assert!(staged.is_empty());
+        self.commit_detached(staged);
+        FastBatch { number, routed }
+    }
+
+    /// A fast copy's stream copy is not coming (JetStream refused its publisher): what it
+    /// holds back is let go.
+    pub fn forget_fast(&self, batch: FastBatch) {
+        batch.routed.iter().for_each(FastRouted::settle_refused);
+        self.early.fast_end(batch.number);
+    }
+
+    /// Routes the stream copy of a batch whose fast copy came first to the persistent
+    /// sessions, and stores the queue entries of the early deliveries `batch` made that are
+    /// not acknowledged yet, in the same commit (`early.rs`).
+    pub fn publish_stream_copy(&self, msgs: &[Arc<Message>], batch: FastBatch) -> Commit {
+        let fast = &batch.routed;
+        let mut scratch = Vec::new();
+        let mut staged = Staged::default();
+        let none = FastRouted::default();
+        for (i, msg) in msgs.iter().enumerate() {
+            let f = fast.get(i).unwrap_or(&none);
+            self.route(
+                msg,
+                &mut scratch,
+                &mut staged,
+                false,
+                Targets::PersistentOnly,
+                &f.early,
+            );
+        }
+        // Queued (reserved) now for the sessions that refused the fast copy, or subscribed
+        // after it: they may take early deliveries again, which cannot overtake these
+        // reservations.
+        fast.iter().for_each(FastRouted::settle_refused);
+        self.early.fast_end(batch.number);
+        let early: Vec<&Vec<_>> = fast.iter().map(|f| &f.early).collect();
+        // Whether each session is still of the queue epoch its delivery was made in, read
+        // before the ledger is locked (lock order: outbox, then ledger).
+        let current: Vec<Vec<bool>> = early
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(|e| e.session.outbox.epoch() == e.epoch)
+                    .collect()
+            })
+            .collect();
+        let mut taken = self.early.take();
+        let mut store = Vec::new();
+        for (i, msg) in msgs.iter().enumerate() {
+            let (Some(list), Some(cur)) = (early.get(i), current.get(i)) else {
+                continue;
+            };
+            for (e, &cur) in list.iter().zip(cur) {
+                let (Pending::Store, Some(seq)) = (taken.pending(e, cur), e.seq) else {
+                    continue;
+                };
+                Staging::new(msg, &mut staged).op(Op::Enqueue {
+                    session_id: e.session.id,
+                    seq,
+                    entry: QueueEntry {
+                        msg_id: msg.id,
+                        qos: e.qos,
+                        retain: e.retain,
+                        sub_ids: e.sub_ids.as_slice().to_vec(),
+                    },
+                });
+                store.push(e);
+            }
+        }
+        // Submitted under the ledger's lock. The submit only hands the commit to the storage
+        // thread, whose effects take outbox locks on that thread, never this one's (only a
+        // store already shut down drops a request here, and with it its effects).
+        let commit = self.submit_staged(staged);
+        // Marked under the same lock as the submit: a PUBACK now dequeues after the insert.
+        let now = std::time::Instant::now();
+        for e in store {
+            taken.stored(e, now);
+        }
+        commit
     }
 
     /// Queues a message the cluster gave this node for shared subscription group `group`

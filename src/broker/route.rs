@@ -1,6 +1,7 @@
 //! Routing one message: the retained slot, the subscriptions that match, and one delivery
 //! per receiving session (or shared subscription group) into its queue.
 
+use super::early::{Early, FastRouted};
 use super::retain::RetainOutcome;
 use super::shared::Group;
 use super::staged::Staging;
@@ -23,6 +24,9 @@ pub enum Targets {
     All,
     /// All but persistent sessions (a message published here, in a cluster).
     NotPersistent,
+    /// All, persistent sessions only where they can take it before it is stored (another
+    /// node's fast copy, `early.rs`); the others get it from the stream.
+    Fast,
     /// Persistent sessions only (a message published here, back from the stream).
     PersistentOnly,
     /// One session (catching a session up on what it missed while it moved).
@@ -39,6 +43,9 @@ pub struct Routed {
     /// A queue this message went into that is over the back-pressure threshold
     /// (`shared.backpressure`, `limits.backpressure`): the publisher should pause.
     pub pressure: Option<Arc<SessionHandle>>,
+    /// Deliveries to persistent sessions made before the message was stored, and those
+    /// that could not take one ([`Targets::Fast`]).
+    pub fast: FastRouted,
 }
 
 impl Broker {
@@ -61,11 +68,12 @@ impl Broker {
         } else {
             Targets::All
         };
-        self.route(msg, scratch, staged, true, targets)
+        self.route(msg, scratch, staged, true, targets, &[])
     }
 
     /// [`Broker::publish`]; `retain_slot` false leaves the retained slot alone (a message
     /// from another node, whose retained state comes through the cluster's retained stream).
+    /// `early` are the sessions that had it before it was stored, skipped here.
     pub(super) fn route(
         &self,
         msg: &Arc<Message>,
@@ -73,6 +81,7 @@ impl Broker {
         staged: &mut Staged,
         retain_slot: bool,
         targets: Targets,
+        early: &[Early],
     ) -> Routed {
         // `$` topics are the broker's own (`$SYS`): only the broker publishes them (clients
         // may not, wills may not), they describe this run, and they are never persisted.
@@ -101,13 +110,18 @@ impl Broker {
                 let persistent = session.persistent.load(Ordering::Relaxed);
                 let skip = match targets {
                     Targets::All => false,
+                    // Shared groups take a cluster's messages from their own consumers (and
+                    // are skipped above in a cluster); a fast copy never reaches them.
+                    Targets::Fast => group.is_some(),
                     Targets::NotPersistent => persistent,
-                    Targets::PersistentOnly => !persistent,
+                    Targets::PersistentOnly => {
+                        !persistent || early.iter().any(|e| e.session.id == session.id)
+                    }
                     Targets::Session(id) => session.id != id,
                 };
                 if skip {
-                    // Skipped here, reached through the stream: still a match.
-                    routed.matched += usize::from(targets == Targets::NotPersistent);
+                    // Skipped here, reached in the other pass: still a match.
+                    routed.matched += 1;
                     let id = session.id;
                     while i < scratch.len() && scratch[i].session.id == id {
                         i += 1;
@@ -145,6 +159,12 @@ impl Broker {
             // [MQTT-3.3.1-13]); a group keeps the flag and applies each member's option.
             let retain = msg.retain && (retain_as_published || group.is_some());
             let delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
+            if targets == Targets::Fast && session.persistent.load(Ordering::Relaxed) {
+                // When it cannot take it now, it gets it from the stream like any message of
+                // a persistent session (still a match).
+                self.deliver_early(session, delivery, durable, &mut routed.fast);
+                continue;
+            }
             if !self.deliver(session, delivery, staging.as_mut()) {
                 routed.dropped += 1;
                 if let Some(g) = group {
@@ -154,10 +174,52 @@ impl Broker {
                 routed.pressure = Some(session.clone());
             }
         }
-        if routed.matched == 0 && !msg.retain {
+        // Counted once per message and node: in a cluster a message is routed in two passes
+        // (`Targets`), and the second (persistent sessions, or one session catching up) has
+        // nothing to add.
+        let second_pass = matches!(targets, Targets::PersistentOnly | Targets::Session(_));
+        if routed.matched == 0 && !msg.retain && !second_pass {
             self.metrics.dropped_no_subscribers.inc();
         }
         routed
+    }
+
+    /// Hands a QoS 1 delivery to a persistent session before its message is stored, when the
+    /// session can take it now (`early.rs`, [`crate::outbox::Outbox::push_early`]).
+    /// A delivery granted at QoS 0 is left to the stream copy too (nothing to gain: the
+    /// stream copy does not store it either).
+    fn deliver_early(
+        &self,
+        session: &Arc<SessionHandle>,
+        delivery: Delivery,
+        durable: bool,
+        out: &mut FastRouted,
+    ) {
+        if delivery.qos != crate::protocol::QoS::AtLeastOnce {
+            return;
+        }
+        let (qos, retain, sub_ids) = (delivery.qos, delivery.retain, delivery.sub_ids.clone());
+        let now = std::time::Instant::now();
+        let settled = self.early.settled();
+        let pushed = session
+            .outbox
+            .push_early(delivery, durable, settled, |seq| {
+                self.early.delivered(session.id, seq, now)
+            });
+        match pushed {
+            Ok((seq, epoch)) => {
+                self.metrics.cluster.early.inc();
+                out.early.push(Early {
+                    session: session.clone(),
+                    seq,
+                    epoch,
+                    qos,
+                    retain,
+                    sub_ids,
+                })
+            }
+            Err(epoch) => out.refused.push((session.clone(), epoch)),
+        }
     }
 
     /// Updates the retained slot of `msg`'s topic, staging the change when durable.

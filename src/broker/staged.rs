@@ -22,6 +22,9 @@ use std::sync::Arc;
 pub struct Staged {
     pub ops: Vec<Op>,
     pub after: Vec<After>,
+    /// Messages whose `PutMessage` is among `ops` (a message is put once per commit: the
+    /// store counts its references from its put).
+    put: Vec<u64>,
 }
 
 impl Staged {
@@ -120,10 +123,13 @@ pub(super) struct Staging<'a> {
 
 impl<'a> Staging<'a> {
     pub(super) fn new(msg: &'a Arc<Message>, staged: &'a mut Staged) -> Self {
+        // Staged already when a batch's routing and its early deliveries (`early.rs`) both
+        // refer to it.
+        let message_staged = staged.put.contains(&msg.id);
         Staging {
             msg,
             staged,
-            message_staged: false,
+            message_staged,
         }
     }
 
@@ -131,6 +137,7 @@ impl<'a> Staging<'a> {
     pub(super) fn op(&mut self, op: Op) {
         if !self.message_staged {
             self.message_staged = true;
+            self.staged.put.push(self.msg.id);
             self.staged
                 .ops
                 .push(Op::PutMessage(StoredMessage::from_message(

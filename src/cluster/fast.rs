@@ -1,34 +1,37 @@
-//! The fast path for QoS 1 to clean sessions: a copy of each all-QoS-1 batch over core NATS,
-//! besides the stream.
+//! The fast path for QoS 1: a copy of each all-QoS-1 batch over core NATS, besides the
+//! stream.
 //!
 //! Through the stream a message reaches another node only after JetStream stored it with
 //! its replicas and handed it to that node's consumer: about a millisecond more than a core
-//! NATS hop. Persistent sessions must take their messages in stream order (a session moves
-//! between nodes cut at a stream position, `sessions.rs`), but a clean session has no such
-//! position: it may take a message as soon as it arrives. So the forwarder also publishes
-//! each batch whose messages are all QoS 1 on the core subject `P.fast`, and a receiving
-//! node routes that copy to its clean sessions at once ([`Targets::NotPersistent`]); when the
-//! stream copy comes, it goes to the persistent sessions only. The stream stays the path that
+//! NATS hop. So the forwarder also publishes each batch whose messages are all QoS 1 on the
+//! core subject `P.fast`, and a receiving node routes that copy at once
+//! ([`Targets::Fast`](crate::broker::Targets)): to its clean sessions, which have no position
+//! in the stream to keep, and to the persistent sessions that can take it before it is
+//! stored (attached, nothing of their queue waiting elsewhere), as *early deliveries*
+//! (`broker/early.rs`). When the stream copy comes, it goes to the other persistent sessions,
+//! and stores the early deliveries not acknowledged yet. The stream stays the path that
 //! guarantees delivery: a fast copy that is lost (core NATS is at most once) is noticed when
 //! the stream copy comes without one, which then goes to everyone.
 //!
 //! | first to arrive | then | routed |
 //! |---|---|---|
-//! | fast copy | stream copy | fast → clean sessions; stream → persistent ones |
+//! | fast copy | stream copy | fast → clean sessions and early deliveries; stream → the other persistent sessions, and stores the unacknowledged early ones |
 //! | stream copy | fast copy | stream → everyone; fast → nobody |
 //! | stream copy | (fast copy lost) | stream → everyone |
-//! | fast copy | (stream copy never: JetStream refused, the publisher was refused) | fast → clean sessions: delivered, not acknowledged, as a single node delivers to clean sessions before its commit |
+//! | fast copy | (stream copy never: JetStream refused, the publisher was refused) | fast → clean sessions and early deliveries: delivered, not acknowledged, as a single node delivers to clean sessions before its commit |
 //!
 //! The two copies carry the same id (the stream's deduplication id), and the stream copy
 //! says that a fast copy exists ([`MARK`]). What one side saw waits for the other in [`Seen`]
 //! for at most [`FORGET`]; an entry whose other copy never comes is dropped then. A fast copy
-//! that was lost lets its stream copy reach clean sessions after later messages of its topic
-//! that came the fast way: ordering holds except around such a loss. Only QoS 1: a QoS 2 message delivered through the fast path whose stream
-//! publish then failed would come again as a new message when its publisher sends it again,
-//! which exactly once does not allow.
+//! that was lost lets its stream copy reach clean sessions (and persistent sessions taking
+//! early deliveries) after later messages of its topic that came the fast way: ordering holds
+//! except around such a loss. Only QoS 1: a QoS 2 message delivered through the fast path
+//! whose stream publish then failed would come again as a new message when its publisher
+//! sends it again, which exactly once does not allow.
 
 use super::{wire, ClusterError, Names};
-use crate::broker::{Broker, Targets};
+use crate::broker::early::FastBatch;
+use crate::broker::Broker;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -57,41 +60,58 @@ enum Side {
     Stream,
 }
 
-/// Which copy of which batch arrived first and is waiting for the other.
+/// Which copy of which batch arrived first and is waiting for the other; a fast copy that
+/// came first also leaves the early deliveries it made to persistent sessions, per message
+/// (`broker/early.rs`), for its stream copy to settle.
 #[derive(Default)]
 pub(crate) struct Seen {
-    waiting: Mutex<HashMap<String, (Side, Instant)>>,
+    waiting: Mutex<HashMap<String, Waiting>>,
 }
 
+/// One copy waiting for the other: which, since when, and what a fast copy routed.
+type Waiting = (Side, Instant, Option<FastBatch>);
+
 impl Seen {
-    /// The fast copy of `id` arrived: whether to route it (the stream copy did not come
-    /// first).
-    pub(crate) fn fast(&self, id: &str, now: Instant) -> bool {
-        self.arrived(id, Side::Fast, now)
-    }
-
-    /// The stream copy of `id` arrived: whether its fast copy was routed already (then it
-    /// goes to persistent sessions only).
-    pub(crate) fn stream(&self, id: &str, now: Instant) -> bool {
-        !self.arrived(id, Side::Stream, now)
-    }
-
-    /// True when `side` is first.
-    fn arrived(&self, id: &str, side: Side, now: Instant) -> bool {
+    /// The fast copy of `id` arrived: routes it with `route` unless the stream copy came
+    /// first, and returns whether it did. `route` runs under the lock, so a stream copy
+    /// arriving meanwhile finds every early delivery it made.
+    pub(crate) fn fast(&self, id: &str, now: Instant, route: impl FnOnce() -> FastBatch) -> bool {
         let mut w = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         match w.remove(id) {
-            Some((other, _)) if other != side => false,
+            Some((Side::Stream, _, _)) => false,
             _ => {
-                w.insert(id.to_string(), (side, now));
+                let batch = route();
+                w.insert(id.to_string(), (Side::Fast, now, Some(batch)));
                 true
             }
         }
     }
 
-    /// Forgets what waited longer than [`FORGET`] (its other copy is not coming).
-    pub(crate) fn forget_old(&self, now: Instant) {
+    /// The stream copy of `id` arrived: None when it is first (it goes to everyone), else
+    /// the early deliveries its fast copy made (it goes to the other persistent sessions).
+    pub(crate) fn stream(&self, id: &str, now: Instant) -> Option<FastBatch> {
         let mut w = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        w.retain(|_, (_, at)| now.duration_since(*at) < FORGET);
+        match w.remove(id) {
+            Some((Side::Fast, _, batch)) => batch,
+            _ => {
+                w.insert(id.to_string(), (Side::Stream, now, None));
+                None
+            }
+        }
+    }
+
+    /// Forgets what waited longer than [`FORGET`] (its other copy is not coming).
+    /// Returns the fast copies forgotten, for [`crate::broker::Broker::forget_fast`].
+    pub(crate) fn forget_old(&self, now: Instant) -> Vec<FastBatch> {
+        let mut w = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let old: Vec<String> = w
+            .iter()
+            .filter(|(_, (_, at, _))| now.duration_since(*at) >= FORGET)
+            .map(|(id, _)| id.clone())
+            .collect();
+        old.into_iter()
+            .filter_map(|id| w.remove(&id).and_then(|(_, _, batch)| batch))
+            .collect()
     }
 
     #[cfg(test)]
@@ -110,7 +130,8 @@ pub(crate) fn has_fast_copy(headers: Option<&async_nats::HeaderMap>) -> Option<&
     h.get(MSG_ID).map(|v| v.as_str())
 }
 
-/// Routes the fast copies of other nodes' batches to this node's clean sessions.
+/// Routes the fast copies of other nodes' batches to this node's clean sessions and, early,
+/// to the persistent sessions that can take them.
 pub(crate) async fn receive(
     broker: Arc<Broker>,
     client: async_nats::Client,
@@ -127,7 +148,10 @@ pub(crate) async fn receive(
         while let Some(m) = sub.next().await {
             let now = Instant::now();
             if now.duration_since(last_forget) > FORGET / 4 {
-                seen.forget_old(now);
+                for batch in seen.forget_old(now) {
+                    // Its stream copy is not coming: what it holds back is let go.
+                    broker.forget_fast(batch);
+                }
                 last_forget = now;
             }
             if wire::from_node(m.headers.as_ref(), &node) {
@@ -143,11 +167,9 @@ pub(crate) async fn receive(
                 tracing::warn!(subject = %m.subject, "undecodable cluster message dropped");
                 continue;
             };
-            if !seen.fast(id.as_str(), now) {
-                continue;
+            if seen.fast(id.as_str(), now, || broker.publish_fast(&msgs)) {
+                broker.metrics.cluster.in_fast.inc_by(msgs.len() as u64);
             }
-            broker.metrics.cluster.in_fast.inc_by(msgs.len() as u64);
-            let _ = broker.publish_remote(&msgs, Targets::NotPersistent);
         }
     }))
 }
@@ -171,22 +193,28 @@ mod tests {
     fn whichever_copy_comes_first_the_other_is_matched() {
         let s = Seen::default();
         let t = Instant::now();
-        assert!(s.fast("a", t), "fast first: routed");
-        assert!(s.stream("a", t), "then the stream copy: persistent only");
+        assert!(s.fast("a", t, FastBatch::default), "fast first: routed");
+        assert!(
+            s.stream("a", t).is_some(),
+            "then the stream copy: the other persistent sessions, with the fast copy's batch"
+        );
         assert_eq!(s.len(), 0);
-        assert!(!s.stream("b", t), "stream first: everyone");
-        assert!(!s.fast("b", t), "then the fast copy: nobody");
+        assert!(s.stream("b", t).is_none(), "stream first: everyone");
+        assert!(
+            !s.fast("b", t, || unreachable!("not routed")),
+            "then the fast copy: nobody"
+        );
         assert_eq!(s.len(), 0);
         // A stream copy again (a redelivery) after both: everyone again (at least once).
-        assert!(!s.stream("b", t));
+        assert!(s.stream("b", t).is_none());
         // Waiting copies are forgotten after FORGET.
-        assert!(s.fast("c", t));
+        assert!(s.fast("c", t, FastBatch::default));
         s.forget_old(t + FORGET / 2);
         assert_eq!(s.len(), 2, "b (stream) and c (fast) wait");
         s.forget_old(t + FORGET);
         assert_eq!(s.len(), 0);
         assert!(
-            !s.stream("c", t + FORGET),
+            s.stream("c", t + FORGET).is_none(),
             "its fast copy forgotten: everyone"
         );
     }

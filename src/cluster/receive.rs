@@ -241,21 +241,24 @@ pub(crate) async fn consume(
                 if !own {
                     broker.metrics.cluster.in_stream.inc_by(msgs.len() as u64);
                 }
-                // Routed to everyone else when it was published here, or to the clean
-                // sessions here when its fast copy came first (`fast.rs`); persistent
-                // sessions take it now, in stream order (see `sessions.rs`, "The seam").
-                let fast_routed = !own
-                    && super::fast::has_fast_copy(m.headers.as_ref())
-                        .is_some_and(|id| seen.stream(id, std::time::Instant::now()));
-                let targets = if own || fast_routed {
-                    Targets::PersistentOnly
+                // Routed to everyone else when it was published here, or to the sessions
+                // here that did not take its fast copy when that came first (`fast.rs`,
+                // `broker/early.rs`); persistent sessions take it now, in stream order (see
+                // `sessions.rs`, "The seam").
+                let early = if own {
+                    None
                 } else {
-                    Targets::All
+                    super::fast::has_fast_copy(m.headers.as_ref())
+                        .and_then(|id| seen.stream(id, std::time::Instant::now()))
                 };
                 let seq = m.info().map_or(0, |i| i.stream_sequence);
                 let commit = {
                     let mut position = sequencer.position.lock().await;
-                    let commit = broker.publish_remote(&msgs, targets);
+                    let commit = match early {
+                        Some(batch) => broker.publish_stream_copy(&msgs, batch),
+                        None if own => broker.publish_remote(&msgs, Targets::PersistentOnly),
+                        None => broker.publish_remote(&msgs, Targets::All),
+                    };
                     *position = (*position).max(seq);
                     sequencer.seen.store(*position, Ordering::Release);
                     commit

@@ -21,7 +21,10 @@
 //!
 //! Every stream message after `P_A` thus reaches the session once, on B, after the snapshot's
 //! queue and in stream order. QoS 0 messages do not go through the stream; those published
-//! during the move may miss the session (QoS 0 promises no more).
+//! during the move may miss the session (QoS 0 promises no more). An early delivery
+//! (`broker/early.rs`: a fast copy handed over before its stream copy came) is made outside
+//! this order, but only its stream copy stores it, in this order: one A made whose stream
+//! copy is after `P_A` reaches the session again on B, a duplicate QoS 1 allows.
 //!
 //! **Failures.** A keeps the session (and its stored copy) until B says it has stored it
 //! (`done`). Without that word within [`HANDOVER_TIMEOUT`], A puts the subscriptions back and

@@ -200,9 +200,24 @@ impl Client {
         true
     }
 
+    /// An early delivery (`broker/early.rs`) is finished: the queue entry its stream copy
+    /// stored meanwhile, if any, goes (the ledger says; if the stream copy has not come yet, it
+    /// stores nothing).
+    pub(super) fn early_done(&mut self, d: &Delivery) {
+        if let Some(seq) = d.early {
+            if self.broker.early.finished(self.handle.id, seq, self.now) {
+                self.pending_ops.push(Op::Dequeue {
+                    session_id: self.handle.id,
+                    seq,
+                });
+            }
+        }
+    }
+
     /// A delivery that is finished without an acknowledgement (sent at QoS 0, or never to be
     /// sent) leaves its durable queue and gives its group credit back.
     fn stage_dequeue(&mut self, d: &Delivery) {
+        self.early_done(d);
         if let Some(seq) = d.seq {
             self.pending_ops.push(Op::Dequeue {
                 session_id: self.queue_of(d),
@@ -307,6 +322,7 @@ impl Client {
                 // A QoS 1 entry, so never a `WrongAck`.
                 if let Ok(Some(d)) = self.state.inflight.on_puback(id) {
                     self.stage_inflight_done(id);
+                    self.early_done(&d);
                     self.group_delivery_done(&d, true, true);
                 }
                 continue;

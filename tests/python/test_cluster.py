@@ -288,6 +288,62 @@ def test_qos1_fast_copies_and_the_stream_deliver_once(tern_cluster, mkc, version
     assert metric(t2, "tern_cluster_messages_total", {"direction": "in", "path": "fast"}) > 0
 
 
+def test_early_deliveries_are_kept_until_acknowledged(tern_cluster, mkc, version):
+    """A persistent session on t2 gets t1's QoS 1 messages from their fast copies, before t2
+    has stored them (docs/cluster.md, "Early deliveries"); each is stored when its stream
+    copy comes, unless the client acknowledged it first. The oracle is a restart of t2:
+    what the client acknowledged does not come back (no entry left behind), what it did not
+    acknowledge does, in order."""
+    t1, t2 = tern_cluster(2, quorum_timeout=QUORUM_TIMEOUT)
+    sub = connected(mkc, "early", version, t2, persistent=True)
+    assert sub.subscribe("early/#", 1) == [1]
+    pub = connected(mkc, "early-pub", version, t1)
+    wait_routes([pub], [sub], "early/probe", qos=(1,))
+
+    def publish(tag, n):
+        mids = [pub.publish("early/a", f"{tag}{i}".encode(), qos=1, wait=False) for i in range(n)]
+        for mid in mids:
+            pub.wait_published(mid, timeout=QUORUM_TIMEOUT + 30)
+
+    def restart_t2():
+        # Stream copies come about a millisecond after their fast copies: let every one of
+        # them be stored (or find its delivery acknowledged) before t2 stops.
+        time.sleep(2.0)
+        t2.stop()
+        t2.start()
+
+    n = 200
+    early0 = metric(t2, "tern_cluster_early_deliveries_total")
+    publish("acked-", n)
+    got = sub.get_n(n, timeout=PROPAGATION + 15)
+    assert [m.payload.decode() for m in got] == [f"acked-{i}" for i in range(n)]
+    early = metric(t2, "tern_cluster_early_deliveries_total") - early0
+    assert early > 0, "no early delivery was made: the test would not test them"
+    sub.disconnect()
+    restart_t2()
+    back = mkc.again(sub)
+    assert back.connect()[1], "session present after the restart"
+    back.expect_none(3.0)
+
+    # Received and not acknowledged: all of them come again after the restart.
+    back.disconnect()
+    lazy = mkc.again(sub, manual_ack=True)
+    lazy.connect()
+    early0 = metric(t2, "tern_cluster_early_deliveries_total")
+    publish("unacked-", n)
+    got = lazy.get_n(n, timeout=PROPAGATION + 15)
+    assert [m.payload.decode() for m in got] == [f"unacked-{i}" for i in range(n)]
+    assert metric(t2, "tern_cluster_early_deliveries_total") > early0
+    lazy.drop()
+    restart_t2()
+    again = mkc.again(sub)
+    assert again.connect()[1]
+    got = again.get_n(n, timeout=PROPAGATION + 15)
+    assert [m.payload.decode() for m in got] == [f"unacked-{i}" for i in range(n)]
+    again.expect_none(1.0)
+    print(f"early deliveries: {early} of {n} acknowledged ones")
+
+
 def test_overlapping_filters_one_copy_per_session(tern_cluster, mkc, version):
     """A session whose filters overlap gets one copy of a message from another node (and from
     its own: the local delivery and the cluster path must not both deliver), at the highest QoS
