@@ -30,7 +30,16 @@
 //!   Present, and a persistent one always does;
 //! - no will after a normal DISCONNECT ([MQTT-3.14.4-3]); a will after every vanished
 //!   connection of a client that had one;
-//! - queued, in-flight and open-reservation gauges back to 0 after the drain.
+//! - queued, in-flight and open-reservation gauges back to 0 after the drain;
+//! - then a restart (everything acknowledged and stored) brings nothing back: no entry is
+//!   left behind in a durable queue.
+//!
+//! Besides local publishers, another cluster node publishes QoS 1 messages (`Remote`): each
+//! comes as a fast copy and a stream copy, in any order relative to each other, routed with
+//! the broker's cluster entry points, so early deliveries (`broker/early.rs`) race the
+//! clients' PUBACKs, commits, store failures and crashes; a stream copy not acknowledged to
+//! JetStream before a crash comes again after it. They are held to the same promises (order
+//! within a session, and only without a restart: JetStream redelivers late).
 //!
 //! `cargo test --lib sim::` runs a fixed seed set; `make soak SECONDS=600` runs random seeds
 //! (`TERN_SIM_SECONDS`), and `TERN_SIM_SEED=n` replays one seed and prints its schedule.
@@ -38,17 +47,18 @@
 use super::client::Client;
 use super::connect::accept;
 use super::Close;
-use crate::broker::{recovery, Broker};
+use crate::broker::early::FastBatch;
+use crate::broker::{recovery, Broker, Targets};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::test_support::v5_connect_properties;
 use crate::protocol::{decode_packet, DecodeOutcome};
 use crate::session::registry::Kick;
 use crate::storage::sim::SimStore;
-use crate::storage::Store;
+use crate::storage::{Commit, Store};
 use bytes::{Bytes, BytesMut};
 use mqttbytes::{v4, v5, QoS};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,6 +117,28 @@ fn matches(filter: &str, topic: &str) -> bool {
 }
 
 const TOPICS: [&str; 5] = ["f/a/x", "f/b/x", "f/a/y", "f/v/x", "g/a"];
+
+/// The publisher number of another cluster node's messages, and their topics.
+const REMOTE: usize = 999;
+const REMOTE_TOPICS: [&str; 2] = ["r/a", "r/b"];
+
+/// Another cluster node's QoS 1 messages as this node gets them (`broker/early.rs`): a fast
+/// copy (core NATS) and a stream copy (JetStream) of each, each path in publish order, the
+/// two in any order relative to each other. A stream copy is acknowledged to JetStream once
+/// its commit here is done; one still unacknowledged when the broker crashes comes again
+/// after the restart, and the fast copies on their way are lost.
+#[derive(Default)]
+struct Remote {
+    counter: u64,
+    fast: VecDeque<u64>,
+    stream: VecDeque<u64>,
+    /// Fast copies routed first, with what their stream copies must settle.
+    routed: HashMap<u64, FastBatch>,
+    /// Stream copies routed first: their fast copies go nowhere.
+    stream_first: BTreeSet<u64>,
+    /// Stream copies routed and not yet acknowledged to JetStream, in stream order.
+    unacked: Vec<(u64, Commit)>,
+}
 
 #[derive(Clone, Debug)]
 enum Role {
@@ -235,6 +267,9 @@ pub(crate) struct World {
     violations: Vec<String>,
     restarts: u32,
     store_failures: u32,
+    remote: Remote,
+    /// Early deliveries made (`broker/early.rs`), across restarts.
+    early: usize,
 }
 
 const HIGH_WATER: usize = 64 * 1024;
@@ -370,6 +405,26 @@ impl World {
             v5,
             &mut rng,
         );
+        // Subscribers of another node's messages (`Remote`): a persistent one, which takes
+        // early deliveries, and a clean one.
+        for persistent in [true, false] {
+            let v5 = rng.pct(50);
+            let qos = if rng.pct(50) {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            };
+            let filter = if persistent { "r/#" } else { "r/+" }.to_string();
+            add(
+                Role::Subscriber {
+                    filter,
+                    qos,
+                    persistent,
+                },
+                v5,
+                &mut rng,
+            );
+        }
         World {
             rng,
             dir,
@@ -388,6 +443,8 @@ impl World {
             violations: Vec::new(),
             restarts: 0,
             store_failures: 0,
+            remote: Remote::default(),
+            early: 0,
         }
     }
 
@@ -640,6 +697,10 @@ impl World {
                 if !session_present {
                     a.qos2_ids.clear();
                     a.established = None;
+                    // Order is promised within a session. A new one may get another node's
+                    // messages routed here from their stream copies after the ones its previous
+                    // session got from their fast copies (docs/cluster.md).
+                    a.last_seen.retain(|(publisher, _), _| *publisher != REMOTE);
                     self.subscribe(i);
                 } else if a.established.is_none() && !matches!(a.role, Role::Publisher) {
                     // A session it has no state of (it ended its session, or a connection
@@ -786,6 +847,9 @@ impl World {
             self.hold(i, pid);
         }
         let _ = dup;
+        // JetStream gives what a crashed node had not acknowledged again after newer
+        // messages (its ack wait): another node's messages keep their order only without one.
+        let ordered = publisher != REMOTE || self.restarts == 0;
         let a = &mut self.actors[i];
         let grouped =
             matches!(&a.role, Role::Subscriber { filter, .. } if filter.starts_with("$share/"));
@@ -818,7 +882,7 @@ impl World {
             }
             let grouped =
                 matches!(&a.role, Role::Subscriber { filter, .. } if filter.starts_with("$share/"));
-            if first && qos != QoS::AtMostOnce && !grouped {
+            if first && qos != QoS::AtMostOnce && !grouped && ordered {
                 let last = a
                     .last_seen
                     .entry((publisher, topic.to_string()))
@@ -1106,6 +1170,15 @@ impl World {
             drop(c.take());
         }
         self.store.crash();
+        // Another node's messages: what was not acknowledged to JetStream comes again; the
+        // fast copies on their way, and what the dead process remembered of them, are gone.
+        let r = &mut self.remote;
+        for (k, _) in r.unacked.drain(..).rev() {
+            r.stream.push_front(k);
+        }
+        r.fast.clear();
+        r.routed.clear();
+        r.stream_first.clear();
         let (store, broker) = new_broker(&self.config, &self.dir);
         self.store = store;
         self.broker = broker;
@@ -1129,7 +1202,7 @@ impl World {
     async fn step(&mut self) {
         let n = self.actors.len() as u64;
         let i = self.rng.below(n) as usize;
-        let choice = self.rng.below(100);
+        let choice = self.rng.below(112);
         let is_pub = matches!(self.actors[i].role, Role::Publisher);
         match choice {
             0..=39 if is_pub => {
@@ -1211,6 +1284,9 @@ impl World {
                     self.crash_and_restart();
                 }
             }
+            100..=103 => self.remote_publish(),
+            104..=107 => self.remote_fast(),
+            108..=111 => self.remote_stream(),
             _ => {
                 tokio::time::advance(std::time::Duration::from_millis(self.rng.below(50))).await;
             }
@@ -1227,7 +1303,117 @@ impl World {
             }
         }
         self.pump().await;
+        self.remote_acks();
         self.mark_handed();
+    }
+
+    // ---- another cluster node ---------------------------------------------------------
+
+    /// Another node publishes a few QoS 1 messages; JetStream stored them (acknowledged).
+    fn remote_publish(&mut self) {
+        let n = 1 + self.rng.below(4);
+        for _ in 0..n {
+            let topic = REMOTE_TOPICS[self.rng.below(2) as usize].to_string();
+            let r = &mut self.remote;
+            r.counter += 1;
+            let k = key(REMOTE, r.counter);
+            r.fast.push_back(k);
+            r.stream.push_back(k);
+            self.published.insert(
+                k,
+                Published {
+                    topic,
+                    qos: QoS::AtLeastOnce,
+                    handed: u64::MAX,
+                    publisher: REMOTE,
+                    counter: self.remote.counter,
+                    acked: true,
+                },
+            );
+        }
+        let _ = writeln!(self.log, "remote node publishes {n}");
+    }
+
+    /// One copy of remote message `k`, as this node decodes it (a new message id each time).
+    fn remote_message(&self, k: u64) -> Option<Arc<crate::message::Message>> {
+        let m = self.published.get(&k)?;
+        Some(Arc::new(crate::message::Message {
+            id: self.broker.next_message_id(),
+            topic: crate::protocol::MqttStr::from(m.topic.as_str()),
+            payload: Bytes::from(payload_of(REMOTE, m.counter)),
+            qos: crate::protocol::QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            origin: 0,
+        }))
+    }
+
+    /// The next fast copy arrives (`cluster/fast.rs`).
+    fn remote_fast(&mut self) {
+        let Some(k) = self.remote.fast.pop_front() else {
+            return;
+        };
+        if self.remote.stream_first.remove(&k) {
+            let _ = writeln!(self.log, "remote {k:#x}: fast copy after its stream copy");
+            return;
+        }
+        let Some(msg) = self.remote_message(k) else {
+            return;
+        };
+        let routed = self.broker.publish_fast(&[msg]);
+        let early: usize = routed.routed.iter().map(|f| f.early.len()).sum();
+        self.early += early;
+        let _ = writeln!(self.log, "remote {k:#x}: fast copy, {early} early");
+        self.remote.routed.insert(k, routed);
+    }
+
+    /// The next stream copy arrives at the node's consumer (`cluster/receive.rs`).
+    fn remote_stream(&mut self) {
+        let Some(k) = self.remote.stream.pop_front() else {
+            return;
+        };
+        let Some(msg) = self.remote_message(k) else {
+            return;
+        };
+        let commit = match self.remote.routed.remove(&k) {
+            Some(fast) => self.broker.publish_stream_copy(&[msg], fast),
+            None => {
+                if self.remote.fast.contains(&k) {
+                    self.remote.stream_first.insert(k);
+                }
+                self.broker.publish_remote(&[msg], Targets::All)
+            }
+        };
+        let _ = writeln!(self.log, "remote {k:#x}: stream copy");
+        self.remote.unacked.push((k, commit));
+    }
+
+    /// Stream copies whose commit is done are acknowledged to JetStream. One whose commit
+    /// failed is acknowledged too, as `receive.rs` does (a failing store would otherwise
+    /// stop every later message): lost here, counted as `storage_failed`, so not promised.
+    fn remote_acks(&mut self) {
+        let mut failed = Vec::new();
+        self.remote.unacked.retain_mut(|(k, commit)| match commit {
+            Commit::Done => false,
+            Commit::Failed => {
+                failed.push(*k);
+                false
+            }
+            Commit::Pending(rx) => match rx.try_recv() {
+                Ok(()) => false,
+                Err(oneshot::error::TryRecvError::Empty) => true,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    failed.push(*k);
+                    false
+                }
+            },
+        });
+        for k in failed {
+            if let Some(m) = self.published.get_mut(&k) {
+                m.acked = false;
+            }
+        }
     }
 
     /// No more faults: everyone reconnects, the store keeps up, until nothing moves.
@@ -1258,10 +1444,23 @@ impl World {
                     self.connect(i);
                 }
             }
+            let remote = !self.remote.fast.is_empty() || !self.remote.stream.is_empty();
+            while !self.remote.fast.is_empty() || !self.remote.stream.is_empty() {
+                if self.rng.pct(50) {
+                    self.remote_fast();
+                } else {
+                    self.remote_stream();
+                }
+            }
             self.store.complete(usize::MAX);
-            let moved = self.pump().await;
+            let moved = self.pump().await || remote;
+            self.remote_acks();
             self.mark_handed();
-            if !moved && self.store.waiting() == 0 && self.accepting.is_empty() {
+            if !moved
+                && self.store.waiting() == 0
+                && self.accepting.is_empty()
+                && self.remote.unacked.is_empty()
+            {
                 quiet += 1;
                 if quiet > 3 {
                     break;
@@ -1269,6 +1468,35 @@ impl World {
             } else {
                 quiet = 0;
             }
+        }
+    }
+
+    /// After the drain everything is acknowledged and stored: a restart must then bring
+    /// nothing back (an entry left behind in a durable queue would come again, e.g. an early
+    /// delivery's stored copy whose dequeue was lost).
+    async fn restart_redelivers_nothing(&mut self) {
+        let before: HashMap<(usize, u64), u32> = self
+            .actors
+            .iter()
+            .flat_map(|a| a.received.iter().map(move |(k, n)| ((a.id, *k), *n)))
+            .collect();
+        self.crash_and_restart();
+        self.drain().await;
+        let mut again = Vec::new();
+        for a in &self.actors {
+            for (k, n) in &a.received {
+                if before.get(&(a.id, *k)).copied().unwrap_or(0) < *n {
+                    again.push(format!(
+                        "{} got {}:{} again after a restart with nothing unacknowledged",
+                        a.client_id,
+                        k >> 32,
+                        k & 0xffff_ffff
+                    ));
+                }
+            }
+        }
+        for v in again.into_iter().take(10) {
+            self.violation(v);
         }
     }
 
@@ -1525,6 +1753,7 @@ pub(crate) struct Outcome {
     pub acked: usize,
     pub restarts: u32,
     pub store_failures: u32,
+    pub early: usize,
 }
 
 /// Runs schedule `seed` of `steps` steps to the end and checks it.
@@ -1544,6 +1773,7 @@ pub(crate) fn run(seed: u64, steps: usize) -> Outcome {
         }
         w.drain().await;
         w.check();
+        w.restart_redelivers_nothing().await;
         Outcome {
             seed,
             violations: std::mem::take(&mut w.violations),
@@ -1552,6 +1782,7 @@ pub(crate) fn run(seed: u64, steps: usize) -> Outcome {
             acked: w.published.values().filter(|m| m.acked).count(),
             restarts: w.restarts,
             store_failures: w.store_failures,
+            early: w.early,
         }
     })
 }
@@ -1588,7 +1819,7 @@ mod tests {
     fn fixed_seeds_keep_every_promise() {
         let started = std::time::Instant::now();
         let mut failures = Vec::new();
-        let (mut published, mut acked, mut restarts, mut failed) = (0, 0, 0, 0);
+        let (mut published, mut acked, mut restarts, mut failed, mut early) = (0, 0, 0, 0, 0);
         let seeds = 40;
         for seed in 1..=seeds {
             let o = run(seed, STEPS);
@@ -1596,13 +1827,14 @@ mod tests {
             acked += o.acked;
             restarts += o.restarts;
             failed += o.store_failures;
+            early += o.early;
             if !o.violations.is_empty() {
                 failures.push(report(&o));
             }
         }
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
-            "sim: {seeds} schedules in {secs:.1}s ({:.1}/s), {published} messages published, {acked} acknowledged, {restarts} restarts, {failed} store failures",
+            "sim: {seeds} schedules in {secs:.1}s ({:.1}/s), {published} messages published, {acked} acknowledged, {restarts} restarts, {failed} store failures, {early} early deliveries",
             seeds as f64 / secs
         );
         assert!(failures.is_empty(), "{}", failures.join("\n"));
