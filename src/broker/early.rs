@@ -56,6 +56,9 @@ pub const FORGET_ACKED: Duration = Duration::from_secs(120);
 pub const FORGET_OPEN: Duration = Duration::from_secs(3600);
 /// Entries beyond which a new one first forgets the old ones.
 const SWEEP_ABOVE: usize = 4096;
+/// At most one sweep this often: a ledger that legitimately holds many entries (many
+/// sessions with full in-flight windows) must not be scanned on every delivery.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// One early delivery, as its stream copy needs it: whom it went to, where its stored copy
 /// goes, and the per-subscriber fields of its queue entry.
@@ -118,11 +121,15 @@ pub enum Pending {
 /// whose stream copy is.
 #[derive(Default)]
 pub struct EarlyLedger {
-    entries: Mutex<HashMap<(u64, u64), (State, Instant)>>,
+    entries: Mutex<Entries>,
     fast: Mutex<FastCopies>,
     /// Every fast copy numbered below this has had its stream copy routed (or is forgotten).
     settled: AtomicU64,
+    /// When the entries were last swept for old ones.
+    swept: Mutex<Option<Instant>>,
 }
+
+type Entries = HashMap<(u64, u64), (State, Instant)>;
 
 /// Numbers of fast copies: the next one, and those whose stream copy is still to come.
 #[derive(Default)]
@@ -133,7 +140,7 @@ struct FastCopies {
 
 /// The ledger, locked while a stream copy's queue entries are submitted.
 pub struct Taken<'a> {
-    entries: MutexGuard<'a, HashMap<(u64, u64), (State, Instant)>>,
+    entries: MutexGuard<'a, Entries>,
 }
 
 impl EarlyLedger {
@@ -174,7 +181,7 @@ impl EarlyLedger {
         self.settled.load(Ordering::SeqCst)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<(u64, u64), (State, Instant)>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -182,7 +189,11 @@ impl EarlyLedger {
     pub fn delivered(&self, session: u64, seq: u64, now: Instant) {
         let mut e = self.lock();
         if e.len() >= SWEEP_ABOVE {
-            forget_old(&mut e, now);
+            let mut last = self.swept.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY) {
+                *last = Some(now);
+                forget_old(&mut e, now);
+            }
         }
         e.insert((session, seq), (State::Unacked, now));
     }
@@ -223,7 +234,7 @@ impl EarlyLedger {
 }
 
 /// Drops the entries older than their state's time to be forgotten.
-fn forget_old(e: &mut HashMap<(u64, u64), (State, Instant)>, now: Instant) {
+fn forget_old(e: &mut Entries, now: Instant) {
     e.retain(|_, (state, at)| {
         let age = now.saturating_duration_since(*at);
         age < if *state == State::Acked {
@@ -355,7 +366,16 @@ mod tests {
         }
         l.delivered(5, 1, t + FORGET_ACKED);
         assert_eq!(l.len(), SWEEP_ABOVE / 2 + 1, "acknowledged ones forgotten");
+        // Old enough to go, but the last sweep was less than SWEEP_EVERY ago.
+        for seq in 0..SWEEP_ABOVE as u64 {
+            l.delivered(6, seq, t);
+            l.finished(6, seq, t);
+        }
+        l.delivered(5, 3, t + FORGET_ACKED + SWEEP_EVERY / 2);
+        assert!(l.len() > SWEEP_ABOVE, "no second sweep within SWEEP_EVERY");
+        l.delivered(5, 4, t + FORGET_ACKED + SWEEP_EVERY);
+        assert_eq!(l.len(), SWEEP_ABOVE / 2 + 3, "swept again");
         forget_old(&mut l.lock(), t + FORGET_OPEN);
-        assert_eq!(l.len(), 1, "open ones after FORGET_OPEN");
+        assert_eq!(l.len(), 3, "open ones after FORGET_OPEN");
     }
 }

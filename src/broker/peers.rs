@@ -167,15 +167,19 @@ impl Broker {
         let mut scratch = Vec::new();
         let mut staged = Staged::default();
         let none = FastRouted::default();
+        let mut skip = Vec::new();
         for (i, msg) in msgs.iter().enumerate() {
             let f = fast.get(i).unwrap_or(&none);
+            skip.clear();
+            skip.extend(f.early.iter().map(|e| e.session.id));
+            skip.sort_unstable();
             self.route(
                 msg,
                 &mut scratch,
                 &mut staged,
                 false,
                 Targets::PersistentOnly,
-                &f.early,
+                &skip,
             );
         }
         // Queued (reserved) now for the sessions that refused the fast copy, or subscribed

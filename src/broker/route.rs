@@ -73,7 +73,7 @@ impl Broker {
 
     /// [`Broker::publish`]; `retain_slot` false leaves the retained slot alone (a message
     /// from another node, whose retained state comes through the cluster's retained stream).
-    /// `early` are the sessions that had it before it was stored, skipped here.
+    /// `early`: ids of the sessions that had it before it was stored (sorted), skipped here.
     pub(super) fn route(
         &self,
         msg: &Arc<Message>,
@@ -81,7 +81,7 @@ impl Broker {
         staged: &mut Staged,
         retain_slot: bool,
         targets: Targets,
-        early: &[Early],
+        early: &[u64],
     ) -> Routed {
         // `$` topics are the broker's own (`$SYS`): only the broker publishes them (clients
         // may not, wills may not), they describe this run, and they are never persisted.
@@ -115,7 +115,7 @@ impl Broker {
                     Targets::Fast => group.is_some(),
                     Targets::NotPersistent => persistent,
                     Targets::PersistentOnly => {
-                        !persistent || early.iter().any(|e| e.session.id == session.id)
+                        !persistent || early.binary_search(&session.id).is_ok()
                     }
                     Targets::Session(id) => session.id != id,
                 };
