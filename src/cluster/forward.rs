@@ -85,6 +85,8 @@ pub(crate) struct Forwarder {
     pub(crate) fast_path: bool,
     /// A message taken from the queue and not yet handed to NATS (for a shutdown's drain).
     pub(crate) busy: Arc<std::sync::atomic::AtomicBool>,
+    /// QoS 1/2 batches sent so far (each one's number, [`wire::SEQ`]).
+    pub(crate) batches: std::sync::atomic::AtomicU64,
 }
 
 /// One JetStream publish, with what it takes to publish it again.
@@ -175,6 +177,14 @@ const BATCH_BYTES: usize = 64 * 1024;
 /// Most messages taken from the queue in one go to form batches: only what is already
 /// waiting is batched, nothing waits for a batch to fill (one message alone leaves at once).
 const CHUNK: usize = 1024;
+/// Fast copies (`fast.rs`) go only with a take of at most this many messages. More waiting
+/// means this node publishes faster than it forwards: latency is then queueing, which a
+/// fast copy does not shorten, while it doubles what every other node reads, over core NATS,
+/// which has no flow control. A node that cannot read that fast is cut off by its
+/// nats-server as a slow consumer (its pending data above `max_pending`), and what was on
+/// its way through the stream then comes only after the consumer's ack wait. Under load the
+/// stream alone, whose consumer pulls at the node's pace, carries the messages.
+const FAST_TAKE: usize = 64;
 
 impl Forwarder {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<Outgoing>) {
@@ -189,6 +199,7 @@ impl Forwarder {
                     Err(_) => break,
                 }
             }
+            let fast = self.fast_path && chunk.len() <= FAST_TAKE;
             // One open batch per topic: a topic's messages leave in the order they came
             // (MQTT orders per topic); different topics' batches need no order between them.
             let mut open: Vec<Batch> = Vec::new();
@@ -201,7 +212,7 @@ impl Forwarder {
                         // of a topic is the topic's retained message on every node.
                         if let Some(i) = by_topic.remove(&msg.topic) {
                             let waiting = std::mem::replace(&mut open[i], Batch::empty());
-                            self.stream(waiting).await;
+                            self.stream(waiting, fast).await;
                         }
                     }
                     self.live(msg).await;
@@ -214,7 +225,7 @@ impl Forwarder {
                     }
                     Some(&i) => {
                         let full = std::mem::replace(&mut open[i], Batch::new(msg, local, done));
-                        self.stream(full).await;
+                        self.stream(full, fast).await;
                     }
                     None => {
                         by_topic.insert(msg.topic.clone(), open.len());
@@ -223,7 +234,7 @@ impl Forwarder {
                 }
             }
             for b in open {
-                self.stream(b).await;
+                self.stream(b, fast).await;
             }
         }
     }
@@ -268,7 +279,8 @@ impl Forwarder {
     /// A batch of QoS 1/2 messages of one topic, into the messages stream; each publisher's
     /// acknowledgement is released once its local commit, the stream's store and (retained)
     /// the retained stream's are done.
-    async fn stream(&self, batch: Batch) {
+    /// `fast`: also send the batch's fast copy, if it qualifies.
+    async fn stream(&self, batch: Batch, fast: bool) {
         let Some((head, _, _)) = batch.msgs.first() else {
             return;
         };
@@ -278,8 +290,16 @@ impl Forwarder {
             [(one, _, _)] => wire::encode(one),
             many => wire::encode_batch(&many.iter().map(|(m, _, _)| &**m).collect::<Vec<_>>()),
         };
-        let fast = self.fast_path && batch.msgs.iter().all(|(m, _, _)| m.qos == QoS::AtLeastOnce);
+        let fast = fast && batch.msgs.iter().all(|(m, _, _)| m.qos == QoS::AtLeastOnce);
         let mut headers = wire::batch_headers(&self.node, batch.msgs.len());
+        let n = self
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        headers.insert(
+            wire::SEQ,
+            format!("{}.{}.{n}", self.node, self.boot).as_str(),
+        );
         if fast {
             // Tells the receivers to expect the fast copy (`fast.rs`).
             headers.insert(super::fast::MARK, "1");

@@ -308,6 +308,7 @@ impl Node {
                 broker: broker.clone(),
                 fast_path: config.fast_path,
                 busy: busy.clone(),
+                batches: Default::default(),
             }
             .run(rx),
         ));

@@ -263,6 +263,10 @@ pub(crate) async fn consume(
                     sequencer.seen.store(*position, Ordering::Release);
                     commit
                 };
+                if !own {
+                    // Routed: a fast copy of its sender's next batch may go now (`fast.rs`).
+                    seen.streamed(wire::seq_of(m.headers.as_ref()), std::time::Instant::now());
+                }
                 // Acknowledged once this node's commit of it is done (`acker`).
                 let _ = acks.send((commit, m));
             }

@@ -27,6 +27,17 @@ pub(crate) const ORIGIN: &str = "Tern-Node";
 /// How many messages a batch holds (absent: one, the body is its record).
 pub(crate) const COUNT: &str = "Tern-Count";
 
+/// A QoS 1/2 batch's place among its sender's: `<node>.<boot>.<n>`, n counting from 1 in the
+/// order the forwarder sent them, on the stream copy and on the fast copy (`fast.rs`).
+pub(crate) const SEQ: &str = "Tern-Seq";
+
+/// The sender (`<node>.<boot>`) and number of a batch, from its [`SEQ`] header.
+pub(crate) fn seq_of(headers: Option<&HeaderMap>) -> Option<(&str, u64)> {
+    let v = headers?.get(SEQ)?.as_str();
+    let (sender, n) = v.rsplit_once('.')?;
+    Some((sender, n.parse().ok()?))
+}
+
 /// The body of `msg`.
 pub(crate) fn encode(msg: &Message) -> Bytes {
     Bytes::from(record(msg))
@@ -116,6 +127,16 @@ pub(crate) fn decode(body: &[u8], id: u64, own: bool) -> Option<Arc<Message>> {
 mod tests {
     use super::*;
     use crate::protocol::{MqttStr, PublishProperties, QoS};
+
+    #[test]
+    fn a_batch_number_names_its_sender() {
+        let mut h = HeaderMap::new();
+        h.insert(SEQ, "node.with.dots.1796.42");
+        assert_eq!(seq_of(Some(&h)), Some(("node.with.dots.1796", 42)));
+        h.insert(SEQ, "t1.7.x");
+        assert_eq!(seq_of(Some(&h)), None, "not a number");
+        assert_eq!(seq_of(None), None);
+    }
 
     #[test]
     fn a_message_crosses_with_everything_it_carries() {

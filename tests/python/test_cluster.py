@@ -284,7 +284,8 @@ def test_qos1_fast_copies_and_the_stream_deliver_once(tern_cluster, mkc, version
         c.expect_none(1.0)
     sent = [metric(node, "tern_cluster_messages_total", {"direction": "out", "path": "fast"}) - f
             for node, f in zip((t1, t3), fast_out)]
-    assert sent == [0, n], f"fast copies sent by t1 (fast_path off), t3: {sent}"
+    # t3 sends fast copies only while it keeps up (at most 64 messages waiting to leave).
+    assert sent[0] == 0 and 0 < sent[1] <= n, f"fast copies sent by t1 (fast_path off), t3: {sent}"
     assert metric(t2, "tern_cluster_messages_total", {"direction": "in", "path": "fast"}) > 0
 
 
