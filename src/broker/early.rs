@@ -9,22 +9,27 @@
 //! happens to this node before the stream copy is stored, the message comes again (at least
 //! once, as QoS 1 allows). When the stream copy comes, the session either has acknowledged
 //! the early delivery (nothing to store) or not (its entry is stored in the session's queue
-//! at the place the early delivery took, so a restart brings it back).
+//! at the place the early delivery took, or, if it was sent already, as an in-flight record
+//! under its packet id and send order, so a restart re-sends it in its original order among
+//! the others in flight [MQTT-4.6.0-1]).
 //!
-//! The race between the client's PUBACK (on its connection's task) and the stream copy (on
-//! the node consumer's task) is settled by one [`EarlyLedger`] entry per delivery, keyed by
-//! (session id, place):
+//! The races between the connection (sending it, the client's PUBACK) and the node
+//! consumer's task (the stream copy) are settled by one [`EarlyLedger`] entry per delivery,
+//! keyed by (session id, place):
 //!
-//! | state | the stream copy comes | the PUBACK comes |
-//! |---|---|---|
-//! | `Unacked` | its queue entry is submitted, under the ledger's lock: `Stored` | `Acked` |
-//! | `Acked` | nothing is stored; the entry goes | (cannot happen twice) |
-//! | `Stored` | (cannot happen twice) | the connection dequeues the entry; the entry goes |
+//! | state | it is sent | the stream copy comes | the PUBACK comes |
+//! |---|---|---|---|
+//! | `Unacked` (not sent) | `Unacked` (sent: packet id, order) | queue entry submitted: `Queued` | — |
+//! | `Unacked` (sent) | — | in-flight record submitted: `InFlight` | `Acked` |
+//! | `Acked` | — | nothing stored; the entry goes | — |
+//! | `Queued` | the connection moves the entry to an in-flight record: `InFlight` | — | — |
+//! | `InFlight` | — | — | the connection deletes the record; the entry goes |
 //!
-//! `Stored` is set under the same lock as the submit of the queue entry, so a PUBACK that
-//! finds it submits its dequeue after that insert: the store applies them in that order.
-//! Without this, a dequeue could overtake the insert and leave an entry that comes back
-//! after a restart as a duplicate.
+//! Each submit happens under the ledger's lock together with the state change, so whatever
+//! finds the new state submits its own operation after that one: the store applies them in
+//! that order. Without this, a delete could overtake the insert and leave a record that comes
+//! back after a restart as a duplicate. (A delivery finished unsent, expired say, in state
+//! `Queued` has its queue entry dequeued.)
 //!
 //! **Order.** An early delivery must not overtake a message of its topic that the session
 //! gets from the stream. Two cases: a message the session could not take early (its queue had
@@ -103,18 +108,37 @@ impl FastRouted {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Unacked,
+    /// Neither acknowledged nor stored; its packet id and send order once sent.
+    Unacked(Option<(u16, u64)>),
     Acked,
-    Stored,
+    /// Stored as a queue entry of the stream copy's message `msg_id` (not sent then).
+    Queued {
+        msg_id: u64,
+    },
+    /// Stored as an in-flight record under this packet id.
+    InFlight(u16),
 }
 
 /// What the stream copy does for one early delivery ([`EarlyLedger::take`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pending {
-    /// Store its queue entry (and call [`Taken::stored`] once submitted).
-    Store,
+    /// Store its queue entry (not sent yet), then [`Taken::stored`].
+    Queue,
+    /// Store its in-flight record (sent under this packet id, in this send order), then
+    /// [`Taken::stored`].
+    InFlight { packet_id: u16, order: u64 },
     /// Nothing: acknowledged already, or nothing to store.
     Nothing,
+}
+
+/// What a connection does when an early delivery is finished ([`EarlyLedger::finished`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    Nothing,
+    /// Dequeue its queue entry (finished unsent).
+    Dequeue,
+    /// Delete its in-flight record.
+    DeleteInflight(u16),
 }
 
 /// The early deliveries whose PUBACK or stream copy is still to come, and the fast copies
@@ -195,23 +219,47 @@ impl EarlyLedger {
                 forget_old(&mut e, now);
             }
         }
-        e.insert((session, seq), (State::Unacked, now));
+        e.insert((session, seq), (State::Unacked(None), now));
     }
 
-    /// The session finished the early delivery at `seq` (PUBACK, or dropped unsent): true
-    /// when its stored queue entry must now be dequeued.
-    pub fn finished(&self, session: u64, seq: u64, now: Instant) -> bool {
+    /// The session's connection sent the early delivery at `seq` under `packet_id`, `order`
+    /// in its send order. Returns the stored message's id when its queue entry is stored
+    /// already: the connection then moves it to an in-flight record (dequeue, put in flight),
+    /// as it does for any stored delivery it sends.
+    pub fn sent(&self, session: u64, seq: u64, packet_id: u16, order: u64) -> Option<u64> {
+        let mut e = self.lock();
+        let (state, _) = e.get_mut(&(session, seq))?;
+        match *state {
+            State::Unacked(None) => {
+                *state = State::Unacked(Some((packet_id, order)));
+                None
+            }
+            State::Queued { msg_id } => {
+                *state = State::InFlight(packet_id);
+                Some(msg_id)
+            }
+            _ => None,
+        }
+    }
+
+    /// The session finished the early delivery at `seq` (PUBACK, or dropped unsent): what
+    /// its stored form, if any, needs now.
+    pub fn finished(&self, session: u64, seq: u64, now: Instant) -> Finished {
         let mut e = self.lock();
         match e.get(&(session, seq)).map(|(s, _)| *s) {
-            Some(State::Unacked) => {
+            Some(State::Unacked(_)) => {
                 e.insert((session, seq), (State::Acked, now));
-                false
+                Finished::Nothing
             }
-            Some(State::Stored) => {
+            Some(State::Queued { .. }) => {
                 e.remove(&(session, seq));
-                true
+                Finished::Dequeue
             }
-            Some(State::Acked) | None => false,
+            Some(State::InFlight(packet_id)) => {
+                e.remove(&(session, seq));
+                Finished::DeleteInflight(packet_id)
+            }
+            Some(State::Acked) | None => Finished::Nothing,
         }
     }
 
@@ -256,20 +304,28 @@ impl Taken<'_> {
         };
         let key = (early.session.id, seq);
         match self.entries.get(&key).map(|(s, _)| *s) {
-            Some(State::Unacked) if current => Pending::Store,
-            Some(State::Unacked) | Some(State::Acked) => {
+            Some(State::Unacked(None)) if current => Pending::Queue,
+            Some(State::Unacked(Some((packet_id, order)))) if current => {
+                Pending::InFlight { packet_id, order }
+            }
+            Some(State::Unacked(_)) | Some(State::Acked) => {
                 self.entries.remove(&key);
                 Pending::Nothing
             }
-            Some(State::Stored) | None => Pending::Nothing,
+            Some(State::Queued { .. }) | Some(State::InFlight(_)) | None => Pending::Nothing,
         }
     }
 
-    /// `early`'s queue entry was submitted (still under the lock).
-    pub fn stored(&mut self, early: &Early, now: Instant) {
+    /// `early`'s stored form, as `pending` said, was submitted for message `msg_id` (still
+    /// under the lock).
+    pub fn stored(&mut self, early: &Early, how: Pending, msg_id: u64, now: Instant) {
+        let state = match how {
+            Pending::Queue => State::Queued { msg_id },
+            Pending::InFlight { packet_id, .. } => State::InFlight(packet_id),
+            Pending::Nothing => return,
+        };
         if let Some(seq) = early.seq {
-            self.entries
-                .insert((early.session.id, seq), (State::Stored, now));
+            self.entries.insert((early.session.id, seq), (state, now));
         }
     }
 }
@@ -302,23 +358,56 @@ mod tests {
     fn puback_and_stream_copy_in_either_order() {
         let l = EarlyLedger::default();
         let t = Instant::now();
-        // PUBACK first: nothing stored, nothing dequeued.
+        // Sent, PUBACK, then the stream copy: nothing stored, nothing to delete.
         let a = early(1, 7);
         l.delivered(1, 7, t);
-        assert!(!l.finished(1, 7, t));
+        assert_eq!(l.sent(1, 7, 11, 1), None);
+        assert_eq!(l.finished(1, 7, t), Finished::Nothing);
         assert_eq!(l.take().pending(&a, true), Pending::Nothing);
         assert!(l.is_empty());
-        // Stream copy first: stored, then the PUBACK dequeues it.
+        // Stream copy before it is sent: a queue entry, moved in flight when sent, deleted by
+        // the PUBACK.
         let b = early(1, 8);
         l.delivered(1, 8, t);
         {
             let mut taken = l.take();
-            assert_eq!(taken.pending(&b, true), Pending::Store);
-            taken.stored(&b, t);
+            assert_eq!(taken.pending(&b, true), Pending::Queue);
+            taken.stored(&b, Pending::Queue, 99, t);
         }
-        assert!(l.finished(1, 8, t), "stored: the PUBACK dequeues");
+        assert_eq!(
+            l.sent(1, 8, 12, 2),
+            Some(99),
+            "move the entry of message 99 in flight"
+        );
+        assert_eq!(l.finished(1, 8, t), Finished::DeleteInflight(12));
         assert!(l.is_empty());
-        assert!(!l.finished(1, 8, t), "a repeated PUBACK does nothing");
+        assert_eq!(l.finished(1, 8, t), Finished::Nothing, "a repeated PUBACK");
+        // Sent, then the stream copy: an in-flight record with its packet id and order.
+        let c = early(1, 9);
+        l.delivered(1, 9, t);
+        assert_eq!(l.sent(1, 9, 13, 3), None);
+        {
+            let mut taken = l.take();
+            let how = taken.pending(&c, true);
+            assert_eq!(
+                how,
+                Pending::InFlight {
+                    packet_id: 13,
+                    order: 3
+                }
+            );
+            taken.stored(&c, how, 100, t);
+        }
+        assert_eq!(l.finished(1, 9, t), Finished::DeleteInflight(13));
+        // Stored unsent, then finished unsent (expired): dequeued.
+        let d = early(1, 10);
+        l.delivered(1, 10, t);
+        {
+            let mut taken = l.take();
+            taken.stored(&d, Pending::Queue, 101, t);
+        }
+        assert_eq!(l.finished(1, 10, t), Finished::Dequeue);
+        assert!(l.is_empty());
     }
 
     /// The settled mark is the oldest fast copy still waiting for its stream copy.
@@ -361,7 +450,7 @@ mod tests {
         for seq in 0..SWEEP_ABOVE as u64 {
             l.delivered(4, seq, t);
             if seq % 2 == 0 {
-                l.finished(4, seq, t);
+                let _ = l.finished(4, seq, t);
             }
         }
         l.delivered(5, 1, t + FORGET_ACKED);
@@ -369,7 +458,7 @@ mod tests {
         // Old enough to go, but the last sweep was less than SWEEP_EVERY ago.
         for seq in 0..SWEEP_ABOVE as u64 {
             l.delivered(6, seq, t);
-            l.finished(6, seq, t);
+            let _ = l.finished(6, seq, t);
         }
         l.delivered(5, 3, t + FORGET_ACKED + SWEEP_EVERY / 2);
         assert!(l.len() > SWEEP_ABOVE, "no second sweep within SWEEP_EVERY");

@@ -17,8 +17,8 @@ use crate::outbox::{Delivery, SubIds};
 use crate::protocol::Will;
 use crate::session::registry::SessionHandle;
 use crate::session::SessionState;
-use crate::storage::record::QueueEntry;
 use crate::storage::record::SubscriptionRecord;
+use crate::storage::record::{InflightRecord, QueueEntry};
 use crate::storage::{Commit, Op};
 use std::sync::Arc;
 
@@ -205,20 +205,38 @@ impl Broker {
                 continue;
             };
             for (e, &cur) in list.iter().zip(cur) {
-                let (Pending::Store, Some(seq)) = (taken.pending(e, cur), e.seq) else {
+                let Some(seq) = e.seq else {
                     continue;
                 };
-                Staging::new(msg, &mut staged).op(Op::Enqueue {
-                    session_id: e.session.id,
-                    seq,
-                    entry: QueueEntry {
-                        msg_id: msg.id,
-                        qos: e.qos,
-                        retain: e.retain,
-                        sub_ids: e.sub_ids.as_slice().to_vec(),
+                let how = taken.pending(e, cur);
+                let entry = QueueEntry {
+                    msg_id: msg.id,
+                    qos: e.qos,
+                    retain: e.retain,
+                    sub_ids: e.sub_ids.as_slice().to_vec(),
+                };
+                let op = match how {
+                    Pending::Nothing => continue,
+                    Pending::Queue => Op::Enqueue {
+                        session_id: e.session.id,
+                        seq,
+                        entry,
                     },
-                });
-                store.push(e);
+                    // Sent already: stored as in flight, so that a restart re-sends it in
+                    // its original order among the others in flight.
+                    Pending::InFlight { packet_id, order } => Op::PutInflight {
+                        session_id: e.session.id,
+                        rec: InflightRecord {
+                            packet_id,
+                            order,
+                            entry,
+                            released: false,
+                            group: None,
+                        },
+                    },
+                };
+                Staging::new(msg, &mut staged).op(op);
+                store.push((e, how, msg.id));
             }
         }
         // Submitted under the ledger's lock. The submit only hands the commit to the storage
@@ -226,9 +244,9 @@ impl Broker {
         // store already shut down drops a request here, and with it its effects).
         let commit = self.submit_staged(staged);
         // Marked under the same lock as the submit: a PUBACK now dequeues after the insert.
-        let now = std::time::Instant::now();
-        for e in store {
-            taken.stored(e, now);
+        let now = crate::clock::now();
+        for (e, how, msg_id) in store {
+            taken.stored(e, how, msg_id, now);
         }
         commit
     }

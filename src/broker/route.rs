@@ -199,7 +199,7 @@ impl Broker {
             return;
         }
         let (qos, retain, sub_ids) = (delivery.qos, delivery.retain, delivery.sub_ids.clone());
-        let now = std::time::Instant::now();
+        let now = crate::clock::now();
         let settled = self.early.settled();
         let pushed = session
             .outbox

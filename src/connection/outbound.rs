@@ -5,6 +5,7 @@
 //! settle them.
 
 use super::client::Client;
+use crate::broker::early::Finished;
 use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};
@@ -143,6 +144,22 @@ impl Client {
             self.state.next_order += 1;
             let pid = self.state.inflight.insert(d.clone());
             out.packet_id = pid;
+            if let Some(seq) = d.early {
+                // An early delivery (`broker/early.rs`): if its stream copy has stored it
+                // already, its queue entry becomes an in-flight record like any stored one's.
+                if let Some(msg_id) = self.broker.early.sent(self.handle.id, seq, pid, d.order) {
+                    self.pending_ops.push(Op::Dequeue {
+                        session_id: self.handle.id,
+                        seq,
+                    });
+                    let mut rec = inflight_record(pid, &d, false);
+                    rec.entry.msg_id = msg_id;
+                    self.pending_ops.push(Op::PutInflight {
+                        session_id: self.handle.id,
+                        rec,
+                    });
+                }
+            }
             if let (Some(seq), true) = (d.seq, d.stored) {
                 if d.qos == QoS::ExactlyOnce {
                     self.gate.hold_from(wbuf.len());
@@ -200,17 +217,21 @@ impl Client {
         true
     }
 
-    /// An early delivery (`broker/early.rs`) is finished: the queue entry its stream copy
-    /// stored meanwhile, if any, goes (the ledger says; if the stream copy has not come yet, it
+    /// An early delivery (`broker/early.rs`) is finished: what its stream copy stored
+    /// meanwhile, if anything, goes (the ledger says; if the stream copy has not come yet, it
     /// stores nothing).
     pub(super) fn early_done(&mut self, d: &Delivery) {
-        if let Some(seq) = d.early {
-            if self.broker.early.finished(self.handle.id, seq, self.now) {
-                self.pending_ops.push(Op::Dequeue {
-                    session_id: self.handle.id,
-                    seq,
-                });
-            }
+        let Some(seq) = d.early else {
+            return;
+        };
+        let session_id = self.handle.id;
+        match self.broker.early.finished(session_id, seq, self.now) {
+            Finished::Nothing => {}
+            Finished::Dequeue => self.pending_ops.push(Op::Dequeue { session_id, seq }),
+            Finished::DeleteInflight(packet_id) => self.pending_ops.push(Op::DeleteInflight {
+                session_id,
+                packet_id,
+            }),
         }
     }
 
