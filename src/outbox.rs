@@ -203,9 +203,21 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Appends `d` (of `weight` bytes) to the memory queue, lets go of the lock, and wakes
+    /// the draining connection if the queue was empty.
+    fn append(&self, mut q: std::sync::MutexGuard<'_, Queue>, d: Delivery, weight: usize) {
+        let was_empty = q.items.is_empty();
+        q.items.push_back(d);
+        q.bytes += weight;
+        drop(q);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
     pub fn push(&self, d: Delivery) -> Pushed {
         let weight = d.msg.weight();
-        let mut q = self.lock();
+        let q = self.lock();
         if d.qos == QoS::AtMostOnce {
             if !q.online {
                 return Pushed::SkippedOffline;
@@ -216,13 +228,7 @@ impl Outbox {
         } else if q.items.len() >= self.max_messages || q.bytes + weight > self.max_bytes {
             return Pushed::DroppedFull;
         }
-        let was_empty = q.items.is_empty();
-        q.items.push_back(d);
-        q.bytes += weight;
-        drop(q);
-        if was_empty {
-            self.notify.notify_one();
-        }
+        self.append(q, d, weight);
         Pushed::Queued
     }
 
@@ -387,13 +393,7 @@ impl Outbox {
         });
         d.early = seq;
         let epoch = q.epoch;
-        let was_empty = q.items.is_empty();
-        q.items.push_back(d);
-        q.bytes += weight;
-        drop(q);
-        if was_empty {
-            self.notify.notify_one();
-        }
+        self.append(q, d, weight);
         Ok((seq, epoch))
     }
 
@@ -427,13 +427,7 @@ impl Outbox {
         }
         q.pending = q.pending.saturating_sub(1);
         q.pending_bytes = q.pending_bytes.saturating_sub(weight);
-        let was_empty = q.items.is_empty();
-        q.items.push_back(d);
-        q.bytes += weight;
-        drop(q);
-        if was_empty {
-            self.notify.notify_one();
-        }
+        self.append(q, d, weight);
     }
 
     /// A hot reservation's commit failed: its place is given back. True if the reservation
