@@ -187,6 +187,10 @@ impl Broker {
         // reservations.
         fast.iter().for_each(FastRouted::settle_refused);
         self.early.fast_end(batch.number);
+        if fast.iter().all(|f| f.early.is_empty()) {
+            // No early delivery to settle (the usual case under load): no ledger.
+            return self.submit_staged(staged);
+        }
         let early: Vec<&Vec<_>> = fast.iter().map(|f| &f.early).collect();
         // Whether each session is still of the queue epoch its delivery was made in, read
         // before the ledger is locked (lock order: outbox, then ledger).

@@ -217,6 +217,18 @@ impl Client {
         true
     }
 
+    /// A QoS 1 delivery sent under `packet_id` is finished (PUBACK, or revoked as if
+    /// acknowledged): its durable record goes, the early ledger's entry if it is an early
+    /// delivery (whose in-flight record, if any, the ledger names), and its group's credit.
+    pub(super) fn qos1_finished(&mut self, packet_id: u16, d: &Delivery) {
+        if d.early.is_some() {
+            self.early_done(d);
+        } else {
+            self.stage_inflight_done(packet_id);
+        }
+        self.group_delivery_done(d, true, true);
+    }
+
     /// An early delivery (`broker/early.rs`) is finished: what its stream copy stored
     /// meanwhile, if anything, goes (the ledger says; if the stream copy has not come yet, it
     /// stores nothing).
@@ -342,9 +354,7 @@ impl Client {
             if qos == QoS::AtLeastOnce {
                 // A QoS 1 entry, so never a `WrongAck`.
                 if let Ok(Some(d)) = self.state.inflight.on_puback(id) {
-                    self.stage_inflight_done(id);
-                    self.early_done(&d);
-                    self.group_delivery_done(&d, true, true);
+                    self.qos1_finished(id, &d);
                 }
                 continue;
             }

@@ -29,12 +29,7 @@ impl Client {
             .on_puback(a.packet_id)
             .map_err(wrong_ack)?
         {
-            if d.early.is_none() {
-                self.stage_inflight_done(a.packet_id);
-            }
-            // An early delivery has no in-flight record (`broker/early.rs`).
-            self.early_done(&d);
-            self.group_delivery_done(&d, true, true);
+            self.qos1_finished(a.packet_id, &d);
         }
         Ok(())
     }
