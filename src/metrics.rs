@@ -95,6 +95,9 @@ pub struct ClusterMetrics {
     /// QoS 1 deliveries to persistent sessions made from a fast copy, before the message was
     /// stored (`broker/early.rs`).
     pub early: IntCounter,
+    /// Times this node's consumer was made again because it stopped delivering (its NATS
+    /// server down; `cluster/receive.rs`, `NodeConsumer`).
+    pub consumer_remade: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -142,6 +145,11 @@ impl ClusterMetrics {
             "QoS 1 deliveries to persistent sessions made from another node's fast copy, before the message was stored here (stored when its stream copy comes, unless acknowledged first)",
         )?;
         registry.register(Box::new(early.clone()))?;
+        let consumer_remade = IntCounter::new(
+            "tern_cluster_consumer_remade_total",
+            "Times this node's JetStream consumer was made again, reading on where the node was, because it stopped delivering (the NATS server holding it down)",
+        )?;
+        registry.register(Box::new(consumer_remade.clone()))?;
         Ok(ClusterMetrics {
             out_live: messages.with_label_values(&["out", "live"]),
             out_stream: messages.with_label_values(&["out", "stream"]),
@@ -156,6 +164,7 @@ impl ClusterMetrics {
             available,
             members,
             early,
+            consumer_remade,
         })
     }
 }

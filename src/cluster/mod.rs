@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | QoS 0 messages | core NATS, `P.live.m.<levels>` | at most once is allowed: no store, no ack |
 //! | QoS 1/2 messages | stream `P_MSGS`, subjects `P.msg.>`, file storage, `replicas` copies | the publisher's PUBACK waits for JetStream's ack, given only once the stream's quorum has it |
-//! | each node's read position | one durable pull consumer per node (`node`), not per subscription | a node that was cut off or restarted resumes where it was; thousands of subscriptions cost no JetStream API calls (nats-server's own MQTT layer creates one consumer per subscription and times out under reconnect storms) |
+//! | each node's read position | one durable pull consumer per node (`node`), not per subscription; one replica by default, made again on another server from where the node was when its server goes (`receive.rs`, `NodeConsumer`) | a node that was cut off or restarted resumes where it was; thousands of subscriptions cost no JetStream API calls (nats-server's own MQTT layer creates one consumer per subscription and times out under reconnect storms); no Raft round per delivery and acknowledgement |
 //! | retained messages | stream `P_RETAINED`, one message per topic subject (`P.ret.m.<levels>`) | every node reads the last of each at start and follows the changes in stream order, so all nodes converge on the same retained set |
 //! | who holds a client id | key-value bucket `P_clients`, key = SHA-256 of the client id | the bucket's revision orders concurrent CONNECTs on different nodes: the newest claim wins, older holders are taken over |
 //! | shared subscription groups | a durable pull consumer per group (QoS 1/2) and a NATS queue group (QoS 0) | each message to one node; nodes pull as their group queue has room (`groups.rs`) |
@@ -360,10 +360,22 @@ impl Node {
             )
             .await?,
         );
+        // This node's consumer, opened only now: if the server holding it is gone, it is made
+        // again from the anchors of the sessions settled above.
+        let made = receive::NodeConsumer {
+            stream: setup.msgs.clone(),
+            name: config.node.clone(),
+            filter: format!("{}.msg.>", names.prefix),
+            replicas: config.consumer_replicas,
+        };
+        let opened = made
+            .open(deadline, restored_low(broker, &anchors, &config.node))
+            .await?;
         tasks.push(
             receive::consume(
                 broker.clone(),
-                setup.consumer,
+                made,
+                opened,
                 config.node.clone(),
                 sequencer.clone(),
                 seen,
@@ -666,6 +678,24 @@ async fn heartbeat(
         })
         .await;
     }
+}
+
+/// The lowest anchor (`anchors.rs`) of the persistent sessions restored here: every QoS 1/2
+/// message any of them still needs was published after it. None: no persistent session here,
+/// nothing owed from the past. A session without an anchor naming this node counts as 0.
+async fn restored_low(broker: &Arc<Broker>, anchors: &anchors::Anchors, node: &str) -> Option<u64> {
+    let mut low: Option<u64> = None;
+    for h in broker.registry.handles() {
+        if !h.persistent.load(Ordering::Relaxed) {
+            continue;
+        }
+        let l = match anchors.get(&h.client_id).await {
+            Some(a) if a.node == node => a.low,
+            _ => 0,
+        };
+        low = Some(low.map_or(l, |x| x.min(l)));
+    }
+    low
 }
 
 #[cfg(test)]

@@ -3,10 +3,13 @@
 //! where the streams and buckets are created.
 //!
 //! A message from the stream is acknowledged to JetStream only after this node's own commit
-//! of it (its place in persistent sessions' queues here) is done; a message this node could
-//! not store is NAKed and comes again. So what JetStream acknowledged to a publisher on
+//! of it (its place in persistent sessions' queues here) is done (a commit that failed is
+//! counted where it failed, logged, and acknowledged all the same: holding the consumer back
+//! would stop every later message too). So what JetStream acknowledged to a publisher on
 //! another node reaches this node's subscribers even if this node's NATS connection, or the
-//! node itself, drops in between: at least once, as QoS 1 allows.
+//! node itself, drops in between: at least once, as QoS 1 allows. The consumer itself has
+//! one replica by default and is made again elsewhere when its server goes
+//! ([`NodeConsumer`]).
 
 use super::sessions::Sequencer;
 use super::{wire, ClusterError, Names};
@@ -21,16 +24,15 @@ use async_nats::jetstream::{
 };
 use futures_util::StreamExt;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// What the cluster's streams, buckets and this node's consumer are.
+/// What the cluster's streams and buckets are.
 pub(crate) struct Setup {
     pub(crate) msgs: jetstream::stream::Stream,
-    pub(crate) consumer: jetstream::consumer::Consumer<pull::Config>,
     pub(crate) retained: jetstream::stream::Stream,
     pub(crate) clients: kv::Store,
     pub(crate) nodes: kv::Store,
@@ -126,33 +128,8 @@ impl Setup {
         )
         .await?;
         let wills = bucket(api, &names.wills_bucket, config, Duration::ZERO, deadline).await?;
-        let durable = config.node.clone();
-        let node_consumer = || {
-            msgs.get_or_create_consumer(
-                &durable,
-                pull::Config {
-                    durable_name: Some(durable.clone()),
-                    deliver_policy: DeliverPolicy::New,
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
-                    max_ack_pending: MAX_ACK_PENDING,
-                    filter_subject: format!("{}.msg.>", names.prefix),
-                    num_replicas: config.replicas,
-                    description: Some(format!("Tern node {durable}")),
-                    ..Default::default()
-                },
-            )
-        };
-        let mut consumer = retry("node consumer", deadline, node_consumer).await?;
-        if consumer.cached_info().config.ack_policy != AckPolicy::Explicit {
-            // Made by an earlier build that acked all (see `acker`). Made again, from now on.
-            tracing::warn!(node = %durable, "node consumer made again (ack policy changed)");
-            let _ = msgs.delete_consumer(&durable).await;
-            consumer = retry("node consumer", deadline, node_consumer).await?;
-        }
         Ok(Setup {
             msgs,
-            consumer,
             retained,
             clients,
             nodes,
@@ -189,19 +166,226 @@ async fn bucket(
     .await
 }
 
+/// This node's durable consumer of the messages stream: how it is made, found again at a
+/// start, and made again where this node stopped reading.
+///
+/// It has `cluster.consumer_replicas` replicas, 1 by default. A replicated consumer puts
+/// every delivery and every acknowledgement through its own Raft group: with three nodes
+/// reading the stream, that is six more proposals per message besides the stream's own,
+/// and on a small machine the NATS servers spent most of their CPU on them (the p99 of the
+/// cluster's latency benchmark fell from 2.4 ms to about 1.1 ms without them). What the
+/// replicas would protect is only this node's read position, and the node knows it: while
+/// it runs, the stream sequence it routed last ([`Sequencer`]); after a restart, the
+/// consumer's acknowledged floor, or, when the consumer's server is gone too, the anchors
+/// of its persistent sessions (`anchors.rs`), the sessions that need what was published
+/// meanwhile. So when the consumer stops answering (its NATS server died), the node deletes
+/// it and makes it again on a server that answers, reading on from where it was
+/// ([`FAILOVER`]).
+pub(crate) struct NodeConsumer {
+    pub(crate) stream: jetstream::stream::Stream,
+    /// The durable name: the node's name.
+    pub(crate) name: String,
+    pub(crate) filter: String,
+    pub(crate) replicas: usize,
+}
+
+/// How long the node consumer may fail to deliver (missed heartbeats, no answer) before it is
+/// made again elsewhere. Longer than a replicated consumer's leader election (a few seconds),
+/// so a consumer that would come back by itself is usually left to.
+pub(crate) const FAILOVER: Duration = Duration::from_secs(5);
+
+impl NodeConsumer {
+    fn config(&self, deliver_policy: DeliverPolicy) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.name.clone()),
+            deliver_policy,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: MAX_ACK_PENDING,
+            filter_subject: self.filter.clone(),
+            num_replicas: self.replicas,
+            description: Some(format!("Tern node {}", self.name)),
+            ..Default::default()
+        }
+    }
+
+    /// The consumer as the node starts, and the stream sequence up to which it has read
+    /// everything: the existing consumer where it was acknowledged, a new one at the end of
+    /// the stream for a new node. One made by another build or configuration (other replicas,
+    /// ack policy) is made again where it was acknowledged. One that exists but does not
+    /// answer for [`FAILOVER`] while the stream does (its only server is down) is made again
+    /// after `fallback` (the lowest anchor of the persistent sessions restored here; None:
+    /// there are none, nothing is owed from the past).
+    pub(crate) async fn open(
+        &self,
+        deadline: Instant,
+        fallback: impl Future<Output = Option<u64>>,
+    ) -> Result<(jetstream::consumer::Consumer<pull::Config>, u64), ClusterError> {
+        use jetstream::context::ConsumerInfoErrorKind as Kind;
+        let mut unavailable: Option<Instant> = None;
+        let mut fallback = Some(fallback);
+        let mut from_anchors: Option<u64> = None;
+        let mut attempt = 0u32;
+        let err =
+            |e: &dyn std::fmt::Display| ClusterError::JetStream(format!("node consumer: {e}"));
+        loop {
+            attempt += 1;
+            let asked = Instant::now();
+            // Bounded by FAILOVER: a consumer whose server is down makes the request time
+            // out (the API's timeout is longer), and that is the answer.
+            let info = tokio::time::timeout(FAILOVER, self.stream.consumer_info(&self.name))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(jetstream::context::ConsumerInfoError::new(Kind::TimedOut))
+                });
+            let failed = match info {
+                Ok(info) => {
+                    let floor = info.ack_floor.stream_sequence;
+                    let c = &info.config;
+                    if c.ack_policy == AckPolicy::Explicit
+                        && c.num_replicas == self.replicas
+                        && info.delivered.stream_sequence <= floor
+                    {
+                        match self.stream.get_consumer(&self.name).await {
+                            Ok(consumer) => return Ok((consumer, floor)),
+                            Err(e) => e.to_string(),
+                        }
+                    } else {
+                        // Also when messages were delivered and not acknowledged (the node
+                        // stopped before its commits were done): read again from the floor at
+                        // once rather than after ACK_WAIT, and the floor stays exact for
+                        // `consume`'s failover.
+                        tracing::info!(node = %self.name, replicas = c.num_replicas, wanted = self.replicas, from = floor + 1, "node consumer made again where it was acknowledged");
+                        match self.remake(floor + 1).await {
+                            Ok(consumer) => return Ok((consumer, floor)),
+                            Err(e) => e,
+                        }
+                    }
+                }
+                Err(e) if e.kind() == Kind::NotFound => {
+                    // A new node: it reads what is published from now on.
+                    match self.stream_end().await {
+                        Some(from) => match self
+                            .stream
+                            .create_consumer(self.config(DeliverPolicy::ByStartSequence {
+                                start_sequence: from,
+                            }))
+                            .await
+                        {
+                            Ok(consumer) => return Ok((consumer, from - 1)),
+                            Err(e) => e.to_string(),
+                        },
+                        None => "no stream info".to_string(),
+                    }
+                }
+                Err(e) => {
+                    // JetStream answers for the stream but not for the consumer: the server
+                    // that holds it is down.
+                    let since = match self.stream.get_info().await {
+                        Ok(_) => *unavailable.get_or_insert(asked),
+                        Err(_) => {
+                            unavailable = None;
+                            Instant::now()
+                        }
+                    };
+                    if since.elapsed() >= FAILOVER {
+                        let from = match from_anchors {
+                            Some(from) => from,
+                            None => {
+                                let low = match fallback.take() {
+                                    Some(f) => f.await,
+                                    None => None,
+                                };
+                                let from = match low {
+                                    Some(low) => low + 1,
+                                    None => self.stream_end().await.unwrap_or(1),
+                                };
+                                tracing::warn!(node = %self.name, from, error = %e, "node consumer unavailable; made again from the anchors of this node's sessions");
+                                *from_anchors.insert(from)
+                            }
+                        };
+                        match self.remake(from).await {
+                            Ok(consumer) => return Ok((consumer, from - 1)),
+                            Err(e) => e,
+                        }
+                    } else {
+                        e.to_string()
+                    }
+                }
+            };
+            if Instant::now() + Duration::from_millis(500) >= deadline {
+                return Err(err(&failed));
+            }
+            if attempt.is_multiple_of(10) {
+                tracing::warn!(node = %self.name, error = %failed, "node consumer not ready; retrying");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The next sequence the stream will give a message.
+    async fn stream_end(&self) -> Option<u64> {
+        self.stream
+            .get_info()
+            .await
+            .ok()
+            .map(|i| i.state.last_sequence + 1)
+    }
+
+    /// Deletes the consumer (wherever it is, also on a server that is down: JetStream's meta
+    /// leader forgets it) and makes it again reading from stream sequence `from`.
+    pub(crate) async fn remake(
+        &self,
+        from: u64,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, String> {
+        if let Err(e) = self.stream.delete_consumer(&self.name).await {
+            tracing::debug!(node = %self.name, error = %e, "node consumer delete");
+        }
+        self.stream
+            .create_consumer(self.config(DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            }))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Reads this node's consumer for good: routes each message from another node here, and
 /// acknowledges it once this node's commit of it is done.
 pub(crate) async fn consume(
     broker: Arc<Broker>,
-    consumer: jetstream::consumer::Consumer<pull::Config>,
+    made: NodeConsumer,
+    (mut consumer, floor): (jetstream::consumer::Consumer<pull::Config>, u64),
     node: String,
     sequencer: Arc<Sequencer>,
     seen: Arc<super::fast::Seen>,
 ) -> Result<JoinHandle<()>, ClusterError> {
     let (acks, pending) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(acker(pending));
+    let settled = Arc::new(AtomicU64::new(floor));
+    tokio::spawn(acker(pending, settled.clone()));
     Ok(tokio::spawn(async move {
+        // Since when the consumer has delivered nothing but errors (None: it works).
+        let mut broken: Option<Instant> = None;
         loop {
+            if broken.is_some_and(|t| t.elapsed() >= FAILOVER) {
+                // Read on after the last message whose commit here is done: nothing lost, and
+                // nothing twice unless a commit was still running (they take milliseconds;
+                // this is seconds after the consumer stopped delivering).
+                let from = settled.load(Ordering::Acquire) + 1;
+                match made.remake(from).await {
+                    Ok(c) => {
+                        tracing::warn!(%node, from, "node consumer not answering; made again");
+                        broker.metrics.cluster.consumer_remade.inc();
+                        consumer = c;
+                        broken = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%node, error = %e, "node consumer cannot be made again yet");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
             let mut messages = match consumer
                 .stream()
                 .max_messages_per_batch(1000)
@@ -215,15 +399,23 @@ pub(crate) async fn consume(
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(%node, error = %e, "cannot read the node consumer; retrying");
+                    broken.get_or_insert_with(Instant::now);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
             while let Some(item) = messages.next().await {
                 let m = match item {
-                    Ok(m) => m,
+                    Ok(m) => {
+                        broken = None;
+                        m
+                    }
                     Err(e) => {
                         tracing::debug!(%node, error = %e, "node consumer");
+                        let since = *broken.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= FAILOVER {
+                            break;
+                        }
                         continue;
                     }
                 };
@@ -279,7 +471,12 @@ pub(crate) async fn consume(
 /// tried in ac03163): when the server leading the stream dies, messages it had sent may never
 /// arrive, and a later ack-all would acknowledge them unread (the cluster tests lost 4-19
 /// acknowledged messages at such a kill). The channel is bounded by `max_ack_pending`.
-async fn acker(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, jetstream::Message)>) {
+/// `settled`: the stream sequence of the last message done with here (for [`consume`]'s
+/// failover).
+async fn acker(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, jetstream::Message)>,
+    settled: Arc<AtomicU64>,
+) {
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -299,6 +496,9 @@ async fn acker(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, jetstream::
                 // Counted as storage_failed where it failed; the store is failing, and
                 // holding the consumer back would stop every later message here too.
                 tracing::error!(subject = %m.subject, "cluster message not stored here");
+            }
+            if let Ok(info) = m.info() {
+                settled.fetch_max(info.stream_sequence, Ordering::AcqRel);
             }
             if let Err(e) = m.ack().await {
                 // Redelivered after ACK_WAIT, routed again: at least once.

@@ -93,6 +93,11 @@ pub struct ClusterConfig {
     /// survive the loss of one server).
     #[serde(default = "ClusterConfig::default_replicas")]
     pub replicas: usize,
+    /// Replicas of this node's consumer of the messages stream (at most `replicas`). 1: its
+    /// deliveries and acknowledgements cost no Raft round, and when its NATS server goes the
+    /// node makes it again on another from where it was (`cluster/receive.rs`).
+    #[serde(default = "ClusterConfig::default_consumer_replicas")]
+    pub consumer_replicas: usize,
     /// How long a QoS 1/2 publish waits for JetStream to store it with its replicas before
     /// the publisher is told it failed (MQTT 5: reason 0x83; 3.1.1: the connection closes).
     #[serde(
@@ -140,6 +145,9 @@ pub struct ClusterConfig {
 impl ClusterConfig {
     fn default_replicas() -> usize {
         3
+    }
+    fn default_consumer_replicas() -> usize {
+        1
     }
     fn default_quorum_timeout() -> Duration {
         Duration::from_secs(5)
@@ -693,6 +701,25 @@ mod tests {
                     || shown == "(required)" && row.contains(&shown),
                 "cluster.{key}: default {shown} not in {row}"
             );
+        }
+    }
+
+    /// A consumer cannot have more replicas than its stream; at least one.
+    #[test]
+    fn consumer_replicas_stay_within_the_streams() {
+        let t = |extra: &str| {
+            Config::from_toml(&format!(
+                "[cluster]\nnode = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\n{extra}"
+            ))
+        };
+        assert_eq!(t("").unwrap().cluster.unwrap().consumer_replicas, 1);
+        assert!(t("replicas = 3\nconsumer_replicas = 3\n").is_ok());
+        for bad in [
+            "consumer_replicas = 0",
+            "replicas = 1\nconsumer_replicas = 3",
+        ] {
+            let e = t(bad).unwrap_err().to_string();
+            assert!(e.contains("cluster.consumer_replicas"), "{bad}: {e}");
         }
     }
 

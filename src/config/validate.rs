@@ -261,6 +261,12 @@ impl super::ClusterConfig {
         if !(1..=5).contains(&self.replicas) {
             return invalid("cluster.replicas", "between 1 and 5 (JetStream's limit)");
         }
+        if !(1..=self.replicas).contains(&self.consumer_replicas) {
+            return invalid(
+                "cluster.consumer_replicas",
+                "between 1 and cluster.replicas (a consumer has at most its stream's replicas)",
+            );
+        }
         if self.quorum_timeout < Duration::from_millis(100)
             || self.quorum_timeout > Duration::from_secs(300)
         {

@@ -739,7 +739,8 @@ def test_losing_one_nats_server_keeps_acknowledged_messages(tern_cluster, mkc, v
     want = {str(i).encode() for i, _ in ok}
     counts = collections.Counter()
     # A delivery in flight to t2 through the server that died is lost in transit; its node
-    # consumer gets it again after the ack wait (30 s, cluster/receive.rs): later, not lost.
+    # consumer gets it again after the ack wait (30 s), or from where t2 was when the consumer
+    # is made again on another server (cluster/receive.rs): later, not lost.
     recv_deadline = time.monotonic() + 45
     while not want <= set(counts) and time.monotonic() < recv_deadline:
         try:
@@ -759,3 +760,110 @@ def test_losing_one_nats_server_keeps_acknowledged_messages(tern_cluster, mkc, v
     assert len(failed) <= WINDOW, f"{len(failed)} publishes failed with one server of three lost"
     assert pub.c.is_connected() and sub.c.is_connected()
     assert sub.disconnects.empty() and pub.disconnects.empty()
+
+
+CONSUMER_N = 300
+
+
+def consumer_server(nats, node):
+    """Index of the nats-server holding `node`'s consumer of the messages stream (R1 by
+    default, cluster/receive.rs), None while no server answers for it."""
+    for i in nats.running():
+        with NatsClient(nats.url(i)) as nc:
+            info = nc.js(f"CONSUMER.INFO.TERN_MSGS.{node.node}")
+        leader = ((info or {}).get("cluster") or {}).get("leader")
+        if leader:
+            return [s.name for s in nats.servers].index(leader)
+    return None
+
+
+def test_node_consumer_moves_when_its_nats_server_dies(tern_cluster, mkc, version):
+    """Node t2's consumer has one replica: the nats-server holding it is SIGKILLed. t2 makes
+    the consumer again on a live server, reading on from where it was (FAILOVER, 5 s, not the
+    30 s ack wait): every QoS 1 message t1 had acknowledged reaches t2's persistent subscriber,
+    none twice. fast_path is off, so nothing reaches t2 but through its consumer."""
+    n1, n2, n3 = tern_cluster(3, quorum_timeout=15, fast_path=False)
+    nats = tern_cluster.nats
+    sub = connected(mkc, "consumer-sub", version, n2, persistent=True)
+    assert sub.subscribe("mv/#", 1) == [1]
+    pub = connected(mkc, "consumer-pub", version, n1)
+    wait_routes([pub], [sub], "mv/probe", qos=(1,))
+    victim = consumer_server(nats, n2)
+    assert victim is not None, "t2's consumer has no server"
+    with NatsClient(nats.url(victim)) as nc:
+        info = nc.js(f"CONSUMER.INFO.TERN_MSGS.{n2.node}")
+    assert info["config"].get("num_replicas", 0) in (0, 1), info["config"]
+    for i in range(CONSUMER_N // 3):
+        assert pub.publish("mv/t", str(i).encode(), qos=1, timeout=20) < 0x80
+    nats.kill(victim)
+    killed = time.monotonic()
+    acked = set(range(CONSUMER_N // 3))
+    for i in range(CONSUMER_N // 3, CONSUMER_N):
+        rc = pub.publish("mv/t", str(i).encode(), qos=1, timeout=20)
+        if rc is not None and rc < 0x80:
+            acked.add(i)
+    assert len(acked) >= CONSUMER_N - 20, f"only {len(acked)} of {CONSUMER_N} acknowledged"
+    counts = collections.Counter()
+    deadline = time.monotonic() + 25
+    while not acked <= set(counts) and time.monotonic() < deadline:
+        try:
+            m = sub.messages.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if not is_probe(m):
+            counts[int(m.payload)] += 1
+    took = time.monotonic() - killed
+    missing = sorted(acked - set(counts))
+    dups = {k: n for k, n in counts.items() if n > 1}
+    moved_to = consumer_server(nats, n2)
+    remade = metric(n2, "tern_cluster_consumer_remade_total")
+    print(f"killed {nats.servers[victim].name}; {len(acked)} acknowledged, all delivered "
+          f"{took:.1f}s after the kill; consumer now on {moved_to}; remade {remade}")
+    assert not missing, f"{len(missing)} acknowledged messages never arrived: {missing[:20]}"
+    assert not dups, f"delivered twice: {dups}"
+    assert remade >= 1
+    assert moved_to is not None and moved_to != victim
+    assert sub.c.is_connected()
+
+
+def test_node_restarting_without_its_consumers_server_reads_from_its_anchors(tern_cluster, mkc,
+                                                                            version):
+    """Two faults at once: node t2 is down, and the nats-server holding its one-replica
+    consumer is SIGKILLed. t2 starts again: its consumer does not answer, so after FAILOVER it
+    is made again from the lowest anchor of t2's persistent sessions (cluster/anchors.rs), and
+    the persistent session gets every message published meanwhile (at least once: what it had
+    already had after its anchor may come again)."""
+    n1, n2, n3 = tern_cluster(3, quorum_timeout=15, fast_path=False)
+    nats = tern_cluster.nats
+    sub = connected(mkc, "anchored-sub", version, n2, persistent=True)
+    assert sub.subscribe("an/#", 1) == [1]
+    pub = connected(mkc, "anchored-pub", version, n1)
+    wait_routes([pub], [sub], "an/probe", qos=(1,))
+    time.sleep(3)  # the anchor sweep (2 s) records the drained session's position
+    sub.disconnect()
+    victim = consumer_server(nats, n2)
+    assert victim is not None
+    n2.stop()
+    nats.kill(victim)
+    acked = []
+    for i in range(100):
+        rc = pub.publish("an/t", str(i).encode(), qos=1, timeout=20)
+        if rc is not None and rc < 0x80:
+            acked.append(i)
+    assert len(acked) >= 90, f"only {len(acked)} of 100 acknowledged with one server down"
+    n2.start()
+    sub = connected(mkc, "anchored-sub", version, n2, persistent=True)
+    counts = collections.Counter()
+    deadline = time.monotonic() + 20
+    while not set(acked) <= set(counts) and time.monotonic() < deadline:
+        try:
+            m = sub.messages.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if not is_probe(m):
+            counts[int(m.payload)] += 1
+    missing = sorted(set(acked) - set(counts))
+    print(f"killed {nats.servers[victim].name} with t2 down; {len(acked)} acknowledged, "
+          f"{len(missing)} missing; consumer now on {consumer_server(nats, n2)}")
+    assert not missing, f"{len(missing)} acknowledged messages never arrived: {missing[:20]}"
+    assert "made again from the anchors" in n2.log()

@@ -92,3 +92,51 @@ def test_retained_and_sessions_survive_restarting_every_node(tern_cluster):
     assert got == [f"q{i}".encode() for i in range(50)]
     sub.disconnect()
     sub.loop_stop()
+
+
+def test_node_consumer_changed_replicas_keeps_its_place(tern_cluster):
+    """A node whose consumer was made with 3 replicas (cluster.consumer_replicas = 3, as every
+    consumer was before that key) restarts with the default 1: its consumer is made again
+    where it was acknowledged, so a persistent session on it gets everything published while
+    it was down, in order, once. fast_path is off: only the consumer brings messages to t2."""
+    from cluster import NatsClient
+
+    t1, t2 = tern_cluster(2, quorum_timeout=QUORUM_TIMEOUT, consumer_replicas=3, fast_path=False)
+    nats = tern_cluster.nats
+
+    def consumer_replicas():
+        with NatsClient(nats.url(0)) as nc:
+            info = nc.js("CONSUMER.INFO.TERN_MSGS.t2")
+        assert info and "config" in info, info
+        return info["config"].get("num_replicas") or 1
+
+    assert consumer_replicas() == 3
+    got = []
+    sub, _ = client("cr-sub", t2.port, clean=False, on_message=lambda c, u, m: got.append(m.payload))
+    sub.subscribe("cr/#", qos=1)
+    time.sleep(1.0)
+    sub.disconnect()
+    sub.loop_stop()
+    t2.stop()
+    pub, _ = client("cr-pub", t1.port)
+    for i in range(50):
+        pub.publish("cr/x", f"c{i}".encode(), qos=1).wait_for_publish(10)
+    pub.disconnect()
+    pub.loop_stop()
+
+    with open(t2.config_path) as f:
+        text = f.read()
+    assert "consumer_replicas = 3" in text
+    with open(t2.config_path, "w") as f:
+        f.write(text.replace("consumer_replicas = 3", "consumer_replicas = 1"))
+    t2.start()
+    assert consumer_replicas() == 1
+    sub, res = client("cr-sub", t2.port, clean=False, on_message=lambda c, u, m: got.append(m.payload))
+    assert res["present"]
+    deadline = time.time() + 15
+    while len(got) < 50 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert got == [f"c{i}".encode() for i in range(50)]
+    sub.disconnect()
+    sub.loop_stop()
