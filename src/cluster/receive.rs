@@ -323,6 +323,21 @@ impl NodeConsumer {
         }
     }
 
+    /// Why the consumer is gone (it does not exist, or does not answer within [`FAILOVER`]
+    /// while its stream does); None while it answers, or while nothing does (NATS itself
+    /// out of reach: nothing can be made again then either).
+    async fn gone(&self) -> Option<String> {
+        use jetstream::context::ConsumerInfoErrorKind as Kind;
+        let why = match tokio::time::timeout(FAILOVER, self.stream.consumer_info(&self.name)).await
+        {
+            Ok(Ok(_)) => return None,
+            Ok(Err(e)) if e.kind() == Kind::NotFound => return Some(e.to_string()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".to_string(),
+        };
+        self.stream.get_info().await.ok().map(|_| why)
+    }
+
     /// The next sequence the stream will give a message.
     async fn stream_end(&self) -> Option<u64> {
         self.stream
@@ -368,21 +383,28 @@ pub(crate) async fn consume(
         let mut broken: Option<Instant> = None;
         loop {
             if broken.is_some_and(|t| t.elapsed() >= FAILOVER) {
-                // Read on after the last message whose commit here is done: nothing lost, and
-                // nothing twice unless a commit was still running (they take milliseconds;
-                // this is seconds after the consumer stopped delivering).
-                let from = settled.load(Ordering::Acquire) + 1;
-                match made.remake(from).await {
-                    Ok(c) => {
-                        tracing::warn!(%node, from, "node consumer not answering; made again");
-                        broker.metrics.cluster.consumer_remade.inc();
-                        consumer = c;
-                        broken = None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(%node, error = %e, "node consumer cannot be made again yet");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
+                // Made again only when it is gone: a pull that stalled because this node was
+                // too busy to read its heartbeats in time is no reason.
+                match made.gone().await {
+                    None => broken = None,
+                    Some(why) => {
+                        // Read on after the last message whose commit here is done: nothing
+                        // lost, and nothing twice unless a commit was still running (they
+                        // take milliseconds; this is seconds after the consumer stopped).
+                        let from = settled.load(Ordering::Acquire) + 1;
+                        match made.remake(from).await {
+                            Ok(c) => {
+                                tracing::warn!(%node, from, %why, "node consumer not answering; made again");
+                                broker.metrics.cluster.consumer_remade.inc();
+                                consumer = c;
+                                broken = None;
+                            }
+                            Err(e) => {
+                                tracing::warn!(%node, error = %e, "node consumer cannot be made again yet");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        }
                     }
                 }
             }
