@@ -407,6 +407,19 @@ impl Node {
                 .put(&config.node, bytes::Bytes::from_static(b"up"))
         })
         .await?;
+        // And the buckets written on a client's behalf take a write through this node's
+        // connection. Right after the NATS cluster forms, the server this node talks to may
+        // not know a new bucket's subjects yet ("no stream found for given subject"), and a
+        // CONNECT in the node's first second was closed for a claim or anchor not stored. The
+        // write is a delete of a key no client id maps to (claims are SHA-256 hex): readers
+        // skip deletes.
+        for (what, kv) in [
+            ("clients bucket", &setup.clients),
+            ("sessions bucket", &setup.sessions),
+            ("wills bucket", &setup.wills),
+        ] {
+            receive::retry(what, deadline, || kv.delete(PROBE_KEY)).await?;
+        }
         broker.metrics.cluster.available.set(1);
         tasks.push(tokio::spawn(heartbeat(
             broker.clone(),
@@ -679,6 +692,9 @@ async fn heartbeat(
         .await;
     }
 }
+
+/// The key of the start-up write to each bucket (see `join`): not a client id's key.
+const PROBE_KEY: &str = "tern-probe";
 
 /// The lowest anchor (`anchors.rs`) of the persistent sessions restored here: every QoS 1/2
 /// message any of them still needs was published after it. None: no persistent session here,
