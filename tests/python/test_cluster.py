@@ -68,6 +68,21 @@ def is_probe(m):
     return m.payload.startswith(b"probe-")
 
 
+def collect(sub, want, timeout, key=lambda m: m.payload):
+    """The non-probe messages `sub` receives until every key in `want` has come or `timeout`
+    seconds have passed, as a Counter of their keys (duplicates counted)."""
+    counts = collections.Counter()
+    deadline = time.monotonic() + timeout
+    while not want <= set(counts) and time.monotonic() < deadline:
+        try:
+            m = sub.messages.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if not is_probe(m):
+            counts[key(m)] += 1
+    return counts
+
+
 def wait_routes(pubs, subs, topic, qos=(0, 1), timeout=PROPAGATION):
     """Publish probe messages on `topic` from each client in `pubs`, with each QoS in `qos`,
     until every client in `subs` has received one from each; then drain the subscribers (late
@@ -737,18 +752,10 @@ def test_losing_one_nats_server_keeps_acknowledged_messages(tern_cluster, mkc, v
     published = time.monotonic()
 
     want = {str(i).encode() for i, _ in ok}
-    counts = collections.Counter()
     # A delivery in flight to t2 through the server that died is lost in transit; its node
     # consumer gets it again after the ack wait (30 s), or from where t2 was when the consumer
     # is made again on another server (cluster/receive.rs): later, not lost.
-    recv_deadline = time.monotonic() + 45
-    while not want <= set(counts) and time.monotonic() < recv_deadline:
-        try:
-            m = sub.messages.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if not is_probe(m):
-            counts[m.payload] += 1
+    counts = collect(sub, want, 45)
     missing = sorted(int(p) for p in want - set(counts))
     dups = sum(n - 1 for n in counts.values() if n > 1)
     print(f"{pick(version, 'v311', 'v5')}: published {LOSE_N} in {published - t0:.1f}s (killed "
@@ -803,17 +810,9 @@ def test_node_consumer_moves_when_its_nats_server_dies(tern_cluster, mkc, versio
         if rc is not None and rc < 0x80:
             acked.add(i)
     assert len(acked) >= CONSUMER_N - 20, f"only {len(acked)} of {CONSUMER_N} acknowledged"
-    counts = collections.Counter()
     # Without the failover nothing after the kill would ever come (a consumer on a dead
     # server redelivers nothing); the bound only keeps a failure short.
-    deadline = time.monotonic() + 45
-    while not acked <= set(counts) and time.monotonic() < deadline:
-        try:
-            m = sub.messages.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if not is_probe(m):
-            counts[int(m.payload)] += 1
+    counts = collect(sub, acked, 45, key=lambda m: int(m.payload))
     took = time.monotonic() - killed
     missing = sorted(acked - set(counts))
     dups = {k: n for k, n in counts.items() if n > 1}
@@ -855,15 +854,7 @@ def test_node_restarting_without_its_consumers_server_reads_from_its_anchors(ter
     assert len(acked) >= 90, f"only {len(acked)} of 100 acknowledged with one server down"
     n2.start()
     sub = connected(mkc, "anchored-sub", version, n2, persistent=True)
-    counts = collections.Counter()
-    deadline = time.monotonic() + 20
-    while not set(acked) <= set(counts) and time.monotonic() < deadline:
-        try:
-            m = sub.messages.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if not is_probe(m):
-            counts[int(m.payload)] += 1
+    counts = collect(sub, set(acked), 20, key=lambda m: int(m.payload))
     missing = sorted(set(acked) - set(counts))
     print(f"killed {nats.servers[victim].name} with t2 down; {len(acked)} acknowledged, "
           f"{len(missing)} missing; consumer now on {consumer_server(nats, n2)}")
