@@ -157,6 +157,10 @@ struct Queue {
     /// No early delivery until every fast copy numbered below this has had its stream copy
     /// routed (set by a subscription, `broker/early.rs`).
     early_after: u64,
+    /// The queue's limits (`limits.max_queued_*`, the persistent ones for a session that
+    /// outlives its connection); changed when a client attaches with the other kind.
+    max_messages: usize,
+    max_bytes: usize,
 }
 
 /// What recovery found on disk for a session's queue.
@@ -171,8 +175,6 @@ pub struct SpillState {
 pub struct Outbox {
     queue: Mutex<Queue>,
     notify: Notify,
-    max_messages: usize,
-    max_bytes: usize,
 }
 
 impl Outbox {
@@ -192,11 +194,25 @@ impl Outbox {
                 epoch: 0,
                 early_refused: 0,
                 early_after: 0,
+                max_messages,
+                max_bytes,
             }),
             notify: Notify::new(),
-            max_messages,
-            max_bytes,
         }
+    }
+
+    #[cfg(test)]
+    pub fn limits(&self) -> (usize, usize) {
+        let q = self.lock();
+        (q.max_messages, q.max_bytes)
+    }
+
+    /// New limits: what is queued stays; new messages are refused while the queue is above
+    /// them.
+    pub fn set_limits(&self, max_messages: usize, max_bytes: usize) {
+        let mut q = self.lock();
+        q.max_messages = max_messages;
+        q.max_bytes = max_bytes;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -222,10 +238,10 @@ impl Outbox {
             if !q.online {
                 return Pushed::SkippedOffline;
             }
-            if q.items.len() >= self.max_messages / 2 || q.bytes + weight > self.max_bytes / 2 {
+            if q.items.len() >= q.max_messages / 2 || q.bytes + weight > q.max_bytes / 2 {
                 return Pushed::DroppedFull;
             }
-        } else if q.items.len() >= self.max_messages || q.bytes + weight > self.max_bytes {
+        } else if q.items.len() >= q.max_messages || q.bytes + weight > q.max_bytes {
             return Pushed::DroppedFull;
         }
         self.append(q, d, weight);
@@ -295,8 +311,8 @@ impl Outbox {
         }
         let count = q.items.len() + q.pending + q.spilled;
         let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
-        count.saturating_mul(den) >= self.max_messages.saturating_mul(num)
-            || bytes.saturating_mul(den) >= self.max_bytes.saturating_mul(num)
+        count.saturating_mul(den) >= q.max_messages.saturating_mul(num)
+            || bytes.saturating_mul(den) >= q.max_bytes.saturating_mul(num)
     }
 
     /// Wakes the connection draining this outbox (something for it arrived elsewhere, e.g. in
@@ -320,7 +336,7 @@ impl Outbox {
         let q = self.lock();
         let n = q.items.len() + q.pending + q.spilled;
         let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
-        n + count <= self.max_messages && bytes + weight <= self.max_bytes
+        n + count <= q.max_messages && bytes + weight <= q.max_bytes
     }
 
     /// Reserves a place in the durable queue for a QoS 1/2 message of `weight` bytes.
@@ -334,7 +350,7 @@ impl Outbox {
         let mut q = self.lock();
         let count = q.items.len() + q.pending + q.spilled;
         let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
-        if !force && (count >= self.max_messages || bytes + weight > self.max_bytes) {
+        if !force && (count >= q.max_messages || bytes + weight > q.max_bytes) {
             return Reservation::Full;
         }
         let seq = q.next_seq;
@@ -379,8 +395,8 @@ impl Outbox {
             || settled < q.early_after
             || q.pending > 0
             || q.spilled > 0
-            || q.items.len() >= HOT_MAX.min(self.max_messages)
-            || q.bytes + weight > self.max_bytes
+            || q.items.len() >= HOT_MAX.min(q.max_messages)
+            || q.bytes + weight > q.max_bytes
         {
             q.early_refused += 1;
             return Err(q.epoch);

@@ -95,6 +95,22 @@ pub struct Broker {
     pub early: early::EarlyLedger,
 }
 
+/// The queue limits of clean and of persistent sessions. A persistent session's queue lives
+/// on disk beyond a memory share (`outbox.rs`), so it may be longer; without a durable store it
+/// would all be memory, and gets the clean sessions' limits.
+fn queue_limits(limits: &Limits, durable: bool) -> ((usize, usize), (usize, usize)) {
+    let clean = (limits.max_queued_messages, limits.max_queued_bytes);
+    let persistent = if durable {
+        (
+            limits.max_queued_messages_persistent,
+            limits.max_queued_bytes_persistent,
+        )
+    } else {
+        clean
+    };
+    (clean, persistent)
+}
+
 impl Broker {
     pub fn new(
         config: Config,
@@ -103,10 +119,15 @@ impl Broker {
         auth: Authorizer,
     ) -> Broker {
         Broker {
-            registry: Registry::new(
-                config.limits.max_queued_messages,
-                config.limits.max_queued_bytes,
-            ),
+            registry: {
+                let r = Registry::new(
+                    config.limits.max_queued_messages,
+                    config.limits.max_queued_bytes,
+                );
+                let (clean, persistent) = queue_limits(&config.limits, store.durable());
+                r.set_queue_limits(clean, persistent);
+                r
+            },
             auth,
             groups: Groups::default(),
             topic_sampler: Default::default(),
@@ -136,8 +157,8 @@ impl Broker {
     /// Replaces the limits (reload): broker-wide ones apply now, per-connection and
     /// per-session ones to connections and sessions made from now on.
     pub fn set_limits(&self, limits: Limits) {
-        self.registry
-            .set_queue_limits(limits.max_queued_messages, limits.max_queued_bytes);
+        let (clean, persistent) = queue_limits(&limits, self.store.durable());
+        self.registry.set_queue_limits(clean, persistent);
         self.backpressure
             .store(limits.backpressure, Ordering::Relaxed);
         *self.limits.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(limits);

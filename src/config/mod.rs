@@ -372,6 +372,13 @@ pub struct Limits {
     pub max_queued_messages: usize,
     /// Bytes (payload plus topic of each message) queued per session before new ones are dropped.
     pub max_queued_bytes: usize,
+    /// Messages queued per persistent session (one that outlives its connection) before new
+    /// ones are dropped. Larger than `max_queued_messages`: beyond a memory share such a
+    /// queue lives on disk, so a consumer slower than its publishers, or away, does not lose
+    /// what they sent. Without a durable store, `max_queued_messages` applies instead.
+    pub max_queued_messages_persistent: usize,
+    /// Bytes queued per persistent session, as `max_queued_messages_persistent`.
+    pub max_queued_bytes_persistent: usize,
     /// Largest keep alive a client may use (whole seconds, at most 65535); v5 clients are told
     /// via Server Keep Alive. 0 means no limit. In CONNACK's terms: [`Self::max_keepalive_secs`].
     #[serde(with = "duration::seconds")]
@@ -580,6 +587,8 @@ impl Default for Limits {
             max_inflight: 1024,
             max_queued_messages: 1000,
             max_queued_bytes: 16 * 1024 * 1024,
+            max_queued_messages_persistent: 100_000,
+            max_queued_bytes_persistent: 1024 * 1024 * 1024,
             max_keepalive: Duration::ZERO,
             max_connections: 10_000,
             max_session_expiry: Duration::from_secs(u64::from(u32::MAX)),
@@ -827,6 +836,8 @@ mod tests {
             "max_inflight",
             "max_queued_messages",
             "max_queued_bytes",
+            "max_queued_messages_persistent",
+            "max_queued_bytes_persistent",
             "max_keepalive",
             "max_connections",
             "max_session_expiry",

@@ -47,6 +47,15 @@ impl Config {
         if l.max_queued_bytes == 0 {
             return invalid("limits.max_queued_bytes", "must be at least 1");
         }
+        if l.max_queued_messages_persistent == 0 {
+            return invalid(
+                "limits.max_queued_messages_persistent",
+                "must be at least 1",
+            );
+        }
+        if l.max_queued_bytes_persistent == 0 {
+            return invalid("limits.max_queued_bytes_persistent", "must be at least 1");
+        }
         if let Err(m) = whole_seconds(
             l.max_keepalive,
             u64::from(u16::MAX),

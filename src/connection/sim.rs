@@ -297,6 +297,8 @@ fn sim_config() -> Config {
     // Nothing may drop for a full queue: the oracle then needs no "had room" excuse.
     config.limits.max_queued_messages = 1_000_000;
     config.limits.max_queued_bytes = 1 << 30;
+    config.limits.max_queued_messages_persistent = 1_000_000;
+    config.limits.max_queued_bytes_persistent = 1 << 30;
     config.shared.max_queued_messages = 1_000_000;
     config.shared.max_queued_bytes = 1 << 30;
     config.limits.max_inflight = 16;

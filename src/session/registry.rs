@@ -108,6 +108,10 @@ pub struct Registry {
     /// sessions keep theirs).
     max_queued_messages: AtomicUsize,
     max_queued_bytes: AtomicUsize,
+    /// The same for sessions that outlive their connection (their queue lives on disk
+    /// beyond a memory share, `outbox.rs`).
+    max_queued_messages_persistent: AtomicUsize,
+    max_queued_bytes_persistent: AtomicUsize,
 }
 
 /// Session numbers read at scrape time.
@@ -177,6 +181,8 @@ impl Registry {
             next_id: AtomicU64::new(1),
             max_queued_messages: AtomicUsize::new(max_queued_messages),
             max_queued_bytes: AtomicUsize::new(max_queued_bytes),
+            max_queued_messages_persistent: AtomicUsize::new(max_queued_messages),
+            max_queued_bytes_persistent: AtomicUsize::new(max_queued_bytes),
         }
     }
 
@@ -223,6 +229,10 @@ impl Registry {
                     }
                     entry.attached = Some(attachment);
                     entry.expires_at = None;
+                    // The limits of what the session is from now on (a clean start over a
+                    // persistent session, or the other way round, keeps the handle).
+                    let (messages, bytes) = self.queue_limits(expiry != 0);
+                    entry.handle.outbox.set_limits(messages, bytes);
                     (entry.handle.clone(), entry.state.clone(), continues)
                 }
                 None => {
@@ -230,7 +240,7 @@ impl Registry {
                     let handle = Arc::new(SessionHandle::new(
                         self.next_id.fetch_add(1, Ordering::Relaxed),
                         client_id.clone(),
-                        self.new_outbox(),
+                        self.new_outbox(expiry != 0),
                         false,
                     ));
                     let state = Arc::new(tokio::sync::Mutex::new(SessionState::default()));
@@ -436,7 +446,7 @@ impl Registry {
         let handle = Arc::new(SessionHandle::new(
             session_id,
             client_id.clone(),
-            self.new_outbox(),
+            self.new_outbox(true),
             true,
         ));
         handle
@@ -493,17 +503,35 @@ impl Registry {
             .collect()
     }
 
-    fn new_outbox(&self) -> Outbox {
-        Outbox::new(
-            self.max_queued_messages.load(Ordering::Relaxed),
-            self.max_queued_bytes.load(Ordering::Relaxed),
-        )
+    /// The queue limits of a session: `persistent` when it outlives its connection (attached
+    /// with a session expiry, or restored from the store).
+    fn queue_limits(&self, persistent: bool) -> (usize, usize) {
+        if persistent {
+            (
+                self.max_queued_messages_persistent.load(Ordering::Relaxed),
+                self.max_queued_bytes_persistent.load(Ordering::Relaxed),
+            )
+        } else {
+            (
+                self.max_queued_messages.load(Ordering::Relaxed),
+                self.max_queued_bytes.load(Ordering::Relaxed),
+            )
+        }
     }
 
-    /// Queue limits for sessions made after this call.
-    pub fn set_queue_limits(&self, messages: usize, bytes: usize) {
-        self.max_queued_messages.store(messages, Ordering::Relaxed);
-        self.max_queued_bytes.store(bytes, Ordering::Relaxed);
+    fn new_outbox(&self, persistent: bool) -> Outbox {
+        let (messages, bytes) = self.queue_limits(persistent);
+        Outbox::new(messages, bytes)
+    }
+
+    /// Queue limits for sessions made after this call: clean ones, and persistent ones.
+    pub fn set_queue_limits(&self, clean: (usize, usize), persistent: (usize, usize)) {
+        self.max_queued_messages.store(clean.0, Ordering::Relaxed);
+        self.max_queued_bytes.store(clean.1, Ordering::Relaxed);
+        self.max_queued_messages_persistent
+            .store(persistent.0, Ordering::Relaxed);
+        self.max_queued_bytes_persistent
+            .store(persistent.1, Ordering::Relaxed);
     }
 
     /// Counts and queue depths of every session.
@@ -565,6 +593,31 @@ mod tests {
     fn counts(r: &Registry) -> (usize, usize) {
         let s = r.stats();
         (s.online, s.offline)
+    }
+
+    /// A session's queue limits follow what it is: the persistent ones when attached with a
+    /// session expiry or restored from the store, the clean ones otherwise; attaching with the
+    /// other kind switches them.
+    #[tokio::test]
+    async fn queue_limits_follow_the_kind_of_session() {
+        let r = Registry::new(10, 1000);
+        r.set_queue_limits((10, 1000), (500, 50_000));
+        let attach = |cid: &'static str, conn: u64, expiry: u32| {
+            let (tx, _rx) = oneshot::channel();
+            r.attach(cid, conn, expiry, tx, Duration::from_secs(1))
+        };
+        let a = attach("p", 1, 60).await.unwrap();
+        assert_eq!(a.handle.outbox.limits(), (500, 50_000));
+        drop(a);
+        assert!(matches!(r.detach("p", 1, 60), Detached::Kept));
+        let b = attach("p", 2, 0).await.unwrap();
+        assert_eq!(b.handle.outbox.limits(), (10, 1000), "now clean");
+        drop(b);
+        let c = attach("c", 3, 0).await.unwrap();
+        assert_eq!(c.handle.outbox.limits(), (10, 1000));
+        drop(c);
+        let restored = r.restore("r", 99, SessionState::default(), None);
+        assert_eq!(restored.outbox.limits(), (500, 50_000));
     }
 
     #[tokio::test]

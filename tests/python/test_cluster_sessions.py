@@ -46,7 +46,9 @@ VERSIONS = [pytest.param(V311, id="v311"), pytest.param(V5, id="v5")]
 PROPAGATION = 15.0
 # Queue limits far above anything a test here queues: a queue_full drop would be a loss the
 # oracle could not tell from a cluster bug.
-BIG_QUEUES = {"limits": {"max_queued_messages": 100_000, "max_queued_bytes": 1_000_000_000}}
+BIG_QUEUES = {"limits": {"max_queued_messages": 100_000, "max_queued_bytes": 1_000_000_000,
+                          "max_queued_messages_persistent": 100_000,
+                          "max_queued_bytes_persistent": 1_000_000_000}}
 WINDOW = 20
 
 # The chaos and storm tests are marked `slow` (deselect with -m "not slow"); nothing skips them,

@@ -37,7 +37,9 @@ SESSION_EXPIRY = 0x11
 
 # Offline queues in these tests hold thousands of messages; the default per-session limit
 # (1000) would drop messages legitimately (acknowledged but over the limit).
-BIG_QUEUES = {"limits": {"max_queued_messages": 1_000_000, "max_queued_bytes": 2_000_000_000}}
+BIG_QUEUES = {"limits": {"max_queued_messages": 1_000_000, "max_queued_bytes": 2_000_000_000,
+                          "max_queued_messages_persistent": 1_000_000,
+                          "max_queued_bytes_persistent": 2_000_000_000}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -859,8 +861,8 @@ def test_offline_queue_of_a_million_messages_keeps_memory_flat(make_broker):
     per-message bookkeeping lived in RAM) RSS may grow by at most the store's fixed buffers
     (8 MiB memtables and the 16 MiB block cache fill in steps): 16 MB, i.e. less than 17
     bytes per queued message. Locally it grows 0.5-9 MB and is flat once those are full."""
-    b = make_broker({"limits": {"max_queued_messages": 2_000_000,
-                                "max_queued_bytes": 4_000_000_000}})
+    b = make_broker({"limits": {"max_queued_messages_persistent": 2_000_000,
+                                "max_queued_bytes_persistent": 4_000_000_000}})
     make_persistent_subscriber(b, "dur-million", V311, "dur/million", 1)
     time.sleep(0.3)
     samples = [rss_kb(b.proc.pid)]

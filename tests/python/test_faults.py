@@ -49,7 +49,9 @@ EVERY_MODE = DURABLE + [pytest.param("memory", id="memory")]
 EXPIRY = 3600
 # Far above what any test here queues: a queue_full drop would be a loss the oracle cannot
 # excuse, so none may happen.
-BIG_QUEUES = {"max_queued_messages": 100_000, "max_queued_bytes": 1_000_000_000}
+BIG_QUEUES = {"max_queued_messages": 100_000, "max_queued_bytes": 1_000_000_000,
+              "max_queued_messages_persistent": 100_000,
+              "max_queued_bytes_persistent": 1_000_000_000}
 NETWORK_ERRORS = (OSError, mq.Timeout, mq.Closed)
 
 

@@ -117,13 +117,18 @@ def gather(clients, total, timeout=TIMEOUT, settle=0.3):
         time.sleep(0.01)
 
 
-def publish_all(pub, topic, n, qos=1, start=0):
-    """Publishes payloads start..start+n-1 pipelined and waits for every handshake."""
+def publish_all(pub, topic, n, qos=1, start=0, refused=False):
+    """Publishes payloads start..start+n-1 pipelined and waits for every handshake; returns the
+    reason codes. refused=True: 0x97 (a full group queue took nothing, MQTT 5) is expected
+    among them."""
     mids = [pub.publish(topic, str(i).encode(), qos=qos, wait=False)
             for i in range(start, start + n)]
+    rcs = []
     if qos:
         for mid in mids:
-            assert pub.wait_published(mid, timeout=15) in (0, None)
+            rcs.append(pub.wait_published(mid, timeout=15))
+            assert rcs[-1] in ((0, 0x97, None) if refused else (0, None)), rcs[-1]
+    return rcs
 
 
 def series(broker, name):
@@ -768,7 +773,8 @@ def test_group_queue_limit_while_away(make_broker, mkc):
     a.disconnect()
     wait_away(b, 1)
     pub = member(mkc, "pub", V5, broker=b)
-    publish_all(pub, "lim/t", 8)
+    rcs = publish_all(pub, "lim/t", 8, refused=True)
+    assert rcs == [0] * 5 + [0x97] * 3, rcs  # the publisher learns what nobody took
     labels = {"group": "g", "filter": "lim/t"}
     assert metric(b, "tern_shared_queued", labels) == 5
     assert metric(b, "tern_shared_dropped_total", labels) == 3
@@ -920,7 +926,7 @@ def test_overflow_without_backpressure_drops(make_broker, mkc):
     assert m.subscribe("$share/g/of/t", 1) == [1]
     pub = member(mkc, "pub", V5, broker=b)
     n = 20
-    publish_all(pub, "of/t", n)
+    rcs = publish_all(pub, "of/t", n, refused=True)
     assert len(m.get_n(1)) == 1
     m.expect_none(0.3)
     labels = {"group": "g", "filter": "of/t"}
@@ -931,6 +937,7 @@ def test_overflow_without_backpressure_drops(make_broker, mkc):
     assert dropped >= n - 1 - 5 - 1 and dropped > 0
     assert delivered + queued + dropped == n, (delivered, queued, dropped)
     assert metric(b, "tern_messages_dropped_total", {"reason": "queue_full"}) == dropped
+    assert rcs.count(0x97) == dropped, rcs
     assert metric(b, "tern_backpressure_pauses_total") == 0
 
 

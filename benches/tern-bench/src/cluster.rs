@@ -391,6 +391,8 @@ allow_anonymous = true
 [limits]
 max_queued_messages = 1000000
 max_queued_bytes = 1073741824
+max_queued_messages_persistent = 1000000
+max_queued_bytes_persistent = 1073741824
 max_inflight = 1024
 max_connections = 1000000
 

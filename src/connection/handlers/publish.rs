@@ -133,7 +133,22 @@ impl Client {
                     let _ = broker.forward(&msg, local);
                     return Ok(());
                 }
-                if p.qos == QoS::ExactlyOnce {
+                // In a cluster a node cannot know that no other node has a subscriber, nor
+                // whether another node's queue took it.
+                let alone = broker.peers().is_none();
+                let reason = if !v5 || !alone {
+                    ReasonCode::Success
+                } else if routed.matched == 0 {
+                    ReasonCode::NoMatchingSubscribers
+                } else if routed.dropped == routed.matched && !msg.retain {
+                    // Every matching queue was full: taken by nobody. The publisher learns
+                    // it, rather than a success for a message no one will get (3.1.1 has no
+                    // way to say it: acknowledged, and counted as queue_full).
+                    ReasonCode::QuotaExceeded
+                } else {
+                    ReasonCode::Success
+                };
+                if p.qos == QoS::ExactlyOnce && !reason.is_failure() {
                     self.state.inbound_qos2.insert(p.packet_id);
                     if self.stores_session() {
                         // Stored with the message, so a re-sent PUBLISH after a restart is
@@ -151,12 +166,6 @@ impl Client {
                 let commit = broker.submit_staged(staged);
                 // In a cluster, also stored by JetStream with its replicas before the ack.
                 let commit = broker.forward(&msg, commit);
-                // In a cluster a node cannot know that no other node has a subscriber.
-                let reason = if v5 && routed.matched == 0 && broker.peers().is_none() {
-                    ReasonCode::NoMatchingSubscribers
-                } else {
-                    ReasonCode::Success
-                };
                 let ack = if p.qos == QoS::AtLeastOnce {
                     Response::PubAck(p.packet_id, reason)
                 } else {
