@@ -784,17 +784,24 @@ def consumer_server(nats, node):
     return None
 
 
+def only_through_consumers(tern_cluster, mkc, version, topic):
+    """Three nodes without fast copies (`fast_path = false`), so a message reaches t2 only
+    through its node consumer; a persistent subscriber to `topic`/# on t2 and a publisher on
+    t1, routed. Returns (t1, t2, the NATS cluster, subscriber, publisher)."""
+    n1, n2, _ = tern_cluster(3, quorum_timeout=15, fast_path=False)
+    sub = connected(mkc, f"{topic}-sub", version, n2, persistent=True)
+    assert sub.subscribe(f"{topic}/#", 1) == [1]
+    pub = connected(mkc, f"{topic}-pub", version, n1)
+    wait_routes([pub], [sub], f"{topic}/probe", qos=(1,))
+    return n1, n2, tern_cluster.nats, sub, pub
+
+
 def test_node_consumer_moves_when_its_nats_server_dies(tern_cluster, mkc, version):
     """Node t2's consumer has one replica: the nats-server holding it is SIGKILLed. t2 sees its
     pulls fail for FAILOVER (5 s), finds the consumer not answering, and makes it again on a
     live server, reading on from where it was: every QoS 1 message t1 had acknowledged
-    reaches t2's persistent subscriber, none twice. fast_path is off, so nothing reaches t2 but through its consumer."""
-    n1, n2, n3 = tern_cluster(3, quorum_timeout=15, fast_path=False)
-    nats = tern_cluster.nats
-    sub = connected(mkc, "consumer-sub", version, n2, persistent=True)
-    assert sub.subscribe("mv/#", 1) == [1]
-    pub = connected(mkc, "consumer-pub", version, n1)
-    wait_routes([pub], [sub], "mv/probe", qos=(1,))
+    reaches t2's persistent subscriber, none twice."""
+    n1, n2, nats, sub, pub = only_through_consumers(tern_cluster, mkc, version, "mv")
     victim = consumer_server(nats, n2)
     assert victim is not None, "t2's consumer has no server"
     with NatsClient(nats.url(victim)) as nc:
@@ -834,12 +841,7 @@ def test_node_restarting_without_its_consumers_server_reads_from_its_anchors(ter
     is made again from the lowest anchor of t2's persistent sessions (cluster/anchors.rs), and
     the persistent session gets every message published meanwhile (at least once: what it had
     already had after its anchor may come again)."""
-    n1, n2, n3 = tern_cluster(3, quorum_timeout=15, fast_path=False)
-    nats = tern_cluster.nats
-    sub = connected(mkc, "anchored-sub", version, n2, persistent=True)
-    assert sub.subscribe("an/#", 1) == [1]
-    pub = connected(mkc, "anchored-pub", version, n1)
-    wait_routes([pub], [sub], "an/probe", qos=(1,))
+    n1, n2, nats, sub, pub = only_through_consumers(tern_cluster, mkc, version, "an")
     time.sleep(3)  # the anchor sweep (2 s) records the drained session's position
     sub.disconnect()
     victim = consumer_server(nats, n2)
@@ -853,7 +855,7 @@ def test_node_restarting_without_its_consumers_server_reads_from_its_anchors(ter
             acked.append(i)
     assert len(acked) >= 90, f"only {len(acked)} of 100 acknowledged with one server down"
     n2.start()
-    sub = connected(mkc, "anchored-sub", version, n2, persistent=True)
+    sub = connected(mkc, "an-sub", version, n2, persistent=True)
     counts = collect(sub, set(acked), 20, key=lambda m: int(m.payload))
     missing = sorted(set(acked) - set(counts))
     print(f"killed {nats.servers[victim].name} with t2 down; {len(acked)} acknowledged, "

@@ -519,17 +519,25 @@ def test_session_present_after_reconnect_without_messages(mk, version):
     assert rc == 0 and sp is True
 
 
+def away_with_limits(make_broker, mkc, version, topic, persistent, clean):
+    """A broker with limits.max_queued_messages_persistent = `persistent` and
+    max_queued_messages = `clean`, and a persistent subscriber to `topic` that went away.
+    Returns (broker, subscriber)."""
+    b = make_broker({"limits": {"max_queued_messages_persistent": persistent,
+                                "max_queued_messages": clean}})
+    sub = mkc("sub", version, broker=b, persistent=True)
+    sub.connect()
+    sub.subscribe(topic, 1)
+    sub.disconnect()
+    return b, sub
+
+
 def test_offline_queue_overflow_dropped_and_counted(make_broker, mkc, version):
     """limits.max_queued_messages_persistent=5: 8 QoS 1 messages for an offline persistent
     session queue 5, drop 3, and tern_messages_dropped_total{reason="queue_full"} grows by
     exactly 3. The publisher learns it: MQTT 5 PUBACK 0x97 Quota exceeded for each message
     no queue took (3.1.1 has no reason code: plain PUBACKs)."""
-    b = make_broker({"limits": {"max_queued_messages_persistent": 5,
-                                "max_queued_messages": 1}})
-    sub = mkc("sub", version, broker=b, persistent=True)
-    sub.connect()
-    sub.subscribe("qf/t", 1)
-    sub.disconnect()
+    b, sub = away_with_limits(make_broker, mkc, version, "qf/t", persistent=5, clean=1)
     before = metric(b, "tern_messages_dropped_total", {"reason": "queue_full"})
     pub = mkc("pub", version, broker=b)
     pub.connect()
@@ -559,12 +567,7 @@ def test_quota_exceeded_only_when_no_queue_took_it(make_broker, mkc, version):
     exceeded, QoS 2 in PUBREC (which ends the exchange), and the connection carries on;
     3.1.1 publishers get plain acknowledgements. The clean-session limit (2) is not the one
     that applies."""
-    b = make_broker({"limits": {"max_queued_messages_persistent": 3,
-                                "max_queued_messages": 2}})
-    durable = mkc("durable", version, broker=b, persistent=True)
-    durable.connect()
-    durable.subscribe("qx/t", 1)
-    durable.disconnect()
+    b, _ = away_with_limits(make_broker, mkc, version, "qx/t", persistent=3, clean=2)
     pub = mkc("pub", version, broker=b)
     pub.connect()
     rcs = [pub.publish("qx/t", str(i).encode(), qos=1) for i in range(3)]
