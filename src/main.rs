@@ -341,8 +341,9 @@ fn prompt_hidden(prompt: &str) -> Result<Vec<u8>, String> {
             unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
         }
     }
-    eprint!("{prompt}");
-    let _ = std::io::stderr().flush();
+    // Echo goes off before the prompt shows: what is typed once the prompt is visible must
+    // be neither echoed nor discarded (TCSAFLUSH after the prompt dropped a password typed
+    // or pasted at once, and the test typing at the prompt caught it).
     // SAFETY: termios is plain data; tcgetattr fills it in for a terminal fd.
     let mut term: libc::termios = unsafe { std::mem::zeroed() };
     if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut term) } != 0 {
@@ -356,12 +357,14 @@ fn prompt_hidden(prompt: &str) -> Result<Vec<u8>, String> {
     quiet.c_lflag &= !(libc::ECHO | libc::ECHONL);
     quiet.c_lflag |= libc::ICANON;
     // SAFETY: as above, with a copy of the settings read.
-    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSAFLUSH, &quiet) } != 0 {
+    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &quiet) } != 0 {
         return Err(format!(
             "cannot turn off echo: {}",
             std::io::Error::last_os_error()
         ));
     }
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
     let line = read_stdin_line();
     drop(restore);
     eprintln!();
