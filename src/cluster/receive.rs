@@ -449,7 +449,8 @@ pub(crate) async fn consume(
                     own,
                 ) else {
                     tracing::warn!(subject = %m.subject, "undecodable cluster message dropped");
-                    let _ = acks.send((Commit::Done, m));
+                    let seq = m.info().map_or(0, |i| i.stream_sequence);
+                    let _ = acks.send((Commit::Done, seq, m));
                     continue;
                 };
                 if !own {
@@ -482,7 +483,7 @@ pub(crate) async fn consume(
                     seen.streamed(wire::seq_of(m.headers.as_ref()), std::time::Instant::now());
                 }
                 // Acknowledged once this node's commit of it is done (`acker`).
-                let _ = acks.send((commit, m));
+                let _ = acks.send((commit, seq, m));
             }
         }
     }))
@@ -496,7 +497,7 @@ pub(crate) async fn consume(
 /// `settled`: the stream sequence of the last message done with here (for [`consume`]'s
 /// failover).
 async fn acker(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, jetstream::Message)>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Commit, u64, jetstream::Message)>,
     settled: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(256);
@@ -508,7 +509,7 @@ async fn acker(
                 Err(_) => break,
             }
         }
-        for (commit, m) in batch.drain(..) {
+        for (commit, seq, m) in batch.drain(..) {
             let stored = match commit {
                 Commit::Done => true,
                 Commit::Failed => false,
@@ -519,9 +520,8 @@ async fn acker(
                 // holding the consumer back would stop every later message here too.
                 tracing::error!(subject = %m.subject, "cluster message not stored here");
             }
-            if let Ok(info) = m.info() {
-                settled.fetch_max(info.stream_sequence, Ordering::AcqRel);
-            }
+            // The consume loop parsed the sequence already; the reply subject is not read twice.
+            settled.fetch_max(seq, Ordering::AcqRel);
             if let Err(e) = m.ack().await {
                 // Redelivered after ACK_WAIT, routed again: at least once.
                 tracing::debug!(error = %e, "node consumer ack");
