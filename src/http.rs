@@ -6,6 +6,7 @@
 //! Routing is an axum [`Router`] ([`router`]); connections are served by hyper's HTTP/1
 //! connection builder, whose options carry the limits: see [`serve`].
 
+use crate::broker::shared::Kind;
 use crate::broker::Broker;
 use crate::metrics::{BrokerState, GroupState};
 use crate::status::Status;
@@ -54,10 +55,11 @@ pub fn state_of(broker: &Broker) -> BrokerState {
                 let (queued, reservations_open) = g.queue.outbox.counts();
                 GroupState {
                     share: g.share.to_string(),
-                    filter: g.filter.to_string(),
+                    filter: g.filter().to_string(),
                     members: g.member_count(),
                     queued,
                     reservations_open,
+                    oldest_age: (g.kind == Kind::Queue).then(|| broker.oldest_age(g)),
                 }
             })
             .collect(),

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub dropped_retain_full: IntCounter,
     /// Deliveries whose commit failed (I/O error, disk full): their places were released.
     pub dropped_storage_failed: IntCounter,
+    /// Oldest messages a full declared queue dropped to make room (`overflow = "drop_oldest"`).
+    pub dropped_overflow: IntCounter,
     pub protocol_errors: IntCounter,
     pub tls_handshakes: IntCounter,
     pub tls_failures: IntCounter,
@@ -64,6 +66,7 @@ pub struct Metrics {
     /// Most connections open at once since the start (`$SYS/broker/clients/maximum`).
     connections_max: std::sync::atomic::AtomicI64,
     shared: SharedVecs,
+    queues: QueueVecs,
 }
 
 /// What crosses between this node and the others of its cluster (src/cluster/).
@@ -252,6 +255,75 @@ struct SharedVecs {
     dropped: IntCounterVec,
 }
 
+/// Per declared queue series, labelled by the queue's name (`[[queues]]`, a handful per
+/// deployment); a queue's series go when it ends. The oldest age is labelled by kind and name,
+/// the one gauge every kind of durable queue (declared queues, later bridges) reports.
+struct QueueVecs {
+    messages: IntGaugeVec,
+    consumers: IntGaugeVec,
+    oldest: IntGaugeVec,
+    delivered: IntCounterVec,
+    redelivered: IntCounterVec,
+    dropped: IntCounterVec,
+}
+
+impl QueueVecs {
+    fn new(registry: &Registry) -> Result<QueueVecs, prometheus::Error> {
+        let l = &["queue"];
+        let v = QueueVecs {
+            messages: IntGaugeVec::new(
+                Opts::new(
+                    "tern_queue_messages",
+                    "Messages waiting in a declared queue (memory and disk), not yet given to a consumer",
+                ),
+                l,
+            )?,
+            consumers: IntGaugeVec::new(
+                Opts::new(
+                    "tern_queue_consumers",
+                    "Sessions subscribed to a declared queue ($queue/NAME), connected or not",
+                ),
+                l,
+            )?,
+            oldest: IntGaugeVec::new(
+                Opts::new(
+                    "tern_queue_oldest_age_seconds",
+                    "Age of the oldest message waiting in a durable queue (0 when empty), by kind (queue) and name",
+                ),
+                &["kind", "name"],
+            )?,
+            delivered: IntCounterVec::new(
+                Opts::new(
+                    "tern_queue_delivered_total",
+                    "Messages a declared queue gave to a consumer (redeliveries included)",
+                ),
+                l,
+            )?,
+            redelivered: IntCounterVec::new(
+                Opts::new(
+                    "tern_queue_redelivered_total",
+                    "Messages that went back to a declared queue because their consumer left before finishing them",
+                ),
+                l,
+            )?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "tern_queue_dropped_total",
+                    "Messages a declared queue lost, by reason: queue_full (refused when full), overflow (oldest dropped to make room), expired (message_ttl or Message Expiry)",
+                ),
+                &["queue", "reason"],
+            )?,
+        };
+        registry.register(Box::new(v.messages.clone()))?;
+        registry.register(Box::new(v.consumers.clone()))?;
+        registry.register(Box::new(v.oldest.clone()))?;
+        registry.register(Box::new(v.delivered.clone()))?;
+        registry.register(Box::new(v.redelivered.clone()))?;
+        registry.register(Box::new(v.dropped.clone()))?;
+        Ok(v)
+    }
+}
+
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
@@ -418,6 +490,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(backpressure_pauses.clone()))?;
         let cluster = ClusterMetrics::new(&registry)?;
+        let queues = QueueVecs::new(&registry)?;
         let storage = StorageMetrics {
             commits: IntCounter::new(
                 "tern_storage_commits_total",
@@ -497,6 +570,7 @@ impl Metrics {
             dropped_no_subscribers: dropped.with_label_values(&["no_subscribers"]),
             dropped_retain_full: dropped.with_label_values(&["retained_full"]),
             dropped_storage_failed: dropped.with_label_values(&["storage_failed"]),
+            dropped_overflow: dropped.with_label_values(&["overflow"]),
             protocol_errors,
             tls_handshakes: tls.with_label_values(&["ok"]),
             tls_failures: tls.with_label_values(&["failed"]),
@@ -519,6 +593,7 @@ impl Metrics {
             subscriptions,
             retained,
             shared,
+            queues,
             registry,
         })
     }
@@ -558,6 +633,7 @@ impl Metrics {
             &self.dropped_no_subscribers,
             &self.dropped_retain_full,
             &self.dropped_storage_failed,
+            &self.dropped_overflow,
         ]
         .iter()
         .map(|c| c.get())
@@ -571,6 +647,34 @@ impl Metrics {
             delivered: self.shared.delivered.with_label_values(l),
             redelivered: self.shared.redelivered.with_label_values(l),
             dropped: self.shared.dropped.with_label_values(l),
+            // A shared group has no time to live and never drops its oldest.
+            expired: None,
+            evicted: None,
+        }
+    }
+
+    /// The counters of declared queue `name`, resolved once.
+    pub fn queue_metrics(&self, name: &str) -> GroupMetrics {
+        let q = &self.queues;
+        GroupMetrics {
+            delivered: q.delivered.with_label_values(&[name]),
+            redelivered: q.redelivered.with_label_values(&[name]),
+            dropped: q.dropped.with_label_values(&[name, "queue_full"]),
+            expired: Some(q.dropped.with_label_values(&[name, "expired"])),
+            evicted: Some(q.dropped.with_label_values(&[name, "overflow"])),
+        }
+    }
+
+    /// Drops an ended declared queue's series.
+    pub fn forget_queue(&self, name: &str) {
+        let q = &self.queues;
+        let _ = q.messages.remove_label_values(&[name]);
+        let _ = q.consumers.remove_label_values(&[name]);
+        let _ = q.oldest.remove_label_values(&["queue", name]);
+        let _ = q.delivered.remove_label_values(&[name]);
+        let _ = q.redelivered.remove_label_values(&[name]);
+        for reason in ["queue_full", "expired", "overflow"] {
+            let _ = q.dropped.remove_label_values(&[name, reason]);
         }
     }
 
@@ -608,6 +712,16 @@ impl Metrics {
         self.subscriptions.set(state.subscriptions as i64);
         self.retained.set(state.retained as i64);
         for g in &state.groups {
+            if let Some(age) = g.oldest_age {
+                let q = &self.queues;
+                let name = g.share.as_str();
+                q.messages.with_label_values(&[name]).set(g.queued as i64);
+                q.consumers.with_label_values(&[name]).set(g.members as i64);
+                q.oldest
+                    .with_label_values(&["queue", name])
+                    .set(age as i64);
+                continue;
+            }
             let l = &[g.share.as_str(), g.filter.as_str()];
             self.shared
                 .members
@@ -628,11 +742,31 @@ impl Metrics {
     }
 }
 
-/// A shared subscription group's counters, resolved once when the group is made.
+/// A shared subscription group's (or declared queue's) counters, resolved once when the
+/// group is made.
 pub struct GroupMetrics {
     pub delivered: IntCounter,
     pub redelivered: IntCounter,
+    /// Refused by a full queue.
     pub dropped: IntCounter,
+    /// Past a declared queue's `message_ttl` at its head (declared queues only).
+    pub expired: Option<IntCounter>,
+    /// The oldest, dropped by a full declared queue to make room (declared queues only).
+    pub evicted: Option<IntCounter>,
+}
+
+impl GroupMetrics {
+    pub fn expired(&self, n: u64) {
+        if let Some(c) = &self.expired {
+            c.inc_by(n);
+        }
+    }
+
+    pub fn evicted(&self, n: u64) {
+        if let Some(c) = &self.evicted {
+            c.inc_by(n);
+        }
+    }
 }
 
 /// The broker's state as a scrape reports it, read by the HTTP side just before rendering.
@@ -647,11 +781,14 @@ pub struct BrokerState {
 /// One shared subscription group at scrape time.
 #[derive(Debug)]
 pub struct GroupState {
+    /// The ShareName, or a declared queue's name.
     pub share: String,
     pub filter: String,
     pub members: usize,
     pub queued: usize,
     pub reservations_open: usize,
+    /// A declared queue: the age of its oldest message in seconds. None: a shared group.
+    pub oldest_age: Option<u64>,
 }
 
 /// Storage thread metrics; a clone is handed to the store as its commit observer.

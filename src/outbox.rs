@@ -76,6 +76,10 @@ pub struct Delivery {
     /// place in the session's durable queue its stored copy takes, if it gets one. Finishing
     /// the delivery asks the broker's early ledger whether that entry must go.
     pub early: Option<u64>,
+    /// When it entered a declared queue, in Unix seconds (0: not in one, or unknown): the
+    /// queue's `message_ttl` and oldest age count from it. Four bytes that fit in the padding
+    /// after the flags, so a delivery is no bigger for it.
+    pub enqueued: u32,
 }
 
 /// A shared subscription group, named by the storage id of the group's queue (the id its
@@ -97,6 +101,7 @@ impl Delivery {
             stored: false,
             group: None,
             early: None,
+            enqueued: 0,
         }
     }
 }
@@ -282,6 +287,37 @@ impl Outbox {
                 None => Popped::Empty,
             },
         }
+    }
+
+    /// Whether the queue holds more than its limits allow (a declared queue that drops its
+    /// oldest took new messages beyond them).
+    pub fn over_limits(&self) -> bool {
+        let q = self.lock();
+        q.items.len() + q.pending + q.spilled > q.max_messages
+            || q.bytes + q.pending_bytes + q.spilled_bytes > q.max_bytes
+    }
+
+    /// [`Outbox::push`] for a declared queue that drops its oldest: a QoS 1/2 delivery that
+    /// finds the queue full is taken all the same and the front makes room. Returns what was
+    /// dropped.
+    pub fn push_evicting(&self, d: Delivery) -> Vec<Delivery> {
+        let weight = d.msg.weight();
+        let mut q = self.lock();
+        let mut dropped = Vec::new();
+        while q.items.len() >= q.max_messages || q.bytes + weight > q.max_bytes {
+            let Some(old) = q.items.pop_front() else {
+                break;
+            };
+            q.bytes -= old.msg.weight();
+            dropped.push(old);
+        }
+        self.append(q, d, weight);
+        dropped
+    }
+
+    /// The front delivery in memory, if any (a declared queue's oldest age).
+    pub fn front_enqueued(&self) -> Option<u32> {
+        self.lock().items.front().map(|d| d.enqueued)
     }
 
     /// Puts deliveries taken earlier back at the front, in their order, whatever the limits:

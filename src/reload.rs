@@ -13,7 +13,8 @@
 //!   `max_retained_messages`, `backpressure`) at once; the others for connections and sessions
 //!   made afterwards, because a connection's CONNACK already told its client the old values
 //!   (Receive Maximum, Maximum Packet Size, Server Keep Alive ...);
-//! - `sys_topics.interval`.
+//! - `sys_topics.interval`;
+//! - `[[queues]]`: declared queues added, changed or removed (`broker/shared/queues.rs`).
 //!
 //! Anything else (listeners, storage, metrics, mqtt, shared, server, log.format) is reported as
 //! needing a restart and keeps its running value.
@@ -50,8 +51,9 @@ pub enum ReloadError {
 }
 
 /// Keys (or key prefixes ending in '.') a reload applies.
-const RELOADABLE: [&str; 12] = [
+const RELOADABLE: [&str; 13] = [
     "limits.",
+    "queues",
     "auth.",
     "log.level",
     "sys_topics.",
@@ -78,6 +80,7 @@ fn effective(running: &Config, new: &Config) -> Config {
     e.auth = new.auth.clone();
     e.log.level = new.log.level.clone();
     e.sys_topics = new.sys_topics.clone();
+    e.queues = new.queues.clone();
     if let (Some(t), Some(n)) = (e.listeners.tls.as_mut(), new.listeners.tls.as_ref()) {
         t.cert = n.cert.clone();
         t.key = n.key.clone();
@@ -95,7 +98,7 @@ fn effective(running: &Config, new: &Config) -> Config {
 
 /// The parts of a broker a reload touches.
 pub struct Target<'a> {
-    pub broker: &'a Broker,
+    pub broker: &'a Arc<Broker>,
     pub tls: Option<&'a Arc<TlsReloader>>,
     pub wss: Option<&'a Arc<TlsReloader>>,
     pub log: Option<&'a LogHandle>,
@@ -140,6 +143,9 @@ pub fn apply(
     target
         .broker
         .set_sys_interval(next.sys_topics.interval.as_secs());
+    if next.queues != running.queues {
+        target.broker.declare_queues(&next.queues);
+    }
 
     let mut report = Reloaded::default();
     for (key, old, new) in running.diff(new) {

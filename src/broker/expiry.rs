@@ -74,6 +74,8 @@ impl Broker {
                 if self.store.durable() {
                     self.sweep_expired_queues();
                 }
+                // Declared queues' time to live, also while nobody consumes them.
+                self.poke_queues();
                 drops.report(&self);
             }
         }

@@ -9,6 +9,7 @@
 //! In-flight deliveries keep their packet ids, so the client's side of unfinished QoS 1/2
 //! exchanges still matches after the move ([MQTT-4.4.0-1]: they are re-sent on the new node).
 
+use super::shared::Membership;
 use super::{shared, Broker, Staged};
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
@@ -31,6 +32,7 @@ fn entry_of(d: &Delivery, msg_id: u64) -> QueueEntry {
         qos: d.qos,
         retain: d.retain,
         sub_ids: d.sub_ids.as_slice().to_vec(),
+        enqueued: d.enqueued,
     }
 }
 
@@ -59,9 +61,12 @@ impl Broker {
         state: &SessionState,
     ) {
         for (filter, sub) in &state.subscriptions {
-            match shared::parse(filter) {
-                Some(Ok((share, f))) => {
+            match shared::membership(filter) {
+                Some(Ok(Membership::Shared { share, filter: f })) => {
                     self.subscribe_shared(handle, share, f, sub.options, sub.id, false, 0);
+                }
+                Some(Ok(Membership::Queue(name))) => {
+                    self.subscribe_queue(handle, name, sub.options, sub.id, false, 0);
                 }
                 Some(Err(())) => {}
                 None => {

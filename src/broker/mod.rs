@@ -273,7 +273,7 @@ impl Broker {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         for filter in state.subscriptions.keys() {
-            if shared::parse(filter).is_none() {
+            if shared::membership(filter).is_none() {
                 subs.unsubscribe(filter, handle.id);
             }
         }

@@ -218,6 +218,7 @@ impl Broker {
                     qos: e.qos,
                     retain: e.retain,
                     sub_ids: e.sub_ids.as_slice().to_vec(),
+                    enqueued: 0,
                 };
                 let op = match how {
                     Pending::Nothing => continue,
@@ -266,7 +267,7 @@ impl Broker {
         // message over, as in `route`.
         let delivery = Delivery::new(
             msg.clone(),
-            group.max_qos().min(msg.qos),
+            group.index_qos().min(msg.qos),
             msg.retain,
             SubIds::None,
         );

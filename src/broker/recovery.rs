@@ -3,6 +3,7 @@
 //! broker downtime counts), subscriptions into the index, in-flight and QoS 2 state, queue
 //! positions, retained messages, and wills still waiting to be published.
 
+use super::shared::{Kind, Membership};
 use super::{shared, Broker, Staged};
 use crate::message::Message;
 use crate::outbox::{Delivery, SpillState, SubIds};
@@ -52,15 +53,21 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
     let mut restored_groups = Vec::new();
     for g in groups {
         let key = &g.client_id[shared::RECORD_PREFIX.len()..];
-        let Some(Ok((share, filter))) = shared::parse(key) else {
-            cleanup.push(Op::DeleteSession {
-                client_id: g.client_id.clone(),
-                session_id: g.session_id,
-            });
-            continue;
+        let (kind, share, filter) = match shared::membership(key) {
+            Some(Ok(Membership::Shared { share, filter })) => (Kind::Shared, share, filter),
+            // Its filter is the configuration's: `Broker::declare_queues` sets it, and a queue
+            // no longer declared does not collect.
+            Some(Ok(Membership::Queue(name))) => (Kind::Queue, name, ""),
+            _ => {
+                cleanup.push(Op::DeleteSession {
+                    client_id: g.client_id.clone(),
+                    session_id: g.session_id,
+                });
+                continue;
+            }
         };
         broker.registry.set_next_id(g.session_id + 1);
-        let group = broker.make_group(share, filter, Some(g.session_id));
+        let group = broker.make_group(kind, share, filter, Some(g.session_id));
         if let Some(q) = rec.queues.remove(&g.session_id) {
             out.queued += q.len;
             group.queue.outbox.restore(SpillState {
@@ -157,9 +164,13 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
         // Deliveries while the client is away are checked against the ACL as its last user.
         handle.set_username(s.username.as_deref().map(std::sync::Arc::from));
         for sub in &subs {
-            match shared::parse(&sub.filter) {
-                Some(Ok((share, filter))) => {
+            match shared::membership(&sub.filter) {
+                Some(Ok(Membership::Shared { share, filter })) => {
                     broker.subscribe_shared(&handle, share, filter, sub.options, sub.id, false, 0);
+                }
+                Some(Ok(Membership::Queue(name))) => {
+                    // A queue that ended meanwhile is gone: the subscription stays inert.
+                    broker.subscribe_queue(&handle, name, sub.options, sub.id, false, 0);
                 }
                 Some(Err(())) => {}
                 None => {
@@ -198,9 +209,10 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
 
     broker.commit_detached(given_back);
 
-    // A group whose members all ended while the broker was down ends too.
+    // A group whose members all ended while the broker was down ends too (a declared queue
+    // lives on: `Broker::declare_queues`, next, decides about it).
     for group in restored_groups {
-        if group.member_count() == 0 {
+        if group.member_count() == 0 && group.kind == Kind::Shared {
             out.queued -= group.queue.outbox.len() as u64;
             broker.drop_group(&group);
         } else {

@@ -3,12 +3,13 @@
 
 use super::early::{Early, FastRouted};
 use super::retain::RetainOutcome;
-use super::shared::Group;
+use super::shared::{Group, Kind};
 use super::staged::Staging;
 use super::{Broker, Staged, Subscriber};
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::session::registry::SessionHandle;
+use crate::storage::record::unix_now_ms;
 use crate::storage::Op;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -94,12 +95,18 @@ impl Broker {
         self.match_into(msg, scratch);
         let mut routed = Routed::default();
         let rule = self.auth.receive_rule(msg.topic.as_str());
+        let mut enqueued: Option<u32> = None;
         let mut i = 0;
         while i < scratch.len() {
             // Overlapping subscriptions of one session: one copy at the highest QoS, with every
             // matching subscription identifier ([MQTT-3.3.4-2] .. [MQTT-3.3.4-5]).
             let session = &scratch[i].session;
             let group = scratch[i].group.as_ref();
+            if group.is_some_and(|g| !Broker::group_takes(g.kind, msg.qos)) {
+                // A declared queue keeps QoS 1/2 messages only.
+                i += 1;
+                continue;
+            }
             if group.is_some() && self.peers.get().is_some() {
                 // In a cluster a group's messages come from its JetStream consumer or its
                 // NATS queue group, one node per message (`Broker::publish_to_group`).
@@ -158,14 +165,23 @@ impl Broker {
             // Live messages carry RETAIN=0 unless Retain As Published ([MQTT-3.3.1-12]
             // [MQTT-3.3.1-13]); a group keeps the flag and applies each member's option.
             let retain = msg.retain && (retain_as_published || group.is_some());
-            let delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
+            let mut delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
+            if group.is_some_and(|g| g.kind == Kind::Queue) {
+                // A declared queue's time to live and oldest age count from now.
+                delivery.enqueued =
+                    *enqueued.get_or_insert_with(|| (unix_now_ms() / 1000).min(u32::MAX.into()) as u32);
+            }
             if targets == Targets::Fast && session.persistent.load(Ordering::Relaxed) {
                 // When it cannot take it now, it gets it from the stream like any message of
                 // a persistent session (still a match).
                 self.deliver_early(session, delivery, durable, &mut routed.fast);
                 continue;
             }
-            if !self.deliver(session, delivery, staging.as_mut()) {
+            let taken = match group {
+                Some(g) => self.deliver_to_group(g, delivery, staging.as_mut()),
+                None => self.deliver(session, delivery, staging.as_mut()),
+            };
+            if !taken {
                 routed.dropped += 1;
                 if let Some(g) = group {
                     g.metrics.dropped.inc();

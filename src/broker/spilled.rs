@@ -60,6 +60,7 @@ impl Broker {
                         Delivery::new(Arc::new(m.to_message(now, unix)), e.qos, e.retain, sub_ids);
                     d.seq = Some(seq);
                     d.stored = true;
+                    d.enqueued = e.enqueued;
                     loaded.push(d);
                 }
                 None => {

@@ -6,6 +6,7 @@
 //! durable, or gives the place back when it fails, whoever submitted it ([`After`]).
 //! Everything else (QoS 0, clean sessions, memory storage) is pushed at once.
 
+use super::shared::{Group, Kind};
 use super::Broker;
 use crate::message::Message;
 use crate::outbox::{Delivery, Pushed, Reservation};
@@ -165,6 +166,44 @@ impl Broker {
         delivery: Delivery,
         staging: Option<&mut Staging<'_>>,
     ) -> bool {
+        self.deliver_with(session, delivery, staging, false)
+    }
+
+    /// Puts one delivery into a group's queue, as [`Broker::deliver`]; but a declared queue
+    /// that drops its oldest (`overflow = "drop_oldest"`) takes it even when full, and its
+    /// dispatcher then trims the head to the limits (counted there as `overflow`).
+    pub(super) fn deliver_to_group(
+        &self,
+        group: &Arc<Group>,
+        delivery: Delivery,
+        staging: Option<&mut Staging<'_>>,
+    ) -> bool {
+        if group.kind != Kind::Queue || !group.drops_oldest() {
+            return self.deliver(&group.queue, delivery, staging);
+        }
+        let stored = staging.is_some()
+            && delivery.qos != QoS::AtMostOnce
+            && group.queue.persistent.load(Ordering::Relaxed);
+        if !stored {
+            // In memory the head goes at once.
+            let n = group.queue.outbox.push_evicting(delivery).len() as u64;
+            group.metrics.evicted(n);
+            self.metrics.dropped_overflow.inc_by(n);
+            return true;
+        }
+        let taken = self.deliver_with(&group.queue, delivery, staging, true);
+        group.poke();
+        taken
+    }
+
+    /// [`Broker::deliver`]; `evict`: a full queue takes it all the same (its oldest go).
+    fn deliver_with(
+        &self,
+        session: &Arc<SessionHandle>,
+        delivery: Delivery,
+        staging: Option<&mut Staging<'_>>,
+        evict: bool,
+    ) -> bool {
         let staging = match staging {
             Some(s)
                 if delivery.qos != QoS::AtMostOnce
@@ -174,7 +213,7 @@ impl Broker {
             }
             _ => return self.push(session, delivery) != Pushed::DroppedFull,
         };
-        let reservation = session.outbox.reserve(delivery.msg.weight());
+        let reservation = session.outbox.reserve_with(delivery.msg.weight(), evict);
         let (Reservation::Hot { seq, .. } | Reservation::Spill { seq, .. }) = reservation else {
             self.metrics.dropped_queue_full.inc();
             return false;
@@ -187,6 +226,7 @@ impl Broker {
                 qos: delivery.qos,
                 retain: delivery.retain,
                 sub_ids: delivery.sub_ids.as_slice().to_vec(),
+                enqueued: delivery.enqueued,
             },
         });
         staging

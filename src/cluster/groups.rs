@@ -258,7 +258,7 @@ impl ClusterGroups {
             ack_policy: AckPolicy::Explicit,
             ack_wait: ACK_WAIT,
             max_ack_pending: 10_000,
-            filter_subject: self.names.msgs.filter(&group.filter),
+            filter_subject: self.names.msgs.filter(&group.filter()),
             num_replicas: self.replicas,
             inactive_threshold: self.idle,
             description: Some(format!("Tern shared group {}", group.key())),
@@ -356,7 +356,7 @@ impl ClusterGroups {
 
     /// Takes this node's share of the group's QoS 0 messages.
     async fn live(self: Arc<Self>, group: Arc<Group>, name: String, fed: Arc<watch::Sender<u8>>) {
-        let subject = self.names.live.filter(&group.filter);
+        let subject = self.names.live.filter(&group.filter());
         let mut sub = loop {
             match self
                 .echo

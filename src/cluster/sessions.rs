@@ -301,7 +301,7 @@ impl Sessions {
         let mut filters = state
             .subscriptions
             .keys()
-            .filter(|f| crate::broker::shared::parse(f).is_none());
+            .filter(|f| crate::broker::shared::membership(f).is_none());
         let filter_subject = match (filters.next(), filters.next()) {
             (None, _) => None,
             (Some(f), None) => Some(self.names.msgs.filter(f)),

@@ -77,6 +77,57 @@ pub struct Config {
     /// single node on its embedded store. Read at start only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// `[[queues]]`: declared durable queues (docs/queues.md). Reloadable.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<QueueConfig>,
+}
+
+/// One `[[queues]]` entry: a queue that collects the QoS 1/2 messages matching `filter` from the
+/// moment it is declared, whether or not a consumer exists, for consumers of `$queue/NAME`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Consumers subscribe to `$queue/NAME` (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// A topic filter: what the queue collects.
+    pub filter: String,
+    /// Messages the queue holds before `overflow` applies.
+    #[serde(default = "QueueConfig::default_max_messages")]
+    pub max_messages: usize,
+    /// Bytes (payload plus topic) the queue holds before `overflow` applies.
+    #[serde(default = "QueueConfig::default_max_bytes")]
+    pub max_bytes: usize,
+    /// How long a message may wait in the queue; 0 = no limit (its own Message Expiry still
+    /// applies). Expired messages are dropped and counted as `reason="expired"`.
+    #[serde(default, with = "duration::seconds")]
+    pub message_ttl: Duration,
+    /// How a message is given to one of the consumers, as for shared subscriptions.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// What a full queue does with a new message.
+    #[serde(default)]
+    pub overflow: Overflow,
+}
+
+impl QueueConfig {
+    fn default_max_messages() -> usize {
+        1_000_000
+    }
+    fn default_max_bytes() -> usize {
+        1 << 30
+    }
+}
+
+/// What a declared queue does when it is full.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// The new message is not queued (counted as `queue_full`); a v5 publisher whose message
+    /// no target took gets PUBACK 0x97 Quota exceeded.
+    #[default]
+    Reject,
+    /// The oldest queued messages make room (counted as `overflow`).
+    DropOldest,
 }
 
 /// `[cluster]`: the NATS servers this node joins through, and how durable state is kept there.
@@ -461,6 +512,15 @@ pub struct GroupStrategy {
     /// The ShareName.
     pub name: String,
     pub strategy: Strategy,
+}
+
+/// A declared queue's name: what follows `$queue/` ([`QueueConfig::name`]).
+pub fn queue_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl SharedConfig {

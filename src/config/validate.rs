@@ -120,6 +120,47 @@ impl Config {
                 );
             }
         }
+        if self.cluster.is_some() && !self.queues.is_empty() {
+            // A cluster's queue must be one queue across nodes (a JetStream consumer), which
+            // is not built yet: refused rather than one queue per node that loses nothing but
+            // splits the messages by where they were published.
+            return invalid(
+                "queues",
+                "declared queues are not supported in a cluster yet (docs/queues.md)",
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for q in &self.queues {
+            if !super::queue_name_ok(&q.name) {
+                return invalid(
+                    "queues.name",
+                    &format!(
+                        "{:?}: 1 to 64 letters, digits, '-', '_' or '.'",
+                        q.name
+                    ),
+                );
+            }
+            if !names.insert(q.name.as_str()) {
+                return invalid("queues.name", &format!("{:?} is declared twice", q.name));
+            }
+            if !crate::protocol::validate::is_valid_topic_filter(&q.filter)
+                || q.filter.starts_with('$')
+            {
+                return invalid(
+                    "queues.filter",
+                    &format!(
+                        "queue {:?}: {:?} is not a topic filter of application topics",
+                        q.name, q.filter
+                    ),
+                );
+            }
+            if q.max_messages == 0 || q.max_bytes == 0 {
+                return invalid(
+                    "queues.max_messages",
+                    &format!("queue {:?}: limits must be at least 1", q.name),
+                );
+            }
+        }
         if self.mqtt.max_qos > 2 {
             return invalid("mqtt.max_qos", "must be 0, 1 or 2");
         }

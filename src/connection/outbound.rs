@@ -6,6 +6,7 @@
 
 use super::client::Client;
 use crate::broker::early::Finished;
+use crate::broker::shared::Kind;
 use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};
@@ -24,6 +25,7 @@ fn inflight_record(packet_id: u16, d: &Delivery, released: bool) -> InflightReco
             qos: d.qos,
             retain: d.retain,
             sub_ids: d.sub_ids.as_slice().to_vec(),
+            enqueued: d.enqueued,
         },
         released,
         group: d.group.map(|g| g.0),
@@ -77,7 +79,17 @@ impl Client {
     /// identity: queued and stored messages were routed under an earlier one (or before a
     /// reload). A group's message is checked even without one: it was routed to the group, not
     /// to this member, so its topic's owner (another client's reply topic) is checked here.
+    /// A declared queue's message is the queue's: the right to `$queue/NAME` (`topic read
+    /// $queue/NAME`) is what lets a consumer have it, whatever its topic.
     fn denied(&self, acl: bool, d: &Delivery) -> bool {
+        if let Some(g) = self.group_of(d).filter(|g| g.kind == Kind::Queue) {
+            return acl
+                && !self.broker.auth.can_subscribe(
+                    self.username.as_deref(),
+                    &self.client_id,
+                    &g.key(),
+                );
+        }
         (acl || d.group.is_some())
             && !self.broker.auth.can_receive(
                 self.username.as_deref(),

@@ -2,7 +2,7 @@
 //! the groups' dispatchers fill, and telling a group when one of its deliveries is finished.
 
 use super::client::Client;
-use crate::broker::shared::Group;
+use crate::broker::shared::{membership, Group, Membership};
 use crate::outbox::Delivery;
 use crate::protocol::{QoS, SubscriptionOptions};
 use crate::storage::{Commit, Op};
@@ -37,7 +37,26 @@ impl Client {
         ready
     }
 
-    /// Leaves the group `$share/NAME/FILTER`. Deliveries of it still in flight stay with this
+    /// Joins the declared queue `name` as a consumer; false when there is no such queue.
+    pub(super) fn join_queue(
+        &mut self,
+        name: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    ) -> bool {
+        let Some(group) =
+            self.broker
+                .subscribe_queue(&self.handle, name, options, id, true, self.window)
+        else {
+            return false;
+        };
+        if !self.groups.iter().any(|g| Arc::ptr_eq(g, &group)) {
+            self.groups.push(group);
+        }
+        true
+    }
+
+    /// Leaves the group `$share/NAME/FILTER` (or the queue `$queue/NAME`). Deliveries of it still in flight stay with this
     /// connection and finish normally.
     pub(super) fn leave_group(&mut self, key: &str) {
         self.broker.unsubscribe_shared(&self.handle, key);
@@ -51,7 +70,7 @@ impl Client {
             .state
             .subscriptions
             .keys()
-            .filter(|f| crate::broker::shared::parse(f).is_some())
+            .filter(|f| membership(f).is_some())
             .cloned()
             .collect();
         for key in keys {
@@ -62,13 +81,21 @@ impl Client {
                     self.groups.push(g);
                 }
                 _ => {
-                    // Restored from an older state without its group: join again.
-                    if let (Some(Ok((share, inner))), Some(sub)) = (
-                        crate::broker::shared::parse(&key),
-                        self.state.subscriptions.get(&key).cloned(),
-                    ) {
-                        let (share, inner) = (share.to_string(), inner.to_string());
-                        self.join_group(&share, &inner, sub.options, sub.id);
+                    // Restored from an older state without its group: join again (a queue
+                    // that ended is not made again).
+                    let Some(sub) = self.state.subscriptions.get(&key).cloned() else {
+                        continue;
+                    };
+                    match membership(&key) {
+                        Some(Ok(Membership::Shared { share, filter })) => {
+                            let (share, inner) = (share.to_string(), filter.to_string());
+                            self.join_group(&share, &inner, sub.options, sub.id);
+                        }
+                        Some(Ok(Membership::Queue(name))) => {
+                            let name = name.to_string();
+                            self.join_queue(&name, sub.options, sub.id);
+                        }
+                        _ => {}
                     }
                 }
             }

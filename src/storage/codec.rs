@@ -14,7 +14,10 @@ use bytes::Bytes;
 ///   then a `u64`); every other record is as in format 1.
 /// - 3: session records end with the optional user name of the session's last connection (a
 ///   presence byte, then the string); every other record is as in format 2.
-pub const RECORD_FORMAT: u8 = 3;
+/// - 4: queue entries (as their own record, not inside an in-flight record) end with the Unix
+///   second they entered a declared queue (`u32`, 0 when unknown); every other record is as in
+///   format 3.
+pub const RECORD_FORMAT: u8 = 4;
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

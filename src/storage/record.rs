@@ -83,6 +83,10 @@ pub struct QueueEntry {
     pub retain: bool,
     /// Subscription identifiers of the matching subscriptions.
     pub sub_ids: Vec<u32>,
+    /// Unix second it entered a declared queue (0: not one, or an entry of format 3 or
+    /// older): `message_ttl` counts from it. Kept only in the queue entry's own record; an
+    /// in-flight record does not need it.
+    pub enqueued: u32,
 }
 
 /// An outbound QoS 1/2 delivery waiting for its acknowledgement.
@@ -336,16 +340,20 @@ impl SubscriptionRecord {
 
 impl QueueEntry {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(16 + 4 * self.sub_ids.len());
+        let mut w = Vec::with_capacity(20 + 4 * self.sub_ids.len());
         w.push(RECORD_FORMAT);
         self.put(&mut w);
+        put_u32(&mut w, self.enqueued);
         w
     }
 
     pub fn decode(bytes: &[u8]) -> Result<QueueEntry, DecodeError> {
         let mut r = Reader::new(Bytes::copy_from_slice(bytes));
-        r.header()?;
-        let e = QueueEntry::read(&mut r)?;
+        let format = r.header()?;
+        let mut e = QueueEntry::read(&mut r)?;
+        if format >= 4 {
+            e.enqueued = r.u32()?;
+        }
         r.finish()?;
         Ok(e)
     }
@@ -374,6 +382,7 @@ impl QueueEntry {
             qos,
             retain,
             sub_ids,
+            enqueued: 0,
         })
     }
 }
@@ -553,6 +562,7 @@ mod tests {
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 sub_ids: vec![1, 268_435_455],
+                enqueued: 0,
             },
             released: true,
             group: Some(u64::MAX),
@@ -663,6 +673,26 @@ mod tests {
             Ok(no_group.clone())
         );
         assert_eq!(decode_msg_ref(&encode_msg_ref(u64::MAX)), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn queue_entries_keep_their_enqueue_time_and_format_3_ones_decode() {
+        let e = QueueEntry {
+            enqueued: 1_796_000_000,
+            ..inflight().entry
+        };
+        assert_eq!(QueueEntry::decode(&e.encode()), Ok(e.clone()));
+        // Format 3 (the previous release): the entry ends after its subscription ids.
+        let mut v3 = e.encode();
+        v3.truncate(v3.len() - 4);
+        v3[0] = 3;
+        let old = QueueEntry { enqueued: 0, ..e };
+        assert_eq!(QueueEntry::decode(&v3), Ok(old.clone()));
+        // An in-flight record of format 3 is laid out as in format 4.
+        let rec = inflight();
+        let mut v3 = rec.encode();
+        v3[0] = 3;
+        assert_eq!(InflightRecord::decode(&v3), Ok(rec));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! group, a group is made (or restored) and indexed once in the subscription index, a group
 //! nobody belongs to any more ends, and a member that goes away gives back what it held.
 
-use super::{give_back_stored, parse, record_key, Group};
+use super::{give_back_stored, membership, record_key, Group, Kind};
 use crate::broker::{Broker, Staged, Subscriber};
 use crate::outbox::Outbox;
 use crate::protocol::{QoS, SubscriptionOptions};
@@ -31,7 +31,7 @@ impl Broker {
         let key = format!("$share/{share}/{filter}");
         let (group, created) = self.groups.join(
             &key,
-            || self.make_group(share, filter, None),
+            || self.make_group(Kind::Shared, share, filter, None),
             |g| g.join(session, options, id, online, window),
         );
         if self.store.durable()
@@ -58,15 +58,29 @@ impl Broker {
         group
     }
 
-    /// Makes a group (`restored`: its storage id and queue recovered from the store).
+    /// Makes a group (`restored`: its storage id and queue recovered from the store). A
+    /// declared queue (`share` its name) gets its limits and policy from
+    /// [`Broker::declare_queues`].
     pub(crate) fn make_group(
         &self,
+        kind: Kind,
         share: &str,
         filter: &str,
         restored: Option<u64>,
     ) -> Arc<Group> {
         let shared = &self.config.shared;
-        let key = format!("$share/{share}/{filter}");
+        let (key, metrics, strategy) = match kind {
+            Kind::Shared => (
+                format!("$share/{share}/{filter}"),
+                self.metrics.group_metrics(share, filter),
+                shared.strategy_of(share),
+            ),
+            Kind::Queue => (
+                super::queue_key(share),
+                self.metrics.queue_metrics(share),
+                crate::config::Strategy::default(),
+            ),
+        };
         let id = restored.unwrap_or_else(|| self.registry.allocate_id());
         let queue = Arc::new(SessionHandle::new(
             id,
@@ -74,28 +88,24 @@ impl Broker {
             Outbox::new(shared.max_queued_messages, shared.max_queued_bytes),
             restored.is_some(),
         ));
-        let metrics = self.metrics.group_metrics(share, filter);
-        Arc::new(Group::new(
-            share,
-            filter,
-            shared.strategy_of(share),
-            queue,
-            metrics,
-        ))
+        Arc::new(Group::new(kind, share, filter, strategy, queue, metrics))
     }
 
     /// (Re)writes a group's entry in the subscription index: one entry per group, at the
-    /// highest QoS any member asked for.
-    fn index_group(&self, group: &Arc<Group>) {
+    /// highest QoS any member asked for (a declared queue: while declared, at QoS 2).
+    pub(super) fn index_group(&self, group: &Arc<Group>) {
+        if group.kind == Kind::Queue && !group.declared() {
+            return;
+        }
         let options = SubscriptionOptions {
-            qos: group.max_qos(),
+            qos: group.index_qos(),
             ..SubscriptionOptions::default()
         };
         self.subscriptions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .subscribe(
-                &group.filter,
+                &group.filter(),
                 group.queue.id,
                 Subscriber {
                     session: group.queue.clone(),
@@ -120,7 +130,8 @@ impl Broker {
         was
     }
 
-    /// Removes a group nobody belongs to any more; what it still queued is discarded.
+    /// Removes a group nobody belongs to any more; what it still queued is discarded. A
+    /// declared queue is removed only once it is no longer declared and empty.
     pub(crate) fn drop_group(&self, group: &Arc<Group>) {
         if !self.groups.remove_if_empty(group) {
             return;
@@ -128,7 +139,7 @@ impl Broker {
         self.subscriptions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .unsubscribe(&group.filter, group.queue.id);
+            .unsubscribe(&group.filter(), group.queue.id);
         let discarded = group.queue.outbox.clear();
         if discarded > 0 {
             self.metrics.dropped_no_subscribers.inc_by(discarded as u64);
@@ -142,7 +153,10 @@ impl Broker {
         if let Some(peers) = self.peers() {
             peers.group_ended(group);
         }
-        self.metrics.forget_group(&group.share, &group.filter);
+        match group.kind {
+            Kind::Shared => self.metrics.forget_group(&group.share, &group.filter()),
+            Kind::Queue => self.metrics.forget_queue(&group.share),
+        }
         tracing::debug!(group = %group.key(), "shared subscription group ended");
     }
 
@@ -156,7 +170,7 @@ impl Broker {
     ) {
         let mut emptied = Vec::new();
         for filter in state.subscriptions.keys() {
-            if parse(filter).is_none() {
+            if membership(filter).is_none() {
                 continue;
             }
             let Some(group) = self.groups.get(filter) else {

@@ -24,8 +24,15 @@
 //! member moves from the group's queue to the member's in-flight record in one commit, as for
 //! its own queue; one handed to a non-persistent member stays in the group's queue until the
 //! member acknowledges it (QoS 1) or PUBRECs it (QoS 2), so a crash redelivers it to the group.
+//!
+//! Declared queues (`[[queues]]`, `$queue/NAME`, docs/queues.md) are groups of another
+//! [`Kind`]: made from the configuration rather than by a first member, collecting QoS 1/2
+//! messages whether or not anyone consumes them, kept when their last consumer leaves, and with
+//! a policy of their own (overflow, time to live) applied by the same dispatcher. Everything
+//! else (credit, lanes, strategies, redelivery, storage, recovery) is the group's, unchanged.
 
 mod membership;
+mod queues;
 
 use super::{After, Broker, Staged};
 use crate::config::Strategy;
@@ -38,7 +45,7 @@ use crate::storage::Op;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
 
@@ -68,17 +75,43 @@ impl Member {
 
 struct Members {
     list: Vec<Member>,
+    /// How a member is chosen (a declared queue's may change on reload).
+    strategy: Strategy,
     /// Round robin position.
     cursor: usize,
     /// xorshift state for the random strategy.
     rng: u64,
 }
 
-/// One shared subscription group.
+/// What made a group, which decides its key and how long it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `$share/NAME/FILTER`: made by its first member, ended with its last.
+    Shared,
+    /// `$queue/NAME`: declared in the configuration; collects while declared, and lives on
+    /// after its last consumer and after it is no longer declared, until it is empty.
+    Queue,
+}
+
+/// A declared queue's policy, changed by a reload (atomics: read on every routing and
+/// dispatch, without a lock).
+#[derive(Default)]
+struct Policy {
+    /// Still declared: the queue collects (is in the subscription index).
+    declared: AtomicBool,
+    /// `overflow = "drop_oldest"`: a full queue takes a new message and drops its oldest.
+    drop_oldest: AtomicBool,
+    /// `message_ttl` in seconds; 0 = none.
+    ttl_secs: AtomicU64,
+}
+
+/// One shared subscription group, or declared queue.
 pub struct Group {
+    /// The ShareName, or the declared queue's name.
     pub share: Arc<str>,
-    pub filter: Arc<str>,
-    pub strategy: Strategy,
+    filter: Mutex<Arc<str>>,
+    pub kind: Kind,
+    policy: Policy,
     /// The group's queue and storage identity.
     pub queue: Arc<SessionHandle>,
     members: Mutex<Members>,
@@ -90,7 +123,7 @@ pub struct Group {
 
 impl std::fmt::Debug for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Group($share/{}/{})", self.share, self.filter)
+        write!(f, "Group({})", self.key())
     }
 }
 
@@ -104,6 +137,37 @@ pub fn parse(filter: &str) -> Option<Result<(&str, &str), ()>> {
     Some(if ok { Ok((name, inner)) } else { Err(()) })
 }
 
+/// Prefix of a declared queue's subscription.
+pub const QUEUE_PREFIX: &str = "$queue/";
+
+/// A subscription that makes its session a member of a group instead of an entry in the
+/// subscription index. Its filter string is also the group's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership<'a> {
+    /// `$share/NAME/FILTER`.
+    Shared { share: &'a str, filter: &'a str },
+    /// `$queue/NAME`.
+    Queue(&'a str),
+}
+
+/// `filter` as a membership: None for an ordinary filter, `Some(Err(()))` for a malformed
+/// shared subscription or queue name.
+pub fn membership(filter: &str) -> Option<Result<Membership<'_>, ()>> {
+    if let Some(name) = filter.strip_prefix(QUEUE_PREFIX) {
+        return Some(if crate::config::queue_name_ok(name) {
+            Ok(Membership::Queue(name))
+        } else {
+            Err(())
+        });
+    }
+    parse(filter).map(|r| r.map(|(share, filter)| Membership::Shared { share, filter }))
+}
+
+/// A declared queue's key: `$queue/NAME`.
+pub fn queue_key(name: &str) -> String {
+    format!("{QUEUE_PREFIX}{name}")
+}
+
 fn hash_of(a: impl Hash, b: u64) -> u64 {
     let mut h = DefaultHasher::new();
     a.hash(&mut h);
@@ -113,6 +177,7 @@ fn hash_of(a: impl Hash, b: u64) -> u64 {
 
 impl Group {
     pub fn new(
+        kind: Kind,
         share: &str,
         filter: &str,
         strategy: Strategy,
@@ -122,11 +187,13 @@ impl Group {
         let seed = hash_of(filter, queue.id) | 1;
         Group {
             share: Arc::from(share),
-            filter: Arc::from(filter),
-            strategy,
+            filter: Mutex::new(Arc::from(filter)),
+            kind,
+            policy: Policy::default(),
             queue,
             members: Mutex::new(Members {
                 list: Vec::new(),
+                strategy,
                 cursor: 0,
                 rng: seed,
             }),
@@ -136,9 +203,63 @@ impl Group {
         }
     }
 
-    /// `$share/NAME/FILTER`.
+    /// `$share/NAME/FILTER`, or `$queue/NAME`: also the members' subscription filter.
     pub fn key(&self) -> String {
-        format!("$share/{}/{}", self.share, self.filter)
+        match self.kind {
+            Kind::Shared => format!("$share/{}/{}", self.share, self.filter()),
+            Kind::Queue => queue_key(&self.share),
+        }
+    }
+
+    /// The topic filter of the messages the group takes.
+    pub fn filter(&self) -> Arc<str> {
+        self.filter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A declared queue's filter changes (reload); returns the old one.
+    pub(crate) fn set_filter(&self, filter: &str) -> Arc<str> {
+        let mut f = self.filter.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *f, Arc::from(filter))
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.lock().strategy
+    }
+
+    pub(crate) fn set_strategy(&self, strategy: Strategy) {
+        self.lock().strategy = strategy;
+    }
+
+    /// A declared queue's policy from its configuration (declaration or reload).
+    pub(crate) fn set_policy(&self, drop_oldest: bool, ttl: std::time::Duration) {
+        self.policy.drop_oldest.store(drop_oldest, Ordering::Relaxed);
+        self.policy.ttl_secs.store(ttl.as_secs(), Ordering::Relaxed);
+    }
+
+    /// Whether a declared queue is still in the configuration (it collects).
+    pub fn declared(&self) -> bool {
+        self.policy.declared.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_declared(&self, declared: bool) {
+        self.policy.declared.store(declared, Ordering::Relaxed);
+    }
+
+    /// A full declared queue makes room for new messages by dropping its oldest.
+    pub fn drops_oldest(&self) -> bool {
+        self.policy.drop_oldest.load(Ordering::Relaxed)
+    }
+
+    /// The highest QoS a member may be given, and what the index entry asks for: a declared
+    /// queue keeps each message's own QoS; a shared group the highest its members asked for.
+    pub(crate) fn index_qos(&self) -> QoS {
+        match self.kind {
+            Kind::Queue => QoS::ExactlyOnce,
+            Kind::Shared => self.max_qos(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Members> {
@@ -150,7 +271,7 @@ impl Group {
     }
 
     /// Highest QoS any member subscribed with: what the group's queue keeps.
-    pub fn max_qos(&self) -> QoS {
+    fn max_qos(&self) -> QoS {
         self.lock()
             .list
             .iter()
@@ -310,7 +431,7 @@ impl Group {
         if n == 0 {
             return None;
         }
-        match self.strategy {
+        match m.strategy {
             Strategy::RoundRobin => {
                 for k in 0..n {
                     let i = (m.cursor + k) % n;
@@ -340,7 +461,7 @@ impl Group {
             Strategy::HashClientid | Strategy::HashTopic => {
                 // Rendezvous hashing over connected members: a member joining or leaving moves
                 // only the keys that hash to it.
-                let key = match self.strategy {
+                let key = match m.strategy {
                     Strategy::HashClientid => hash_of(d.msg.origin, 0),
                     _ => hash_of(d.msg.topic.as_str(), 0),
                 };
@@ -358,20 +479,54 @@ impl Group {
     }
 
     /// Hands queued messages to members with credit until none is left or nobody can take
-    /// more. Loads the queue's on-disk part when memory is empty.
+    /// more. Loads the queue's on-disk part when memory is empty. A declared queue first drops
+    /// what its policy says must go from the head: the oldest while it is over its limits
+    /// (`overflow = "drop_oldest"`), and messages older than its `message_ttl`.
     pub fn dispatch(self: &Arc<Self>, broker: &Broker) {
         let mut woken: Vec<Arc<SessionHandle>> = Vec::new();
         let mut ops = Vec::new();
         // Bounded work per call (16 disk batches); a later wake-up goes on.
         let mut loads = 0;
+        let ttl = self.policy.ttl_secs.load(Ordering::Relaxed);
+        let now = if ttl > 0 {
+            crate::storage::record::unix_now_ms() / 1000
+        } else {
+            0
+        };
+        let expired = |d: &Delivery| {
+            ttl > 0 && d.enqueued != 0 && u64::from(d.enqueued).saturating_add(ttl) <= now
+        };
+        let trims = self.kind == Kind::Queue && self.drops_oldest();
         loop {
+            let over = trims && self.queue.outbox.over_limits();
             let mut m = self.lock();
             let mut chosen = None;
+            let mut dropped = None;
             let popped = self.queue.outbox.pop_if(|d| {
+                if over || expired(d) {
+                    dropped = Some(over);
+                    return true;
+                }
                 chosen = self.choose(&mut m, d);
                 chosen.is_some()
             });
             match popped {
+                Popped::Item(d) if dropped.is_some() => {
+                    drop(m);
+                    if dropped == Some(true) {
+                        self.metrics.evicted(1);
+                        broker.metrics.dropped_overflow.inc();
+                    } else {
+                        self.metrics.expired(1);
+                        broker.metrics.dropped_expired.inc();
+                    }
+                    if let Some(seq) = d.seq {
+                        ops.push(Op::Dequeue {
+                            session_id: self.queue.id,
+                            seq,
+                        });
+                    }
+                }
                 Popped::Item(mut d) => {
                     let Some(i) = chosen else { break };
                     let x = &mut m.list[i];
@@ -404,6 +559,12 @@ impl Group {
         }
     }
 
+    /// Makes the dispatcher look again (a declared queue took a message beyond its limits,
+    /// or its time to live may have passed for the head).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
     /// The group's dispatcher: runs until the group is closed (or the broker is gone; it
     /// holds no strong reference, so a stopped broker is dropped and its store closed).
     pub async fn run(self: Arc<Self>, broker: std::sync::Weak<Broker>) {
@@ -411,6 +572,13 @@ impl Group {
             let Some(b) = broker.upgrade() else { return };
             self.dispatch(&b);
             drop(b);
+            if self.kind == Kind::Queue && self.drops_oldest() && self.queue.outbox.over_limits()
+            {
+                // Still over its limits after a bounded round of trimming: go on, after
+                // letting others run.
+                tokio::task::yield_now().await;
+                continue;
+            }
             tokio::select! {
                 _ = self.queue.outbox.ready() => {}
                 _ = self.wake.notified() => {}
@@ -521,10 +689,14 @@ impl Groups {
     }
 
     /// Removes `group` if it has no member left (checked under the map's lock so a member
-    /// joining meanwhile keeps it).
+    /// joining meanwhile keeps it); a declared queue only once no longer declared and empty.
     pub fn remove_if_empty(&self, group: &Arc<Group>) -> bool {
         let mut map = self.lock();
         if group.member_count() > 0 {
+            return false;
+        }
+        // A queue's length counts places reserved and not yet committed.
+        if group.kind == Kind::Queue && (group.declared() || !group.queue.outbox.is_empty()) {
             return false;
         }
         let key = group.key();
@@ -565,6 +737,7 @@ pub fn give_back_stored(
             qos: d.msg.qos,
             retain: d.msg.retain,
             sub_ids: Vec::new(),
+            enqueued: d.enqueued,
         },
     });
     staged.ops.push(Op::DeleteInflight {
@@ -581,6 +754,7 @@ pub fn give_back_stored(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::Staged;
     use crate::config::Config;
     use crate::message::Message;
     use crate::outbox::Outbox;
@@ -626,8 +800,8 @@ mod tests {
     }
 
     fn group(b: &Broker, strategy: Strategy) -> Arc<Group> {
-        let mut g = b.make_group("g", "t/#", None);
-        Arc::get_mut(&mut g).expect("fresh").strategy = strategy;
+        let g = b.make_group(Kind::Shared, "g", "t/#", None);
+        g.set_strategy(strategy);
         g
     }
 
@@ -819,5 +993,128 @@ mod tests {
         let back = strip_member_fields(out.remove(0));
         assert_eq!(back.qos, QoS::AtLeastOnce, "the message's own QoS again");
         assert!(back.group.is_none());
+    }
+
+    #[test]
+    fn queue_memberships_are_named_and_checked() {
+        assert_eq!(
+            membership("$queue/orders"),
+            Some(Ok(Membership::Queue("orders")))
+        );
+        assert_eq!(
+            membership("$share/g/a/#"),
+            Some(Ok(Membership::Shared {
+                share: "g",
+                filter: "a/#"
+            }))
+        );
+        for bad in ["$queue/", "$queue/a/b", "$queue/+", "$queue/#", "$queue/a b"] {
+            assert_eq!(membership(bad), Some(Err(())), "{bad}");
+        }
+        assert_eq!(membership("queue/orders"), None);
+    }
+
+    fn declared(b: &Arc<Broker>, toml: &str) -> Arc<Group> {
+        let c = Config::from_toml(toml).expect("config");
+        b.declare_queues(&c.queues);
+        b.groups
+            .get(&queue_key(&c.queues[0].name))
+            .expect("declared")
+    }
+
+    fn routed(b: &Broker, id: u64, qos: QoS) -> super::super::Routed {
+        let msg = Arc::new(Message {
+            id,
+            topic: MqttStr::from("shop/orders/1"),
+            payload: Bytes::from(id.to_string()),
+            qos,
+            retain: false,
+            properties: PublishProperties::default(),
+            expires_at: None,
+            origin: 7,
+        });
+        b.publish(&msg, &mut Vec::new(), &mut Staged::default())
+    }
+
+    #[tokio::test]
+    async fn a_declared_queue_collects_qos_1_and_2_without_consumers() {
+        let b = Arc::new(broker());
+        let g = declared(
+            &b,
+            "[[queues]]\nname = \"orders\"\nfilter = \"shop/orders/#\"\n",
+        );
+        assert_eq!(g.key(), "$queue/orders");
+        assert!(routed(&b, 1, QoS::AtLeastOnce).matched == 1);
+        assert!(routed(&b, 2, QoS::ExactlyOnce).matched == 1);
+        assert_eq!(routed(&b, 3, QoS::AtMostOnce).matched, 0, "QoS 0 is not kept");
+        assert_eq!(g.queue.outbox.len(), 2);
+        let d = g.queue.outbox.memory_items();
+        assert_eq!(d[1].qos, QoS::ExactlyOnce, "at the message's own QoS");
+        assert!(d[0].enqueued > 0, "the enqueue time is kept");
+        // No longer declared: it stops collecting, keeps its messages, and stays until empty.
+        b.declare_queues(&[]);
+        assert_eq!(routed(&b, 4, QoS::AtLeastOnce).matched, 0);
+        assert!(b.groups.get("$queue/orders").is_some());
+        assert_eq!(g.queue.outbox.len(), 2);
+        let a = session(1);
+        assert!(b
+            .subscribe_queue(&a, "orders", qos1(), None, true, 10)
+            .is_some());
+        g.dispatch(&b);
+        assert_eq!(lane(&g, &a), vec![1, 2]);
+        assert!(g.leave(a.id));
+        b.drop_group(&g);
+        assert!(b.groups.get("$queue/orders").is_none(), "drained and gone");
+        assert!(b.subscribe_queue(&a, "orders", qos1(), None, true, 10).is_none());
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_makes_room_and_reject_refuses() {
+        let b = Arc::new(broker());
+        let g = declared(
+            &b,
+            "[[queues]]\nname = \"q\"\nfilter = \"shop/#\"\nmax_messages = 3\noverflow = \"drop_oldest\"\n",
+        );
+        for id in 1..=5 {
+            let r = routed(&b, id, QoS::AtLeastOnce);
+            assert_eq!(r.dropped, 0, "always taken");
+        }
+        let ids: Vec<u64> = g.queue.outbox.memory_items().iter().map(|d| d.msg.id).collect();
+        assert_eq!(ids, vec![3, 4, 5], "the oldest went");
+        assert_eq!(g.metrics.evicted.as_ref().map(|c| c.get()), Some(2));
+        assert_eq!(b.metrics.dropped_overflow.get(), 2);
+        // Reloaded with the default overflow: a full queue refuses.
+        let g = declared(
+            &b,
+            "[[queues]]\nname = \"q\"\nfilter = \"shop/#\"\nmax_messages = 3\n",
+        );
+        let r = routed(&b, 6, QoS::AtLeastOnce);
+        assert_eq!((r.matched, r.dropped), (1, 1));
+        assert_eq!(g.metrics.dropped.get(), 1);
+        assert_eq!(g.queue.outbox.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn messages_past_the_time_to_live_leave_the_head() {
+        let b = Arc::new(broker());
+        let g = declared(
+            &b,
+            "[[queues]]\nname = \"q\"\nfilter = \"shop/#\"\nmessage_ttl = \"1h\"\n",
+        );
+        routed(&b, 1, QoS::AtLeastOnce);
+        routed(&b, 2, QoS::AtLeastOnce);
+        // The first entered two hours ago.
+        let mut old = g.queue.outbox.memory_items();
+        g.queue.outbox.clear();
+        old[0].enqueued -= 7200;
+        for d in old {
+            g.queue.outbox.push(d);
+        }
+        let a = session(1);
+        b.subscribe_queue(&a, "q", qos1(), None, true, 10);
+        g.dispatch(&b);
+        assert_eq!(lane(&g, &a), vec![2]);
+        assert_eq!(g.metrics.expired.as_ref().map(|c| c.get()), Some(1));
+        assert_eq!(b.metrics.dropped_expired.get(), 1);
     }
 }

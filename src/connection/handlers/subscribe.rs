@@ -2,11 +2,13 @@
 //! on its own, stored when the session is durable, and acknowledged (SUBACK, UNSUBACK) behind
 //! that commit. Also what a new subscription brings at once: the retained messages it matches,
 //! queued right after its SUBACK. A shared subscription (`$share/{group}/{filter}`) joins or
-//! leaves its group through `shared.rs` instead of the broker's topic trie.
+//! leaves its group through `shared.rs` instead of the broker's topic trie, and so does a
+//! declared queue's consumer (`$queue/NAME`), which only a declared queue accepts.
 
 use crate::connection::client::Client;
 use crate::connection::close::Close;
 use crate::connection::responses::Response;
+use crate::broker::shared::{membership, queue_key, Membership};
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::ProtocolError;
 use crate::protocol::*;
@@ -41,10 +43,17 @@ impl Client {
         let mut found = Vec::new();
         for (filter, mut options) in s.filters {
             let f = filter.as_str();
-            let shared = crate::broker::shared::parse(f);
+            let shared = membership(f);
             if matches!(shared, Some(Err(()))) {
                 codes.push(ReasonCode::TopicFilterInvalid);
                 continue;
+            }
+            if let Some(Ok(Membership::Queue(name))) = shared {
+                if broker.groups.get(&queue_key(name)).is_none() {
+                    // Only a declared queue may be consumed (3.x: 0x80).
+                    codes.push(ReasonCode::TopicFilterInvalid);
+                    continue;
+                }
             }
             if !validate::is_valid_topic_filter(f) || !self.limits.topic_within(f) {
                 codes.push(ReasonCode::TopicFilterInvalid);
@@ -77,9 +86,13 @@ impl Client {
                 .insert(f.to_string(), sub)
                 .is_some();
             match shared {
-                Some(Ok((share, inner))) => {
-                    let ready = self.join_group(share, inner, options, s.subscription_identifier);
+                Some(Ok(Membership::Shared { share, filter })) => {
+                    let ready = self.join_group(share, filter, options, s.subscription_identifier);
                     groups_ready = Commit::both(groups_ready, ready);
+                }
+                Some(Ok(Membership::Queue(name))) => {
+                    // Declared (checked above); a queue never ends while it is declared.
+                    self.join_queue(name, options, s.subscription_identifier);
                 }
                 _ => {
                     broker.subscribe(&self.handle, f, options, s.subscription_identifier);
@@ -141,7 +154,7 @@ impl Client {
             let f = filter.as_str();
             let removed = self.state.subscriptions.remove(f).is_some();
             if removed {
-                if crate::broker::shared::parse(f).is_some() {
+                if membership(f).is_some() {
                     self.leave_group(f);
                 } else {
                     self.broker.unsubscribe(&self.handle, f);

@@ -60,6 +60,7 @@ pub(super) fn entry(msg_id: u64) -> QueueEntry {
         qos: QoS::AtLeastOnce,
         retain: false,
         sub_ids: vec![4],
+        enqueued: 0,
     }
 }
 

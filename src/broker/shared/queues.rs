@@ -1,0 +1,154 @@
+//! Declared queues (`[[queues]]`, docs/queues.md) on the broker: declared from the
+//! configuration at start and on every reload, joined by subscribers of `$queue/NAME`, and
+//! ended only when no longer declared, empty and without consumers.
+//!
+//! A declared queue is a [`Group`] of [`Kind::Queue`], so it is not a second implementation of
+//! a queue: the group's own durable queue, dispatcher, credit, lanes, strategies and
+//! redelivery serve it as they serve `$share` groups. What differs is who makes it (the
+//! configuration, so it collects before any consumer exists), what it takes (QoS 1/2 messages
+//! only, at their own QoS: its index entry asks for QoS 2 and QoS 0 routing skips it,
+//! `Broker::route`), and its policy (limits, overflow, time to live).
+//!
+//! Reload: a new queue starts collecting; a queue no longer declared leaves the subscription
+//! index (stops collecting) and keeps its messages for its consumers until it is empty; a
+//! changed filter applies to messages routed from then on; changed limits apply to new
+//! messages (a queue above a lowered limit refuses new ones, or with `drop_oldest` trims
+//! its oldest, until it is within it).
+
+use super::{queue_key, Group, Kind};
+use crate::broker::Broker;
+use crate::config::{Overflow, QueueConfig};
+use crate::protocol::{QoS, SubscriptionOptions};
+use crate::session::registry::SessionHandle;
+use crate::storage::record::SessionRecord;
+use crate::storage::Op;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+impl Broker {
+    /// Makes the configuration's queues exist with its settings (at start, after recovery,
+    /// and on reload); queues it no longer lists stop collecting and end once empty.
+    pub fn declare_queues(self: &Arc<Self>, declared: &[QueueConfig]) {
+        for q in declared {
+            let key = queue_key(&q.name);
+            let (group, created) = self.groups.join(
+                &key,
+                || self.make_group(Kind::Queue, &q.name, &q.filter, None),
+                |_| {},
+            );
+            if group.kind != Kind::Queue {
+                continue;
+            }
+            let old = group.filter();
+            if *old != *q.filter {
+                // Restored (its filter is not stored) or changed by a reload: the index entry
+                // moves to the new filter, for messages routed from now on.
+                self.subscriptions
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .unsubscribe(&old, group.queue.id);
+                group.set_filter(&q.filter);
+            }
+            group
+                .queue
+                .outbox
+                .set_limits(q.max_messages, q.max_bytes);
+            group.set_policy(q.overflow == Overflow::DropOldest, q.message_ttl);
+            group.set_strategy(q.strategy);
+            group.set_declared(true);
+            if self.store.durable() && !group.queue.persistent.swap(true, Ordering::Relaxed) {
+                // Stored before anything is queued for it (the store keeps submission order),
+                // so recovery finds the queue even before its first message.
+                let _ = self.store.submit(vec![Op::PutSession(SessionRecord {
+                    client_id: group.queue.client_id.to_string(),
+                    session_id: group.queue.id,
+                    expiry_interval: u32::MAX,
+                    disconnected_at_ms: None,
+                    will: None,
+                    username: None,
+                })]);
+            }
+            self.index_group(&group);
+            if created {
+                tokio::spawn(group.clone().run(Arc::downgrade(self)));
+                tracing::info!(queue = %q.name, filter = %q.filter, "queue declared");
+            }
+            group.poke();
+        }
+        for group in self.groups.all() {
+            if group.kind != Kind::Queue || declared.iter().any(|q| *q.name == *group.share) {
+                continue;
+            }
+            if group.declared() {
+                group.set_declared(false);
+                self.subscriptions
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .unsubscribe(&group.filter(), group.queue.id);
+                tracing::info!(
+                    queue = %group.share,
+                    left = group.queue.outbox.len(),
+                    "queue no longer declared: it stops collecting and ends once drained"
+                );
+            }
+            self.drop_group(&group);
+        }
+    }
+
+    /// Joins `session` to the queue `name` as a consumer; None when there is no such queue
+    /// (never declared, or ended). `window` is the consumer connection's in-flight window
+    /// (`online` false: restored while its client is away).
+    #[allow(clippy::too_many_arguments)]
+    pub fn subscribe_queue(
+        self: &Arc<Self>,
+        session: &Arc<SessionHandle>,
+        name: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        online: bool,
+        window: usize,
+    ) -> Option<Arc<Group>> {
+        let group = self
+            .groups
+            .get(&queue_key(name))
+            .filter(|g| g.kind == Kind::Queue)?;
+        let options = SubscriptionOptions {
+            // Meaningless for a queue (its messages are nobody's own); never an error.
+            no_local: false,
+            ..options
+        };
+        group.join(session, options, id, online, window);
+        Some(group)
+    }
+
+    /// Whether messages of `qos` go into a group of `kind`: a declared queue keeps what may
+    /// not be lost, QoS 1 and 2.
+    pub(crate) fn group_takes(kind: Kind, qos: QoS) -> bool {
+        kind == Kind::Shared || qos != QoS::AtMostOnce
+    }
+
+    /// The declared queues' heads are looked at again (their time to live), also while no
+    /// consumer wakes their dispatchers. From the once-a-second sweep.
+    pub(crate) fn poke_queues(&self) {
+        for g in self.groups.all() {
+            if g.kind == Kind::Queue {
+                g.poke();
+            }
+        }
+    }
+
+    /// Age in seconds of the oldest message waiting in a declared queue (0 when empty): the
+    /// head in memory, else the first entry on disk.
+    pub fn oldest_age(&self, group: &Group) -> u64 {
+        let now = crate::storage::record::unix_now_ms() / 1000;
+        let enqueued = group.queue.outbox.front_enqueued().or_else(|| {
+            let (from, _, _) = group.queue.outbox.spill_head()?;
+            let entries = self.store.read_queue(group.queue.id, from, 1).ok()?;
+            entries.first().map(|(_, e)| e.enqueued)
+        });
+        match enqueued {
+            Some(t) if t > 0 => now.saturating_sub(u64::from(t)),
+            _ => 0,
+        }
+    }
+}
