@@ -105,8 +105,11 @@ bench-cluster: venv
 ## Deterministic simulation (src/connection/sim.rs) with random seeds for SECONDS (default 600):
 ## prints schedules per second and every failing seed (replay: TERN_SIM_SEED=n
 ## cargo test --lib sim::tests::replay -- --nocapture). `make test` runs a fixed seed set.
-soak:
+## Then the declared-queue runs of `make test` at 100,000 messages instead of 10,000.
+soak: venv
 	TERN_SIM_SECONDS=$(or $(SECONDS),600) $(CARGO) test --release --lib connection::sim::tests::soak -- --ignored --nocapture
+	$(CARGO) build
+	TERN_QUEUE_N=100000 $(PY) -m pytest -q tests/python/test_queues.py
 
 ## Fuzz each target for FUZZ_SECONDS (default 60) with cargo-fuzz on nightly (docs/fuzzing.md).
 ## Not part of `make test`. Fails on the first crash; the input is left in fuzz/artifacts/.

@@ -52,9 +52,10 @@ def cert_paths(d):
 
 
 class Broker:
-    """A running Tern process. `overrides` is {section: {key: value}} merged over the base."""
+    """A running Tern process. `overrides` is {section: {key: value}} merged over the base;
+    `extra` is TOML text appended to the file (arrays of tables such as [[queues]])."""
 
-    def __init__(self, overrides=None):
+    def __init__(self, overrides=None, extra=""):
         self.tmp = tempfile.TemporaryDirectory(prefix="tern-test-")
         sections = {
             "listeners.tcp": {"bind": "127.0.0.1:0"},
@@ -71,6 +72,7 @@ class Broker:
                 f.write(f"[{section}]\n")
                 for k, v in values.items():
                     f.write(f"{k} = {_toml_value(v)}\n")
+            f.write(extra)
         self.log_lines = []
         self.proc = None
         self.start()
