@@ -717,9 +717,7 @@ impl Metrics {
                 let name = g.share.as_str();
                 q.messages.with_label_values(&[name]).set(g.queued as i64);
                 q.consumers.with_label_values(&[name]).set(g.members as i64);
-                q.oldest
-                    .with_label_values(&["queue", name])
-                    .set(age as i64);
+                q.oldest.with_label_values(&["queue", name]).set(age as i64);
                 continue;
             }
             let l = &[g.share.as_str(), g.filter.as_str()];

@@ -1,6 +1,6 @@
 //! The status page on the metrics port: `/` is a small HTML page (served from the binary, no
 //! external assets) that polls `/status.json` and shows live connections, message rates, the
-//! busiest topics and the deepest session queues.
+//! busiest topics, the declared queues and the deepest session queues.
 //!
 //! Rates are computed between two `/status.json` requests (at most once a second; viewers in
 //! between share the last result; the first request measures from the start), so nothing
@@ -170,6 +170,21 @@ fn render(broker: &Broker, prev: Option<&Previous>, now: Instant) -> (String, Pr
             q.queued, q.inflight, q.online
         );
     }
+    j.push_str("],\"declared_queues\":[");
+    for (i, q) in broker.queue_states().iter().enumerate() {
+        if i > 0 {
+            j.push(',');
+        }
+        j.push_str("{\"name\":");
+        json_string(&mut j, &q.name);
+        j.push_str(",\"filter\":");
+        json_string(&mut j, &q.filter);
+        let _ = write!(
+            j,
+            ",\"declared\":{},\"messages\":{},\"consumers\":{},\"oldest_age_seconds\":{}}}",
+            q.declared, q.messages, q.consumers, q.oldest_age
+        );
+    }
     j.push_str("]}");
     (j, cur)
 }
@@ -231,6 +246,8 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 </div>
 <h2>Top topics by rate</h2>
 <table><thead><tr><th>topic</th><th>messages / s</th></tr></thead><tbody id="topics"></tbody></table>
+<h2>Declared queues</h2>
+<table><thead><tr><th>queue</th><th>filter</th><th>messages</th><th>consumers</th><th>oldest (s)</th><th>state</th></tr></thead><tbody id="declared"></tbody></table>
 <h2>Deepest session queues</h2>
 <table><thead><tr><th>client id</th><th>queued</th><th>in flight</th><th>state</th></tr></thead><tbody id="queues"></tbody></table>
 <p><small>Topic rates are estimated from one message in <span id="sample">16</span>. Raw data: <a href="status.json">status.json</a>, <a href="metrics">metrics</a>.</small></p>
@@ -277,6 +294,10 @@ async function refresh() {
     fill("topics", s.top_topics.map(function (t) { return [t.topic, t.per_second]; }));
     fill("queues", s.queues.map(function (q) {
       return [q.client_id, q.queued, q.inflight, q.online ? "online" : "offline"];
+    }));
+    fill("declared", s.declared_queues.map(function (q) {
+      return [q.name, q.filter, q.messages, q.consumers, q.oldest_age_seconds,
+        q.declared ? "collecting" : "draining"];
     }));
     set("error", "");
   } catch (e) {

@@ -168,8 +168,8 @@ impl Broker {
             let mut delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
             if group.is_some_and(|g| g.kind == Kind::Queue) {
                 // A declared queue's time to live and oldest age count from now.
-                delivery.enqueued =
-                    *enqueued.get_or_insert_with(|| (unix_now_ms() / 1000).min(u32::MAX.into()) as u32);
+                delivery.enqueued = *enqueued
+                    .get_or_insert_with(|| (unix_now_ms() / 1000).min(u32::MAX.into()) as u32);
             }
             if targets == Targets::Fast && session.persistent.load(Ordering::Relaxed) {
                 // When it cannot take it now, it gets it from the stream like any message of

@@ -155,6 +155,15 @@ impl SysTree {
             ),
             ("retained messages/count".into(), retained.to_string()),
         ];
+        for q in b.queue_states() {
+            let at = format!("queues/{}", q.name);
+            v.push((format!("{at}/messages"), q.messages.to_string()));
+            v.push((format!("{at}/consumers"), q.consumers.to_string()));
+            v.push((
+                format!("{at}/oldest_age"),
+                format!("{} seconds", q.oldest_age),
+            ));
+        }
         if let Some(p) = b.peers() {
             v.push(("cluster/node".into(), p.node().to_string()));
             v.push(("cluster/members".into(), p.members().join(",")));

@@ -867,6 +867,16 @@ mod tests {
         let mut expected = Config::default();
         // The development config deliberately differs from the built-in defaults here only.
         expected.auth.allow_anonymous = true;
+        // And it declares the queue examples/durable_queue.py uses.
+        expected.queues = vec![QueueConfig {
+            name: "examples".into(),
+            filter: "examples/queue/#".into(),
+            max_messages: 10_000,
+            max_bytes: QueueConfig::default_max_bytes(),
+            message_ttl: Duration::from_secs(86_400),
+            strategy: Strategy::RoundRobin,
+            overflow: Overflow::DropOldest,
+        }];
         assert_eq!(file, expected);
 
         // And every key is spelled out in the file, not inherited silently: parse the file

@@ -134,10 +134,7 @@ impl Config {
             if !super::queue_name_ok(&q.name) {
                 return invalid(
                     "queues.name",
-                    &format!(
-                        "{:?}: 1 to 64 letters, digits, '-', '_' or '.'",
-                        q.name
-                    ),
+                    &format!("{:?}: 1 to 64 letters, digits, '-', '_' or '.'", q.name),
                 );
             }
             if !names.insert(q.name.as_str()) {

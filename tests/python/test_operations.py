@@ -273,10 +273,12 @@ def test_exposition_parses_and_names_every_series(make_broker, mk, raws):
         time.sleep(0.1)
 
 
-def test_every_metric_is_documented(broker):
+def test_every_metric_is_documented(make_broker):
     """Docs drift: every metric family the broker exposes (with a shared subscription group
-    present, so the per-group series exist too) is described in docs/operations.md; the
-    process collector's standard `process_*` series are described there as a group."""
+    and a declared queue present, so the per-group and per-queue series exist too) is
+    described in docs/operations.md; the process collector's standard `process_*` series are
+    described there as a group."""
+    broker = make_broker({}, extra='[[queues]]\nname = "docs"\nfilter = "docs/#"\n')
     c = mr.Client.to(broker, mr.V5)
     c.connect(uid("doc-metrics"))
     c.subscribe([("$share/docs/m/#", 1)])

@@ -9,10 +9,13 @@ QUEUE_N (10,000 by default; `make soak` sets TERN_QUEUE_N=100000) sizes the long
 import collections
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
+import conftest
 from pahoutil import V311, V5, TIMEOUT, metric
 
 VERSIONS = [V311, V5]
@@ -215,3 +218,14 @@ def test_the_acl_governs_a_queue_like_a_topic(make_broker, mkc, tmp_path, versio
     pub.connect()
     pub.publish("shop/orders/1", b"o1", qos=1)
     assert c.get().payload == b"o1"
+
+
+def test_the_durable_queue_example_tells_its_story(make_broker):
+    """examples/durable_queue.py against a broker declaring its queue as config/default.toml
+    does: it exits 0 and says OK."""
+    b = make_broker({}, extra=queue_toml(name="examples", filter="examples/queue/#"))
+    r = subprocess.run(
+        [sys.executable, os.path.join(conftest.ROOT, "examples", "durable_queue.py"),
+         "--port", str(b.port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout

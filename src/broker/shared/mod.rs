@@ -34,6 +34,8 @@
 mod membership;
 mod queues;
 
+pub use queues::QueueState;
+
 use super::{After, Broker, Staged};
 use crate::config::Strategy;
 use crate::outbox::Reservation;
@@ -235,7 +237,9 @@ impl Group {
 
     /// A declared queue's policy from its configuration (declaration or reload).
     pub(crate) fn set_policy(&self, drop_oldest: bool, ttl: std::time::Duration) {
-        self.policy.drop_oldest.store(drop_oldest, Ordering::Relaxed);
+        self.policy
+            .drop_oldest
+            .store(drop_oldest, Ordering::Relaxed);
         self.policy.ttl_secs.store(ttl.as_secs(), Ordering::Relaxed);
     }
 
@@ -572,8 +576,7 @@ impl Group {
             let Some(b) = broker.upgrade() else { return };
             self.dispatch(&b);
             drop(b);
-            if self.kind == Kind::Queue && self.drops_oldest() && self.queue.outbox.over_limits()
-            {
+            if self.kind == Kind::Queue && self.drops_oldest() && self.queue.outbox.over_limits() {
                 // Still over its limits after a bounded round of trimming: go on, after
                 // letting others run.
                 tokio::task::yield_now().await;
@@ -1008,7 +1011,13 @@ mod tests {
                 filter: "a/#"
             }))
         );
-        for bad in ["$queue/", "$queue/a/b", "$queue/+", "$queue/#", "$queue/a b"] {
+        for bad in [
+            "$queue/",
+            "$queue/a/b",
+            "$queue/+",
+            "$queue/#",
+            "$queue/a b",
+        ] {
             assert_eq!(membership(bad), Some(Err(())), "{bad}");
         }
         assert_eq!(membership("queue/orders"), None);
@@ -1046,7 +1055,11 @@ mod tests {
         assert_eq!(g.key(), "$queue/orders");
         assert!(routed(&b, 1, QoS::AtLeastOnce).matched == 1);
         assert!(routed(&b, 2, QoS::ExactlyOnce).matched == 1);
-        assert_eq!(routed(&b, 3, QoS::AtMostOnce).matched, 0, "QoS 0 is not kept");
+        assert_eq!(
+            routed(&b, 3, QoS::AtMostOnce).matched,
+            0,
+            "QoS 0 is not kept"
+        );
         assert_eq!(g.queue.outbox.len(), 2);
         let d = g.queue.outbox.memory_items();
         assert_eq!(d[1].qos, QoS::ExactlyOnce, "at the message's own QoS");
@@ -1065,7 +1078,9 @@ mod tests {
         assert!(g.leave(a.id));
         b.drop_group(&g);
         assert!(b.groups.get("$queue/orders").is_none(), "drained and gone");
-        assert!(b.subscribe_queue(&a, "orders", qos1(), None, true, 10).is_none());
+        assert!(b
+            .subscribe_queue(&a, "orders", qos1(), None, true, 10)
+            .is_none());
     }
 
     #[tokio::test]
@@ -1079,7 +1094,13 @@ mod tests {
             let r = routed(&b, id, QoS::AtLeastOnce);
             assert_eq!(r.dropped, 0, "always taken");
         }
-        let ids: Vec<u64> = g.queue.outbox.memory_items().iter().map(|d| d.msg.id).collect();
+        let ids: Vec<u64> = g
+            .queue
+            .outbox
+            .memory_items()
+            .iter()
+            .map(|d| d.msg.id)
+            .collect();
         assert_eq!(ids, vec![3, 4, 5], "the oldest went");
         assert_eq!(g.metrics.evicted.as_ref().map(|c| c.get()), Some(2));
         assert_eq!(b.metrics.dropped_overflow.get(), 2);

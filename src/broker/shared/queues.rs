@@ -25,6 +25,21 @@ use crate::storage::Op;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
+/// One declared queue at a glance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueState {
+    pub name: String,
+    pub filter: String,
+    /// Still in the configuration (collecting); false: draining until empty.
+    pub declared: bool,
+    /// Waiting (memory and disk), not yet given to a consumer.
+    pub messages: usize,
+    /// Sessions subscribed to `$queue/NAME`, connected or not.
+    pub consumers: usize,
+    /// Seconds the oldest waiting message has waited (0 when empty).
+    pub oldest_age: u64,
+}
+
 impl Broker {
     /// Makes the configuration's queues exist with its settings (at start, after recovery,
     /// and on reload); queues it no longer lists stop collecting and end once empty.
@@ -49,10 +64,7 @@ impl Broker {
                     .unsubscribe(&old, group.queue.id);
                 group.set_filter(&q.filter);
             }
-            group
-                .queue
-                .outbox
-                .set_limits(q.max_messages, q.max_bytes);
+            group.queue.outbox.set_limits(q.max_messages, q.max_bytes);
             group.set_policy(q.overflow == Overflow::DropOldest, q.message_ttl);
             group.set_strategy(q.strategy);
             group.set_declared(true);
@@ -135,6 +147,26 @@ impl Broker {
                 g.poke();
             }
         }
+    }
+
+    /// Every declared queue as operators see it (status page, `$SYS`), by name.
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        let mut out: Vec<QueueState> = self
+            .groups
+            .all()
+            .iter()
+            .filter(|g| g.kind == Kind::Queue)
+            .map(|g| QueueState {
+                name: g.share.to_string(),
+                filter: g.filter().to_string(),
+                declared: g.declared(),
+                messages: g.queue.outbox.len(),
+                consumers: g.member_count(),
+                oldest_age: self.oldest_age(g),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Age in seconds of the oldest message waiting in a declared queue (0 when empty): the

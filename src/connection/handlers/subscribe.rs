@@ -5,10 +5,10 @@
 //! leaves its group through `shared.rs` instead of the broker's topic trie, and so does a
 //! declared queue's consumer (`$queue/NAME`), which only a declared queue accepts.
 
+use crate::broker::shared::{membership, queue_key, Membership};
 use crate::connection::client::Client;
 use crate::connection::close::Close;
 use crate::connection::responses::Response;
-use crate::broker::shared::{membership, queue_key, Membership};
 use crate::outbox::{Delivery, SubIds};
 use crate::protocol::ProtocolError;
 use crate::protocol::*;
