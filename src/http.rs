@@ -59,7 +59,8 @@ pub fn state_of(broker: &Broker) -> BrokerState {
                     members: g.member_count(),
                     queued,
                     reservations_open,
-                    oldest_age: (g.kind == Kind::Queue).then(|| broker.oldest_age(g)),
+                    oldest_age: (g.kind != Kind::Shared).then(|| broker.oldest_age(g)),
+                    bridge: g.kind == Kind::Bridge,
                 }
             })
             .collect(),

@@ -67,6 +67,7 @@ pub struct Metrics {
     connections_max: std::sync::atomic::AtomicI64,
     shared: SharedVecs,
     queues: QueueVecs,
+    bridges: BridgeVecs,
 }
 
 /// What crosses between this node and the others of its cluster (src/cluster/).
@@ -324,6 +325,83 @@ impl QueueVecs {
     }
 }
 
+/// Per bridge series, labelled by the bridge's name (`[[bridges]]`); they go when the bridge
+/// and its queue end.
+struct BridgeVecs {
+    connected: IntGaugeVec,
+    queued: IntGaugeVec,
+    sent: IntCounterVec,
+    resent: IntCounterVec,
+    received: IntCounterVec,
+    dropped: IntCounterVec,
+    reconnects: IntCounterVec,
+}
+
+impl BridgeVecs {
+    fn new(registry: &Registry) -> Result<BridgeVecs, prometheus::Error> {
+        let l = &["bridge"];
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let v = BridgeVecs {
+            connected: IntGaugeVec::new(
+                Opts::new("tern_bridge_connected", "1 while the bridge's link to its remote broker is up"),
+                l,
+            )?,
+            queued: IntGaugeVec::new(
+                Opts::new(
+                    "tern_bridge_queued",
+                    "Messages in the bridge's outgoing queue (memory and disk), not yet handed to the link",
+                ),
+                l,
+            )?,
+            sent: counter(
+                "tern_bridge_sent_total",
+                "Messages the bridge handed to its link for the remote (re-sends after a reconnect included)",
+                l,
+            )?,
+            resent: counter(
+                "tern_bridge_resent_total",
+                "Messages sent again because the link went down before the remote acknowledged them: the possible duplicates, at most the in-flight window per reconnect",
+                l,
+            )?,
+            received: counter(
+                "tern_bridge_received_total",
+                "Messages the bridge took from the remote and published here",
+                l,
+            )?,
+            dropped: counter(
+                "tern_bridge_dropped_total",
+                "Messages a bridge did not pass on, by reason: queue_full (its outgoing queue was full), not_authorized (from the remote, refused by the ACL as bridge:NAME), echo (a 3.1.1 remote's copy of a message this bridge sent)",
+                &["bridge", "reason"],
+            )?,
+            reconnects: counter(
+                "tern_bridge_reconnects_total",
+                "Times the bridge's link connected again after losing its remote (or failing to reach it)",
+                l,
+            )?,
+        };
+        registry.register(Box::new(v.connected.clone()))?;
+        registry.register(Box::new(v.queued.clone()))?;
+        registry.register(Box::new(v.sent.clone()))?;
+        registry.register(Box::new(v.resent.clone()))?;
+        registry.register(Box::new(v.received.clone()))?;
+        registry.register(Box::new(v.dropped.clone()))?;
+        registry.register(Box::new(v.reconnects.clone()))?;
+        Ok(v)
+    }
+}
+
+/// One bridge's counters, resolved once when it starts (`crate::bridge`).
+#[derive(Clone)]
+pub struct BridgeMetrics {
+    pub connected: IntGauge,
+    pub received: IntCounter,
+    pub reconnects: IntCounter,
+    pub not_authorized: IntCounter,
+    pub echoes: IntCounter,
+}
+
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
@@ -491,6 +569,7 @@ impl Metrics {
         registry.register(Box::new(backpressure_pauses.clone()))?;
         let cluster = ClusterMetrics::new(&registry)?;
         let queues = QueueVecs::new(&registry)?;
+        let bridges = BridgeVecs::new(&registry)?;
         let storage = StorageMetrics {
             commits: IntCounter::new(
                 "tern_storage_commits_total",
@@ -594,6 +673,7 @@ impl Metrics {
             retained,
             shared,
             queues,
+            bridges,
             registry,
         })
     }
@@ -665,6 +745,46 @@ impl Metrics {
         }
     }
 
+    /// The counters of bridge `name`'s outgoing queue, resolved once.
+    pub fn bridge_queue_metrics(&self, name: &str) -> GroupMetrics {
+        let b = &self.bridges;
+        GroupMetrics {
+            delivered: b.sent.with_label_values(&[name]),
+            redelivered: b.resent.with_label_values(&[name]),
+            dropped: b.dropped.with_label_values(&[name, "queue_full"]),
+            expired: None,
+            evicted: None,
+        }
+    }
+
+    /// The counters of bridge `name`'s link.
+    pub fn bridge_metrics(&self, name: &str) -> BridgeMetrics {
+        let b = &self.bridges;
+        BridgeMetrics {
+            connected: b.connected.with_label_values(&[name]),
+            received: b.received.with_label_values(&[name]),
+            reconnects: b.reconnects.with_label_values(&[name]),
+            not_authorized: b.dropped.with_label_values(&[name, "not_authorized"]),
+            echoes: b.dropped.with_label_values(&[name, "echo"]),
+        }
+    }
+
+    /// Drops an ended bridge's series (its queue ended: removed and empty).
+    pub fn forget_bridge_queue(&self, name: &str) {
+        let b = &self.bridges;
+        let l = &[name];
+        let _ = b.connected.remove_label_values(l);
+        let _ = b.queued.remove_label_values(l);
+        let _ = b.sent.remove_label_values(l);
+        let _ = b.resent.remove_label_values(l);
+        let _ = b.received.remove_label_values(l);
+        let _ = b.reconnects.remove_label_values(l);
+        for reason in ["queue_full", "not_authorized", "echo"] {
+            let _ = b.dropped.remove_label_values(&[name, reason]);
+        }
+        let _ = self.queues.oldest.remove_label_values(&["bridge", name]);
+    }
+
     /// Drops an ended declared queue's series.
     pub fn forget_queue(&self, name: &str) {
         let q = &self.queues;
@@ -712,6 +832,18 @@ impl Metrics {
         self.subscriptions.set(state.subscriptions as i64);
         self.retained.set(state.retained as i64);
         for g in &state.groups {
+            if g.bridge {
+                let name = g.share.as_str();
+                self.bridges
+                    .queued
+                    .with_label_values(&[name])
+                    .set(g.queued as i64);
+                self.queues
+                    .oldest
+                    .with_label_values(&["bridge", name])
+                    .set(g.oldest_age.unwrap_or(0) as i64);
+                continue;
+            }
             if let Some(age) = g.oldest_age {
                 let q = &self.queues;
                 let name = g.share.as_str();
@@ -785,8 +917,11 @@ pub struct GroupState {
     pub members: usize,
     pub queued: usize,
     pub reservations_open: usize,
-    /// A declared queue: the age of its oldest message in seconds. None: a shared group.
+    /// A declared queue or bridge: the age of its oldest message in seconds. None: a shared
+    /// group.
     pub oldest_age: Option<u64>,
+    /// A bridge's outgoing queue (`share` is the bridge's name).
+    pub bridge: bool,
 }
 
 /// Storage thread metrics; a clone is handed to the store as its commit observer.

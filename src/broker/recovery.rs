@@ -58,6 +58,11 @@ pub fn restore(broker: &Arc<Broker>, mut rec: Recovered) -> Restored {
             // Its filter is the configuration's: `Broker::declare_queues` sets it, and a queue
             // no longer declared does not collect.
             Some(Ok(Membership::Queue(name))) => (Kind::Queue, name, ""),
+            // A bridge's outgoing queue: its filters are its `out` rules, set when the bridge
+            // is declared (`Broker::declare_bridge`).
+            None if key.starts_with(shared::BRIDGE_PREFIX) => {
+                (Kind::Bridge, &key[shared::BRIDGE_PREFIX.len()..], "")
+            }
             _ => {
                 cleanup.push(Op::DeleteSession {
                     client_id: g.client_id.clone(),

@@ -166,8 +166,8 @@ impl Broker {
             // [MQTT-3.3.1-13]); a group keeps the flag and applies each member's option.
             let retain = msg.retain && (retain_as_published || group.is_some());
             let mut delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
-            if group.is_some_and(|g| g.kind == Kind::Queue) {
-                // A declared queue's time to live and oldest age count from now.
+            if group.is_some_and(|g| g.kind != Kind::Shared) {
+                // A declared queue's (or bridge's) time to live and oldest age count from now.
                 delivery.enqueued = *enqueued
                     .get_or_insert_with(|| (unix_now_ms() / 1000).min(u32::MAX.into()) as u32);
             }

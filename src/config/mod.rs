@@ -80,6 +80,126 @@ pub struct Config {
     /// `[[queues]]`: declared durable queues (docs/queues.md). Reloadable.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub queues: Vec<QueueConfig>,
+    /// `[[bridges]]`: store-and-forward bridges to other brokers (docs/bridges.md). Reloadable.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bridges: Vec<BridgeConfig>,
+}
+
+/// One `[[bridges]]` entry: Tern connects to another MQTT broker as a client, forwards the
+/// local messages its `out` rules match (kept in the bridge's own durable queue while the
+/// remote is unreachable) and publishes locally what its `in` rules take from the remote.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Names the bridge in metrics, logs and ACLs (`bridge:NAME`): letters, digits, `-`,
+    /// `_`, `.`.
+    pub name: String,
+    /// `host:port` of the remote broker.
+    pub address: String,
+    /// `"3.1.1"` or `"5"`.
+    #[serde(default = "BridgeConfig::default_protocol")]
+    pub protocol: String,
+    /// The client id Tern uses at the remote (default `tern-bridge-NAME`).
+    #[serde(default)]
+    pub client_id: String,
+    /// User name at the remote; empty: none.
+    #[serde(default)]
+    pub username: String,
+    /// A file holding the password at the remote (its whole content, a final newline
+    /// removed); readable only by Tern. Empty: no password.
+    #[serde(default)]
+    pub secret_file: PathBuf,
+    /// TLS towards the remote; absent: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BridgeTls>,
+    /// Local messages forwarded to the remote.
+    #[serde(default)]
+    pub out: Vec<BridgeRule>,
+    /// Remote messages published locally.
+    #[serde(default, rename = "in")]
+    pub inbound: Vec<BridgeRule>,
+    /// Messages the bridge's outgoing queue holds (on disk beyond 256) while the remote is
+    /// unreachable or slower; beyond it new ones are refused and counted.
+    #[serde(default = "BridgeConfig::default_max_queued_messages")]
+    pub max_queued_messages: usize,
+    /// Bytes (payload plus topic) the outgoing queue holds.
+    #[serde(default = "BridgeConfig::default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
+    /// QoS 1/2 messages sent to the remote and not yet acknowledged, at most (also capped by
+    /// the remote's Receive Maximum).
+    #[serde(default = "BridgeConfig::default_window")]
+    pub window: usize,
+    /// Keep alive towards the remote.
+    #[serde(
+        default = "BridgeConfig::default_keep_alive",
+        with = "duration::seconds"
+    )]
+    pub keep_alive: Duration,
+}
+
+impl BridgeConfig {
+    fn default_protocol() -> String {
+        "5".into()
+    }
+    fn default_max_queued_messages() -> usize {
+        1_000_000
+    }
+    fn default_max_queued_bytes() -> usize {
+        1 << 30
+    }
+    fn default_window() -> usize {
+        100
+    }
+    fn default_keep_alive() -> Duration {
+        Duration::from_secs(30)
+    }
+
+    /// The client id at the remote.
+    pub fn client_id(&self) -> String {
+        if self.client_id.is_empty() {
+            format!("tern-bridge-{}", self.name)
+        } else {
+            self.client_id.clone()
+        }
+    }
+}
+
+/// `tls = { ca = "...", cert = "...", key = "..." }` of a bridge.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeTls {
+    /// CA certificates (PEM) the remote's certificate must chain to.
+    pub ca: PathBuf,
+    /// Client certificate (PEM) and its key, when the remote asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The name the remote's certificate must carry; default: the host of `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// One `out` or `in` rule: a topic filter on the side messages come from, a QoS, and the
+/// prefixes swapped on the way (`local_prefix` + rest <-> `remote_prefix` + rest).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeRule {
+    /// `out`: a local filter; `in`: a filter subscribed to at the remote.
+    pub filter: String,
+    /// Highest QoS used on the way (0, 1 or 2).
+    #[serde(default = "BridgeRule::default_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub local_prefix: String,
+    #[serde(default)]
+    pub remote_prefix: String,
+}
+
+impl BridgeRule {
+    fn default_qos() -> u8 {
+        1
+    }
 }
 
 /// One `[[queues]]` entry: a queue that collects the QoS 1/2 messages matching `filter` from the
@@ -514,7 +634,7 @@ pub struct GroupStrategy {
     pub strategy: Strategy,
 }
 
-/// A declared queue's name: what follows `$queue/` ([`QueueConfig::name`]).
+/// A declared queue's (or bridge's) name: what follows `$queue/` ([`QueueConfig::name`]).
 pub fn queue_name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64

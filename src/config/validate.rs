@@ -158,6 +158,7 @@ impl Config {
                 );
             }
         }
+        self.validate_bridges()?;
         if self.mqtt.max_qos > 2 {
             return invalid("mqtt.max_qos", "must be 0, 1 or 2");
         }
@@ -270,6 +271,86 @@ impl Config {
         }
         if let Some(c) = &self.cluster {
             c.validate()?;
+        }
+        Ok(())
+    }
+
+    /// `[[bridges]]`: names, addresses, rules and limits. Files (the secret, TLS) are read
+    /// when the bridge starts and reported there.
+    fn validate_bridges(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        let mut names = std::collections::HashSet::new();
+        for b in &self.bridges {
+            if !super::queue_name_ok(&b.name) {
+                return invalid(
+                    "bridges.name",
+                    format!("{:?}: 1 to 64 letters, digits, '-', '_' or '.'", b.name),
+                );
+            }
+            if !names.insert(b.name.as_str()) {
+                return invalid("bridges.name", format!("{:?} is declared twice", b.name));
+            }
+            let port_ok = b.address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !port_ok {
+                return invalid(
+                    "bridges.address",
+                    format!("bridge {:?}: {:?} is not host:port", b.name, b.address),
+                );
+            }
+            if b.protocol != "5" && b.protocol != "3.1.1" {
+                return invalid(
+                    "bridges.protocol",
+                    format!("bridge {:?}: \"3.1.1\" or \"5\"", b.name),
+                );
+            }
+            if b.out.is_empty() && b.inbound.is_empty() {
+                return invalid(
+                    "bridges.out",
+                    format!("bridge {:?}: at least one `out` or `in` rule", b.name),
+                );
+            }
+            for (key, rules) in [("bridges.out", &b.out), ("bridges.in", &b.inbound)] {
+                for r in rules.iter() {
+                    let filter_ok = crate::protocol::validate::is_valid_topic_filter(&r.filter)
+                        && !r.filter.starts_with('$');
+                    let prefix_ok = |p: &str| !p.contains(['+', '#']) && !p.starts_with('$');
+                    if !filter_ok
+                        || r.qos > 2
+                        || !prefix_ok(&r.local_prefix)
+                        || !prefix_ok(&r.remote_prefix)
+                    {
+                        return invalid(
+                            key,
+                            format!(
+                                "bridge {:?}: rule {:?}: a topic filter of application topics, qos 0 to 2, prefixes without wildcards",
+                                b.name, r.filter
+                            ),
+                        );
+                    }
+                }
+            }
+            if b.max_queued_messages == 0
+                || b.max_queued_bytes == 0
+                || b.window == 0
+                || b.window > 65_535
+            {
+                return invalid(
+                    "bridges.max_queued_messages",
+                    format!(
+                        "bridge {:?}: limits and window must be at least 1 (window at most 65535)",
+                        b.name
+                    ),
+                );
+            }
+            if b.keep_alive.as_secs() > 65_535 {
+                return invalid(
+                    "bridges.keep_alive",
+                    format!("bridge {:?}: at most 65535 seconds", b.name),
+                );
+            }
         }
         Ok(())
     }

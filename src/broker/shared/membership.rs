@@ -80,6 +80,11 @@ impl Broker {
                 self.metrics.queue_metrics(share),
                 crate::config::Strategy::default(),
             ),
+            Kind::Bridge => (
+                super::bridge_key(share),
+                self.metrics.bridge_queue_metrics(share),
+                crate::config::Strategy::default(),
+            ),
         };
         let id = restored.unwrap_or_else(|| self.registry.allocate_id());
         let queue = Arc::new(SessionHandle::new(
@@ -91,21 +96,26 @@ impl Broker {
         Arc::new(Group::new(kind, share, filter, strategy, queue, metrics))
     }
 
-    /// (Re)writes a group's entry in the subscription index: one entry per group, at the
-    /// highest QoS any member asked for (a declared queue: while declared, at QoS 2).
+    /// (Re)writes a group's entries in the subscription index: one entry per group and
+    /// filter, at the highest QoS any member asked for (a declared queue or bridge: while
+    /// declared, at QoS 2; a bridge's with No Local, so what came in over it, published with
+    /// its queue as origin, never goes back out).
     pub(super) fn index_group(&self, group: &Arc<Group>) {
-        if group.kind == Kind::Queue && !group.declared() {
+        if group.kind != Kind::Shared && !group.declared() {
             return;
         }
         let options = SubscriptionOptions {
             qos: group.index_qos(),
+            no_local: group.kind == Kind::Bridge,
             ..SubscriptionOptions::default()
         };
-        self.subscriptions
+        let mut index = self
+            .subscriptions
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .subscribe(
-                &group.filter(),
+            .unwrap_or_else(PoisonError::into_inner);
+        for filter in group.filters() {
+            index.subscribe(
+                &filter,
                 group.queue.id,
                 Subscriber {
                     session: group.queue.clone(),
@@ -114,6 +124,19 @@ impl Broker {
                     group: Some(group.clone()),
                 },
             );
+        }
+    }
+
+    /// Takes `filters` of `group` out of the index (a declared group that stopped collecting,
+    /// or whose filters changed).
+    pub(super) fn unindex_group(&self, group: &Group, filters: &[Arc<str>]) {
+        let mut index = self
+            .subscriptions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for f in filters {
+            index.unsubscribe(f, group.queue.id);
+        }
     }
 
     /// `session` leaves the group `key` (`$share/NAME/FILTER`); true if it was a member.
@@ -136,10 +159,7 @@ impl Broker {
         if !self.groups.remove_if_empty(group) {
             return;
         }
-        self.subscriptions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .unsubscribe(&group.filter(), group.queue.id);
+        self.unindex_group(group, &group.filters());
         let discarded = group.queue.outbox.clear();
         if discarded > 0 {
             self.metrics.dropped_no_subscribers.inc_by(discarded as u64);
@@ -156,6 +176,7 @@ impl Broker {
         match group.kind {
             Kind::Shared => self.metrics.forget_group(&group.share, &group.filter()),
             Kind::Queue => self.metrics.forget_queue(&group.share),
+            Kind::Bridge => self.metrics.forget_bridge_queue(&group.share),
         }
         tracing::debug!(group = %group.key(), "shared subscription group ended");
     }

@@ -93,6 +93,9 @@ pub enum Kind {
     /// `$queue/NAME`: declared in the configuration; collects while declared, and lives on
     /// after its last consumer and after it is no longer declared, until it is empty.
     Queue,
+    /// `$bridge/NAME`: a bridge's outgoing queue (`[[bridges]]`, `crate::bridge`), declared
+    /// like a queue, with the bridge's link as its one member. Clients cannot subscribe to it.
+    Bridge,
 }
 
 /// A declared queue's policy, changed by a reload (atomics: read on every routing and
@@ -111,7 +114,9 @@ struct Policy {
 pub struct Group {
     /// The ShareName, or the declared queue's name.
     pub share: Arc<str>,
-    filter: Mutex<Arc<str>>,
+    /// What the group takes: one filter (a `$share` group, a declared queue), or a bridge's
+    /// `out` filters.
+    filters: Mutex<Vec<Arc<str>>>,
     pub kind: Kind,
     policy: Policy,
     /// The group's queue and storage identity.
@@ -170,6 +175,14 @@ pub fn queue_key(name: &str) -> String {
     format!("{QUEUE_PREFIX}{name}")
 }
 
+/// Prefix of a bridge's outgoing queue's key (never a subscription clients may make).
+pub const BRIDGE_PREFIX: &str = "$bridge/";
+
+/// A bridge's outgoing queue's key: `$bridge/NAME`.
+pub fn bridge_key(name: &str) -> String {
+    format!("{BRIDGE_PREFIX}{name}")
+}
+
 fn hash_of(a: impl Hash, b: u64) -> u64 {
     let mut h = DefaultHasher::new();
     a.hash(&mut h);
@@ -189,7 +202,7 @@ impl Group {
         let seed = hash_of(filter, queue.id) | 1;
         Group {
             share: Arc::from(share),
-            filter: Mutex::new(Arc::from(filter)),
+            filters: Mutex::new(vec![Arc::from(filter)]),
             kind,
             policy: Policy::default(),
             queue,
@@ -210,21 +223,32 @@ impl Group {
         match self.kind {
             Kind::Shared => format!("$share/{}/{}", self.share, self.filter()),
             Kind::Queue => queue_key(&self.share),
+            Kind::Bridge => bridge_key(&self.share),
         }
     }
 
-    /// The topic filter of the messages the group takes.
+    /// The topic filter of the messages the group takes (a bridge's first).
     pub fn filter(&self) -> Arc<str> {
-        self.filter
+        self.filters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first()
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
+    }
+
+    /// Every topic filter of the messages the group takes.
+    pub fn filters(&self) -> Vec<Arc<str>> {
+        self.filters
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    /// A declared queue's filter changes (reload); returns the old one.
-    pub(crate) fn set_filter(&self, filter: &str) -> Arc<str> {
-        let mut f = self.filter.lock().unwrap_or_else(PoisonError::into_inner);
-        std::mem::replace(&mut *f, Arc::from(filter))
+    /// A declared queue's (or bridge's) filters change (reload); returns the old ones.
+    pub(crate) fn set_filters(&self, filters: &[&str]) -> Vec<Arc<str>> {
+        let mut f = self.filters.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *f, filters.iter().map(|s| Arc::from(*s)).collect())
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -261,7 +285,7 @@ impl Group {
     /// queue keeps each message's own QoS; a shared group the highest its members asked for.
     pub(crate) fn index_qos(&self) -> QoS {
         match self.kind {
-            Kind::Queue => QoS::ExactlyOnce,
+            Kind::Queue | Kind::Bridge => QoS::ExactlyOnce,
             Kind::Shared => self.max_qos(),
         }
     }
@@ -699,7 +723,7 @@ impl Groups {
             return false;
         }
         // A queue's length counts places reserved and not yet committed.
-        if group.kind == Kind::Queue && (group.declared() || !group.queue.outbox.is_empty()) {
+        if group.kind != Kind::Shared && (group.declared() || !group.queue.outbox.is_empty()) {
             return false;
         }
         let key = group.key();

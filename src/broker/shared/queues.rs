@@ -23,7 +23,7 @@ use crate::session::registry::SessionHandle;
 use crate::storage::record::SessionRecord;
 use crate::storage::Op;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 /// One declared queue at a glance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,62 +45,74 @@ impl Broker {
     /// and on reload); queues it no longer lists stop collecting and end once empty.
     pub fn declare_queues(self: &Arc<Self>, declared: &[QueueConfig]) {
         for q in declared {
-            let key = queue_key(&q.name);
-            let (group, created) = self.groups.join(
-                &key,
-                || self.make_group(Kind::Queue, &q.name, &q.filter, None),
-                |_| {},
-            );
-            if group.kind != Kind::Queue {
-                continue;
-            }
-            let old = group.filter();
-            if *old != *q.filter {
-                // Restored (its filter is not stored) or changed by a reload: the index entry
-                // moves to the new filter, for messages routed from now on.
-                self.subscriptions
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .unsubscribe(&old, group.queue.id);
-                group.set_filter(&q.filter);
-            }
+            let group = self.declare_group(Kind::Queue, &q.name, &[&q.filter]);
             group.queue.outbox.set_limits(q.max_messages, q.max_bytes);
             group.set_policy(q.overflow == Overflow::DropOldest, q.message_ttl);
             group.set_strategy(q.strategy);
-            group.set_declared(true);
-            if self.store.durable() && !group.queue.persistent.swap(true, Ordering::Relaxed) {
-                // Stored before anything is queued for it (the store keeps submission order),
-                // so recovery finds the queue even before its first message.
-                let _ = self.store.submit(vec![Op::PutSession(SessionRecord {
-                    client_id: group.queue.client_id.to_string(),
-                    session_id: group.queue.id,
-                    expiry_interval: u32::MAX,
-                    disconnected_at_ms: None,
-                    will: None,
-                    username: None,
-                })]);
-            }
-            self.index_group(&group);
-            if created {
-                tokio::spawn(group.clone().run(Arc::downgrade(self)));
-                tracing::info!(queue = %q.name, filter = %q.filter, "queue declared");
-            }
             group.poke();
         }
+        let names: Vec<&str> = declared.iter().map(|q| q.name.as_str()).collect();
+        self.undeclare_others(Kind::Queue, &names);
+    }
+
+    /// Makes the declared group `name` of `kind` exist (restored, kept, or new), collecting
+    /// `filters` from now on, stored, indexed and with its dispatcher running.
+    pub(crate) fn declare_group(
+        self: &Arc<Self>,
+        kind: Kind,
+        name: &str,
+        filters: &[&str],
+    ) -> Arc<Group> {
+        let key = match kind {
+            Kind::Bridge => super::bridge_key(name),
+            _ => queue_key(name),
+        };
+        let first = filters.first().copied().unwrap_or("");
+        let (group, created) =
+            self.groups
+                .join(&key, || self.make_group(kind, name, first, None), |_| {});
+        let now: Vec<Arc<str>> = filters.iter().map(|f| Arc::from(*f)).collect();
+        if group.filters() != now || created {
+            // Restored (filters are not stored) or changed by a reload: the index entries move
+            // to the new filters, for messages routed from now on.
+            let old = group.set_filters(filters);
+            self.unindex_group(&group, &old);
+        }
+        group.set_declared(true);
+        if self.store.durable() && !group.queue.persistent.swap(true, Ordering::Relaxed) {
+            // Stored before anything is queued for it (the store keeps submission order), so
+            // recovery finds it even before its first message.
+            let _ = self.store.submit(vec![Op::PutSession(SessionRecord {
+                client_id: group.queue.client_id.to_string(),
+                session_id: group.queue.id,
+                expiry_interval: u32::MAX,
+                disconnected_at_ms: None,
+                will: None,
+                username: None,
+            })]);
+        }
+        self.index_group(&group);
+        if created {
+            tokio::spawn(group.clone().run(Arc::downgrade(self)));
+            tracing::info!(group = %group.key(), filters = ?filters, "declared");
+        }
+        group
+    }
+
+    /// Declared groups of `kind` not in `names` stop collecting; each ends once it is empty
+    /// and has no member.
+    pub(crate) fn undeclare_others(&self, kind: Kind, names: &[&str]) {
         for group in self.groups.all() {
-            if group.kind != Kind::Queue || declared.iter().any(|q| *q.name == *group.share) {
+            if group.kind != kind || names.iter().any(|n| **n == *group.share) {
                 continue;
             }
             if group.declared() {
                 group.set_declared(false);
-                self.subscriptions
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .unsubscribe(&group.filter(), group.queue.id);
+                self.unindex_group(&group, &group.filters());
                 tracing::info!(
-                    queue = %group.share,
+                    group = %group.key(),
                     left = group.queue.outbox.len(),
-                    "queue no longer declared: it stops collecting and ends once drained"
+                    "no longer declared: it stops collecting and ends once drained"
                 );
             }
             self.drop_group(&group);
@@ -136,7 +148,7 @@ impl Broker {
     /// Whether messages of `qos` go into a group of `kind`: a declared queue keeps what may
     /// not be lost, QoS 1 and 2.
     pub(crate) fn group_takes(kind: Kind, qos: QoS) -> bool {
-        kind == Kind::Shared || qos != QoS::AtMostOnce
+        kind != Kind::Queue || qos != QoS::AtMostOnce
     }
 
     /// The declared queues' heads are looked at again (their time to live), also while no
