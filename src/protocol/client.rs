@@ -136,9 +136,12 @@ fn decode_server_body(
             expect_flags(first, 0)?;
             ServerPacket::ConnAck(decode_connack(&mut r, version)?)
         }
-        kind::PUBLISH => {
-            ServerPacket::Publish(decode_publish(first, &mut r, v5, Context::PublishFromServer)?)
-        }
+        kind::PUBLISH => ServerPacket::Publish(decode_publish(
+            first,
+            &mut r,
+            v5,
+            Context::PublishFromServer,
+        )?),
         kind::PUBACK => {
             expect_flags(first, 0)?;
             ServerPacket::PubAck(decode_pub_response(&mut r, v5)?)
@@ -375,11 +378,13 @@ pub fn encode_pingreq(buf: &mut BytesMut) {
     buf.put_slice(&[0xc0, 0x00]);
 }
 
-/// DISCONNECT from a client: 3.x has no body; v5 uses the shortest form for a normal
-/// disconnection (no reason byte) and the reason byte alone otherwise.
+/// DISCONNECT from a client: 3.x has no body. v5 always carries the reason byte and an empty
+/// property block: the shorter forms are valid (MQTT 5.0 §3.14.2.1) but some brokers'
+/// decoders refuse them (`mqttbytes` 0.6 does), and a bridge talks to brokers it does not
+/// choose.
 pub fn encode_client_disconnect(buf: &mut BytesMut, version: ProtocolVersion, reason: u8) {
-    if version.is_v5() && reason != 0 {
-        buf.put_slice(&[0xe0, 0x01, reason]);
+    if version.is_v5() {
+        buf.put_slice(&[0xe0, 0x02, reason, 0x00]);
     } else {
         buf.put_slice(&[0xe0, 0x00]);
     }
@@ -422,7 +427,10 @@ mod tests {
         assert_eq!(c.keep_alive, 30);
         assert!(!c.clean_session);
         let login = c.login.unwrap();
-        assert_eq!((login.username.as_str(), login.password.as_str()), ("user", "secret"));
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("user", "secret")
+        );
     }
 
     #[test]
@@ -510,10 +518,7 @@ mod tests {
     fn pingreq_and_disconnect() {
         let mut b = BytesMut::new();
         encode_pingreq(&mut b);
-        assert!(matches!(
-            v4::read(&mut b, 10).unwrap(),
-            v4::Packet::PingReq
-        ));
+        assert!(matches!(v4::read(&mut b, 10).unwrap(), v4::Packet::PingReq));
         encode_client_disconnect(&mut b, ProtocolVersion::V5, 0);
         assert!(matches!(
             v5::read(&mut b, 10).unwrap(),
@@ -523,7 +528,10 @@ mod tests {
         let v5::Packet::Disconnect(d) = v5::read(&mut b, 10).unwrap() else {
             panic!()
         };
-        assert_eq!(d.reason_code, v5::DisconnectReasonCode::DisconnectWithWillMessage);
+        assert_eq!(
+            d.reason_code,
+            v5::DisconnectReasonCode::DisconnectWithWillMessage
+        );
     }
 
     fn server(buf: &mut BytesMut, version: ProtocolVersion) -> ServerPacket {
