@@ -615,12 +615,13 @@ impl Task {
                 }
             }
         }
-        if !queue.is_empty() {
-            let mut o = self.shared.lock();
-            while let Some(m) = queue.pop_back() {
-                o.queue.push_front(m);
-            }
+        let mut o = self.shared.lock();
+        while let Some(m) = queue.pop_back() {
+            o.queue.push_front(m);
         }
+        // What the messages just moved took from the window.
+        o.room = core.room();
+        drop(o);
         refused
     }
 }
