@@ -16,6 +16,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
+pub mod bridge;
 pub mod broker;
 pub mod clock;
 pub mod cluster;

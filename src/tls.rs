@@ -4,12 +4,15 @@
 //!
 //! The handshake itself runs in each connection's own task (with the connect timeout), never
 //! in the accept loop, so a slow or hostile handshake holds up nobody else.
+//!
+//! Apart from the server side, [`client_config`] builds the configuration of an outgoing
+//! connection (a bridge to another broker, `src/bridge/link.rs`) from the same PEM files.
 
 use crate::config::TlsListenerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
@@ -72,6 +75,35 @@ pub fn server_config(cfg: &TlsListenerConfig) -> Result<Arc<ServerConfig>, TlsEr
     let config = builder
         .with_single_cert(chain, key)
         .map_err(|e| file_err(&cfg.cert, e))?;
+    Ok(Arc::new(config))
+}
+
+/// The configuration of an outgoing TLS connection (a bridge): the remote's certificate is
+/// checked against the CAs in `ca` (not the system's roots: a bridge trusts whom it is told
+/// to), and `identity` (certificate chain, key) is presented when the remote asks for one.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c).map_err(|e| file_err(ca, e))?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => {
+            let chain = certs(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| file_err(cert, e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
 }
 

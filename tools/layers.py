@@ -28,6 +28,7 @@ LAYERS = [
     ["cluster"],
     ["status"],
     ["connection"],
+    ["bridge"],
     ["http"],
     ["websocket"],
     ["listener"],

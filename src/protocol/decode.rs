@@ -26,7 +26,7 @@ pub enum DecodeOutcome {
 
 /// Parses the fixed header: (type+flags byte, remaining length, header length), or None when
 /// the header itself is not complete yet.
-fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, ProtocolError> {
+pub(super) fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, ProtocolError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -84,7 +84,7 @@ pub fn decode_packet(
     Ok(DecodeOutcome::Packet(packet, total))
 }
 
-fn expect_flags(first: u8, flags: u8) -> Result<(), ProtocolError> {
+pub(super) fn expect_flags(first: u8, flags: u8) -> Result<(), ProtocolError> {
     if first & 0x0f != flags {
         // [MQTT-2.1.3-1] reserved flag bits must be as specified; anything else is malformed.
         return Err(ProtocolError::Malformed("invalid fixed header flags"));
@@ -110,7 +110,7 @@ fn decode_body(
     match kind {
         // [MQTT-3.1.0-2] a second CONNECT is a protocol violation.
         1 => Err(ProtocolError::Protocol("second CONNECT")),
-        3 => decode_publish(first, &mut r, v5).map(Packet::Publish),
+        3 => decode_publish(first, &mut r, v5, Context::Publish).map(Packet::Publish),
         4 => {
             expect_flags(first, 0)?;
             decode_pub_response(&mut r, v5).map(Packet::PubAck)
@@ -264,7 +264,15 @@ fn decode_connect(body: Bytes) -> Result<Connect, ProtocolError> {
     })
 }
 
-fn decode_publish(first: u8, r: &mut Reader, v5: bool) -> Result<Publish, ProtocolError> {
+/// PUBLISH in either direction: `ctx` is [`Context::Publish`] from a client and
+/// [`Context::PublishFromServer`] when Tern is the client (a bridge), where Subscription
+/// Identifiers are allowed.
+pub(super) fn decode_publish(
+    first: u8,
+    r: &mut Reader,
+    v5: bool,
+    ctx: Context,
+) -> Result<Publish, ProtocolError> {
     let dup = first & 0x08 != 0;
     let qos =
         QoS::from_u8((first >> 1) & 0x03).ok_or(ProtocolError::Malformed("PUBLISH with QoS 3"))?; // [MQTT-3.3.1-4]
@@ -285,7 +293,7 @@ fn decode_publish(first: u8, r: &mut Reader, v5: bool) -> Result<Publish, Protoc
         id
     };
     let properties = if v5 {
-        read_publish_properties(r, Context::Publish)?
+        read_publish_properties(r, ctx)?
     } else {
         PublishProperties::default()
     };
@@ -301,7 +309,7 @@ fn decode_publish(first: u8, r: &mut Reader, v5: bool) -> Result<Publish, Protoc
     })
 }
 
-fn decode_pub_response(r: &mut Reader, v5: bool) -> Result<PubResponse, ProtocolError> {
+pub(super) fn decode_pub_response(r: &mut Reader, v5: bool) -> Result<PubResponse, ProtocolError> {
     let packet_id = r.u16()?;
     if packet_id == 0 {
         return Err(ProtocolError::Malformed("packet identifier 0"));

@@ -10,6 +10,7 @@
 //! of 0 or 1 byte, AUTH, MQIsdp, whole-packet Maximum Packet Size) live in the decoder itself,
 //! each tagged with its normative statement.
 
+mod client;
 mod codec;
 mod decode;
 #[cfg(test)]
@@ -21,6 +22,11 @@ mod properties;
 pub(crate) mod test_support;
 pub mod validate;
 
+pub use client::{
+    connack_v3_to_v5, decode_server_packet, encode_client_disconnect, encode_connect,
+    encode_pingreq, encode_subscribe, ConnAck, ServerDisconnect, ServerOutcome, ServerPacket,
+    SubAck,
+};
 pub use codec::MqttStr;
 pub use decode::{decode_packet, DecodeOutcome};
 pub use encode::*;
@@ -115,6 +121,45 @@ pub enum ReasonCode {
 impl ReasonCode {
     pub fn as_u8(self) -> u8 {
         self as u8
+    }
+
+    /// The named code for `v`, when this type has one (a peer may send codes the broker
+    /// itself never uses, such as 0x9C Use Another Server).
+    pub fn from_u8(v: u8) -> Option<ReasonCode> {
+        Some(match v {
+            0x00 => Self::Success,
+            0x01 => Self::GrantedQoS1,
+            0x02 => Self::GrantedQoS2,
+            0x04 => Self::DisconnectWithWill,
+            0x10 => Self::NoMatchingSubscribers,
+            0x11 => Self::NoSubscriptionExisted,
+            0x80 => Self::UnspecifiedError,
+            0x81 => Self::MalformedPacket,
+            0x82 => Self::ProtocolError,
+            0x83 => Self::ImplementationSpecificError,
+            0x84 => Self::UnsupportedProtocolVersion,
+            0x85 => Self::ClientIdentifierNotValid,
+            0x86 => Self::BadUserNameOrPassword,
+            0x87 => Self::NotAuthorized,
+            0x88 => Self::ServerUnavailable,
+            0x89 => Self::ServerBusy,
+            0x8B => Self::ServerShuttingDown,
+            0x8C => Self::BadAuthenticationMethod,
+            0x8D => Self::KeepAliveTimeout,
+            0x8E => Self::SessionTakenOver,
+            0x8F => Self::TopicFilterInvalid,
+            0x90 => Self::TopicNameInvalid,
+            0x92 => Self::PacketIdentifierNotFound,
+            0x93 => Self::ReceiveMaximumExceeded,
+            0x94 => Self::TopicAliasInvalid,
+            0x95 => Self::PacketTooLarge,
+            0x97 => Self::QuotaExceeded,
+            0x99 => Self::PayloadFormatInvalid,
+            0x9A => Self::RetainNotSupported,
+            0x9B => Self::QoSNotSupported,
+            0x9E => Self::SharedSubscriptionsNotSupported,
+            _ => return None,
+        })
     }
 
     /// A refusal (0x80 and above) rather than a success.

@@ -50,6 +50,13 @@ pub(crate) enum Context {
     Unsubscribe,
     Disconnect,
     Auth,
+    /// PUBLISH from a server to Tern as a client (a bridge): may carry Subscription
+    /// Identifiers, which are read and dropped (the bridge never sets one).
+    PublishFromServer,
+    /// CONNACK, received by Tern as a client.
+    ConnAck,
+    /// SUBACK or UNSUBACK, received by Tern as a client.
+    SubAck,
 }
 
 fn allowed(ctx: Context, pid: u8) -> bool {
@@ -100,6 +107,39 @@ fn allowed(ctx: Context, pid: u8) -> bool {
             pid,
             AUTHENTICATION_METHOD | AUTHENTICATION_DATA | REASON_STRING | USER_PROPERTY
         ),
+        Context::PublishFromServer => matches!(
+            pid,
+            PAYLOAD_FORMAT_INDICATOR
+                | MESSAGE_EXPIRY_INTERVAL
+                | CONTENT_TYPE
+                | RESPONSE_TOPIC
+                | CORRELATION_DATA
+                | TOPIC_ALIAS
+                | USER_PROPERTY
+                | SUBSCRIPTION_IDENTIFIER
+        ),
+        // MQTT 5.0 §3.2.2.3: everything a server may tell a client about itself.
+        Context::ConnAck => matches!(
+            pid,
+            SESSION_EXPIRY_INTERVAL
+                | RECEIVE_MAXIMUM
+                | MAXIMUM_QOS
+                | RETAIN_AVAILABLE
+                | MAXIMUM_PACKET_SIZE
+                | ASSIGNED_CLIENT_IDENTIFIER
+                | TOPIC_ALIAS_MAXIMUM
+                | REASON_STRING
+                | USER_PROPERTY
+                | WILDCARD_SUBSCRIPTION_AVAILABLE
+                | SUBSCRIPTION_IDENTIFIER_AVAILABLE
+                | SHARED_SUBSCRIPTION_AVAILABLE
+                | SERVER_KEEP_ALIVE
+                | RESPONSE_INFORMATION
+                | SERVER_REFERENCE
+                | AUTHENTICATION_METHOD
+                | AUTHENTICATION_DATA
+        ),
+        Context::SubAck => matches!(pid, REASON_STRING | USER_PROPERTY),
     }
 }
 
@@ -203,6 +243,12 @@ pub(crate) fn read_publish_properties(
             }
             id::TOPIC_ALIAS => set_once(&mut p.topic_alias, r.u16()?)?,
             id::WILL_DELAY_INTERVAL => set_once(&mut p.will_delay_interval, r.u32()?)?,
+            id::SUBSCRIPTION_IDENTIFIER => {
+                // Only allowed from a server (PublishFromServer); not kept, see Context.
+                if r.varint()? == 0 {
+                    return Err(ProtocolError::Protocol("subscription identifier of 0"));
+                }
+            }
             _ => return Err(ProtocolError::Malformed("unknown property")),
         }
     }
@@ -262,6 +308,24 @@ pub(crate) fn read_properties(r: &mut Reader, ctx: Context) -> Result<Properties
                     return Err(ProtocolError::Protocol("subscription identifier of 0"));
                 }
                 set_once(&mut p.subscription_identifier, v)?
+            }
+            // The CONNACK-only properties, read when Tern is the client (Context::ConnAck).
+            id::ASSIGNED_CLIENT_IDENTIFIER => {
+                set_once(&mut p.assigned_client_identifier, r.string()?)?
+            }
+            id::SERVER_KEEP_ALIVE => set_once(&mut p.server_keep_alive, r.u16()?)?,
+            id::RESPONSE_INFORMATION => set_once(&mut p.response_information, r.string()?)?,
+            // MQTT 5.0 §3.2.2.3.4: Maximum QoS is 0 or 1 (absent means 2).
+            id::MAXIMUM_QOS => set_once(&mut p.maximum_qos, flag(&mut r)?)?,
+            id::RETAIN_AVAILABLE => set_once(&mut p.retain_available, flag(&mut r)?)?,
+            id::WILDCARD_SUBSCRIPTION_AVAILABLE => {
+                set_once(&mut p.wildcard_subscription_available, flag(&mut r)?)?
+            }
+            id::SUBSCRIPTION_IDENTIFIER_AVAILABLE => {
+                set_once(&mut p.subscription_identifier_available, flag(&mut r)?)?
+            }
+            id::SHARED_SUBSCRIPTION_AVAILABLE => {
+                set_once(&mut p.shared_subscription_available, flag(&mut r)?)?
             }
             _ => return Err(ProtocolError::Malformed("unknown property")),
         }

@@ -3,6 +3,7 @@
 
 #[macro_use]
 mod common;
+mod bridge_link;
 mod operations;
 mod pubsub;
 mod raw;

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A certificate set written by certs/gen.sh; the directory is removed on drop.
-struct Certs {
+pub(crate) struct Certs {
     dir: PathBuf,
 }
 
 impl Certs {
-    fn generate() -> Certs {
+    pub(crate) fn generate() -> Certs {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("tern-it-certs-{}-{n}", std::process::id()));
@@ -35,7 +35,7 @@ impl Certs {
         Certs { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
@@ -70,15 +70,15 @@ impl Certs {
 
 /// An in-process broker with both the TCP and the TLS listener (common::Broker does not expose
 /// the TLS address).
-struct TlsBroker {
+pub(crate) struct TlsBroker {
     running: tern::Running,
     tcp_port: u16,
-    tls_port: u16,
+    pub(crate) tls_port: u16,
     data_dir: PathBuf,
 }
 
 impl TlsBroker {
-    async fn start(certs: &Certs, require_client_cert: bool) -> TlsBroker {
+    pub(crate) async fn start(certs: &Certs, require_client_cert: bool) -> TlsBroker {
         let data_dir = certs.path("data");
         let text = format!(
             "[listeners.tcp]\nbind = \"127.0.0.1:0\"\n{}[metrics]\nbind = \"127.0.0.1:0\"\n\
@@ -101,7 +101,7 @@ impl TlsBroker {
         }
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         tokio::time::timeout(
             Duration::from_secs(5),
             self.running.shutdown(Duration::from_millis(500)),
