@@ -46,13 +46,15 @@ $(VENV)/.installed: tests/python/requirements.txt
 
 venv: $(VENV)/.installed
 
-# mosquitto_pub/mosquitto_sub are real third-party clients for the tests. Only the clients
-# package: the `mosquitto` package would start a system broker on 1883.
+# mosquitto_pub/mosquitto_sub are real third-party clients for the tests, and the mosquitto
+# broker is the bridges' remote peer (tests/python/test_bridges.py). The broker package is
+# installed without leaving a system broker running on 1883 (the script's policy-rc.d).
 clients:
 	@command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null || { \
 	  echo "installing mosquitto-clients"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto-clients >/dev/null; }
+	bash benches/tern-bench/scripts/install-mosquitto.sh
 
 # Browser end-to-end tests (tests/browser/e2e.mjs): Debian's chromium and the npm packages
 # pinned in tests/browser/package-lock.json (playwright-core drives the system chromium and
@@ -105,11 +107,11 @@ bench-cluster: venv
 ## Deterministic simulation (src/connection/sim.rs) with random seeds for SECONDS (default 600):
 ## prints schedules per second and every failing seed (replay: TERN_SIM_SEED=n
 ## cargo test --lib sim::tests::replay -- --nocapture). `make test` runs a fixed seed set.
-## Then the declared-queue runs of `make test` at 100,000 messages instead of 10,000.
+## Then the declared-queue and bridge runs of `make test` at 100,000 messages instead of 10,000.
 soak: venv
 	TERN_SIM_SECONDS=$(or $(SECONDS),600) $(CARGO) test --release --lib connection::sim::tests::soak -- --ignored --nocapture
 	$(CARGO) build
-	TERN_QUEUE_N=100000 $(PY) -m pytest -q tests/python/test_queues.py
+	TERN_QUEUE_N=100000 TERN_BRIDGE_N=100000 $(PY) -m pytest -q tests/python/test_queues.py tests/python/test_bridges.py
 
 ## Fuzz each target for FUZZ_SECONDS (default 60) with cargo-fuzz on nightly (docs/fuzzing.md).
 ## Not part of `make test`. Fails on the first crash; the input is left in fuzz/artifacts/.

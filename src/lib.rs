@@ -57,6 +57,7 @@ pub struct Running {
     tcp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     broker: Arc<broker::Broker>,
+    bridges: Arc<bridge::Bridges>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// The HTTP server's task and its stop signal; it outlives the MQTT drain (see `shutdown`).
@@ -101,6 +102,7 @@ impl Running {
         let mut running = self.config.lock().unwrap_or_else(PoisonError::into_inner);
         let target = reload::Target {
             broker: &self.broker,
+            bridges: Some(&self.bridges),
             tls: self.tls_reloader.as_ref(),
             wss: self.wss_reloader.as_ref(),
             log: self.log.as_ref(),
@@ -156,6 +158,8 @@ impl Running {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Each bridge's link says DISCONNECT; what it had in flight is back in its queue.
+        self.bridges.stop_all(Duration::from_secs(2)).await;
         if let Some(peers) = self.broker.peers() {
             peers.drain().await;
         }
@@ -177,6 +181,7 @@ impl Drop for Running {
     /// see the watch's sender go; the connections are told through the registry.
     fn drop(&mut self) {
         self.broker.registry.close();
+        self.bridges.stop_now();
     }
 }
 
@@ -201,6 +206,8 @@ pub enum StartError {
     Storage(#[from] crate::storage::StorageError),
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error(transparent)]
+    Bridge(#[from] crate::bridge::BridgeError),
 }
 
 /// Binds the listeners and starts serving. Returns once every listener is open.
@@ -314,6 +321,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     tasks.push(tokio::spawn(broker.clone().run_expiry()));
     tasks.push(tokio::spawn(broker::sys::run(broker.clone())));
+    // Bridges last: what they bring in finds the listeners' clients' sessions in place.
+    let bridges = Arc::new(bridge::Bridges::new(broker.clone()));
+    let prepared = bridge::prepare(
+        &broker.config.bridges,
+        broker.config.limits.max_packet_size as usize,
+    )?;
+    bridges.apply(prepared).await;
     ready.store(true, Ordering::Release);
     let config = Mutex::new(broker.config.clone());
     Ok(Running {
@@ -326,6 +340,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tcp_addr,
         metrics_addr,
         broker,
+        bridges,
         shutdown: shutdown_tx,
         tasks,
         http,

@@ -372,7 +372,7 @@ impl BridgeVecs {
             )?,
             dropped: counter(
                 "tern_bridge_dropped_total",
-                "Messages a bridge did not pass on, by reason: queue_full (its outgoing queue was full), not_authorized (from the remote, refused by the ACL as bridge:NAME), echo (a 3.1.1 remote's copy of a message this bridge sent)",
+                "Messages a bridge did not pass on, by reason: queue_full (its outgoing queue was full), refused (the remote refused it for good), not_authorized (from the remote, refused by the ACL as bridge:NAME), echo (a 3.1.1 remote's copy of a message this bridge sent)",
                 &["bridge", "reason"],
             )?,
             reconnects: counter(
@@ -392,7 +392,7 @@ impl BridgeVecs {
     }
 }
 
-/// One bridge's counters, resolved once when it starts (`crate::bridge`).
+/// One bridge's counters, resolved once when it starts (`src/bridge`).
 #[derive(Clone)]
 pub struct BridgeMetrics {
     pub connected: IntGauge,
@@ -400,6 +400,8 @@ pub struct BridgeMetrics {
     pub reconnects: IntCounter,
     pub not_authorized: IntCounter,
     pub echoes: IntCounter,
+    /// Refused by the remote for good (its PUBACK/PUBREC reason ≥ 0x80).
+    pub refused: IntCounter,
 }
 
 impl Metrics {
@@ -766,6 +768,7 @@ impl Metrics {
             reconnects: b.reconnects.with_label_values(&[name]),
             not_authorized: b.dropped.with_label_values(&[name, "not_authorized"]),
             echoes: b.dropped.with_label_values(&[name, "echo"]),
+            refused: b.dropped.with_label_values(&[name, "refused"]),
         }
     }
 
@@ -779,7 +782,7 @@ impl Metrics {
         let _ = b.resent.remove_label_values(l);
         let _ = b.received.remove_label_values(l);
         let _ = b.reconnects.remove_label_values(l);
-        for reason in ["queue_full", "not_authorized", "echo"] {
+        for reason in ["queue_full", "not_authorized", "echo", "refused"] {
             let _ = b.dropped.remove_label_values(&[name, reason]);
         }
         let _ = self.queues.oldest.remove_label_values(&["bridge", name]);

@@ -14,7 +14,8 @@
 //!   made afterwards, because a connection's CONNACK already told its client the old values
 //!   (Receive Maximum, Maximum Packet Size, Server Keep Alive ...);
 //! - `sys_topics.interval`;
-//! - `[[queues]]`: declared queues added, changed or removed (`broker/shared/queues.rs`).
+//! - `[[queues]]`: declared queues added, changed or removed (`broker/shared/queues.rs`);
+//! - `[[bridges]]`: bridges added, changed (restarted) or removed (`bridge/mod.rs`).
 //!
 //! Anything else (listeners, storage, metrics, mqtt, shared, server, log.format) is reported as
 //! needing a restart and keeps its running value.
@@ -48,12 +49,15 @@ pub enum ReloadError {
     Wss(TlsError),
     #[error("configuration key `log.level`: {0}")]
     Log(String),
+    #[error(transparent)]
+    Bridge(#[from] crate::bridge::BridgeError),
 }
 
 /// Keys (or key prefixes ending in '.') a reload applies.
-const RELOADABLE: [&str; 13] = [
+const RELOADABLE: [&str; 14] = [
     "limits.",
     "queues",
+    "bridges",
     "auth.",
     "log.level",
     "sys_topics.",
@@ -81,6 +85,7 @@ fn effective(running: &Config, new: &Config) -> Config {
     e.log.level = new.log.level.clone();
     e.sys_topics = new.sys_topics.clone();
     e.queues = new.queues.clone();
+    e.bridges = new.bridges.clone();
     if let (Some(t), Some(n)) = (e.listeners.tls.as_mut(), new.listeners.tls.as_ref()) {
         t.cert = n.cert.clone();
         t.key = n.key.clone();
@@ -99,6 +104,7 @@ fn effective(running: &Config, new: &Config) -> Config {
 /// The parts of a broker a reload touches.
 pub struct Target<'a> {
     pub broker: &'a Arc<Broker>,
+    pub bridges: Option<&'a Arc<crate::bridge::Bridges>>,
     pub tls: Option<&'a Arc<TlsReloader>>,
     pub wss: Option<&'a Arc<TlsReloader>>,
     pub log: Option<&'a LogHandle>,
@@ -127,6 +133,13 @@ pub fn apply(
         }
         _ => None,
     };
+    let bridges = match target.bridges {
+        Some(b) if next.bridges != running.bridges => Some((
+            b,
+            crate::bridge::prepare(&next.bridges, next.limits.max_packet_size as usize)?,
+        )),
+        _ => None,
+    };
     if let Some(log) = target.log {
         if next.log.level != running.log.level {
             log.set_level(&next.log.level).map_err(ReloadError::Log)?;
@@ -145,6 +158,9 @@ pub fn apply(
         .set_sys_interval(next.sys_topics.interval.as_secs());
     if next.queues != running.queues {
         target.broker.declare_queues(&next.queues);
+    }
+    if let Some((b, prepared)) = bridges {
+        b.reconfigure(prepared);
     }
 
     let mut report = Reloaded::default();

@@ -120,6 +120,14 @@ impl Config {
                 );
             }
         }
+        if self.cluster.is_some() && !self.bridges.is_empty() {
+            // A bridge must run on one node at a time (a lease in JetStream KV), with its queue
+            // fed by the whole cluster: not built yet.
+            return invalid(
+                "bridges",
+                "bridges are not supported in a cluster yet (docs/bridges.md)",
+            );
+        }
         if self.cluster.is_some() && !self.queues.is_empty() {
             // A cluster's queue must be one queue across nodes (a JetStream consumer), which
             // is not built yet: refused rather than one queue per node that loses nothing but

@@ -23,6 +23,26 @@ pub fn is_valid_topic_filter(filter: &str) -> bool {
     true
 }
 
+/// Whether topic name `topic` matches topic filter `filter` (section 4.7.1): `+` one whole
+/// level, `#` the parent level and everything below it ([MQTT-4.7.1-2]), and a filter
+/// starting with a wildcard never matches a `$` topic ([MQTT-4.7.2-1]). For checks on one
+/// message (a bridge's rules); routing uses the subscription trie.
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match (f, t.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (f, Some(level)) if f == level => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
+
 /// `$share/{ShareName}/{filter}`: returns (share name, filter) when `filter` names a shared
 /// subscription, whether or not it is well formed (the caller refuses malformed ones).
 pub fn shared_subscription(filter: &str) -> Option<(&str, &str)> {
@@ -78,5 +98,31 @@ mod tests {
         assert_eq!(shared_subscription("$share/g/a/b"), Some(("g", "a/b")));
         assert_eq!(shared_subscription("$share/g"), Some(("g", "")));
         assert_eq!(shared_subscription("a/b"), None);
+    }
+
+    #[test]
+    fn topic_matching_follows_section_4_7() {
+        for (f, t) in [
+            ("a/b", "a/b"),
+            ("a/+", "a/b"),
+            ("a/#", "a"),
+            ("a/#", "a/b/c"),
+            ("#", "a/b"),
+            ("+/+", "a/"),
+            ("+", ""),
+            ("$SYS/#", "$SYS/x"),
+        ] {
+            assert!(topic_matches(f, t), "{f} {t}");
+        }
+        for (f, t) in [
+            ("a/b", "a/c"),
+            ("a/+", "a/b/c"),
+            ("a/+", "a"),
+            ("#", "$SYS/x"),
+            ("+/x", "$q/x"),
+            ("a/b/c", "a/b"),
+        ] {
+            assert!(!topic_matches(f, t), "{f} {t}");
+        }
     }
 }

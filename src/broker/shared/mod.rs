@@ -93,7 +93,7 @@ pub enum Kind {
     /// `$queue/NAME`: declared in the configuration; collects while declared, and lives on
     /// after its last consumer and after it is no longer declared, until it is empty.
     Queue,
-    /// `$bridge/NAME`: a bridge's outgoing queue (`[[bridges]]`, `crate::bridge`), declared
+    /// `$bridge/NAME`: a bridge's outgoing queue (`[[bridges]]`, `src/bridge`), declared
     /// like a queue, with the bridge's link as its one member. Clients cannot subscribe to it.
     Bridge,
 }
