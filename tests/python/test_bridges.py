@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -277,3 +278,13 @@ def test_incoming_messages_are_checked_as_bridge_name(make_broker, mosquitto, mk
     local.expect_none(0.5)
     assert wait_metric(a, "tern_bridge_dropped_total",
                        {"bridge": "cloud", "reason": "not_authorized"}, 1) == 1
+
+
+def test_the_factory_uplink_example_tells_its_story():
+    """examples/factory_uplink.py (an edge and a cloud Tern of its own, the edge killed while
+    the uplink is down) exits 0 and says OK."""
+    r = subprocess.run(
+        [sys.executable, os.path.join(conftest.ROOT, "examples", "factory_uplink.py"),
+         "--tern", conftest.TERN_BIN],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout

@@ -274,11 +274,13 @@ def test_exposition_parses_and_names_every_series(make_broker, mk, raws):
 
 
 def test_every_metric_is_documented(make_broker):
-    """Docs drift: every metric family the broker exposes (with a shared subscription group
-    and a declared queue present, so the per-group and per-queue series exist too) is
+    """Docs drift: every metric family the broker exposes (with a shared subscription group,
+    a declared queue and a bridge present, so their series exist too) is
     described in docs/operations.md; the process collector's standard `process_*` series are
     described there as a group."""
-    broker = make_broker({}, extra='[[queues]]\nname = "docs"\nfilter = "docs/#"\n')
+    broker = make_broker({}, extra='[[queues]]\nname = "docs"\nfilter = "docs/#"\n'
+                         '[[bridges]]\nname = "docs"\naddress = "127.0.0.1:1"\n'
+                         'out = [{ filter = "docs/#" }]\n')
     c = mr.Client.to(broker, mr.V5)
     c.connect(uid("doc-metrics"))
     c.subscribe([("$share/docs/m/#", 1)])
