@@ -288,3 +288,45 @@ def test_the_factory_uplink_example_tells_its_story():
          "--tern", conftest.TERN_BIN],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout
+
+
+def test_reload_adds_changes_and_removes_a_bridge(make_broker, mosquitto, mkc):
+    """SIGHUP with a new [[bridges]]: it connects and forwards. Changed (another prefix): it
+    restarts and the new prefix applies. Removed: it disconnects; what is published then is
+    not collected."""
+    import signal
+    port = free_port()
+    b = mosquitto(port)
+    a = make_broker({})
+    sub = mkc("cloud", V5, broker=b)
+    sub.connect()
+    sub.subscribe("#", 1)
+
+    def reload(text):
+        with open(a.config_path) as f:
+            base = f.read().split("[[bridges]]")[0]
+        with open(a.config_path, "w") as f:
+            f.write(base + text)
+        before = a.log().count("configuration reloaded")
+        a.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT
+        while a.log().count("configuration reloaded") == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    pub = mkc("pub", V5, broker=a)
+    pub.connect()
+    reload(bridge_toml(port, "5", out=[("sensors/#", 1, "", "one/")]))
+    wait_connected(a)
+    pub.publish("sensors/x", b"1", qos=1)
+    assert sub.get().topic == "one/sensors/x"
+    reload(bridge_toml(port, "5", out=[("sensors/#", 1, "", "two/")]))
+    time.sleep(0.5)
+    wait_connected(a)
+    pub.publish("sensors/x", b"2", qos=1)
+    m = sub.get()
+    assert (m.topic, m.payload) == ("two/sensors/x", b"2")
+    reload("")
+    wait_connected(a, want=0)
+    pub.publish("sensors/x", b"3", qos=1)
+    sub.expect_none(1.0)
+    assert metric(a, "tern_bridge_queued", {"bridge": "cloud"}) in (0, None)
