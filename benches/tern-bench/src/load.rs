@@ -35,6 +35,8 @@ pub const SCENARIOS: &[&str] = &[
     "durable-q1-memory",
     "durable-q1-os",
     "durable-q1-fsync",
+    "bridge-drain",
+    "bridge-drain-v5",
 ];
 
 /// Header stamped into each payload: stream id (u32), sequence (u64), send time (u64 ns).
@@ -43,7 +45,7 @@ const STAMP: usize = 20;
 const BATCH: usize = 64;
 /// Time allowed after sending stops for acknowledgements and deliveries to arrive.
 const DRAIN: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep Alive of the idle connections of `conns`, seconds (issue 15's idle-device row).
 const IDLE_KEEP_ALIVE: u16 = 60;
 /// A client that used at least this much of one core over a run is likely the bottleneck.
@@ -69,6 +71,9 @@ pub struct Opts {
     pub scenario: String,
     pub quick: bool,
     pub duration: Option<f64>,
+    /// Every `--name value` option of the command line (the bridge scenarios' phase and
+    /// what the driver hands from one phase to the next).
+    pub args: std::collections::HashMap<String, String>,
 }
 
 pub async fn run(o: Opts) -> Value {
@@ -95,6 +100,9 @@ pub async fn run(o: Opts) -> Value {
         // The broker's storage mode is the driver's business (tern.toml / mosquitto.conf);
         // the load is the same for all three.
         "durable-q1-memory" | "durable-q1-os" | "durable-q1-fsync" => durable(&o, d).await,
+        // Two phases, each its own process, with the driver restarting the remote between
+        // them (bridge.rs).
+        "bridge-drain" | "bridge-drain-v5" => crate::bridge::load(&o).await,
         s => json!({"ok": false, "error": format!("unknown scenario {s}")}),
     };
     // Every scenario answers a JSON object (built just above).
@@ -224,7 +232,7 @@ impl Spec {
 }
 
 /// Delivery counters shared between subscribers (writers) and QoS 0 publishers (readers).
-struct Shared {
+pub(crate) struct Shared {
     /// delivered[sub][pub]: unique messages of publisher `pub` that `sub` has received
     delivered: Vec<Vec<AtomicU64>>,
     /// woken when a publisher's messages were delivered
@@ -237,7 +245,7 @@ fn stamp(buf: &mut [u8], id: u32, seq: u64) {
     buf[12..20].copy_from_slice(&now_ns().to_le_bytes());
 }
 
-fn unstamp(p: &[u8]) -> io::Result<(usize, u64, u64)> {
+pub(crate) fn unstamp(p: &[u8]) -> io::Result<(usize, u64, u64)> {
     if p.len() < STAMP {
         return Err(mqtt::bad("payload without a stamp"));
     }
@@ -363,10 +371,10 @@ async fn subscriber(
     SubResult { tally, error }
 }
 
-struct PubResult {
-    sent: u64,
-    unacked: u64,
-    error: Option<String>,
+pub(crate) struct PubResult {
+    pub(crate) sent: u64,
+    pub(crate) unacked: u64,
+    pub(crate) error: Option<String>,
 }
 
 /// Packet-id allocator for a window of in-flight QoS 1/2 messages.
@@ -415,22 +423,26 @@ impl Ids {
 
 /// What a publisher sends: `count` messages (None: until `end`), round-robin over `topics`
 /// (the stream id in the stamp is the topic's index, the sequence counts per topic).
-struct PubPlan {
-    id: usize,
-    topics: Vec<String>,
-    qos: u8,
-    payload: usize,
-    window: u64,
-    open_loop: bool,
-    rate: Option<u64>,
-    count: Option<u64>,
-    start: Instant,
-    end: Instant,
+pub(crate) struct PubPlan {
+    pub(crate) id: usize,
+    pub(crate) topics: Vec<String>,
+    pub(crate) qos: u8,
+    pub(crate) payload: usize,
+    pub(crate) window: u64,
+    pub(crate) open_loop: bool,
+    pub(crate) rate: Option<u64>,
+    pub(crate) count: Option<u64>,
+    pub(crate) start: Instant,
+    pub(crate) end: Instant,
     /// subscribers to wait for (QoS 0 credit)
-    receivers: Vec<usize>,
+    pub(crate) receivers: Vec<usize>,
 }
 
-async fn publisher(mut c: Client, plan: PubPlan, shared: Option<Arc<Shared>>) -> PubResult {
+pub(crate) async fn publisher(
+    mut c: Client,
+    plan: PubPlan,
+    shared: Option<Arc<Shared>>,
+) -> PubResult {
     sleep_until(plan.start.into()).await;
     let mut encoder = match PublishEncoder::new(&plan.topics, plan.qos, plan.payload.max(STAMP)) {
         Ok(e) => e,
@@ -658,13 +670,13 @@ async fn connect_n(o: &Opts, role: &str, n: usize) -> io::Result<Vec<Client>> {
     Ok(out)
 }
 
-fn fail(e: impl std::fmt::Display) -> Value {
+pub(crate) fn fail(e: impl std::fmt::Display) -> Value {
     json!({"ok": false, "error": e.to_string()})
 }
 
 /// CPU and wall clock over a measured interval.
 /// The broker's CPU is summed over every process in `pids` (NaN when one is gone).
-struct Meter {
+pub(crate) struct Meter {
     t0: Instant,
     broker0: f64,
     client0: f64,
@@ -672,7 +684,7 @@ struct Meter {
 }
 
 impl Meter {
-    fn start(pids: &[u32]) -> Meter {
+    pub(crate) fn start(pids: &[u32]) -> Meter {
         Meter {
             t0: Instant::now(),
             broker0: stats::procs_cpu_s(pids).unwrap_or(f64::NAN),
@@ -681,7 +693,7 @@ impl Meter {
         }
     }
     /// (wall s, broker CPU s, client CPU s)
-    fn read(&self) -> (f64, f64, f64) {
+    pub(crate) fn read(&self) -> (f64, f64, f64) {
         (
             self.t0.elapsed().as_secs_f64(),
             stats::procs_cpu_s(&self.pids).unwrap_or(f64::NAN) - self.broker0,
@@ -690,7 +702,12 @@ impl Meter {
     }
 }
 
-fn cpu_fields(m: &mut serde_json::Map<String, Value>, wall: f64, broker: f64, client: f64) {
+pub(crate) fn cpu_fields(
+    m: &mut serde_json::Map<String, Value>,
+    wall: f64,
+    broker: f64,
+    client: f64,
+) {
     let client_cores = client / wall;
     m.insert("wall_s".into(), json!(wall));
     m.insert("broker_cpu_s".into(), json!(broker));
@@ -1129,21 +1146,21 @@ const DURABLE_IDLE: Duration = Duration::from_secs(5);
 const DURABLE_SUB_ID: &str = "tern-bench-durable-sub";
 
 /// Which sequence numbers of each stream a subscriber has received.
-struct Seen {
+pub(crate) struct Seen {
     bits: Vec<Vec<u64>>,
     /// messages published per stream
     sent: Vec<u64>,
     max_next: Vec<u64>,
-    unique: u64,
-    dups: u64,
-    dup_flagged: u64,
-    reordered: u64,
+    pub(crate) unique: u64,
+    pub(crate) dups: u64,
+    pub(crate) dup_flagged: u64,
+    pub(crate) reordered: u64,
     /// stream id or sequence outside what was published
-    unexpected: u64,
+    pub(crate) unexpected: u64,
 }
 
 impl Seen {
-    fn new(sent: &[u64]) -> Seen {
+    pub(crate) fn new(sent: &[u64]) -> Seen {
         Seen {
             bits: sent
                 .iter()
@@ -1158,7 +1175,7 @@ impl Seen {
             unexpected: 0,
         }
     }
-    fn record(&mut self, id: usize, seq: u64, dup_flag: bool) {
+    pub(crate) fn record(&mut self, id: usize, seq: u64, dup_flag: bool) {
         if dup_flag {
             self.dup_flagged += 1;
         }
@@ -1181,7 +1198,7 @@ impl Seen {
         }
     }
     /// Sequence numbers below `n` of stream `id` never received.
-    fn missing_below(&self, id: usize, n: u64) -> u64 {
+    pub(crate) fn missing_below(&self, id: usize, n: u64) -> u64 {
         (0..n)
             .filter(|&q| self.bits[id][(q / 64) as usize] & (1 << (q % 64)) == 0)
             .count() as u64

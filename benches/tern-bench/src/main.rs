@@ -5,6 +5,7 @@
 //! own MQTT listener on one NATS cluster (`make bench-cluster`);
 //! `tern-bench load` runs one scenario against a running broker and prints one JSON line.
 
+mod bridge;
 mod cluster;
 mod load;
 mod mqtt;
@@ -23,6 +24,7 @@ usage:
   tern-bench load --scenario NAME --addr HOST:PORT (--broker-pid PID | --broker-pids PID,PID,...)
                   [--sub-addr HOST:PORT] [--persistent] [--broker NAME] [--quick]
                   [--duration SECS]
+                  (bridge-drain*: --phase publish|drain and what `run` passes; see bridge.rs)
   tern-bench list";
 
 fn main() -> ExitCode {
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
                 scenario: sc.clone(),
                 quick: flags.contains("quick"),
                 duration,
+                args: opts.clone(),
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -30,16 +30,16 @@ const BROKERS: [&str; 2] = ["tern", "mosquitto"];
 /// itself far below this).
 pub(crate) const LOAD_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-struct Broker {
+pub(crate) struct Broker {
     child: Child,
-    pid: u32,
-    addr: String,
+    pub(crate) pid: u32,
+    pub(crate) addr: String,
     /// Tern's Prometheus endpoint (host:port), if any
-    metrics: Option<String>,
+    pub(crate) metrics: Option<String>,
 }
 
 /// Tern's drop counters (`tern_messages_dropped_total{reason=...}`) from its metrics
@@ -48,16 +48,7 @@ struct Broker {
 /// because a queue it fills was 3/4 full (`tern_backpressure_pauses_total`, None when the
 /// broker has no such counter).
 fn scrape_metrics(addr: &str) -> Option<(Value, Value, Option<f64>)> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
+    let body = metrics_body(addr)?;
     let mut m = serde_json::Map::new();
     let mut st = serde_json::Map::new();
     let mut pauses = None;
@@ -92,6 +83,21 @@ fn scrape_metrics(addr: &str) -> Option<(Value, Value, Option<f64>)> {
     Some((Value::Object(m), Value::Object(st), pauses))
 }
 
+/// The text of Tern's Prometheus endpoint at `addr` (bounded: 5 s per read).
+pub(crate) fn metrics_body(addr: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
 /// The storage a scenario runs with: `durable-q1-MODE` uses Tern's durability MODE (and
 /// Mosquitto's persistence unless MODE is memory); every other scenario runs in memory.
 fn durability_of(scenario: &str) -> &str {
@@ -121,7 +127,7 @@ pub(crate) fn fresh_dir(dir: &Path) -> Result<(), String> {
 }
 
 /// Mosquitto started as root switches to the `mosquitto` user: give it its data directory.
-fn chown_to_mosquitto(dir: &Path) {
+pub(crate) fn chown_to_mosquitto(dir: &Path) {
     // SAFETY: geteuid has no preconditions; getpwnam gets a NUL-terminated name and its
     // result is only read before any other passwd call.
     unsafe {
@@ -136,7 +142,8 @@ fn chown_to_mosquitto(dir: &Path) {
 }
 
 impl Broker {
-    fn stop(mut self) -> Option<String> {
+    /// SIGTERM, then SIGKILL after 10 s; what went wrong, if anything.
+    pub(crate) fn stop(mut self) -> Option<String> {
         let early = match self.child.try_wait() {
             Ok(Some(st)) => Some(format!("broker exited during the run: {st}")),
             _ => None,
@@ -171,13 +178,15 @@ pub(crate) fn limited(bin: &Path, hard: u64) -> Command {
     }
 }
 
-fn start_tern(
+/// `extra`: appended to tern.toml (the bridge scenarios' `[[bridges]]`).
+pub(crate) fn start_tern(
     a: &RunArgs,
     tmp: &Path,
     log: &Path,
     hard: u64,
     durability: &str,
     data: &Path,
+    extra: &str,
 ) -> Result<Broker, String> {
     let (port, mport) = (
         free_port().map_err(|e| e.to_string())?,
@@ -214,7 +223,7 @@ max_queued_bytes = 1073741824
 
 [log]
 level = "warn"
-"#,
+{extra}"#,
         data.display()
     );
     std::fs::write(&conf, text).map_err(|e| e.to_string())?;
@@ -284,9 +293,46 @@ fn start_mosquitto(
     hard: u64,
     persist: Option<&Path>,
 ) -> Result<Broker, String> {
-    let port = free_port().map_err(|e| e.to_string())?;
-    let conf = tmp.join("mosquitto.conf");
-    let persistence = match persist {
+    spawn_mosquitto(
+        a,
+        &MosquittoSpec {
+            conf: tmp.join("mosquitto.conf"),
+            port: free_port().map_err(|e| e.to_string())?,
+            persist,
+            inflight: 1024,
+            extra: String::new(),
+            wait_listening: true,
+        },
+        log,
+        hard,
+    )
+}
+
+/// One Mosquitto process: the settings of the comparison (`mosquitto.conf` in
+/// docs/benchmarks.md) with these differences.
+pub(crate) struct MosquittoSpec<'a> {
+    /// Where its configuration is written.
+    pub conf: PathBuf,
+    /// Its one listener, on 127.0.0.1.
+    pub port: u16,
+    /// A data directory for `persistence true` (None: `persistence false`).
+    pub persist: Option<&'a Path>,
+    /// `max_inflight_messages`.
+    pub inflight: u32,
+    /// Appended to the configuration (a bridge's `connection` section).
+    pub extra: String,
+    /// Return only once it accepts TCP connections (at most 10 s); false: return at once.
+    pub wait_listening: bool,
+}
+
+pub(crate) fn spawn_mosquitto(
+    a: &RunArgs,
+    spec: &MosquittoSpec,
+    log: &Path,
+    hard: u64,
+) -> Result<Broker, String> {
+    let port = spec.port;
+    let persistence = match spec.persist {
         None => "persistence false\n".to_string(),
         Some(dir) => {
             chown_to_mosquitto(dir);
@@ -299,6 +345,7 @@ fn start_mosquitto(
             )
         }
     };
+    let (inflight, extra) = (spec.inflight, &spec.extra);
     let text = format!(
         "# written by tern-bench: settings equivalent to tern.toml beside it\n\
          listener {port} 127.0.0.1\n\
@@ -306,18 +353,19 @@ fn start_mosquitto(
          {persistence}\
          max_queued_messages 1000000\n\
          max_queued_bytes 1073741824\n\
-         max_inflight_messages 1024\n\
+         max_inflight_messages {inflight}\n\
          max_connections -1\n\
          set_tcp_nodelay true\n\
          log_dest stderr\n\
          log_type error\n\
-         log_type warning\n"
+         log_type warning\n\
+         {extra}"
     );
-    std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+    std::fs::write(&spec.conf, text).map_err(|e| e.to_string())?;
     let logf = std::fs::File::create(log).map_err(|e| e.to_string())?;
     let child = limited(&a.mosquitto, hard)
         .arg("-c")
-        .arg(&conf)
+        .arg(&spec.conf)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(logf)
@@ -331,6 +379,9 @@ fn start_mosquitto(
         addr,
         metrics: None,
     };
+    if !spec.wait_listening {
+        return Ok(b);
+    }
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
         if std::net::TcpStream::connect(&b.addr).is_ok() {
@@ -523,6 +574,17 @@ pub fn run(a: RunArgs) -> i32 {
     for sc in &a.scenarios {
         for round in 1..=a.rounds {
             for broker in BROKERS {
+                if crate::bridge::is_bridge(sc) {
+                    let mut v = crate::bridge::run_one(&a, sc, broker, round, &tmp, &logs, hard);
+                    v["round"] = json!(round);
+                    let mut line = crate::bridge::progress(&v);
+                    if v["ok"].as_bool() != Some(true) {
+                        let _ = write!(line, " ERRORS: {} {}", v["errors"], v["broker_stop"]);
+                    }
+                    eprintln!("[{sc} {round}/{}] {broker:9} {line}", a.rounds);
+                    runs.push(v);
+                    continue;
+                }
                 let log = logs.join(format!("{broker}-{sc}-{round}.log"));
                 let durability = durability_of(sc);
                 // Durable scenarios get a fresh data directory per run; the others keep
@@ -537,7 +599,7 @@ pub fn run(a: RunArgs) -> i32 {
                         .and_then(|()| match broker {
                             "tern" => {
                                 let dir = data.clone().unwrap_or_else(|| tmp.join("tern-data"));
-                                start_tern(&a, &tmp, &log, hard, durability, &dir)
+                                start_tern(&a, &tmp, &log, hard, durability, &dir, "")
                             }
                             _ => start_mosquitto(&a, &tmp, &log, hard, persist),
                         });
@@ -918,6 +980,21 @@ const ROWS: &[RowDef] = &[
     },
 ];
 
+/// The rows of each bridge scenario (metric, key); no targets yet.
+const BRIDGE_ROWS: &[(&str, &str)] = &[
+    (
+        "drain msg/s (first to last message at the remote)",
+        "drain_rate",
+    ),
+    ("first message, s after the remote started", "first_after_s"),
+    ("last message, s after the remote started", "total_s"),
+    ("edge peak RSS MiB during the drain", "peak_rss_mib"),
+    ("edge CPU cores during the drain", "broker_cpu_cores"),
+    ("remote CPU cores during the drain", "remote_cpu_cores"),
+    ("backlog publish msg/s (acked, bridge down)", "publish_rate"),
+    ("duplicates at the remote", "duplicates"),
+];
+
 /// Durable QoS 1 against in-memory QoS 1, each broker against itself: (scenario, metric,
 /// target on Tern's ratio). The issue's target: durable ("os") publishing at least half as
 /// fast as in memory.
@@ -943,6 +1020,8 @@ const QOS1_SCENARIOS: &[&str] = &[
     "durable-q1-memory",
     "durable-q1-os",
     "durable-q1-fsync",
+    "bridge-drain",
+    "bridge-drain-v5",
 ];
 
 pub(crate) fn fmt_num(x: f64) -> String {
@@ -1015,7 +1094,19 @@ fn summarize(a: &RunArgs, runs: &[Value]) -> (String, Vec<Value>) {
     ];
     let mut rows: Vec<[String; 8]> = Vec::new();
     let mut json_rows = Vec::new();
-    for d in ROWS {
+    let bridge_rows: Vec<RowDef> = SCENARIOS
+        .iter()
+        .filter(|s| crate::bridge::is_bridge(s))
+        .flat_map(|&scenario| {
+            BRIDGE_ROWS.iter().map(move |&(metric, key)| RowDef {
+                scenario,
+                metric,
+                key,
+                target: Target::Info,
+            })
+        })
+        .collect();
+    for d in ROWS.iter().chain(&bridge_rows) {
         if !a.scenarios.iter().any(|s| s == d.scenario) {
             continue;
         }
