@@ -221,9 +221,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let auth = auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)?;
     let broker = Arc::new(broker::Broker::new(config, metrics, store, auth));
     let restored = broker::recovery::restore(&broker, recovered);
-    // Declared queues after recovery, which restored the ones stored: they collect before
-    // any listener opens.
-    broker.declare_queues(&broker.config.queues);
     tracing::info!(
         store = broker.store.name(),
         sessions = restored.sessions,
@@ -246,6 +243,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 .await?;
         tasks.extend(joined.tasks);
     }
+    // Declared queues after recovery, which restored the ones stored, and after joining a
+    // cluster, whose consumers feed them there: they collect before any listener opens.
+    broker.declare_queues(&broker.config.queues);
 
     let mut metrics_addr = None;
     let mut http = None;

@@ -642,6 +642,11 @@ impl Outbox {
         self.len() == 0
     }
 
+    /// Whether the session (for a group: any member) is online.
+    pub fn is_online(&self) -> bool {
+        self.lock().online
+    }
+
     /// Marks the session online (QoS 0 accepted) or offline.
     pub fn set_online(&self, online: bool) {
         self.lock().online = online;

@@ -256,22 +256,30 @@ impl Broker {
         commit
     }
 
-    /// Queues a message the cluster gave this node for shared subscription group `group`
-    /// (each message of a group goes to one node, see `cluster/groups.rs`). Returns the
-    /// commit of the group's queue, or `None` when the queue is full (counted).
-    pub fn publish_to_group(&self, group: &Arc<Group>, msg: &Arc<Message>) -> Option<Commit> {
+    /// Queues a message the cluster gave this node for shared subscription group (or
+    /// declared queue) `group` (each message of a group goes to one node, see
+    /// `cluster/groups.rs`). `enqueued`: the Unix second it entered the cluster's stream (a
+    /// declared queue's time to live counts from it). Returns the commit of the group's queue,
+    /// or `None` when the queue is full (counted).
+    pub fn publish_to_group(
+        &self,
+        group: &Arc<Group>,
+        msg: &Arc<Message>,
+        enqueued: u32,
+    ) -> Option<Commit> {
         let mut staged = Staged::default();
         let durable = self.store.durable();
         let mut staging = durable.then(|| super::staged::Staging::new(msg, &mut staged));
         // A group keeps the RETAIN flag and applies each member's option when it hands the
         // message over, as in `route`.
-        let delivery = Delivery::new(
+        let mut delivery = Delivery::new(
             msg.clone(),
             group.index_qos().min(msg.qos),
             msg.retain,
             SubIds::None,
         );
-        let accepted = self.deliver(&group.queue, delivery, staging.as_mut());
+        delivery.enqueued = enqueued;
+        let accepted = self.deliver_to_group(group, delivery, staging.as_mut());
         if !accepted {
             group.metrics.dropped.inc();
             return None;

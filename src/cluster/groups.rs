@@ -19,9 +19,17 @@
 //! While a node has no member of a group it neither pulls nor subscribes, and its routing
 //! leaves groups out altogether (`Broker::route`), so a message never reaches a group twice
 //! through two nodes (but for the redeliveries above).
+//!
+//! A declared queue (`$queue/NAME`) is one queue across the nodes the same way, with three
+//! differences: its consumer is made when the queue is declared (so it collects from then on,
+//! whether or not any consumer exists anywhere) and never expires; it takes QoS 1/2 only (no
+//! queue group); and a node pulls only while one of its consumers is connected here; when the
+//! last one leaves, what the node held and had not handed out goes back to JetStream (NAK)
+//! for the other nodes. The node's group queue is then a memory buffer of messages JetStream
+//! holds for it: the queue's durability is JetStream's.
 
 use super::{wire, Names};
-use crate::broker::shared::Group;
+use crate::broker::shared::{Group, Kind};
 use crate::broker::Broker;
 use crate::storage::Commit;
 use async_nats::jetstream::{
@@ -127,10 +135,15 @@ impl ClusterGroups {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key.clone(), feeds);
         let pull = tokio::spawn(self.clone().pull(group.clone(), name.clone(), fed.clone()));
-        let live = tokio::spawn(self.clone().live(group.clone(), name, fed));
-        let previous = self
-            .running()
-            .insert(key, vec![pull.abort_handle(), live.abort_handle()]);
+        let mut handles = vec![pull.abort_handle()];
+        if group.kind == Kind::Shared {
+            let live = tokio::spawn(self.clone().live(group.clone(), name, fed));
+            handles.push(live.abort_handle());
+        } else {
+            // A declared queue keeps no QoS 0: its one feed is the consumer.
+            fed.send_modify(|n| *n += 1);
+        }
+        let previous = self.running().insert(key, handles);
         for h in previous.into_iter().flatten() {
             h.abort();
         }
@@ -250,8 +263,36 @@ impl ClusterGroups {
         }
     }
 
-    /// Pulls the group's QoS 1/2 messages as long as the group has a member here.
+    /// What a declared queue's node held goes back to JetStream, for the other nodes: its last
+    /// consumer here left.
+    fn release_here(&self, group: &Group) {
+        let key = group.key();
+        let back = {
+            let mut held = self.held();
+            let ids: Vec<u64> = held
+                .iter()
+                .filter(|(_, h)| h.held.key == key)
+                .map(|(id, _)| *id)
+                .collect();
+            distinct(
+                ids.into_iter()
+                    .filter_map(|id| held.remove(&id).map(|h| h.held)),
+            )
+        };
+        group.queue.outbox.clear();
+        if !back.is_empty() {
+            tokio::spawn(async move {
+                for h in back {
+                    let _ = h.m.ack_with(AckKind::Nak(None)).await;
+                }
+            });
+        }
+    }
+
+    /// Pulls the group's QoS 1/2 messages as long as the group has a member here (a declared
+    /// queue: a connected one).
     async fn pull(self: Arc<Self>, group: Arc<Group>, name: String, fed: Arc<watch::Sender<u8>>) {
+        let declared = group.kind != Kind::Shared;
         let config = pull::Config {
             durable_name: Some(name.clone()),
             deliver_policy: DeliverPolicy::New,
@@ -260,16 +301,22 @@ impl ClusterGroups {
             max_ack_pending: 10_000,
             filter_subject: self.names.msgs.filter(&group.filter()),
             num_replicas: self.replicas,
-            inactive_threshold: self.idle,
-            description: Some(format!("Tern shared group {}", group.key())),
+            // A declared queue's consumer is the queue: it outlives every node's absence.
+            inactive_threshold: if declared { Duration::ZERO } else { self.idle },
+            description: Some(format!("Tern {}", group.key())),
             ..Default::default()
         };
         let consumer = loop {
-            match self
-                .msgs
-                .get_or_create_consumer(&name, config.clone())
-                .await
-            {
+            // A declared queue's consumer is made or updated to the configuration (a reload
+            // may change its filter); a shared group's is taken as it is.
+            let made = if declared {
+                self.msgs.create_consumer(config.clone()).await
+            } else {
+                self.msgs
+                    .get_or_create_consumer(&name, config.clone())
+                    .await
+            };
+            match made {
                 Ok(c) => {
                     fed.send_modify(|n| *n += 1);
                     break c;
@@ -280,15 +327,33 @@ impl ClusterGroups {
                 }
             }
         };
+        let mut holding = false;
         loop {
+            if declared && !group.queue.outbox.is_online() {
+                if holding {
+                    self.release_here(&group);
+                    holding = false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            holding = true;
             let queued = group.queue.outbox.len();
             if queued >= HIGH_WATER {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
+            // A JetStream message may hold a batch of one topic's messages (`wire.rs`), tens of
+            // them: a declared queue's node takes a few at a time, so that a backlog is shared
+            // among the nodes with consumers rather than taken whole by the first to ask.
+            let want = if declared {
+                ((HIGH_WATER - queued) / 64).clamp(1, 4)
+            } else {
+                (HIGH_WATER - queued).min(128)
+            };
             let batch = consumer
                 .fetch()
-                .max_messages((HIGH_WATER - queued).min(128))
+                .max_messages(want)
                 .expires(Duration::from_secs(1))
                 .messages()
                 .await;
@@ -322,9 +387,13 @@ impl ClusterGroups {
                     let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                     continue;
                 }
+                let enqueued = m
+                    .info()
+                    .map(|i| i.published.unix_timestamp().clamp(0, u32::MAX.into()) as u32)
+                    .unwrap_or(0);
                 let mut taken = Vec::with_capacity(msgs.len());
                 for msg in &msgs {
-                    match self.broker.publish_to_group(&group, msg) {
+                    match self.broker.publish_to_group(&group, msg, enqueued) {
                         Some(Commit::Failed) | None => {}
                         Some(_) => taken.push((msg.id, msg.expires_at)),
                     }
@@ -378,7 +447,7 @@ impl ClusterGroups {
         while let Some(m) = sub.next().await {
             if let Some(msg) = wire::decode(&m.payload, self.broker.next_message_id(), false) {
                 self.broker.metrics.cluster.in_live.inc();
-                let _ = self.broker.publish_to_group(&group, &msg);
+                let _ = self.broker.publish_to_group(&group, &msg, 0);
             }
         }
     }

@@ -128,15 +128,6 @@ impl Config {
                 "bridges are not supported in a cluster yet (docs/bridges.md)",
             );
         }
-        if self.cluster.is_some() && !self.queues.is_empty() {
-            // A cluster's queue must be one queue across nodes (a JetStream consumer), which
-            // is not built yet: refused rather than one queue per node that loses nothing but
-            // splits the messages by where they were published.
-            return invalid(
-                "queues",
-                "declared queues are not supported in a cluster yet (docs/queues.md)",
-            );
-        }
         let mut names = std::collections::HashSet::new();
         for q in &self.queues {
             if !super::queue_name_ok(&q.name) {

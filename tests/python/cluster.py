@@ -450,18 +450,18 @@ def cluster_section(name, nats_urls, replicas=3, **overrides):
     return section
 
 
-def tern_node(make_broker, nats, name, nats_urls=None, replicas=3, overrides=None,
+def tern_node(make_broker, nats, name, nats_urls=None, replicas=3, overrides=None, extra="",
               **cluster_overrides):
     """Start a Tern node of the cluster on `nats` (a NatsCluster) through `make_broker` (a
     conftest Broker factory): [cluster] node = name, nats = nats_urls (default: all servers),
     replicas, plus cluster_overrides (quorum_timeout=2, prefix=...); `overrides` are other
-    sections ({section: {key: value}}). Returns the Broker, with .node = name; its ready line must
+    sections ({section: {key: value}}), `extra` TOML text ([[queues]]). Returns the Broker, with .node = name; its ready line must
     say cluster=NAME."""
     urls = nats.urls() if nats_urls is None else list(nats_urls)
     sections = {"cluster": cluster_section(name, urls, replicas, **cluster_overrides)}
     for section, values in (overrides or {}).items():
         sections.setdefault(section, {}).update(values)
-    b = make_broker(sections)
+    b = make_broker(sections, extra) if extra else make_broker(sections)
     b.node = name
     b.nats_urls = urls
     got = getattr(b, "cluster_node", None)

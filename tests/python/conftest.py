@@ -208,12 +208,12 @@ def tern_cluster(nats_cluster):
 
     made = []
 
-    def make(sections):
+    def make(sections, extra=""):
         # Registered before __init__ runs: a node that does not become ready (its process may
         # still be running) is stopped at the end too.
         b = Broker.__new__(Broker)
         made.append(b)
-        b.__init__(sections)
+        b.__init__(sections, extra)
         return b
 
     tc = TernCluster(nats_cluster, make)

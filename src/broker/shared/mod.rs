@@ -554,6 +554,10 @@ impl Group {
                             seq,
                         });
                     }
+                    if let Some(peers) = broker.peers() {
+                        // In a cluster the message is gone for the whole queue.
+                        peers.group_done(d.msg.id);
+                    }
                 }
                 Popped::Item(mut d) => {
                     let Some(i) = chosen else { break };

@@ -72,13 +72,28 @@ impl Broker {
             self.groups
                 .join(&key, || self.make_group(kind, name, first, None), |_| {});
         let now: Vec<Arc<str>> = filters.iter().map(|f| Arc::from(*f)).collect();
-        if group.filters() != now || created {
+        let changed = group.filters() != now;
+        if changed || created {
             // Restored (filters are not stored) or changed by a reload: the index entries move
             // to the new filters, for messages routed from now on.
             let old = group.set_filters(filters);
             self.unindex_group(&group, &old);
         }
         group.set_declared(true);
+        if let Some(peers) = self.peers() {
+            // One queue across the nodes: a durable JetStream consumer keeps it, each node
+            // pulls from it while it has connected consumers (`cluster/groups.rs`); what a
+            // node holds is a memory buffer of unacknowledged JetStream messages.
+            if created {
+                tokio::spawn(group.clone().run(Arc::downgrade(self)));
+                tracing::info!(group = %group.key(), filters = ?filters, "declared across the cluster");
+            }
+            if created || changed {
+                // (Again, for a changed filter: the consumer is updated to it.)
+                peers.group_started(&group);
+            }
+            return group;
+        }
         if self.store.durable() && !group.queue.persistent.swap(true, Ordering::Relaxed) {
             // Stored before anything is queued for it (the store keeps submission order), so
             // recovery finds it even before its first message.
