@@ -256,17 +256,22 @@ pub struct Link {
     pub task: JoinHandle<()>,
 }
 
-/// Starts a link. It connects at once and keeps reconnecting until `shutdown` is true (or its
-/// sender is dropped); then it sends DISCONNECT when connected and ends.
-pub fn spawn(cfg: LinkConfig, shutdown: watch::Receiver<bool>) -> Result<Link, LinkError> {
+/// What [`spawn`] would refuse in `cfg`: its options, its TLS server name.
+pub fn check(cfg: &LinkConfig) -> Result<Option<ServerName<'static>>, LinkError> {
     cfg.options.validate()?;
-    let server_name = match &cfg.tls {
+    Ok(match &cfg.tls {
         Some(t) => Some(
             ServerName::try_from(t.server_name.clone())
                 .map_err(|_| LinkError::ServerName(t.server_name.clone()))?,
         ),
         None => None,
-    };
+    })
+}
+
+/// Starts a link. It connects at once and keeps reconnecting until `shutdown` is true (or its
+/// sender is dropped); then it sends DISCONNECT when connected and ends.
+pub fn spawn(cfg: LinkConfig, shutdown: watch::Receiver<bool>) -> Result<Link, LinkError> {
+    let server_name = check(&cfg)?;
     let shared = Arc::new(Shared {
         outbox: Mutex::new(Outbox::default()),
         to_link: Notify::new(),
@@ -308,7 +313,7 @@ struct Task {
 }
 
 /// Resolves when `rx` says stop (true, or its sender is gone).
-async fn stop_signal(rx: &mut watch::Receiver<bool>) {
+pub(super) async fn stop_signal(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|&stop| stop).await;
 }
 

@@ -257,26 +257,21 @@ impl Bridges {
             false,
         ));
         let (stop, stop_rx) = watch::channel(false);
-        let link = link::spawn(p.link, stop_rx.clone())?;
-        let forwarder = running::Forwarder {
+        let spec = Arc::new(running::Spec {
             name: c.name.clone(),
             broker: self.broker.clone(),
             group,
             member,
-            link: link.handle,
             out_rules: c.out.clone(),
             in_rules: c.inbound.clone(),
             v5: c.protocol != "3.1.1",
             window: c.window,
             metrics: self.broker.metrics.bridge_metrics(&c.name),
             acl_user: format!("bridge:{}", c.name),
-        };
-        let events = link.events;
-        let link_task = link.task;
-        let task = tokio::spawn(async move {
-            forwarder.run(events, stop_rx).await;
-            let _ = link_task.await;
         });
+        // Checked now, so a bad one is an error here rather than in the task.
+        link::check(&p.link)?;
+        let task = tokio::spawn(supervise(spec, p.link, stop_rx));
         tracing::info!(bridge = %c.name, address = %c.address, protocol = %c.protocol, "bridge started");
         Ok((
             c.name.clone(),
@@ -316,5 +311,81 @@ impl Bridges {
         for s in all {
             let _ = tokio::time::timeout(grace, s.task).await;
         }
+    }
+}
+
+/// How often a cluster node renews a bridge's lease, or tries to take it: well within the
+/// lease's 10 s life (`cluster/leases.rs`).
+const LEASE_RENEW: Duration = Duration::from_secs(3);
+
+/// Runs bridge `spec` until `stop`: at once on a single node; in a cluster only while this
+/// node holds the bridge's lease, so one node at a time runs it, and another takes over
+/// (with the queue, which is the cluster's) when this one dies or stops.
+async fn supervise(
+    spec: Arc<running::Spec>,
+    link_cfg: LinkConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let peers = spec.broker.peers().cloned();
+    loop {
+        if let Some(p) = &peers {
+            loop {
+                let stopped = *stop.borrow();
+                if stopped {
+                    return;
+                }
+                if p.bridge_lease(&spec.name).await {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(LEASE_RENEW) => {}
+                    _ = link::stop_signal(&mut stop) => return,
+                }
+            }
+            tracing::info!(bridge = %spec.name, node = %p.node(), "bridge lease held: the bridge runs on this node");
+        }
+        let (link_stop, link_stop_rx) = watch::channel(false);
+        let link = match link::spawn(link_cfg.clone(), link_stop_rx.clone()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(bridge = %spec.name, error = %e, "bridge link not started");
+                return;
+            }
+        };
+        let forwarder = running::Forwarder {
+            spec: spec.clone(),
+            link: link.handle,
+        };
+        let mut run = tokio::spawn(forwarder.run(link.events, link_stop_rx));
+        let mut ran_out = false;
+        let lost = loop {
+            tokio::select! {
+                _ = link::stop_signal(&mut stop) => break false,
+                _ = &mut run => {
+                    ran_out = true;
+                    break false;
+                }
+                _ = tokio::time::sleep(LEASE_RENEW), if peers.is_some() => {
+                    if let Some(p) = &peers {
+                        if !p.bridge_lease(&spec.name).await {
+                            break true;
+                        }
+                    }
+                }
+            }
+        };
+        let _ = link_stop.send(true);
+        if !ran_out {
+            let _ = run.await;
+        }
+        let _ = link.task.await;
+        if lost {
+            tracing::warn!(bridge = %spec.name, "bridge lease lost: the bridge stops on this node");
+            continue;
+        }
+        if let Some(p) = &peers {
+            p.bridge_released(&spec.name).await;
+        }
+        return;
     }
 }

@@ -33,14 +33,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
-/// What the bridge task works with.
-pub(super) struct Forwarder {
+/// A bridge, whichever link it runs with now.
+pub(super) struct Spec {
     pub name: String,
     pub broker: Arc<Broker>,
     pub group: Arc<Group>,
     /// The group member standing for the link (not a client session: never stored).
     pub member: Arc<SessionHandle>,
-    pub link: LinkHandle,
     pub out_rules: Vec<BridgeRule>,
     pub in_rules: Vec<BridgeRule>,
     pub v5: bool,
@@ -49,6 +48,20 @@ pub(super) struct Forwarder {
     pub metrics: BridgeMetrics,
     /// `bridge:NAME`, the identity the ACL checks incoming messages against.
     pub acl_user: String,
+}
+
+/// What the bridge task works with: the bridge and its current link.
+pub(super) struct Forwarder {
+    pub spec: Arc<Spec>,
+    pub link: LinkHandle,
+}
+
+impl std::ops::Deref for Forwarder {
+    type Target = Spec;
+
+    fn deref(&self) -> &Spec {
+        &self.spec
+    }
 }
 
 /// The task's state between events.
@@ -272,8 +285,9 @@ impl Forwarder {
             retain: m.retain,
             expires_at: Message::deadline_from(properties.message_expiry_interval, now),
             properties,
-            // The bridge's queue: No Local on its index entries keeps it from going back out.
-            origin: self.group.queue.id,
+            // The bridge's: No Local on its queue's index entries keeps it from going back out
+            // (in a cluster too: the origin crosses with the message).
+            origin: self.group.origin,
         });
         let mut staged = Staged::default();
         self.broker.publish(&msg, &mut Vec::new(), &mut staged);

@@ -61,6 +61,11 @@ pub trait Peers: Send + Sync + 'static {
     /// acknowledged it, or was sent it at QoS 0. Until then the cluster keeps it for the
     /// group, so it goes to a member elsewhere should this node die.
     fn group_done(&self, msg_id: u64);
+    /// Takes or keeps the lease of bridge `name` (a bridge runs on one node at a time):
+    /// whether this node holds it now. Called again before a third of the lease's life.
+    fn bridge_lease<'a>(&'a self, name: &'a str) -> BoxFuture<'a, bool>;
+    /// This node stops running bridge `name`: its lease goes at once.
+    fn bridge_released<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()>;
     /// Takes `client_id`'s persistent session from the node that has it, if another does,
     /// into `handle`'s (the connecting client's, new) session. `Some`: it did, and the commit
     /// is what the CONNACK with Session Present 1 waits for.

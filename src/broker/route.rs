@@ -282,8 +282,11 @@ impl Broker {
             .unwrap_or_else(PoisonError::into_inner)
             .match_into(msg.topic.as_str(), scratch);
         // No Local: a subscription with it set does not match its own session's messages
-        // ([MQTT-3.8.3-3]).
-        scratch.retain(|s| !(s.options.no_local && s.session.id == msg.origin));
+        // ([MQTT-3.8.3-3]); a bridge's queue, the messages its bridge brought in.
+        scratch.retain(|s| {
+            !(s.options.no_local
+                && s.group.as_ref().map_or(s.session.id, |g| g.origin) == msg.origin)
+        });
         // Entries of one filter are unique per session; only several filters can overlap.
         if lists > 1 && scratch.len() > 1 {
             scratch.sort_unstable_by_key(|s| s.session.id);

@@ -368,11 +368,21 @@ impl ClusterGroups {
             while let Some(item) = batch.next().await {
                 let Ok(m) = item else { continue };
                 let next = || self.broker.next_message_id();
-                let Some(msgs) = wire::decode_all(m.headers.as_ref(), &m.payload, next, false)
+                // A bridge's queue needs the origin of every message, whichever node published
+                // it, to leave out what its own bridge brought in.
+                let bridge = group.kind == Kind::Bridge;
+                let Some(mut msgs) = wire::decode_all(m.headers.as_ref(), &m.payload, next, bridge)
                 else {
                     let _ = m.ack_with(AckKind::Term).await;
                     continue;
                 };
+                if bridge {
+                    msgs.retain(|msg| msg.origin != group.origin);
+                    if msgs.is_empty() {
+                        let _ = m.ack().await;
+                        continue;
+                    }
+                }
                 self.broker
                     .metrics
                     .cluster

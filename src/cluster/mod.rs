@@ -17,6 +17,8 @@
 //! | where a session is found if its node dies | key-value bucket `P_sessions`: node, subscriptions and a stream position per persistent session | another node rebuilds it from there (`anchors.rs`) |
 //! | wills of connected clients | key-value bucket `P_wills`, one copy per connection with a will, gone when it closes | a copy left behind by a dead node is published by a survivor (`wills.rs`) |
 //! | which nodes are up | key-value bucket `P_nodes`, a heartbeat per node that expires | quorum health for this node, and the members for operators |
+//! | declared queues | a durable pull consumer per queue, made when it is declared | one queue across the nodes; nodes with connected consumers pull from it (`groups.rs`) |
+//! | where a bridge runs | key-value bucket `P_bridges`, a lease per bridge that expires | one node at a time runs it; another takes over when it dies (`leases.rs`) |
 //!
 //! `P` is `cluster.prefix`. Message bodies cross nodes in the storage record format
 //! (`storage::record::StoredMessage`: versioned, properties and expiry included), so nodes of
@@ -34,6 +36,7 @@ mod claims;
 mod fast;
 mod forward;
 mod groups;
+mod leases;
 mod receive;
 mod sessions;
 pub mod subject;
@@ -166,6 +169,7 @@ pub(crate) struct Names {
     pub(crate) nodes_bucket: String,
     pub(crate) sessions_bucket: String,
     pub(crate) wills_bucket: String,
+    pub(crate) bridges_bucket: String,
     pub(crate) prefix: String,
 }
 
@@ -186,6 +190,7 @@ impl Names {
             nodes_bucket: format!("{prefix}_nodes"),
             sessions_bucket: format!("{prefix}_sessions"),
             wills_bucket: format!("{prefix}_wills"),
+            bridges_bucket: format!("{prefix}_bridges"),
             prefix: prefix.to_string(),
         })
     }
@@ -207,6 +212,7 @@ pub struct Node {
     client: async_nats::Client,
     /// The last heartbeat reached JetStream's quorum (see [`Node::available`]).
     available: Arc<AtomicBool>,
+    leases: Arc<leases::Leases>,
 }
 
 /// A joined node and the tasks that keep it in the cluster.
@@ -417,6 +423,7 @@ impl Node {
             ("clients bucket", &setup.clients),
             ("sessions bucket", &setup.sessions),
             ("wills bucket", &setup.wills),
+            ("bridges bucket", &setup.bridges),
         ] {
             receive::retry(what, deadline, || kv.delete(PROBE_KEY)).await?;
         }
@@ -442,6 +449,11 @@ impl Node {
             busy,
             client: client.clone(),
             available,
+            leases: Arc::new(leases::Leases {
+                kv: setup.bridges.clone(),
+                node: config.node.clone(),
+                held: Default::default(),
+            }),
         });
         broker.set_peers(node.clone());
         // Groups restored from the store before the node joined.
@@ -516,6 +528,14 @@ impl Peers for Node {
 
     fn group_done(&self, msg_id: u64) {
         self.groups.done(msg_id);
+    }
+
+    fn bridge_lease<'a>(&'a self, name: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(self.leases.hold(name))
+    }
+
+    fn bridge_released<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.leases.release(name))
     }
 
     fn position(&self) -> u64 {

@@ -38,6 +38,7 @@ pub(crate) struct Setup {
     pub(crate) nodes: kv::Store,
     pub(crate) sessions: kv::Store,
     pub(crate) wills: kv::Store,
+    pub(crate) bridges: kv::Store,
 }
 
 /// Messages a node's consumer may hold unacknowledged (committing here, in flight to NATS).
@@ -128,7 +129,16 @@ impl Setup {
         )
         .await?;
         let wills = bucket(api, &names.wills_bucket, config, Duration::ZERO, deadline).await?;
+        let bridges = bucket(
+            api,
+            &names.bridges_bucket,
+            config,
+            super::leases::LEASE_TTL,
+            deadline,
+        )
+        .await?;
         Ok(Setup {
+            bridges,
             msgs,
             retained,
             clients,

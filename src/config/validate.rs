@@ -120,14 +120,6 @@ impl Config {
                 );
             }
         }
-        if self.cluster.is_some() && !self.bridges.is_empty() {
-            // A bridge must run on one node at a time (a lease in JetStream KV), with its queue
-            // fed by the whole cluster: not built yet.
-            return invalid(
-                "bridges",
-                "bridges are not supported in a cluster yet (docs/bridges.md)",
-            );
-        }
         let mut names = std::collections::HashSet::new();
         for q in &self.queues {
             if !super::queue_name_ok(&q.name) {

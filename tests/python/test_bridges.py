@@ -9,6 +9,7 @@ what comes in is checked by the ACL as `bridge:NAME`. BRIDGE_N (10,000 by defaul
 sets TERN_BRIDGE_N=100000) sizes the long runs.
 """
 import collections
+import getpass
 import os
 import shutil
 import socket
@@ -43,6 +44,8 @@ class Mosquitto:
         self.tmp = tempfile.TemporaryDirectory(prefix="mosq-")
         conf = os.path.join(self.tmp.name, "mosquitto.conf")
         with open(conf, "w") as f:
+            # As root Mosquitto would switch to the user "mosquitto", which cannot write here.
+            f.write(f"user {getpass.getuser()}\n")
             f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
                     f"persistence true\npersistence_location {self.tmp.name}/\n"
                     "max_queued_messages 0\nmax_inflight_messages 100\n")

@@ -80,3 +80,69 @@ def test_consumers_on_two_nodes_split_it_and_a_dead_node_loses_nothing(
     assert not missing, f"{len(missing)} lost, e.g. {sorted(missing)[:10]}"
     assert {int(m.payload) for m in first} <= set(got), "the dead node's messages came back"
     t2.start()  # back in the cluster (the fixture checks every node is alive at the end)
+
+
+# --------------------------------------------------------------------------- bridges
+
+
+def test_a_bridge_runs_on_one_node_and_moves_when_it_dies(tern_cluster, mkc):
+    """Every node has the same [[bridges]] to a Mosquitto B; one node at a time runs it (a
+    lease in JetStream KV). What is published on any node reaches B through it; its node is
+    SIGKILLed: another node takes the lease and the queue (the cluster's), and everything
+    published, before and after, reaches B; nothing that came in over the bridge goes back."""
+    from test_bridges import Mosquitto, bridge_toml, free_port, check_arrival, drain
+    from test_queues import wait_metric
+    from pahoutil import metric
+    port = free_port()
+    b = Mosquitto(port)
+    try:
+        toml = bridge_toml(port, "5", out=[("sensors/#", 1, "", "site17/")],
+                           inbound=[("cmd/#", 1, "", "")])
+        ts = tern_cluster(3, quorum_timeout=2, extra=toml)
+        deadline = time.monotonic() + 30
+        running = []
+        while time.monotonic() < deadline:
+            running = [t for t in ts if metric(t, "tern_bridge_connected", {"bridge": "cloud"})]
+            if running:
+                break
+            time.sleep(0.2)
+        assert len(running) == 1, [t.node for t in running]
+        holder = running[0]
+        time.sleep(1.0)
+        assert [t for t in ts if metric(t, "tern_bridge_connected", {"bridge": "cloud"})] == [holder]
+        sub = mkc("cloud", V5, broker=b, persistent=True)
+        sub.connect()
+        assert sub.subscribe("site17/#", 1) == [1]
+        others = [t for t in ts if t is not holder]
+        pub = mkc("gw", V5, broker=others[0])
+        pub.connect()
+        half = N // 2
+        assert set(publish_all(pub, lambda i: f"sensors/t{i % 4}", half)) == {0}
+        holder.proc.kill()
+        holder.proc.wait(timeout=10)
+        rest = publish_all(pub, lambda i: f"sensors/t{(i + half) % 4}", half)
+        assert set(rest) == {0}
+        got = drain(sub, N, timeout=90)
+        # Payloads are 0..half-1 twice over (the second half restarted its count): check
+        # every (topic, payload) pair arrived.
+        pairs = {(t, p) for t, p in got}
+        want = {(f"site17/sensors/t{i % 4}", i) for i in range(half)}
+        want |= {(f"site17/sensors/t{(i + half) % 4}", i) for i in range(half)}
+        missing = want - pairs
+        assert not missing, f"{len(missing)} lost, e.g. {sorted(missing)[:5]}"
+        now = [t for t in others if metric(t, "tern_bridge_connected", {"bridge": "cloud"})]
+        assert len(now) == 1, "another node runs the bridge"
+        # A command from B comes in once, on the node running the bridge, and is not sent
+        # back out (sensors/# would not match it anyway; cmd/# is in only).
+        here = mkc("here", V5, broker=others[0])
+        here.connect()
+        assert here.subscribe("cmd/#", 1) == [1]
+        time.sleep(0.5)
+        ops = mkc("ops", V5, broker=b)
+        ops.connect()
+        ops.publish("cmd/stop", b"now", qos=1)
+        assert here.get(timeout=15).payload == b"now"
+        here.expect_none(0.5)
+        holder.start()  # the fixture checks every node is alive at the end
+    finally:
+        b.close()

@@ -118,6 +118,11 @@ pub struct Group {
     /// `out` filters.
     filters: Mutex<Vec<Arc<str>>>,
     pub kind: Kind,
+    /// The origin of the messages that come in through this group (a bridge's, from its
+    /// remote): No Local on the group's index entries keeps them out of it. The same on
+    /// every node of a cluster and across restarts for a bridge ([`bridge_origin`]); the
+    /// queue's id otherwise.
+    pub origin: u64,
     policy: Policy,
     /// The group's queue and storage identity.
     pub queue: Arc<SessionHandle>,
@@ -178,6 +183,17 @@ pub fn queue_key(name: &str) -> String {
 /// Prefix of a bridge's outgoing queue's key (never a subscription clients may make).
 pub const BRIDGE_PREFIX: &str = "$bridge/";
 
+/// The origin of the messages bridge `name` brings in: the first 8 bytes of SHA-256 of its
+/// name with the top bit set, so the same on every node and every release (session ids,
+/// counted up from 1, never reach it).
+pub fn bridge_origin(name: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("bridge:{name}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b) | (1 << 63)
+}
+
 /// A bridge's outgoing queue's key: `$bridge/NAME`.
 pub fn bridge_key(name: &str) -> String {
     format!("{BRIDGE_PREFIX}{name}")
@@ -200,7 +216,12 @@ impl Group {
         metrics: GroupMetrics,
     ) -> Group {
         let seed = hash_of(filter, queue.id) | 1;
+        let origin = match kind {
+            Kind::Bridge => bridge_origin(share),
+            _ => queue.id,
+        };
         Group {
+            origin,
             share: Arc::from(share),
             filters: Mutex::new(vec![Arc::from(filter)]),
             kind,
