@@ -186,6 +186,11 @@ impl ClusterGroups {
         }
         // What the group still held here goes back, to a member elsewhere (a batch whole,
         // with any of its messages already finished here: at least once).
+        self.give_back(&key);
+    }
+
+    /// Gives what the group `key` holds here back to JetStream (NAK), for another node.
+    fn give_back(&self, key: &str) {
         let back = {
             let mut held = self.held();
             let ids: Vec<u64> = held
@@ -266,27 +271,8 @@ impl ClusterGroups {
     /// What a declared queue's node held goes back to JetStream, for the other nodes: its last
     /// consumer here left.
     fn release_here(&self, group: &Group) {
-        let key = group.key();
-        let back = {
-            let mut held = self.held();
-            let ids: Vec<u64> = held
-                .iter()
-                .filter(|(_, h)| h.held.key == key)
-                .map(|(id, _)| *id)
-                .collect();
-            distinct(
-                ids.into_iter()
-                    .filter_map(|id| held.remove(&id).map(|h| h.held)),
-            )
-        };
         group.queue.outbox.clear();
-        if !back.is_empty() {
-            tokio::spawn(async move {
-                for h in back {
-                    let _ = h.m.ack_with(AckKind::Nak(None)).await;
-                }
-            });
-        }
+        self.give_back(&group.key());
     }
 
     /// Pulls the group's QoS 1/2 messages as long as the group has a member here (a declared

@@ -333,3 +333,26 @@ def test_reload_adds_changes_and_removes_a_bridge(make_broker, mosquitto, mkc):
     pub.publish("sensors/x", b"3", qos=1)
     sub.expect_none(1.0)
     assert metric(a, "tern_bridge_queued", {"bridge": "cloud"}) in (0, None)
+
+
+def test_qos_2_crosses_a_bridge_exactly_once_while_the_link_holds(make_broker, mosquitto, mkc,
+                                                                 protocol):
+    """An out rule at QoS 2: 200 QoS 2 messages published on A reach a QoS 2 subscriber on B
+    at QoS 2, each once and in order (the link finishes each with PUBREC/PUBREL/PUBCOMP
+    before the queue lets it go)."""
+    port = free_port()
+    b = mosquitto(port)
+    a = make_broker({}, extra=bridge_toml(port, protocol, out=[("sensors/#", 2, "", "q2/")]))
+    wait_connected(a)
+    sub = mkc("cloud", V5, broker=b)
+    sub.connect()
+    assert sub.subscribe("q2/#", 2) == [2]
+    pub = mkc("gw", V5, broker=a)
+    pub.connect()
+    for i in range(200):
+        assert pub.publish("sensors/x", str(i).encode(), qos=2) == 0
+    got = sub.get_n(200, timeout=30)
+    assert [int(m.payload) for m in got] == list(range(200))
+    assert {m.qos for m in got} == {2}
+    sub.expect_none(0.5)
+    assert wait_metric(a, "tern_bridge_queued", {"bridge": "cloud"}, 0) == 0

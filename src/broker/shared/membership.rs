@@ -34,19 +34,8 @@ impl Broker {
             || self.make_group(Kind::Shared, share, filter, None),
             |g| g.join(session, options, id, online, window),
         );
-        if self.store.durable()
-            && session.persistent.load(Ordering::Relaxed)
-            && !group.queue.persistent.swap(true, Ordering::Relaxed)
-        {
-            // Stored before anything is queued for it (the store keeps submission order).
-            let _ = self.store.submit(vec![Op::PutSession(SessionRecord {
-                client_id: group.queue.client_id.to_string(),
-                session_id: group.queue.id,
-                expiry_interval: u32::MAX,
-                disconnected_at_ms: None,
-                will: None,
-                username: None,
-            })]);
+        if session.persistent.load(Ordering::Relaxed) {
+            self.store_group(&group);
         }
         self.index_group(&group);
         if created {
@@ -56,6 +45,22 @@ impl Broker {
             }
         }
         group
+    }
+
+    /// Makes `group`'s queue durable (with durable storage): its session record is stored
+    /// before anything is queued for it (the store keeps submission order), so recovery
+    /// finds the group even before its first message. Once per group.
+    pub(super) fn store_group(&self, group: &Group) {
+        if self.store.durable() && !group.queue.persistent.swap(true, Ordering::Relaxed) {
+            let _ = self.store.submit(vec![Op::PutSession(SessionRecord {
+                client_id: group.queue.client_id.to_string(),
+                session_id: group.queue.id,
+                expiry_interval: u32::MAX,
+                disconnected_at_ms: None,
+                will: None,
+                username: None,
+            })]);
+        }
     }
 
     /// Makes a group (`restored`: its storage id and queue recovered from the store). A

@@ -20,9 +20,6 @@ use crate::broker::Broker;
 use crate::config::{Overflow, QueueConfig};
 use crate::protocol::{QoS, SubscriptionOptions};
 use crate::session::registry::SessionHandle;
-use crate::storage::record::SessionRecord;
-use crate::storage::Op;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// One declared queue at a glance.
@@ -94,18 +91,7 @@ impl Broker {
             }
             return group;
         }
-        if self.store.durable() && !group.queue.persistent.swap(true, Ordering::Relaxed) {
-            // Stored before anything is queued for it (the store keeps submission order), so
-            // recovery finds it even before its first message.
-            let _ = self.store.submit(vec![Op::PutSession(SessionRecord {
-                client_id: group.queue.client_id.to_string(),
-                session_id: group.queue.id,
-                expiry_interval: u32::MAX,
-                disconnected_at_ms: None,
-                will: None,
-                username: None,
-            })]);
-        }
+        self.store_group(&group);
         self.index_group(&group);
         if created {
             tokio::spawn(group.clone().run(Arc::downgrade(self)));
