@@ -367,7 +367,12 @@ async fn supervise(
                 }
                 _ = tokio::time::sleep(LEASE_RENEW), if peers.is_some() => {
                     if let Some(p) = &peers {
-                        if !p.bridge_lease(&spec.name).await {
+                        // A renewal that does not answer in time counts as lost: the lease
+                        // may expire meanwhile and another node take the bridge.
+                        let renewed = tokio::time::timeout(LEASE_RENEW, p.bridge_lease(&spec.name))
+                            .await
+                            .unwrap_or(false);
+                        if !renewed {
                             break true;
                         }
                     }

@@ -279,13 +279,26 @@ impl ClusterGroups {
     /// queue: a connected one).
     async fn pull(self: Arc<Self>, group: Arc<Group>, name: String, fed: Arc<watch::Sender<u8>>) {
         let declared = group.kind != Kind::Shared;
+        // A bridge's queue takes every `out` filter (JetStream 2.10's filter_subjects);
+        // everything else has one.
+        let mut filters: Vec<String> = group
+            .filters()
+            .iter()
+            .map(|f| self.names.msgs.filter(f))
+            .collect();
+        let (filter_subject, filter_subjects) = if filters.len() > 1 {
+            (String::new(), filters)
+        } else {
+            (filters.pop().unwrap_or_default(), Vec::new())
+        };
         let config = pull::Config {
             durable_name: Some(name.clone()),
             deliver_policy: DeliverPolicy::New,
             ack_policy: AckPolicy::Explicit,
             ack_wait: ACK_WAIT,
             max_ack_pending: 10_000,
-            filter_subject: self.names.msgs.filter(&group.filter()),
+            filter_subject,
+            filter_subjects,
             num_replicas: self.replicas,
             // A declared queue's consumer is the queue: it outlives every node's absence.
             inactive_threshold: if declared { Duration::ZERO } else { self.idle },

@@ -85,8 +85,9 @@ impl Broker {
                 tokio::spawn(group.clone().run(Arc::downgrade(self)));
                 tracing::info!(group = %group.key(), filters = ?filters, "declared across the cluster");
             }
-            if created || changed {
-                // (Again, for a changed filter: the consumer is updated to it.)
+            if (created || changed) && !filters.is_empty() {
+                // (Again, for a changed filter: the consumer is updated to it.) A bridge with
+                // `in` rules only has nothing to collect.
                 peers.group_started(&group);
             }
             return group;
