@@ -221,6 +221,8 @@ def test_the_acl_governs_a_queue_like_a_topic(make_broker, mkc, tmp_path, versio
     pub.connect()
     pub.publish("shop/orders/1", b"o1", qos=1)
     assert c.get().payload == b"o1"
+    # Both queues collected it (several queues may collect one message).
+    assert wait_metric(b, "tern_queue_messages", {"queue": "audit"}, 1) == 1
 
 
 def test_the_durable_queue_example_tells_its_story(make_broker):
