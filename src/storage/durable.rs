@@ -191,6 +191,12 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    /// fjall holds a lock on the directory for as long as a process has it open.
+    #[error(
+        "another Tern process is using the store in {path} (storage.dir); stop it, or give \
+         this one its own directory"
+    )]
+    InUse { path: PathBuf },
     #[error("storage {path}: {source}")]
     Fjall {
         path: PathBuf,
@@ -490,7 +496,10 @@ impl DurableStore {
             .max_journaling_size(JOURNAL_BYTES)
             .worker_threads(FJALL_WORKERS)
             .open()
-            .map_err(StorageError::fjall(&path))?;
+            .map_err(|e| match e {
+                fjall::Error::Locked => StorageError::InUse { path: path.clone() },
+                e => StorageError::fjall(&path)(e),
+            })?;
         let ks = Keyspaces::open(&db, &path)?;
         // A marker file outside fjall, written once the store exists, tells a new directory
         // from a store whose contents fjall could not read back.

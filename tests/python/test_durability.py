@@ -1070,3 +1070,15 @@ def _metric_labeled(b, series):
         if line.startswith(series + " "):
             return float(line.split()[1])
     return 0.0
+
+
+def test_a_second_broker_on_the_same_data_directory_says_so(stoppable):
+    """A second Tern on a data directory another one has open exits at once, non-zero,
+    saying which directory and why (not fjall's bare `Locked`); the first carries on."""
+    from conftest import TERN_BIN
+    a = stoppable({})
+    r = subprocess.run([TERN_BIN, "--config", a.config_path], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=30)
+    assert r.returncode != 0, r.stdout
+    assert "another Tern process is using the store in" in r.stdout, r.stdout
+    assert a.alive()

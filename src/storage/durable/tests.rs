@@ -863,3 +863,18 @@ fn expect_queue_of_session_1(store: &DurableStore) {
     let want: Vec<u64> = (30..50).filter(|s| *s != 45 && *s != 46).collect();
     assert_eq!(seqs, want);
 }
+
+#[test]
+fn a_store_another_process_has_open_is_refused_saying_so() {
+    let dir = TempDir::new("in-use");
+    let (_store, _) = open(&dir);
+    match DurableStore::open(dir.path(), DurableMode::Os) {
+        Err(e @ StorageError::InUse { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("another Tern process"), "{text}");
+            assert!(text.contains(&dir.path().display().to_string()), "{text}");
+        }
+        Err(e) => panic!("not InUse: {e}"),
+        Ok(_) => panic!("opened twice"),
+    }
+}
