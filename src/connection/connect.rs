@@ -25,12 +25,13 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 fn refuse(
     broker: &Broker,
     wbuf: &mut BytesMut,
-    version: ProtocolVersion,
+    c: &Connect,
     max_out: usize,
     reason: ReasonCode,
     peer: SocketAddr,
     why: &str,
 ) -> Option<Client> {
+    let version = c.version;
     let props = Properties::default();
     if connack_size(version, &props) <= max_out {
         encode_connack(wbuf, version, false, reason, &props);
@@ -46,7 +47,17 @@ fn refuse(
     } else {
         broker.metrics.refused_protocol.inc();
     }
-    tracing::info!(%peer, reason = reason.as_u8(), "connection refused: {why}");
+    // Who was refused, as an operator greps for it (the same fields as "client connected").
+    tracing::info!(
+        %peer,
+        client_id = %c.client_id.as_str(),
+        username = %c.username.as_ref().map_or("", |u| u.as_str()),
+        version = version.label(),
+        keep_alive = c.keep_alive,
+        clean_start = c.clean_start,
+        reason = reason.as_u8(),
+        "connection refused: {why}"
+    );
     None
 }
 
@@ -135,7 +146,7 @@ pub(super) async fn accept(
         return refuse(
             broker,
             wbuf,
-            version,
+            &c,
             max_out,
             ReasonCode::BadAuthenticationMethod,
             peer,
@@ -156,7 +167,7 @@ pub(super) async fn accept(
                 return refuse(
                     broker,
                     wbuf,
-                    version,
+                    &c,
                     max_out,
                     ReasonCode::NotAuthorized,
                     peer,
@@ -168,7 +179,7 @@ pub(super) async fn accept(
                 return refuse(
                     broker,
                     wbuf,
-                    version,
+                    &c,
                     max_out,
                     ReasonCode::BadUserNameOrPassword,
                     peer,
@@ -185,7 +196,7 @@ pub(super) async fn accept(
             return refuse(
                 broker,
                 wbuf,
-                version,
+                &c,
                 max_out,
                 ReasonCode::TopicNameInvalid,
                 peer,
@@ -199,7 +210,7 @@ pub(super) async fn accept(
             return refuse(
                 broker,
                 wbuf,
-                version,
+                &c,
                 max_out,
                 ReasonCode::NotAuthorized,
                 peer,
@@ -216,7 +227,7 @@ pub(super) async fn accept(
             return refuse(
                 broker,
                 wbuf,
-                version,
+                &c,
                 max_out,
                 ReasonCode::ClientIdentifierNotValid,
                 peer,
@@ -228,7 +239,7 @@ pub(super) async fn accept(
             return refuse(
                 broker,
                 wbuf,
-                version,
+                &c,
                 max_out,
                 ReasonCode::ClientIdentifierNotValid,
                 peer,
@@ -256,7 +267,7 @@ pub(super) async fn accept(
         return refuse(
             broker,
             wbuf,
-            version,
+            &c,
             max_out,
             ReasonCode::ServerUnavailable,
             peer,
@@ -325,7 +336,7 @@ pub(super) async fn accept(
             return refuse(
                 broker,
                 wbuf,
-                version,
+                &c,
                 max_out,
                 ReasonCode::ServerBusy,
                 peer,

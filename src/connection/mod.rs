@@ -122,7 +122,9 @@ where
         tracing::info!(
             peer = %io.peer,
             client_id = %client.client_id,
+            username = %client.username.as_deref().unwrap_or(""),
             version = client.version.label(),
+            keep_alive = client.keep_alive,
             clean_start = client.clean_start,
             "client connected"
         );
