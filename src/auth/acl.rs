@@ -532,7 +532,7 @@ impl Acl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::trie::naive_matches;
+    use crate::protocol::validate::topic_matches;
     use proptest::prelude::*;
 
     #[derive(Debug, Clone, Copy)]
@@ -917,14 +917,14 @@ topic read f/+/#
             text.extend(denies.iter().map(|f| format!("topic deny {f}\n")));
             let acl = parse(&text, "prop").map_err(|e| TestCaseError::fail(e.to_string()))?;
             let grants = |access: &[&str], t: &str| {
-                !denies.iter().any(|d| naive_matches(d, t))
-                    && rules.iter().any(|(a, f)| access.contains(a) && naive_matches(f, t))
+                !denies.iter().any(|d| topic_matches(d, t))
+                    && rules.iter().any(|(a, f)| access.contains(a) && topic_matches(f, t))
             };
             let subscribed = acl.can_subscribe(None, "c", &sub);
             for t in universe() {
                 prop_assert_eq!(acl.can_receive(None, "c", &t), grants(&["read", "readwrite"], &t));
                 prop_assert_eq!(acl.can_publish(None, "c", &t), grants(&["write", "readwrite"], &t));
-                if subscribed && naive_matches(&sub, &t) && !denies.iter().any(|d| naive_matches(d, &t)) {
+                if subscribed && topic_matches(&sub, &t) && !denies.iter().any(|d| topic_matches(d, &t)) {
                     prop_assert!(acl.can_receive(None, "c", &t), "{} allowed but not {}", sub, t);
                 }
             }

@@ -164,7 +164,7 @@ impl RetainTree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::trie::naive_matches;
+    use crate::protocol::validate::topic_matches;
     use crate::protocol::{MqttStr, PublishProperties, QoS};
     use bytes::Bytes;
 
@@ -224,7 +224,7 @@ mod tests {
         ] {
             let mut expected: Vec<String> = all
                 .iter()
-                .filter(|topic| naive_matches(filter, topic))
+                .filter(|topic| topic_matches(filter, topic))
                 .map(|s| s.to_string())
                 .collect();
             expected.sort();

@@ -102,7 +102,7 @@ impl Broker {
             // matching subscription identifier ([MQTT-3.3.4-2] .. [MQTT-3.3.4-5]).
             let session = &scratch[i].session;
             let group = scratch[i].group.as_ref();
-            if group.is_some_and(|g| !Broker::group_takes(g.kind, msg.qos)) {
+            if group.is_some_and(|g| !g.takes(msg.qos)) {
                 // A declared queue keeps QoS 1/2 messages only.
                 i += 1;
                 continue;

@@ -187,30 +187,10 @@ impl<V: Clone> Trie<V> {
     }
 }
 
-/// Reference matcher straight from the spec's prose, for tests.
-#[cfg(test)]
-pub(crate) fn naive_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let f: Vec<&str> = filter.split('/').collect();
-    let t: Vec<&str> = topic.split('/').collect();
-    let mut i = 0;
-    loop {
-        match (f.get(i), t.get(i)) {
-            (Some(&"#"), _) => return true,
-            (Some(&"+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-        i += 1;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::validate::topic_matches;
     use proptest::prelude::*;
 
     fn matches(t: &Trie<u32>, topic: &str) -> Vec<u32> {
@@ -303,7 +283,7 @@ mod tests {
                 let mut expected: Vec<u32> = filters
                     .iter()
                     .enumerate()
-                    .filter(|(_, f)| naive_matches(f, topic))
+                    .filter(|(_, f)| topic_matches(f, topic))
                     .map(|(i, _)| i as u32)
                     .collect();
                 expected.sort();

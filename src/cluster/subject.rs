@@ -203,7 +203,7 @@ fn decode_level(token: &str, out: &mut Vec<u8>) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::trie::naive_matches;
+    use crate::protocol::validate::topic_matches;
     use proptest::prelude::*;
 
     /// NATS's subject matching as its documentation states it: tokens split on `.`, `*`
@@ -345,7 +345,7 @@ mod tests {
             let p = space();
             prop_assert_eq!(
                 nats_matches(&p.filter(&f), &p.topic(&t)),
-                naive_matches(&f, &t),
+                topic_matches(&f, &t),
                 "filter {:?} ({}) topic {:?} ({})", f, p.filter(&f), t, p.topic(&t)
             );
         }

@@ -26,7 +26,8 @@ pub fn is_valid_topic_filter(filter: &str) -> bool {
 /// Whether topic name `topic` matches topic filter `filter` (section 4.7.1): `+` one whole
 /// level, `#` the parent level and everything below it ([MQTT-4.7.1-2]), and a filter
 /// starting with a wildcard never matches a `$` topic ([MQTT-4.7.2-1]). For checks on one
-/// message (a bridge's rules); routing uses the subscription trie.
+/// message (a bridge's rules), and the reference the subscription trie, the retained tree, the
+/// ACL and the cluster's subjects are checked against by property tests.
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && filter.starts_with(['+', '#']) {
         return false;

@@ -297,6 +297,12 @@ impl Group {
         self.policy.declared.store(declared, Ordering::Relaxed);
     }
 
+    /// Whether messages of `qos` go into this group: a declared queue keeps what may not be
+    /// lost, QoS 1 and 2.
+    pub fn takes(&self, qos: QoS) -> bool {
+        self.kind != Kind::Queue || qos != QoS::AtMostOnce
+    }
+
     /// A full declared queue makes room for new messages by dropping its oldest.
     pub fn drops_oldest(&self) -> bool {
         self.policy.drop_oldest.load(Ordering::Relaxed)

@@ -18,7 +18,7 @@
 use super::{queue_key, Group, Kind};
 use crate::broker::Broker;
 use crate::config::{Overflow, QueueConfig};
-use crate::protocol::{QoS, SubscriptionOptions};
+use crate::protocol::SubscriptionOptions;
 use crate::session::registry::SessionHandle;
 use std::sync::Arc;
 
@@ -145,12 +145,6 @@ impl Broker {
         };
         group.join(session, options, id, online, window);
         Some(group)
-    }
-
-    /// Whether messages of `qos` go into a group of `kind`: a declared queue keeps what may
-    /// not be lost, QoS 1 and 2.
-    pub(crate) fn group_takes(kind: Kind, qos: QoS) -> bool {
-        kind != Kind::Queue || qos != QoS::AtMostOnce
     }
 
     /// The declared queues' heads are looked at again (their time to live), also while no
