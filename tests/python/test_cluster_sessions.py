@@ -1147,7 +1147,10 @@ def test_bursts_cross_in_batches_whole_and_in_order(tc, mkc):
     js = metric(t1, "tern_cluster_stream_publishes_total") - js0
     print(f"{total} messages in {js:.0f} JetStream messages ({out / max(js, 1):.1f} per batch)")
     assert out == total, out
-    assert js < total / 2, f"{total} messages crossed in {js} JetStream messages: no batching"
+    # How many share a JetStream message depends on the machine's pace (a 2-core CI runner
+    # measured 1.9 per batch, a laptop 20+), so this asserts that batching happens, not a
+    # ratio; the ratio is a benchmark's business.
+    assert js < total, f"{total} messages crossed in {js} JetStream messages: no batching"
 
     def check_order(name, got):
         per = {t: [] for t in topics}
