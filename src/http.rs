@@ -276,7 +276,7 @@ mod tests {
             head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
             "{head}"
         );
-        assert!(body.contains("tern_connections "), "{body}");
+        assert!(body.contains("tern_connections_open "), "{body}");
         // One request per connection, and the client is told so.
         assert!(head.contains("connection: close"), "{head}");
 

@@ -284,7 +284,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut tls_addr = None;
     let mut tls_reloader = None;
     if let Some(tls) = &broker.config.listeners.tls {
-        let reloader = Arc::new(tls::TlsReloader::new(tls.clone())?);
+        let reloader = Arc::new(tls::TlsReloader::new(
+            tls.clone(),
+            broker
+                .metrics
+                .tls_certificate_expiry(metrics::ListenerKind::Tls),
+        )?);
         let transport = listener::Transport::Tls(reloader.clone());
         tls_addr = open
             .listener("tls listener", tls.bind, transport, &mut tasks)
@@ -311,7 +316,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut wss_addr = None;
     let mut wss_reloader = None;
     if let Some(wss) = &broker.config.listeners.wss {
-        let reloader = Arc::new(tls::TlsReloader::new(wss.tls())?);
+        let reloader = Arc::new(tls::TlsReloader::new(
+            wss.tls(),
+            broker
+                .metrics
+                .tls_certificate_expiry(metrics::ListenerKind::Wss),
+        )?);
         let transport = listener::Transport::Wss(reloader.clone(), ws_options(&wss.ws()));
         wss_addr = open
             .listener("wss listener", wss.bind, transport, &mut tasks)
@@ -328,6 +338,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         broker.config.limits.max_packet_size as usize,
     )?;
     bridges.apply(prepared).await;
+    reload::publish_bounds(&broker.metrics, &broker.config);
     ready.store(true, Ordering::Release);
     let config = Mutex::new(broker.config.clone());
     Ok(Running {

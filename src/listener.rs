@@ -3,6 +3,7 @@
 //! listener — running out of descriptors backs off briefly instead.
 
 use crate::broker::Broker;
+use crate::metrics::ListenerKind;
 use crate::websocket::{WsOptions, WsStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -72,11 +73,20 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Counts live connections; the count drops when the guard does.
-pub struct ConnectionSlot(Arc<AtomicUsize>);
+/// Counts live connections; the counts drop when the guard does.
+pub struct ConnectionSlot(Arc<SlotCounts>);
+
+/// What a slot counts in: every listener's connections (bounded by `limits.max_connections`)
+/// and its own listener's gauge. One per listener, behind one pointer, so a connection's task
+/// is no larger for the per-listener count.
+struct SlotCounts {
+    all: Arc<AtomicUsize>,
+    listener: prometheus::IntGauge,
+}
 
 impl ConnectionSlot {
-    fn try_take(count: &Arc<AtomicUsize>, max: usize) -> Option<ConnectionSlot> {
+    fn try_take(counts: &Arc<SlotCounts>, max: usize) -> Option<ConnectionSlot> {
+        let count = &counts.all;
         let mut current = count.load(Ordering::Relaxed);
         loop {
             if current >= max {
@@ -88,7 +98,10 @@ impl ConnectionSlot {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Some(ConnectionSlot(count.clone())),
+                Ok(_) => {
+                    counts.listener.inc();
+                    return Some(ConnectionSlot(counts.clone()));
+                }
                 Err(now) => current = now,
             }
         }
@@ -97,7 +110,8 @@ impl ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.all.fetch_sub(1, Ordering::AcqRel);
+        self.0.listener.dec();
     }
 }
 
@@ -112,6 +126,18 @@ pub enum Transport {
     Wss(Arc<crate::tls::TlsReloader>, Arc<WsOptions>),
 }
 
+impl Transport {
+    /// The listener's name in metrics.
+    pub fn kind(&self) -> ListenerKind {
+        match self {
+            Transport::Tcp => ListenerKind::Tcp,
+            Transport::Tls(_) => ListenerKind::Tls,
+            Transport::Ws(_) => ListenerKind::Ws,
+            Transport::Wss(..) => ListenerKind::Wss,
+        }
+    }
+}
+
 /// Accept loop shared by every listener.
 pub async fn run(
     listener: TcpListener,
@@ -124,6 +150,10 @@ pub async fn run(
     // reload changes the rate.
     let bucket =
         |rate: u32| crate::connection::TokenBucket::per_second(rate, std::time::Instant::now());
+    let counts = Arc::new(SlotCounts {
+        all: connections,
+        listener: broker.metrics.listener_connections(transport.kind()),
+    });
     let mut connect_rate = broker.limits().max_connect_rate;
     let mut rate = bucket(connect_rate);
     loop {
@@ -154,7 +184,7 @@ pub async fn run(
                 continue;
             }
         }
-        let Some(slot) = ConnectionSlot::try_take(&connections, max) else {
+        let Some(slot) = ConnectionSlot::try_take(&counts, max) else {
             broker.metrics.refused_max_connections.inc();
             tracing::info!(%peer, max, "connection refused: limits.max_connections reached");
             drop(stream);

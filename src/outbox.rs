@@ -536,6 +536,17 @@ impl Outbox {
         )
     }
 
+    /// Bytes queued (memory, reserved and spilled, as the byte limit counts them) with
+    /// [`Outbox::counts`], under one lock: `tern_queued_bytes` beside `tern_queued_messages`.
+    pub fn counts_and_bytes(&self) -> (usize, usize, usize) {
+        let q = self.lock();
+        (
+            q.items.len() + q.pending + q.spilled,
+            q.pending + q.uncommitted.len(),
+            q.bytes + q.pending_bytes + q.spilled_bytes,
+        )
+    }
+
     /// A spilled entry's commit completed: the loader may read up to it.
     pub fn spill_committed(&self, seq: u64, epoch: u64) {
         let mut q = self.lock();

@@ -24,6 +24,7 @@ use crate::auth::{AuthError, Authorizer};
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
 use crate::logging::LogHandle;
+use crate::metrics::{Metrics, ReloadResult};
 use crate::tls::{TlsError, TlsReloader};
 use std::sync::Arc;
 
@@ -111,8 +112,42 @@ pub struct Target<'a> {
 }
 
 /// Checks `new` against `running` and applies it; returns the configuration now in force.
-/// On error nothing was changed.
+/// On error nothing was changed. Either way the outcome is counted
+/// (`tern_config_reloads_total{result}`), so an alert sees a reload that was refused: the
+/// broker keeps running on the old configuration and nothing else would show it.
 pub fn apply(
+    target: &Target<'_>,
+    running: &Config,
+    new: &Config,
+) -> Result<(Config, Reloaded), ReloadError> {
+    let result = apply_checked(target, running, new);
+    let metrics = &target.broker.metrics;
+    match &result {
+        Ok((next, _)) => {
+            metrics.reloaded(ReloadResult::Success);
+            publish_bounds(metrics, next);
+        }
+        Err(_) => metrics.reloaded(ReloadResult::Failure),
+    }
+    result
+}
+
+/// Puts the configured bounds of declared queues and bridges into the metrics (at start and
+/// after each reload), for the "queue near its bound" alert.
+pub fn publish_bounds(metrics: &Metrics, config: &Config) {
+    metrics.set_queue_bounds(
+        config
+            .queues
+            .iter()
+            .map(|q| (q.name.as_str(), q.max_messages)),
+        config
+            .bridges
+            .iter()
+            .map(|b| (b.name.as_str(), b.max_queued_messages)),
+    );
+}
+
+fn apply_checked(
     target: &Target<'_>,
     running: &Config,
     new: &Config,
@@ -128,8 +163,8 @@ pub fn apply(
     let wss = match (target.wss, next.listeners.wss.as_ref()) {
         (Some(r), Some(cfg)) => {
             let cfg = cfg.tls();
-            let acceptor = TlsReloader::prepare(&cfg).map_err(ReloadError::Wss)?;
-            Some((r, cfg, acceptor))
+            let prepared = TlsReloader::prepare(&cfg).map_err(ReloadError::Wss)?;
+            Some((r, cfg, prepared))
         }
         _ => None,
     };
@@ -148,8 +183,8 @@ pub fn apply(
     // Nothing below can fail.
     target.broker.auth.install(auth);
     tracing::info!("password file and ACL reloaded");
-    for (r, cfg, acceptor) in tls.into_iter().chain(wss) {
-        r.install(cfg, acceptor);
+    for (r, cfg, prepared) in tls.into_iter().chain(wss) {
+        r.install(cfg, prepared);
         tracing::info!("TLS certificates reloaded");
     }
     target.broker.set_limits(next.limits.clone());

@@ -46,8 +46,24 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// Builds the rustls configuration from the listener's files (TLS 1.2 and 1.3).
 pub fn server_config(cfg: &TlsListenerConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(server_config_and_expiry(cfg)?.0)
+}
+
+/// The notAfter time, in Unix seconds, of a chain's first (the leaf) certificate; None when
+/// it cannot be parsed (rustls accepted it, so that would be an odd certificate indeed).
+pub fn not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// [`server_config`], with the leaf certificate's notAfter read from the same bytes (so the
+/// expiry reported is the certificate served, even when the file changes meanwhile).
+fn server_config_and_expiry(
+    cfg: &TlsListenerConfig,
+) -> Result<(Arc<ServerConfig>, Option<i64>), TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certs(&cfg.cert)?;
+    let expiry = not_after(&chain);
     let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| file_err(&cfg.key, e))?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -75,7 +91,7 @@ pub fn server_config(cfg: &TlsListenerConfig) -> Result<Arc<ServerConfig>, TlsEr
     let config = builder
         .with_single_cert(chain, key)
         .map_err(|e| file_err(&cfg.cert, e))?;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), expiry))
 }
 
 /// The configuration of an outgoing TLS connection (a bridge): the remote's certificate is
@@ -120,16 +136,32 @@ pub struct TlsReloader {
     cfg: RwLock<TlsListenerConfig>,
     current: RwLock<TlsAcceptor>,
     stamps: Mutex<Vec<Option<SystemTime>>>,
+    /// The served certificate's notAfter (`tern_tls_certificate_expiry_timestamp_seconds`),
+    /// set whenever a certificate is installed, so an alert sees a renewal take effect.
+    expiry: prometheus::IntGauge,
+}
+
+/// A listener's TLS configuration read from its files, not yet in use.
+pub struct PreparedTls {
+    acceptor: TlsAcceptor,
+    /// The leaf certificate's notAfter, Unix seconds.
+    not_after: Option<i64>,
 }
 
 impl TlsReloader {
-    pub fn new(cfg: TlsListenerConfig) -> Result<TlsReloader, TlsError> {
-        let acceptor = TlsAcceptor::from(server_config(&cfg)?);
+    /// `expiry` is set to the certificate's notAfter now and after every reload.
+    pub fn new(
+        cfg: TlsListenerConfig,
+        expiry: prometheus::IntGauge,
+    ) -> Result<TlsReloader, TlsError> {
+        let prepared = Self::prepare(&cfg)?;
         let stamps = Self::stamps_of(&cfg);
+        expiry.set(prepared.not_after.unwrap_or(0));
         Ok(TlsReloader {
             cfg: RwLock::new(cfg),
-            current: RwLock::new(acceptor),
+            current: RwLock::new(prepared.acceptor),
             stamps: Mutex::new(stamps),
+            expiry,
         })
     }
 
@@ -160,20 +192,25 @@ impl TlsReloader {
     /// Reloads the certificate, key and CA. On error the old configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let cfg = self.settings();
-        let acceptor = Self::prepare(&cfg)?;
-        self.install(cfg, acceptor);
+        let prepared = Self::prepare(&cfg)?;
+        self.install(cfg, prepared);
         Ok(())
     }
 
     /// Loads `cfg`'s certificate, key and CA without using them yet.
-    pub fn prepare(cfg: &TlsListenerConfig) -> Result<TlsAcceptor, TlsError> {
-        Ok(TlsAcceptor::from(server_config(cfg)?))
+    pub fn prepare(cfg: &TlsListenerConfig) -> Result<PreparedTls, TlsError> {
+        let (config, not_after) = server_config_and_expiry(cfg)?;
+        Ok(PreparedTls {
+            acceptor: TlsAcceptor::from(config),
+            not_after,
+        })
     }
 
-    /// New connections use `acceptor` (made from `cfg`) from now on; the watcher follows
+    /// New connections use `prepared` (made from `cfg`) from now on; the watcher follows
     /// `cfg`'s files.
-    pub fn install(&self, cfg: TlsListenerConfig, acceptor: TlsAcceptor) {
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = acceptor;
+    pub fn install(&self, cfg: TlsListenerConfig, prepared: PreparedTls) {
+        self.expiry.set(prepared.not_after.unwrap_or(0));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = prepared.acceptor;
         *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = Self::stamps_of(&cfg);
         *self.cfg.write().unwrap_or_else(PoisonError::into_inner) = cfg;
     }

@@ -6,6 +6,7 @@
 //! shutdown, a failed commit) so that the close sequence, in `serve` and in the simulation
 //! alike, asks it rather than each path deciding for itself.
 
+use crate::metrics::CloseReason;
 use crate::protocol::ProtocolError;
 use crate::protocol::ReasonCode;
 
@@ -63,6 +64,22 @@ impl Close {
             Close::WriteStalled => "client stopped reading".into(),
             Close::Shutdown => "server shutting down".into(),
             Close::StorageFailed => "storage failure".into(),
+        }
+    }
+
+    /// The reason `tern_connections_closed_total` counts it under: a fixed label set, so a
+    /// protocol error's detail or a socket error's text stays in the log line.
+    pub(super) fn metric(&self) -> CloseReason {
+        match self {
+            Close::Normal | Close::NormalWithWill => CloseReason::ClientDisconnect,
+            Close::PeerGone(_) => CloseReason::ConnectionLost,
+            Close::Protocol(_) => CloseReason::ProtocolError,
+            Close::KeepAlive => CloseReason::KeepAliveTimeout,
+            Close::TakenOver => CloseReason::TakenOver,
+            Close::Administrative => CloseReason::AdminKick,
+            Close::WriteStalled => CloseReason::WriteStalled,
+            Close::Shutdown => CloseReason::ServerShutdown,
+            Close::StorageFailed => CloseReason::StorageFailed,
         }
     }
 

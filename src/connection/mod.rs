@@ -133,7 +133,7 @@ where
         // PUBLISH behind it) are handled at once, not when the next bytes arrive.
         client.held_input = !io.rbuf.is_empty();
         let close = io.run(&mut client, kick_rx).await;
-        broker.metrics.connections.dec();
+        broker.metrics.disconnected(close.metric());
         if let Close::Protocol(_) = close {
             broker.metrics.protocol_errors.inc();
         }

@@ -121,6 +121,8 @@ pub struct SessionStats {
     pub offline: usize,
     /// Messages waiting in session queues (memory and disk), not yet sent.
     pub queued: usize,
+    /// Their bytes, as `limits.max_queued_bytes` counts them.
+    pub queued_bytes: usize,
     /// QoS 1/2 messages sent and not yet acknowledged.
     pub inflight: usize,
     /// Places reserved in session queues whose commit has not settled.
@@ -138,7 +140,7 @@ pub struct QueueDepth {
     pub online: bool,
 }
 
-/// Upper bounds of the queue depth distribution (`tern_session_queue_depth{le=...}`).
+/// Upper bounds of the queue depth distribution (`tern_sessions_by_queue_depth{at_most=...}`).
 pub const QUEUE_DEPTH_BUCKETS: [usize; 5] = [0, 10, 100, 1000, 10000];
 
 /// A connection's claim on its session.
@@ -556,9 +558,10 @@ impl Registry {
             } else {
                 st.offline += 1;
             }
-            let (queued, reservations_open) = h.outbox.counts();
+            let (queued, reservations_open, bytes) = h.outbox.counts_and_bytes();
             let inflight = h.inflight.load(Ordering::Relaxed);
             st.queued += queued;
+            st.queued_bytes += bytes;
             st.inflight += inflight;
             st.reservations_open += reservations_open;
             for (i, le) in QUEUE_DEPTH_BUCKETS.iter().enumerate() {
