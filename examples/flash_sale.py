@@ -572,12 +572,12 @@ class Sampler:
             return
         self.rss.append(pick(samples, "process_resident_memory_bytes"))
         self.queued_peak = max(self.queued_peak,
-                               int(pick(samples, "tern_shared_queued", self.labels)))
+                               int(pick(samples, "tern_shared_queued_messages", self.labels)))
         # Counters of this run's group: they only grow while the group exists.
         self.redelivered = max(self.redelivered,
-                               int(pick(samples, "tern_shared_redelivered_total", self.labels)))
+                               int(pick(samples, "tern_shared_messages_redelivered_total", self.labels)))
         self.dropped = max(self.dropped,
-                           int(pick(samples, "tern_shared_dropped_total", self.labels)))
+                           int(pick(samples, "tern_shared_messages_dropped_total", self.labels)))
 
     def _run(self):
         while not self.stop.wait(0.25):

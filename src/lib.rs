@@ -112,6 +112,20 @@ impl Running {
         Ok(report)
     }
 
+    /// Reads the configuration file at `path` (None: the defaults) and applies it as
+    /// [`Running::reload`] does. A file that cannot be read or parsed is a failed reload too
+    /// (`tern_config_reloads_total{result="failure"}`): a typo is the likeliest reason a
+    /// SIGHUP changes nothing, and the alert on failed reloads must see it.
+    pub fn reload_from(&self, path: Option<&std::path::Path>) -> Result<Reloaded, ReloadError> {
+        match Config::load(path) {
+            Ok(new) => self.reload(new),
+            Err(e) => {
+                self.broker.metrics.reloaded(metrics::ReloadResult::Failure);
+                Err(e.into())
+            }
+        }
+    }
+
     /// Lets reloads change the level filter of the process's log subscriber.
     pub fn set_log_handle(&mut self, log: logging::LogHandle) {
         self.log = Some(log);

@@ -184,7 +184,7 @@ async fn exposition_names_build_info_and_uptime() {
         ("tern_auth_failures_total", "counter"),
         ("tern_queued_messages", "gauge"),
         ("tern_inflight_messages", "gauge"),
-        ("tern_session_queue_depth", "gauge"),
+        ("tern_sessions_by_queue_depth", "gauge"),
         ("tern_build_info", "gauge"),
         ("tern_storage_commit_seconds", "histogram"),
         ("tern_storage_batch_submits", "histogram"),
@@ -198,9 +198,9 @@ async fn exposition_names_build_info_and_uptime() {
         Some(1.0)
     );
     assert!(value(&text, "tern_uptime_seconds").is_some_and(|v| v >= 0.0));
-    assert_eq!(value(&text, "tern_connections"), Some(1.0));
+    assert_eq!(value(&text, "tern_connections_open"), Some(1.0));
     for le in ["0", "10", "100", "1000", "10000", "+Inf"] {
-        let series = format!("tern_session_queue_depth{{le=\"{le}\"}}");
+        let series = format!("tern_sessions_by_queue_depth{{at_most=\"{le}\"}}");
         // One online session with an empty queue: in every bucket.
         assert_eq!(value(&text, &series), Some(1.0), "{series}");
     }
@@ -255,7 +255,7 @@ async fn v311_qos1_fan_out_moves_counters_exactly() {
             1.0,
         ),
         s("tern_messages_dropped_total{reason=\"queue_full\"}", 0.0),
-        s("tern_connections", 0.0),
+        s("tern_connections_open", 0.0),
     ]);
     wait_series(&b, Some(&base), &want).await;
     b.stop().await;
@@ -309,8 +309,8 @@ async fn v5_qos2_handshakes_move_counters_exactly() {
         s(&qos("tern_messages_sent_total", 2), 5.0),
         s(&qos("tern_messages_received_total", 1), 0.0),
         s(&qos("tern_messages_sent_total", 1), 0.0),
-        s("tern_connections_total", 2.0),
-        s("tern_connections", 0.0),
+        s("tern_connections_accepted_total", 2.0),
+        s("tern_connections_open", 0.0),
         s("tern_auth_failures_total", 0.0),
     ]);
     wait_series(&b, Some(&base), &want).await;
@@ -342,7 +342,7 @@ async fn v5_inflight_and_queued_gauges_follow_receive_maximum() {
     assert_eq!(&first.payload[..], b"s0");
     assert_eq!(&second.payload[..], b"s1");
     sub.expect_no_publish(QUIET).await;
-    let depth = |le: &str, n: f64| s(&format!("tern_session_queue_depth{{le=\"{le}\"}}"), n);
+    let depth = |le: &str, n: f64| s(&format!("tern_sessions_by_queue_depth{{at_most=\"{le}\"}}"), n);
     wait_series(
         &b,
         None,

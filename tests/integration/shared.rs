@@ -16,10 +16,10 @@ type Q5 = rumqttc::v5::mqttbytes::QoS;
 const QUEUE_FULL: (&str, &[(&str, &str)]) =
     ("tern_messages_dropped_total", &[("reason", "queue_full")]);
 const MEMBERS: &str = "tern_shared_members";
-const QUEUED: &str = "tern_shared_queued";
-const DELIVERED: &str = "tern_shared_delivered_total";
-const REDELIVERED: &str = "tern_shared_redelivered_total";
-const DROPPED: &str = "tern_shared_dropped_total";
+const QUEUED: &str = "tern_shared_queued_messages";
+const DELIVERED: &str = "tern_shared_messages_delivered_total";
+const REDELIVERED: &str = "tern_shared_messages_redelivered_total";
+const DROPPED: &str = "tern_shared_messages_dropped_total";
 const PAUSES: &str = "tern_backpressure_pauses_total";
 
 // ---------------------------------------------------------------- helpers

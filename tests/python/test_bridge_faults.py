@@ -327,7 +327,7 @@ class Run:
         self.flush_kills = 0        # of which in the middle of a backlog after B came back
         self.b_restarts = 0
         self.b_kills = []           # monotonic time of each SIGKILL of B
-        self.a_resent = 0.0         # tern_bridge_resent_total summed over A's lives
+        self.a_resent = 0.0         # tern_bridge_messages_resent_total summed over A's lives
         self.late = 0               # faults fired at their deadline, not at their message
         self.problems = []
 
@@ -340,7 +340,7 @@ def a_counter(a, name):
 
 
 def kill_a(a, run, down):
-    run.a_resent += a_counter(a, "tern_bridge_resent_total")
+    run.a_resent += a_counter(a, "tern_bridge_messages_resent_total")
     a.proc.kill()
     a.proc.wait(timeout=10)
     time.sleep(down)
@@ -473,12 +473,12 @@ def test_bridge_under_a_seeded_fault_schedule(stoppable, mosquitto_b, protocol, 
             if not missing:
                 break
             time.sleep(0.1)
-        queued = wait_metric(a, "tern_bridge_queued", {"bridge": "cloud"}, 0,
+        queued = wait_metric(a, "tern_bridge_queued_messages", {"bridge": "cloud"}, 0,
                              timeout=max(1.0, deadline - time.monotonic()))
         if queued:
             run.problems.append(f"A's bridge queue did not drain: {queued:.0f} left")
         time.sleep(0.5)  # late duplicates
-        run.a_resent += a_counter(a, "tern_bridge_resent_total")
+        run.a_resent += a_counter(a, "tern_bridge_messages_resent_total")
     finally:
         stop_pub.set()
         stop_sub.set()

@@ -160,7 +160,7 @@ def test_what_a_acknowledged_while_b_was_down_reaches_b_after_a_kill(
     pub.connect()
     rcs = publish_all(pub, lambda i: f"sensors/t{i % 10}", BRIDGE_N)
     assert set(rcs) == {0}, collections.Counter(rcs)
-    assert wait_metric(a, "tern_bridge_queued", {"bridge": "cloud"}, BRIDGE_N) == BRIDGE_N
+    assert wait_metric(a, "tern_bridge_queued_messages", {"bridge": "cloud"}, BRIDGE_N) == BRIDGE_N
     assert metric(a, "tern_bridge_connected", {"bridge": "cloud"}) == 0
     pub.close()
     a.proc.kill()
@@ -174,7 +174,7 @@ def test_what_a_acknowledged_while_b_was_down_reaches_b_after_a_kill(
     assert all(t.startswith("site17/sensors/t") for t, _ in got)
     dups = check_arrival(got, BRIDGE_N, 10)
     assert dups <= WINDOW, dups
-    assert wait_metric(a, "tern_bridge_queued", {"bridge": "cloud"}, 0) == 0
+    assert wait_metric(a, "tern_bridge_queued_messages", {"bridge": "cloud"}, 0) == 0
     assert metric(a, "tern_queue_oldest_age_seconds", {"kind": "bridge", "name": "cloud"}) == 0
 
 
@@ -221,7 +221,7 @@ def test_an_in_rule_brings_remote_commands_here(make_broker, mosquitto, mkc, pro
     m = local.get()
     assert (m.topic, m.payload, m.qos) == ("cmd/reboot", b"now", 1)
     local.expect_none(0.5)
-    assert metric(a, "tern_bridge_received_total", {"bridge": "cloud"}) == 1
+    assert metric(a, "tern_bridge_messages_received_total", {"bridge": "cloud"}) == 1
 
 
 def test_overlapping_in_and_out_rules_neither_loop_nor_echo(make_broker, mosquitto, mkc,
@@ -255,7 +255,7 @@ def test_overlapping_in_and_out_rules_neither_loop_nor_echo(make_broker, mosquit
         got = sorted(m.payload for m in c.get_n(40, timeout=15))
         assert got == want
         c.expect_none(1.0)
-    echoes = metric(a, "tern_bridge_dropped_total", {"bridge": "cloud", "reason": "echo"})
+    echoes = metric(a, "tern_bridge_messages_dropped_total", {"bridge": "cloud", "reason": "echo"})
     assert echoes == (20 if protocol == "3.1.1" else 0)
 
 
@@ -279,7 +279,7 @@ def test_incoming_messages_are_checked_as_bridge_name(make_broker, mosquitto, mk
     ops.publish("remote/etc/x", b"denied", qos=1)
     assert local.get().payload == b"allowed"
     local.expect_none(0.5)
-    assert wait_metric(a, "tern_bridge_dropped_total",
+    assert wait_metric(a, "tern_bridge_messages_dropped_total",
                        {"bridge": "cloud", "reason": "not_authorized"}, 1) == 1
 
 
@@ -332,7 +332,7 @@ def test_reload_adds_changes_and_removes_a_bridge(make_broker, mosquitto, mkc):
     wait_connected(a, want=0)
     pub.publish("sensors/x", b"3", qos=1)
     sub.expect_none(1.0)
-    assert metric(a, "tern_bridge_queued", {"bridge": "cloud"}) in (0, None)
+    assert metric(a, "tern_bridge_queued_messages", {"bridge": "cloud"}) in (0, None)
 
 
 def test_qos_2_crosses_a_bridge_exactly_once_while_the_link_holds(make_broker, mosquitto, mkc,
@@ -355,4 +355,4 @@ def test_qos_2_crosses_a_bridge_exactly_once_while_the_link_holds(make_broker, m
     assert [int(m.payload) for m in got] == list(range(200))
     assert {m.qos for m in got} == {2}
     sub.expect_none(0.5)
-    assert wait_metric(a, "tern_bridge_queued", {"bridge": "cloud"}, 0) == 0
+    assert wait_metric(a, "tern_bridge_queued_messages", {"bridge": "cloud"}, 0) == 0

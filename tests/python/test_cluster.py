@@ -824,7 +824,7 @@ def test_node_consumer_moves_when_its_nats_server_dies(tern_cluster, mkc, versio
     missing = sorted(acked - set(counts))
     dups = {k: n for k, n in counts.items() if n > 1}
     moved_to = consumer_server(nats, n2)
-    remade = metric(n2, "tern_cluster_consumer_remade_total")
+    remade = metric(n2, "tern_cluster_consumer_remakes_total")
     print(f"killed {nats.servers[victim].name}; {len(acked)} acknowledged, all delivered "
           f"{took:.1f}s after the kill; consumer now on {moved_to}; remade {remade}")
     assert not missing, f"{len(missing)} acknowledged messages never arrived: {missing[:20]}"

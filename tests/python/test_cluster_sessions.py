@@ -696,7 +696,7 @@ def test_shared_group_across_nodes_and_a_member_node_dies(tc, mkc, version):
     wait_acked(n // 2)
     received()
     before_kill = [collections.Counter(ib.count) for ib in inboxes]
-    t3_group = {k: metric(t3, f"tern_shared_{k}") for k in ("queued", "delivered_total")}
+    t3_group = {k: metric(t3, f"tern_shared_{k}") for k in ("queued_messages", "messages_delivered_total")}
     kill_node(t3)
     killed = time.monotonic()
     killed_at = len(pub.acked)

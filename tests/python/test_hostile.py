@@ -263,7 +263,7 @@ def test_stuck_subscriber_does_not_hurt_others(make_broker):
     h1.start()
     h0.start()
     pub = mqttraw.connected(b, mqttraw.uid("flood-pub"))
-    conns_with_stuck = metric(b, "tern_connections")  # 2 stuck, 2 healthy, 1 publisher
+    conns_with_stuck = metric(b, "tern_connections_open")  # 2 stuck, 2 healthy, 1 publisher
 
     # Monitor: RSS peak and when the stuck subscribers' connections went away.
     mon = {"peak": rss_before, "dropped_at": None, "first_drop_at": None, "stop": False}
@@ -273,7 +273,7 @@ def test_stuck_subscriber_does_not_hurt_others(make_broker):
             mon["peak"] = max(mon["peak"], rss(b))
             if mon["dropped_at"] is None:
                 try:
-                    conns = metric(b, "tern_connections")
+                    conns = metric(b, "tern_connections_open")
                 except OSError:
                     conns = conns_with_stuck
                 if conns <= conns_with_stuck - 1 and mon["first_drop_at"] is None:
@@ -379,7 +379,7 @@ def test_stuck_subscriber_does_not_hurt_others(make_broker):
         c.close()
     assert not still_connected, (
         f"stuck subscribers {still_connected} still connected {WRITE_TIMEOUT + 5}s after the "
-        f"flood although write_timeout = {WRITE_TIMEOUT} (tern_connections: first drop "
+        f"flood although write_timeout = {WRITE_TIMEOUT} (tern_connections_open: first drop "
         f"{_rel(mon['first_drop_at'], t_flood_end)}, both {_rel(mon['dropped_at'], t_flood_end)} "
         f"after the flood)")
 

@@ -115,9 +115,9 @@ class Snap:
         return {ls.get(key) for n, ls, _ in self.samples if n == name}
 
     def depth(self):
-        """tern_session_queue_depth as {upper bound (float): sessions}."""
-        return {float(ls["le"]): v for n, ls, v in self.samples
-                if n == "tern_session_queue_depth"}
+        """tern_sessions_by_queue_depth as {upper bound (float): sessions}."""
+        return {float(ls["at_most"]): v for n, ls, v in self.samples
+                if n == "tern_sessions_by_queue_depth"}
 
 
 def scrape(broker):
@@ -173,23 +173,24 @@ def drop_deltas(**counts):
 
 
 def depth_values(**counts):
-    """Expected tern_session_queue_depth values keyed by bucket: le0=..., le10=..., inf=..."""
+    """Expected tern_sessions_by_queue_depth values keyed by bucket: le0=..., le10=..., inf=..."""
     keys = {"0": "le0", "10": "le10", "100": "le100", "1000": "le1000", "10000": "le10000",
             "+Inf": "inf"}
-    return [("tern_session_queue_depth", {"le": le}, counts[keys[le]]) for le in DEPTH_BUCKETS]
+    return [("tern_sessions_by_queue_depth", {"at_most": le}, counts[keys[le]])
+            for le in DEPTH_BUCKETS]
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. /metrics, /health, /ready
 # ---------------------------------------------------------------------------------------------
-COUNTERS = ["tern_connections_total", "tern_connections_refused_total",
+COUNTERS = ["tern_connections_accepted_total", "tern_connections_refused_total",
             "tern_messages_received_total", "tern_messages_sent_total", "tern_bytes_total",
             "tern_packets_received_total", "tern_packets_sent_total",
             "tern_messages_dropped_total", "tern_tls_handshakes_total",
             "tern_auth_failures_total", "tern_storage_commits_total",
             "process_cpu_seconds_total"]
-GAUGES = ["tern_connections", "tern_sessions", "tern_subscriptions", "tern_retained_messages",
-          "tern_queued_messages", "tern_inflight_messages", "tern_session_queue_depth",
+GAUGES = ["tern_connections_open", "tern_sessions", "tern_subscriptions", "tern_retained_messages",
+          "tern_queued_messages", "tern_inflight_messages", "tern_sessions_by_queue_depth",
           "tern_build_info", "process_resident_memory_bytes", "process_open_fds"]
 HISTOGRAMS = ["tern_storage_commit_seconds", "tern_storage_batch_submits"]
 LABELS = {
@@ -254,7 +255,7 @@ def test_exposition_parses_and_names_every_series(make_broker, mk, raws):
     assert snap.v("process_open_fds") > 0
     assert snap.v("process_cpu_seconds_total") >= 0
     # The connections above are on the gauges.
-    assert snap.v("tern_connections") == 2
+    assert snap.v("tern_connections_open") == 2
     assert snap.v("tern_sessions", state="online") == 2
     sessions = snap.v("tern_sessions", state="online") + snap.v("tern_sessions", state="offline")
     assert snap.depth()[float("inf")] == sessions
@@ -340,8 +341,8 @@ def test_qos1_fan_out_counts(make_broker, mk, version):
         c.connect()
     for c in subs:
         assert c.subscribe("ops/fan", 1) == [1]
-    wait_series(b, [("tern_connections", {}, 3), ("tern_sessions", {"state": "online"}, 3),
-                    ("tern_subscriptions", {}, 2), ("tern_connections_total", {}, 3)], base=s0)
+    wait_series(b, [("tern_connections_open", {}, 3), ("tern_sessions", {"state": "online"}, 3),
+                    ("tern_subscriptions", {}, 2), ("tern_connections_accepted_total", {}, 3)], base=s0)
 
     payloads = [f"m{i}".encode() for i in range(10)]
     for p in payloads:
@@ -359,7 +360,7 @@ def test_qos1_fan_out_counts(make_broker, mk, version):
         + qos_deltas("tern_messages_received_total", {1: 10})
         + qos_deltas("tern_messages_sent_total", {1: 20})
         + drop_deltas()
-        + [("tern_connections", {}, 0), ("tern_connections_total", {}, 3),
+        + [("tern_connections_open", {}, 0), ("tern_connections_accepted_total", {}, 3),
            ("tern_sessions", {"state": "online"}, 0), ("tern_subscriptions", {}, 0),
            ("tern_auth_failures_total", {}, 0)],
         base=s0)
@@ -443,7 +444,7 @@ def test_every_packet_type_and_exact_bytes(make_broker, raws, version):
         + qos_deltas("tern_messages_sent_total", {0: 1, 1: 1, 2: 1})
         + [("tern_bytes_total", {"direction": "received"}, c.bytes_out),
            ("tern_bytes_total", {"direction": "sent"}, c.bytes_in),
-           ("tern_connections_total", {}, 1), ("tern_connections", {}, 0)]
+           ("tern_connections_accepted_total", {}, 1), ("tern_connections_open", {}, 0)]
         + drop_deltas(),
         base=s0)
 
@@ -482,8 +483,8 @@ def test_subscription_and_retained_gauges(make_broker, raws):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_offline_queue_gauges(make_broker, raws, version):
     """A persistent session whose client is away with 5 QoS 1 messages queued: queued 5,
-    nothing in flight, the session in queue-depth buckets le >= 10 but not le=0; with 15
-    queued it leaves the le=10 bucket; once its client is back and has acknowledged all,
+    nothing in flight, the session in queue-depth buckets at_most >= 10 but not at_most=0; with
+    15 queued it leaves the at_most=10 bucket; once its client is back and has acknowledged all,
     everything is back at 0."""
     b = make_broker()
     cid = uid("away")
@@ -597,7 +598,7 @@ def test_auth_failures_are_counted(make_broker, raws, tmp_path, version):
         c.wait_closed(timeout=5)
     wait_series(b, [("tern_auth_failures_total", {}, 3),
                     ("tern_connections_refused_total", {"reason": "not_authorized"}, 3),
-                    ("tern_connections_total", {}, 0)], base=s0)
+                    ("tern_connections_accepted_total", {}, 0)], base=s0)
 
     ok = raw(raws, b, version, username="alice", password="alice-pw")
     ok.ping()
@@ -610,7 +611,7 @@ def test_auth_failures_are_counted(make_broker, raws, tmp_path, version):
     wait_series(b, [("tern_auth_failures_total", {}, 3),
                     ("tern_connections_refused_total", {"reason": "not_authorized"}, 3),
                     ("tern_connections_refused_total", {"reason": "protocol"}, 1),
-                    ("tern_connections_total", {}, 1)], base=s0)
+                    ("tern_connections_accepted_total", {}, 1)], base=s0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1000,7 +1001,7 @@ def test_sigterm_disconnects_publishes_wills_and_exits_0(stoppable, mk, raws):
     p5.connect()
     p3 = mk("paho3", broker=b, protocol=V311)
     p3.connect()
-    wait_series(b, [("tern_connections", {}, 6)])
+    wait_series(b, [("tern_connections_open", {}, 6)])
 
     t0 = time.monotonic()
     b.proc.send_signal(signal.SIGTERM)

@@ -83,7 +83,7 @@ def test_first_consumer_ever_gets_what_was_published_before_it_across_a_kill(
     assert got == list(range(QUEUE_N))
     email.expect_none(0.3)
     assert wait_metric(b, "tern_queue_messages", {"queue": "orders"}, 0) == 0
-    assert metric(b, "tern_queue_delivered_total", {"queue": "orders"}) == QUEUE_N
+    assert metric(b, "tern_queue_messages_delivered_total", {"queue": "orders"}) == QUEUE_N
 
 
 def test_consumers_split_a_queue_and_a_killed_one_loses_nothing(make_broker, mkc, version):
@@ -140,7 +140,7 @@ def test_overflow_refuses_or_drops_the_oldest_and_counts(make_broker, mkc, versi
         want_rcs = [0] * 8
         kept, reason = list(range(3, 8)), "overflow"
     assert rcs == want_rcs, rcs
-    assert wait_metric(b, "tern_queue_dropped_total", {"queue": "orders", "reason": reason}, 3) == 3
+    assert wait_metric(b, "tern_queue_messages_dropped_total", {"queue": "orders", "reason": reason}, 3) == 3
     assert metric(b, "tern_messages_dropped_total", {"reason": reason}) == 3
     c = mkc("c", version, broker=b)
     c.connect()

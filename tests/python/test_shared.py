@@ -272,7 +272,7 @@ def test_no_local_raw_packet(broker):
 def test_each_message_to_exactly_one_member_round_robin(mk, proto):
     """Each message goes to exactly one member; round robin (the default) with every member
     acknowledging gives each of M members floor(N/M) or ceil(N/M) of N messages. Metrics:
-    tern_shared_members and tern_shared_delivered_total, labelled group and filter."""
+    tern_shared_members and tern_shared_messages_delivered_total, labelled group and filter."""
     members = [member(mk, f"m{i}", proto) for i in range(3)]
     for m in members:
         assert m.subscribe("$share/work/rr/t", 1) == [1]
@@ -289,8 +289,8 @@ def test_each_message_to_exactly_one_member_round_robin(mk, proto):
     for msgs in got.values():
         assert ints(msgs) == sorted(ints(msgs)), "one publisher: in order at each member"
         assert all(m.qos == 1 for m in msgs)
-    assert metric(mk.broker, "tern_shared_delivered_total", labels) == n
-    assert metric(mk.broker, "tern_shared_queued", labels) == 0
+    assert metric(mk.broker, "tern_shared_messages_delivered_total", labels) == n
+    assert metric(mk.broker, "tern_shared_queued_messages", labels) == 0
 
 
 @pytest.mark.parametrize("proto", BOTH)
@@ -523,7 +523,7 @@ def test_slow_member_holds_only_its_window(make_broker, mkc, proto):
     """A member that never acknowledges holds at most its in-flight window (v5: its Receive
     Maximum 2; v3.1.1: limits.max_inflight = 2); the other member gets the rest: 20 QoS 1
     messages -> 18 to the fast member. When the slow one goes away, its 2 go to the other
-    (tern_shared_redelivered_total)."""
+    (tern_shared_messages_redelivered_total)."""
     b = make_broker({"limits": {"max_inflight": 2}} if proto == V311 else None)
     slow = mkc("slow", proto, broker=b, manual_ack=True)
     if proto == V5:
@@ -541,12 +541,12 @@ def test_slow_member_holds_only_its_window(make_broker, mkc, proto):
     fast.expect_none(0.2)
     assert sorted(ints(held) + ints(fast_got)) == list(range(20))
     labels = {"group": "g", "filter": "cr/t"}
-    before = metric(b, "tern_shared_redelivered_total", labels)
+    before = metric(b, "tern_shared_messages_redelivered_total", labels)
     slow.drop()
     again = fast.get_n(2)
     assert sorted(ints(again)) == sorted(ints(held))
-    assert metric(b, "tern_shared_redelivered_total", labels) - before == 2
-    assert metric(b, "tern_shared_delivered_total", labels) == 22
+    assert metric(b, "tern_shared_messages_redelivered_total", labels) - before == 2
+    assert metric(b, "tern_shared_messages_delivered_total", labels) == 22
 
 
 # --------------------------------------------------------------------------- members leaving
@@ -568,7 +568,7 @@ def test_unacked_qos1_goes_to_other_members_at_disconnect(mk, proto, how):
     held = ints(got[a])
     assert len(held) == 5 and len(got[bm]) == 5
     labels = {"group": "g", "filter": "lv/t"}
-    before = metric(mk.broker, "tern_shared_redelivered_total", labels)
+    before = metric(mk.broker, "tern_shared_messages_redelivered_total", labels)
     if how == "drop":
         a.drop()
     else:
@@ -576,7 +576,7 @@ def test_unacked_qos1_goes_to_other_members_at_disconnect(mk, proto, how):
     more = bm.get_n(5)
     assert sorted(ints(more)) == sorted(held)
     assert sorted(ints(got[bm]) + ints(more)) == list(range(10))
-    assert metric(mk.broker, "tern_shared_redelivered_total", labels) - before == 5
+    assert metric(mk.broker, "tern_shared_messages_redelivered_total", labels) - before == 5
     # The member is still a member (persistent session): it gets its share of new messages
     # when it returns, and not the ones already given to the other member.
     a2 = resume(mk, a)
@@ -649,7 +649,7 @@ def test_qos2_not_pubrecd_stays_with_persistent_member(broker, mk, proto):
     a.send(raw.pubcomp(first.pid, proto) + raw.pubcomp(second.pid, proto))
     a.assert_silent(0.3)
     bm.expect_none(0.3)
-    assert metric(broker, "tern_shared_redelivered_total", {"group": "g"}) == 0
+    assert metric(broker, "tern_shared_messages_redelivered_total", {"group": "g"}) == 0
     a.disconnect()
 
 
@@ -670,7 +670,7 @@ def test_qos2_not_pubrecd_goes_to_others_when_session_ends(broker, mk, proto):
     assert sorted(ints(theirs) + ints(more)) == [0, 1, 2, 3]
     assert all(m.qos == 2 for m in more)
     bm.expect_none(0.3)
-    assert metric(broker, "tern_shared_redelivered_total", {"group": "g"}) == 2
+    assert metric(broker, "tern_shared_messages_redelivered_total", {"group": "g"}) == 2
 
 
 @pytest.mark.parametrize("proto", BOTH)
@@ -703,7 +703,7 @@ def test_qos2_not_pubrecd_goes_to_others_when_session_ends_later(broker, mk, pro
 @pytest.mark.parametrize("proto", BOTH)
 def test_group_queues_qos1_qos2_while_every_member_is_away(mk, proto):
     """Every member away with a persistent session: the group queues QoS 1 and 2 messages
-    (tern_shared_queued), not QoS 0, and delivers them to the first member that returns."""
+    (tern_shared_queued_messages), not QoS 0, and delivers them to the first member that returns."""
     a = member(mk, "a", proto, persistent=True)
     bm = member(mk, "b", proto, persistent=True)
     for c in (a, bm):
@@ -716,7 +716,7 @@ def test_group_queues_qos1_qos2_while_every_member_is_away(mk, proto):
         pub.publish("aw/t", f"q1-{i}".encode(), qos=1)
         pub.publish("aw/t", f"q2-{i}".encode(), qos=2)
     labels = {"group": "g", "filter": "aw/t"}
-    assert wait_metric(mk.broker, "tern_shared_queued", labels, lambda v: v == 10) == 10
+    assert wait_metric(mk.broker, "tern_shared_queued_messages", labels, lambda v: v == 10) == 10
     assert metric(mk.broker, "tern_shared_members", labels) == 2
     a2 = resume(mk, a)
     got = a2.get_n(10)
@@ -724,7 +724,7 @@ def test_group_queues_qos1_qos2_while_every_member_is_away(mk, proto):
         [f"q1-{i}".encode() for i in range(5)] + [f"q2-{i}".encode() for i in range(5)])
     assert {m.payload: m.qos for m in got}[b"q2-0"] == 2
     a2.expect_none(0.3)
-    assert metric(mk.broker, "tern_shared_queued", labels) == 0
+    assert metric(mk.broker, "tern_shared_queued_messages", labels) == 0
     b2 = resume(mk, bm)
     b2.expect_none(0.3)
 
@@ -751,7 +751,7 @@ def test_group_queue_survives_broker_restart(broker, mk, proto, stop):
     broker.start()
     labels = {"group": "g", "filter": "dur/t"}
     assert metric(broker, "tern_shared_members", labels) == 1
-    assert metric(broker, "tern_shared_queued", labels) == 6
+    assert metric(broker, "tern_shared_queued_messages", labels) == 6
     a2 = resume(mk, a)
     got = a2.get_n(6)
     assert sorted(m.payload for m in got) == [f"m{i}".encode() for i in range(6)]
@@ -765,7 +765,7 @@ def test_group_queue_survives_broker_restart(broker, mk, proto, stop):
 
 def test_group_queue_limit_while_away(make_broker, mkc):
     """[shared] max_queued_messages = 5, every member away: the 6th and later messages are
-    dropped (tern_shared_dropped_total, tern_messages_dropped_total{reason="queue_full"}); the
+    dropped (tern_shared_messages_dropped_total, tern_messages_dropped_total{reason="queue_full"}); the
     publisher is not paused (nobody drains the queue)."""
     b = make_broker({"shared": {"max_queued_messages": 5}})
     a = member(mkc, "a", V5, broker=b, persistent=True)
@@ -776,8 +776,8 @@ def test_group_queue_limit_while_away(make_broker, mkc):
     rcs = publish_all(pub, "lim/t", 8, refused=True)
     assert rcs == [0] * 5 + [0x97] * 3, rcs  # the publisher learns what nobody took
     labels = {"group": "g", "filter": "lim/t"}
-    assert metric(b, "tern_shared_queued", labels) == 5
-    assert metric(b, "tern_shared_dropped_total", labels) == 3
+    assert metric(b, "tern_shared_queued_messages", labels) == 5
+    assert metric(b, "tern_shared_messages_dropped_total", labels) == 3
     assert metric(b, "tern_messages_dropped_total", {"reason": "queue_full"}) == 3
     assert metric(b, "tern_backpressure_pauses_total") == 0
     a2 = resume(mkc, a)
@@ -797,8 +797,8 @@ def test_group_queue_byte_limit_while_away(make_broker, mkc):
     for i in range(20):
         pub.publish("qb/t", b"%02d" % i + b"x" * 94, qos=1)
     labels = {"group": "g", "filter": "qb/t"}
-    queued = metric(b, "tern_shared_queued", labels)
-    dropped = metric(b, "tern_shared_dropped_total", labels)
+    queued = metric(b, "tern_shared_queued_messages", labels)
+    dropped = metric(b, "tern_shared_messages_dropped_total", labels)
     assert 8 <= queued <= 10 and queued + dropped == 20, (queued, dropped)
     a2 = resume(mkc, a)
     got = a2.get_n(int(queued))
@@ -860,11 +860,11 @@ def test_group_ends_with_last_members_session_and_its_queue_is_discarded(mk, pro
     pub = member(mk, "pub", proto)
     publish_all(pub, "ses/t", 3)
     labels = {"group": "g", "filter": "ses/t"}
-    assert metric(mk.broker, "tern_shared_queued", labels) == 3
+    assert metric(mk.broker, "tern_shared_queued_messages", labels) == 3
     fresh = mk.again(a, clean_session=True) if proto == V311 else mk.again(a)
     rc, sp, _ = fresh.connect()
     assert sp is False
-    assert not [s for s in series(mk.broker, "tern_shared_queued") if s[0].get("group") == "g"]
+    assert not [s for s in series(mk.broker, "tern_shared_queued_messages") if s[0].get("group") == "g"]
     assert fresh.subscribe("$share/g/ses/t", 1) == [1]
     fresh.expect_none(0.5)
     pub.publish("ses/t", b"new", qos=1)
@@ -912,7 +912,7 @@ def test_backpressure_slows_publisher_without_loss(make_broker, mkc, proto):
     assert pub.c.is_connected()
     labels = {"group": "g", "filter": "bp/t"}
     assert metric(b, "tern_backpressure_pauses_total") > 0
-    assert metric(b, "tern_shared_dropped_total", labels) == 0
+    assert metric(b, "tern_shared_messages_dropped_total", labels) == 0
     assert metric(b, "tern_messages_dropped_total", {"reason": "queue_full"}) == 0
 
 
@@ -930,9 +930,9 @@ def test_overflow_without_backpressure_drops(make_broker, mkc):
     assert len(m.get_n(1)) == 1
     m.expect_none(0.3)
     labels = {"group": "g", "filter": "of/t"}
-    dropped = metric(b, "tern_shared_dropped_total", labels)
-    queued = metric(b, "tern_shared_queued", labels)
-    delivered = metric(b, "tern_shared_delivered_total", labels)
+    dropped = metric(b, "tern_shared_messages_dropped_total", labels)
+    queued = metric(b, "tern_shared_queued_messages", labels)
+    delivered = metric(b, "tern_shared_messages_delivered_total", labels)
     assert queued == 5
     assert dropped >= n - 1 - 5 - 1 and dropped > 0
     assert delivered + queued + dropped == n, (delivered, queued, dropped)
@@ -984,11 +984,11 @@ def test_metrics_per_group(mk):
     gather([a, bm], 8)
     ms = {(s[0]["group"], s[0]["filter"]): s[1] for s in series(mk.broker, "tern_shared_members")}
     assert ms == {("alpha", "mx/+"): 2, ("beta", "mx/t"): 1}
-    assert metric(mk.broker, "tern_shared_delivered_total",
+    assert metric(mk.broker, "tern_shared_messages_delivered_total",
                   {"group": "alpha", "filter": "mx/+"}) == 4
-    assert metric(mk.broker, "tern_shared_delivered_total",
+    assert metric(mk.broker, "tern_shared_messages_delivered_total",
                   {"group": "beta", "filter": "mx/t"}) == 4
-    assert metric(mk.broker, "tern_shared_queued", {"group": "alpha"}) == 0
+    assert metric(mk.broker, "tern_shared_queued_messages", {"group": "alpha"}) == 0
 
 
 # --------------------------------------------------------------------------- flash sale
