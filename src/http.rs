@@ -53,14 +53,16 @@ pub fn state_of(broker: &Broker) -> BrokerState {
             .iter()
             .map(|g| {
                 let (queued, reservations_open) = g.queue.outbox.counts();
+                let age = broker.oldest_age(g);
                 GroupState {
                     share: g.share.to_string(),
                     filter: g.filter().to_string(),
                     members: g.member_count(),
                     queued,
                     reservations_open,
-                    oldest_age: (g.kind != Kind::Shared).then(|| broker.oldest_age(g)),
+                    oldest_age: (g.kind != Kind::Shared).then_some(age),
                     bridge: g.kind == Kind::Bridge,
+                    age,
                 }
             })
             .collect(),

@@ -25,6 +25,12 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// The publishing session, for No Local; 0 for the broker's own messages.
     pub origin: u64,
+    /// When this broker took the message in (the driver's clock), for the publish-to-acknowledge
+    /// latency of its deliveries (consumer lag). None when unknown: a message read back from
+    /// the store keeps no receive instant (an `Instant` means nothing after a restart); the
+    /// loader may derive one from its queue entry's enqueue second
+    /// ([`Message::received_from_unix`]).
+    pub received: Option<Instant>,
 }
 
 impl Message {
@@ -56,6 +62,18 @@ impl Message {
     pub fn deadline_from(interval: Option<u32>, now: Instant) -> Option<Instant> {
         interval.map(|s| now + Duration::from_secs(u64::from(s)))
     }
+
+    /// The receive instant of a message loaded from the store, from the Unix second its queue
+    /// entry was enqueued (0: unknown, None). Whole seconds: the latency of a message that
+    /// waited on disk is counted from its stored time, the downtime of a restart included
+    /// (what its consumer saw), never made up.
+    pub fn received_from_unix(enqueued: u32, now: Instant, now_unix_ms: u64) -> Option<Instant> {
+        if enqueued == 0 {
+            return None;
+        }
+        let ago = now_unix_ms.saturating_sub(u64::from(enqueued) * 1000);
+        Some(now.checked_sub(Duration::from_millis(ago)).unwrap_or(now))
+    }
 }
 
 #[cfg(test)]
@@ -72,6 +90,7 @@ mod tests {
             properties: PublishProperties::default(),
             expires_at,
             origin: 0,
+            received: None,
         }
     }
 
@@ -87,5 +106,18 @@ mod tests {
         );
         assert!(m.remaining_expiry(now + Duration::from_secs(3)).is_err());
         assert!(m.is_expired(now + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn a_stored_enqueue_second_gives_a_receive_instant() {
+        let now = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(Message::received_from_unix(0, now, 5_000_000), None);
+        let at = Message::received_from_unix(4_990, now, 5_000_000).expect("known");
+        assert_eq!(now - at, Duration::from_secs(10));
+        // A clock that went back: not in the future.
+        assert_eq!(
+            Message::received_from_unix(6_000, now, 5_000_000),
+            Some(now)
+        );
     }
 }

@@ -8,8 +8,8 @@
 use crate::protocol::kind;
 use crate::session::registry::SessionStats;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -84,6 +84,7 @@ pub struct Metrics {
     connections_max: std::sync::atomic::AtomicI64,
     shared: SharedVecs,
     queues: QueueVecs,
+    lag: LagVecs,
     bridges: BridgeVecs,
 }
 
@@ -341,6 +342,59 @@ impl QueueVecs {
         Ok(v)
     }
 }
+
+// ---- Consumer lag (issue 18, part 3) ---------------------------------------------------
+//
+// How far behind consumers are: `tern_queue_oldest_age_seconds{kind,name}` (in `QueueVecs`,
+// set at scrape time for every kind) and the publish-to-acknowledge latency histogram below.
+// Both are labelled by kind (`shared`, `queue`, `bridge`) and name, so the label set is the
+// groups and declared queues that exist: each group's series go when it ends. Sessions are
+// never labels (a million clients would be a million series): the status page ranks them.
+
+/// The kind and name a group's lag series carry; a `$share` group is named `SHARE/FILTER`
+/// (the subscription without `$share/`), as one ShareName may serve several filters.
+pub fn lag_labels(kind: &'static str, share: &str, filter: &str) -> (&'static str, String) {
+    match kind {
+        "shared" => (kind, format!("{share}/{filter}")),
+        _ => (kind, share.to_string()),
+    }
+}
+
+/// The latency histogram, by group.
+struct LagVecs {
+    latency: HistogramVec,
+}
+
+impl LagVecs {
+    fn new(registry: &Registry) -> Result<LagVecs, prometheus::Error> {
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "tern_queue_delivery_latency_seconds",
+                "Time from a message's arrival at this broker to its consumer's acknowledgement (PUBACK for QoS 1, PUBCOMP for QoS 2), by kind (shared, queue, bridge) and name; a message that waited on disk counts from its stored enqueue second",
+            )
+            // From a consumer keeping up (milliseconds) to one an hour behind.
+            .buckets(vec![
+                0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0,
+            ]),
+            &["kind", "name"],
+        )?;
+        registry.register(Box::new(latency.clone()))?;
+        Ok(LagVecs { latency })
+    }
+
+    fn latency(&self, kind: &'static str, share: &str, filter: &str) -> Histogram {
+        let (kind, name) = lag_labels(kind, share, filter);
+        self.latency.with_label_values(&[kind, name.as_str()])
+    }
+
+    /// Drops an ended group's lag series.
+    fn forget(&self, oldest: &IntGaugeVec, kind: &'static str, share: &str, filter: &str) {
+        let (kind, name) = lag_labels(kind, share, filter);
+        let _ = self.latency.remove_label_values(&[kind, name.as_str()]);
+        let _ = oldest.remove_label_values(&[kind, name.as_str()]);
+    }
+}
+// ---- end of consumer lag ----------------------------------------------------------------
 
 /// Per bridge series, labelled by the bridge's name (`[[bridges]]`); they go when the bridge
 /// and its queue end.
@@ -758,6 +812,7 @@ impl Metrics {
         registry.register(Box::new(backpressure_pauses.clone()))?;
         let cluster = ClusterMetrics::new(&registry)?;
         let queues = QueueVecs::new(&registry)?;
+        let lag = LagVecs::new(&registry)?;
         let bridges = BridgeVecs::new(&registry)?;
         let storage = StorageMetrics {
             commits: IntCounter::new(
@@ -870,6 +925,7 @@ impl Metrics {
             retained,
             shared,
             queues,
+            lag,
             bridges,
             registry,
         })
@@ -982,6 +1038,7 @@ impl Metrics {
             // A shared group has no time to live and never drops its oldest.
             expired: None,
             evicted: None,
+            latency: self.lag.latency("shared", share, filter),
         }
     }
 
@@ -994,6 +1051,7 @@ impl Metrics {
             dropped: q.dropped.with_label_values(&[name, "queue_full"]),
             expired: Some(q.dropped.with_label_values(&[name, "expired"])),
             evicted: Some(q.dropped.with_label_values(&[name, "overflow"])),
+            latency: self.lag.latency("queue", name, ""),
         }
     }
 
@@ -1006,6 +1064,7 @@ impl Metrics {
             dropped: b.dropped.with_label_values(&[name, "queue_full"]),
             expired: None,
             evicted: None,
+            latency: self.lag.latency("bridge", name, ""),
         }
     }
 
@@ -1035,7 +1094,7 @@ impl Metrics {
         for reason in ["queue_full", "not_authorized", "echo", "refused"] {
             let _ = b.dropped.remove_label_values(&[name, reason]);
         }
-        let _ = self.queues.oldest.remove_label_values(&["bridge", name]);
+        self.lag.forget(&self.queues.oldest, "bridge", name, "");
     }
 
     /// Drops an ended declared queue's series.
@@ -1043,7 +1102,7 @@ impl Metrics {
         let q = &self.queues;
         let _ = q.messages.remove_label_values(&[name]);
         let _ = q.consumers.remove_label_values(&[name]);
-        let _ = q.oldest.remove_label_values(&["queue", name]);
+        self.lag.forget(&q.oldest, "queue", name, "");
         let _ = q.delivered.remove_label_values(&[name]);
         let _ = q.redelivered.remove_label_values(&[name]);
         for reason in ["queue_full", "expired", "overflow"] {
@@ -1059,6 +1118,8 @@ impl Metrics {
         let _ = self.shared.delivered.remove_label_values(l);
         let _ = self.shared.redelivered.remove_label_values(l);
         let _ = self.shared.dropped.remove_label_values(l);
+        self.lag
+            .forget(&self.queues.oldest, "shared", share, filter);
     }
 
     /// Text exposition of every metric, with the state gauges set from `state`.
@@ -1112,6 +1173,9 @@ impl Metrics {
                 .with_label_values(l)
                 .set(g.members as i64);
             self.shared.queued.with_label_values(l).set(g.queued as i64);
+            let (kind, name) = lag_labels("shared", &g.share, &g.filter);
+            let oldest = &self.queues.oldest;
+            oldest.with_label_values(&[kind, &name]).set(g.age as i64);
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for I/O reasons; a failure would be a bug in a
@@ -1137,6 +1201,8 @@ pub struct GroupMetrics {
     pub expired: Option<IntCounter>,
     /// The oldest, dropped by a full declared queue to make room (declared queues only).
     pub evicted: Option<IntCounter>,
+    /// Publish-to-acknowledge latency of the group's deliveries (consumer lag).
+    pub latency: Histogram,
 }
 
 impl GroupMetrics {
@@ -1176,6 +1242,9 @@ pub struct GroupState {
     pub oldest_age: Option<u64>,
     /// A bridge's outgoing queue (`share` is the bridge's name).
     pub bridge: bool,
+    /// Seconds the oldest waiting message has waited, for every kind of group (consumer
+    /// lag: a `$share` group's too).
+    pub age: u64,
 }
 
 /// Storage thread metrics; a clone is handed to the store as its commit observer.

@@ -21,7 +21,9 @@
 use crate::message::Message;
 use crate::protocol::QoS;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 /// Subscription identifiers that matched, applied at encode time.
@@ -76,9 +78,11 @@ pub struct Delivery {
     /// place in the session's durable queue its stored copy takes, if it gets one. Finishing
     /// the delivery asks the broker's early ledger whether that entry must go.
     pub early: Option<u64>,
-    /// When it entered a declared queue, in Unix seconds (0: not in one, or unknown): the
-    /// queue's `message_ttl` and oldest age count from it. Four bytes that fit in the padding
-    /// after the flags, so a delivery is no bigger for it.
+    /// When it was routed into a queue (a session's, a group's, a declared queue's), in Unix
+    /// seconds (0: unknown, or not routed: a retained message sent on subscribe): a declared
+    /// queue's `message_ttl`, every queue's oldest age, and the latency of a delivery loaded
+    /// from disk count from it. Four bytes that fit in the padding after the flags, so a
+    /// delivery is no bigger for it.
     pub enqueued: u32,
 }
 
@@ -166,6 +170,22 @@ struct Queue {
     /// outlives its connection); changed when a client attaches with the other kind.
     max_messages: usize,
     max_bytes: usize,
+    /// The enqueue second of the entry at `spill_from`, when known (0: not known here, ask the
+    /// store): set when a spill starts, forgotten when the head moves. It answers the oldest
+    /// age of a queue whose client is away (everything on disk) without a read per look.
+    spill_head_enqueued: u32,
+}
+
+/// Where a queue's oldest message is, for its oldest age ([`Outbox::oldest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oldest {
+    /// Nothing waits (or only messages with no enqueue time, such as retained ones).
+    Nothing,
+    /// The oldest waiting message was enqueued at this Unix second.
+    Enqueued(u32),
+    /// Only the disk holds messages and their head's time is not known here: the first
+    /// entry from this seq on says.
+    OnDisk(u64),
 }
 
 /// What recovery found on disk for a session's queue.
@@ -180,6 +200,11 @@ pub struct SpillState {
 pub struct Outbox {
     queue: Mutex<Queue>,
     notify: Notify,
+    /// Moving average of the publish-to-acknowledge latency of this queue's deliveries, in
+    /// microseconds (0: none yet): the status page ranks consumers by it. Outside the lock,
+    /// one relaxed load and store per acknowledgement; a group's members may race on it and
+    /// lose an update, which an average shrugs off.
+    latency_us: AtomicU64,
 }
 
 impl Outbox {
@@ -201,8 +226,66 @@ impl Outbox {
                 early_after: 0,
                 max_messages,
                 max_bytes,
+                spill_head_enqueued: 0,
             }),
             notify: Notify::new(),
+            latency_us: AtomicU64::new(0),
+        }
+    }
+
+    /// A delivery of this queue was acknowledged `latency` after its message was received:
+    /// the moving average takes an eighth of the difference (about the last eight count).
+    pub fn acknowledged(&self, latency: Duration) {
+        let x = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let old = self.latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            x
+        } else if x >= old {
+            old + (x - old) / 8
+        } else {
+            old - (old - x) / 8
+        };
+        self.latency_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The moving average of [`Outbox::acknowledged`] latencies; None before the first.
+    pub fn latency(&self) -> Option<Duration> {
+        match self.latency_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Where the oldest waiting message is: the first of memory that was routed (memory
+    /// holds the head of the queue), else the disk's head.
+    pub fn oldest(&self) -> Oldest {
+        let q = self.lock();
+        // A retained message sent on subscribe carries no enqueue time; it is never long at
+        // the front, so a few places suffice.
+        if let Some(t) = q.items.iter().take(8).map(|d| d.enqueued).find(|&t| t != 0) {
+            return Oldest::Enqueued(t);
+        }
+        if q.spilled == 0 {
+            Oldest::Nothing
+        } else if q.spill_head_enqueued != 0 {
+            Oldest::Enqueued(q.spill_head_enqueued)
+        } else {
+            Oldest::OnDisk(q.spill_from)
+        }
+    }
+
+    /// Whether [`Outbox::oldest`] would send its caller to the store.
+    pub fn oldest_on_disk(&self) -> bool {
+        matches!(self.oldest(), Oldest::OnDisk(_))
+    }
+
+    /// What the store said of the disk's head at `from`, kept while the head stays there.
+    pub fn spill_head_read(&self, from: u64, enqueued: u32) {
+        let mut q = self.lock();
+        if q.spilled > 0 && q.spill_from == from {
+            q.spill_head_enqueued = enqueued;
         }
     }
 
@@ -315,11 +398,6 @@ impl Outbox {
         dropped
     }
 
-    /// The front delivery in memory, if any (a declared queue's oldest age).
-    pub fn front_enqueued(&self) -> Option<u32> {
-        self.lock().items.front().map(|d| d.enqueued)
-    }
-
     /// Puts deliveries taken earlier back at the front, in their order, whatever the limits:
     /// they were accepted once (a group member left before finishing them).
     pub fn requeue_front(&self, items: impl DoubleEndedIterator<Item = Delivery>) {
@@ -377,12 +455,13 @@ impl Outbox {
 
     /// Reserves a place in the durable queue for a QoS 1/2 message of `weight` bytes.
     pub fn reserve(&self, weight: usize) -> Reservation {
-        self.reserve_with(weight, false)
+        self.reserve_with(weight, false, 0)
     }
 
     /// [`Outbox::reserve`], with `force` ignoring the limits: for a message accepted once
     /// that comes back (a shared subscription member left without acknowledging it).
-    pub fn reserve_with(&self, weight: usize, force: bool) -> Reservation {
+    /// `enqueued`: the delivery's enqueue second, kept if it starts the disk's part.
+    pub fn reserve_with(&self, weight: usize, force: bool, enqueued: u32) -> Reservation {
         let mut q = self.lock();
         let count = q.items.len() + q.pending + q.spilled;
         let bytes = q.bytes + q.pending_bytes + q.spilled_bytes;
@@ -399,6 +478,7 @@ impl Outbox {
         } else {
             if q.spilled == 0 {
                 q.spill_from = seq;
+                q.spill_head_enqueued = enqueued;
             }
             q.spilled += 1;
             q.spilled_bytes += weight;
@@ -507,6 +587,9 @@ impl Outbox {
         q.uncommitted.remove(i);
         q.spilled = q.spilled.saturating_sub(1);
         q.spilled_bytes = q.spilled_bytes.saturating_sub(weight);
+        if seq == q.spill_from {
+            q.spill_head_enqueued = 0;
+        }
         if q.spilled == 0 {
             q.spilled_bytes = 0;
             q.spill_from = q.next_seq;
@@ -588,6 +671,8 @@ impl Outbox {
             q.items.push_back(d);
         }
         q.spill_from = q.spill_from.max(next_from);
+        // The disk's new head is younger than what memory now holds: asked for when needed.
+        q.spill_head_enqueued = 0;
         if q.spilled == 0 {
             q.spilled_bytes = 0;
         }
@@ -620,6 +705,7 @@ impl Outbox {
             return false;
         }
         q.spill_from = next_from;
+        q.spill_head_enqueued = 0;
         q.spilled -= n;
         q.spilled_bytes = q.spilled_bytes.saturating_sub(bytes);
         if q.spilled == 0 {
@@ -631,6 +717,7 @@ impl Outbox {
     /// Accounts for spilled entries that turned out to be gone from disk (e.g. expired).
     pub fn forget_spilled(&self, n: usize) {
         let mut q = self.lock();
+        q.spill_head_enqueued = 0;
         q.spilled = q.spilled.saturating_sub(n);
         if q.spilled == 0 {
             q.spilled_bytes = 0;
@@ -669,6 +756,13 @@ impl Outbox {
     /// Drops everything (a clean start); returns how many were queued. The durable copy is
     /// deleted by the caller (DeleteSession).
     pub fn clear(&self) -> usize {
+        self.purge().0
+    }
+
+    /// Drops everything queued (an operator's purge, or a clean start) and returns how many,
+    /// with the seq below which the store's entries are the dropped ones (the caller submits
+    /// `Op::PurgeQueue` with it).
+    pub fn purge(&self) -> (usize, u64) {
         let mut q = self.lock();
         let n = q.items.len() + q.pending + q.spilled;
         q.items.clear();
@@ -679,9 +773,10 @@ impl Outbox {
         q.spilled_bytes = 0;
         q.uncommitted.clear();
         q.spill_from = q.next_seq;
+        q.spill_head_enqueued = 0;
         q.epoch += 1;
         q.early_refused = 0;
-        n
+        (n, q.next_seq)
     }
 
     /// Resolves when something was pushed since the last wake-up.
@@ -707,6 +802,7 @@ mod tests {
                 properties: PublishProperties::default(),
                 expires_at: None,
                 origin: 0,
+                received: None,
             }),
             qos,
             false,
@@ -834,6 +930,59 @@ mod tests {
         assert!(o.is_empty());
     }
 
+    /// Consumer lag: the oldest age follows the head (memory first, then what the disk's head
+    /// was when it was spilled, else "ask the store"), and the latency average moves by an
+    /// eighth of each difference.
+    #[test]
+    fn the_oldest_waiting_message_and_the_latency_average() {
+        let o = Outbox::new(100, 1 << 20);
+        assert_eq!(o.oldest(), Oldest::Nothing);
+        // Client away: everything spills; the first spilled entry's time is kept.
+        let Reservation::Spill { seq, epoch } = o.reserve_with(10, false, 1_000) else {
+            panic!()
+        };
+        assert!(matches!(
+            o.reserve_with(10, false, 1_005),
+            Reservation::Spill { .. }
+        ));
+        o.spill_committed(seq, epoch);
+        assert_eq!(o.oldest(), Oldest::Enqueued(1_000));
+        // Loaded into memory: memory's head answers; the disk's new head is not known here.
+        let mut first = d(QoS::AtLeastOnce);
+        first.enqueued = 1_000;
+        o.load_spilled(vec![first], seq + 1, epoch);
+        assert_eq!(o.oldest(), Oldest::Enqueued(1_000));
+        let mut out = Vec::new();
+        o.pop_batch(10, 10, &mut out);
+        assert_eq!(o.oldest(), Oldest::OnDisk(seq + 1));
+        o.spill_head_read(seq + 1, 1_005);
+        assert_eq!(o.oldest(), Oldest::Enqueued(1_005));
+        assert!(!o.oldest_on_disk());
+        // A retained message sent on subscribe (no enqueue time) is skipped.
+        o.set_online(true);
+        o.clear();
+        o.push(d(QoS::AtLeastOnce));
+        let mut routed = d(QoS::AtLeastOnce);
+        routed.enqueued = 2_000;
+        o.push(routed);
+        assert_eq!(o.oldest(), Oldest::Enqueued(2_000));
+
+        assert_eq!(o.latency(), None);
+        o.acknowledged(Duration::from_millis(800));
+        assert_eq!(o.latency(), Some(Duration::from_millis(800)));
+        o.acknowledged(Duration::from_millis(0));
+        // 0 counts as 1 µs (0 means "none yet").
+        assert_eq!(o.latency(), Some(Duration::from_micros(700_001)));
+        for _ in 0..200 {
+            o.acknowledged(Duration::from_secs(10));
+        }
+        let avg = o.latency().expect("some");
+        assert!(
+            avg > Duration::from_millis(9_900) && avg <= Duration::from_secs(10),
+            "{avg:?}"
+        );
+    }
+
     #[test]
     fn reservations_go_hot_then_spill_and_load_in_order() {
         let o = Outbox::new(10_000, 1 << 30);
@@ -956,7 +1105,10 @@ mod tests {
             o.push(d(QoS::AtLeastOnce));
         }
         assert_eq!(o.reserve(1), Reservation::Full);
-        assert!(matches!(o.reserve_with(1, true), Reservation::Hot { .. }));
+        assert!(matches!(
+            o.reserve_with(1, true, 0),
+            Reservation::Hot { .. }
+        ));
         let mut all = Vec::new();
         o.pop_batch(100, 100, &mut all);
         assert_eq!(all.len(), 8);

@@ -288,6 +288,7 @@ impl Forwarder {
             // The bridge's: No Local on its queue's index entries keeps it from going back out
             // (in a cluster too: the origin crosses with the message).
             origin: self.group.origin,
+            received: Some(now),
         });
         let mut staged = Staged::default();
         self.broker.publish(&msg, &mut Vec::new(), &mut staged);

@@ -266,6 +266,7 @@ mod tests {
             properties: PublishProperties::default(),
             expires_at: None,
             origin: 0,
+            received: None,
         })
     }
 

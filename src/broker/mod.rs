@@ -18,12 +18,14 @@
 //! - `peers`: the other nodes of a cluster, installed by `cluster/` ([`Peers`]);
 //! - `expiry`: the once-a-second sweep (expired sessions, retained and queued messages);
 //! - [`recovery`]: rebuilding sessions and groups from the store at startup;
+//! - [`lag`]: consumer lag, the slowest sessions and groups for the status page;
 //! - [`retain`], [`trie`], [`sys`], [`topics`]: the retained tree, the subscription index,
 //!   `$SYS` and the per-topic sampler.
 
 pub mod early;
 mod expiry;
 mod handover;
+pub mod lag;
 mod peers;
 pub mod recovery;
 pub mod retain;

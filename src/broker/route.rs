@@ -3,7 +3,7 @@
 
 use super::early::{Early, FastRouted};
 use super::retain::RetainOutcome;
-use super::shared::{Group, Kind};
+use super::shared::Group;
 use super::staged::Staging;
 use super::{Broker, Staged, Subscriber};
 use crate::message::Message;
@@ -166,11 +166,12 @@ impl Broker {
             // [MQTT-3.3.1-13]); a group keeps the flag and applies each member's option.
             let retain = msg.retain && (retain_as_published || group.is_some());
             let mut delivery = Delivery::new(msg.clone(), qos.min(msg.qos), retain, sub_ids);
-            if group.is_some_and(|g| g.kind != Kind::Shared) {
-                // A declared queue's (or bridge's) time to live and oldest age count from now.
-                delivery.enqueued = *enqueued
-                    .get_or_insert_with(|| (unix_now_ms() / 1000).min(u32::MAX.into()) as u32);
-            }
+            // A declared queue's (or bridge's) time to live, and every queue's oldest age
+            // (consumer lag: sessions and groups alike), count from now; one clock read per
+            // message. Only routed deliveries carry it, so a retained message sent on
+            // subscribe (0) never counts as lag.
+            delivery.enqueued =
+                *enqueued.get_or_insert_with(|| (unix_now_ms() / 1000).min(u32::MAX.into()) as u32);
             if targets == Targets::Fast && session.persistent.load(Ordering::Relaxed) {
                 // When it cannot take it now, it gets it from the stream like any message of
                 // a persistent session (still a match).

@@ -3,6 +3,7 @@
 //! head, so a queue of millions costs memory for a batch, not for millions.
 
 use super::Broker;
+use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
 use crate::session::registry::SessionHandle;
 use crate::storage::record::unix_now_ms;
@@ -56,8 +57,10 @@ impl Broker {
                     for id in e.sub_ids {
                         sub_ids.push(id);
                     }
-                    let mut d =
-                        Delivery::new(Arc::new(m.to_message(now, unix)), e.qos, e.retain, sub_ids);
+                    let mut msg = m.to_message(now, unix);
+                    // Its latency counts from its stored enqueue second (consumer lag).
+                    msg.received = Message::received_from_unix(e.enqueued, now, unix);
+                    let mut d = Delivery::new(Arc::new(msg), e.qos, e.retain, sub_ids);
                     d.seq = Some(seq);
                     d.stored = true;
                     d.enqueued = e.enqueued;

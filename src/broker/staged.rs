@@ -213,7 +213,10 @@ impl Broker {
             }
             _ => return self.push(session, delivery) != Pushed::DroppedFull,
         };
-        let reservation = session.outbox.reserve_with(delivery.msg.weight(), evict);
+        let reservation =
+            session
+                .outbox
+                .reserve_with(delivery.msg.weight(), evict, delivery.enqueued);
         let (Reservation::Hot { seq, .. } | Reservation::Spill { seq, .. }) = reservation else {
             self.metrics.dropped_queue_full.inc();
             return false;

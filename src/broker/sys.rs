@@ -197,6 +197,8 @@ impl SysTree {
                 properties: Default::default(),
                 expires_at: None,
                 origin: 0,
+                // QoS 0 only: no acknowledgement, no latency to measure.
+                received: None,
             });
             b.publish_detached(&msg);
             self.published.insert(topic, value);

@@ -32,6 +32,7 @@ impl Broker {
             properties: will.properties.clone(),
             expires_at: Message::deadline_from(will.properties.message_expiry_interval, now),
             origin,
+            received: Some(now),
         });
         self.publish_detached(&msg);
     }

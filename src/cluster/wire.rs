@@ -115,8 +115,11 @@ pub(crate) fn from_node(headers: Option<&HeaderMap>, node: &str) -> bool {
 /// stream); otherwise session ids are another node's and mean nothing here.
 pub(crate) fn decode(body: &[u8], id: u64, own: bool) -> Option<Arc<Message>> {
     let stored = StoredMessage::decode(body).ok()?;
-    let mut msg = stored.to_message(crate::clock::now(), unix_now_ms());
+    let now = crate::clock::now();
+    let mut msg = stored.to_message(now, unix_now_ms());
     msg.id = id;
+    // Received here: the latency of its deliveries on this node counts from now.
+    msg.received = Some(now);
     if !own {
         msg.origin = 0;
     }
@@ -157,6 +160,7 @@ mod tests {
             },
             expires_at: Some(crate::clock::now() + std::time::Duration::from_secs(30)),
             origin: 99,
+            received: None,
         };
         let body = encode(&msg);
         let got = decode(&body, 1234, false).unwrap();
@@ -189,6 +193,7 @@ mod tests {
                 properties: PublishProperties::default(),
                 expires_at: None,
                 origin: 5,
+                received: None,
             })
             .collect();
         let refs: Vec<&Message> = msgs.iter().collect();

@@ -1348,6 +1348,7 @@ impl World {
             properties: Default::default(),
             expires_at: None,
             origin: 0,
+            received: None,
         }))
     }
 

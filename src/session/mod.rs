@@ -335,6 +335,7 @@ mod tests {
                 properties: PublishProperties::default(),
                 expires_at: None,
                 origin: 0,
+                received: None,
             }),
             qos,
             false,

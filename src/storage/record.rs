@@ -132,6 +132,7 @@ impl StoredMessage {
             properties: self.properties.clone(),
             expires_at,
             origin: self.origin,
+            received: None,
         }
     }
 

@@ -783,7 +783,10 @@ pub fn give_back_stored(
     d: &Delivery,
     staged: &mut Staged,
 ) {
-    let r = group.queue.outbox.reserve_with(d.msg.weight(), true);
+    let r = group
+        .queue
+        .outbox
+        .reserve_with(d.msg.weight(), true, d.enqueued);
     let (Reservation::Hot { seq, .. } | Reservation::Spill { seq, .. }) = r else {
         return;
     };
@@ -874,6 +877,7 @@ mod tests {
                 properties: PublishProperties::default(),
                 expires_at: None,
                 origin,
+                received: None,
             });
             let d = Delivery::new(msg, QoS::AtLeastOnce, false, SubIds::None);
             assert_eq!(g.queue.outbox.push(d), crate::outbox::Pushed::Queued);
@@ -1096,6 +1100,7 @@ mod tests {
             properties: PublishProperties::default(),
             expires_at: None,
             origin: 7,
+            received: Some(crate::clock::now()),
         });
         b.publish(&msg, &mut Vec::new(), &mut Staged::default())
     }

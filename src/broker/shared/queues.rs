@@ -18,6 +18,7 @@
 use super::{queue_key, Group, Kind};
 use crate::broker::Broker;
 use crate::config::{Overflow, QueueConfig};
+use crate::outbox::Oldest;
 use crate::protocol::SubscriptionOptions;
 use crate::session::registry::SessionHandle;
 use std::sync::Arc;
@@ -177,18 +178,32 @@ impl Broker {
         out
     }
 
-    /// Age in seconds of the oldest message waiting in a declared queue (0 when empty): the
-    /// head in memory, else the first entry on disk.
+    /// Age in seconds of the oldest message waiting in a group's queue (0 when empty).
     pub fn oldest_age(&self, group: &Group) -> u64 {
-        let now = crate::storage::record::unix_now_ms() / 1000;
-        let enqueued = group.queue.outbox.front_enqueued().or_else(|| {
-            let (from, _, _) = group.queue.outbox.spill_head()?;
-            let entries = self.store.read_queue(group.queue.id, from, 1).ok()?;
-            entries.first().map(|(_, e)| e.enqueued)
-        });
-        match enqueued {
-            Some(t) if t > 0 => now.saturating_sub(u64::from(t)),
-            _ => 0,
+        self.queue_oldest_age(&group.queue, crate::storage::record::unix_now_ms() / 1000)
+    }
+
+    /// Age in seconds at Unix second `now` of the oldest message waiting in a queue (a
+    /// session's or a group's; 0 when empty or unknown): the head in memory, else the disk's
+    /// head, read from the store once and then remembered by the queue while it stays the
+    /// head (so a look at a million offline sessions reads each head once, not each time).
+    pub fn queue_oldest_age(&self, queue: &SessionHandle, now: u64) -> u64 {
+        let enqueued = match queue.outbox.oldest() {
+            Oldest::Nothing => 0,
+            Oldest::Enqueued(t) => t,
+            Oldest::OnDisk(from) => match self.store.read_queue(queue.id, from, 1) {
+                Ok(entries) => {
+                    let t = entries.first().map_or(0, |(_, e)| e.enqueued);
+                    queue.outbox.spill_head_read(from, t);
+                    t
+                }
+                Err(_) => 0,
+            },
+        };
+        if enqueued == 0 {
+            0
+        } else {
+            now.saturating_sub(u64::from(enqueued))
         }
     }
 }

@@ -29,6 +29,7 @@ impl Client {
             .on_puback(a.packet_id)
             .map_err(wrong_ack)?
         {
+            self.acknowledged(&d);
             self.qos1_finished(a.packet_id, &d);
         }
         Ok(())
@@ -78,6 +79,7 @@ impl Client {
             .on_pubcomp(a.packet_id)
             .map_err(wrong_ack)?
         {
+            self.acknowledged(&d);
             self.stage_inflight_done(a.packet_id);
             self.group_delivery_done(&d, false, true);
         }

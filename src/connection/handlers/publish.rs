@@ -117,6 +117,7 @@ impl Client {
                     },
                     expires_at: Message::deadline_from(expiry, now),
                     origin: self.handle.id,
+                    received: Some(now),
                 });
                 let mut staged = Staged::default();
                 let routed = broker.publish(&msg, &mut self.scratch, &mut staged);
