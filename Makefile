@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench bench-cluster fuzz soak cluster
+.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench bench-cluster fuzz soak cluster promtool
 
 ## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
 run:
@@ -56,6 +56,12 @@ clients:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto-clients >/dev/null; }
 	bash benches/tern-bench/scripts/install-mosquitto.sh
 
+# promtool checks deploy/prometheus/tern-alerts.yml (tests/python/test_deploy.py). From Debian's
+# prometheus package, installed without leaving a Prometheus server running (the script's
+# policy-rc.d), and without recommends (node-exporter).
+promtool:
+	bash deploy/scripts/install-promtool.sh
+
 # Browser end-to-end tests (tests/browser/e2e.mjs): Debian's chromium and the npm packages
 # pinned in tests/browser/package-lock.json (playwright-core drives the system chromium and
 # never downloads a browser). npm ci runs again when the lock file changes. Node.js 20 or
@@ -72,7 +78,7 @@ $(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json
 	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/browser --no-audit --no-fund
 	touch $@
 
-test-python: venv clients $(if $(TERN_SKIP_BROWSER),,browser-deps)
+test-python: venv clients promtool $(if $(TERN_SKIP_BROWSER),,browser-deps)
 	$(CARGO) build
 	$(PY) -m pytest -q tests/python
 
