@@ -6,10 +6,12 @@
 //! Routing is an axum [`Router`] ([`router`]); connections are served by hyper's HTTP/1
 //! connection builder, whose options carry the limits: see [`serve`].
 
+use crate::admin::Admin;
 use crate::broker::shared::Kind;
 use crate::broker::Broker;
 use crate::metrics::{BrokerState, GroupState};
 use crate::status::Status;
+use crate::tls::TlsReloader;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -80,9 +82,10 @@ struct App {
 /// The routes of the metrics port. Each answers `GET` (and `HEAD`, without the body); another
 /// method on a known path is answered 405 with `Allow`, an unknown path 404. `ready` is set
 /// once the store is recovered and every listener is open, and cleared when shutdown begins,
-/// so a load balancer stops sending clients first.
-pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Router {
-    Router::new()
+/// so a load balancer stops sending clients first. With `admin`, the admin API's routes
+/// (`/api/v1/...`, `admin/mod.rs`) are served beside them.
+pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>, admin: Option<Admin>) -> Router {
+    let base = Router::new()
         .route("/metrics", get(metrics))
         .route("/", get(page))
         .route("/status.json", get(status_json))
@@ -93,7 +96,11 @@ pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Router {
             broker,
             status: Arc::new(Status::default()),
             ready,
-        })
+        });
+    match admin {
+        Some(admin) => base.merge(crate::admin::router(admin)),
+        None => base,
+    }
 }
 
 async fn metrics(State(app): State<App>) -> Response {
@@ -151,9 +158,11 @@ pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     ready: Arc<AtomicBool>,
+    admin: Option<Admin>,
+    tls: Option<Arc<TlsReloader>>,
     stop: impl Future<Output = ()>,
 ) {
-    let service = TowerToHyperService::new(router(broker, ready));
+    let service = TowerToHyperService::new(router(broker, ready, admin));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -184,8 +193,31 @@ pub async fn serve(
         };
         // Reap the finished ones (at most MAX_CONNECTIONS are running).
         while connections.try_join_next().is_some() {}
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(sock), service.clone()));
+        let watcher = graceful.watcher();
+        let (builder, service) = (builder.clone(), service.clone());
+        // The acceptor in force now (a reload may replace it for later connections).
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         connections.spawn(async move {
+            let conn = async move {
+                match acceptor {
+                    None => watcher
+                        .watch(builder.serve_connection(TokioIo::new(sock), service))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Some(acceptor) => {
+                        // The handshake has the header time: a client that does not finish
+                        // it holds no slot longer than one that does not send its head.
+                        let stream = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(sock))
+                            .await
+                            .map_err(|_| "TLS handshake timed out".to_string())?
+                            .map_err(|e| format!("TLS handshake: {e}"))?;
+                        watcher
+                            .watch(builder.serve_connection(TokioIo::new(stream), service))
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                }
+            };
             match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
@@ -237,9 +269,16 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let ready = Arc::new(AtomicBool::new(true));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, broker(), ready.clone(), async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(serve(
+            listener,
+            broker(),
+            ready.clone(),
+            None,
+            None,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Server {
             addr,
             ready,

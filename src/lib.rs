@@ -15,6 +15,7 @@
 // Data from clients and files must never reach a panic: outside tests, no unwrap/expect.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod auth;
 pub mod bridge;
 pub mod broker;
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod ctl;
 pub mod http;
 pub mod listener;
 pub mod logging;
@@ -66,6 +68,10 @@ pub struct Running {
     ready: Arc<AtomicBool>,
     /// The configuration in force (the startup one, with what reloads applied).
     config: Mutex<Config>,
+    /// The admin API's tokens, re-read on reload.
+    admin_tokens: Option<Arc<admin::Tokens>>,
+    /// The metrics port's certificate, re-read on reload.
+    metrics_tls: Option<Arc<tls::TlsReloader>>,
     log: Option<logging::LogHandle>,
 }
 
@@ -105,6 +111,8 @@ impl Running {
             bridges: Some(&self.bridges),
             tls: self.tls_reloader.as_ref(),
             wss: self.wss_reloader.as_ref(),
+            metrics_tls: self.metrics_tls.as_ref(),
+            admin: self.admin_tokens.as_ref(),
             log: self.log.as_ref(),
         };
         let (next, report) = reload::apply(&target, &running, &new)?;
@@ -222,6 +230,8 @@ pub enum StartError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
     Bridge(#[from] crate::bridge::BridgeError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::TokenError),
 }
 
 /// Binds the listeners and starts serving. Returns once every listener is open.
@@ -249,6 +259,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let connections = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
+    let mut fleet = None;
     if let Some(cluster) = broker.config.cluster.clone() {
         // Joined before any listener opens: the first client already sees the cluster's
         // retained messages and reaches the other nodes.
@@ -256,6 +267,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             cluster::Node::join(&broker, &cluster, held(&restored), cluster::JoinMode::Serve)
                 .await?;
         tasks.extend(joined.tasks);
+        // Every node answers the admin API's requests from the others, API on here or not.
+        tasks.push(
+            joined
+                .node
+                .serve_admin(admin::cluster_handler(broker.clone())),
+        );
+        fleet = Some(joined.node);
     }
     // Declared queues after recovery, which restored the ones stored, and after joining a
     // cluster, whose consumers feed them there: they collect before any listener opens.
@@ -263,7 +281,29 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let mut metrics_addr = None;
     let mut http = None;
+    let mut admin_tokens = None;
+    let mut metrics_tls = None;
     if let Some(addr) = broker.config.metrics.bind {
+        let admin = match &broker.config.admin.token_file {
+            Some(path) => {
+                let tokens = Arc::new(admin::Tokens::load(path)?);
+                admin_tokens = Some(tokens.clone());
+                Some(admin::Admin::new(broker.clone(), tokens, fleet.clone()))
+            }
+            None => None,
+        };
+        let tls = match broker.config.metrics.tls() {
+            Some(cfg) => {
+                let reloader = Arc::new(tls::TlsReloader::new(
+                    cfg,
+                    broker.metrics.metrics_certificate_expiry(),
+                )?);
+                tasks.push(tokio::spawn(reloader.clone().watch()));
+                metrics_tls = Some(reloader.clone());
+                Some(reloader)
+            }
+            None => None,
+        };
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -273,10 +313,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             })?;
         metrics_addr = l.local_addr().ok();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(http::serve(l, broker.clone(), ready.clone(), async move {
-            // Sent by `Running::shutdown`; dropped with `Running` (then serving stops too).
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(http::serve(
+            l,
+            broker.clone(),
+            ready.clone(),
+            admin,
+            tls,
+            async move {
+                // Sent by `Running::shutdown`; dropped with `Running` (then serving stops too).
+                let _ = stopped.await;
+            },
+        ));
         http = Some((task, stop));
     }
     let open = Opener {
@@ -372,6 +419,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         connections,
         ready,
         log: None,
+        admin_tokens,
+        metrics_tls,
     })
 }
 

@@ -45,6 +45,9 @@ enum Command {
     /// Cluster operations (docs/cluster.md).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// The admin API of a running broker: clients, sessions, queues, kicks, purges, traces
+    /// (docs/operations.md, "tern ctl").
+    Ctl(tern::ctl::CtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -72,6 +75,9 @@ struct PasswdArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Ctl(args)) = cli.command {
+        return tern::ctl::run(args);
+    }
     if let Some(Command::Passwd(args)) = &cli.command {
         return passwd(args);
     }

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub dropped_storage_failed: IntCounter,
     /// Oldest messages a full declared queue dropped to make room (`overflow = "drop_oldest"`).
     pub dropped_overflow: IntCounter,
+    /// Queued messages an operator purged through the admin API.
+    pub dropped_purged: IntCounter,
     pub protocol_errors: IntCounter,
     pub tls_handshakes: IntCounter,
     pub tls_failures: IntCounter,
@@ -901,6 +903,7 @@ impl Metrics {
             dropped_retain_full: dropped.with_label_values(&["retained_full"]),
             dropped_storage_failed: dropped.with_label_values(&["storage_failed"]),
             dropped_overflow: dropped.with_label_values(&["overflow"]),
+            dropped_purged: dropped.with_label_values(&["purged"]),
             protocol_errors,
             tls_handshakes: tls.with_label_values(&["ok"]),
             tls_failures: tls.with_label_values(&["failed"]),
@@ -957,6 +960,12 @@ impl Metrics {
     /// The certificate-expiry gauge of TLS listener `kind`, handed to its TLS reloader.
     pub fn tls_certificate_expiry(&self, kind: ListenerKind) -> IntGauge {
         self.tls_not_after.with_label_values(&[kind.label()])
+    }
+
+    /// The certificate expiry gauge of the metrics port's own TLS (`listener="metrics"`),
+    /// which is not an MQTT listener.
+    pub fn metrics_certificate_expiry(&self) -> IntGauge {
+        self.tls_not_after.with_label_values(&["metrics"])
     }
 
     /// A configuration reload ended with `result`.

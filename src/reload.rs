@@ -52,10 +52,17 @@ pub enum ReloadError {
     Log(String),
     #[error(transparent)]
     Bridge(#[from] crate::bridge::BridgeError),
+    #[error("metrics: TLS reload failed: {0}")]
+    MetricsTls(TlsError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::TokenError),
 }
 
 /// Keys (or key prefixes ending in '.') a reload applies.
-const RELOADABLE: [&str; 14] = [
+const RELOADABLE: [&str; 17] = [
+    "admin.token_file",
+    "metrics.cert",
+    "metrics.key",
     "limits.",
     "queues",
     "bridges",
@@ -87,6 +94,14 @@ fn effective(running: &Config, new: &Config) -> Config {
     e.sys_topics = new.sys_topics.clone();
     e.queues = new.queues.clone();
     e.bridges = new.bridges.clone();
+    // The token file is re-read when the API is on; turning the API on or off takes a restart.
+    if e.admin.token_file.is_some() && new.admin.token_file.is_some() {
+        e.admin.token_file = new.admin.token_file.clone();
+    }
+    if e.metrics.cert.is_some() && new.metrics.cert.is_some() && new.metrics.key.is_some() {
+        e.metrics.cert = new.metrics.cert.clone();
+        e.metrics.key = new.metrics.key.clone();
+    }
     if let (Some(t), Some(n)) = (e.listeners.tls.as_mut(), new.listeners.tls.as_ref()) {
         t.cert = n.cert.clone();
         t.key = n.key.clone();
@@ -108,6 +123,10 @@ pub struct Target<'a> {
     pub bridges: Option<&'a Arc<crate::bridge::Bridges>>,
     pub tls: Option<&'a Arc<TlsReloader>>,
     pub wss: Option<&'a Arc<TlsReloader>>,
+    /// The metrics port's certificate (`metrics.cert`, `metrics.key`).
+    pub metrics_tls: Option<&'a Arc<TlsReloader>>,
+    /// The admin API's tokens (`admin.token_file`).
+    pub admin: Option<&'a Arc<crate::admin::Tokens>>,
     pub log: Option<&'a LogHandle>,
 }
 
@@ -168,6 +187,17 @@ fn apply_checked(
         }
         _ => None,
     };
+    let metrics_tls = match (target.metrics_tls, next.metrics.tls()) {
+        (Some(r), Some(cfg)) => {
+            let prepared = TlsReloader::prepare(&cfg).map_err(ReloadError::MetricsTls)?;
+            Some((r, cfg, prepared))
+        }
+        _ => None,
+    };
+    let tokens = match (target.admin, &next.admin.token_file) {
+        (Some(t), Some(path)) => Some((t, crate::admin::Tokens::prepare(path)?)),
+        _ => None,
+    };
     let bridges = match target.bridges {
         Some(b) if next.bridges != running.bridges => Some((
             b,
@@ -183,7 +213,10 @@ fn apply_checked(
     // Nothing below can fail.
     target.broker.auth.install(auth);
     tracing::info!("password file and ACL reloaded");
-    for (r, cfg, prepared) in tls.into_iter().chain(wss) {
+    if let Some((t, prepared)) = tokens {
+        t.install(prepared);
+    }
+    for (r, cfg, prepared) in tls.into_iter().chain(wss).chain(metrics_tls) {
         r.install(cfg, prepared);
         tracing::info!("TLS certificates reloaded");
     }

@@ -29,10 +29,12 @@ LAYERS = [
     ["status"],
     ["connection"],
     ["bridge"],
+    ["admin"],
     ["http"],
     ["websocket"],
     ["listener"],
     ["reload"],
+    ["ctl"],
 ]
 
 # (from, to): upward imports the code still has, each to be removed by issue 14.

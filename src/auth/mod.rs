@@ -46,6 +46,7 @@ struct Rules {
 pub struct PreparedAuth {
     rules: Rules,
     allow_anonymous: bool,
+    files: AuthConfig,
 }
 
 pub struct Authorizer {
@@ -56,6 +57,8 @@ pub struct Authorizer {
     rules: RwLock<Rules>,
     /// Whether an ACL is loaded: lets every publish skip the lock when none is configured.
     acl_on: AtomicBool,
+    /// The `[auth]` settings in force: the admin API edits the files they name.
+    files: RwLock<AuthConfig>,
 }
 
 fn load_rules(cfg: &AuthConfig) -> Result<Rules, AuthError> {
@@ -79,6 +82,7 @@ impl Authorizer {
             allow_anonymous: AtomicBool::new(false),
             rules: RwLock::new(Rules::default()),
             acl_on: AtomicBool::new(false),
+            files: RwLock::new(AuthConfig::default()),
         }
     }
 
@@ -90,6 +94,7 @@ impl Authorizer {
             allow_anonymous: AtomicBool::new(cfg.allow_anonymous),
             acl_on: AtomicBool::new(rules.acl.is_some()),
             rules: RwLock::new(rules),
+            files: RwLock::new(cfg.clone()),
         })
     }
 
@@ -105,6 +110,7 @@ impl Authorizer {
         Ok(PreparedAuth {
             rules: load_rules(cfg)?,
             allow_anonymous: cfg.allow_anonymous,
+            files: cfg.clone(),
         })
     }
 
@@ -115,6 +121,15 @@ impl Authorizer {
         self.acl_on.store(on, Ordering::Release);
         self.allow_anonymous
             .store(p.allow_anonymous, Ordering::Release);
+        *self.files.write().unwrap_or_else(PoisonError::into_inner) = p.files;
+    }
+
+    /// The `[auth]` settings in force (the files the admin API edits).
+    pub fn settings(&self) -> AuthConfig {
+        self.files
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn acl(&self) -> Option<Arc<Acl>> {

@@ -344,66 +344,72 @@ impl PasswordFile {
         out
     }
 
-    /// Write [`to_text`](Self::to_text) to `path` atomically: a temporary file in the same
-    /// directory, fsync, rename over `path`, fsync the directory. A new file gets mode 0600; an
-    /// existing one keeps its mode (and, where permitted, its owner). A symlink is followed.
+    /// Write [`to_text`](Self::to_text) to `path` atomically ([`write_atomically`]).
     pub fn save(&self, path: &Path) -> Result<(), PasswordError> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-        let write_err = |source| PasswordError::Write {
+        write_atomically(path, self.to_text().as_bytes()).map_err(|source| PasswordError::Write {
             path: path.display().to_string(),
             source,
-        };
-        let target: PathBuf = match std::fs::canonicalize(path) {
-            Ok(p) => p,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
-            Err(e) => return Err(write_err(e)),
-        };
-        let existing = match std::fs::metadata(&target) {
-            Ok(m) => Some(m),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(write_err(e)),
-        };
-        let dir = match target.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "passwd".into());
-        let mut nonce = [0u8; 6];
-        getrandom::fill(&mut nonce).map_err(|e| PasswordError::Random(e.to_string()))?;
-        let tmp = dir.join(format!(
-            ".{name}.tmp-{}-{}",
-            std::process::id(),
-            nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        ));
-        let result = (|| -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            if let Some(m) = &existing {
-                f.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
-                // Keep the owner (e.g. a file owned by the broker's user, edited as root); a
-                // user who cannot chown gets a file of their own, as with any editor.
-                let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
-            }
-            f.write_all(self.to_text().as_bytes())?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, &target)?;
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(write_err)
+        })
     }
+}
+
+/// Writes `content` to `path` atomically: a temporary file in the same directory, fsync,
+/// rename over `path`, fsync the directory. A new file gets mode 0600; an existing one keeps
+/// its mode (and, where permitted, its owner). A symlink is followed. The password and ACL
+/// files are written so (`tern passwd`, the admin API), so a crash leaves the old file or
+/// the new one, never half of one.
+pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let target: PathBuf = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
+        Err(e) => return Err(e),
+    };
+    let existing = match std::fs::metadata(&target) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let mut nonce = [0u8; 6];
+    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        if let Some(m) = &existing {
+            f.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+            // Keep the owner (e.g. a file owned by the broker's user, edited as root); a
+            // user who cannot chown gets a file of their own, as with any editor.
+            let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
+        }
+        f.write_all(content)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &target)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Compare two byte strings in time that depends only on their lengths, not their contents.

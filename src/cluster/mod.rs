@@ -31,6 +31,8 @@
 //! makes the members of a shared subscription on every node one group; `sessions.rs` moves a
 //! persistent session to the node its client connects to.
 
+mod admin;
+pub use admin::AdminHandler;
 mod anchors;
 mod claims;
 mod fast;
@@ -213,6 +215,10 @@ pub struct Node {
     /// The last heartbeat reached JetStream's quorum (see [`Node::available`]).
     available: Arc<AtomicBool>,
     leases: Arc<leases::Leases>,
+    /// `cluster.prefix`: the admin requests' subject is under it (`admin.rs`).
+    prefix: String,
+    /// What this node answers admin requests with, once `serve_admin` is called.
+    admin: std::sync::OnceLock<AdminHandler>,
 }
 
 /// A joined node and the tasks that keep it in the cluster.
@@ -454,6 +460,8 @@ impl Node {
                 node: config.node.clone(),
                 held: Default::default(),
             }),
+            prefix: names.prefix.clone(),
+            admin: std::sync::OnceLock::new(),
         });
         broker.set_peers(node.clone());
         // Groups restored from the store before the node joined.

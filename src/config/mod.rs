@@ -65,6 +65,9 @@ impl ConfigError {
 pub struct Config {
     pub listeners: Listeners,
     pub metrics: MetricsConfig,
+    /// `[admin]`: the admin API on the metrics port (docs/operations.md, "Admin API"); off
+    /// without a token file.
+    pub admin: AdminConfig,
     pub storage: StorageConfig,
     pub limits: Limits,
     pub mqtt: MqttConfig,
@@ -512,6 +515,44 @@ pub struct MetricsConfig {
     /// Prometheus text exposition on `/metrics`. 9090 is Prometheus' own port, hence 9883.
     #[serde(default)]
     pub bind: Option<SocketAddr>,
+    /// With `key`: the port speaks HTTPS (certificate chain, PEM), so admin tokens never
+    /// cross a network in clear. Re-read like the MQTT TLS listener's files.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl MetricsConfig {
+    /// The port's TLS settings in the TLS listener's terms, when it has a certificate.
+    pub fn tls(&self) -> Option<TlsListenerConfig> {
+        match (&self.bind, &self.cert, &self.key) {
+            (Some(bind), Some(cert), Some(key)) => Some(TlsListenerConfig {
+                bind: *bind,
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+                require_client_cert: false,
+                use_identity_as_username: false,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// `[admin]`: who may use the admin API. Without `token_file` the API is off (its routes
+/// answer 404) and the read-only status page is all there is.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer tokens, one `name:token` per line (`#` comments); re-read on SIGHUP. The name
+    /// is what the audit log records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Serve the API on a plain (no `cert`) metrics port bound beyond loopback. Off, the
+    /// broker refuses to start so: tokens would cross the network in clear.
+    pub allow_insecure_remote: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -728,6 +769,8 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             bind: Some(SocketAddr::from(([127, 0, 0, 1], 9883))),
+            cert: None,
+            key: None,
         }
     }
 }

@@ -29,6 +29,33 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        let m = &self.metrics;
+        if m.cert.is_some() != m.key.is_some() {
+            return invalid("metrics.cert", "`cert` and `key` go together");
+        }
+        if self.admin.token_file.is_some() {
+            match m.bind {
+                None => {
+                    return invalid(
+                        "admin.token_file",
+                        "the admin API is served on the metrics port: set metrics.bind",
+                    )
+                }
+                Some(addr)
+                    if !addr.ip().is_loopback()
+                        && m.cert.is_none()
+                        && !self.admin.allow_insecure_remote =>
+                {
+                    return invalid(
+                        "admin.token_file",
+                        "the metrics port is bound beyond loopback without TLS, so admin tokens \
+                         would cross the network in clear: set metrics.cert and metrics.key, bind \
+                         to loopback, or set admin.allow_insecure_remote = true",
+                    )
+                }
+                Some(_) => {}
+            }
+        }
         if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
             return invalid(
                 "limits.max_packet_size",

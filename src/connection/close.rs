@@ -22,6 +22,8 @@ pub(super) enum Close {
     Protocol(ProtocolError),
     KeepAlive,
     TakenOver,
+    /// An operator kicked the client through the admin API.
+    Administrative,
     WriteStalled,
     Shutdown,
     /// The store could not keep what this client's acknowledgements depend on.
@@ -35,6 +37,7 @@ impl Close {
             Close::Protocol(e) => Some(e.reason_code()),
             Close::KeepAlive => Some(ReasonCode::KeepAliveTimeout),
             Close::TakenOver => Some(ReasonCode::SessionTakenOver),
+            Close::Administrative => Some(ReasonCode::AdministrativeAction),
             Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
             Close::StorageFailed => Some(ReasonCode::ImplementationSpecificError),
             _ => None,
@@ -61,6 +64,7 @@ impl Close {
             Close::Protocol(e) => e.to_string(),
             Close::KeepAlive => "keep alive timeout".into(),
             Close::TakenOver => "session taken over".into(),
+            Close::Administrative => "kicked by an operator (admin API)".into(),
             Close::WriteStalled => "client stopped reading".into(),
             Close::Shutdown => "server shutting down".into(),
             Close::StorageFailed => "storage failure".into(),

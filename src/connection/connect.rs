@@ -344,6 +344,16 @@ pub(super) async fn accept(
             );
         }
     };
+    broker.registry.set_conn_info(
+        &client_id,
+        conn_id,
+        crate::session::registry::ConnInfo {
+            peer,
+            protocol: version.label(),
+            keep_alive,
+            since_ms: crate::storage::record::unix_now_ms(),
+        },
+    );
     let mut session_present = attached.existed && !c.clean_start;
     let stored_before = attached
         .handle
@@ -354,6 +364,9 @@ pub(super) async fn accept(
         // ended with its previous connection.
         broker.end_session(&attached.handle, &mut attached.state);
     }
+    attached
+        .handle
+        .set_subscriptions(attached.state.subscription_records());
     // The commit CONNACK waits for: Session Present promises a state, so the state it
     // describes is stored first. Without this, a crash right after a CONNACK saying "no
     // session" could bring the deleted session back, and its QoS 2 messages the client has

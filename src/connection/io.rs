@@ -202,6 +202,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                         }
                         // `Registry::close`: the broker is shutting down.
                         Ok(Kick::Shutdown) => return Close::Shutdown,
+                        Ok(Kick::Admin) => return Close::Administrative,
                         Err(_) => kick_live = false,
                     },
                     r = self.writer.write(wbuf), if !wbuf.is_empty() => match r {

@@ -112,6 +112,8 @@ pub enum ReasonCode {
     TopicAliasInvalid = 0x94,
     PacketTooLarge = 0x95,
     QuotaExceeded = 0x97,
+    /// DISCONNECT: an operator closed the connection (the admin API's kick).
+    AdministrativeAction = 0x98,
     PayloadFormatInvalid = 0x99,
     RetainNotSupported = 0x9A,
     QoSNotSupported = 0x9B,
@@ -154,6 +156,7 @@ impl ReasonCode {
             0x94 => Self::TopicAliasInvalid,
             0x95 => Self::PacketTooLarge,
             0x97 => Self::QuotaExceeded,
+            0x98 => Self::AdministrativeAction,
             0x99 => Self::PayloadFormatInvalid,
             0x9A => Self::RetainNotSupported,
             0x9B => Self::QoSNotSupported,

@@ -7,7 +7,9 @@
 
 use super::SessionState;
 use crate::outbox::Outbox;
-use std::collections::HashMap;
+use crate::storage::record::SubscriptionRecord;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -31,6 +33,10 @@ pub struct SessionHandle {
     /// In a cluster: the node's position in the messages stream at which its connection last
     /// found the session drained (nothing queued, nothing in flight). See `cluster/anchors.rs`.
     pub drained_at: AtomicU64,
+    /// The subscriptions as its connection last changed them, for the admin API: the state
+    /// itself is the connection's while it is attached. Written once per SUBSCRIBE or
+    /// UNSUBSCRIBE, never on the message path.
+    subscriptions: Mutex<Arc<[SubscriptionRecord]>>,
 }
 
 impl SessionHandle {
@@ -43,7 +49,23 @@ impl SessionHandle {
             user: std::sync::RwLock::new(None),
             inflight: AtomicUsize::new(0),
             drained_at: AtomicU64::new(0),
+            subscriptions: Mutex::new(Arc::from(Vec::new())),
         }
+    }
+
+    /// The subscriptions its connection reported last ([`SessionHandle::set_subscriptions`]).
+    pub fn subscriptions(&self) -> Arc<[SubscriptionRecord]> {
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_subscriptions(&self, subs: Vec<SubscriptionRecord>) {
+        *self
+            .subscriptions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::from(subs);
     }
 
     pub fn username(&self) -> Option<Arc<str>> {
@@ -75,12 +97,63 @@ pub enum Kick {
     TakenOver,
     /// The broker is shutting down ([`Registry::close`]).
     Shutdown,
+    /// An operator asked for it through the admin API ([`Registry::kick`]); v5 clients read
+    /// DISCONNECT 0x98 Administrative action.
+    Admin,
+}
+
+/// The connection attached to a session, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// `"3.1"`, `"3.1.1"` or `"5.0"`.
+    pub protocol: &'static str,
+    /// Keep Alive in effect, seconds.
+    pub keep_alive: u16,
+    /// Unix time of the CONNECT, milliseconds.
+    pub since_ms: u64,
+}
+
+/// One session as the admin API lists it, read under the registry lock (its outbox after).
+#[derive(Clone)]
+pub struct SessionView {
+    pub handle: Arc<SessionHandle>,
+    /// The attached connection; None while the client is away.
+    pub conn: Option<ConnInfo>,
+    /// Session Expiry Interval of the attached connection, seconds (`u32::MAX`: never).
+    pub expiry: u32,
+    /// Seconds until a detached session ends; None while attached or when it never expires.
+    pub expires_in: Option<u64>,
+    pub online: bool,
+}
+
+/// Which sessions [`Registry::page`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Presence {
+    Any,
+    Online,
+    Offline,
+}
+
+/// What [`Registry::kick`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kicked {
+    /// No session of that client id here.
+    Unknown,
+    /// A session, but no connection attached to it.
+    Offline,
+    /// Its connection was asked to leave.
+    Connected,
 }
 
 struct Attachment {
     conn_id: u64,
     kick: Option<oneshot::Sender<Kick>>,
     expiry: u32,
+    /// Set by [`Registry::set_conn_info`] once the connection is accepted.
+    info: Option<ConnInfo>,
 }
 
 struct Entry {
@@ -96,10 +169,15 @@ struct Entry {
     /// The client id connected on another node of the cluster: the session ends when its
     /// connection here lets go ([`Registry::moved`]).
     moved: bool,
+    /// The admin API deleted the session while a connection held it: it ends when that
+    /// connection lets go, whatever its Session Expiry Interval.
+    deleted: bool,
 }
 
 pub struct Registry {
-    entries: Mutex<HashMap<Arc<str>, Entry>>,
+    /// Ordered by client id, so the admin API pages through a million sessions by cursor
+    /// ([`Registry::page`]) without sorting them each time.
+    entries: Mutex<BTreeMap<Arc<str>, Entry>>,
     /// Set by [`Registry::close`], read and written under the `entries` lock: a connection
     /// attaching after it is told to shut down at once.
     closing: AtomicBool,
@@ -178,7 +256,7 @@ pub struct Expired {
 impl Registry {
     pub fn new(max_queued_messages: usize, max_queued_bytes: usize) -> Registry {
         Registry {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(BTreeMap::new()),
             closing: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             max_queued_messages: AtomicUsize::new(max_queued_messages),
@@ -188,7 +266,7 @@ impl Registry {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Arc<str>, Entry>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -206,6 +284,7 @@ impl Registry {
             conn_id,
             kick: Some(kick),
             expiry,
+            info: None,
         };
         let (handle, state, existed) = {
             let mut map = self.lock();
@@ -220,6 +299,7 @@ impl Registry {
                     // connection: we take the entry over but not the session.
                     // A session whose client id went to another node meanwhile is stale.
                     let mut continues = !std::mem::take(&mut entry.moved);
+                    continues &= !std::mem::take(&mut entry.deleted);
                     if let Some(old) = entry.attached.take() {
                         continues &= old.expiry != 0;
                         if let Some(kick) = old.kick {
@@ -255,6 +335,7 @@ impl Registry {
                             expires_at: None,
                             pending_will: None,
                             moved: false,
+                            deleted: false,
                         },
                     );
                     (handle, state, false)
@@ -386,7 +467,7 @@ impl Registry {
         }
         entry.attached = None;
         entry.handle.outbox.set_online(false);
-        if expiry == 0 || entry.moved {
+        if expiry == 0 || entry.moved || entry.deleted {
             let handle = entry.handle.clone();
             map.remove(client_id);
             return Detached::Ended(handle);
@@ -397,6 +478,113 @@ impl Registry {
             Some(crate::clock::now() + Duration::from_secs(u64::from(expiry)))
         };
         Detached::Kept
+    }
+
+    /// Records what the admin API shows of connection `conn_id` (if it still holds the
+    /// session of `client_id`).
+    pub fn set_conn_info(&self, client_id: &str, conn_id: u64, info: ConnInfo) {
+        let mut map = self.lock();
+        if let Some(a) = map
+            .get_mut(client_id)
+            .and_then(|e| e.attached.as_mut())
+            .filter(|a| a.conn_id == conn_id)
+        {
+            a.info = Some(info);
+        }
+    }
+
+    /// Asks the connection holding `client_id`'s session to leave (v5: DISCONNECT 0x98).
+    /// With `delete`, the session ends too: now when its client is away (the caller ends
+    /// what is returned, as for an expiry), else once its connection has let go.
+    pub fn kick(&self, client_id: &str, delete: bool) -> (Kicked, Option<Expired>) {
+        let mut map = self.lock();
+        let Some(entry) = map.get_mut(client_id) else {
+            return (Kicked::Unknown, None);
+        };
+        match entry.attached.as_mut() {
+            Some(a) => {
+                if let Some(kick) = a.kick.take() {
+                    let _ = kick.send(Kick::Admin);
+                }
+                entry.deleted |= delete;
+                (Kicked::Connected, None)
+            }
+            None if !delete => (Kicked::Offline, None),
+            None => {
+                let ended = map.remove(client_id).map(|e| {
+                    if let Some(will) = e.pending_will {
+                        will.abort();
+                    }
+                    Expired {
+                        handle: e.handle,
+                        state: e.state,
+                    }
+                });
+                (Kicked::Offline, ended)
+            }
+        }
+    }
+
+    fn view_of(e: &Entry, now: Instant) -> SessionView {
+        SessionView {
+            handle: e.handle.clone(),
+            conn: e.attached.as_ref().and_then(|a| a.info.clone()),
+            expiry: e.attached.as_ref().map_or(0, |a| a.expiry),
+            expires_in: e
+                .expires_at
+                .map(|t| t.saturating_duration_since(now).as_secs()),
+            online: e.attached.is_some(),
+        }
+    }
+
+    /// Up to `limit` sessions with client ids after `after`, in client id order, and the
+    /// cursor for the next page (None at the end). At most `limit * 16 + 1024` entries are
+    /// looked at under the lock, so a page costs the same with a million sessions; a filter
+    /// that matches few of them returns short pages (possibly empty) with a cursor rather
+    /// than scanning everything at once.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        presence: Presence,
+    ) -> (Vec<SessionView>, Option<String>) {
+        let budget = limit.saturating_mul(16).saturating_add(1024);
+        let now = crate::clock::now();
+        let map = self.lock();
+        let range = match after {
+            Some(a) => map.range::<str, _>((Bound::Excluded(a), Bound::Unbounded)),
+            None => map.range::<str, _>((Bound::Unbounded, Bound::Unbounded)),
+        };
+        let mut out = Vec::new();
+        let mut last: Option<&Arc<str>> = None;
+        let mut more = false;
+        for (looked, (id, e)) in range.enumerate() {
+            if out.len() == limit || looked == budget {
+                more = true;
+                break;
+            }
+            last = Some(id);
+            let wanted = match presence {
+                Presence::Any => true,
+                Presence::Online => e.attached.is_some(),
+                Presence::Offline => e.attached.is_none(),
+            };
+            if wanted {
+                out.push(Self::view_of(e, now));
+            }
+        }
+        let next = if more {
+            last.map(|s| s.to_string())
+        } else {
+            None
+        };
+        (out, next)
+    }
+
+    /// One session, as [`Registry::page`] lists it.
+    pub fn view(&self, client_id: &str) -> Option<SessionView> {
+        let now = crate::clock::now();
+        self.lock().get(client_id).map(|e| Self::view_of(e, now))
     }
 
     /// Whether session `session_id` of `client_id` exists and waits for its client.
@@ -464,6 +652,7 @@ impl Registry {
                 expires_at,
                 pending_will: None,
                 moved: false,
+                deleted: false,
             },
         );
         handle

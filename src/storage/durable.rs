@@ -180,6 +180,13 @@ pub enum Op {
     DeleteRetained {
         topic: String,
     },
+    /// Removes the session's queue entries below `below` (what was queued when an operator
+    /// purged the queue; later ones stay), dropping their references. In-flight records stay:
+    /// those messages are already with the client.
+    PurgeQueue {
+        session_id: u64,
+        below: u64,
+    },
 }
 
 /// Why the store could not be opened or read.

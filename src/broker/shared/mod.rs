@@ -325,6 +325,16 @@ impl Group {
         self.lock().list.len()
     }
 
+    /// Each member's client id, whether it is online, and how many group messages it holds
+    /// unfinished (the admin API's view).
+    pub fn member_view(&self) -> Vec<(Arc<str>, bool, usize)> {
+        self.lock()
+            .list
+            .iter()
+            .map(|m| (m.session.client_id.clone(), m.online, m.outstanding))
+            .collect()
+    }
+
     /// Highest QoS any member subscribed with: what the group's queue keeps.
     fn max_qos(&self) -> QoS {
         self.lock()

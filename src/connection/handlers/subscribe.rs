@@ -185,6 +185,9 @@ impl Client {
     /// none when nothing was stored (not durable, or every filter refused). An empty submit
     /// would still make the acknowledgement wait for the store's next commit.
     fn submit_subscriptions(&self, ops: Vec<Op>) -> Commit {
+        // What the admin API lists while this connection holds the state.
+        self.handle
+            .set_subscriptions(self.state.subscription_records());
         if ops.is_empty() {
             return Commit::Done;
         }

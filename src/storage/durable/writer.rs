@@ -489,6 +489,22 @@ impl Writer {
                 self.put(Ks::Retained, topic.into_bytes(), encode_msg_ref(msg_id));
             }
             Op::DeleteRetained { topic } => self.remove_retained(topic.as_bytes())?,
+            Op::PurgeQueue { session_id, below } => {
+                let prefix = keys::session_prefix(session_id);
+                for (key, v) in self.scan_prefix(Ks::Queue, &prefix)? {
+                    let seq = key
+                        .get(8..16)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map_or(u64::MAX, u64::from_be_bytes);
+                    if seq >= below {
+                        continue;
+                    }
+                    let e = QueueEntry::decode(&v)
+                        .map_err(|e| self.decode_err("queue entry", &key, e))?;
+                    self.drop_ref(e.msg_id);
+                    self.del(Ks::Queue, key);
+                }
+            }
         }
         Ok(())
     }
