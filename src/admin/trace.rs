@@ -96,8 +96,29 @@ fn selector_json(s: &Selector) -> serde_json::Value {
     }
 }
 
-fn line(value: &serde_json::Value) -> Vec<u8> {
-    let mut v = value.to_string().into_bytes();
+/// The first line: what was started.
+#[derive(serde::Serialize)]
+struct StartedLine {
+    event: &'static str,
+    ts: u64,
+    trace: u64,
+    selector: serde_json::Value,
+    duration_ms: u64,
+    max_duration_ms: u64,
+}
+
+/// The last line: why the trace ended.
+#[derive(serde::Serialize)]
+struct EndedLine<'a> {
+    event: &'static str,
+    ts: u64,
+    t_us: u64,
+    reason: &'a str,
+}
+
+fn line(value: &impl serde::Serialize) -> Vec<u8> {
+    // Plain fields into a Vec: cannot fail; an empty object would say so if it did.
+    let mut v = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     v.push(b'\n');
     v
 }
@@ -119,6 +140,7 @@ struct Streaming {
     release: Release,
     events: mpsc::Receiver<Event>,
     ends: tokio::time::Instant,
+    started: std::time::Instant,
     head: Option<Vec<u8>>,
     done: bool,
 }
@@ -147,11 +169,13 @@ impl Streaming {
             out.push(b'\n');
         }
         self.done = true;
-        out.extend_from_slice(&line(&serde_json::json!({
-            "event": "ended",
-            "ts": crate::storage::record::unix_now_ms(),
-            "reason": reason,
-        })));
+        let since = crate::clock::now().saturating_duration_since(self.started);
+        out.extend_from_slice(&line(&EndedLine {
+            event: "ended",
+            ts: crate::storage::record::unix_now_ms(),
+            t_us: u64::try_from(since.as_micros()).unwrap_or(u64::MAX),
+            reason,
+        }));
         out
     }
 
@@ -186,14 +210,14 @@ pub async fn start(State(admin): State<Admin>, body: Bytes) -> Response {
         Err(e @ TraceError::Busy) => return ApiError::TooMany(e.to_string()).into_response(),
         Err(e) => return ApiError::BadRequest(e.to_string()).into_response(),
     };
-    let head = line(&serde_json::json!({
-        "event": "started",
-        "ts": crate::storage::record::unix_now_ms(),
-        "trace": started.id,
-        "selector": shown,
-        "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-        "max_duration_ms": MAX_DURATION.as_secs() * 1000,
-    }));
+    let head = line(&StartedLine {
+        event: "started",
+        ts: crate::storage::record::unix_now_ms(),
+        trace: started.id,
+        selector: shown,
+        duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        max_duration_ms: MAX_DURATION.as_secs() * 1000,
+    });
     let state = Streaming {
         release: Release {
             broker: admin.broker.clone(),
@@ -201,6 +225,7 @@ pub async fn start(State(admin): State<Admin>, body: Bytes) -> Response {
         },
         events: started.events,
         ends: tokio::time::Instant::from_std(started.ends),
+        started: started.started,
         head: Some(head),
         done: false,
     };

@@ -5,6 +5,7 @@ use super::early::{Early, FastRouted};
 use super::retain::RetainOutcome;
 use super::shared::Group;
 use super::staged::Staging;
+use super::trace::Reason;
 use super::{Broker, Staged, Subscriber};
 use crate::message::Message;
 use crate::outbox::{Delivery, SubIds};
@@ -93,6 +94,9 @@ impl Broker {
             self.retain(msg, staging.as_mut());
         }
         self.match_into(msg, scratch);
+        if self.tracer.active() {
+            self.tracer.matched(msg, scratch);
+        }
         let mut routed = Routed::default();
         let rule = self.auth.receive_rule(msg.topic.as_str());
         let mut enqueued: Option<u32> = None;
@@ -159,6 +163,9 @@ impl Broker {
                 };
             if !allowed {
                 self.metrics.dropped_not_authorized.inc();
+                if self.tracer.active() {
+                    self.tracer.dropped_at(msg, session, Reason::NotAuthorized);
+                }
                 continue;
             }
             routed.matched += 1;
@@ -197,6 +204,11 @@ impl Broker {
         let second_pass = matches!(targets, Targets::PersistentOnly | Targets::Session(_));
         if routed.matched == 0 && !msg.retain && !second_pass {
             self.metrics.dropped_no_subscribers.inc();
+            if self.tracer.active() {
+                let topic = msg.topic.as_str();
+                self.tracer
+                    .dropped(msg.id, topic, None, Reason::NoSubscribers);
+            }
         }
         routed
     }
@@ -247,7 +259,14 @@ impl Broker {
             .unwrap_or_else(PoisonError::into_inner)
             .store(msg.clone(), self.limits().max_retained_messages);
         match (outcome, staging) {
-            (RetainOutcome::Full, _) => self.metrics.dropped_retain_full.inc(),
+            (RetainOutcome::Full, _) => {
+                self.metrics.dropped_retain_full.inc();
+                if self.tracer.active() {
+                    let topic = msg.topic.as_str();
+                    self.tracer
+                        .dropped(msg.id, topic, None, Reason::RetainedFull);
+                }
+            }
             (RetainOutcome::Deleted, Some(s)) => s.op_alone(Op::DeleteRetained {
                 topic: msg.topic.to_string(),
             }),

@@ -48,8 +48,14 @@ pub struct After {
 enum Reserved {
     /// Goes into the session's memory queue once committed.
     Hot(Delivery),
-    /// Lives on disk only; the session's connection loads it once committed.
-    Spilled { seq: u64, weight: usize },
+    /// Lives on disk only; the session's connection loads it once committed. The message
+    /// and QoS stay for a trace's "queued" event (`trace.rs`) until then.
+    Spilled {
+        seq: u64,
+        weight: usize,
+        msg: Arc<Message>,
+        qos: QoS,
+    },
 }
 
 impl After {
@@ -69,6 +75,8 @@ impl After {
                 Reserved::Spilled {
                     seq,
                     weight: delivery.msg.weight(),
+                    qos: delivery.qos,
+                    msg: delivery.msg,
                 },
                 epoch,
             ),
@@ -100,10 +108,18 @@ impl After {
                 .session
                 .outbox
                 .release_reserved(d.msg.weight(), self.epoch),
-            Some(Reserved::Spilled { seq, weight }) => {
+            Some(Reserved::Spilled { seq, weight, .. }) => {
                 self.session.outbox.release_spilled(seq, weight, self.epoch)
             }
             None => false,
+        }
+    }
+
+    /// The queue, message and QoS of a pending delivery, for a trace (`trace.rs`).
+    pub(super) fn traced(&self) -> Option<(&Arc<SessionHandle>, &Arc<Message>, QoS)> {
+        match self.reserved.as_ref()? {
+            Reserved::Hot(d) => Some((&self.session, &d.msg, d.qos)),
+            Reserved::Spilled { msg, qos, .. } => Some((&self.session, msg, *qos)),
         }
     }
 }
@@ -186,7 +202,11 @@ impl Broker {
             && group.queue.persistent.load(Ordering::Relaxed);
         if !stored {
             // In memory the head goes at once.
-            let n = group.queue.outbox.push_evicting(delivery).len() as u64;
+            let n = if self.tracer.active() {
+                self.tracer.push_evicting(&group.queue, delivery)
+            } else {
+                group.queue.outbox.push_evicting(delivery).len()
+            } as u64;
             group.metrics.evicted(n);
             self.metrics.dropped_overflow.inc_by(n);
             return true;
@@ -219,6 +239,10 @@ impl Broker {
                 .reserve_with(delivery.msg.weight(), evict, delivery.enqueued);
         let (Reservation::Hot { seq, .. } | Reservation::Spill { seq, .. }) = reservation else {
             self.metrics.dropped_queue_full.inc();
+            if self.tracer.active() {
+                self.tracer
+                    .dropped_at(&delivery.msg, session, super::trace::Reason::QueueFull);
+            }
             return false;
         };
         staging.op(Op::Enqueue {
@@ -251,14 +275,26 @@ impl Broker {
             }
             return Commit::Done;
         }
-        let then = if staged.after.is_empty() {
+        // A trace reports the commit's stored and queued steps when it completes.
+        let watch = if self.tracer.active() {
+            self.tracer.watch(&staged.put)
+        } else {
+            None
+        };
+        let then = if staged.after.is_empty() && watch.is_none() {
             OnCommit::none()
         } else {
             let lost = self.metrics.dropped_storage_failed.clone();
             let after = staged.after;
             OnCommit::new(move |outcome| match outcome {
-                Outcome::Durable => after.into_iter().for_each(After::durable),
+                Outcome::Durable => match watch {
+                    Some(w) => w.durable(after),
+                    None => after.into_iter().for_each(After::durable),
+                },
                 Outcome::Failed => {
+                    if let Some(w) = &watch {
+                        w.failed(&after);
+                    }
                     let n = after
                         .into_iter()
                         .filter_map(|mut a| a.release().then_some(()))

@@ -7,6 +7,7 @@
 use super::client::Client;
 use crate::broker::early::Finished;
 use crate::broker::shared::Kind;
+use crate::broker::trace::Reason;
 use crate::outbox::Delivery;
 use crate::protocol::*;
 use crate::session::{Inflight, Outbound};
@@ -63,6 +64,10 @@ impl Client {
             for d in batch.drain(..) {
                 if self.denied(acl, &d) {
                     self.broker.metrics.dropped_not_authorized.inc();
+                    if self.broker.tracer.active() {
+                        let reason = Reason::NotAuthorized;
+                        self.broker.tracer.dropped_at(&d.msg, &self.handle, reason);
+                    }
                     self.stage_dequeue(&d);
                     continue;
                 }
@@ -111,6 +116,9 @@ impl Client {
         let Ok(expiry) = d.msg.remaining_expiry(now) else {
             // [MQTT-3.3.2-5] expired messages are not delivered.
             metrics.dropped_expired.inc();
+            if self.broker.tracer.active() {
+                self.broker.tracer.expired_at(&d.msg, &self.handle);
+            }
             self.stage_dequeue(&d);
             return;
         };
@@ -135,6 +143,10 @@ impl Client {
             if publish_size(self.version, &out) > self.max_packet_out {
                 // [MQTT-3.1.2-25] too large for this client: behave as if sent.
                 metrics.dropped_too_large.inc();
+                if self.broker.tracer.active() {
+                    let reason = Reason::TooLarge;
+                    self.broker.tracer.dropped_at(&d.msg, &self.handle, reason);
+                }
                 self.stage_dequeue(&d);
                 return;
             }
@@ -195,6 +207,13 @@ impl Client {
         encode_publish(wbuf, self.version, &out);
         self.tally.sent[d.qos as usize] += 1;
         self.tally.packets_out[usize::from(kind::PUBLISH)] += 1;
+        if self.broker.tracer.active() {
+            let group = self.group_of(&d).map(|g| &**g);
+            let pid = out.packet_id;
+            self.broker
+                .tracer
+                .sent(&self.client_id, &d, pid, false, group);
+        }
     }
 
     /// An in-flight delivery is finished: its durable record goes.
@@ -343,6 +362,12 @@ impl Client {
                     encode_publish(wbuf, version, &out);
                     self.tally.sent[d.qos as usize] += 1;
                     self.tally.packets_out[usize::from(kind::PUBLISH)] += 1;
+                    if self.broker.tracer.active() {
+                        let group = self.group_of(d).map(|g| &**g);
+                        self.broker
+                            .tracer
+                            .sent(&self.client_id, d, *id, true, group);
+                    }
                 }
                 Outbound::Released(_) => {
                     if released.contains(id) {

@@ -585,6 +585,9 @@ impl Group {
                         self.metrics.expired(1);
                         broker.metrics.dropped_expired.inc();
                     }
+                    if broker.tracer.active() {
+                        broker.tracer.group_dropped(&d.msg, &self.queue, dropped);
+                    }
                     if let Some(seq) = d.seq {
                         ops.push(Op::Dequeue {
                             session_id: self.queue.id,

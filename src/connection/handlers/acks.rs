@@ -6,6 +6,7 @@
 //! PUBREL, the client's release of its *own* QoS 2 publish, is in `publish.rs`; the
 //! acknowledgements the broker sends are in `responses.rs`.
 
+use crate::broker::trace::Ack;
 use crate::connection::client::Client;
 use crate::connection::close::Close;
 use crate::protocol::ProtocolError;
@@ -29,6 +30,12 @@ impl Client {
             .on_puback(a.packet_id)
             .map_err(wrong_ack)?
         {
+            if self.broker.tracer.active() {
+                let client = &self.client_id;
+                self.broker
+                    .tracer
+                    .acknowledged(client, &d, a.packet_id, Ack::PubAck, a.reason);
+            }
             self.acknowledged(&d);
             self.qos1_finished(a.packet_id, &d);
         }
@@ -47,6 +54,14 @@ impl Client {
             Some(Outbound::Published(d)) if d.group.is_some() => Some(d.clone()),
             _ => None,
         };
+        if self.broker.tracer.active() {
+            if let Some(Outbound::Published(d)) = self.state.inflight.get(a.packet_id) {
+                let client = &self.client_id;
+                self.broker
+                    .tracer
+                    .acknowledged(client, d, a.packet_id, Ack::PubRec, a.reason);
+            }
+        }
         // Checked before the group hears of it: a PUBREC for a QoS 1 message settles nothing.
         let action = self
             .state
@@ -79,6 +94,12 @@ impl Client {
             .on_pubcomp(a.packet_id)
             .map_err(wrong_ack)?
         {
+            if self.broker.tracer.active() {
+                let client = &self.client_id;
+                self.broker
+                    .tracer
+                    .acknowledged(client, &d, a.packet_id, Ack::PubComp, a.reason);
+            }
             self.acknowledged(&d);
             self.stage_inflight_done(a.packet_id);
             self.group_delivery_done(&d, false, true);

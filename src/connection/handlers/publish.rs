@@ -119,6 +119,9 @@ impl Client {
                     origin: self.handle.id,
                     received: Some(now),
                 });
+                if broker.tracer.active() {
+                    broker.tracer.received(&msg, &self.client_id, p.packet_id);
+                }
                 let mut staged = Staged::default();
                 let routed = broker.publish(&msg, &mut self.scratch, &mut staged);
                 self.routed |= routed.matched > 0;
