@@ -70,6 +70,11 @@ impl Broker {
                 self.metrics.dropped_expired.inc_by(purged as u64);
             }
             sweeps += 1;
+            // The status page's charts: a point at the first sweep (so they start at once),
+            // then every 5 s.
+            if sweeps % super::history::INTERVAL.as_secs() == 1 {
+                self.sample_history();
+            }
             if sweeps.is_multiple_of(10) {
                 if self.store.durable() {
                     self.sweep_expired_queues();

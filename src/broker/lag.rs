@@ -92,12 +92,12 @@ impl Broker {
         let mut all = Vec::new();
         for h in self.registry.handles() {
             let (queued, _) = h.outbox.counts();
-            let oldest_age = if queued == 0 {
-                0
-            } else if h.outbox.oldest_on_disk() && reads >= DISK_READS_PER_LOOK {
+            let on_disk = queued > 0 && h.outbox.oldest_on_disk();
+            // Past the budget, a head only the store knows reads 0 until a later look.
+            let oldest_age = if queued == 0 || (on_disk && reads >= DISK_READS_PER_LOOK) {
                 0
             } else {
-                reads += usize::from(h.outbox.oldest_on_disk());
+                reads += usize::from(on_disk);
                 self.queue_oldest_age(&h, now)
             };
             all.push(ConsumerLag {

@@ -19,12 +19,14 @@
 //! - `expiry`: the once-a-second sweep (expired sessions, retained and queued messages);
 //! - [`recovery`]: rebuilding sessions and groups from the store at startup;
 //! - [`lag`]: consumer lag, the slowest sessions and groups for the status page;
+//! - [`history`]: the last fifteen minutes, a point every five seconds, for the status page;
 //! - [`retain`], [`trie`], [`sys`], [`topics`]: the retained tree, the subscription index,
 //!   `$SYS` and the per-topic sampler.
 
 pub mod early;
 mod expiry;
 mod handover;
+pub mod history;
 pub mod lag;
 mod peers;
 pub mod recovery;
@@ -87,6 +89,8 @@ pub struct Broker {
     pub groups: Groups,
     /// Per-topic message counts (sampled) for the status page.
     pub topic_sampler: topics::TopicSampler,
+    /// The status page's charts: a point every five seconds (`history.rs`).
+    pub history: history::History,
     subscriptions: RwLock<Trie<Subscriber>>,
     retained: RwLock<RetainTree>,
     next_message_id: AtomicU64,
@@ -133,6 +137,7 @@ impl Broker {
             auth,
             groups: Groups::default(),
             topic_sampler: Default::default(),
+            history: Default::default(),
             limits: RwLock::new(Arc::new(config.limits.clone())),
             backpressure: AtomicBool::new(config.limits.backpressure),
             sys_interval: AtomicU64::new(config.sys_topics.interval.as_secs()),
