@@ -11,7 +11,9 @@
 //     payload, also a large one that the broker has to split over several WebSocket frames;
 //   - the page publishes a reply that the TCP client must receive.
 // With --status it loads that page and checks HTTP 200, a title containing "Tern" and an
-// element #connections whose text becomes a number within 5 s.
+// element #connections whose text becomes a number within 5 s; after a burst to an offline
+// persistent session, the queued chart's line rises to the burst (drawn by the page's own
+// script as inline SVG) and the session is ranked first among the slowest consumers.
 //
 // Prints one line per check; exits 0 only if every check passed, 1 when a check failed,
 // 2 on the overall time limit, 3 when Chromium or node_modules are missing, 64 on bad usage.
@@ -324,9 +326,9 @@ async function round(page, mqtt, opts, version) {
 }
 
 /// Makes something for the status page to show, over TCP: an offline persistent session with
-/// QUEUED messages waiting, and HOT messages on one topic (the page's topic rates sample one
-/// message in 16, so 64 consecutive ones are counted at least 4 times).
-const QUEUED = 7;
+/// a burst of QUEUED messages waiting, and HOT messages on one topic (a quiet broker counts
+/// every message in its topic rates).
+const QUEUED = 150;
 const HOT = 64;
 async function statusTraffic(mqtt, opts, id) {
   const queueClient = `${id}-status-queue`;
@@ -352,9 +354,9 @@ async function statusTraffic(mqtt, opts, id) {
     STEP_MS,
     step,
   );
-  for (let i = 0; i < QUEUED; i += 1) {
-    await withTimeout(pub.publishAsync(queueTopic, `queued ${i}`, { qos: 1 }), STEP_MS, step);
-  }
+  const burst = [];
+  for (let i = 0; i < QUEUED; i += 1) burst.push(pub.publishAsync(queueTopic, `queued ${i}`, { qos: 1 }));
+  await withTimeout(Promise.all(burst), STEP_MS, step);
   for (let i = 0; i < HOT; i += 1) {
     await withTimeout(pub.publishAsync(hotTopic, `hot ${i}`, { qos: 1 }), STEP_MS, step);
   }
@@ -429,6 +431,52 @@ async function checkStatus(page, url, traffic) {
         bad(`status page: ${traffic.queueClient} has ${QUEUED} queued, offline`, JSON.stringify(queue));
       }
     }
+    await checkLag(page, traffic);
+  }
+}
+
+/// The burst on the page: the slowest consumer's row, and the queued chart's line rising to it.
+/// The broker takes a chart point every 5 s: up to 15 s for the one after the burst.
+async function checkLag(page, traffic) {
+  step = "status page: slowest consumers";
+  try {
+    await page.waitForFunction(
+      ({ name, queued }) => {
+        const first = document.querySelector("#slowest-age tr");
+        if (!first) return false;
+        const cells = Array.from(first.children).map((td) => td.textContent);
+        return cells[0] === "session" && cells[1] === name && Number(cells[2]) === queued &&
+          cells[6] === "offline";
+      },
+      { name: traffic.queueClient, queued: QUEUED },
+      { timeout: 8_000, polling: 200 },
+    );
+    ok(`status page: ${traffic.queueClient} ranked first among the slowest consumers`);
+  } catch {
+    const shown = await page.$eval("#slowest-age", (el) => el.textContent).catch(() => "(missing)");
+    bad("status page: the offline session ranked first among the slowest consumers", JSON.stringify(shown));
+  }
+  step = "status page: queued chart";
+  try {
+    const line = await page.waitForFunction(
+      (queued) => {
+        const l = document.querySelector('#chart-queued polyline[data-series="queued"]');
+        if (!l || Number(l.getAttribute("data-last")) < queued) return false;
+        // SVG y grows downwards: the line ends higher than it started (it rose).
+        const ys = l.getAttribute("points").trim().split(/\s+/).map((p) => Number(p.split(",")[1]));
+        return ys.length >= 2 && ys[ys.length - 1] < ys[0] ? { points: ys.length, last: l.getAttribute("data-last") } : false;
+      },
+      QUEUED,
+      { timeout: 15_000, polling: 250 },
+    );
+    const v = await line.jsonValue();
+    ok(`status page: the queued chart rises to ${v.last} over ${v.points} points`);
+    const others = await page.$$eval("#chart-rates polyline, #chart-connections polyline", (ls) => ls.length);
+    if (others === 3) ok("status page: the rates (in, out) and connections charts are drawn");
+    else bad("status page: the rates and connections charts are drawn", `${others} lines`);
+  } catch {
+    const shown = await page.$eval("#chart-queued", (el) => el.outerHTML).catch(() => "(missing)");
+    bad("status page: the queued chart rises to the burst within 15 s", shown.slice(0, 400));
   }
 }
 
