@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench bench-cluster fuzz soak cluster promtool
+.PHONY: certs run build test lint test-rust test-python venv clients browser-deps clean bench bench-cluster fuzz soak cluster promtool deb test-deb
 
 ## Build and start the broker on config/default.toml (MQTT 127.0.0.1:1883, metrics :9883).
 run:
@@ -33,7 +33,7 @@ lint:
 
 ## Everything CI runs: lint, Rust unit + integration tests, Python (paho-mqtt, raw socket,
 ## mosquitto clients) tests against the real binary.
-test: lint test-rust test-python
+test: lint test-rust test-python test-deb
 
 test-rust:
 	$(CARGO) test --all-targets
@@ -81,6 +81,28 @@ $(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json
 test-python: venv clients promtool $(if $(TERN_SKIP_BROWSER),,browser-deps)
 	$(CARGO) build
 	$(PY) -m pytest -q tests/python
+
+## A Debian package of the broker in target/debian/ (cargo-deb, the standard Cargo subcommand for
+## .deb files, installed with `cargo install cargo-deb --locked` if missing): /usr/bin/tern, the
+## systemd unit deploy/debian/tern.service, /etc/tern/tern.toml (a conffile) and the tern user.
+## make deb [DEB_PROFILE=release]
+## The version is pinned: cargo-deb 3.8 warns that the dev profile (test-deb's) will become an
+## error in a later release.
+DEB_PROFILE ?= release
+CARGO_DEB_VERSION := 3.8.0
+deb:
+	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --version $(CARGO_DEB_VERSION) --locked
+	$(CARGO) deb $(if $(filter-out release,$(DEB_PROFILE)),--profile $(DEB_PROFILE))
+
+# Installs the package with dpkg (its service kept from starting), runs `tern check` on the
+# shipped configuration and removes it again (deploy/scripts/test-deb.sh). Built from the dev
+# profile the rest of `make test` already compiled, not a second, release build. Skipped, with
+# a message, only where there is neither root nor passwordless sudo.
+test-deb:
+	@if [ "$$(id -u)" != 0 ] && ! sudo -n true 2>/dev/null; then \
+	  echo "test-deb: skipped: installing a package needs root or passwordless sudo"; exit 0; fi; \
+	$(MAKE) --no-print-directory deb DEB_PROFILE=dev && \
+	bash deploy/scripts/test-deb.sh "$$(ls -t target/debian/tern_*.deb | head -1)"
 
 clean:
 	$(CARGO) clean
