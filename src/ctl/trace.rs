@@ -39,7 +39,8 @@ fn body(args: &TraceArgs) -> Result<String, CtlError> {
     Ok(Value::Object(v).to_string())
 }
 
-/// One event as a line for a person: time, event, then its other fields as key=value.
+/// One event as a line for a person: seconds since the trace started (`t_us`; the wall clock
+/// `ts` is left to `--json`), the event, then its other fields as key=value.
 fn human(line: &str) -> String {
     let Ok(Value::Object(map)) = serde_json::from_str::<Value>(line) else {
         return line.to_string();
@@ -51,13 +52,13 @@ fn human(line: &str) -> String {
             v => v.to_string(),
         })
     };
-    if let Some(t) = field("time_ms").or_else(|| field("ts_ms")) {
-        out.push_str(&t);
-        out.push(' ');
+    match map.get("t_us").and_then(Value::as_u64) {
+        Some(us) => out.push_str(&format!("{:>10.6} ", us as f64 / 1e6)),
+        None => out.push_str(&format!("{:>10} ", "")),
     }
     out.push_str(&format!("{:<12}", field("event").unwrap_or_default()));
     for (k, v) in &map {
-        if matches!(k.as_str(), "event" | "time_ms" | "ts_ms") {
+        if matches!(k.as_str(), "event" | "ts" | "t_us") {
             continue;
         }
         let v = match v {
@@ -110,10 +111,13 @@ mod tests {
 
     #[test]
     fn events_read_as_key_values() {
-        let l = human(r#"{"event":"sent","client_id":"c1","packet_id":7}"#);
-        assert!(l.starts_with("sent"), "{l}");
+        let l = human(r#"{"event":"sent","ts":1,"t_us":1500000,"target":"c1","packet_id":7}"#);
+        assert!(l.trim_start().starts_with("1.500000 sent"), "{l}");
+        assert!(l.contains("target=c1") && l.contains("packet_id=7"), "{l}");
+        assert!(!l.contains("ts=") && !l.contains("t_us="), "{l}");
+        let l = human(r#"{"event":"ended","reason":"duration"}"#);
         assert!(
-            l.contains("client_id=c1") && l.contains("packet_id=7"),
+            l.trim_start().starts_with("ended") && l.contains("reason=duration"),
             "{l}"
         );
     }
