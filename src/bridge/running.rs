@@ -8,7 +8,7 @@
 //! sends them, and an entry leaves the group's queue only when the remote acknowledges it.
 //! When the link goes down, what was in flight goes back to the front of the queue in its
 //! order and is sent again, with DUP, on the next connection: in order per topic, and a
-//! duplicate only of what was in the window (`tern_bridge_resent_total`). A kill -9 loses
+//! duplicate only of what was in the window (`tern_bridge_messages_resent_total`). A kill -9 loses
 //! nothing: the entries are on disk until acknowledged.
 //!
 //! **In.** What the link receives through the `in` rules is mapped to a local topic, checked
