@@ -431,7 +431,8 @@ function chart(id, points, series) {
   label.textContent = "max " + human(max);
   svg.appendChild(label);
   const span = svgEl("text", { x: 2, y: 88 });
-  span.textContent = "-" + Math.round((t1 - t0) / 60) + " min";
+  const secs = t1 - t0;
+  span.textContent = "-" + (secs >= 120 ? Math.round(secs / 60) + " min" : secs + " s");
   svg.appendChild(span);
   const now = svgEl("text", { x: W - 2, y: 88, "text-anchor": "end" });
   now.textContent = "now";
