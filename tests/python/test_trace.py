@@ -15,11 +15,13 @@ The trace ends by itself at its duration, with an `ended` line. Also: a fifth tr
 import http.client
 import json
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
+from conftest import TERN_BIN
 from pahoutil import TIMEOUT, V5, PacketTypes, props
 
 TOKEN = "trace-token-0123456789abcdef"
@@ -233,3 +235,39 @@ def test_a_bad_body_is_refused(tb, body):
 def test_a_trace_wants_a_token(tb):
     t = Trace(tb, {"topic": "a", "duration": "1s"}, token=None)
     assert t.status == 401
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])
+def test_tern_ctl_trace_prints_the_events_until_the_trace_ends(tb, mkc, as_json):
+    sub = mkc("sub", V5, broker=tb)
+    sub.connect()
+    sub.subscribe(TOPIC, qos=1)
+    pub = mkc("pub", V5, broker=tb)
+    pub.connect()
+    cmd = [TERN_BIN, "ctl", "--url", f"http://127.0.0.1:{tb.metrics_port}", "--token", TOKEN]
+    cmd += ["--json"] if as_json else []
+    cmd += ["trace", "--topic", TOPIC, "--duration", "2s"]
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()
+        assert "started" in first, (first, p.stderr.read() if p.poll() is not None else "")
+        assert pub.publish(TOPIC, b"hi", qos=1) == 0
+        assert sub.get().payload == b"hi"
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert time.monotonic() - t0 >= 1.5
+    lines = [first] + out.splitlines()
+    if as_json:
+        events = [json.loads(line)["event"] for line in lines]
+    else:
+        # "  1.234567 received    client=… qos=1 …": seconds since the start, then the event
+        # (the first and last lines have no time).
+        toks = [line.split() for line in lines]
+        events = [t[1] if t[0][0].isdigit() else t[0] for t in toks]
+    assert events == ["started", "received", "matched", "queued", "sent", "acknowledged",
+                      "ended"], lines
