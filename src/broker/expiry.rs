@@ -54,6 +54,8 @@ impl Broker {
         loop {
             tick.tick().await;
             let now = crate::clock::now();
+            // A trace ends by itself at its time, whether or not its reader says.
+            self.tracer.prune();
             for expired in self.registry.take_expired(now) {
                 // Nobody is attached (checked under the registry lock), so the state is free.
                 if let Ok(mut state) = expired.state.try_lock() {
@@ -102,6 +104,8 @@ impl Broker {
             let mut ops = Vec::new();
             let mut bytes = 0;
             let mut next_from = from;
+            // What a trace reports once the heads are dropped (only while one is active).
+            let mut traced = Vec::new();
             for (seq, e) in entries {
                 if seq >= below {
                     break;
@@ -110,6 +114,9 @@ impl Broker {
                     Ok(Some(m)) => match m.expires_at_ms {
                         Some(at) if at <= unix => {
                             bytes += m.weight() as usize;
+                            if self.tracer.active() {
+                                traced.push((m.id, m.topic));
+                            }
                             true
                         }
                         _ => false,
@@ -133,6 +140,10 @@ impl Broker {
             {
                 let _ = self.store.submit(ops);
                 self.metrics.dropped_expired.inc_by(n as u64);
+                for (id, topic) in traced {
+                    let target = Some(&*handle.client_id);
+                    self.tracer.expired(id, topic.as_str(), target);
+                }
             }
         }
     }

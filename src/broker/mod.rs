@@ -20,6 +20,7 @@
 //! - [`recovery`]: rebuilding sessions and groups from the store at startup;
 //! - [`lag`]: consumer lag, the slowest sessions and groups for the status page;
 //! - [`history`]: the last fifteen minutes, a point every five seconds, for the status page;
+//! - [`trace`]: message traces, and the hooks' one-load cost when none is active;
 //! - [`retain`], [`trie`], [`sys`], [`topics`]: the retained tree, the subscription index,
 //!   `$SYS` and the per-topic sampler.
 
@@ -37,6 +38,7 @@ mod spilled;
 mod staged;
 pub mod sys;
 pub mod topics;
+pub mod trace;
 pub mod trie;
 mod will;
 
@@ -99,6 +101,8 @@ pub struct Broker {
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
     /// Deliveries made before their message was stored (`early.rs`).
     pub early: early::EarlyLedger,
+    /// Message traces (`trace.rs`): every hook first asks `tracer.active()`, one relaxed load.
+    pub tracer: trace::Tracer,
 }
 
 /// The queue limits of clean and of persistent sessions. A persistent session's queue lives
@@ -150,6 +154,7 @@ impl Broker {
             next_connection_id: AtomicU64::new(1),
             peers: std::sync::OnceLock::new(),
             early: early::EarlyLedger::default(),
+            tracer: trace::Tracer::default(),
         }
     }
 
@@ -216,7 +221,11 @@ impl Broker {
 
     /// Pushes into a session's outbox and counts a drop.
     pub fn push(&self, session: &SessionHandle, delivery: Delivery) -> Pushed {
-        let pushed = session.outbox.push(delivery);
+        let pushed = if self.tracer.active() {
+            self.tracer.push(session, delivery)
+        } else {
+            session.outbox.push(delivery)
+        };
         if pushed == Pushed::DroppedFull {
             self.metrics.dropped_queue_full.inc();
         }
