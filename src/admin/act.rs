@@ -7,24 +7,16 @@
 //! cleared as a client clears one (an empty retained message, published by the broker), and a
 //! purged queue drops its entries in memory and, in one store operation, on disk.
 
+use super::here::{self, Action};
 use super::{audit, Admin, ApiError, Caller};
-use crate::broker::Broker;
 use crate::message::Message;
 use crate::protocol::{MqttStr, PublishProperties, QoS};
-use crate::session::registry::Kicked;
-use crate::storage::Op;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How long `DELETE /sessions/{id}` waits for a connected client's connection to let go of
-/// the session (it was told to leave; a connection takes at most its drain bound).
-const DELETE_WAIT: Duration = Duration::from_secs(5);
 
 fn done(caller: &Caller, action: &str, subject: &str, r: Result<Value, ApiError>) -> Response {
     let outcome = r
@@ -35,90 +27,6 @@ fn done(caller: &Caller, action: &str, subject: &str, r: Result<Value, ApiError>
     match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
-    }
-}
-
-/// What an action does on the node that holds the client (`fleet.rs` finds it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Kick,
-    DeleteSession,
-    PurgeSession,
-}
-
-impl Action {
-    pub fn name(self) -> &'static str {
-        match self {
-            Action::Kick => "kick",
-            Action::DeleteSession => "delete_session",
-            Action::PurgeSession => "purge_session",
-        }
-    }
-}
-
-/// Does `action` on `id` here: `NotFound` when this node has no such client or session.
-pub async fn local(broker: &Arc<Broker>, action: Action, id: &str) -> Result<Value, ApiError> {
-    match action {
-        Action::Kick => match broker.registry.kick(id, false).0 {
-            Kicked::Connected => Ok(json!({ "client_id": id, "kicked": true })),
-            Kicked::Offline | Kicked::Unknown => {
-                Err(ApiError::NotFound(format!("no client {id:?} connected")))
-            }
-        },
-        Action::DeleteSession => delete_session_here(broker, id).await,
-        Action::PurgeSession => match broker.registry.view(id) {
-            None => Err(ApiError::NotFound(format!("no session {id:?}"))),
-            Some(v) => Ok(json!({ "client_id": id, "purged": purge(broker, &v.handle) })),
-        },
-    }
-}
-
-async fn delete_session_here(broker: &Arc<Broker>, id: &str) -> Result<Value, ApiError> {
-    // Which session (and connection) this is, to tell when it has gone.
-    let before = broker
-        .registry
-        .view(id)
-        .map(|v| (v.handle.id, v.conn.map(|c| c.since_ms)));
-    match broker.registry.kick(id, true) {
-        (Kicked::Unknown, _) | (Kicked::Offline, None) => {
-            Err(ApiError::NotFound(format!("no session {id:?}")))
-        }
-        (Kicked::Offline, Some(ended)) => {
-            let queued = ended.handle.outbox.counts().0;
-            // Nobody is attached (the registry removed the entry under its lock): the state
-            // is free, as for an expired session.
-            match ended.state.try_lock() {
-                Ok(mut state) => {
-                    broker.end_session(&ended.handle, &mut state);
-                    Ok(json!({ "client_id": id, "deleted": true, "queued": queued }))
-                }
-                Err(_) => Err(ApiError::Failed(
-                    "the session's state is held; try again".into(),
-                )),
-            }
-        }
-        (Kicked::Connected, _) => {
-            // The connection ends the session as it leaves (`Registry::detach`).
-            let deadline = tokio::time::Instant::now() + DELETE_WAIT;
-            loop {
-                // Gone, or a new connection of the same client has started afresh.
-                let gone = broker.registry.view(id).is_none_or(|v| {
-                    Some((v.handle.id, v.conn.map(|c| c.since_ms))) != before
-                });
-                if gone {
-                    break Ok(json!({ "client_id": id, "deleted": true, "kicked": true }));
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    break Err(ApiError::Failed(
-                        "the client was told to leave but its connection has not let go yet; \
-                         the session ends when it does"
-                            .into(),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
     }
 }
 
@@ -147,23 +55,6 @@ pub(super) async fn delete_session(
     act_on(admin, caller, Action::DeleteSession, id).await
 }
 
-/// Empties `queue` (a session's or a group's) in memory and on disk.
-fn purge(broker: &Broker, queue: &crate::session::registry::SessionHandle) -> usize {
-    let (n, below) = queue.outbox.purge();
-    if broker.store.durable() && queue.persistent.load(Ordering::Relaxed) {
-        // Fire and forget, as a session's deletion: nothing is acknowledged on its strength,
-        // and the storage thread applies it before anything submitted later.
-        let _ = broker.store.submit(vec![Op::PurgeQueue {
-            session_id: queue.id,
-            below,
-        }]);
-    }
-    if n > 0 {
-        broker.metrics.dropped_purged.inc_by(n as u64);
-    }
-    n
-}
-
 /// `POST /sessions/{id}/purge`: drops what waits in the session's queue (what is in flight
 /// stays: the client has it).
 pub(super) async fn purge_session(
@@ -190,7 +81,7 @@ pub(super) async fn purge_group(
     let r = match admin.broker.groups.get(&q.key) {
         None => Err(ApiError::NotFound(format!("no group {:?}", q.key))),
         Some(g) => {
-            let n = purge(&admin.broker, &g.queue);
+            let n = here::purge(&admin.broker, &g.queue);
             Ok(json!({ "key": q.key, "purged": n }))
         }
     };

@@ -10,8 +10,8 @@
 //! API is on: the request came over NATS, which only the cluster's nodes reach. Without a
 //! cluster everything is answered here.
 
-use super::act::{self, Action};
-use super::read::{self, Listing};
+use super::here::{self, Action, Listing};
+
 use super::{Admin, ApiError, MAX_LIMIT};
 use crate::broker::Broker;
 use crate::cluster::AdminHandler;
@@ -70,11 +70,11 @@ async fn answer(broker: &Arc<Broker>, request: &[u8]) -> Value {
     match serde_json::from_slice::<Request>(request) {
         Ok(Request::Page { what, after, limit }) => {
             let (items, next) =
-                read::local_page(broker, what, after.as_deref(), limit.clamp(1, MAX_LIMIT));
+                here::local_page(broker, what, after.as_deref(), limit.clamp(1, MAX_LIMIT));
             json!({ "items": items, "next": next })
         }
-        Ok(Request::One { id, sessions }) => reply(read::local_one(broker, &id, sessions)),
-        Ok(Request::Act { action, id }) => reply(act::local(broker, action, &id).await),
+        Ok(Request::One { id, sessions }) => reply(here::local_one(broker, &id, sessions)),
+        Ok(Request::Act { action, id }) => reply(here::local(broker, action, &id).await),
         Err(e) => reply(Err(ApiError::BadRequest(e.to_string()))),
     }
 }
@@ -156,7 +156,7 @@ pub(super) async fn page(
         limit,
     };
     let Some(answers) = ask(admin, &request).await else {
-        return Ok(read::local_page(&admin.broker, what, after, limit));
+        return Ok(here::local_page(&admin.broker, what, after, limit));
     };
     if answers.is_empty() {
         return Err(ApiError::Failed("no node of the cluster answered".into()));
@@ -197,10 +197,10 @@ pub(super) async fn one(admin: &Admin, id: &str, sessions: bool) -> Result<Value
         sessions,
     };
     match ask(admin, &request).await {
-        None => read::local_one(&admin.broker, id, sessions),
+        None => here::local_one(&admin.broker, id, sessions),
         Some(answers) => pick(
             answers,
-            read::local_one(&admin.broker, id, sessions)
+            here::local_one(&admin.broker, id, sessions)
                 .err()
                 .unwrap_or_else(|| ApiError::NotFound(id.to_string())),
         ),
@@ -214,7 +214,7 @@ pub(super) async fn act(admin: &Admin, action: Action, id: &str) -> Result<Value
         id: id.to_string(),
     };
     match ask(admin, &request).await {
-        None => act::local(&admin.broker, action, id).await,
+        None => here::local(&admin.broker, action, id).await,
         Some(answers) => pick(
             answers,
             ApiError::NotFound(format!("no client or session {id:?} on any node")),
@@ -239,8 +239,14 @@ mod tests {
 
     #[test]
     fn pages_merge_in_order_up_to_the_limit() {
-        let (items, next) = merge(vec![page(&["a", "d"], None), page(&["b", "c", "e"], None)], 3);
-        assert_eq!((ids(&items), next.as_deref()), (vec!["a", "b", "c"], Some("c")));
+        let (items, next) = merge(
+            vec![page(&["a", "d"], None), page(&["b", "c", "e"], None)],
+            3,
+        );
+        assert_eq!(
+            (ids(&items), next.as_deref()),
+            (vec!["a", "b", "c"], Some("c"))
+        );
         let (items, next) = merge(vec![page(&["a"], None), page(&["b"], None)], 3);
         assert_eq!((ids(&items), next), (vec!["a", "b"], None));
     }
@@ -252,7 +258,10 @@ mod tests {
         let (items, next) = merge(vec![page(&["a", "d"], None), page(&["b"], Some("c"))], 10);
         assert_eq!((ids(&items), next.as_deref()), (vec!["a", "b"], Some("c")));
         let (items, next) = merge(vec![page(&[], Some("m")), page(&["x"], None)], 10);
-        assert_eq!((ids(&items), next.as_deref()), (Vec::<&str>::new(), Some("m")));
+        assert_eq!(
+            (ids(&items), next.as_deref()),
+            (Vec::<&str>::new(), Some("m"))
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 mod act;
 mod fleet;
+mod here;
 mod read;
 pub mod tokens;
 mod trace;
@@ -31,8 +32,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use std::sync::Arc;
 pub use fleet::handler as cluster_handler;
+use std::sync::Arc;
 pub use tokens::{TokenError, Tokens};
 
 /// Items per page when `?limit=` is not given.

@@ -5,64 +5,19 @@
 //! oldest age) is read from its handle after the registry lock is released, so a listing
 //! never holds up a connecting client for longer than copying a page of handles.
 
+use super::here::Listing;
 use super::{page, Admin, ApiError, Paging};
-use crate::broker::Broker;
-use crate::session::registry::{Presence, SessionView};
-use crate::storage::record::{unix_now_ms, SubscriptionRecord};
+use crate::session::registry::Presence;
+use crate::storage::record::unix_now_ms;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
 
 /// A retained message's payload shown in a listing, at most: the listing is for finding
 /// things, not for bulk export.
 const PAYLOAD_PREVIEW: usize = 1024;
-
-/// The node name in a cluster, else `null`.
-fn node(broker: &Broker) -> Value {
-    broker
-        .peers()
-        .map_or(Value::Null, |p| Value::from(p.node()))
-}
-
-fn client_json(broker: &Broker, v: &SessionView, now_s: u64) -> Value {
-    let h = &v.handle;
-    let (queued, _) = h.outbox.counts();
-    let conn = v.conn.as_ref();
-    json!({
-        "client_id": &*h.client_id,
-        "node": node(broker),
-        "username": h.username().as_deref(),
-        "protocol": conn.map(|c| c.protocol),
-        "address": conn.map(|c| c.peer.to_string()),
-        "keep_alive": conn.map(|c| c.keep_alive),
-        "connected_since_ms": conn.map(|c| c.since_ms),
-        "persistent": h.persistent.load(Ordering::Relaxed),
-        "session_expiry": v.expiry,
-        "inflight": h.inflight.load(Ordering::Relaxed),
-        "queued": queued,
-        "oldest_age_seconds": broker.queue_oldest_age(h, now_s),
-    })
-}
-
-fn session_json(broker: &Broker, v: &SessionView, now_s: u64) -> Value {
-    let h = &v.handle;
-    let (queued, _) = h.outbox.counts();
-    json!({
-        "client_id": &*h.client_id,
-        "node": node(broker),
-        "online": v.online,
-        "username": h.username().as_deref(),
-        "persistent": h.persistent.load(Ordering::Relaxed),
-        "queued": queued,
-        "inflight": h.inflight.load(Ordering::Relaxed),
-        "oldest_age_seconds": broker.queue_oldest_age(h, now_s),
-        "expires_in_seconds": v.expires_in,
-        "subscriptions": h.subscriptions().len(),
-    })
-}
 
 /// `GET /clients`: connected clients.
 pub(super) async fn clients(
@@ -73,68 +28,6 @@ pub(super) async fn clients(
     let (items, next) =
         super::fleet::page(&admin, Listing::Clients, p.after.as_deref(), limit).await?;
     Ok(page(items, next))
-}
-
-/// What a page lists.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Listing {
-    /// Connected clients.
-    Clients,
-    Sessions(Presence),
-    /// The subscriptions made with exactly this filter, one per session.
-    Subscribers(String),
-}
-
-/// A page of this node's sessions or clients (in a cluster, `fleet.rs` merges every node's).
-pub fn local_page(
-    broker: &Broker,
-    what: Listing,
-    after: Option<&str>,
-    limit: usize,
-) -> (Vec<Value>, Option<String>) {
-    let presence = match &what {
-        Listing::Clients => Presence::Online,
-        Listing::Sessions(p) => *p,
-        Listing::Subscribers(_) => Presence::Any,
-    };
-    let (views, next) = broker.registry.page(after, limit, presence);
-    let now = unix_now_ms() / 1000;
-    let items = views
-        .iter()
-        .filter_map(|v| match &what {
-            Listing::Clients => Some(client_json(broker, v, now)),
-            Listing::Sessions(_) => Some(session_json(broker, v, now)),
-            Listing::Subscribers(filter) => {
-                let subs = v.handle.subscriptions();
-                let s = subs.iter().find(|s| &s.filter == filter)?;
-                Some(subscription_json(&v.handle.client_id, s))
-            }
-        })
-        .collect();
-    (items, next)
-}
-
-/// One client (`sessions` false) or session of this node, as `GET /clients/{id}` and
-/// `GET /sessions/{id}` answer.
-pub fn local_one(broker: &Broker, id: &str, sessions: bool) -> Result<Value, ApiError> {
-    let now = unix_now_ms() / 1000;
-    match broker.registry.view(id) {
-        Some(v) if sessions => {
-            let mut body = session_json(broker, &v, now);
-            body["subscriptions"] = Value::from(
-                v.handle
-                    .subscriptions()
-                    .iter()
-                    .map(|s| subscription_json(&v.handle.client_id, s))
-                    .collect::<Vec<_>>(),
-            );
-            Ok(body)
-        }
-        Some(v) if v.online => Ok(client_json(broker, &v, now)),
-        _ if sessions => Err(ApiError::NotFound(format!("no session {id:?}"))),
-        _ => Err(ApiError::NotFound(format!("no client {id:?} connected"))),
-    }
 }
 
 /// `GET /clients/{id}`.
@@ -187,18 +80,6 @@ pub(super) async fn session(
 ) -> Result<Response, ApiError> {
     let v = super::fleet::one(&admin, &id, true).await?;
     Ok(Json(v).into_response())
-}
-
-fn subscription_json(client_id: &str, s: &SubscriptionRecord) -> Value {
-    json!({
-        "client_id": client_id,
-        "filter": s.filter,
-        "qos": s.options.qos as u8,
-        "no_local": s.options.no_local,
-        "retain_as_published": s.options.retain_as_published,
-        "retain_handling": s.options.retain_handling,
-        "subscription_id": s.id,
-    })
 }
 
 /// `?client=` or `?filter=` of `GET /subscriptions`.
