@@ -510,3 +510,57 @@ fn in_flight_window_is_never_exceeded_towards_the_client() {
         })
     });
 }
+
+/// Consumer lag, with the time passed in: a message published at `t` and acknowledged at
+/// `t + 3 s` is 3 s late, for the session (its moving average) and for a shared group (its
+/// histogram, `tern_queue_delivery_latency_seconds`); before the PUBACK nothing is counted.
+#[test]
+fn the_latency_of_a_delivery_runs_from_its_publish_to_its_puback() {
+    runtime().block_on(async {
+        let h = harness(false, config());
+        let mut sub = h.connect("lag-sub", true, true, 0, false).await;
+        let mut publ = h.connect("lag-pub", true, true, 0, false).await;
+        let t = Instant::now();
+        sub.output(t).expect("connack");
+        publ.output(t).expect("connack");
+        sub.send(t, subscribe("lag/t", QoS::AtLeastOnce))
+            .expect("subscribe");
+        sub.send(t, |b, _| {
+            let mut s = v5::Subscribe::new("$share/g/lag/#", QoS::AtLeastOnce);
+            s.pkid = 2;
+            s.write(b).expect("subscribe");
+        })
+        .expect("subscribe to the group");
+        sub.output(t).expect("subacks");
+        publ.send(t, publish("lag/t", QoS::AtLeastOnce, 1, "x"))
+            .expect("publish");
+        // The group's dispatcher is a task: let it hand the message to its member.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let got = sub.output(t).expect("deliveries");
+        let pids: Vec<u16> = got
+            .iter()
+            .filter_map(|g| match g {
+                Got::Publish(_, pid, _) => Some(*pid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pids.len(), 2, "one direct, one through the group: {got:?}");
+        let group = h.broker.groups.all().into_iter().next().expect("the group");
+        assert_eq!(group.metrics.latency.get_sample_count(), 0);
+        assert_eq!(sub.client.handle.outbox.latency(), None, "nothing acknowledged yet");
+        let later = t + Duration::from_secs(3);
+        for pid in pids {
+            sub.send(later, puback(pid)).expect("puback");
+        }
+        assert_eq!(group.metrics.latency.get_sample_count(), 1);
+        assert_eq!(group.metrics.latency.get_sample_sum(), 3.0);
+        assert_eq!(group.queue.outbox.latency(), Some(Duration::from_secs(3)));
+        assert_eq!(
+            sub.client.handle.outbox.latency(),
+            Some(Duration::from_secs(3)),
+            "both deliveries were 3 s late"
+        );
+    });
+}
