@@ -549,7 +549,11 @@ fn the_latency_of_a_delivery_runs_from_its_publish_to_its_puback() {
         assert_eq!(pids.len(), 2, "one direct, one through the group: {got:?}");
         let group = h.broker.groups.all().into_iter().next().expect("the group");
         assert_eq!(group.metrics.latency.get_sample_count(), 0);
-        assert_eq!(sub.client.handle.outbox.latency(), None, "nothing acknowledged yet");
+        assert_eq!(
+            sub.client.handle.outbox.latency(),
+            None,
+            "nothing acknowledged yet"
+        );
         let later = t + Duration::from_secs(3);
         for pid in pids {
             sub.send(later, puback(pid)).expect("puback");
