@@ -133,12 +133,13 @@ fn merge(pages: Vec<(Vec<Value>, Option<String>)>, limit: usize) -> (Vec<Value>,
     if let Some(b) = &bound {
         items.retain(|i| client_id(i) <= b.as_str());
     }
-    let more = items.len() > limit || bound.is_some();
-    items.truncate(limit);
-    let next = if more {
-        items.last().map(|i| client_id(i).to_string()).or(bound)
+    // Cut by the limit: go on after the last one given. Else, where the earliest node
+    // stopped looking (every kept item is at or below it), or the end.
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|i| client_id(i).to_string())
     } else {
-        None
+        bound
     };
     (items, next)
 }
