@@ -218,9 +218,8 @@ impl Signals {
                 _ = int.recv() => return,
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
-                    let result = Config::load(config)
-                        .map_err(tern::ReloadError::from)
-                        .and_then(|new| running.reload(new));
+                    // A file that does not parse counts as a failed reload too.
+                    let result = running.reload_from(config);
                     if let Err(e) = result {
                         tracing::error!("reload rejected, keeping the running configuration: {e}");
                     }
