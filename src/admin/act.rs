@@ -8,31 +8,19 @@
 //! purged queue drops its entries in memory and, in one store operation, on disk.
 
 use super::here::{self, Action};
-use super::{audit, Admin, ApiError, Caller};
+use super::{audited, Admin, ApiError, Caller};
 use crate::message::Message;
 use crate::protocol::{MqttStr, PublishProperties, QoS};
 use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::response::Response;
+use axum::Extension;
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::sync::Arc;
-
-fn done(caller: &Caller, action: &str, subject: &str, r: Result<Value, ApiError>) -> Response {
-    let outcome = r
-        .as_ref()
-        .map(|v| v.to_string())
-        .map_err(|e| ApiError::Failed(e.to_string()));
-    audit(caller, action, subject, &outcome);
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
 
 async fn act_on(admin: Admin, caller: Caller, action: Action, id: String) -> Response {
     let r = super::fleet::act(&admin, action, &id).await;
-    done(&caller, action.name(), &id, r)
+    audited(&caller, action.name(), &id, r)
 }
 
 /// `DELETE /clients/{id}`: the client's connection is closed (v5: DISCONNECT 0x98
@@ -85,7 +73,7 @@ pub(super) async fn purge_group(
             Ok(json!({ "key": q.key, "purged": n }))
         }
     };
-    done(&caller, "purge_group", &q.key, r)
+    audited(&caller, "purge_group", &q.key, r)
 }
 
 /// `?topic=` of `DELETE /retained`.
@@ -131,5 +119,5 @@ pub(super) async fn delete_retained(
             Ok(json!({ "topic": topic, "deleted": true }))
         }
     };
-    done(&caller, "delete_retained", &topic, r)
+    audited(&caller, "delete_retained", &topic, r)
 }

@@ -134,26 +134,38 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// One line per action, whatever its result: who (the token's name), what, on what.
-fn audit(caller: &Caller, action: &str, subject: &str, result: &Result<String, ApiError>) {
+/// An action's answer, and its audit line (one per action, whatever its result: who, by the
+/// token's name; what; on what; and how it went).
+fn audited(
+    caller: &Caller,
+    action: &str,
+    subject: &str,
+    result: Result<serde_json::Value, ApiError>,
+) -> Response {
     match result {
-        Ok(outcome) => tracing::info!(
-            target: "tern::audit",
-            token = %caller.0,
-            action,
-            subject,
-            result = %outcome,
-            "admin action"
-        ),
-        Err(e) => tracing::warn!(
-            target: "tern::audit",
-            token = %caller.0,
-            action,
-            subject,
-            result = "refused",
-            error = %e,
-            "admin action"
-        ),
+        Ok(outcome) => {
+            tracing::info!(
+                target: "tern::audit",
+                token = %caller.0,
+                action,
+                subject,
+                result = %outcome,
+                "admin action"
+            );
+            Json(outcome).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(
+                target: "tern::audit",
+                token = %caller.0,
+                action,
+                subject,
+                result = "refused",
+                error = %e,
+                "admin action"
+            );
+            e.into_response()
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! `tern check`, a SIGHUP and a restart all see what the API made. Without the file
 //! configured, the call answers 409 and changes nothing: there is nowhere to keep the change.
 
-use super::{audit, Admin, ApiError, Caller};
+use super::{audited, Admin, ApiError, Caller};
 use crate::auth::password::{valid_username, write_atomically, PasswordFile};
 use crate::auth::{acl, Authorizer};
 use axum::extract::{Path, State};
@@ -27,29 +27,20 @@ fn acl_path(admin: &Admin) -> Result<PathBuf, ApiError> {
     })
 }
 
+/// The ACL file's path and text.
+fn read_acl(admin: &Admin) -> Result<(PathBuf, String), ApiError> {
+    let path = acl_path(admin)?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ApiError::Failed(format!("{}: {e}", path.display())))?;
+    Ok((path, text))
+}
+
 /// Re-reads both files into the authoriser (what a SIGHUP does for `[auth]`).
 fn reload_auth(admin: &Admin) -> Result<(), ApiError> {
     let prepared = Authorizer::prepare(&admin.broker.auth.settings())
         .map_err(|e| ApiError::Failed(format!("written, but the reload failed: {e}")))?;
     admin.broker.auth.install(prepared);
     Ok(())
-}
-
-fn finish(
-    caller: &Caller,
-    action: &str,
-    subject: &str,
-    r: Result<serde_json::Value, ApiError>,
-) -> Response {
-    let outcome = r
-        .as_ref()
-        .map(|v| v.to_string())
-        .map_err(|e| ApiError::Failed(e.to_string()));
-    audit(caller, action, subject, &outcome);
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
 }
 
 /// `GET /users`: the user names in the password file (never their hashes).
@@ -96,7 +87,7 @@ pub(super) async fn set(
         reload_auth(&admin)?;
         Ok(json!({ "user": name, "created": !existed }))
     })();
-    finish(&caller, "set_user", &name, r)
+    audited(&caller, "set_user", &name, r)
 }
 
 /// `DELETE /users/{name}`. Connected clients of that user stay connected (their CONNECT was
@@ -118,7 +109,7 @@ pub(super) async fn remove(
         reload_auth(&admin)?;
         Ok(json!({ "user": name, "deleted": true }))
     })();
-    finish(&caller, "delete_user", &name, r)
+    audited(&caller, "delete_user", &name, r)
 }
 
 /// One ACL rule, as the API takes and gives it.
@@ -323,9 +314,7 @@ fn without_rule(text: &str, rule: &Rule) -> Option<String> {
 
 /// `GET /acl`: every rule of the ACL file, in file order.
 pub(super) async fn acl(State(admin): State<Admin>) -> Result<Response, ApiError> {
-    let path = acl_path(&admin)?;
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| ApiError::Failed(format!("{}: {e}", path.display())))?;
+    let (_, text) = read_acl(&admin)?;
     Ok(Json(json!({ "items": rules_of(&text), "next": null })).into_response())
 }
 
@@ -347,16 +336,14 @@ pub(super) async fn acl_add(
     let _files = admin.files.lock().await;
     let r = (|| {
         rule.check()?;
-        let path = acl_path(&admin)?;
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ApiError::Failed(format!("{}: {e}", path.display())))?;
+        let (path, text) = read_acl(&admin)?;
         if rules_of(&text).contains(&rule) {
             return Err(ApiError::Conflict("the rule is already there".into()));
         }
         store_acl(&admin, &path, &with_rule(&text, &rule))?;
         Ok(json!({ "added": rule }))
     })();
-    finish(&caller, "add_acl_rule", &rule.line(), r)
+    audited(&caller, "add_acl_rule", &rule.line(), r)
 }
 
 /// `DELETE /acl` with a rule: removes it (its first occurrence in its section).
@@ -368,16 +355,14 @@ pub(super) async fn acl_remove(
     let _files = admin.files.lock().await;
     let r = (|| {
         rule.check()?;
-        let path = acl_path(&admin)?;
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ApiError::Failed(format!("{}: {e}", path.display())))?;
+        let (path, text) = read_acl(&admin)?;
         let Some(next) = without_rule(&text, &rule) else {
             return Err(ApiError::NotFound("no such rule".into()));
         };
         store_acl(&admin, &path, &next)?;
         Ok(json!({ "removed": rule }))
     })();
-    finish(&caller, "remove_acl_rule", &rule.line(), r)
+    audited(&caller, "remove_acl_rule", &rule.line(), r)
 }
 
 #[cfg(test)]

@@ -182,14 +182,7 @@ impl Client {
             .await
             .map_err(|e| CtlError::Io(e.to_string()))?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
-            return Err(CtlError::Api {
-                status: status.as_u16(),
-                message,
-            });
+            return Err(api_error(status, &body));
         }
         Ok(Answer { status, body })
     }
@@ -207,14 +200,7 @@ impl Client {
             let body = axum::body::to_bytes(body, MAX_BODY)
                 .await
                 .map_err(|e| CtlError::Io(e.to_string()))?;
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
-            return Err(CtlError::Api {
-                status: status.as_u16(),
-                message,
-            });
+            return Err(api_error(status, &body));
         }
         let mut stream = body.into_data_stream();
         let mut pending = Vec::new();
@@ -231,6 +217,18 @@ impl Client {
             line(String::from_utf8_lossy(&pending).trim_end());
         }
         Ok(())
+    }
+}
+
+/// An error answer as the CLI shows it: the API's `error` text, else the body.
+fn api_error(status: StatusCode, body: &[u8]) -> CtlError {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+    CtlError::Api {
+        status: status.as_u16(),
+        message,
     }
 }
 
