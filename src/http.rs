@@ -6,7 +6,7 @@
 //! Routing is an axum [`Router`] ([`router`]); connections are served by hyper's HTTP/1
 //! connection builder, whose options carry the limits: see [`serve`].
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Lifetime};
 use crate::broker::shared::Kind;
 use crate::broker::Broker;
 use crate::metrics::{BrokerState, GroupState};
@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -37,7 +38,8 @@ const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// ends; each lives at most [`CONNECTION_LIFETIME`], so the wait is bounded too.
 const MAX_CONNECTIONS: usize = 64;
 /// Longest a connection may live, from accept to the last byte of its response: a client that
-/// does not read its answer cannot hold a connection slot.
+/// does not read its answer cannot hold a connection slot. A trace's stream pushes its
+/// connection's deadline to the trace's end ([`Lifetime`]); a trace lasts an hour at most.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// After the stop signal, how long requests already being answered get to finish.
 const DRAIN: Duration = Duration::from_secs(1);
@@ -162,7 +164,7 @@ pub async fn serve(
     tls: Option<Arc<TlsReloader>>,
     stop: impl Future<Output = ()>,
 ) {
-    let service = TowerToHyperService::new(router(broker, ready, admin));
+    let routes = router(broker, ready, admin);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -194,7 +196,10 @@ pub async fn serve(
         // Reap the finished ones (at most MAX_CONNECTIONS are running).
         while connections.try_join_next().is_some() {}
         let watcher = graceful.watcher();
-        let (builder, service) = (builder.clone(), service.clone());
+        // This connection's deadline, which a streamed answer (a trace) may push later.
+        let lifetime = Lifetime::until(tokio::time::Instant::now() + CONNECTION_LIFETIME);
+        let service = TowerToHyperService::new(routes.clone().layer(Extension(lifetime.clone())));
+        let builder = builder.clone();
         // The acceptor in force now (a reload may replace it for later connections).
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         connections.spawn(async move {
@@ -218,10 +223,21 @@ pub async fn serve(
                     }
                 }
             };
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
-                Err(_) => tracing::debug!("metrics connection outlived its time; closed"),
+            tokio::pin!(conn);
+            let ended = loop {
+                tokio::select! {
+                    r = &mut conn => break Some(r),
+                    () = tokio::time::sleep_until(lifetime.deadline()) => {
+                        if lifetime.deadline() <= tokio::time::Instant::now() {
+                            break None;
+                        }
+                    }
+                }
+            };
+            match ended {
+                Some(Ok(())) => {}
+                Some(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
+                None => tracing::debug!("metrics connection outlived its time; closed"),
             }
             drop(slot);
         });
@@ -423,6 +439,48 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// A trace outlives the port's 30 s connection bound: its stream pushes the deadline to the
+    /// trace's end, and the answer ends with the trace's last line. A request that is not a
+    /// trace still gets 30 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_trace_stream_outlives_the_connection_bound() {
+        let dir = std::env::temp_dir().join(format!("tern-http-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("tokens");
+        std::fs::write(&path, "t:0123456789abcdef0123\n").expect("tokens");
+        let b = broker();
+        let tokens = Arc::new(crate::admin::Tokens::load(&path).expect("tokens"));
+        let admin = Admin::new(b.clone(), tokens, None);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(serve(
+            listener,
+            b,
+            Arc::new(AtomicBool::new(true)),
+            Some(admin),
+            None,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let body = r#"{"topic": "a/b", "duration": "45s"}"#;
+        let req = format!(
+            "POST /api/v1/traces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer 0123456789abcdef0123\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let started = tokio::time::Instant::now();
+        let (status, _, text) = exchange(addr, req.as_bytes()).await;
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() >= Duration::from_secs(45),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(text.contains("\"event\":\"ended\""), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -68,6 +68,37 @@ impl Admin {
     }
 }
 
+/// How long the metrics port lets a connection live, which a streamed answer (a trace, which
+/// may last an hour) pushes later. `http.rs` puts one on every request and closes the
+/// connection once the latest deadline set here has passed.
+#[derive(Clone)]
+pub struct Lifetime(Arc<std::sync::Mutex<tokio::time::Instant>>);
+
+impl Lifetime {
+    pub fn until(deadline: tokio::time::Instant) -> Lifetime {
+        Lifetime(Arc::new(std::sync::Mutex::new(deadline)))
+    }
+
+    /// The deadline in force.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Moves the deadline to `at` if that is later.
+    pub fn extend_to(&self, at: tokio::time::Instant) {
+        let mut d = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if at > *d {
+            *d = at;
+        }
+    }
+}
+
 /// The token's name, put on the request by [`authenticate`] for the audit line.
 #[derive(Clone)]
 pub struct Caller(pub String);

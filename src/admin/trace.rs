@@ -15,6 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,8 @@ use tokio::sync::mpsc;
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(60);
 /// Events written in one chunk at most (the reader catches up in few writes).
 const CHUNK_EVENTS: usize = 256;
+/// Past a trace's end, how long its connection may still live to send the last lines.
+const STREAM_GRACE: Duration = Duration::from_secs(5);
 
 /// The request body.
 #[derive(Debug, serde::Deserialize)]
@@ -199,7 +202,11 @@ impl Streaming {
 }
 
 /// `POST /api/v1/traces`.
-pub async fn start(State(admin): State<Admin>, body: Bytes) -> Response {
+pub async fn start(
+    State(admin): State<Admin>,
+    lifetime: Option<Extension<super::Lifetime>>,
+    body: Bytes,
+) -> Response {
     let (selector, duration) = match parse(&body) {
         Ok(x) => x,
         Err(e) => return ApiError::BadRequest(e.to_string()).into_response(),
@@ -229,6 +236,11 @@ pub async fn start(State(admin): State<Admin>, body: Bytes) -> Response {
         head: Some(head),
         done: false,
     };
+    // The connection lives as long as the trace (and a moment for its last line), not the
+    // metrics port's usual 30 s.
+    if let Some(Extension(l)) = lifetime {
+        l.extend_to(state.ends + STREAM_GRACE);
+    }
     let stream = futures_util::stream::unfold(state, Streaming::next);
     (
         [
