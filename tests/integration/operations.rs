@@ -342,7 +342,12 @@ async fn v5_inflight_and_queued_gauges_follow_receive_maximum() {
     assert_eq!(&first.payload[..], b"s0");
     assert_eq!(&second.payload[..], b"s1");
     sub.expect_no_publish(QUIET).await;
-    let depth = |le: &str, n: f64| s(&format!("tern_sessions_by_queue_depth{{at_most=\"{le}\"}}"), n);
+    let depth = |le: &str, n: f64| {
+        s(
+            &format!("tern_sessions_by_queue_depth{{at_most=\"{le}\"}}"),
+            n,
+        )
+    };
     wait_series(
         &b,
         None,
