@@ -82,6 +82,8 @@ pub struct ConnectionSlot(Arc<SlotCounts>);
 struct SlotCounts {
     all: Arc<AtomicUsize>,
     listener: prometheus::IntGauge,
+    /// The listener's name, for its connections' log lines.
+    name: &'static str,
 }
 
 impl ConnectionSlot {
@@ -105,6 +107,12 @@ impl ConnectionSlot {
                 Err(now) => current = now,
             }
         }
+    }
+}
+
+impl crate::connection::Accepted for ConnectionSlot {
+    fn listener(&self) -> &'static str {
+        self.0.name
     }
 }
 
@@ -153,6 +161,7 @@ pub async fn run(
     let counts = Arc::new(SlotCounts {
         all: connections,
         listener: broker.metrics.listener_connections(transport.kind()),
+        name: transport.kind().label(),
     });
     let mut connect_rate = broker.limits().max_connect_rate;
     let mut rate = bucket(connect_rate);

@@ -32,6 +32,7 @@ fn client_json(broker: &Broker, v: &SessionView, now_s: u64) -> Value {
         "node": node(broker),
         "username": h.username().as_deref(),
         "protocol": conn.map(|c| c.protocol),
+        "listener": conn.map(|c| c.listener),
         "address": conn.map(|c| c.peer.to_string()),
         "keep_alive": conn.map(|c| c.keep_alive),
         "connected_since_ms": conn.map(|c| c.since_ms),

@@ -1,6 +1,7 @@
 //! CONNECT → CONNACK: checks, authentication, session attach, and what CONNACK advertises.
 
 use super::client::Client;
+use super::Origin;
 use crate::auth::Authentication;
 use crate::broker::Broker;
 use crate::config::Limits;
@@ -10,7 +11,6 @@ use crate::session::TopicAliases;
 use crate::storage::record::{SessionRecord, WillRecord};
 use crate::storage::Op;
 use bytes::BytesMut;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +28,10 @@ fn refuse(
     c: &Connect,
     max_out: usize,
     reason: ReasonCode,
-    peer: SocketAddr,
+    origin: Origin,
     why: &str,
 ) -> Option<Client> {
+    let peer = origin.peer;
     let version = c.version;
     let props = Properties::default();
     if connack_size(version, &props) <= max_out {
@@ -50,6 +51,7 @@ fn refuse(
     // Who was refused, as an operator greps for it (the same fields as "client connected").
     tracing::info!(
         %peer,
+        listener = origin.listener,
         client_id = %c.client_id.as_str(),
         username = %c.username.as_ref().map_or("", |u| u.as_str()),
         version = version.label(),
@@ -123,7 +125,7 @@ pub(super) async fn accept(
     broker: &Arc<Broker>,
     wbuf: &mut BytesMut,
     packet: Packet,
-    peer: SocketAddr,
+    origin: Origin,
     kick: oneshot::Sender<Kick>,
     identity: Option<String>,
     limits: Arc<Limits>,
@@ -131,6 +133,7 @@ pub(super) async fn accept(
     let Packet::Connect(c) = packet else {
         return None;
     };
+    let peer = origin.peer;
     broker.metrics.packets_received.add(kind::CONNECT, 1);
     let c = *c;
     let version = c.version;
@@ -149,7 +152,7 @@ pub(super) async fn accept(
             &c,
             max_out,
             ReasonCode::BadAuthenticationMethod,
-            peer,
+            origin,
             "unsupported authentication method",
         );
     }
@@ -170,7 +173,7 @@ pub(super) async fn accept(
                     &c,
                     max_out,
                     ReasonCode::NotAuthorized,
-                    peer,
+                    origin,
                     "anonymous clients are not allowed",
                 );
             }
@@ -182,7 +185,7 @@ pub(super) async fn accept(
                     &c,
                     max_out,
                     ReasonCode::BadUserNameOrPassword,
-                    peer,
+                    origin,
                     "bad user name or password",
                 );
             }
@@ -199,7 +202,7 @@ pub(super) async fn accept(
                 &c,
                 max_out,
                 ReasonCode::TopicNameInvalid,
-                peer,
+                origin,
                 "will topic over limits.max_topic_length or limits.max_topic_levels",
             );
         }
@@ -213,7 +216,7 @@ pub(super) async fn accept(
                 &c,
                 max_out,
                 ReasonCode::NotAuthorized,
-                peer,
+                origin,
                 "will topic not authorised",
             );
         }
@@ -230,7 +233,7 @@ pub(super) async fn accept(
                 &c,
                 max_out,
                 ReasonCode::ClientIdentifierNotValid,
-                peer,
+                origin,
                 "empty client id from an MQTT 3.1 client",
             );
         }
@@ -242,7 +245,7 @@ pub(super) async fn accept(
                 &c,
                 max_out,
                 ReasonCode::ClientIdentifierNotValid,
-                peer,
+                origin,
                 "empty client id with a persistent session",
             );
         }
@@ -270,7 +273,7 @@ pub(super) async fn accept(
             &c,
             max_out,
             ReasonCode::ServerUnavailable,
-            peer,
+            origin,
             "cluster without quorum: persistent session refused",
         );
     }
@@ -339,7 +342,7 @@ pub(super) async fn accept(
                 &c,
                 max_out,
                 ReasonCode::ServerBusy,
-                peer,
+                origin,
                 &e.to_string(),
             );
         }
@@ -350,6 +353,7 @@ pub(super) async fn accept(
         crate::session::registry::ConnInfo {
             peer,
             protocol: version.label(),
+            listener: origin.listener,
             keep_alive,
             since_ms: crate::storage::record::unix_now_ms(),
         },

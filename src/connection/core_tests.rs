@@ -116,7 +116,10 @@ impl Harness {
             &self.broker,
             &mut wbuf,
             packet,
-            "127.0.0.1:1".parse().expect("addr"),
+            super::Origin {
+                peer: "127.0.0.1:1".parse().expect("addr"),
+                listener: "tcp",
+            },
             kick_tx,
             None,
             self.broker.limits(),

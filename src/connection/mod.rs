@@ -48,6 +48,21 @@ pub(crate) use throttle::TokenBucket;
 /// wrapped before the future exists, and the `async move` block captures each value once;
 /// with `Io::run` made the same way, the task fits jemalloc's 1,536-byte class (was 2,048;
 /// `-Zprint-type-sizes`, docs/architecture.md).
+/// What accepted a connection: the connection holds it for its whole life (the listener's
+/// count of open connections drops when it goes) and names its listener in log lines and in
+/// the admin API. Behind the listener's one pointer, so it makes no connection task larger.
+pub trait Accepted: Send + 'static {
+    /// The listener's name: `tcp`, `tls`, `ws` or `wss`.
+    fn listener(&self) -> &'static str;
+}
+
+/// Where a CONNECT came from, for the log lines and the admin API.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    pub(crate) peer: SocketAddr,
+    pub(crate) listener: &'static str,
+}
+
 pub fn serve<S, G>(
     stream: S,
     peer: SocketAddr,
@@ -57,7 +72,7 @@ pub fn serve<S, G>(
 ) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
-    G: Send + 'static,
+    G: Accepted,
 {
     let (reader, writer) = tokio::io::split(stream);
     let mut io = Io::new(reader, writer, peer);
@@ -107,7 +122,10 @@ where
             &broker,
             &mut io.wbuf,
             *packet,
-            io.peer,
+            Origin {
+                peer: io.peer,
+                listener: slot.listener(),
+            },
             kick_tx,
             identity,
             limits,
@@ -121,6 +139,7 @@ where
         };
         tracing::info!(
             peer = %io.peer,
+            listener = slot.listener(),
             client_id = %client.client_id,
             username = %client.username.as_deref().unwrap_or(""),
             version = client.version.label(),

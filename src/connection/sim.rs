@@ -556,7 +556,11 @@ impl World {
         let (kick_tx, kick_rx) = oneshot::channel();
         let handle = tokio::spawn(async move {
             let mut wbuf = BytesMut::new();
-            let c = accept(&broker, &mut wbuf, packet, peer(), kick_tx, None, limits).await;
+            let origin = super::Origin {
+                peer: peer(),
+                listener: "tcp",
+            };
+            let c = accept(&broker, &mut wbuf, packet, origin, kick_tx, None, limits).await;
             (c, wbuf, kick_rx)
         });
         self.accepting.push((i, handle));

@@ -109,6 +109,8 @@ pub struct ConnInfo {
     pub peer: std::net::SocketAddr,
     /// `"3.1"`, `"3.1.1"` or `"5.0"`.
     pub protocol: &'static str,
+    /// The listener that accepted it: `tcp`, `tls`, `ws`, `wss`.
+    pub listener: &'static str,
     /// Keep Alive in effect, seconds.
     pub keep_alive: u16,
     /// Unix time of the CONNECT, milliseconds.

@@ -188,6 +188,7 @@ def test_the_metrics_port_speaks_tls_and_ctl_follows(make_broker, tmp_path, mkc)
     c.connect()
     items = api("GET", "/api/v1/clients")["items"]
     assert [i["client_id"] for i in items] == [c.client_id]
+    assert items[0]["listener"] == "tcp"  # MQTT over TCP; the API itself over TLS
     # Plain HTTP gets no answer from a TLS port.
     with pytest.raises(Exception):
         urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=2)
@@ -218,6 +219,7 @@ def test_clients_and_sessions_answer_who_is_behind(make_broker, tmp_path, mkc, v
     assert [c["client_id"] for c in clients] == [pub.client_id]
     c = clients[0]
     assert c["protocol"] == ("5.0" if version == V5 else "3.1.1")
+    assert c["listener"] == "tcp"
     assert c["keep_alive"] == 42
     assert c["address"].startswith("127.0.0.1:")
     assert c["connected_since_ms"] > 0

@@ -943,8 +943,8 @@ def test_text_logs_one_line_per_connection(split_broker, raws):
 
 def test_connect_and_refusal_lines_say_who(split_broker):
     """What an operator greps for is on the line, for a client let in and one refused:
-    client id, user name, protocol version, keep alive, clean start (a refusal too, with
-    why)."""
+    client id, user name, listener, protocol version, keep alive, clean start (a refusal
+    too, with why)."""
     b = split_broker({"log": {"level": "info"}, "auth": {"allow_anonymous": False}})
     c = mr.Client.to(b, V5)
     c.send(mr.connect("gw-9", version=V5, keepalive=30, username="sensor-002", password=b"x"))
@@ -954,7 +954,7 @@ def test_connect_and_refusal_lines_say_who(split_broker):
     wait_for(lambda: any("connection refused" in x for x in b.err_lines), what="a refusal line")
     line = next(x for x in b.err_lines if "connection refused" in x)
     for part in ("client_id=gw-9", "username=sensor-002", 'version="5.0"', "keep_alive=30",
-                 "clean_start=true", "bad user name or password"):
+                 "clean_start=true", "bad user name or password", 'listener="tcp"'):
         assert part in line, line
 
 
