@@ -56,6 +56,12 @@ use tokio::time::Instant;
 
 /// Largest piece of a snapshot in one NATS message.
 const CHUNK: usize = 512 * 1024;
+/// How long a session taken over waits for this node's consumer to reach the snapshot's
+/// position, before it starts here anyway (and may then get what lies between twice). Was
+/// `cluster.quorum_timeout` (5 s in the tests): on a loaded 2-core CI machine a node's consumer
+/// was once 142 stream messages (all 1,000 MQTT messages of a burst, batched) behind after 5 s,
+/// and the moved session got every one twice. Its CONNACK waits this long at most.
+const CONSUMER_CATCH_UP: Duration = Duration::from_secs(10);
 /// How long the old node keeps a session it sent, waiting for the new node's `done`.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// When JetStream removes a catch-up's reading consumer left behind (this node died while
@@ -513,7 +519,7 @@ impl Sessions {
         let commit = self.broker.submit_staged(staged);
         // Our consumer reads the same stream: wait until it has routed what the snapshot
         // covers, so nothing up to `from` reaches the session twice.
-        let deadline = Instant::now() + self.quorum_timeout;
+        let deadline = Instant::now() + CONSUMER_CATCH_UP.max(self.quorum_timeout);
         while self.sequencer.seen.load(Ordering::Acquire) < from && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
