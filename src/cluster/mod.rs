@@ -596,6 +596,9 @@ impl Peers for Node {
     }
 }
 
+/// How long `tern cluster import` asks again for a retained message JetStream refused.
+const IMPORT_RETRY: Duration = Duration::from_secs(10);
+
 /// Publishes every retained message of this node's store to the cluster's retained stream
 /// (`tern cluster import`), waiting for each to be stored.
 async fn import_retained(
@@ -607,16 +610,34 @@ async fn import_retained(
     let mut all = Vec::new();
     broker.retained_for("#", &mut all);
     for msg in &all {
-        let ack = js
-            .publish_with_headers(
-                names.retained.topic(msg.topic.as_str()),
-                wire::headers(node),
-                wire::encode(msg),
-            )
-            .await
-            .map_err(|e| ClusterError::JetStream(format!("importing retained: {e}")))?;
-        ack.await
-            .map_err(|e| ClusterError::JetStream(format!("importing retained: {e}")))?;
+        // A stream made a moment ago may not be known yet to the server this node talks to
+        // ("no stream found for given subject", seen in CI under load): asked again for a
+        // while before the import gives up.
+        let deadline = tokio::time::Instant::now() + IMPORT_RETRY;
+        loop {
+            let stored = async {
+                js.publish_with_headers(
+                    names.retained.topic(msg.topic.as_str()),
+                    wire::headers(node),
+                    wire::encode(msg),
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+            }
+            .await;
+            match stored {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(ClusterError::JetStream(format!("importing retained: {e}")))
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "importing retained: asking again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
     }
     Ok(all.len())
 }
