@@ -78,9 +78,9 @@ impl Node {
             return (Vec::new(), false);
         }
         let mut answers = Vec::new();
-        // This node's own answer, while the others work on theirs.
+        // This node's own answer, while the others work on theirs (the request is out).
         if let Some(handler) = self.admin.get() {
-            answers.push(handler(request.clone()).await);
+            answers.push(handler(request).await);
         }
         let expected = expected + answers.len();
         let deadline = tokio::time::Instant::now() + wait;
