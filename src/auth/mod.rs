@@ -8,6 +8,9 @@
 //! Mosquitto-compatible users and rules; both are reloaded on SIGHUP.
 
 pub mod acl;
+pub mod chain;
+pub mod http;
+pub mod jwt;
 pub mod password;
 
 use crate::config::AuthConfig;
@@ -291,6 +294,7 @@ mod tests {
             allow_anonymous: false,
             password_file: Some(pw_path),
             acl_file: Some(acl_path),
+            ..AuthConfig::default()
         };
         let a = Authorizer::load("reply", &cfg).unwrap();
         assert_eq!(

@@ -10,9 +10,14 @@
 //! [`diff`](Config::diff) (in `diff.rs`) what a reload compares; [`duration`] how every time
 //! key is read (`30`, `"30s"`, `"5m"` ...).
 
+pub mod auth_http;
+pub mod auth_jwt;
 mod diff;
 pub mod duration;
 mod validate;
+
+pub use auth_http::HttpAuthConfig;
+pub use auth_jwt::JwtConfig;
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -733,6 +738,10 @@ pub struct AuthConfig {
     /// Mosquitto-format ACL file (`user`, `topic`, `pattern` with %u / %c). When set,
     /// everything it does not grant is denied.
     pub acl_file: Option<PathBuf>,
+    /// The JWT backend (`[auth.jwt]`); listeners name it `"jwt"` in their chain.
+    pub jwt: Option<JwtConfig>,
+    /// The HTTP backend (`[auth.http]`); listeners name it `"http"` in their chain.
+    pub http: Option<HttpAuthConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

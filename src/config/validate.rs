@@ -29,6 +29,12 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        if let Some(jwt) = &self.auth.jwt {
+            jwt.validate()?;
+        }
+        if let Some(http) = &self.auth.http {
+            http.validate()?;
+        }
         let m = &self.metrics;
         if m.cert.is_some() != m.key.is_some() {
             return invalid("metrics.cert", "`cert` and `key` go together");

@@ -1,0 +1,65 @@
+//! The authentication chain: each listener names an ordered list of backends
+//! (`[listeners.NAME.auth] chain = ["jwt", "password_file"]`); CONNECT's credentials go
+//! through them in order and the first backend that decides (allow or deny) wins. A backend
+//! passes when the credentials are not its kind (the JWT backend when the password is not a
+//! token, the password file when it does not know the user); the HTTP backend always decides,
+//! so it belongs last. When every backend passes the client is refused, unless it is
+//! anonymous where anonymous clients are allowed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// What CONNECT presented, and where from: everything a backend may base its decision on.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    /// The listener's name (`[listeners.NAME]`).
+    pub listener: &'a str,
+    /// The client's address (the PROXY protocol's when the listener takes it).
+    pub peer: SocketAddr,
+    /// 3, 4 or 5: MQTT 3.1, 3.1.1, 5.0.
+    pub protocol: u8,
+}
+
+/// A backend's answer.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Accepted, with what the backend established about the client.
+    Allow(Grant),
+    /// Refused: the credentials were the backend's kind and they were wrong.
+    Deny(Denial),
+    /// Not this backend's kind of credentials: ask the next.
+    Pass,
+}
+
+/// Why a backend refused (the CONNACK reason: v5 0x86 / 3.1.1 rc 4, or v5 0x87 / rc 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    BadCredentials,
+    NotAuthorized,
+}
+
+/// What an accepting backend established.
+#[derive(Debug, Clone, Default)]
+pub struct Grant {
+    /// The username the ACL and logs know the client by (a JWT's mapped claim); `None`: the
+    /// one CONNECT carried.
+    pub username: Option<Arc<str>>,
+    /// Topic rules carried by the credentials (JWT claims); they narrow the ACL file's.
+    pub rules: Option<Arc<ClaimRules>>,
+    /// When the credentials stop being valid (a JWT's `exp`): the connection is closed then
+    /// (v5 DISCONNECT 0xA0 Maximum connect time).
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Publish and subscribe filters granted by a token (`{"pub": [...], "sub": [...]}`), with
+/// `%c` and `%u` already replaced by the client id and username. A topic is allowed when a
+/// `pub` filter matches it; a SUBSCRIBE filter when a `sub` filter covers all of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimRules {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}

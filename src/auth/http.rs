@@ -1,0 +1,1 @@
+//! The HTTP authentication backend: asks a service over HTTP (`[auth.http]`).

@@ -1,0 +1,1 @@
+//! The JWT authentication backend: tokens in the password (or username) field (`[auth.jwt]`).
