@@ -462,6 +462,8 @@ pub struct WssListenerConfig {
     pub require_client_cert: bool,
     #[serde(default)]
     pub use_identity_as_username: bool,
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
 }
 
 impl WssListenerConfig {
@@ -474,6 +476,7 @@ impl WssListenerConfig {
             client_ca: self.client_ca.clone(),
             require_client_cert: self.require_client_cert,
             use_identity_as_username: self.use_identity_as_username,
+            crl_file: self.crl_file.clone(),
         }
     }
 
@@ -504,6 +507,10 @@ pub struct TlsListenerConfig {
     /// certificate; the ACL applies to it).
     #[serde(default)]
     pub use_identity_as_username: bool,
+    /// Certificate revocation lists (PEM) checked against client certificates; re-read with
+    /// the certificates.
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -540,6 +547,7 @@ impl MetricsConfig {
                 client_ca: None,
                 require_client_cert: false,
                 use_identity_as_username: false,
+                crl_file: None,
             }),
             _ => None,
         }
