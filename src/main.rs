@@ -97,10 +97,27 @@ fn main() -> ExitCode {
             eprintln!("tern: {e}");
             return ExitCode::from(2);
         }
-        if let Some(tls) = &config.listeners.tls {
-            if let Err(e) = tern::tls::TlsReloader::prepare(tls) {
-                eprintln!("tern: listeners.tls: {e}");
-                return ExitCode::from(2);
+        // TLS files as the listener reads them; what would not stop it (an X.509 v1
+        // certificate, a stale CRL) is a warning on stderr and the check still passes.
+        let tls = [
+            ("listeners.tls", config.listeners.tls.clone()),
+            (
+                "listeners.wss",
+                config.listeners.wss.as_ref().map(|w| w.tls()),
+            ),
+        ];
+        for (key, tls) in tls {
+            let Some(tls) = tls else { continue };
+            match tern::tls::TlsReloader::prepare(&tls) {
+                Ok(prepared) => {
+                    for w in prepared.warnings() {
+                        eprintln!("tern: {key}: warning: {w}");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tern: {key}: {e}");
+                    return ExitCode::from(2);
+                }
             }
         }
         println!("tern: configuration OK");
