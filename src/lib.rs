@@ -49,14 +49,25 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// A listener the broker opened: its name and kind, the address it is bound to, its settings
+/// as its connections see them, and (TLS, WSS) its certificates.
+pub struct Opened {
+    pub kind: config::listeners::Kind,
+    pub addr: SocketAddr,
+    pub door: Arc<listener::Door>,
+    pub tls: Option<Arc<tls::TlsReloader>>,
+}
+
+impl Opened {
+    pub fn name(&self) -> &'static str {
+        self.door.name()
+    }
+}
+
 /// A running broker: its bound addresses and the handle to stop it.
 pub struct Running {
-    ws_addr: Option<SocketAddr>,
-    wss_addr: Option<SocketAddr>,
-    wss_reloader: Option<Arc<tls::TlsReloader>>,
-    tls_addr: Option<SocketAddr>,
-    tls_reloader: Option<Arc<tls::TlsReloader>>,
-    tcp_addr: Option<SocketAddr>,
+    /// In name order.
+    listeners: Vec<Opened>,
     metrics_addr: Option<SocketAddr>,
     broker: Arc<broker::Broker>,
     bridges: Arc<bridge::Bridges>,
@@ -76,9 +87,28 @@ pub struct Running {
 }
 
 impl Running {
+    /// The real address of listener `name` (also when configured with port 0).
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.name() == name)
+            .map(|l| l.addr)
+    }
+
+    /// The listener of `kind` named after it (`[listeners.tcp]` ...), else the first of that
+    /// kind by name: the single listener of each kind earlier releases had.
+    fn addr_of(&self, kind: config::listeners::Kind) -> Option<SocketAddr> {
+        self.listener_addr(kind.label()).or_else(|| {
+            self.listeners
+                .iter()
+                .find(|l| l.kind == kind)
+                .map(|l| l.addr)
+        })
+    }
+
     /// The MQTT TCP listener's real address (also when configured with port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp_addr
+        self.addr_of(config::listeners::Kind::Tcp)
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -87,17 +117,17 @@ impl Running {
 
     /// The MQTT-over-WebSocket listener's real address.
     pub fn ws_addr(&self) -> Option<SocketAddr> {
-        self.ws_addr
+        self.addr_of(config::listeners::Kind::Ws)
     }
 
     /// The MQTT-over-WebSocket-over-TLS listener's real address.
     pub fn wss_addr(&self) -> Option<SocketAddr> {
-        self.wss_addr
+        self.addr_of(config::listeners::Kind::Wss)
     }
 
     /// The MQTT-over-TLS listener's real address.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls_addr
+        self.addr_of(config::listeners::Kind::Tls)
     }
 
     /// Applies `new` (SIGHUP): what can change without a restart changes, existing
@@ -109,8 +139,7 @@ impl Running {
         let target = reload::Target {
             broker: &self.broker,
             bridges: Some(&self.bridges),
-            tls: self.tls_reloader.as_ref(),
-            wss: self.wss_reloader.as_ref(),
+            listeners: &self.listeners,
             metrics_tls: self.metrics_tls.as_ref(),
             admin: self.admin_tokens.as_ref(),
             log: self.log.as_ref(),
@@ -143,22 +172,18 @@ impl Running {
         &self.broker
     }
 
-    /// The line printed on stdout when ready; out-of-process tests look for it.
+    /// The line printed on stdout when ready; out-of-process tests look for it. Every
+    /// listener as `NAME=ADDR`; `tcp` and `metrics` come first, as they always have (`off`
+    /// when there is none).
     pub fn ready_line(&self) -> String {
         let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
         let mut line = format!(
             "tern: ready tcp={} metrics={}",
-            show(self.tcp_addr),
+            show(self.listener_addr("tcp")),
             show(self.metrics_addr)
         );
-        for (name, addr) in [
-            ("tls", self.tls_addr),
-            ("ws", self.ws_addr),
-            ("wss", self.wss_addr),
-        ] {
-            if let Some(a) = addr {
-                line.push_str(&format!(" {name}={a}"));
-            }
+        for l in self.listeners.iter().filter(|l| l.name() != "tcp") {
+            line.push_str(&format!(" {}={}", l.name(), l.addr));
         }
         if let Some(peers) = self.broker.peers() {
             line.push_str(&format!(" cluster={}", peers.node()));
@@ -242,7 +267,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // Recover before any listener opens: a returning client must find its session.
     let (store, recovered) = storage::open(&config.storage)?;
     store.set_observer(Box::new(metrics.storage.clone()));
-    let auth = auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)?;
+    let auth = auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)?
+        .reserving_responses(config.mqtt.reserve_response_topics);
     let broker = Arc::new(broker::Broker::new(config, metrics, store, auth));
     let restored = broker::recovery::restore(&broker, recovered);
     tracing::info!(
@@ -326,69 +352,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ));
         http = Some((task, stop));
     }
-    let open = Opener {
-        broker: &broker,
-        connections: &connections,
-        shutdown: &shutdown_rx,
-    };
-    let mut tcp_addr = None;
-    if let Some(tcp) = &broker.config.listeners.tcp {
-        tcp_addr = open
-            .listener(
-                "tcp listener",
-                tcp.bind,
-                listener::Transport::Tcp,
-                &mut tasks,
-            )
-            .await?;
-    }
-    let mut tls_addr = None;
-    let mut tls_reloader = None;
-    if let Some(tls) = &broker.config.listeners.tls {
-        let reloader = Arc::new(tls::TlsReloader::new(
-            tls.clone(),
-            broker
-                .metrics
-                .tls_certificate_expiry(metrics::ListenerKind::Tls),
-        )?);
-        let transport = listener::Transport::Tls(reloader.clone());
-        tls_addr = open
-            .listener("tls listener", tls.bind, transport, &mut tasks)
-            .await?;
-        tasks.push(tokio::spawn(reloader.clone().watch()));
-        tls_reloader = Some(reloader);
-    }
-    // A WebSocket message carries MQTT packets (usually one); the bound only keeps a
-    // client from making the broker buffer more than a packet's worth plus slack.
-    let ws_options = |ws: &config::WsListenerConfig| {
-        Arc::new(websocket::WsOptions {
-            path: ws.path.clone(),
-            allowed_origins: ws.allowed_origins.clone(),
-            max_message_size: broker.config.limits.max_packet_size as usize + 64 * 1024,
-        })
-    };
-    let mut ws_addr = None;
-    if let Some(ws) = &broker.config.listeners.ws {
-        let transport = listener::Transport::Ws(ws_options(ws));
-        ws_addr = open
-            .listener("ws listener", ws.bind, transport, &mut tasks)
-            .await?;
-    }
-    let mut wss_addr = None;
-    let mut wss_reloader = None;
-    if let Some(wss) = &broker.config.listeners.wss {
-        let reloader = Arc::new(tls::TlsReloader::new(
-            wss.tls(),
-            broker
-                .metrics
-                .tls_certificate_expiry(metrics::ListenerKind::Wss),
-        )?);
-        let transport = listener::Transport::Wss(reloader.clone(), ws_options(&wss.ws()));
-        wss_addr = open
-            .listener("wss listener", wss.bind, transport, &mut tasks)
-            .await?;
-        tasks.push(tokio::spawn(reloader.clone().watch()));
-        wss_reloader = Some(reloader);
+    let mut listeners = Vec::new();
+    for (name, l) in broker.config.listeners.iter() {
+        listeners
+            .push(open_listener(&broker, name, l, &connections, &shutdown_rx, &mut tasks).await?);
     }
     tasks.push(tokio::spawn(broker.clone().run_expiry()));
     tasks.push(tokio::spawn(broker::sys::run(broker.clone())));
@@ -404,12 +371,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let config = Mutex::new(broker.config.clone());
     Ok(Running {
         config,
-        ws_addr,
-        wss_addr,
-        wss_reloader,
-        tls_addr,
-        tls_reloader,
-        tcp_addr,
+        listeners,
         metrics_addr,
         broker,
         bridges,
@@ -445,7 +407,8 @@ pub async fn import(config: Config) -> Result<String, StartError> {
     };
     let metrics = metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?;
     let (store, recovered) = storage::open(&config.storage)?;
-    let auth = auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)?;
+    let auth = auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)?
+        .reserving_responses(config.mqtt.reserve_response_topics);
     let broker = Arc::new(broker::Broker::new(config, metrics, store, auth));
     let restored = broker::recovery::restore(&broker, recovered);
     let what = held(&restored).unwrap_or_else(|| "nothing".to_string());
@@ -466,32 +429,80 @@ pub async fn import(config: Config) -> Result<String, StartError> {
     Ok(what)
 }
 
-/// What every listener's accept loop shares.
-struct Opener<'a> {
-    broker: &'a Arc<broker::Broker>,
-    connections: &'a Arc<AtomicUsize>,
-    shutdown: &'a watch::Receiver<bool>,
-}
-
-impl Opener<'_> {
-    /// Binds `addr` and starts accepting `transport` connections on it; returns the bound
-    /// address (the real port when `addr` has port 0).
-    async fn listener(
-        &self,
-        what: &'static str,
-        addr: SocketAddr,
-        transport: listener::Transport,
-        tasks: &mut Vec<JoinHandle<()>>,
-    ) -> Result<Option<SocketAddr>, StartError> {
-        let l = listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })?;
-        let bound = l.local_addr().ok();
-        tasks.push(tokio::spawn(listener::run(
-            l,
-            transport,
-            self.broker.clone(),
-            self.connections.clone(),
-            self.shutdown.clone(),
-        )));
-        Ok(bound)
-    }
+/// Binds listener `name` and starts accepting on it (its TLS files read, its reloader
+/// watching them).
+async fn open_listener(
+    broker: &Arc<broker::Broker>,
+    name: &str,
+    l: &config::ListenerConfig,
+    connections: &Arc<AtomicUsize>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Opened, StartError> {
+    use config::listeners::Kind;
+    let kind = l.kind_for(name).ok_or_else(|| {
+        StartError::Config(config::ConfigError::Value {
+            key: format!("listeners.{name}.kind"),
+            message: "required".to_string(),
+        })
+    })?;
+    let cfg = &broker.config;
+    let door = listener::Door::new(
+        name,
+        l,
+        cfg,
+        connections.clone(),
+        broker.metrics.listener_connections(name),
+    );
+    let tls = match l.tls() {
+        Some(t) if kind.is_tls() => {
+            let reloader = Arc::new(tls::TlsReloader::new(
+                t,
+                broker.metrics.tls_certificate_expiry(name),
+            )?);
+            tasks.push(tokio::spawn(reloader.clone().watch()));
+            Some(reloader)
+        }
+        _ => None,
+    };
+    // A WebSocket message carries MQTT packets (usually one); the bound only keeps a
+    // client from making the broker buffer more than a packet's worth plus slack.
+    let ws_options = || {
+        let ws = l.ws();
+        Arc::new(websocket::WsOptions {
+            path: ws.path,
+            allowed_origins: ws.allowed_origins,
+            max_message_size: door.entry().limits.max_packet_size as usize + 64 * 1024,
+        })
+    };
+    let transport = match (kind, &tls) {
+        (Kind::Tcp, _) => listener::Transport::Tcp,
+        (Kind::Ws, _) => listener::Transport::Ws(ws_options()),
+        (Kind::Tls, Some(t)) => listener::Transport::Tls(t.clone()),
+        (Kind::Wss, Some(t)) => listener::Transport::Wss(t.clone(), ws_options()),
+        (_, None) => {
+            return Err(StartError::Config(config::ConfigError::Value {
+                key: format!("listeners.{name}.cert"),
+                message: "required on a TLS listener".to_string(),
+            }))
+        }
+    };
+    let addr = l.bind;
+    let what: &'static str = door.name();
+    let bound = listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })?;
+    let addr = bound.local_addr().unwrap_or(addr);
+    tasks.push(tokio::spawn(listener::run(
+        bound,
+        transport,
+        door.clone(),
+        l.proxy_protocol,
+        broker.clone(),
+        shutdown.clone(),
+    )));
+    Ok(Opened {
+        kind,
+        addr,
+        door,
+        tls,
+    })
 }

@@ -3,10 +3,11 @@
 //! listener — running out of descriptors backs off briefly instead.
 
 use crate::broker::Broker;
-use crate::metrics::ListenerKind;
+use crate::config::ListenerConfig;
+use crate::connection::Entry;
 use crate::websocket::{WsOptions, WsStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -74,25 +75,98 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Counts live connections; the counts drop when the guard does.
-pub struct ConnectionSlot(Arc<SlotCounts>);
+pub struct ConnectionSlot(Arc<Door>);
 
-/// What a slot counts in: every listener's connections (bounded by `limits.max_connections`)
-/// and its own listener's gauge. One per listener, behind one pointer, so a connection's task
-/// is no larger for the per-listener count.
-struct SlotCounts {
+/// One listener as its connections see it: what a slot counts in (every listener's
+/// connections, bounded by `limits.max_connections`, and its own, bounded by its
+/// `[listeners.NAME.limits] max_connections`), and the settings it hands them. One per
+/// listener, behind one pointer, so a connection's task is no larger for it.
+pub struct Door {
     all: Arc<AtomicUsize>,
-    listener: prometheus::IntGauge,
-    /// The listener's name, for its connections' log lines.
+    mine: AtomicUsize,
+    open: prometheus::IntGauge,
+    /// The listener's name, for its connections' log lines. Listener names live as long as
+    /// the process (adding one takes a restart), so the few bytes are leaked once rather than
+    /// reference-counted in every log call.
     name: &'static str,
+    /// This listener's settings; a reload replaces them for later connections.
+    entry: RwLock<Arc<Entry>>,
+    /// `[listeners.NAME.limits] max_connections`; `None`: only the broker-wide bound.
+    max_mine: RwLock<Option<usize>>,
 }
 
-impl ConnectionSlot {
-    fn try_take(counts: &Arc<SlotCounts>, max: usize) -> Option<ConnectionSlot> {
-        let count = &counts.all;
+impl Door {
+    pub fn new(
+        name: &str,
+        l: &ListenerConfig,
+        config: &crate::Config,
+        all: Arc<AtomicUsize>,
+        open: prometheus::IntGauge,
+    ) -> Arc<Door> {
+        let name: &'static str = Box::leak(name.to_string().into_boxed_str());
+        Arc::new(Door {
+            all,
+            mine: AtomicUsize::new(0),
+            open,
+            name,
+            entry: RwLock::new(Arc::new(Entry::of(name, l, config))),
+            max_mine: RwLock::new(l.limits.as_ref().and_then(|o| o.max_connections)),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// A reload: later connections get `l`'s settings under `config`.
+    pub fn update(&self, l: &ListenerConfig, config: &crate::Config) {
+        *self.entry.write().unwrap_or_else(PoisonError::into_inner) =
+            Arc::new(Entry::of(self.name, l, config));
+        *self
+            .max_mine
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) =
+            l.limits.as_ref().and_then(|o| o.max_connections);
+    }
+
+    pub fn entry(&self) -> Arc<Entry> {
+        self.entry
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn max_mine(&self) -> Option<usize> {
+        *self.max_mine.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Which bound a new connection would cross, if any.
+    fn try_take(door: &Arc<Door>, max: usize) -> Result<ConnectionSlot, &'static str> {
+        if let Some(mine) = door.max_mine() {
+            let mut current = door.mine.load(Ordering::Relaxed);
+            loop {
+                if current >= mine {
+                    return Err("listeners.NAME.limits.max_connections");
+                }
+                match door.mine.compare_exchange_weak(
+                    current,
+                    current + 1,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => current = now,
+                }
+            }
+        } else {
+            door.mine.fetch_add(1, Ordering::AcqRel);
+        }
+        let count = &door.all;
         let mut current = count.load(Ordering::Relaxed);
         loop {
             if current >= max {
-                return None;
+                door.mine.fetch_sub(1, Ordering::AcqRel);
+                return Err("limits.max_connections");
             }
             match count.compare_exchange_weak(
                 current,
@@ -101,8 +175,8 @@ impl ConnectionSlot {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
-                    counts.listener.inc();
-                    return Some(ConnectionSlot(counts.clone()));
+                    door.open.inc();
+                    return Ok(ConnectionSlot(door.clone()));
                 }
                 Err(now) => current = now,
             }
@@ -114,12 +188,17 @@ impl crate::connection::Accepted for ConnectionSlot {
     fn listener(&self) -> &'static str {
         self.0.name
     }
+
+    fn entry(&self) -> Arc<Entry> {
+        self.0.entry()
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.all.fetch_sub(1, Ordering::AcqRel);
-        self.0.listener.dec();
+        self.0.mine.fetch_sub(1, Ordering::AcqRel);
+        self.0.open.dec();
     }
 }
 
@@ -134,37 +213,23 @@ pub enum Transport {
     Wss(Arc<crate::tls::TlsReloader>, Arc<WsOptions>),
 }
 
-impl Transport {
-    /// The listener's name in metrics.
-    pub fn kind(&self) -> ListenerKind {
-        match self {
-            Transport::Tcp => ListenerKind::Tcp,
-            Transport::Tls(_) => ListenerKind::Tls,
-            Transport::Ws(_) => ListenerKind::Ws,
-            Transport::Wss(..) => ListenerKind::Wss,
-        }
-    }
-}
-
-/// Accept loop shared by every listener.
+/// Accept loop shared by every listener. `proxy`: each connection starts with a PROXY
+/// protocol header naming the client (`proxy_protocol = true`).
 pub async fn run(
     listener: TcpListener,
     transport: Transport,
+    door: Arc<Door>,
+    proxy: bool,
     broker: Arc<Broker>,
-    connections: Arc<AtomicUsize>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // One bucket per listener, holding one second's worth of connections; remade when a
     // reload changes the rate.
     let bucket =
         |rate: u32| crate::connection::TokenBucket::per_second(rate, std::time::Instant::now());
-    let counts = Arc::new(SlotCounts {
-        all: connections,
-        listener: broker.metrics.listener_connections(transport.kind()),
-        name: transport.kind().label(),
-    });
-    let mut connect_rate = broker.limits().max_connect_rate;
+    let mut connect_rate = door.entry().limits.max_connect_rate;
     let mut rate = bucket(connect_rate);
+    let name = door.name;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -174,30 +239,35 @@ pub async fn run(
             Ok(s) => s,
             Err(e) => {
                 // EMFILE/ENFILE and friends: the condition passes as connections close.
-                tracing::warn!(error = %e, "accept failed; backing off");
+                tracing::warn!(listener = name, error = %e, "accept failed; backing off");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let limits = broker.limits();
-        let max = limits.max_connections;
-        if limits.max_connect_rate != connect_rate {
-            connect_rate = limits.max_connect_rate;
+        let entry = door.entry();
+        let max = broker.limits().max_connections;
+        if entry.limits.max_connect_rate != connect_rate {
+            connect_rate = entry.limits.max_connect_rate;
             rate = bucket(connect_rate);
         }
         if let Some(bucket) = rate.as_mut() {
             if !bucket.try_take(1.0, std::time::Instant::now()) {
                 broker.metrics.refused_connect_rate.inc();
-                tracing::info!(%peer, rate = connect_rate, "connection refused: limits.max_connect_rate exceeded");
+                broker.metrics.listener_refused(name, "connect_rate");
+                tracing::info!(%peer, listener = name, rate = connect_rate, "connection refused: limits.max_connect_rate exceeded");
                 drop(stream);
                 continue;
             }
         }
-        let Some(slot) = ConnectionSlot::try_take(&counts, max) else {
-            broker.metrics.refused_max_connections.inc();
-            tracing::info!(%peer, max, "connection refused: limits.max_connections reached");
-            drop(stream);
-            continue;
+        let slot = match Door::try_take(&door, max) {
+            Ok(slot) => slot,
+            Err(bound) => {
+                broker.metrics.refused_max_connections.inc();
+                broker.metrics.listener_refused(name, "max_connections");
+                tracing::info!(%peer, listener = name, max, "connection refused: {bound} reached");
+                drop(stream);
+                continue;
+            }
         };
         // A lone PUBACK must not wait for Nagle; dead peers are found by TCP keepalive even
         // when the client set MQTT keep alive to 0.
@@ -208,40 +278,103 @@ pub async fn run(
                 .with_interval(Duration::from_secs(10)),
         );
         let broker = broker.clone();
+        let timeout = entry.limits.connect_timeout;
         // One spawn per transport, so that each task's future is only as large as its own
         // transport's (a plain TCP connection does not carry room for TLS and WebSocket state:
         // with 10,000 connections that is tens of MiB).
         match transport.clone() {
-            Transport::Tcp => {
+            Transport::Tcp if !proxy => {
                 // `serve` itself is the task (no wrapping block that would keep a second copy
                 // of its arguments in every connection's task); it holds the slot.
                 tokio::spawn(crate::connection::serve(stream, peer, broker, None, slot));
             }
+            Transport::Tcp => {
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    if let Some(peer) = proxied(&mut stream, peer, name, &broker, timeout).await {
+                        crate::connection::serve(stream, peer, broker, None, slot).await
+                    }
+                });
+            }
             Transport::Tls(tls) => {
                 tokio::spawn(async move {
-                    if let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await {
+                    let mut stream = stream;
+                    let mut peer = peer;
+                    if proxy {
+                        match proxied(&mut stream, peer, name, &broker, timeout).await {
+                            Some(p) => peer = p,
+                            None => return,
+                        }
+                    }
+                    if let Some((s, identity)) =
+                        tls_handshake(stream, peer, &broker, &tls, timeout).await
+                    {
                         crate::connection::serve(s, peer, broker, identity, slot).await
                     }
                 });
             }
             Transport::Ws(ws) => {
                 tokio::spawn(async move {
-                    if let Some(s) = ws_handshake(stream, peer, &broker, &ws).await {
+                    let mut stream = stream;
+                    let mut peer = peer;
+                    if proxy {
+                        match proxied(&mut stream, peer, name, &broker, timeout).await {
+                            Some(p) => peer = p,
+                            None => return,
+                        }
+                    }
+                    if let Some(s) = ws_handshake(stream, peer, &broker, &ws, timeout).await {
                         crate::connection::serve(s, peer, broker, None, slot).await
                     }
                 });
             }
             Transport::Wss(tls, ws) => {
                 tokio::spawn(async move {
-                    let Some((s, identity)) = tls_handshake(stream, peer, &broker, &tls).await
+                    let mut stream = stream;
+                    let mut peer = peer;
+                    if proxy {
+                        match proxied(&mut stream, peer, name, &broker, timeout).await {
+                            Some(p) => peer = p,
+                            None => return,
+                        }
+                    }
+                    let Some((s, identity)) =
+                        tls_handshake(stream, peer, &broker, &tls, timeout).await
                     else {
                         return;
                     };
-                    if let Some(s) = ws_handshake(s, peer, &broker, &ws).await {
+                    if let Some(s) = ws_handshake(s, peer, &broker, &ws, timeout).await {
                         crate::connection::serve(s, peer, broker, identity, slot).await
                     }
                 });
             }
+        }
+    }
+}
+
+/// The client's address from the PROXY protocol header a load balancer put in front of the
+/// connection (the socket's own when the header says LOCAL: a health check). A connection
+/// without a valid header is closed, with one log line: on such a listener every
+/// connection comes through the proxy, so one that does not is an error or an attempt to
+/// go around it.
+async fn proxied(
+    stream: &mut tokio::net::TcpStream,
+    socket_peer: std::net::SocketAddr,
+    listener: &'static str,
+    broker: &Broker,
+    timeout: Duration,
+) -> Option<std::net::SocketAddr> {
+    // WIRING: crate::proxy::read_header lands next.
+    let _ = (&stream, timeout);
+    let header: Result<Option<std::net::SocketAddr>, &str> = Err("PROXY protocol not built yet");
+    match header {
+        Ok(Some(addr)) => Some(addr),
+        Ok(None) => Some(socket_peer),
+        Err(e) => {
+            broker.metrics.refused_protocol.inc();
+            broker.metrics.listener_refused(listener, "proxy_header");
+            tracing::info!(peer = %socket_peer, listener, error = %e, "connection refused: no valid PROXY protocol header");
+            None
         }
     }
 }
@@ -253,11 +386,11 @@ async fn ws_handshake<S>(
     peer: std::net::SocketAddr,
     broker: &Broker,
     ws: &WsOptions,
+    timeout: Duration,
 ) -> Option<WsStream<S>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let timeout = broker.limits().connect_timeout;
     match tokio::time::timeout(timeout, crate::websocket::accept(stream, ws)).await {
         Ok(Ok(s)) => {
             broker.metrics.ws_handshakes.inc();
@@ -283,11 +416,11 @@ async fn tls_handshake(
     peer: std::net::SocketAddr,
     broker: &Broker,
     tls: &crate::tls::TlsReloader,
+    timeout: Duration,
 ) -> Option<(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     Option<String>,
 )> {
-    let timeout = broker.limits().connect_timeout;
     let tls_stream = match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -99,24 +99,18 @@ fn main() -> ExitCode {
         }
         // TLS files as the listener reads them; what would not stop it (an X.509 v1
         // certificate, a stale CRL) is a warning on stderr and the check still passes.
-        let tls = [
-            ("listeners.tls", config.listeners.tls.clone()),
-            (
-                "listeners.wss",
-                config.listeners.wss.as_ref().map(|w| w.tls()),
-            ),
-        ];
-        for (key, tls) in tls {
-            let Some(tls) = tls else { continue };
-            match tern::tls::TlsReloader::prepare(&tls) {
-                Ok(prepared) => {
-                    for w in prepared.warnings() {
-                        eprintln!("tern: {key}: warning: {w}");
+        for (name, l) in config.listeners.iter() {
+            if let Some(tls) = l.tls() {
+                match tern::tls::TlsReloader::prepare(&tls) {
+                    Ok(prepared) => {
+                        for w in prepared.warnings() {
+                            eprintln!("tern: listeners.{name}: warning: {w}");
+                        }
                     }
-                }
-                Err(e) => {
-                    eprintln!("tern: {key}: {e}");
-                    return ExitCode::from(2);
+                    Err(e) => {
+                        eprintln!("tern: listeners.{name}: {e}");
+                        return ExitCode::from(2);
+                    }
                 }
             }
         }

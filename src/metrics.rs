@@ -25,6 +25,8 @@ pub struct Metrics {
     listener_sockets: IntGaugeVec,
     /// A TLS listener's certificate's notAfter, by listener (`tls`, `wss`).
     tls_not_after: IntGaugeVec,
+    /// Connections refused, by listener and reason (a few fixed reasons per listener).
+    listener_refusals: IntCounterVec,
     /// Configuration reloads, by result, resolved once.
     reload_ok: IntCounter,
     reload_failed: IntCounter,
@@ -500,11 +502,13 @@ pub enum CloseReason {
     ServerShutdown,
     /// The store could not keep what the client's acknowledgements depend on.
     StorageFailed,
+    /// The credentials it connected with expired (a JWT's `exp`).
+    CredentialsExpired,
 }
 
 impl CloseReason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::ClientDisconnect,
         CloseReason::ConnectionLost,
         CloseReason::KeepAliveTimeout,
@@ -514,6 +518,7 @@ impl CloseReason {
         CloseReason::AdminKick,
         CloseReason::ServerShutdown,
         CloseReason::StorageFailed,
+        CloseReason::CredentialsExpired,
     ];
 
     /// The `reason` label value.
@@ -528,27 +533,7 @@ impl CloseReason {
             CloseReason::AdminKick => "admin_kick",
             CloseReason::ServerShutdown => "server_shutdown",
             CloseReason::StorageFailed => "storage_failed",
-        }
-    }
-}
-
-/// The four MQTT listeners, as the `listener` label names them (one listener of each kind at
-/// most, so the kind is the listener's name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerKind {
-    Tcp,
-    Tls,
-    Ws,
-    Wss,
-}
-
-impl ListenerKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            ListenerKind::Tcp => "tcp",
-            ListenerKind::Tls => "tls",
-            ListenerKind::Ws => "ws",
-            ListenerKind::Wss => "wss",
+            CloseReason::CredentialsExpired => "credentials_expired",
         }
     }
 }
@@ -605,6 +590,14 @@ impl Metrics {
             &["listener"],
         )?;
         registry.register(Box::new(tls_not_after.clone()))?;
+        let listener_refusals = IntCounterVec::new(
+            Opts::new(
+                "tern_listener_connections_refused_total",
+                "Connections a listener refused, by listener and reason: connect_rate, max_connections, proxy_header (no valid PROXY protocol header), auth (CONNACK 0x86/0x87, 3.1.1 rc 4/5), protocol (any other CONNACK refusal)",
+            ),
+            &["listener", "reason"],
+        )?;
+        registry.register(Box::new(listener_refusals.clone()))?;
         let reloads = IntCounterVec::new(
             Opts::new(
                 "tern_config_reloads_total",
@@ -880,6 +873,7 @@ impl Metrics {
             connections_total,
             closed,
             listener_sockets,
+            listener_refusals,
             tls_not_after,
             reload_ok: reloads.with_label_values(&["success"]),
             reload_failed: reloads.with_label_values(&["failure"]),
@@ -953,13 +947,20 @@ impl Metrics {
     }
 
     /// The open-connections gauge of listener `kind`, resolved once by its accept loop.
-    pub fn listener_connections(&self, kind: ListenerKind) -> IntGauge {
-        self.listener_sockets.with_label_values(&[kind.label()])
+    pub fn listener_connections(&self, listener: &str) -> IntGauge {
+        self.listener_sockets.with_label_values(&[listener])
     }
 
     /// The certificate-expiry gauge of TLS listener `kind`, handed to its TLS reloader.
-    pub fn tls_certificate_expiry(&self, kind: ListenerKind) -> IntGauge {
-        self.tls_not_after.with_label_values(&[kind.label()])
+    /// A connection `listener` refused, for `reason` (one of a fixed few).
+    pub fn listener_refused(&self, listener: &str, reason: &'static str) {
+        self.listener_refusals
+            .with_label_values(&[listener, reason])
+            .inc();
+    }
+
+    pub fn tls_certificate_expiry(&self, listener: &str) -> IntGauge {
+        self.tls_not_after.with_label_values(&[listener])
     }
 
     /// The certificate expiry gauge of the metrics port's own TLS (`listener="metrics"`),

@@ -7,7 +7,8 @@
 //! - `log.level`;
 //! - `auth.*`: password file, ACL file and `allow_anonymous`, for every later check, also on
 //!   existing connections (ACLs are checked per message);
-//! - the TLS and WSS listeners' `cert`, `key`, `client_ca`, `require_client_cert` (new
+//! - a TLS or WSS listener's `cert`, `key`, `client_ca`, `require_client_cert`, `crl_file`,
+//!   and every listener's `[listeners.NAME.auth]` and `[listeners.NAME.limits]` (new
 //!   connections);
 //! - `limits.*`: broker-wide ones (`max_connections`, `max_connect_rate`,
 //!   `max_retained_messages`, `backpressure`) at once; the others for connections and sessions
@@ -17,8 +18,9 @@
 //! - `[[queues]]`: declared queues added, changed or removed (`broker/shared/queues.rs`);
 //! - `[[bridges]]`: bridges added, changed (restarted) or removed (`bridge/mod.rs`).
 //!
-//! Anything else (listeners, storage, metrics, mqtt, shared, server, log.format) is reported as
-//! needing a restart and keeps its running value.
+//! Anything else (a listener added or removed, its bind, kind, mount point, PROXY protocol,
+//! WebSocket path; storage, metrics, mqtt, shared, server, log.format) is reported as needing
+//! a restart and keeps its running value.
 
 use crate::auth::{AuthError, Authorizer};
 use crate::broker::Broker;
@@ -44,10 +46,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error("auth reload failed: {0}")]
     Auth(#[from] AuthError),
-    #[error("listeners.tls: TLS reload failed: {0}")]
-    Tls(#[from] TlsError),
-    #[error("listeners.wss: TLS reload failed: {0}")]
-    Wss(TlsError),
+    #[error("listeners.{listener}: TLS reload failed: {source}")]
+    Tls { listener: String, source: TlsError },
     #[error("configuration key `log.level`: {0}")]
     Log(String),
     #[error(transparent)]
@@ -58,8 +58,9 @@ pub enum ReloadError {
     Admin(#[from] crate::admin::TokenError),
 }
 
-/// Keys (or key prefixes ending in '.') a reload applies.
-const RELOADABLE: [&str; 17] = [
+/// Keys (or key prefixes ending in '.') a reload applies; a listener's own are in
+/// [`LISTENER_RELOADABLE`].
+const RELOADABLE: [&str; 9] = [
     "admin.token_file",
     "metrics.cert",
     "metrics.key",
@@ -69,20 +70,39 @@ const RELOADABLE: [&str; 17] = [
     "auth.",
     "log.level",
     "sys_topics.",
-    "listeners.tls.cert",
-    "listeners.tls.key",
-    "listeners.tls.client_ca",
-    "listeners.tls.require_client_cert",
-    "listeners.wss.cert",
-    "listeners.wss.key",
-    "listeners.wss.client_ca",
-    "listeners.wss.require_client_cert",
 ];
 
-fn reloadable(key: &str) -> bool {
-    RELOADABLE
-        .iter()
+/// What a reload applies to a listener that is in both configurations (after
+/// `listeners.NAME.`); adding or removing a listener takes a restart.
+const LISTENER_RELOADABLE: [&str; 7] = [
+    "cert",
+    "key",
+    "client_ca",
+    "require_client_cert",
+    "crl_file",
+    "auth.",
+    "limits.",
+];
+
+fn matches_any(list: &[&str], key: &str) -> bool {
+    list.iter()
         .any(|r| key == *r || (r.ends_with('.') && key.starts_with(r)))
+}
+
+/// Whether a reload applies `key`; `both(name)`: listener `name` is in both configurations.
+fn reloadable_with(key: &str, both: impl Fn(&str) -> bool) -> bool {
+    if let Some(rest) = key.strip_prefix("listeners.") {
+        let Some((name, own)) = rest.split_once('.') else {
+            return false;
+        };
+        return both(name) && matches_any(&LISTENER_RELOADABLE, own);
+    }
+    matches_any(&RELOADABLE, key)
+}
+
+#[cfg(test)]
+fn reloadable(key: &str) -> bool {
+    reloadable_with(key, |_| true)
 }
 
 /// The running configuration with `new`'s reloadable parts: what is in force after a reload.
@@ -102,17 +122,16 @@ fn effective(running: &Config, new: &Config) -> Config {
         e.metrics.cert = new.metrics.cert.clone();
         e.metrics.key = new.metrics.key.clone();
     }
-    if let (Some(t), Some(n)) = (e.listeners.tls.as_mut(), new.listeners.tls.as_ref()) {
-        t.cert = n.cert.clone();
-        t.key = n.key.clone();
-        t.client_ca = n.client_ca.clone();
-        t.require_client_cert = n.require_client_cert;
-    }
-    if let (Some(t), Some(n)) = (e.listeners.wss.as_mut(), new.listeners.wss.as_ref()) {
-        t.cert = n.cert.clone();
-        t.key = n.key.clone();
-        t.client_ca = n.client_ca.clone();
-        t.require_client_cert = n.require_client_cert;
+    for (name, t) in e.listeners.0.iter_mut() {
+        if let Some(n) = new.listeners.get(name) {
+            t.cert = n.cert.clone();
+            t.key = n.key.clone();
+            t.client_ca = n.client_ca.clone();
+            t.require_client_cert = n.require_client_cert;
+            t.crl_file = n.crl_file.clone();
+            t.auth = n.auth.clone();
+            t.limits = n.limits.clone();
+        }
     }
     e
 }
@@ -121,8 +140,8 @@ fn effective(running: &Config, new: &Config) -> Config {
 pub struct Target<'a> {
     pub broker: &'a Arc<Broker>,
     pub bridges: Option<&'a Arc<crate::bridge::Bridges>>,
-    pub tls: Option<&'a Arc<TlsReloader>>,
-    pub wss: Option<&'a Arc<TlsReloader>>,
+    /// The running listeners (their settings, and the TLS ones' certificates).
+    pub listeners: &'a [crate::Opened],
     /// The metrics port's certificate (`metrics.cert`, `metrics.key`).
     pub metrics_tls: Option<&'a Arc<TlsReloader>>,
     /// The admin API's tokens (`admin.token_file`).
@@ -175,18 +194,20 @@ fn apply_checked(
     let next = effective(running, new);
     // Prepare everything that reads files before anything is applied.
     let auth = Authorizer::prepare(&next.auth)?;
-    let tls = match (target.tls, next.listeners.tls.as_ref()) {
-        (Some(r), Some(cfg)) => Some((r, cfg.clone(), TlsReloader::prepare(cfg)?)),
-        _ => None,
-    };
-    let wss = match (target.wss, next.listeners.wss.as_ref()) {
-        (Some(r), Some(cfg)) => {
-            let cfg = cfg.tls();
-            let prepared = TlsReloader::prepare(&cfg).map_err(ReloadError::Wss)?;
-            Some((r, cfg, prepared))
-        }
-        _ => None,
-    };
+    let mut tls = Vec::new();
+    for opened in target.listeners {
+        let (Some(r), Some(cfg)) = (
+            opened.tls.as_ref(),
+            next.listeners.get(opened.name()).and_then(|l| l.tls()),
+        ) else {
+            continue;
+        };
+        let prepared = TlsReloader::prepare(&cfg).map_err(|source| ReloadError::Tls {
+            listener: opened.name().to_string(),
+            source,
+        })?;
+        tls.push((r, cfg, prepared));
+    }
     let metrics_tls = match (target.metrics_tls, next.metrics.tls()) {
         (Some(r), Some(cfg)) => {
             let prepared = TlsReloader::prepare(&cfg).map_err(ReloadError::MetricsTls)?;
@@ -216,9 +237,14 @@ fn apply_checked(
     if let Some((t, prepared)) = tokens {
         t.install(prepared);
     }
-    for (r, cfg, prepared) in tls.into_iter().chain(wss).chain(metrics_tls) {
+    for (r, cfg, prepared) in tls.into_iter().chain(metrics_tls) {
         r.install(cfg, prepared);
         tracing::info!("TLS certificates reloaded");
+    }
+    for opened in target.listeners {
+        if let Some(l) = next.listeners.get(opened.name()) {
+            opened.door.update(l, &next);
+        }
     }
     target.broker.set_limits(next.limits.clone());
     target
@@ -232,9 +258,11 @@ fn apply_checked(
     }
 
     let mut report = Reloaded::default();
-    for (key, old, new) in running.diff(new) {
-        let line = format!("{key} {old} -> {new}");
-        if reloadable(&key) {
+    let both =
+        |name: &str| running.listeners.get(name).is_some() && new.listeners.get(name).is_some();
+    for (key, old, value) in running.diff(new) {
+        let line = format!("{key} {old} -> {value}");
+        if reloadable_with(&key, both) {
             tracing::info!("reload: {line}");
             report.applied.push(line);
         } else {
@@ -263,6 +291,9 @@ mod tests {
             "sys_topics.interval",
             "listeners.tls.cert",
             "listeners.tls.require_client_cert",
+            "listeners.devices.crl_file",
+            "listeners.devices.auth.chain",
+            "listeners.internal.limits.max_packet_size",
         ] {
             assert!(reloadable(k), "{k}");
         }
@@ -271,6 +302,9 @@ mod tests {
             "listeners.tcp.bind",
             "listeners.tls.bind",
             "listeners.tls.use_identity_as_username",
+            "listeners.devices.mount_point",
+            "listeners.devices.proxy_protocol",
+            "listeners.devices.kind",
             "storage.dir",
             "metrics.bind",
             "mqtt.max_qos",

@@ -12,7 +12,6 @@
 
 use crate::broker::lag::ConsumerLag;
 use crate::broker::Broker;
-use crate::metrics::ListenerKind;
 use std::fmt::Write;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -190,26 +189,22 @@ fn render(broker: &Broker, prev: Option<&Previous>, now: Instant) -> (String, Pr
 /// reason, memory, the slowest consumers, and the charts' points.
 fn write_operations(j: &mut String, broker: &Broker) {
     let m = &broker.metrics;
-    let l = &broker.config.listeners;
-    let listeners = [
-        (ListenerKind::Tcp, l.tcp.as_ref().map(|c| c.bind)),
-        (ListenerKind::Tls, l.tls.as_ref().map(|c| c.bind)),
-        (ListenerKind::Ws, l.ws.as_ref().map(|c| c.bind)),
-        (ListenerKind::Wss, l.wss.as_ref().map(|c| c.bind)),
-    ];
     j.push_str(",\"listeners\":[");
     let mut first = true;
-    for (kind, bind) in listeners {
-        let Some(bind) = bind else { continue };
+    for (name, l) in broker.config.listeners.iter() {
+        let (Some(kind), bind) = (l.kind_for(name), l.bind) else {
+            continue;
+        };
         if !first {
             j.push(',');
         }
         first = false;
         let _ = write!(
             j,
-            "{{\"kind\":\"{}\",\"bind\":\"{bind}\",\"connections\":{}}}",
+            "{{\"name\":\"{}\",\"kind\":\"{}\",\"bind\":\"{bind}\",\"connections\":{}}}",
+            name, // names are [A-Za-z0-9_-] (validated): nothing to escape
             kind.label(),
-            m.listener_connections(kind).get()
+            m.listener_connections(name).get()
         );
     }
     let _ = write!(
@@ -476,7 +471,7 @@ async function refresh() {
     chart("chart-connections", pts, [{ col: 4, color: "#2b8a3e", name: "connections" }]);
     fill("slowest-age", consumerRows(s.slowest_consumers.by_oldest_age));
     fill("slowest-latency", consumerRows(s.slowest_consumers.by_latency));
-    fill("listeners", s.listeners.map(function (l) { return [l.kind, l.bind, l.connections]; }));
+    fill("listeners", s.listeners.map(function (l) { return [l.name + " (" + l.kind + ")", l.bind, l.connections]; }));
     fill("drops", Object.keys(s.dropped).map(function (k) { return [k, s.dropped[k]]; }));
     fill("topics", s.top_topics.map(function (t) { return [t.topic, t.per_second]; }));
     fill("queues", s.queues.map(function (q) {

@@ -13,7 +13,7 @@ pub mod http;
 pub mod jwt;
 pub mod password;
 
-use crate::config::AuthConfig;
+use crate::config::{AclMode, AuthConfig, Backend};
 use acl::Acl;
 use password::PasswordFile;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +55,9 @@ pub struct PreparedAuth {
 pub struct Authorizer {
     /// `mqtt.response_prefix`; empty when Response Information is off.
     response_prefix: String,
+    /// `mqtt.reserve_response_topics`: only a client may subscribe under its own Response
+    /// Information topic (and receive what is published there).
+    reserve_responses: bool,
     /// `auth.allow_anonymous`; a reload may change it.
     allow_anonymous: AtomicBool,
     rules: RwLock<Rules>,
@@ -82,6 +85,7 @@ impl Authorizer {
     pub fn new(response_prefix: &str) -> Authorizer {
         Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
+            reserve_responses: true,
             allow_anonymous: AtomicBool::new(false),
             rules: RwLock::new(Rules::default()),
             acl_on: AtomicBool::new(false),
@@ -94,6 +98,7 @@ impl Authorizer {
         let rules = load_rules(cfg)?;
         Ok(Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
+            reserve_responses: true,
             allow_anonymous: AtomicBool::new(cfg.allow_anonymous),
             acl_on: AtomicBool::new(rules.acl.is_some()),
             rules: RwLock::new(rules),
@@ -150,30 +155,119 @@ impl Authorizer {
         self.acl().is_some()
     }
 
-    /// CONNECT's user name and password. Without a password file a user name is only an
-    /// identity, accepted where anonymous clients are.
-    pub fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> Authentication {
-        let passwords = self
-            .rules
+    /// CONNECT's user name and password against the password file alone (no chain): what a
+    /// listener without `[listeners.NAME.auth]` did before chains existed. Tests.
+    #[cfg(test)]
+    pub fn authenticate_password(
+        &self,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Authentication {
+        let creds = chain::Credentials {
+            client_id: "",
+            username,
+            password,
+            listener: "tcp",
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            protocol: 4,
+        };
+        let passwords = self.passwords();
+        let chain: &[Backend] = if passwords.is_some() {
+            &[Backend::PasswordFile]
+        } else {
+            &[]
+        };
+        let anonymous = self.allow_anonymous.load(Ordering::Acquire);
+        match self.decide_sync(chain, anonymous, &creds) {
+            Ok(_) => Authentication::Accepted,
+            Err(chain::Denial::BadCredentials) => Authentication::BadCredentials,
+            Err(chain::Denial::NotAuthorized) => Authentication::NotAuthorized,
+        }
+    }
+
+    fn passwords(&self) -> Option<Arc<PasswordFile>> {
+        self.rules
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .passwords
-            .clone();
-        match (username, passwords) {
-            (None, _) if self.allow_anonymous.load(Ordering::Acquire) => Authentication::Accepted,
-            (None, _) => Authentication::NotAuthorized,
-            (Some(user), Some(file)) => {
-                if file.verify(user, password.unwrap_or(b"")) {
-                    Authentication::Accepted
-                } else {
-                    Authentication::BadCredentials
-                }
-            }
-            (Some(_), None) if self.allow_anonymous.load(Ordering::Acquire) => {
-                Authentication::Accepted
-            }
-            (Some(_), None) => Authentication::BadCredentials,
+            .clone()
+    }
+
+    /// The password file as a backend: it decides for the users it knows and passes the
+    /// others (and clients without a username).
+    fn password_decision(&self, c: &chain::Credentials<'_>) -> chain::Decision {
+        let (Some(user), Some(file)) = (c.username, self.passwords()) else {
+            return chain::Decision::Pass;
+        };
+        if !file.contains(user) {
+            return chain::Decision::Pass;
         }
+        if file.verify(user, c.password.unwrap_or(b"")) {
+            chain::Decision::Allow(chain::Grant::default())
+        } else {
+            chain::Decision::Deny(chain::Denial::BadCredentials)
+        }
+    }
+
+    /// What is left when every backend passed: an anonymous client where anonymous clients
+    /// are allowed (and, with no backend at all, a username is only an identity, as it was
+    /// before chains existed); anyone else is refused.
+    fn nobody_decided(
+        chain: &[Backend],
+        allow_anonymous: bool,
+        c: &chain::Credentials<'_>,
+    ) -> Result<chain::Grant, chain::Denial> {
+        match c.username {
+            None if allow_anonymous => Ok(chain::Grant::default()),
+            None => Err(chain::Denial::NotAuthorized),
+            Some(_) if allow_anonymous && chain.is_empty() => Ok(chain::Grant::default()),
+            Some(_) => Err(chain::Denial::BadCredentials),
+        }
+    }
+
+    #[cfg(test)]
+    fn decide_sync(
+        &self,
+        chain: &[Backend],
+        allow_anonymous: bool,
+        c: &chain::Credentials<'_>,
+    ) -> Result<chain::Grant, chain::Denial> {
+        for b in chain {
+            let d = match b {
+                Backend::PasswordFile => self.password_decision(c),
+                Backend::Jwt | Backend::Http => chain::Decision::Pass,
+            };
+            match d {
+                chain::Decision::Allow(g) => return Ok(g),
+                chain::Decision::Deny(d) => return Err(d),
+                chain::Decision::Pass => {}
+            }
+        }
+        Self::nobody_decided(chain, allow_anonymous, c)
+    }
+
+    /// CONNECT's credentials through a listener's `chain`: the first backend that decides
+    /// wins; when all pass, [`Self::nobody_decided`]. Awaits only the HTTP backend, in the
+    /// connection's own task, so a slow service holds up only the clients it is asked about.
+    pub async fn authenticate(
+        &self,
+        chain: &[Backend],
+        allow_anonymous: bool,
+        c: &chain::Credentials<'_>,
+    ) -> Result<chain::Grant, chain::Denial> {
+        for b in chain {
+            let d = match b {
+                Backend::PasswordFile => self.password_decision(c),
+                // WIRING: the JWT and HTTP backends land next.
+                Backend::Jwt | Backend::Http => chain::Decision::Deny(chain::Denial::NotAuthorized),
+            };
+            match d {
+                chain::Decision::Allow(g) => return Ok(g),
+                chain::Decision::Deny(d) => return Err(d),
+                chain::Decision::Pass => {}
+            }
+        }
+        Self::nobody_decided(chain, allow_anonymous, c)
     }
 
     /// The Response Information handed to `client_id`, if enabled.
@@ -182,9 +276,17 @@ impl Authorizer {
             .then(|| format!("{}/{}", self.response_prefix, client_id))
     }
 
-    /// The owner of `topic` when it lies under the response prefix.
+    /// Whether the topics under each client's Response Information belong to that client
+    /// alone (`mqtt.reserve_response_topics`; off, the prefix is only handed out).
+    pub fn reserving_responses(mut self, on: bool) -> Authorizer {
+        self.reserve_responses = on;
+        self
+    }
+
+    /// The owner of `topic` when it lies under the response prefix and those topics are
+    /// reserved.
     fn response_owner<'a>(&self, topic: &'a str) -> Option<&'a str> {
-        if self.response_prefix.is_empty() {
+        if self.response_prefix.is_empty() || !self.reserve_responses {
             return None;
         }
         let rest = topic
@@ -212,6 +314,24 @@ impl Authorizer {
         own && self
             .acl()
             .is_none_or(|acl| acl.can_subscribe(username, client_id, filter))
+    }
+
+    /// [`Self::can_subscribe`] as a listener's `acl_mode` has it: with
+    /// [`AclMode::PerMessage`] the ACL is not asked here (it decides per delivered message,
+    /// as Mosquitto does); the protocol's own rules still apply.
+    pub fn can_subscribe_in(
+        &self,
+        mode: AclMode,
+        username: Option<&str>,
+        client_id: &str,
+        filter: &str,
+    ) -> bool {
+        match mode {
+            AclMode::Subscribe => self.can_subscribe(username, client_id, filter),
+            AclMode::PerMessage => self
+                .response_owner(filter)
+                .is_none_or(|owner| owner == client_id),
+        }
     }
 
     /// Delivery check: response topics reach only their owner, even through `#`; with an ACL
@@ -298,18 +418,21 @@ mod tests {
         };
         let a = Authorizer::load("reply", &cfg).unwrap();
         assert_eq!(
-            a.authenticate(Some("alice"), Some(b"secret")),
+            a.authenticate_password(Some("alice"), Some(b"secret")),
             Authentication::Accepted
         );
         assert_eq!(
-            a.authenticate(Some("alice"), Some(b"nope")),
+            a.authenticate_password(Some("alice"), Some(b"nope")),
             Authentication::BadCredentials
         );
         assert_eq!(
-            a.authenticate(Some("bob"), Some(b"secret")),
+            a.authenticate_password(Some("bob"), Some(b"secret")),
             Authentication::BadCredentials
         );
-        assert_eq!(a.authenticate(None, None), Authentication::NotAuthorized);
+        assert_eq!(
+            a.authenticate_password(None, None),
+            Authentication::NotAuthorized
+        );
         assert!(a.can_publish(Some("alice"), "c", "a/b"));
         assert!(!a.can_publish(Some("alice"), "c", "b"));
         assert!(a.can_subscribe(Some("alice"), "c", "a/+"));

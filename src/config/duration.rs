@@ -180,6 +180,27 @@ pub mod seconds {
     }
 }
 
+/// [`seconds`] for an optional key (`Option<Duration>`, absent = `None`); with
+/// `#[serde(default)]` on the field.
+pub mod option_seconds {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::time::Duration;
+
+    #[derive(Deserialize, Serialize)]
+    struct Seconds(#[serde(with = "super::seconds")] Duration);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Some(Seconds::deserialize(d)?.0))
+    }
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => Seconds(*v).serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 fn deserialize_in<'de, D: Deserializer<'de>>(d: D, unit: Unit) -> Result<Duration, D::Error> {
     d.deserialize_any(Visitor(unit))
 }

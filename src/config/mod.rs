@@ -14,10 +14,12 @@ pub mod auth_http;
 pub mod auth_jwt;
 mod diff;
 pub mod duration;
+pub mod listeners;
 mod validate;
 
 pub use auth_http::HttpAuthConfig;
 pub use auth_jwt::JwtConfig;
+pub use listeners::{AclMode, Backend, ListenerConfig, Listeners};
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -405,32 +407,13 @@ impl Default for SysTopicsConfig {
     }
 }
 
-/// A listener is on when its table is present. Without any `[listeners]` table the built-in
-/// default applies (TCP on 127.0.0.1:1883); once a file has `[listeners.*]` tables, only those
-/// listeners are on.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Listeners {
-    /// Plain MQTT over TCP.
-    #[serde(default)]
-    pub tcp: Option<TcpListenerConfig>,
-    /// MQTT over TLS (rustls; TLS 1.2 and 1.3).
-    #[serde(default)]
-    pub tls: Option<TlsListenerConfig>,
-    /// MQTT over WebSockets (browsers, web apps).
-    #[serde(default)]
-    pub ws: Option<WsListenerConfig>,
-    /// MQTT over WebSockets over TLS.
-    #[serde(default)]
-    pub wss: Option<WssListenerConfig>,
-}
-
-fn default_ws_path() -> String {
+pub(crate) fn default_ws_path() -> String {
     "/mqtt".to_string()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+/// The WebSocket part of a WS or WSS listener ([`ListenerConfig::ws`]).
 pub struct WsListenerConfig {
     pub bind: SocketAddr,
     /// The HTTP path MQTT is served on; other paths get 404.
@@ -443,54 +426,10 @@ pub struct WsListenerConfig {
     pub allowed_origins: Vec<String>,
 }
 
-/// `[listeners.wss]`: the WebSocket keys plus the TLS listener's. The fields are repeated
-/// rather than `#[serde(flatten)]`ed: flatten does not work with `deny_unknown_fields`, and
-/// a typo must stay an error naming the key. [`Self::tls`] and [`Self::ws`] give the parts.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct WssListenerConfig {
-    pub bind: SocketAddr,
-    #[serde(default = "default_ws_path")]
-    pub path: String,
-    #[serde(default)]
-    pub allowed_origins: Vec<String>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    #[serde(default)]
-    pub client_ca: Option<PathBuf>,
-    #[serde(default)]
-    pub require_client_cert: bool,
-    #[serde(default)]
-    pub use_identity_as_username: bool,
-    #[serde(default)]
-    pub crl_file: Option<PathBuf>,
-}
-
-impl WssListenerConfig {
-    /// The TLS part, in the TLS listener's terms.
-    pub fn tls(&self) -> TlsListenerConfig {
-        TlsListenerConfig {
-            bind: self.bind,
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-            client_ca: self.client_ca.clone(),
-            require_client_cert: self.require_client_cert,
-            use_identity_as_username: self.use_identity_as_username,
-            crl_file: self.crl_file.clone(),
-        }
-    }
-
-    pub fn ws(&self) -> WsListenerConfig {
-        WsListenerConfig {
-            bind: self.bind,
-            path: self.path.clone(),
-            allowed_origins: self.allowed_origins.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// The TLS part of a TLS or WSS listener ([`ListenerConfig::tls`]), as the TLS reloader
+/// reads it (also the metrics port's).
 pub struct TlsListenerConfig {
     pub bind: SocketAddr,
     /// Server certificate chain (PEM).
@@ -511,12 +450,6 @@ pub struct TlsListenerConfig {
     /// the certificates.
     #[serde(default)]
     pub crl_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TcpListenerConfig {
-    pub bind: SocketAddr,
 }
 
 /// Without a `[metrics]` table the built-in default applies (127.0.0.1:9883); a `[metrics]`
@@ -734,6 +667,10 @@ pub struct MqttConfig {
     /// Topic prefix handed to v5 clients that ask for Response Information: a client gets
     /// `<prefix>/<client id>` and only it may subscribe below that. Empty disables it.
     pub response_prefix: String,
+    /// Whether only a client may subscribe below its own Response Information topic
+    /// (`<prefix>/<client id>`). Off by default: the prefix is handed out all the same, and a
+    /// `#` archiver or a Mosquitto-style tool subscribing there is not refused.
+    pub reserve_response_topics: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -767,19 +704,6 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
-}
-
-impl Default for Listeners {
-    fn default() -> Self {
-        Listeners {
-            tcp: Some(TcpListenerConfig {
-                bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            }),
-            tls: None,
-            ws: None,
-            wss: None,
-        }
-    }
 }
 
 impl Default for MetricsConfig {
@@ -857,6 +781,7 @@ impl Default for MqttConfig {
             retain_available: true,
             topic_alias_maximum: 64,
             response_prefix: "reply".to_string(),
+            reserve_response_topics: false,
         }
     }
 }
@@ -1002,7 +927,15 @@ mod tests {
                 }
                 *checked += 1;
                 // The section's part of the document: from its heading to the next heading.
-                let heading = format!("### `[{path}]`");
+                // Listeners are documented once, under `[listeners.NAME]`.
+                let section_path = match path.strip_prefix("listeners.") {
+                    Some(rest) => match rest.split_once('.') {
+                        Some((_, sub)) => format!("listeners.NAME.{sub}"),
+                        None => "listeners.NAME".to_string(),
+                    },
+                    None => path.to_string(),
+                };
+                let heading = format!("### `[{section_path}]`");
                 let Some(start) = doc.find(&heading) else {
                     missing.push(format!("{full}: no heading {heading}"));
                     continue;
@@ -1156,12 +1089,13 @@ mod tests {
     fn listeners_and_metrics_are_on_only_when_present() {
         let c = Config::from_toml("[limits]\nmax_inflight = 5\n").unwrap();
         assert!(
-            c.listeners.tcp.is_some(),
+            c.listeners.get("tcp").is_some(),
             "built-in default without [listeners]"
         );
         assert!(c.metrics.bind.is_some());
         let c = Config::from_toml("[listeners.tcp]\nbind = \"127.0.0.1:0\"\n[metrics]\n").unwrap();
-        assert_eq!(c.listeners.tcp.unwrap().bind.port(), 0);
+        assert_eq!(c.listeners.get("tcp").unwrap().bind.port(), 0);
+        assert_eq!(c.listeners.0.len(), 1);
         assert_eq!(c.metrics.bind, None, "[metrics] without bind turns it off");
     }
 

@@ -12,9 +12,10 @@ use super::pending::{Gate, OpsCommit};
 use super::responses::AckQueue;
 use super::tally::Tally;
 use super::throttle::PublishBudgets;
+use crate::auth::chain::ClaimRules;
 use crate::broker::shared::Group;
 use crate::broker::{Broker, Subscriber};
-use crate::config::Limits;
+use crate::config::{AclMode, Limits};
 use crate::outbox::Delivery;
 use crate::protocol::{ProtocolVersion, Will};
 use crate::session::registry::SessionHandle;
@@ -79,11 +80,76 @@ pub(super) struct Client {
     /// The limits this connection was accepted with: its CONNACK announced them, so a reload
     /// applies to later connections only.
     pub(super) limits: Arc<Limits>,
+    /// How this connection's listener checks a SUBSCRIBE against the ACL.
+    pub(super) acl_mode: AclMode,
+    /// What few connections have (a mount point, a token's rules and expiry). Boxed: inline
+    /// it would make every connection's task larger.
+    pub(super) extras: Option<Box<Extras>>,
     /// The time as the driver last told it (see `core.rs`): handlers never read a clock.
     pub(super) now: Instant,
     /// When the client last sent something (keep alive) and when we last wrote (write stall).
     pub(super) last_read: Instant,
     pub(super) last_write: Instant,
+}
+
+/// A connection's rarer settings.
+#[derive(Debug, Default)]
+pub(super) struct Extras {
+    /// The listener's `mount_point`: added to the client's topics and filters, taken off
+    /// the topics it receives.
+    pub(super) mount: Option<Arc<str>>,
+    /// Topic rules its credentials carry (a JWT's claims): they narrow the ACL's.
+    pub(super) claims: Option<Arc<ClaimRules>>,
+    /// When its credentials expire: the connection closes then (v5 0xA0).
+    pub(super) expires_at: Option<Instant>,
+}
+
+impl Extras {
+    pub(super) fn is_empty(&self) -> bool {
+        self.mount.is_none() && self.claims.is_none() && self.expires_at.is_none()
+    }
+
+    /// Whether the credentials' rules let the client publish to `topic` (mounted).
+    pub(super) fn may_publish(&self, topic: &str) -> bool {
+        self.claims.as_ref().is_none_or(|c| c.can_publish(topic))
+    }
+
+    /// Whether the credentials' rules let the client subscribe to `filter` (mounted).
+    pub(super) fn may_subscribe(&self, filter: &str) -> bool {
+        self.claims.as_ref().is_none_or(|c| c.can_subscribe(filter))
+    }
+}
+
+impl Client {
+    /// `topic` (or a filter) from the client, under its listener's mount point. `$` topics
+    /// are the broker's and stay as they are.
+    pub(super) fn mounted<'a>(&self, topic: &'a str) -> std::borrow::Cow<'a, str> {
+        match self.extras.as_ref().and_then(|e| e.mount.as_deref()) {
+            Some(m) if !topic.starts_with('$') => std::borrow::Cow::Owned(format!("{m}{topic}")),
+            _ => std::borrow::Cow::Borrowed(topic),
+        }
+    }
+
+    /// A topic on its way to the client, with its listener's mount point taken off.
+    pub(super) fn unmounted<'a>(&self, topic: &'a str) -> &'a str {
+        match self.extras.as_ref().and_then(|e| e.mount.as_deref()) {
+            Some(m) => topic.strip_prefix(m).unwrap_or(topic),
+            None => topic,
+        }
+    }
+
+    pub(super) fn may_publish(&self, topic: &str) -> bool {
+        self.extras.as_ref().is_none_or(|e| e.may_publish(topic))
+    }
+
+    pub(super) fn may_subscribe(&self, filter: &str) -> bool {
+        self.extras.as_ref().is_none_or(|e| e.may_subscribe(filter))
+    }
+
+    /// When the credentials expire, if they do.
+    pub(super) fn credentials_expire(&self) -> Option<Instant> {
+        self.extras.as_ref().and_then(|e| e.expires_at)
+    }
 }
 
 impl Client {
@@ -139,6 +205,8 @@ impl Client {
             pressure: None,
             held_input: false,
             limits,
+            acl_mode: AclMode::default(),
+            extras: None,
             now,
             last_read: now,
             last_write: now,

@@ -28,6 +28,9 @@ pub(super) enum Close {
     Shutdown,
     /// The store could not keep what this client's acknowledgements depend on.
     StorageFailed,
+    /// The credentials it connected with expired (a JWT's `exp`): v5 0xA0 Maximum connect
+    /// time, the nearest the protocol has to "your authentication ran out".
+    CredentialsExpired,
 }
 
 impl Close {
@@ -40,6 +43,7 @@ impl Close {
             Close::Administrative => Some(ReasonCode::AdministrativeAction),
             Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
             Close::StorageFailed => Some(ReasonCode::ImplementationSpecificError),
+            Close::CredentialsExpired => Some(ReasonCode::MaximumConnectTime),
             _ => None,
         }
     }
@@ -68,6 +72,7 @@ impl Close {
             Close::WriteStalled => "client stopped reading".into(),
             Close::Shutdown => "server shutting down".into(),
             Close::StorageFailed => "storage failure".into(),
+            Close::CredentialsExpired => "credentials expired (token exp)".into(),
         }
     }
 
@@ -84,6 +89,7 @@ impl Close {
             Close::WriteStalled => CloseReason::WriteStalled,
             Close::Shutdown => CloseReason::ServerShutdown,
             Close::StorageFailed => CloseReason::StorageFailed,
+            Close::CredentialsExpired => CloseReason::CredentialsExpired,
         }
     }
 

@@ -1,10 +1,11 @@
 //! CONNECT → CONNACK: checks, authentication, session attach, and what CONNACK advertises.
 
 use super::client::Client;
+use super::client::Extras;
+use super::entry::Entry;
 use super::Origin;
-use crate::auth::Authentication;
+use crate::auth::chain::{Credentials, Denial};
 use crate::broker::Broker;
-use crate::config::Limits;
 use crate::protocol::*;
 use crate::session::registry::Kick;
 use crate::session::TopicAliases;
@@ -128,14 +129,15 @@ pub(super) async fn accept(
     origin: Origin,
     kick: oneshot::Sender<Kick>,
     identity: Option<String>,
-    limits: Arc<Limits>,
+    entry: Arc<Entry>,
 ) -> Option<Client> {
     let Packet::Connect(c) = packet else {
         return None;
     };
     let peer = origin.peer;
     broker.metrics.packets_received.add(kind::CONNECT, 1);
-    let c = *c;
+    let mut c = *c;
+    let limits = entry.limits.clone();
     let version = c.version;
     let v5 = version.is_v5();
     // The client's Maximum Packet Size: nothing larger may be sent to it ([MQTT-3.1.2-24]).
@@ -156,16 +158,43 @@ pub(super) async fn accept(
             "unsupported authentication method",
         );
     }
-    // A certificate-authenticated identity replaces whatever username the client sent.
-    let username: Option<Arc<str>> = match &identity {
+    // A certificate-authenticated identity replaces whatever username the client sent; else
+    // the listener's chain decides, and may name the user itself (a token's claim).
+    let mut username: Option<Arc<str>> = match &identity {
         Some(cn) => Some(Arc::from(cn.as_str())),
         None => c.username.as_ref().map(|u| Arc::from(u.as_str())),
     };
+    let mut extras = Extras {
+        mount: entry.mount.clone(),
+        ..Extras::default()
+    };
     if identity.is_none() {
-        let user = c.username.as_ref().map(|u| u.as_str());
-        match broker.auth.authenticate(user, c.password.as_deref()) {
-            Authentication::Accepted => {}
-            Authentication::NotAuthorized => {
+        let creds = Credentials {
+            client_id: c.client_id.as_str(),
+            username: c.username.as_ref().map(|u| u.as_str()),
+            password: c.password.as_deref(),
+            listener: entry.name,
+            peer,
+            protocol: version.level(),
+        };
+        let decided = broker
+            .auth
+            .authenticate(&entry.chain, entry.allow_anonymous, &creds)
+            .await;
+        match decided {
+            Ok(grant) => {
+                if let Some(u) = grant.username {
+                    username = Some(u);
+                }
+                extras.claims = grant.rules;
+                extras.expires_at = grant.expires_at.map(|at| {
+                    let left = at
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    crate::clock::now() + left
+                });
+            }
+            Err(Denial::NotAuthorized) => {
                 broker.metrics.auth_failures.inc();
                 return refuse(
                     broker,
@@ -174,10 +203,10 @@ pub(super) async fn accept(
                     max_out,
                     ReasonCode::NotAuthorized,
                     origin,
-                    "anonymous clients are not allowed",
+                    "not authorised (anonymous, or refused by the listener's authentication chain)",
                 );
             }
-            Authentication::BadCredentials => {
+            Err(Denial::BadCredentials) => {
                 broker.metrics.auth_failures.inc();
                 return refuse(
                     broker,
@@ -190,6 +219,10 @@ pub(super) async fn accept(
                 );
             }
         }
+    }
+    if let (Some(w), Some(mount)) = (c.will.as_mut(), &entry.mount) {
+        // The will is published like any of this client's messages: under its mount point.
+        w.topic = MqttStr::from(format!("{mount}{}", w.topic.as_str()));
     }
 
     if let Some(w) = &c.will {
@@ -209,6 +242,7 @@ pub(super) async fn accept(
         if !broker
             .auth
             .can_publish(username.as_deref(), cid, w.topic.as_str())
+            || !extras.may_publish(w.topic.as_str())
         {
             return refuse(
                 broker,
@@ -477,6 +511,10 @@ pub(super) async fn accept(
         limits,
     );
     client.username = username;
+    client.acl_mode = entry.acl_mode;
+    if !extras.is_empty() {
+        client.extras = Some(Box::new(extras));
+    }
     client.gate.hold_commit(connack_at, connack_commit);
     if session_present {
         client.attach_groups();

@@ -9,7 +9,7 @@
 //! | [`Client::poll_output`] | before every wait | moves what may go out now into `wbuf`: acknowledgements whose commits are done, deliveries within the in-flight window, then submits bookkeeping |
 //! | [`Client::writable`] | before writing | how much of `wbuf` may be written (the QoS 2 write gate holds the rest) |
 //! | [`Client::handle_written`] | `n` bytes were written | remembers the write (stall detection), moves the gate |
-//! | [`Client::poll_timeout`] | before every wait | the earliest deadline: keep alive, write stall, a full window the client stopped acknowledging |
+//! | [`Client::poll_timeout`] | before every wait | the earliest deadline: keep alive, write stall, a full window the client stopped acknowledging, the credentials' expiry |
 //! | [`Client::handle_timeout`] | that deadline passed | closes the connection if a limit ran out |
 //! | [`Client::begin_close`], [`Client::end_close`] | the connection ends | what may still go out: earned acknowledgements, then (once the write gate has settled) the v5 DISCONNECT |
 //!
@@ -97,12 +97,19 @@ impl Client {
         if self.window_stuck() {
             earlier(self.last_read + self.write_timeout());
         }
+        if let Some(at) = self.credentials_expire() {
+            earlier(at);
+        }
         next
     }
 
     /// A deadline from [`Client::poll_timeout`] passed: the close, if a limit ran out.
     pub fn handle_timeout(&mut self, now: Instant, pending_write: bool) -> Result<(), Close> {
         self.now = now;
+        if self.credentials_expire().is_some_and(|at| now >= at) {
+            // The token it connected with is no longer valid: so is the connection.
+            return Err(Close::CredentialsExpired);
+        }
         if self
             .keep_alive_limit()
             .is_some_and(|k| now >= self.last_read + k)

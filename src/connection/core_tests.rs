@@ -122,7 +122,10 @@ impl Harness {
             },
             kick_tx,
             None,
-            self.broker.limits(),
+            Arc::new(crate::connection::Entry::plain(
+                &self.broker.config,
+                self.broker.limits(),
+            )),
         )
         .await
         .expect("accepted");

@@ -14,6 +14,7 @@ mod core;
 #[cfg(test)]
 mod core_tests;
 mod drain;
+pub mod entry;
 mod handlers;
 mod io;
 mod outbound;
@@ -30,6 +31,7 @@ use crate::broker::Broker;
 use crate::protocol::ProtocolError;
 use crate::protocol::ReasonCode;
 use close::Close;
+pub use entry::Entry;
 use io::Io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,8 +54,10 @@ pub(crate) use throttle::TokenBucket;
 /// count of open connections drops when it goes) and names its listener in log lines and in
 /// the admin API. Behind the listener's one pointer, so it makes no connection task larger.
 pub trait Accepted: Send + 'static {
-    /// The listener's name: `tcp`, `tls`, `ws` or `wss`.
+    /// The listener's name (`[listeners.NAME]`).
     fn listener(&self) -> &'static str;
+    /// The listener's settings as of now.
+    fn entry(&self) -> Arc<Entry>;
 }
 
 /// Where a CONNECT came from, for the log lines and the admin API.
@@ -80,9 +84,9 @@ where
         // Held, not used: dropped with the future.
         let _slot = &slot;
         // This connection's limits for its whole life (a reload applies to later connections).
-        let limits = broker.limits();
-        let connect_timeout = limits.connect_timeout;
-        let max_packet = limits.max_packet_size as usize;
+        let entry = slot.entry();
+        let connect_timeout = entry.limits.connect_timeout;
+        let max_packet = entry.limits.max_packet_size as usize;
         let packet = match tokio::time::timeout(
             connect_timeout,
             Box::pin(io.read_connect(&broker, max_packet)),
@@ -128,7 +132,7 @@ where
             },
             kick_tx,
             identity,
-            limits,
+            entry,
         ))
         .await
         else {

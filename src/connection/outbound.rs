@@ -122,7 +122,7 @@ impl Client {
             self.stage_dequeue(&d);
             return;
         };
-        let topic = d.msg.topic.as_str();
+        let topic = self.unmounted(d.msg.topic.as_str());
         let mut out = OutgoingPublish {
             topic: topic.as_bytes(),
             qos: d.qos,
@@ -340,13 +340,19 @@ impl Client {
         let released = self.revoke_inflight();
         let now = self.now;
         let version = self.version;
+        let mount = self.extras.as_ref().and_then(|e| e.mount.clone());
         let inflight: &Inflight = &self.state.inflight;
         for (id, entry) in inflight.iter() {
             match entry {
                 Outbound::Published(d) => {
                     let expiry = d.msg.remaining_expiry(now).unwrap_or(Some(1));
+                    let topic = d.msg.topic.as_str();
+                    let topic = mount
+                        .as_deref()
+                        .and_then(|m| topic.strip_prefix(m))
+                        .unwrap_or(topic);
                     let out = OutgoingPublish {
-                        topic: d.msg.topic.as_str().as_bytes(),
+                        topic: topic.as_bytes(),
                         qos: d.qos,
                         retain: d.retain,
                         dup: true,

@@ -552,7 +552,7 @@ impl World {
             other => panic!("sim CONNECT does not decode: {other:?}"),
         };
         let broker = self.broker.clone();
-        let limits = broker.limits();
+        let entry = Arc::new(super::Entry::plain(&broker.config, broker.limits()));
         let (kick_tx, kick_rx) = oneshot::channel();
         let handle = tokio::spawn(async move {
             let mut wbuf = BytesMut::new();
@@ -560,7 +560,7 @@ impl World {
                 peer: peer(),
                 listener: "tcp",
             };
-            let c = accept(&broker, &mut wbuf, packet, origin, kick_tx, None, limits).await;
+            let c = accept(&broker, &mut wbuf, packet, origin, kick_tx, None, entry).await;
             (c, wbuf, kick_rx)
         });
         self.accepting.push((i, handle));

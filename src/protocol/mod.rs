@@ -50,6 +50,14 @@ impl ProtocolVersion {
     pub fn is_v5(self) -> bool {
         self == ProtocolVersion::V5
     }
+    /// The protocol level byte of CONNECT: 3, 4 or 5.
+    pub fn level(self) -> u8 {
+        match self {
+            ProtocolVersion::V3_1 => 3,
+            ProtocolVersion::V3_1_1 => 4,
+            ProtocolVersion::V5 => 5,
+        }
+    }
     pub fn label(self) -> &'static str {
         match self {
             ProtocolVersion::V3_1 => "3.1",
@@ -118,6 +126,9 @@ pub enum ReasonCode {
     RetainNotSupported = 0x9A,
     QoSNotSupported = 0x9B,
     SharedSubscriptionsNotSupported = 0x9E,
+    /// DISCONNECT: the connection's time is up; Tern sends it when the credentials it
+    /// connected with (a JWT) expire.
+    MaximumConnectTime = 0xA0,
 }
 
 impl ReasonCode {
@@ -161,6 +172,7 @@ impl ReasonCode {
             0x9A => Self::RetainNotSupported,
             0x9B => Self::QoSNotSupported,
             0x9E => Self::SharedSubscriptionsNotSupported,
+            0xA0 => Self::MaximumConnectTime,
             _ => return None,
         })
     }

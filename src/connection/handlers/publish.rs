@@ -56,6 +56,12 @@ impl Client {
             // limits.max_topic_length / max_topic_levels (v5: DISCONNECT 0x90).
             return Err(ProtocolError::TopicNameInvalid);
         }
+        // Under the listener's mount point from here on: routing, the ACL and storage see the
+        // topic as the broker knows it.
+        let topic = match self.mounted(topic.as_str()) {
+            std::borrow::Cow::Owned(t) => MqttStr::from(t),
+            std::borrow::Cow::Borrowed(_) => topic,
+        };
         if p.qos.as_u8() > broker.config.mqtt.max_qos {
             return Err(ProtocolError::QosNotSupported);
         }
@@ -89,6 +95,7 @@ impl Client {
         if !broker
             .auth
             .can_publish(self.username.as_deref(), &self.client_id, topic.as_str())
+            || !self.may_publish(topic.as_str())
         {
             broker.metrics.dropped_not_authorized.inc();
             refusal = Some(ReasonCode::NotAuthorized);

@@ -42,7 +42,8 @@ impl Client {
         let mut groups_ready = Commit::Done;
         let mut found = Vec::new();
         for (filter, mut options) in s.filters {
-            let f = filter.as_str();
+            let mounted = self.mounted_filter(filter.as_str());
+            let f = mounted.as_ref();
             let shared = membership(f);
             if matches!(shared, Some(Err(()))) {
                 codes.push(ReasonCode::TopicFilterInvalid);
@@ -59,9 +60,12 @@ impl Client {
                 codes.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
-            if !broker
-                .auth
-                .can_subscribe(self.username.as_deref(), &self.client_id, f)
+            if !broker.auth.can_subscribe_in(
+                self.acl_mode,
+                self.username.as_deref(),
+                &self.client_id,
+                f,
+            ) || !self.may_subscribe(f)
             {
                 codes.push(ReasonCode::NotAuthorized);
                 continue;
@@ -151,7 +155,8 @@ impl Client {
         let mut codes = Vec::with_capacity(u.filters.len());
         let mut ops = Vec::new();
         for filter in u.filters {
-            let f = filter.as_str();
+            let mounted = self.mounted_filter(filter.as_str());
+            let f = mounted.as_ref();
             let removed = self.state.subscriptions.remove(f).is_some();
             if removed {
                 if membership(f).is_some() {
@@ -179,6 +184,26 @@ impl Client {
             Vec::new(),
             wbuf,
         );
+    }
+
+    /// A filter from the client under its listener's mount point: a shared subscription's
+    /// filter part (`$share/NAME/` stays in front); declared queues (`$queue/NAME`) and the
+    /// broker's `$` topics are not mounted.
+    fn mounted_filter<'a>(&self, f: &'a str) -> std::borrow::Cow<'a, str> {
+        if self
+            .extras
+            .as_ref()
+            .and_then(|e| e.mount.as_ref())
+            .is_none()
+        {
+            return std::borrow::Cow::Borrowed(f);
+        }
+        match validate::shared_subscription(f) {
+            Some((share, rest)) => {
+                std::borrow::Cow::Owned(format!("$share/{share}/{}", self.mounted(rest)))
+            }
+            None => self.mounted(f),
+        }
     }
 
     /// The commit a SUBACK or UNSUBACK waits for: the stored changes to the subscriptions, or
