@@ -31,6 +31,7 @@ pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod proxy;
 pub mod reload;
 pub mod session;
 pub mod status;
