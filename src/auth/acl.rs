@@ -466,6 +466,21 @@ fn level_matches(level: &Level, part: &str, id: &Ident) -> bool {
     }
 }
 
+/// Whether the topic filter `rule` covers every topic the topic filter `filter` matches, by
+/// the ACL's own SUBSCRIBE rule (`a/#` covers `a/b/#` and `a/+`; `a/b` does not cover `a/#`;
+/// a rule starting with a wildcard covers no `$` filter). For other rule sets with the ACL's
+/// semantics (a token's claims, `chain::ClaimRules`); `%u`/`%c` are literal text here.
+pub fn covers(rule: &str, filter: &str) -> bool {
+    let id = Ident {
+        user: None,
+        client: "",
+        slash: false,
+    };
+    is_valid_topic_filter(rule)
+        && is_valid_topic_filter(filter)
+        && Rule::compile(rule, Access::Read, false).hits(Check::Subscribe, filter, &id)
+}
+
 impl Acl {
     /// SUBSCRIBE: some read rule must cover the whole filter (`topic read a/#` allows `a/b/#`
     /// and `a/+`; `topic read a/b` does not allow `a/#`), and no deny rule may cover it. A deny
@@ -902,6 +917,21 @@ topic read f/+/#
                 acl.can_subscribe(None, "c", &topic),
                 acl.can_receive(None, "c", &topic)
             );
+        }
+
+        /// `covers` is the one-rule ACL's SUBSCRIBE check, and a covered filter matches no
+        /// topic outside the rule.
+        #[test]
+        fn covers_is_the_subscribe_check(rule in filter(), sub in filter()) {
+            let acl = parse(&format!("topic read {rule}\n"), "prop")
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let covered = covers(&rule, &sub);
+            prop_assert_eq!(covered, acl.can_subscribe(None, "c", &sub));
+            if covered {
+                for t in universe() {
+                    prop_assert!(!topic_matches(&sub, &t) || topic_matches(&rule, &t), "{}", t);
+                }
+            }
         }
 
         /// Checks agree with the broker's own matcher, and an allowed subscription never

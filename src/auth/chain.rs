@@ -63,3 +63,85 @@ pub struct ClaimRules {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
 }
+
+impl ClaimRules {
+    /// PUBLISH (and a will): some `pub` filter matches the topic name, by the broker's own
+    /// matcher (so `#` does not reach `$` topics).
+    pub fn can_publish(&self, topic: &str) -> bool {
+        crate::protocol::validate::is_valid_topic_name(topic)
+            && self
+                .publish
+                .iter()
+                .any(|f| crate::protocol::validate::topic_matches(f, topic))
+    }
+
+    /// SUBSCRIBE: some `sub` filter covers the whole requested filter, as an ACL file's read
+    /// rule must (`orders/#` allows `orders/+/new`, not `#`); a shared subscription
+    /// (`$share/NAME/FILTER`) is judged by its FILTER.
+    pub fn can_subscribe(&self, filter: &str) -> bool {
+        let filter = crate::protocol::validate::shared_subscription(filter).map_or(filter, |s| s.1);
+        self.subscribe
+            .iter()
+            .any(|rule| super::acl::covers(rule, filter))
+    }
+
+    /// Delivery of a message on `topic`: some `sub` filter matches it (a subscription the
+    /// rules allowed is covered already; this holds the rules on every delivery path, as the
+    /// ACL file's are).
+    pub fn can_receive(&self, topic: &str) -> bool {
+        self.subscribe
+            .iter()
+            .any(|f| crate::protocol::validate::topic_matches(f, topic))
+    }
+}
+
+#[cfg(test)]
+mod claim_rules_tests {
+    use super::ClaimRules;
+
+    fn rules(publish: &[&str], subscribe: &[&str]) -> ClaimRules {
+        ClaimRules {
+            publish: publish.iter().map(|s| s.to_string()).collect(),
+            subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn publish_needs_a_matching_pub_filter() {
+        let r = rules(&["orders/#", "dev/+/status"], &[]);
+        assert!(r.can_publish("orders"));
+        assert!(r.can_publish("orders/eu/1"));
+        assert!(r.can_publish("dev/d1/status"));
+        assert!(!r.can_publish("dev/d1/d2/status"));
+        assert!(!r.can_publish("other"));
+        assert!(!r.can_publish("orders/+"));
+        assert!(!rules(&["#"], &[]).can_publish("$SYS/x"));
+        assert!(!ClaimRules::default().can_publish("a"));
+    }
+
+    #[test]
+    fn subscribe_needs_a_sub_filter_covering_all_of_it() {
+        let r = rules(&[], &["reply/c1/#", "news/+"]);
+        assert!(r.can_subscribe("reply/c1/#"));
+        assert!(r.can_subscribe("reply/c1/+/x"));
+        assert!(r.can_subscribe("reply/c1"));
+        assert!(r.can_subscribe("news/a"));
+        assert!(r.can_subscribe("news/+"));
+        assert!(!r.can_subscribe("news/#"));
+        assert!(!r.can_subscribe("reply/#"));
+        assert!(!r.can_subscribe("reply/+/x"));
+        assert!(!r.can_subscribe("#"));
+        assert!(r.can_subscribe("$share/g/news/a"));
+        assert!(!r.can_subscribe("$share/g/#"));
+        assert!(!rules(&[], &["#"]).can_subscribe("$SYS/#"));
+        assert!(!r.can_subscribe("news/a#"));
+    }
+
+    #[test]
+    fn receive_needs_a_matching_sub_filter() {
+        let r = rules(&["x/#"], &["news/+"]);
+        assert!(r.can_receive("news/a"));
+        assert!(!r.can_receive("news/a/b"));
+        assert!(!r.can_receive("x/y"));
+    }
+}
