@@ -278,9 +278,10 @@ async fn unsubscribe_stops_delivery(v: Version) {
 
 /// Filters the broker refuses: 3.1.1 has one failure code (0x80) and the connection stays
 /// usable; 5.0 says why (0x8F invalid filter [MQTT-4.8.2-1], 0x87 another client's response
-/// topic prefix), and rumqttc then ends the connection, so each filter gets its own client.
+/// topic prefix, reserved with `mqtt.reserve_response_topics`), and rumqttc then ends the
+/// connection, so each filter gets its own client.
 async fn rejected_subscriptions(v: Version) {
-    let b = Broker::default().await;
+    let b = Broker::start("[mqtt]\nreserve_response_topics = true\n").await;
     for (filter, want) in [
         ("$share/g+/rej/t", v.pick(0x80, 0x8F)),
         ("$share//rej/t", v.pick(0x80, 0x8F)),

@@ -1814,12 +1814,12 @@ async fn shared_metrics_per_group_and_filter() {
     b.stop().await;
 }
 
-/// Another client's reply topic (`mqtt.response_prefix`) reaches only that client, also
-/// through a shared subscription: a group on `reply/#` gets the messages of its own member's
-/// reply topic, not those of anyone else's.
+/// With `mqtt.reserve_response_topics`, another client's reply topic (`mqtt.response_prefix`)
+/// reaches only that client, also through a shared subscription: a group on `reply/#` gets
+/// the messages of its own member's reply topic, not those of anyone else's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_topics_reach_only_their_owner_through_a_group() {
-    let b = Broker::default().await;
+    let b = Broker::start("[mqtt]\nreserve_response_topics = true\n").await;
     let mut member = v3::connect(b.port(), &cid("sh-reply-m")).await;
     sub3(&mut member, "$share/g/reply/#", Q3::AtLeastOnce).await;
     let own = format!("reply/{}/x", member.id);

@@ -357,22 +357,23 @@ def test_unsubscribe_stops_delivery(mk, version):
     sub.expect_none(0.4)
 
 
-def test_suback_failure_codes(mk, version):
-    """Invalid filters [MQTT-4.7.1-1], malformed shared subscriptions and another client's
-    response topic prefix are refused in the SUBACK while the valid filters of the same
-    SUBSCRIBE are granted [MQTT-3.9.3-2]: 3.1.1 has one failure code, 0x80; 5.0 says 0x8F
-    (invalid) and 0x87 (not authorized). A client may subscribe under its own response
-    prefix."""
-    other = mk("other", version)
+def test_suback_failure_codes(make_broker, mkc, version):
+    """Invalid filters [MQTT-4.7.1-1], malformed shared subscriptions and, with
+    mqtt.reserve_response_topics, another client's response topic prefix are refused in the
+    SUBACK while the valid filters of the same SUBSCRIBE are granted [MQTT-3.9.3-2]: 3.1.1 has
+    one failure code, 0x80; 5.0 says 0x8F (invalid) and 0x87 (not authorized). A client may
+    subscribe under its own response prefix."""
+    b = make_broker({"mqtt": {"reserve_response_topics": True}})
+    other = mkc("other", version, broker=b)
     other.connect()
-    sub = mk("sub", version)
+    sub = mkc("sub", version, broker=b)
     sub.connect()
     filters = [("sf/ok", 1), ("sf/#/x", 1), ("sf/a#", 0), ("sf/a+/b", 2), ("$share/g+/sf/t", 1),
                (f"reply/{other.client_id}/#", 1), ("sf/ok2", 2)]
     assert sub.subscribe(filters) == pick(version, [1, 0x80, 0x80, 0x80, 0x80, 0x80, 2],
                                           [1, 0x8F, 0x8F, 0x8F, 0x8F, 0x87, 2])
     assert sub.subscribe(f"reply/{sub.client_id}/#", 1) == [1]
-    pub = mk("pub", version)
+    pub = mkc("pub", version, broker=b)
     pub.connect()
     pub.publish("sf/ok", b"1", qos=1)
     pub.publish(f"reply/{other.client_id}/x", b"nope", qos=1)
@@ -381,6 +382,22 @@ def test_suback_failure_codes(mk, version):
     assert [m.payload for m in sub.get_n(3)] == [b"1", b"mine", b"2"]
     sub.expect_none(0.3)
     assert sub.c.is_connected()
+
+
+def test_response_topics_are_ordinary_topics_by_default(mk, version):
+    """Without mqtt.reserve_response_topics (the default) the response prefix is only handed
+    out: a `#` archiver receives replies and another client may subscribe to
+    `reply/<someone>/#` (as `mosquitto_rr -e reply/web` does)."""
+    owner = mk("owner", version)
+    owner.connect()
+    archiver = mk("archiver", version)
+    archiver.connect()
+    assert archiver.subscribe([("#", 1), (f"reply/{owner.client_id}/#", 1)]) == [1, 1]
+    pub = mk("pub", version)
+    pub.connect()
+    pub.publish(f"reply/{owner.client_id}/r", b"answer", qos=1)
+    got = archiver.get()
+    assert (got.topic, got.payload) == (f"reply/{owner.client_id}/r", b"answer")
 
 
 def test_max_qos_config_limits_granted_qos(make_broker, mkc, version):
