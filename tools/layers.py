@@ -31,7 +31,7 @@ LAYERS = [
     ["bridge"],
     ["admin"],
     ["http"],
-    ["websocket"],
+    ["websocket", "proxy"],
     ["listener"],
     ["reload"],
     ["ctl"],
