@@ -174,8 +174,8 @@ impl Running {
     }
 
     /// The line printed on stdout when ready; out-of-process tests look for it. Every
-    /// listener as `NAME=ADDR`; `tcp` and `metrics` come first, as they always have (`off`
-    /// when there is none).
+    /// listener as `NAME=ADDR`; `tcp`, `metrics` and a node's `cluster` come first, as they
+    /// always have (`off` when there is none).
     pub fn ready_line(&self) -> String {
         let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
         let mut line = format!(

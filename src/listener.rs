@@ -364,10 +364,7 @@ async fn proxied(
     broker: &Broker,
     timeout: Duration,
 ) -> Option<std::net::SocketAddr> {
-    // WIRING: crate::proxy::read_header lands next.
-    let _ = (&stream, timeout);
-    let header: Result<Option<std::net::SocketAddr>, &str> = Err("PROXY protocol not built yet");
-    match header {
+    match crate::proxy::read_header(stream, timeout).await {
         Ok(Some(addr)) => Some(addr),
         Ok(None) => Some(socket_peer),
         Err(e) => {

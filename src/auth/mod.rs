@@ -17,7 +17,8 @@ use crate::config::{AclMode, AuthConfig, Backend};
 use acl::Acl;
 use password::PasswordFile;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use tokio::sync::watch;
 
 /// Errors loading the password or ACL file (the broker refuses to start; a reload keeps the
 /// old rules).
@@ -27,6 +28,8 @@ pub enum AuthError {
     Password(#[from] password::PasswordError),
     #[error("auth.acl_file: {0}")]
     Acl(#[from] acl::AclError),
+    #[error("{0}")]
+    Jwt(#[from] jwt::JwtError),
 }
 
 /// Outcome of checking CONNECT's credentials.
@@ -43,6 +46,8 @@ pub enum Authentication {
 struct Rules {
     passwords: Option<Arc<PasswordFile>>,
     acl: Option<Arc<Acl>>,
+    /// `[auth.jwt]`: its keys, and the JWKS refreshed in the background.
+    jwt: Option<Arc<jwt::Jwt>>,
 }
 
 /// Password file, ACL and anonymous access read from a configuration, not yet in force.
@@ -65,6 +70,17 @@ pub struct Authorizer {
     acl_on: AtomicBool,
     /// The `[auth]` settings in force: the admin API edits the files they name.
     files: RwLock<AuthConfig>,
+    /// Stops the JWKS refresh task of the JWT backend in force (a reload starts another).
+    jwt_refresh: Mutex<Option<watch::Sender<bool>>>,
+}
+
+/// Starts `jwt`'s JWKS refresh in the background, on the runtime the caller runs on (none in
+/// `tern check`, which refreshes nothing); the sender stops it.
+fn start_refresh(jwt: &Arc<jwt::Jwt>) -> Option<watch::Sender<bool>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let (stop, stopped) = watch::channel(false);
+    runtime.spawn(jwt.clone().run_refresh(stopped));
+    Some(stop)
 }
 
 fn load_rules(cfg: &AuthConfig) -> Result<Rules, AuthError> {
@@ -75,6 +91,10 @@ fn load_rules(cfg: &AuthConfig) -> Result<Rules, AuthError> {
         },
         acl: match &cfg.acl_file {
             Some(p) => Some(Arc::new(acl::load(p)?)),
+            None => None,
+        },
+        jwt: match &cfg.jwt {
+            Some(j) => Some(Arc::new(jwt::Jwt::new(j)?)),
             None => None,
         },
     })
@@ -90,12 +110,14 @@ impl Authorizer {
             rules: RwLock::new(Rules::default()),
             acl_on: AtomicBool::new(false),
             files: RwLock::new(AuthConfig::default()),
+            jwt_refresh: Mutex::new(None),
         }
     }
 
     /// Loads the configured password and ACL files.
     pub fn load(response_prefix: &str, cfg: &AuthConfig) -> Result<Authorizer, AuthError> {
         let rules = load_rules(cfg)?;
+        let refresh = rules.jwt.as_ref().and_then(start_refresh);
         Ok(Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
             reserve_responses: true,
@@ -103,6 +125,7 @@ impl Authorizer {
             acl_on: AtomicBool::new(rules.acl.is_some()),
             rules: RwLock::new(rules),
             files: RwLock::new(cfg.clone()),
+            jwt_refresh: Mutex::new(refresh),
         })
     }
 
@@ -125,7 +148,28 @@ impl Authorizer {
     /// Applies prepared rules: every later check (also on existing connections) uses them.
     pub fn install(&self, p: PreparedAuth) {
         let on = p.rules.acl.is_some();
-        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = p.rules;
+        let new_jwt = p.rules.jwt.clone();
+        let old = std::mem::replace(
+            &mut *self.rules.write().unwrap_or_else(PoisonError::into_inner),
+            p.rules,
+        );
+        // The JWT backend is made anew from the reloaded settings; keys already fetched from
+        // the same JWKS stay valid (a reload during an identity provider's outage must not
+        // lock everyone out), and the old backend's refresh stops.
+        if let (Some(new), Some(old)) = (&new_jwt, &old.jwt) {
+            new.carry_over(old);
+        }
+        let refresh = new_jwt.as_ref().and_then(start_refresh);
+        let previous = std::mem::replace(
+            &mut *self
+                .jwt_refresh
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            refresh,
+        );
+        if let Some(stop) = previous {
+            let _ = stop.send(true);
+        }
         self.acl_on.store(on, Ordering::Release);
         self.allow_anonymous
             .store(p.allow_anonymous, Ordering::Release);
@@ -183,6 +227,14 @@ impl Authorizer {
             Err(chain::Denial::BadCredentials) => Authentication::BadCredentials,
             Err(chain::Denial::NotAuthorized) => Authentication::NotAuthorized,
         }
+    }
+
+    fn jwt(&self) -> Option<Arc<jwt::Jwt>> {
+        self.rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .jwt
+            .clone()
     }
 
     fn passwords(&self) -> Option<Arc<PasswordFile>> {
@@ -258,8 +310,13 @@ impl Authorizer {
         for b in chain {
             let d = match b {
                 Backend::PasswordFile => self.password_decision(c),
-                // WIRING: the JWT and HTTP backends land next.
-                Backend::Jwt | Backend::Http => chain::Decision::Deny(chain::Denial::NotAuthorized),
+                Backend::Jwt => match self.jwt() {
+                    Some(jwt) => jwt.check(c, std::time::SystemTime::now()),
+                    // Validation keeps a chain from naming a backend that is not configured.
+                    None => chain::Decision::Deny(chain::Denial::NotAuthorized),
+                },
+                // WIRING: the HTTP backend lands next.
+                Backend::Http => chain::Decision::Deny(chain::Denial::NotAuthorized),
             };
             match d {
                 chain::Decision::Allow(g) => return Ok(g),

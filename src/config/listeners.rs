@@ -345,12 +345,15 @@ impl ListenerConfig {
                 "a listener's name is letters, digits, '_' and '-'".to_string(),
             );
         }
+        if matches!(name, "metrics" | "cluster") {
+            // The ready line names the metrics port and the cluster node with these words.
+            return err("", format!("\"{name}\" is reserved; choose another name"));
+        }
         let Some(kind) = self.kind_for(name) else {
             return err(
                 "kind",
-                format!(
-                    "required: \"tcp\", \"tls\", \"ws\" or \"wss\" (only a listener named one of those may leave it out)"
-                ),
+                "required: \"tcp\", \"tls\", \"ws\" or \"wss\" (only a listener named one of those may leave it out)"
+                    .to_string(),
             );
         };
         let k = kind.label();

@@ -19,6 +19,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TERN_BIN = os.environ.get("TERN_BIN", os.path.join(ROOT, "target", "debug", "tern"))
 # With a [cluster] section the line ends in " cluster=NODE" (the node's name).
 READY = re.compile(r"tern: ready tcp=(\S+):(\d+) metrics=(\S+):(\d+)(?: cluster=(\S+))?")
+LISTENER = re.compile(r" ([A-Za-z0-9_-]+)=(\S+):(\d+)")
 
 
 def _toml_value(v):
@@ -96,6 +97,12 @@ class Broker:
                 self.port = int(m.group(2))
                 self.metrics_port = int(m.group(4))
                 self.cluster_node = m.group(5)
+                # Every listener as NAME=ADDR:PORT (named listeners: docs/configuration.md).
+                self.listeners = {
+                    name: types.SimpleNamespace(host=h, port=int(p))
+                    for name, h, p in LISTENER.findall(line)
+                    if name not in ("metrics", "cluster")
+                }
                 break
         else:
             raise RuntimeError("tern did not become ready")
