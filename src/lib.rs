@@ -183,11 +183,11 @@ impl Running {
             show(self.listener_addr("tcp")),
             show(self.metrics_addr)
         );
-        for l in self.listeners.iter().filter(|l| l.name() != "tcp") {
-            line.push_str(&format!(" {}={}", l.name(), l.addr));
-        }
         if let Some(peers) = self.broker.peers() {
             line.push_str(&format!(" cluster={}", peers.node()));
+        }
+        for l in self.listeners.iter().filter(|l| l.name() != "tcp") {
+            line.push_str(&format!(" {}={}", l.name(), l.addr));
         }
         line
     }
