@@ -64,6 +64,8 @@ pub struct Metrics {
     /// CONNECTs refused by authentication (bad user name or password, anonymous not allowed,
     /// no certificate identity); also in `tern_connections_refused_total{reason="not_authorized"}`.
     pub auth_failures: IntCounter,
+    /// The HTTP authentication backend's checks and request times (`auth::http::HttpAuth`).
+    pub auth_http: crate::auth::http::HttpAuthMetrics,
     /// Control packets from clients, by type.
     pub packets_received: PacketCounters,
     /// Control packets to clients, by type.
@@ -691,6 +693,27 @@ impl Metrics {
             "CONNECTs refused by authentication (bad user name or password, anonymous not allowed, no certificate identity)",
         )?;
         registry.register(Box::new(auth_failures.clone()))?;
+        let auth_http_requests = IntCounterVec::new(
+            Opts::new(
+                "tern_auth_http_checks_total",
+                "Checks by the HTTP authentication backend, by kind (connect, acl) and outcome: allow (2xx), deny (4xx), timeout, error (unreachable, or another status), busy (no request slot within the timeout), cached_allow, cached_deny; all but the allows refuse",
+            ),
+            &["kind", "outcome"],
+        )?;
+        registry.register(Box::new(auth_http_requests.clone()))?;
+        let auth_http_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "tern_auth_http_request_duration_seconds",
+                "Time from sending a request to the HTTP authentication service to its answer (or the timeout), by kind (connect, acl)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["kind"],
+        )?;
+        registry.register(Box::new(auth_http_latency.clone()))?;
+        let auth_http =
+            crate::auth::http::HttpAuthMetrics::new(&auth_http_requests, &auth_http_latency)?;
         let packets_in = IntCounterVec::new(
             Opts::new(
                 "tern_packets_received_total",
@@ -904,6 +927,7 @@ impl Metrics {
             ws_handshakes: ws.with_label_values(&["ok"]),
             ws_failures: ws.with_label_values(&["failed"]),
             auth_failures,
+            auth_http,
             packets_received: PacketCounters::new(&packets_in, &FROM_CLIENT),
             packets_sent: PacketCounters::new(&packets_out, &TO_CLIENT),
             queued,

@@ -46,8 +46,10 @@ fn refuse(
             | ReasonCode::BadAuthenticationMethod
     ) {
         broker.metrics.refused_auth.inc();
+        broker.metrics.listener_refused(origin.listener, "auth");
     } else {
         broker.metrics.refused_protocol.inc();
+        broker.metrics.listener_refused(origin.listener, "protocol");
     }
     // Who was refused, as an operator greps for it (the same fields as "client connected").
     tracing::info!(

@@ -95,7 +95,7 @@ def test_each_listener_has_its_own_rules_and_the_mount_point_joins_them(fleet, m
     assert metric(b, 'tern_listener_connections_refused_total{listener="devices",reason="auth"}') == 1
     assert metric(b, 'tern_listener_connections_refused_total{listener="tcp",reason="auth"}') == 0
     log = b.log()
-    assert "listener=devices" in log and "listener=tcp" in log
+    assert 'listener="devices"' in log and 'listener="tcp"' in log
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -204,3 +204,60 @@ allow_anonymous = false
     after.connect()
     after.publish("x", b"still fleet/", qos=1)
     assert svc.get().topic == "fleet/x"
+
+
+def proxy_v2(src, dst):
+    """A PROXY protocol v2 header (PROXY command, TCP over IPv4) naming src as the client."""
+    import ipaddress
+    import struct
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+    addrs = (ipaddress.IPv4Address(src[0]).packed + ipaddress.IPv4Address(dst[0]).packed
+             + struct.pack("!HH", src[1], dst[1]))
+    return sig + bytes([0x21, 0x11]) + struct.pack("!H", len(addrs)) + addrs
+
+
+@pytest.mark.parametrize("header", ["v1", "v2", "v2-in-one-segment-with-connect", "none"])
+def test_proxy_protocol_names_the_client_behind_the_load_balancer(make_broker, header):
+    """`proxy_protocol = true`: the address in the header (here 127.8.9.10:5555, a loopback
+    address as the rules of the house ask) is the client's in the log; a connection that
+    starts with MQTT instead of a header is closed and counted."""
+    import mqttraw
+    b = make_broker({}, extra='[listeners.lb]\nkind = "tcp"\nbind = "127.0.0.1:0"\n'
+                                'proxy_protocol = true\n')
+    lb = b.listeners["lb"]
+    c = mqttraw.Client(lb.host, lb.port, mqttraw.V311)
+    cid = f"behind-lb-{header}"
+    if header == "v1":
+        c.send(f"PROXY TCP4 127.8.9.10 127.0.0.1 5555 {lb.port}\r\n".encode())
+    elif header.startswith("v2"):
+        h = proxy_v2(("127.8.9.10", 5555), ("127.0.0.1", lb.port))
+        if header == "v2":
+            c.send(h)
+        else:
+            # The header and CONNECT in one write: the broker must not read past the header.
+            c.send(h + mqttraw.connect(cid, version=mqttraw.V311))
+            assert c.expect(mqttraw.CONNACK).rc == 0
+    if header == "none":
+        c.send(mqttraw.connect(cid, version=mqttraw.V311))
+        _, closed = c.wait_closed(5)
+        assert closed
+        deadline = time.time() + 5
+        while time.time() < deadline and metric(
+                b, 'tern_listener_connections_refused_total{listener="lb",reason="proxy_header"}') < 1:
+            time.sleep(0.05)
+        assert metric(
+            b, 'tern_listener_connections_refused_total{listener="lb",reason="proxy_header"}') == 1
+        assert "no valid PROXY protocol header" in b.log()
+        return
+    if header != "v2-in-one-segment-with-connect":
+        c.connect(cid)
+    deadline = time.time() + 5
+    line = ""
+    while time.time() < deadline:
+        line = next((l for l in b.log().splitlines()
+                     if "client connected" in l and cid in l), "")
+        if line:
+            break
+        time.sleep(0.05)
+    assert "127.8.9.10:5555" in line and 'listener="lb"' in line, line
+    c.close()

@@ -34,7 +34,7 @@ UNITS = {
     "seconds", "bytes", "messages", "connections", "sessions", "subscriptions", "packets",
     "handshakes", "members", "consumers", "errors", "failures", "pauses", "publishes",
     "deliveries", "takeovers", "remakes", "commits", "syncs", "ops", "reconnects", "submits",
-    "reservations", "fds", "threads", "reloads",
+    "reservations", "fds", "threads", "reloads", "checks",
 }
 QUEUE_EXTRA = '[[queues]]\nname = "expo"\nfilter = "expo/q/#"\n'
 BRIDGE_EXTRA = ('[[bridges]]\nname = "expo"\naddress = "127.0.0.1:1"\n'
