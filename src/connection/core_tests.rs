@@ -487,6 +487,43 @@ fn keep_alive_runs_out_at_one_and_a_half_times_and_traffic_resets_it() {
     });
 }
 
+/// A token's expiry is one of the core's deadlines: it closes the connection with
+/// `CredentialsExpired` (v5 DISCONNECT 0xA0) even while the client keeps talking, and is the
+/// earliest deadline when it comes before keep alive.
+#[test]
+fn expiring_credentials_close_the_connection_at_their_time() {
+    both(|v5| {
+        runtime().block_on(async {
+            let h = harness(false, config());
+            let start = Instant::now();
+            let mut c = h.connect("exp", v5, true, 60, false).await;
+            c.client.extras = Some(Box::new(super::client::Extras {
+                expires_at: Some(start + Duration::from_secs(5)),
+                ..Default::default()
+            }));
+            assert_eq!(
+                c.client.poll_timeout(false),
+                Some(start + Duration::from_secs(5))
+            );
+            let at = start + Duration::from_secs(4);
+            c.send(at, |b, _| {
+                let _ = v4::PingReq.write(b);
+            })
+            .expect("ping");
+            assert!(c.client.handle_timeout(at, false).is_ok());
+            let close = c
+                .client
+                .handle_timeout(start + Duration::from_secs(5), false)
+                .expect_err("expired");
+            assert!(matches!(close, Close::CredentialsExpired));
+            assert_eq!(
+                close.reason(),
+                Some(crate::protocol::ReasonCode::MaximumConnectTime)
+            );
+        })
+    });
+}
+
 #[test]
 fn in_flight_window_is_never_exceeded_towards_the_client() {
     // v5: the broker sends at most the client's Receive Maximum unacknowledged (here the
