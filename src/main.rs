@@ -41,6 +41,7 @@ enum Command {
     Check,
     /// Add or update USER in a Mosquitto-format password file (created, mode 0600, if missing).
     /// The password is read from standard input (one line) or, on a terminal, prompted twice.
+    /// mosquitto_passwd's -c, -b, -D and -U work too.
     Passwd(PasswdArgs),
     /// Cluster operations (docs/cluster.md).
     #[command(subcommand)]
@@ -59,22 +60,44 @@ enum ClusterCommand {
     Import,
 }
 
+/// `tern passwd`, with `mosquitto_passwd`'s flags where they mean the same.
 #[derive(clap::Args)]
+#[command(
+    override_usage = "tern passwd [-c] FILE USER            (password prompted, or one line of stdin)\n       \
+                  tern passwd [-c] -b FILE USER PASSWORD\n       \
+                  tern passwd -D FILE USER\n       \
+                  tern passwd -U FILE"
+)]
 struct PasswdArgs {
+    /// -c: create FILE with USER only, replacing an existing file (mosquitto_passwd -c).
+    #[arg(long = "create", conflicts_with_all = ["delete", "upgrade", "check"])]
+    create: bool,
+    /// Batch: the password is the third argument. It is kept in the shell's history and
+    /// shown in the process list; standard input is safer.
+    #[arg(short = 'b', conflicts_with_all = ["delete", "upgrade", "check"])]
+    batch: bool,
     /// Delete USER from FILE instead.
     #[arg(short = 'D', long = "delete")]
     delete: bool,
+    /// Hash the plain-text passwords (`user:password` lines) of FILE in place.
+    #[arg(short = 'U', conflicts_with_all = ["delete", "check"])]
+    upgrade: bool,
     /// Read a password from standard input; exit 0 if it is USER's, 1 if not, 2 on error.
     #[arg(long, hide = true, conflicts_with = "delete")]
     check: bool,
-    /// The password file.
-    file: PathBuf,
-    /// The username.
-    user: String,
+    /// mosquitto_passwd's hash choice: only sha512-pbkdf2, what Tern always writes.
+    #[arg(short = 'H', value_name = "HASH")]
+    hash: Option<String>,
+    /// mosquitto_passwd's iteration count: only 101, what Tern always uses.
+    #[arg(short = 'I', value_name = "ITERATIONS")]
+    iterations: Option<String>,
+    /// FILE and USER (and with -b, PASSWORD; with -U, FILE alone).
+    #[arg(value_name = "FILE USER [PASSWORD]")]
+    args: Vec<std::ffi::OsString>,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(passwd_create_flag(std::env::args_os().collect()));
     if let Some(Command::Ctl(args)) = cli.command {
         return tern::ctl::run(args);
     }
@@ -240,75 +263,278 @@ impl Signals {
     }
 }
 
+/// `-c` is the short form of the global `--config`; after `passwd` it means what it means to
+/// mosquitto_passwd, create the file, so there it is read as `--create` (up to the first
+/// argument that is not an option, so a `-c` password given with `-b` stays a password).
+fn passwd_create_flag(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut i = 1;
+    // The global options before the subcommand.
+    while let Some(a) = argv.get(i).and_then(|a| a.to_str()) {
+        match a {
+            "-c" | "--config" => i += 2,
+            _ if a.starts_with("--config=") || (a.starts_with("-c") && a.len() > 2) => i += 1,
+            _ => break,
+        }
+    }
+    if argv.get(i).is_none_or(|a| a != "passwd") {
+        return argv;
+    }
+    i += 1;
+    while let Some(a) = argv.get(i).and_then(|a| a.to_str()) {
+        match a {
+            "-c" => argv[i] = "--create".into(),
+            "-H" | "-I" => i += 1,
+            _ if a.starts_with('-') => {}
+            _ => break,
+        }
+        i += 1;
+    }
+    argv
+}
+
+/// What a `tern passwd` command line asks for, once its arguments are checked.
+enum PasswdOp {
+    Set {
+        create: bool,
+        password: Option<Vec<u8>>,
+    },
+    Delete,
+    Check,
+    Upgrade,
+}
+
+/// The operation, the file and the user; or the message saying what was expected.
+fn passwd_command(args: &PasswdArgs) -> Result<(PasswdOp, PathBuf, String), String> {
+    use std::os::unix::ffi::OsStrExt;
+    match args.hash.as_deref() {
+        None | Some("sha512-pbkdf2") => {}
+        Some("sha512") => return Err("-H sha512 ($6$, Mosquitto 1.x's hash) is not written by tern passwd: it writes sha512-pbkdf2 ($7$), which Mosquitto 2 writes too; $6$ lines already in a file keep working. Leave -H out".into()),
+        Some(other) => return Err(format!("-H {other} is not supported: tern passwd writes sha512-pbkdf2 ($7$, 101 iterations), Mosquitto 2's default, and reads $7$ and $6$. Leave -H out")),
+    }
+    match args.iterations.as_deref() {
+        None | Some("101") => {}
+        Some(other) => return Err(format!("-I {other}: tern passwd always uses 101 iterations, Mosquitto 2's default (a different count would be checked the same way, but is not written). Leave -I out")),
+    }
+    let n = args.args.len();
+    let (op, expected, count) = if args.upgrade {
+        (
+            PasswdOp::Upgrade,
+            "-U expects FILE only (every plain-text password in it is hashed)",
+            1,
+        )
+    } else if args.delete {
+        (PasswdOp::Delete, "-D expects FILE USER", 2)
+    } else if args.check {
+        (
+            PasswdOp::Check,
+            "--check expects FILE USER (the password on standard input)",
+            2,
+        )
+    } else if args.batch {
+        let password = args.args.get(2).map(|p| p.as_bytes().to_vec());
+        (
+            PasswdOp::Set {
+                create: args.create,
+                password,
+            },
+            "-b expects FILE USER PASSWORD",
+            3,
+        )
+    } else {
+        (
+            PasswdOp::Set {
+                create: args.create,
+                password: None,
+            },
+            "expects FILE USER (the password is prompted for on a terminal, else read from one line of standard input; -b FILE USER PASSWORD takes it from the command line)",
+            2,
+        )
+    };
+    if n != count {
+        return Err(format!(
+            "{expected}, not {n} argument{}",
+            if n == 1 { "" } else { "s" }
+        ));
+    }
+    let file = PathBuf::from(&args.args[0]);
+    let user = match args.args.get(1) {
+        Some(u) => u
+            .to_str()
+            .ok_or("the username must be UTF-8 (MQTT user names are)")?
+            .to_string(),
+        None => String::new(),
+    };
+    Ok((op, file, user))
+}
+
 /// `tern passwd`: edit a password file (no configuration needed).
 fn passwd(args: &PasswdArgs) -> ExitCode {
     use tern::auth::password::{valid_username, PasswordFile};
-    let exists = args.file.exists();
-    let load = || match PasswordFile::load(&args.file) {
+    let (op, path, user) = match passwd_command(args) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("tern passwd: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let load = || match PasswordFile::load(&path) {
         Ok(f) => Ok(f),
         Err(e) => {
             eprintln!("tern: {e}");
             Err(ExitCode::from(2))
         }
     };
-    if args.check {
-        let file = match load() {
-            Ok(f) => f,
-            Err(code) => return code,
-        };
-        let password = match read_stdin_line() {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("tern: cannot read the password: {e}");
-                return ExitCode::from(2);
+    let (create, given) = match op {
+        PasswdOp::Upgrade => return upgrade_plaintext(&path),
+        PasswdOp::Check => {
+            let file = match load() {
+                Ok(f) => f,
+                Err(code) => return code,
+            };
+            let password = match read_stdin_line() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("tern: cannot read the password: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            return if file.verify(&user, &password) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        PasswdOp::Delete => {
+            let mut file = match load() {
+                Ok(f) => f,
+                Err(code) => return code,
+            };
+            if !file.remove(&user) {
+                eprintln!("tern: no user {user:?} in {}", path.display());
+                return ExitCode::FAILURE;
             }
-        };
-        return if file.verify(&args.user, &password) {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+            return save(&file, &path);
+        }
+        PasswdOp::Set { create, password } => (create, password),
+    };
+    if !valid_username(&user) {
+        eprintln!(
+            "tern: invalid username {user:?}: it must be non-empty, contain no ':' or control characters, not start with '#' and not start or end with a blank"
+        );
+        return ExitCode::FAILURE;
     }
-    let mut file = if exists || args.delete {
+    let mut file = if create || !path.exists() {
+        PasswordFile::default()
+    } else {
         match load() {
             Ok(f) => f,
             Err(code) => return code,
         }
-    } else {
-        PasswordFile::default()
     };
-    if args.delete {
-        if !file.remove(&args.user) {
-            eprintln!("tern: no user {:?} in {}", args.user, args.file.display());
-            return ExitCode::FAILURE;
+    let password = match given {
+        Some(p) => {
+            eprintln!("tern passwd: warning: a password on the command line is kept in the shell's history and shown to other users in the process list; leave -b out to be prompted for it, or give it on standard input");
+            if p.is_empty() {
+                eprintln!("tern: empty password refused");
+                return ExitCode::FAILURE;
+            }
+            p
         }
-    } else {
-        if !valid_username(&args.user) {
-            eprintln!(
-                "tern: invalid username {:?}: it must be non-empty, contain no ':' or control characters, not start with '#' and not start or end with a blank",
-                args.user
-            );
-            return ExitCode::FAILURE;
-        }
-        let password = match read_new_password() {
+        None => match read_new_password() {
             Ok(p) => p,
             Err(msg) => {
                 eprintln!("tern: {msg}");
                 return ExitCode::FAILURE;
             }
-        };
-        if let Err(e) = file.set(&args.user, &password) {
-            eprintln!("tern: {e}");
-            return ExitCode::FAILURE;
-        }
+        },
+    };
+    if let Err(e) = file.set(&user, &password) {
+        eprintln!("tern: {e}");
+        return ExitCode::FAILURE;
     }
-    match file.save(&args.file) {
+    save(&file, &path)
+}
+
+fn save(file: &tern::auth::password::PasswordFile, path: &std::path::Path) -> ExitCode {
+    match file.save(path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tern: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tern passwd -U FILE` (mosquitto_passwd -U): every `user:password` line whose password is
+/// plain text gets a `$7$` hash; hashed lines, comments and blank lines stay as they are.
+/// Nothing is written unless every line is understood, so a file is never half upgraded.
+fn upgrade_plaintext(path: &std::path::Path) -> ExitCode {
+    use tern::auth::password::PasswordFile;
+    let text = match std::fs::read(path) {
+        Ok(b) => match String::from_utf8(b) {
+            Ok(t) => t,
+            Err(_) => {
+                eprintln!("tern passwd: {} is not UTF-8 text", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        Err(e) => {
+            eprintln!("tern passwd: cannot read {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let blank = |c: char| c == ' ' || c == '\t';
+    let mut out = String::new();
+    let mut hashed = 0;
+    for (i, line) in text.lines().enumerate() {
+        let at = format!("{}, line {}", path.display(), i + 1);
+        let trimmed = line.trim_matches(blank);
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let Some((user, secret)) = line.split_once(':') else {
+            eprintln!("tern passwd: {at}: no ':' (user:password expected); nothing was changed");
+            return ExitCode::FAILURE;
+        };
+        let secret_trimmed = secret.trim_matches(blank);
+        if secret_trimmed.starts_with("$7$") || secret_trimmed.starts_with("$6$") {
+            // Already hashed: kept, if it is a hash Tern reads.
+            if let Err(e) = PasswordFile::parse(line, &at) {
+                eprintln!("tern passwd: {e}; nothing was changed");
+                return ExitCode::FAILURE;
+            }
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        if secret.is_empty() {
+            eprintln!("tern passwd: {at}: empty password; nothing was changed");
+            return ExitCode::FAILURE;
+        }
+        let mut one = PasswordFile::default();
+        if let Err(e) = one.set(user.trim_matches(blank), secret.as_bytes()) {
+            eprintln!("tern passwd: {at}: {e}; nothing was changed");
+            return ExitCode::FAILURE;
+        }
+        out.push_str(&one.to_text());
+        hashed += 1;
+    }
+    if let Err(e) = PasswordFile::parse(&out, &path.display().to_string()) {
+        eprintln!("tern passwd: {e}; nothing was changed");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = tern::auth::password::write_atomically(path, out.as_bytes()) {
+        eprintln!("tern passwd: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!(
+        "tern passwd: {hashed} plain-text password{} hashed in {}",
+        if hashed == 1 { "" } else { "s" },
+        path.display()
+    );
+    ExitCode::SUCCESS
 }
 
 /// One line of standard input, without its line ending.

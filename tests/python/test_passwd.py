@@ -129,6 +129,118 @@ def test_malformed_file_names_the_line_and_is_left_alone(tmp):
     assert check(path, "a", b"pw") == 2
 
 
+def users(path):
+    return [l.split(":")[0] for l in open(path).read().splitlines() if l and l[0] != "#"]
+
+
+def test_create_flag_replaces_the_file(tmp):
+    """-c, as mosquitto_passwd -c: a file with only this user, whatever was there."""
+    path = os.path.join(tmp, "passwd")
+    for user in ["a", "b"]:
+        assert tern_passwd(path, user, stdin=b"pw\n").returncode == 0
+    os.chmod(path, 0o640)
+    r = tern_passwd("-c", path, "c", stdin=b"c-pw\n")
+    assert r.returncode == 0, r.stderr
+    assert users(path) == ["c"]
+    assert check(path, "c", b"c-pw") == 0
+    assert check(path, "a", b"pw") == 1
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640, "existing mode kept"
+    fresh = os.path.join(tmp, "fresh")
+    assert tern_passwd("-c", "-b", fresh, "d", "d-pw").returncode == 0
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o600
+    assert users(fresh) == ["d"]
+
+
+def test_batch_flag_takes_the_password_and_warns(tmp):
+    path = os.path.join(tmp, "passwd")
+    r = tern_passwd("-b", path, "alice", "w0nder land")
+    assert r.returncode == 0, r.stderr
+    assert b"shell's history" in r.stderr, r.stderr
+    assert check(path, "alice", b"w0nder land") == 0
+    # A password that looks like an option goes after `--`, as clap says.
+    assert tern_passwd("-b", path, "bob", "--", "-dash-").returncode == 0
+    assert check(path, "bob", b"-dash-") == 0
+    r = tern_passwd("-b", path, "carol")
+    assert r.returncode == 2
+    assert b"-b expects FILE USER PASSWORD, not 2 arguments" in r.stderr, r.stderr
+    r = tern_passwd("-b", path, "carol", "")
+    assert r.returncode != 0
+    assert b"empty password" in r.stderr
+    assert users(path) == ["alice", "bob"]
+
+
+def test_upgrade_hashes_plain_text_passwords(tmp):
+    """-U, as mosquitto_passwd -U: `user:password` lines hashed in place; hashed lines,
+    comments and blank lines kept; nothing written unless every line is understood."""
+    path = os.path.join(tmp, "passwd")
+    assert tern_passwd("-b", path, "carol", "c4rol").returncode == 0
+    carol = open(path).read()
+    with open(path, "w") as f:
+        f.write("# users\nalice:wonder land\n\nbob:b0b:with colon\n" + carol)
+    os.chmod(path, 0o640)
+    r = tern_passwd("-U", path)
+    assert r.returncode == 0, r.stderr
+    assert b"2 plain-text passwords hashed" in r.stderr, r.stderr
+    lines = open(path).read().splitlines()
+    assert lines[0] == "# users" and lines[2] == "" and lines[4] == carol.strip()
+    assert LINE7.match(lines[1]) and LINE7.match(lines[3]), lines
+    assert check(path, "alice", b"wonder land") == 0
+    assert check(path, "bob", b"b0b:with colon") == 0
+    assert check(path, "carol", b"c4rol") == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    # Again: nothing left to hash, nothing changed.
+    before = open(path).read()
+    r = tern_passwd("-U", path)
+    assert r.returncode == 0 and b"0 plain-text passwords" in r.stderr
+    assert open(path).read() == before
+    # A line without a password: the file is left alone.
+    with open(path, "a") as f:
+        f.write("dave\n")
+    before = open(path).read()
+    r = tern_passwd("-U", path)
+    assert r.returncode != 0
+    assert b"line 6" in r.stderr and b"nothing was changed" in r.stderr, r.stderr
+    assert open(path).read() == before
+
+
+def test_what_it_does_not_take_is_named(tmp):
+    path = os.path.join(tmp, "passwd")
+    for args, says in [
+        (["-H", "sha512", path, "u"], b"Leave -H out"),
+        (["-H", "argon2id", path, "u"], b"-H argon2id is not supported"),
+        (["-I", "1000", path, "u"], b"101 iterations"),
+        (["-U", path, "u"], b"-U expects FILE only"),
+        (["-D", path], b"-D expects FILE USER"),
+        ([path], b"expects FILE USER"),
+        (["-c", "-D", path, "u"], b"cannot be used with"),
+        (["-x", path, "u"], b"unexpected argument '-x'"),
+    ]:
+        r = tern_passwd(*args, stdin=b"pw\n")
+        assert r.returncode == 2, (args, r.stderr)
+        assert says in r.stderr, (args, r.stderr)
+    assert not os.path.exists(path)
+    # mosquitto_passwd's defaults, spelled out, are what Tern writes anyway.
+    r = tern_passwd("-H", "sha512-pbkdf2", "-I", "101", path, "u", stdin=b"pw\n")
+    assert r.returncode == 0, r.stderr
+    assert LINE7.match(open(path).read().strip())
+
+
+@needs_mosquitto_passwd
+def test_mosquitto_passwd_upgrade_and_tern_agree(tmp):
+    """A plain-text file hashed by mosquitto_passwd -U and by tern passwd -U: both verify."""
+    for tool in ["mosquitto", "tern"]:
+        path = os.path.join(tmp, f"plain-{tool}")
+        with open(path, "w") as f:
+            f.write("alice:wonder land\nbob:b0b\n")
+        if tool == "mosquitto":
+            subprocess.run([MOSQUITTO_PASSWD, "-U", path], check=True)
+        else:
+            assert tern_passwd("-U", path).returncode == 0
+        assert check(path, "alice", b"wonder land") == 0, tool
+        assert check(path, "bob", b"b0b") == 0, tool
+        assert check(path, "bob", b"b0") == 1, tool
+
+
 def _read_until(fd, needle, timeout=10):
     out = b""
     deadline = time.time() + timeout
