@@ -29,6 +29,7 @@ pub mod listener;
 pub mod logging;
 pub mod message;
 pub mod metrics;
+pub mod migrate;
 pub mod outbox;
 pub mod protocol;
 pub mod proxy;

@@ -49,6 +49,9 @@ enum Command {
     /// The admin API of a running broker: clients, sessions, queues, kicks, purges, traces
     /// (docs/operations.md, "tern ctl").
     Ctl(tern::ctl::CtlArgs),
+    /// Turn a Mosquitto 2.x configuration into a Tern one (stdout, or -o FILE); what cannot
+    /// be mapped is listed on stderr (docs/migrating-from-mosquitto.md).
+    Migrate(tern::migrate::MigrateArgs),
 }
 
 #[derive(Subcommand)]
@@ -100,6 +103,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(passwd_create_flag(std::env::args_os().collect()));
     if let Some(Command::Ctl(args)) = cli.command {
         return tern::ctl::run(args);
+    }
+    if let Some(Command::Migrate(args)) = cli.command {
+        return tern::migrate::run(args);
     }
     if let Some(Command::Passwd(args)) = &cli.command {
         return passwd(args);

@@ -35,6 +35,7 @@ LAYERS = [
     ["listener"],
     ["reload"],
     ["ctl"],
+    ["migrate"],
 ]
 
 # (from, to): upward imports the code still has, each to be removed by issue 14.
