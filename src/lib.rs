@@ -51,20 +51,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// A listener the broker opened: its name and kind, the address it is bound to, its settings
-/// as its connections see them, and (TLS, WSS) its certificates.
-pub struct Opened {
-    pub kind: config::listeners::Kind,
-    pub addr: SocketAddr,
-    pub door: Arc<listener::Door>,
-    pub tls: Option<Arc<tls::TlsReloader>>,
-}
-
-impl Opened {
-    pub fn name(&self) -> &'static str {
-        self.door.name()
-    }
-}
+pub use listener::Opened;
 
 /// A running broker: its bound addresses and the handle to stop it.
 pub struct Running {
@@ -269,8 +256,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // Recover before any listener opens: a returning client must find its session.
     let (store, recovered) = storage::open(&config.storage)?;
     store.set_observer(Box::new(metrics.storage.clone()));
-    let auth = auth::Authorizer::load(&config.mqtt.response_prefix, &config.auth)?
-        .reserving_responses(config.mqtt.reserve_response_topics);
+    let auth = auth::Authorizer::load_counted(
+        &config.mqtt.response_prefix,
+        &config.auth,
+        metrics.auth_http.clone(),
+    )?
+    .reserving_responses(config.mqtt.reserve_response_topics);
+    // Before any listener opens: a token signed with the JWKS's keys works from the first
+    // CONNECT.
+    auth.fetch_keys().await;
     let broker = Arc::new(broker::Broker::new(config, metrics, store, auth));
     let restored = broker::recovery::restore(&broker, recovered);
     tracing::info!(

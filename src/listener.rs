@@ -74,6 +74,21 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// A listener the broker opened: its name and kind, the address it is bound to, its settings
+/// as its connections see them, and (TLS, WSS) its certificates.
+pub struct Opened {
+    pub kind: crate::config::listeners::Kind,
+    pub addr: std::net::SocketAddr,
+    pub door: Arc<Door>,
+    pub tls: Option<Arc<crate::tls::TlsReloader>>,
+}
+
+impl Opened {
+    pub fn name(&self) -> &'static str {
+        self.door.name()
+    }
+}
+
 /// Counts live connections; the counts drop when the guard does.
 pub struct ConnectionSlot(Arc<Door>);
 
@@ -99,7 +114,7 @@ impl Door {
     pub fn new(
         name: &str,
         l: &ListenerConfig,
-        config: &crate::Config,
+        config: &crate::config::Config,
         all: Arc<AtomicUsize>,
         open: prometheus::IntGauge,
     ) -> Arc<Door> {
@@ -119,7 +134,7 @@ impl Door {
     }
 
     /// A reload: later connections get `l`'s settings under `config`.
-    pub fn update(&self, l: &ListenerConfig, config: &crate::Config) {
+    pub fn update(&self, l: &ListenerConfig, config: &crate::config::Config) {
         *self.entry.write().unwrap_or_else(PoisonError::into_inner) =
             Arc::new(Entry::of(self.name, l, config));
         *self

@@ -22,7 +22,7 @@
 //! WebSocket path; storage, metrics, mqtt, shared, server, log.format) is reported as needing
 //! a restart and keeps its running value.
 
-use crate::auth::{AuthError, Authorizer};
+use crate::auth::AuthError;
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
 use crate::logging::LogHandle;
@@ -141,7 +141,7 @@ pub struct Target<'a> {
     pub broker: &'a Arc<Broker>,
     pub bridges: Option<&'a Arc<crate::bridge::Bridges>>,
     /// The running listeners (their settings, and the TLS ones' certificates).
-    pub listeners: &'a [crate::Opened],
+    pub listeners: &'a [crate::listener::Opened],
     /// The metrics port's certificate (`metrics.cert`, `metrics.key`).
     pub metrics_tls: Option<&'a Arc<TlsReloader>>,
     /// The admin API's tokens (`admin.token_file`).
@@ -193,7 +193,7 @@ fn apply_checked(
     new.validate()?;
     let next = effective(running, new);
     // Prepare everything that reads files before anything is applied.
-    let auth = Authorizer::prepare(&next.auth)?;
+    let auth = target.broker.auth.prepare_here(&next.auth)?;
     let mut tls = Vec::new();
     for opened in target.listeners {
         let (Some(r), Some(cfg)) = (

@@ -7,8 +7,8 @@
 //! configured, the call answers 409 and changes nothing: there is nowhere to keep the change.
 
 use super::{audited, Admin, ApiError, Caller};
+use crate::auth::acl;
 use crate::auth::password::{valid_username, write_atomically, PasswordFile};
-use crate::auth::{acl, Authorizer};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -37,7 +37,10 @@ fn read_acl(admin: &Admin) -> Result<(PathBuf, String), ApiError> {
 
 /// Re-reads both files into the authoriser (what a SIGHUP does for `[auth]`).
 fn reload_auth(admin: &Admin) -> Result<(), ApiError> {
-    let prepared = Authorizer::prepare(&admin.broker.auth.settings())
+    let prepared = admin
+        .broker
+        .auth
+        .prepare_here(&admin.broker.auth.settings())
         .map_err(|e| ApiError::Failed(format!("written, but the reload failed: {e}")))?;
     admin.broker.auth.install(prepared);
     Ok(())

@@ -174,8 +174,8 @@ impl Outcome {
 }
 
 /// The backend's counters, resolved once (declared in `metrics.rs`, which sits above this
-/// module and hands them in).
-#[derive(Clone)]
+/// module and hands them in). The default counts nowhere (`tern check`, tests).
+#[derive(Clone, Default)]
 pub struct HttpAuthMetrics {
     /// Indexed by `kind as usize * Outcome::ALL.len() + outcome as usize`.
     requests: Vec<IntCounter>,

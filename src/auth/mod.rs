@@ -30,6 +30,8 @@ pub enum AuthError {
     Acl(#[from] acl::AclError),
     #[error("{0}")]
     Jwt(#[from] jwt::JwtError),
+    #[error("{0}")]
+    Http(#[from] http::HttpAuthError),
 }
 
 /// Outcome of checking CONNECT's credentials.
@@ -48,6 +50,8 @@ struct Rules {
     acl: Option<Arc<Acl>>,
     /// `[auth.jwt]`: its keys, and the JWKS refreshed in the background.
     jwt: Option<Arc<jwt::Jwt>>,
+    /// `[auth.http]`: the service's client, its request slots and its answers' cache.
+    http: Option<Arc<http::HttpAuth>>,
 }
 
 /// Password file, ACL and anonymous access read from a configuration, not yet in force.
@@ -72,6 +76,8 @@ pub struct Authorizer {
     files: RwLock<AuthConfig>,
     /// Stops the JWKS refresh task of the JWT backend in force (a reload starts another).
     jwt_refresh: Mutex<Option<watch::Sender<bool>>>,
+    /// The HTTP backend's counters (`tern_auth_http_*`), kept across reloads.
+    http_metrics: http::HttpAuthMetrics,
 }
 
 /// Starts `jwt`'s JWKS refresh in the background, on the runtime the caller runs on (none in
@@ -83,7 +89,7 @@ fn start_refresh(jwt: &Arc<jwt::Jwt>) -> Option<watch::Sender<bool>> {
     Some(stop)
 }
 
-fn load_rules(cfg: &AuthConfig) -> Result<Rules, AuthError> {
+fn load_rules(cfg: &AuthConfig, http_metrics: &http::HttpAuthMetrics) -> Result<Rules, AuthError> {
     Ok(Rules {
         passwords: match &cfg.password_file {
             Some(p) => Some(Arc::new(PasswordFile::load(p)?)),
@@ -95,6 +101,10 @@ fn load_rules(cfg: &AuthConfig) -> Result<Rules, AuthError> {
         },
         jwt: match &cfg.jwt {
             Some(j) => Some(Arc::new(jwt::Jwt::new(j)?)),
+            None => None,
+        },
+        http: match &cfg.http {
+            Some(h) => Some(Arc::new(http::HttpAuth::new(h, http_metrics.clone())?)),
             None => None,
         },
     })
@@ -111,12 +121,23 @@ impl Authorizer {
             acl_on: AtomicBool::new(false),
             files: RwLock::new(AuthConfig::default()),
             jwt_refresh: Mutex::new(None),
+            http_metrics: http::HttpAuthMetrics::default(),
         }
     }
 
-    /// Loads the configured password and ACL files.
+    /// Loads the configured password and ACL files and backends (the HTTP backend counting
+    /// nowhere: tests).
     pub fn load(response_prefix: &str, cfg: &AuthConfig) -> Result<Authorizer, AuthError> {
-        let rules = load_rules(cfg)?;
+        Self::load_counted(response_prefix, cfg, http::HttpAuthMetrics::default())
+    }
+
+    /// [`Self::load`], the HTTP backend counting in `http_metrics` (the broker's).
+    pub fn load_counted(
+        response_prefix: &str,
+        cfg: &AuthConfig,
+        http_metrics: http::HttpAuthMetrics,
+    ) -> Result<Authorizer, AuthError> {
+        let rules = load_rules(cfg, &http_metrics)?;
         let refresh = rules.jwt.as_ref().and_then(start_refresh);
         Ok(Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
@@ -126,20 +147,34 @@ impl Authorizer {
             rules: RwLock::new(rules),
             files: RwLock::new(cfg.clone()),
             jwt_refresh: Mutex::new(refresh),
+            http_metrics,
         })
     }
 
     /// Re-reads the password and ACL files (SIGHUP). On error the old rules stay.
     pub fn reload(&self, cfg: &AuthConfig) -> Result<(), AuthError> {
-        self.install(Self::prepare(cfg)?);
+        self.install(self.prepare_here(cfg)?);
         Ok(())
     }
 
     /// Reads and checks the files of `cfg` without applying them, so a reload can check
-    /// every part of a new configuration before it changes anything.
+    /// every part of a new configuration before it changes anything (`tern check`: counted
+    /// nowhere).
     pub fn prepare(cfg: &AuthConfig) -> Result<PreparedAuth, AuthError> {
+        Self::prepare_counted(cfg, &http::HttpAuthMetrics::default())
+    }
+
+    /// [`Self::prepare`] for this authorizer: the HTTP backend counts in its metrics.
+    pub fn prepare_here(&self, cfg: &AuthConfig) -> Result<PreparedAuth, AuthError> {
+        Self::prepare_counted(cfg, &self.http_metrics)
+    }
+
+    fn prepare_counted(
+        cfg: &AuthConfig,
+        http_metrics: &http::HttpAuthMetrics,
+    ) -> Result<PreparedAuth, AuthError> {
         Ok(PreparedAuth {
-            rules: load_rules(cfg)?,
+            rules: load_rules(cfg, http_metrics)?,
             allow_anonymous: cfg.allow_anonymous,
             files: cfg.clone(),
         })
@@ -229,6 +264,31 @@ impl Authorizer {
         }
     }
 
+    fn http(&self) -> Option<Arc<http::HttpAuth>> {
+        self.rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .http
+            .clone()
+    }
+
+    /// Fetches the JWT backend's JWKS once (bounded by `auth.jwt.jwks_timeout`), so tokens
+    /// signed with its keys are accepted from the first CONNECT: without it, a fleet
+    /// reconnecting right after a restart would be refused as bad credentials until the
+    /// background fetch lands. A failure is logged; the background refresh tries again.
+    pub async fn fetch_keys(&self) {
+        if let Some(jwt) = self.jwt().filter(|j| j.has_jwks()) {
+            if let Err(e) = jwt.refresh(std::time::SystemTime::now()).await {
+                tracing::warn!(error = %e, "auth.jwt: the JWKS could not be fetched at start; tokens signed with its keys are refused until it is");
+            }
+        }
+    }
+
+    /// The HTTP backend when it authorises topics too (`auth.http.acl_url`).
+    pub fn http_acl(&self) -> Option<Arc<http::HttpAuth>> {
+        self.http().filter(|h| h.has_acl())
+    }
+
     fn jwt(&self) -> Option<Arc<jwt::Jwt>> {
         self.rules
             .read()
@@ -315,8 +375,10 @@ impl Authorizer {
                     // Validation keeps a chain from naming a backend that is not configured.
                     None => chain::Decision::Deny(chain::Denial::NotAuthorized),
                 },
-                // WIRING: the HTTP backend lands next.
-                Backend::Http => chain::Decision::Deny(chain::Denial::NotAuthorized),
+                Backend::Http => match self.http() {
+                    Some(http) => http.check(c).await,
+                    None => chain::Decision::Deny(chain::Denial::NotAuthorized),
+                },
             };
             match d {
                 chain::Decision::Allow(g) => return Ok(g),

@@ -93,7 +93,7 @@ pub(super) struct Client {
 }
 
 /// A connection's rarer settings.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) struct Extras {
     /// The listener's `mount_point`: added to the client's topics and filters, taken off
     /// the topics it receives.
@@ -102,11 +102,16 @@ pub(super) struct Extras {
     pub(super) claims: Option<Arc<ClaimRules>>,
     /// When its credentials expire: the connection closes then (v5 0xA0).
     pub(super) expires_at: Option<Instant>,
+    /// The authorisation service it asks about topics (`auth.http.acl_url`).
+    pub(super) asking: Option<Box<super::asking::Asking>>,
 }
 
 impl Extras {
     pub(super) fn is_empty(&self) -> bool {
-        self.mount.is_none() && self.claims.is_none() && self.expires_at.is_none()
+        self.mount.is_none()
+            && self.claims.is_none()
+            && self.expires_at.is_none()
+            && self.asking.is_none()
     }
 
     /// Whether the credentials' rules let the client publish to `topic` (mounted).

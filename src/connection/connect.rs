@@ -226,6 +226,35 @@ pub(super) async fn accept(
         // The will is published like any of this client's messages: under its mount point.
         w.topic = MqttStr::from(format!("{mount}{}", w.topic.as_str()));
     }
+    if identity.is_none() && entry.chain.contains(&crate::config::Backend::Http) {
+        // The service that let the client in also decides its topics (`asking.rs`).
+        if let Some(http) = broker.auth.http_acl() {
+            if let Some(w) = &c.will {
+                let allowed = http
+                    .authorize(
+                        c.client_id.as_str(),
+                        username.as_deref(),
+                        entry.name,
+                        peer,
+                        crate::auth::http::Action::Publish,
+                        w.topic.as_str(),
+                    )
+                    .await;
+                if !allowed {
+                    return refuse(
+                        broker,
+                        wbuf,
+                        &c,
+                        max_out,
+                        ReasonCode::NotAuthorized,
+                        origin,
+                        "will topic not authorised by the HTTP service",
+                    );
+                }
+            }
+            extras.asking = Some(Box::new(super::asking::Asking::new(http, entry.name, peer)));
+        }
+    }
 
     if let Some(w) = &c.will {
         let cid = c.client_id.as_str();

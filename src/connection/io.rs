@@ -165,7 +165,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     }
                     None => false,
                 };
-                if !throttled && client.held_input {
+                // A packet waiting for the authorisation service (`asking.rs`).
+                let asking = client.ask();
+                let answering = client.waiting_answers();
+                if !throttled && client.held_input && !answering {
                     // The pause ended (e.g. back-pressure eased between two looks): handle what
                     // was held back now; waiting for the socket could wait forever.
                     if let Err(close) =
@@ -175,7 +178,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     }
                     continue;
                 }
-                let can_read = self.wbuf.len() < WRITE_HIGH_WATER && !throttled;
+                let can_read = self.wbuf.len() < WRITE_HIGH_WATER && !throttled && !answering;
                 let store_behind = client.ops_commit.waiting();
                 let outbox_open =
                     !store_behind && client.can_take_more() && self.wbuf.len() < WRITE_HIGH_WATER;
@@ -241,6 +244,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                         // held back.
                         let now = Instant::now().into_std();
                         if let Err(close) = client.handle_input(now, &mut self.rbuf, &mut self.wbuf) {
+                            return close;
+                        }
+                        if client.take_routed() {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    answers = super::asking::answers(&mut client.extras), if asking => {
+                        let now = Instant::now().into_std();
+                        if let Err(close) = client.handle_answers(now, answers, &mut self.rbuf, &mut self.wbuf) {
                             return close;
                         }
                         if client.take_routed() {

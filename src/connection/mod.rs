@@ -7,6 +7,7 @@
 //! (`core.rs` and what it calls), so the simulation and the core's tests drive the same code
 //! without this task, a socket or a clock.
 
+mod asking;
 mod client;
 mod close;
 mod connect;

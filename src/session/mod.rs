@@ -292,6 +292,16 @@ impl TopicAliases {
         Ok(topic)
     }
 
+    /// The topic an inbound PUBLISH will resolve to, without registering its alias: `None`
+    /// when it will not resolve (the PUBLISH is then refused by [`Self::resolve_inbound`]).
+    pub fn peek_inbound(&self, topic: &MqttStr, alias: Option<u16>) -> Option<MqttStr> {
+        if !topic.is_empty() {
+            return Some(topic.clone());
+        }
+        let alias = alias.filter(|&a| a != 0 && a <= self.inbound_max)?;
+        self.maps.as_ref()?.inbound.get(&alias).cloned()
+    }
+
     /// Whether the client accepts aliases from us at all.
     pub fn outbound_enabled(&self) -> bool {
         self.outbound_max > 0

@@ -40,6 +40,13 @@ impl Client {
     ) -> Result<(), Close> {
         let max = self.limits.max_packet_size as usize;
         loop {
+            if self.waiting_answers() {
+                // A packet waits for the authorisation service (`asking.rs`): the rest stays
+                // in `rbuf`, in order, until it is handled.
+                self.held_input = true;
+                self.flush_tally();
+                return Ok(());
+            }
             if self.throttle_wait().is_some() {
                 // Publish budget spent (or back-pressure): the rest stays in `rbuf` until the
                 // pause ends; the connection loop comes back for it.
@@ -54,6 +61,9 @@ impl Client {
                     if let Packet::Publish(_) = &packet {
                         self.charge_publish(size);
                     }
+                    let Some(packet) = self.hold_for_answers(packet) else {
+                        continue;
+                    };
                     if let Err(close) = self.handle_packet(packet, wbuf) {
                         self.flush_tally();
                         return Err(close);
@@ -75,7 +85,11 @@ impl Client {
     }
 
     /// The dispatch: one arm per packet type, each calling its handler.
-    fn handle_packet(&mut self, packet: Packet, wbuf: &mut BytesMut) -> Result<(), Close> {
+    pub(in crate::connection) fn handle_packet(
+        &mut self,
+        packet: Packet,
+        wbuf: &mut BytesMut,
+    ) -> Result<(), Close> {
         self.tally.packets_in[usize::from(packet.kind())] += 1;
         match packet {
             Packet::Publish(p) => self.handle_publish(p, wbuf).map_err(Close::Protocol),

@@ -96,6 +96,7 @@ impl Client {
             .auth
             .can_publish(self.username.as_deref(), &self.client_id, topic.as_str())
             || !self.may_publish(topic.as_str())
+            || !self.http_allows(crate::auth::http::Action::Publish, topic.as_str())
         {
             broker.metrics.dropped_not_authorized.inc();
             refusal = Some(ReasonCode::NotAuthorized);

@@ -66,6 +66,7 @@ impl Client {
                 &self.client_id,
                 f,
             ) || !self.may_subscribe(f)
+                || !self.http_allows(crate::auth::http::Action::Subscribe, f)
             {
                 codes.push(ReasonCode::NotAuthorized);
                 continue;
@@ -189,7 +190,10 @@ impl Client {
     /// A filter from the client under its listener's mount point: a shared subscription's
     /// filter part (`$share/NAME/` stays in front); declared queues (`$queue/NAME`) and the
     /// broker's `$` topics are not mounted.
-    fn mounted_filter<'a>(&self, f: &'a str) -> std::borrow::Cow<'a, str> {
+    pub(in crate::connection) fn mounted_filter<'a>(
+        &self,
+        f: &'a str,
+    ) -> std::borrow::Cow<'a, str> {
         if self
             .extras
             .as_ref()
