@@ -55,7 +55,11 @@ class Service:
                     else:
                         ok = body.get("password") == "good"
                 elif self.path == "/acl":
-                    ok = body["topic"].startswith("allowed/")
+                    if body["topic"].startswith("slowacl/"):
+                        service.event("acl arrived")
+                        service.release.wait(10)
+                        service.event("acl answered")
+                    ok = body["topic"].startswith(("allowed/", "slowacl/"))
                 status = 200 if ok else 403
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -228,3 +232,37 @@ def test_a_dead_service_refuses_within_its_timeout_and_stalls_nobody(make_broker
         stuck.close()
     finally:
         hung.close()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_takeover_while_a_publish_waits_for_the_service_drops_it_unacknowledged(
+        make_broker, mkc, service, version):
+    """Fault: the connection whose PUBLISH waits for the authorisation service is taken over.
+    The old connection ends at once (v5 DISCONNECT 0x8E), its held PUBLISH was never
+    acknowledged and is never delivered, not even when the service says yes afterwards; the
+    new connection works."""
+    url = f"http://127.0.0.1:{service.port}"
+    b = http_broker(make_broker, url + "/connect", url + "/acl", timeout="8s")
+    svc = b.listeners["svc"]
+    watcher = mkc("watcher", version, broker=b)
+    watcher.connect()
+    assert watcher.subscribe("slowacl/#", 1) == [1]
+    old = mqttraw.Client(svc.host, svc.port, version, timeout=10)
+    old.connect("twin", username="u", password=b"good")
+    old.send(mqttraw.publish("slowacl/x", b"held", qos=1, pid=7, version=version))
+    deadline = time.time() + 5
+    while "acl arrived" not in service.events and time.time() < deadline:
+        time.sleep(0.01)
+    assert "acl arrived" in service.events
+    new = mqttraw.Client(svc.host, svc.port, version, timeout=10)
+    new.connect("twin", username="u", password=b"good")
+    packets, closed = old.wait_closed(5)
+    assert closed
+    assert not any(p.type == mqttraw.PUBACK for p in packets), packets
+    if version == V5:
+        assert [p.rc for p in packets if p.type == mqttraw.DISCONNECT] == [0x8E], packets
+    service.release.set()
+    new.send(mqttraw.publish("allowed/after", b"new", qos=1, pid=1, version=version))
+    assert new.expect(mqttraw.PUBACK).pid == 1
+    watcher.expect_none(0.5)
+    new.close()
