@@ -48,6 +48,7 @@ const DRAIN: Duration = Duration::from_secs(1);
 /// lock is held only to copy handles).
 pub fn state_of(broker: &Broker) -> BrokerState {
     BrokerState {
+        jwks_failures: broker.auth.jwks_failures(),
         sessions: broker.registry.stats(),
         subscriptions: broker.subscription_count(),
         retained: broker.retained_count(),

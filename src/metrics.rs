@@ -27,6 +27,8 @@ pub struct Metrics {
     tls_not_after: IntGaugeVec,
     /// Connections refused, by listener and reason (a few fixed reasons per listener).
     listener_refusals: IntCounterVec,
+    /// Failed JWKS fetches (brought up to the JWT backend's count at scrape).
+    jwks_failures: IntCounter,
     /// Configuration reloads, by result, resolved once.
     reload_ok: IntCounter,
     reload_failed: IntCounter,
@@ -600,6 +602,11 @@ impl Metrics {
             &["listener", "reason"],
         )?;
         registry.register(Box::new(listener_refusals.clone()))?;
+        let jwks_failures = IntCounter::new(
+            "tern_auth_jwks_fetch_failures_total",
+            "Failed fetches of the JWT backend's JWKS (auth.jwt.jwks_url): no answer within jwks_timeout, an error status, or no usable key; the last good keys stay valid for auth.jwt.jwks_max_stale",
+        )?;
+        registry.register(Box::new(jwks_failures.clone()))?;
         let reloads = IntCounterVec::new(
             Opts::new(
                 "tern_config_reloads_total",
@@ -897,6 +904,7 @@ impl Metrics {
             closed,
             listener_sockets,
             listener_refusals,
+            jwks_failures,
             tls_not_after,
             reload_ok: reloads.with_label_values(&["success"]),
             reload_failed: reloads.with_label_values(&["failure"]),
@@ -1159,6 +1167,10 @@ impl Metrics {
     /// Text exposition of every metric, with the state gauges set from `state`.
     pub fn render(&self, state: &BrokerState) -> Vec<u8> {
         let st = &state.sessions;
+        let seen = self.jwks_failures.get();
+        if state.jwks_failures > seen {
+            self.jwks_failures.inc_by(state.jwks_failures - seen);
+        }
         self.sessions
             .with_label_values(&["online"])
             .set(st.online as i64);
@@ -1256,6 +1268,8 @@ impl GroupMetrics {
 /// The broker's state as a scrape reports it, read by the HTTP side just before rendering.
 #[derive(Debug, Default)]
 pub struct BrokerState {
+    /// Failed JWKS fetches of the JWT backend since start.
+    pub jwks_failures: u64,
     pub sessions: SessionStats,
     pub subscriptions: usize,
     pub retained: usize,

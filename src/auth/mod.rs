@@ -78,6 +78,8 @@ pub struct Authorizer {
     jwt_refresh: Mutex<Option<watch::Sender<bool>>>,
     /// The HTTP backend's counters (`tern_auth_http_*`), kept across reloads.
     http_metrics: http::HttpAuthMetrics,
+    /// Failed JWKS fetches of the JWT backends replaced by reloads (each counts its own).
+    jwks_failures_before: std::sync::atomic::AtomicU64,
 }
 
 /// Starts `jwt`'s JWKS refresh in the background, on the runtime the caller runs on (none in
@@ -122,6 +124,7 @@ impl Authorizer {
             files: RwLock::new(AuthConfig::default()),
             jwt_refresh: Mutex::new(None),
             http_metrics: http::HttpAuthMetrics::default(),
+            jwks_failures_before: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -148,6 +151,7 @@ impl Authorizer {
             files: RwLock::new(cfg.clone()),
             jwt_refresh: Mutex::new(refresh),
             http_metrics,
+            jwks_failures_before: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -193,6 +197,10 @@ impl Authorizer {
         // lock everyone out), and the old backend's refresh stops.
         if let (Some(new), Some(old)) = (&new_jwt, &old.jwt) {
             new.carry_over(old);
+        }
+        if let Some(old) = &old.jwt {
+            self.jwks_failures_before
+                .fetch_add(old.refresh_failures(), Ordering::Relaxed);
         }
         let refresh = new_jwt.as_ref().and_then(start_refresh);
         let previous = std::mem::replace(
@@ -282,6 +290,12 @@ impl Authorizer {
                 tracing::warn!(error = %e, "auth.jwt: the JWKS could not be fetched at start; tokens signed with its keys are refused until it is");
             }
         }
+    }
+
+    /// Failed JWKS fetches since start, across reloads (`tern_auth_jwks_fetch_failures_total`).
+    pub fn jwks_failures(&self) -> u64 {
+        self.jwks_failures_before.load(Ordering::Relaxed)
+            + self.jwt().map_or(0, |j| j.refresh_failures())
     }
 
     /// The HTTP backend when it authorises topics too (`auth.http.acl_url`).

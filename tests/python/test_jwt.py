@@ -528,6 +528,7 @@ def test_jwks_rotation_and_outage(make_broker, jwks_server, rsa_keys):
                       and "JWKS refresh failed; the last good keys stay valid" in b.log(),
                       15), b.log()
     assert "503" in b.log()
+    assert metric(b, "tern_auth_jwks_fetch_failures_total") >= 1
     assert codes(internal, token_b, "b3") == ACCEPTED
     assert codes(internal, token_a, "a4") == REFUSED
     assert b.alive()
