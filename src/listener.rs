@@ -305,24 +305,23 @@ pub async fn run(
             }
             Transport::Tcp => {
                 tokio::spawn(async move {
-                    let mut stream = stream;
-                    if let Some(peer) = proxied(&mut stream, peer, name, &broker, timeout).await {
-                        crate::connection::serve(stream, peer, broker, None, slot).await
-                    }
+                    let Some((stream, peer)) =
+                        front(stream, peer, proxy, name, &broker, timeout).await
+                    else {
+                        return;
+                    };
+                    crate::connection::serve(stream, peer, broker, None, slot).await
                 });
             }
             Transport::Tls(tls) => {
                 tokio::spawn(async move {
-                    let mut stream = stream;
-                    let mut peer = peer;
-                    if proxy {
-                        match proxied(&mut stream, peer, name, &broker, timeout).await {
-                            Some(p) => peer = p,
-                            None => return,
-                        }
-                    }
+                    let Some((stream, peer)) =
+                        front(stream, peer, proxy, name, &broker, timeout).await
+                    else {
+                        return;
+                    };
                     if let Some((s, identity)) =
-                        tls_handshake(stream, peer, &broker, &tls, timeout).await
+                        tls_handshake(stream, peer, name, &broker, &tls, timeout).await
                     {
                         crate::connection::serve(s, peer, broker, identity, slot).await
                     }
@@ -330,14 +329,11 @@ pub async fn run(
             }
             Transport::Ws(ws) => {
                 tokio::spawn(async move {
-                    let mut stream = stream;
-                    let mut peer = peer;
-                    if proxy {
-                        match proxied(&mut stream, peer, name, &broker, timeout).await {
-                            Some(p) => peer = p,
-                            None => return,
-                        }
-                    }
+                    let Some((stream, peer)) =
+                        front(stream, peer, proxy, name, &broker, timeout).await
+                    else {
+                        return;
+                    };
                     if let Some(s) = ws_handshake(stream, peer, &broker, &ws, timeout).await {
                         crate::connection::serve(s, peer, broker, None, slot).await
                     }
@@ -345,16 +341,13 @@ pub async fn run(
             }
             Transport::Wss(tls, ws) => {
                 tokio::spawn(async move {
-                    let mut stream = stream;
-                    let mut peer = peer;
-                    if proxy {
-                        match proxied(&mut stream, peer, name, &broker, timeout).await {
-                            Some(p) => peer = p,
-                            None => return,
-                        }
-                    }
+                    let Some((stream, peer)) =
+                        front(stream, peer, proxy, name, &broker, timeout).await
+                    else {
+                        return;
+                    };
                     let Some((s, identity)) =
-                        tls_handshake(stream, peer, &broker, &tls, timeout).await
+                        tls_handshake(stream, peer, name, &broker, &tls, timeout).await
                     else {
                         return;
                     };
@@ -365,6 +358,23 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The socket and the client's address: with `proxy`, after the PROXY protocol header
+/// ([`proxied`]); `None` when the connection is to be closed.
+async fn front(
+    mut stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    proxy: bool,
+    listener: &'static str,
+    broker: &Broker,
+    timeout: Duration,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    if !proxy {
+        return Some((stream, peer));
+    }
+    let peer = proxied(&mut stream, peer, listener, broker, timeout).await?;
+    Some((stream, peer))
 }
 
 /// The client's address from the PROXY protocol header a load balancer put in front of the
@@ -426,6 +436,7 @@ where
 async fn tls_handshake(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
+    listener: &'static str,
     broker: &Broker,
     tls: &crate::tls::TlsReloader,
     timeout: Duration,
@@ -456,8 +467,9 @@ async fn tls_handshake(
         {
             Some(cn) => Some(cn),
             None => {
-                tracing::info!(%peer, "connection refused: no client certificate Common Name to use as username");
+                tracing::info!(%peer, listener, "connection refused: no client certificate Common Name to use as username");
                 broker.metrics.refused_auth.inc();
+                broker.metrics.listener_refused(listener, "auth");
                 broker.metrics.auth_failures.inc();
                 return None;
             }

@@ -725,14 +725,23 @@ impl Jwt {
             return;
         };
         let mut health = Health::Start;
+        // Keys already there (fetched at start, or carried over a reload from the same URL)
+        // are fresh: the first fetch waits its turn instead of asking again at once.
+        let mut have_keys = jwks.current().is_some();
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let started = tokio::time::Instant::now();
-            let result = self.refresh(SystemTime::now()).await;
-            let ok = result.is_ok();
-            health = self.report(health, result, SystemTime::now());
+            let ok = if std::mem::take(&mut have_keys) {
+                health = Health::Fresh;
+                true
+            } else {
+                let result = self.refresh(SystemTime::now()).await;
+                let ok = result.is_ok();
+                health = self.report(health, result, SystemTime::now());
+                ok
+            };
             let wait = if ok {
                 jwks.refresh
             } else {

@@ -141,7 +141,6 @@ impl Authorizer {
         http_metrics: http::HttpAuthMetrics,
     ) -> Result<Authorizer, AuthError> {
         let rules = load_rules(cfg, &http_metrics)?;
-        let refresh = rules.jwt.as_ref().and_then(start_refresh);
         Ok(Authorizer {
             response_prefix: response_prefix.trim_end_matches('/').to_string(),
             reserve_responses: true,
@@ -149,7 +148,8 @@ impl Authorizer {
             acl_on: AtomicBool::new(rules.acl.is_some()),
             rules: RwLock::new(rules),
             files: RwLock::new(cfg.clone()),
-            jwt_refresh: Mutex::new(refresh),
+            // Started by `fetch_keys`, after the first fetch.
+            jwt_refresh: Mutex::new(None),
             http_metrics,
             jwks_failures_before: std::sync::atomic::AtomicU64::new(0),
         })
@@ -259,13 +259,17 @@ impl Authorizer {
             protocol: 4,
         };
         let passwords = self.passwords();
-        let chain: &[Backend] = if passwords.is_some() {
+        let backends: &[Backend] = if passwords.is_some() {
             &[Backend::PasswordFile]
         } else {
             &[]
         };
         let anonymous = self.allow_anonymous.load(Ordering::Acquire);
-        match self.decide_sync(chain, anonymous, &creds) {
+        // The password file never waits: the future is ready at its first poll.
+        let decided =
+            futures_util::FutureExt::now_or_never(self.authenticate(backends, anonymous, &creds))
+                .unwrap_or(Err(chain::Denial::NotAuthorized));
+        match decided {
             Ok(_) => Authentication::Accepted,
             Err(chain::Denial::BadCredentials) => Authentication::BadCredentials,
             Err(chain::Denial::NotAuthorized) => Authentication::NotAuthorized,
@@ -280,15 +284,32 @@ impl Authorizer {
             .clone()
     }
 
-    /// Fetches the JWT backend's JWKS once (bounded by `auth.jwt.jwks_timeout`), so tokens
-    /// signed with its keys are accepted from the first CONNECT: without it, a fleet
-    /// reconnecting right after a restart would be refused as bad credentials until the
-    /// background fetch lands. A failure is logged; the background refresh tries again.
+    /// Fetches the JWT backend's JWKS once (bounded by `auth.jwt.jwks_timeout`), then starts
+    /// its background refresh: tokens signed with its keys are accepted from the first
+    /// CONNECT. Without it, a fleet reconnecting right after a restart would be refused as bad
+    /// credentials until a background fetch landed. A failure is logged; the background
+    /// refresh tries again.
     pub async fn fetch_keys(&self) {
-        if let Some(jwt) = self.jwt().filter(|j| j.has_jwks()) {
-            if let Err(e) = jwt.refresh(std::time::SystemTime::now()).await {
-                tracing::warn!(error = %e, "auth.jwt: the JWKS could not be fetched at start; tokens signed with its keys are refused until it is");
+        let Some(jwt) = self.jwt() else {
+            return;
+        };
+        if jwt.has_jwks() {
+            match jwt.refresh(std::time::SystemTime::now()).await {
+                Ok(keys) => tracing::info!(keys, "auth.jwt: JWKS fetched"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "auth.jwt: the JWKS could not be fetched at start; tokens signed with its keys are refused until it is")
+                }
             }
+        }
+        let refresh = start_refresh(&jwt);
+        if let Some(old) = std::mem::replace(
+            &mut *self
+                .jwt_refresh
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            refresh,
+        ) {
+            let _ = old.send(true);
         }
     }
 
@@ -349,27 +370,6 @@ impl Authorizer {
             Some(_) if allow_anonymous && chain.is_empty() => Ok(chain::Grant::default()),
             Some(_) => Err(chain::Denial::BadCredentials),
         }
-    }
-
-    #[cfg(test)]
-    fn decide_sync(
-        &self,
-        chain: &[Backend],
-        allow_anonymous: bool,
-        c: &chain::Credentials<'_>,
-    ) -> Result<chain::Grant, chain::Denial> {
-        for b in chain {
-            let d = match b {
-                Backend::PasswordFile => self.password_decision(c),
-                Backend::Jwt | Backend::Http => chain::Decision::Pass,
-            };
-            match d {
-                chain::Decision::Allow(g) => return Ok(g),
-                chain::Decision::Deny(d) => return Err(d),
-                chain::Decision::Pass => {}
-            }
-        }
-        Self::nobody_decided(chain, allow_anonymous, c)
     }
 
     /// CONNECT's credentials through a listener's `chain`: the first backend that decides

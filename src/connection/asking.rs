@@ -126,37 +126,37 @@ impl Client {
     /// Puts the held packet's questions (once): returns whether answers are on their way,
     /// for [`answers`] to await.
     pub fn ask(&mut self) -> bool {
+        // Called on every turn of the driver: nothing is made unless a packet is held and its
+        // questions are not asked yet.
+        match self.asking() {
+            None => return false,
+            Some(a) if a.held.is_none() => return false,
+            Some(a) if a.asked => return a.pending.is_some(),
+            Some(_) => {}
+        }
         let client_id = self.client_id.to_string();
         let username = self.username.as_deref().map(str::to_string);
         let Some(a) = self.asking_mut() else {
             return false;
         };
-        if a.held.is_none() {
-            return false;
-        }
-        if a.asked {
-            return a.pending.is_some();
-        }
         a.asked = true;
         let http = a.http.clone();
         let (listener, peer) = (a.listener, a.peer);
         let questions = a.questions.clone();
+        // All of a SUBSCRIBE's filters at once: n filters take one `auth.http.timeout` at
+        // most, not n.
         a.pending = Some(Box::pin(async move {
-            let mut answers = Vec::with_capacity(questions.len());
-            for (action, topic) in &questions {
-                answers.push(
-                    http.authorize(
-                        &client_id,
-                        username.as_deref(),
-                        listener,
-                        peer,
-                        *action,
-                        topic,
-                    )
-                    .await,
-                );
-            }
-            answers
+            let asks = questions.iter().map(|(action, topic)| {
+                http.authorize(
+                    &client_id,
+                    username.as_deref(),
+                    listener,
+                    peer,
+                    *action,
+                    topic,
+                )
+            });
+            futures_util::future::join_all(asks).await
         }));
         true
     }

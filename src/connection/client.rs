@@ -123,6 +123,11 @@ impl Extras {
     pub(super) fn may_subscribe(&self, filter: &str) -> bool {
         self.claims.as_ref().is_none_or(|c| c.can_subscribe(filter))
     }
+
+    /// Whether the credentials' rules let the client receive a message on `topic`.
+    pub(super) fn may_receive(&self, topic: &str) -> bool {
+        self.claims.as_ref().is_none_or(|c| c.can_receive(topic))
+    }
 }
 
 impl Client {
@@ -149,6 +154,10 @@ impl Client {
 
     pub(super) fn may_subscribe(&self, filter: &str) -> bool {
         self.extras.as_ref().is_none_or(|e| e.may_subscribe(filter))
+    }
+
+    pub(super) fn may_receive(&self, topic: &str) -> bool {
+        self.extras.as_ref().is_none_or(|e| e.may_receive(topic))
     }
 
     /// When the credentials expire, if they do.

@@ -160,6 +160,43 @@ pub(super) async fn accept(
             "unsupported authentication method",
         );
     }
+    // The client id first (assigned when the client sent none): authentication and the ACL
+    // know the client by it (`%c`).
+    let conn_id = broker.next_connection_id();
+    let mut assigned = None;
+    let client_id: Arc<str> = if c.client_id.is_empty() {
+        if version == ProtocolVersion::V3_1 {
+            // MQTT 3.1 §3.1: the Client Identifier must be 1 to 23 characters; 3.1 has no
+            // server-assigned identifiers. (Longer ones are accepted, as 3.1.1 allows.)
+            return refuse(
+                broker,
+                wbuf,
+                &c,
+                max_out,
+                ReasonCode::ClientIdentifierNotValid,
+                origin,
+                "empty client id from an MQTT 3.1 client",
+            );
+        }
+        if !v5 && !c.clean_start {
+            // [MQTT-3.1.3-8]
+            return refuse(
+                broker,
+                wbuf,
+                &c,
+                max_out,
+                ReasonCode::ClientIdentifierNotValid,
+                origin,
+                "empty client id with a persistent session",
+            );
+        }
+        let id = assign_client_id(conn_id);
+        assigned = Some(id.clone());
+        Arc::from(id)
+    } else {
+        Arc::from(c.client_id.as_str())
+    };
+
     // A certificate-authenticated identity replaces whatever username the client sent; else
     // the listener's chain decides, and may name the user itself (a token's claim).
     let mut username: Option<Arc<str>> = match &identity {
@@ -172,7 +209,7 @@ pub(super) async fn accept(
     };
     if identity.is_none() {
         let creds = Credentials {
-            client_id: c.client_id.as_str(),
+            client_id: &client_id,
             username: c.username.as_ref().map(|u| u.as_str()),
             password: c.password.as_deref(),
             listener: entry.name,
@@ -223,16 +260,20 @@ pub(super) async fn accept(
         }
     }
     if let (Some(w), Some(mount)) = (c.will.as_mut(), &entry.mount) {
-        // The will is published like any of this client's messages: under its mount point.
-        w.topic = MqttStr::from(format!("{mount}{}", w.topic.as_str()));
+        // The will is published like any of this client's messages: under its mount point
+        // (as a PUBLISH's, a `$` topic is not mounted: it is refused below).
+        if !w.topic.as_str().starts_with('$') {
+            w.topic = MqttStr::from(format!("{mount}{}", w.topic.as_str()));
+        }
     }
     if identity.is_none() && entry.chain.contains(&crate::config::Backend::Http) {
-        // The service that let the client in also decides its topics (`asking.rs`).
+        // On a listener whose chain names the HTTP service, the service decides every
+        // client's topics too (`asking.rs`), whichever backend let the client in.
         if let Some(http) = broker.auth.http_acl() {
             if let Some(w) = &c.will {
                 let allowed = http
                     .authorize(
-                        c.client_id.as_str(),
+                        &client_id,
                         username.as_deref(),
                         entry.name,
                         peer,
@@ -257,7 +298,7 @@ pub(super) async fn accept(
     }
 
     if let Some(w) = &c.will {
-        let cid = c.client_id.as_str();
+        let cid: &str = &client_id;
         let topic = w.topic.as_str();
         if !limits.topic_within(topic) {
             return refuse(
@@ -286,41 +327,6 @@ pub(super) async fn accept(
             );
         }
     }
-    let conn_id = broker.next_connection_id();
-    let mut assigned = None;
-    let client_id: Arc<str> = if c.client_id.is_empty() {
-        if version == ProtocolVersion::V3_1 {
-            // MQTT 3.1 §3.1: the Client Identifier must be 1 to 23 characters; 3.1 has no
-            // server-assigned identifiers. (Longer ones are accepted, as 3.1.1 allows.)
-            return refuse(
-                broker,
-                wbuf,
-                &c,
-                max_out,
-                ReasonCode::ClientIdentifierNotValid,
-                origin,
-                "empty client id from an MQTT 3.1 client",
-            );
-        }
-        if !v5 && !c.clean_start {
-            // [MQTT-3.1.3-8]
-            return refuse(
-                broker,
-                wbuf,
-                &c,
-                max_out,
-                ReasonCode::ClientIdentifierNotValid,
-                origin,
-                "empty client id with a persistent session",
-            );
-        }
-        let id = assign_client_id(conn_id);
-        assigned = Some(id.clone());
-        Arc::from(id)
-    } else {
-        Arc::from(c.client_id.as_str())
-    };
-
     let requested_expiry = if v5 {
         c.properties.session_expiry_interval.unwrap_or(0)
     } else if c.clean_start {

@@ -87,13 +87,21 @@ impl Client {
     /// A declared queue's message is the queue's: the right to `$queue/NAME` (`topic read
     /// $queue/NAME`) is what lets a consumer have it, whatever its topic.
     fn denied(&self, acl: bool, d: &Delivery) -> bool {
+        // The `sub` claim of the token this connection came with is held on every delivery
+        // too: a persistent session's subscriptions may have been made under an earlier,
+        // broader token.
         if let Some(g) = self.group_of(d).filter(|g| g.kind == Kind::Queue) {
-            return acl
-                && !self.broker.auth.can_subscribe(
-                    self.username.as_deref(),
-                    &self.client_id,
-                    &g.key(),
-                );
+            let key = g.key();
+            return !self.may_receive(&key)
+                || (acl
+                    && !self.broker.auth.can_subscribe(
+                        self.username.as_deref(),
+                        &self.client_id,
+                        &key,
+                    ));
+        }
+        if !self.may_receive(d.msg.topic.as_str()) {
+            return true;
         }
         (acl || d.group.is_some())
             && !self.broker.auth.can_receive(

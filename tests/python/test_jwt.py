@@ -564,3 +564,30 @@ def test_an_unknown_kid_fetches_the_jwks_early_but_rate_limited(make_broker, jwk
     assert codes(internal, token_c, "c0") == REFUSED
     time.sleep(1)
     assert server.count() == 2
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_narrower_token_narrows_a_persistent_sessions_deliveries(fleet, mkc, version):
+    """A persistent session subscribed to `fleet/#` under a token whose `sub` claim allowed
+    it; the client comes back with a token allowing only `fleet/d1/#`: the subscription stays
+    in the session, but only what the new claim covers is delivered (the claim is held on
+    every delivery, as the ACL file is)."""
+    b = fleet
+    internal = at(b, "internal")
+    wide = hs256(claims("svc", acl={"pub": [], "sub": ["fleet/#"]}))
+    narrow = hs256(claims("svc", acl={"pub": [], "sub": ["fleet/d1/#"]}))
+    first = mkc("sess", version, broker=internal, username="x", password=wide, persistent=True)
+    first.connect()
+    assert first.subscribe("fleet/#", 1) == [1]
+    first.close()
+    again = mkc.again(first, username="x", password=narrow)
+    _, present, _ = again.connect()
+    assert present
+    pub = mkc("pub", version, broker=internal, username="x",
+              password=hs256(claims("svc", acl={"pub": ["fleet/#"], "sub": []})))
+    pub.connect()
+    pub.publish("fleet/d2/t", b"not any more", qos=1)
+    pub.publish("fleet/d1/t", b"still", qos=1)
+    m = again.get()
+    assert (m.topic, m.payload) == ("fleet/d1/t", b"still")
+    again.expect_none(0.3)
