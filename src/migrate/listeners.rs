@@ -272,24 +272,8 @@ fn listener_line(st: &mut State, d: &Directive) {
     st.cursor(d.scope).listener = Some(i);
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Tcp,
-    Tls,
-    Ws,
-    Wss,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Tcp => "tcp",
-            Kind::Tls => "tls",
-            Kind::Ws => "ws",
-            Kind::Wss => "wss",
-        }
-    }
-}
+/// The listener kinds are the configuration's own.
+pub use crate::config::listeners::Kind;
 
 /// A listener as it will be written.
 pub struct Planned {
@@ -411,7 +395,7 @@ fn plan_one(
             return None;
         }
     };
-    let base = kind.name().to_string();
+    let base = kind.label().to_string();
     let mut name = base.clone();
     let mut n = 1;
     while used.contains(&name) {
@@ -425,7 +409,7 @@ fn plan_one(
     used.insert(name.clone());
 
     let mut t = Table::new(format!("[listeners.{name}]"));
-    t.set("kind", emit::string(kind.name()), "");
+    t.set("kind", emit::string(kind.label()), "");
     let mut from: Vec<String> = Vec::new();
     for a in [l.port.as_ref().map(|p| &p.1), l.host.as_ref().map(|h| &h.1)]
         .into_iter()
