@@ -261,3 +261,38 @@ def test_proxy_protocol_names_the_client_behind_the_load_balancer(make_broker, h
         time.sleep(0.05)
     assert "127.8.9.10:5555" in line and 'listener="lb"' in line, line
     c.close()
+
+
+def test_a_listeners_own_connection_limit_closes_only_its_door(make_broker, mkc):
+    """`[listeners.NAME.limits] max_connections = 2`: a third connection there is closed at
+    accept and counted for that listener; the other listener still takes clients."""
+    import mqttraw
+    b = make_broker({}, extra='[listeners.small]\nkind = "tcp"\nbind = "127.0.0.1:0"\n'
+                                '[listeners.small.limits]\nmax_connections = 2\n')
+    small = b.listeners["small"]
+    held = [mqttraw.Client(small.host, small.port, mqttraw.V311) for _ in range(2)]
+    for i, c in enumerate(held):
+        c.connect(f"small-{i}")
+    third = mqttraw.Client(small.host, small.port, mqttraw.V311)
+    third.try_send(mqttraw.connect("small-2", version=mqttraw.V311))
+    _, closed = third.wait_closed(5)
+    assert closed
+    assert metric(b, 'tern_listener_connections_refused_total{listener="small",'
+                     'reason="max_connections"}') == 1
+    other = mkc("elsewhere", V5, broker=b)
+    other.connect()
+    # A place frees when a connection on the listener ends.
+    held[0].close()
+    deadline = time.time() + 5
+    while True:
+        again = mqttraw.Client(small.host, small.port, mqttraw.V311)
+        again.try_send(mqttraw.connect("small-3", version=mqttraw.V311))
+        try:
+            assert again.expect(mqttraw.CONNACK).rc == 0
+            break
+        except AssertionError:
+            again.close()
+            assert time.time() < deadline, "the freed place was never given back"
+            time.sleep(0.1)
+    again.close()
+    held[1].close()
