@@ -165,30 +165,19 @@ pub(super) async fn accept(
     let conn_id = broker.next_connection_id();
     let mut assigned = None;
     let client_id: Arc<str> = if c.client_id.is_empty() {
-        if version == ProtocolVersion::V3_1 {
+        let invalid = if version == ProtocolVersion::V3_1 {
             // MQTT 3.1 §3.1: the Client Identifier must be 1 to 23 characters; 3.1 has no
             // server-assigned identifiers. (Longer ones are accepted, as 3.1.1 allows.)
-            return refuse(
-                broker,
-                wbuf,
-                &c,
-                max_out,
-                ReasonCode::ClientIdentifierNotValid,
-                origin,
-                "empty client id from an MQTT 3.1 client",
-            );
-        }
-        if !v5 && !c.clean_start {
+            Some("empty client id from an MQTT 3.1 client")
+        } else if !v5 && !c.clean_start {
             // [MQTT-3.1.3-8]
-            return refuse(
-                broker,
-                wbuf,
-                &c,
-                max_out,
-                ReasonCode::ClientIdentifierNotValid,
-                origin,
-                "empty client id with a persistent session",
-            );
+            Some("empty client id with a persistent session")
+        } else {
+            None
+        };
+        if let Some(why) = invalid {
+            let reason = ReasonCode::ClientIdentifierNotValid;
+            return refuse(broker, wbuf, &c, max_out, reason, origin, why);
         }
         let id = assign_client_id(conn_id);
         assigned = Some(id.clone());
@@ -233,29 +222,19 @@ pub(super) async fn accept(
                     crate::clock::now() + left
                 });
             }
-            Err(Denial::NotAuthorized) => {
+            Err(denial) => {
                 broker.metrics.auth_failures.inc();
-                return refuse(
-                    broker,
-                    wbuf,
-                    &c,
-                    max_out,
-                    ReasonCode::NotAuthorized,
-                    origin,
-                    "not authorised (anonymous, or refused by the listener's authentication chain)",
-                );
-            }
-            Err(Denial::BadCredentials) => {
-                broker.metrics.auth_failures.inc();
-                return refuse(
-                    broker,
-                    wbuf,
-                    &c,
-                    max_out,
-                    ReasonCode::BadUserNameOrPassword,
-                    origin,
-                    "bad user name or password",
-                );
+                let (reason, why) = match denial {
+                    Denial::NotAuthorized => (
+                        ReasonCode::NotAuthorized,
+                        "not authorised (anonymous, or refused by the listener's authentication chain)",
+                    ),
+                    Denial::BadCredentials => (
+                        ReasonCode::BadUserNameOrPassword,
+                        "bad user name or password",
+                    ),
+                };
+                return refuse(broker, wbuf, &c, max_out, reason, origin, why);
             }
         }
     }
