@@ -6,6 +6,7 @@
 //! the topics it may use. Every default below is chosen so that the smallest useful table,
 //! one key source, accepts what common identity providers issue and nothing weaker.
 
+use super::auth_http::is_loopback_host;
 use super::{duration, ConfigError};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -169,13 +170,10 @@ impl JwksUrl {
         })
     }
 
-    /// `localhost`, 127.0.0.0/8 or `::1`: traffic that never leaves the machine.
+    /// `localhost`, 127.0.0.0/8 or `::1`: traffic that never leaves the machine (the same
+    /// rule as `[auth.http]`'s URLs).
     pub fn is_loopback(&self) -> bool {
-        self.host.eq_ignore_ascii_case("localhost")
-            || self
-                .host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+        is_loopback_host(&self.host)
     }
 }
 
