@@ -76,19 +76,13 @@ impl Default for Listeners {
 }
 
 impl Listeners {
-    /// Every listener with its kind, in name order.
+    /// Every listener by name, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &ListenerConfig)> {
         self.0.iter().map(|(n, l)| (n.as_str(), l))
     }
 
     pub fn get(&self, name: &str) -> Option<&ListenerConfig> {
         self.0.get(name)
-    }
-
-    /// The first listener (by name) of `kind`: what the single-listener accessors of earlier
-    /// releases returned.
-    pub fn first(&self, kind: Kind) -> Option<(&str, &ListenerConfig)> {
-        self.iter().find(|(n, l)| l.kind_for(n) == Some(kind))
     }
 }
 
@@ -328,7 +322,8 @@ impl ListenerConfig {
     }
 
     /// Rules serde cannot express, with the key path named in the error.
-    pub fn validate(&self, name: &str, auth: &super::AuthConfig) -> Result<(), ConfigError> {
+    pub fn validate(&self, name: &str, config: &super::Config) -> Result<(), ConfigError> {
+        let auth = &config.auth;
         let err = |key: &str, message: String| {
             Err(ConfigError::Value {
                 key: format!("listeners.{name}.{key}"),
@@ -465,48 +460,10 @@ impl ListenerConfig {
                 }
             }
         }
-        if let Some(o) = &self.limits {
-            let l = o.apply(&Limits::default());
-            if o.max_packet_size.is_some_and(|v| v < 64) {
-                return err("limits.max_packet_size", "must be at least 64".to_string());
-            }
-            if o.receive_maximum == Some(0) || o.max_inflight == Some(0) {
-                return err(
-                    "limits",
-                    "receive_maximum and max_inflight must be at least 1".to_string(),
-                );
-            }
-            if o.max_topic_length.is_some_and(|v| v == 0 || v > 65535)
-                || o.max_topic_levels.is_some_and(|v| v == 0 || v > 65535)
-            {
-                return err(
-                    "limits",
-                    "max_topic_length and max_topic_levels are between 1 and 65535".to_string(),
-                );
-            }
-            if o.connect_timeout
-                .is_some_and(|d| d < Duration::from_secs(1))
-                || o.write_timeout.is_some_and(|d| d < Duration::from_secs(1))
-            {
-                return err(
-                    "limits",
-                    "connect_timeout and write_timeout are at least 1s".to_string(),
-                );
-            }
-            if l.max_keepalive.as_secs() > 65535 || l.max_keepalive.subsec_nanos() != 0 {
-                return err(
-                    "limits.max_keepalive",
-                    "whole seconds, at most 65535".to_string(),
-                );
-            }
-            if l.max_session_expiry.as_secs() > u64::from(u32::MAX)
-                || l.max_session_expiry.subsec_nanos() != 0
-            {
-                return err(
-                    "limits.max_session_expiry",
-                    "whole seconds, at most 4294967295".to_string(),
-                );
-            }
+        if self.limits.is_some() {
+            // The listener's limits as its clients get them, under [limits]' own rules.
+            self.limits(&config.limits)
+                .check(&format!("listeners.{name}.limits"))?;
         }
         Ok(())
     }
@@ -580,6 +537,44 @@ mod tests {
         assert_eq!(internal.acl_mode(), super::AclMode::PerMessage);
         assert!(internal.allow_anonymous(&c.auth));
         assert!(!c.listeners.get("tcp").unwrap().allow_anonymous(&c.auth));
+    }
+
+    /// A listener's limits obey [limits]' own rules, merged: a timeout beyond a day (a
+    /// deadline an `Instant` cannot hold) and a bytes rate below the listener's packet size
+    /// are refused, naming the listener's key.
+    #[test]
+    fn a_listeners_limits_follow_the_rules_of_limits() {
+        let t = |limits: &str| {
+            Config::from_toml(&format!(
+                "[listeners.tcp]\nbind = \"127.0.0.1:0\"\n[listeners.tcp.limits]\n{limits}\n"
+            ))
+        };
+        for (bad, key) in [
+            (
+                "connect_timeout = \"400d\"",
+                "listeners.tcp.limits.connect_timeout",
+            ),
+            (
+                "write_timeout = \"0s\"",
+                "listeners.tcp.limits.write_timeout",
+            ),
+            (
+                "max_packet_size = 10",
+                "listeners.tcp.limits.max_packet_size",
+            ),
+            (
+                "max_keepalive = 70000",
+                "listeners.tcp.limits.max_keepalive",
+            ),
+            (
+                "max_packet_size = 100000\nmax_publish_bytes_rate = 5000",
+                "listeners.tcp.limits.max_publish_bytes_rate",
+            ),
+        ] {
+            let e = t(bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        assert!(t("max_packet_size = 100000\nmax_publish_bytes_rate = 200000").is_ok());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Validation: the rules serde cannot express (ranges, relations between keys), each failing
 //! with the key it is about.
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, Limits};
 use std::time::Duration;
 
 /// A time key whose consumers count whole seconds (CONNACK's u16 and u32 fields, the `$SYS`
@@ -22,7 +22,6 @@ fn whole_seconds(d: Duration, max: u64, range: &str) -> Result<(), String> {
 impl Config {
     /// Checks values serde cannot: ranges and relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.limits;
         let invalid = |key: &'static str, message: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -62,80 +61,7 @@ impl Config {
                 Some(_) => {}
             }
         }
-        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
-            return invalid(
-                "limits.max_packet_size",
-                "must be between 64 and 268435460 bytes",
-            );
-        }
-        if l.receive_maximum == 0 {
-            return invalid("limits.receive_maximum", "must be at least 1");
-        }
-        if l.max_inflight == 0 {
-            return invalid("limits.max_inflight", "must be at least 1");
-        }
-        if l.max_queued_messages == 0 {
-            return invalid("limits.max_queued_messages", "must be at least 1");
-        }
-        if l.max_queued_bytes == 0 {
-            return invalid("limits.max_queued_bytes", "must be at least 1");
-        }
-        if l.max_queued_messages_persistent == 0 {
-            return invalid(
-                "limits.max_queued_messages_persistent",
-                "must be at least 1",
-            );
-        }
-        if l.max_queued_bytes_persistent == 0 {
-            return invalid("limits.max_queued_bytes_persistent", "must be at least 1");
-        }
-        if let Err(m) = whole_seconds(
-            l.max_keepalive,
-            u64::from(u16::MAX),
-            "between 0 (no limit) and 65535 seconds",
-        ) {
-            return invalid("limits.max_keepalive", &m);
-        }
-        if l.max_connections == 0 {
-            return invalid("limits.max_connections", "must be at least 1");
-        }
-        if let Err(m) = whole_seconds(
-            l.max_session_expiry,
-            u64::from(u32::MAX),
-            "between 0 and 4294967295 seconds (never expires)",
-        ) {
-            return invalid("limits.max_session_expiry", &m);
-        }
-        if l.max_inbound_qos2 == 0 {
-            return invalid("limits.max_inbound_qos2", "must be at least 1");
-        }
-        // At most a day: a timeout is added to the clock, and a deadline beyond what an
-        // `Instant` can hold would panic; nothing sensible waits longer for a peer anyway.
-        let day = Duration::from_secs(86_400);
-        if l.connect_timeout < Duration::from_secs(1) || l.connect_timeout > day {
-            return invalid(
-                "limits.connect_timeout",
-                "must be between 1 second and 1 day",
-            );
-        }
-        if l.write_timeout < Duration::from_secs(1) || l.write_timeout > day {
-            return invalid("limits.write_timeout", "must be between 1 second and 1 day");
-        }
-        if l.max_topic_length == 0 || l.max_topic_length > 65535 {
-            return invalid(
-                "limits.max_topic_length",
-                "must be between 1 and 65535 bytes",
-            );
-        }
-        if l.max_topic_levels == 0 || l.max_topic_levels > 65535 {
-            return invalid("limits.max_topic_levels", "must be between 1 and 65535");
-        }
-        if l.max_publish_bytes_rate != 0 && l.max_publish_bytes_rate < l.max_packet_size {
-            return invalid(
-                "limits.max_publish_bytes_rate",
-                "must be 0 (no limit) or at least limits.max_packet_size bytes per second",
-            );
-        }
+        self.limits.check("limits")?;
         if self.shared.max_queued_messages == 0 {
             return invalid("shared.max_queued_messages", "must be at least 1");
         }
@@ -195,7 +121,7 @@ impl Config {
             );
         }
         for (name, l) in self.listeners.iter() {
-            l.validate(name, &self.auth)?;
+            l.validate(name, self)?;
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return invalid("log.level", &e.to_string());
@@ -357,6 +283,84 @@ impl super::ClusterConfig {
         }
         if self.stream_max_bytes < 1 << 20 {
             return invalid("cluster.stream_max_bytes", "at least 1048576 (1 MiB)");
+        }
+        Ok(())
+    }
+}
+
+impl Limits {
+    /// The ranges of the per-client and broker-wide limits, for `[limits]` and for a
+    /// listener's limits merged over it (`section` names the table in the error: `limits`,
+    /// `listeners.NAME.limits`).
+    pub fn check(&self, section: &str) -> Result<(), ConfigError> {
+        let l = self;
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Value {
+                key: format!("{section}.{key}"),
+                message: message.to_string(),
+            })
+        };
+        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
+            return invalid("max_packet_size", "must be between 64 and 268435460 bytes");
+        }
+        if l.receive_maximum == 0 {
+            return invalid("receive_maximum", "must be at least 1");
+        }
+        if l.max_inflight == 0 {
+            return invalid("max_inflight", "must be at least 1");
+        }
+        if l.max_queued_messages == 0 {
+            return invalid("max_queued_messages", "must be at least 1");
+        }
+        if l.max_queued_bytes == 0 {
+            return invalid("max_queued_bytes", "must be at least 1");
+        }
+        if l.max_queued_messages_persistent == 0 {
+            return invalid("max_queued_messages_persistent", "must be at least 1");
+        }
+        if l.max_queued_bytes_persistent == 0 {
+            return invalid("max_queued_bytes_persistent", "must be at least 1");
+        }
+        if let Err(m) = whole_seconds(
+            l.max_keepalive,
+            u64::from(u16::MAX),
+            "between 0 (no limit) and 65535 seconds",
+        ) {
+            return invalid("max_keepalive", &m);
+        }
+        if l.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        if let Err(m) = whole_seconds(
+            l.max_session_expiry,
+            u64::from(u32::MAX),
+            "between 0 and 4294967295 seconds (never expires)",
+        ) {
+            return invalid("max_session_expiry", &m);
+        }
+        if l.max_inbound_qos2 == 0 {
+            return invalid("max_inbound_qos2", "must be at least 1");
+        }
+        // At most a day: a timeout is added to the clock, and a deadline beyond what an
+        // `Instant` can hold would panic; nothing sensible waits longer for a peer anyway.
+        let day = Duration::from_secs(86_400);
+        if l.connect_timeout < Duration::from_secs(1) || l.connect_timeout > day {
+            return invalid("connect_timeout", "must be between 1 second and 1 day");
+        }
+        if l.write_timeout < Duration::from_secs(1) || l.write_timeout > day {
+            return invalid("write_timeout", "must be between 1 second and 1 day");
+        }
+        if l.max_topic_length == 0 || l.max_topic_length > 65535 {
+            return invalid("max_topic_length", "must be between 1 and 65535 bytes");
+        }
+        if l.max_topic_levels == 0 || l.max_topic_levels > 65535 {
+            return invalid("max_topic_levels", "must be between 1 and 65535");
+        }
+        if l.max_publish_bytes_rate != 0 && l.max_publish_bytes_rate < l.max_packet_size {
+            return invalid(
+                "max_publish_bytes_rate",
+                "must be 0 (no limit) or at least max_packet_size bytes per second",
+            );
         }
         Ok(())
     }
