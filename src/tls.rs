@@ -48,15 +48,20 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
     }
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
+/// Every PEM item of type `T` in `path` (at least one; `none` says what was expected).
+fn pem_items<T: PemObject>(path: &Path, none: &str) -> Result<Vec<T>, TlsError> {
+    let items = T::pem_file_iter(path)
         .map_err(|e| file_err(path, e))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, e))?;
-    if certs.is_empty() {
-        return Err(file_err(path, "no certificate found"));
+    if items.is_empty() {
+        return Err(file_err(path, none));
     }
-    Ok(certs)
+    Ok(items)
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    pem_items(path, "no certificate found")
 }
 
 /// Builds the rustls configuration from the listener's files (TLS 1.2 and 1.3).
@@ -184,17 +189,10 @@ fn load(cfg: &TlsListenerConfig) -> Result<Loaded, TlsError> {
 
 /// The CRLs (PEM, `-----BEGIN X509 CRL-----`, one or more) in `path`.
 fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, e))?;
-    if crls.is_empty() {
-        return Err(file_err(
-            path,
-            "no CRL found (expected PEM: -----BEGIN X509 CRL-----)",
-        ));
-    }
-    Ok(crls)
+    pem_items(
+        path,
+        "no CRL found (expected PEM: -----BEGIN X509 CRL-----)",
+    )
 }
 
 /// What is odd about the CRLs without being an error: a CRL past its nextUpdate (still used:
