@@ -442,11 +442,7 @@ pub fn tables(st: &mut State, wide: BrokerWide) -> Vec<Table> {
     }
     if let Some(((secs, written), a)) = &g.persistent_client_expiration {
         let secs = (*secs).min(u64::from(u32::MAX));
-        let value = if secs % 86_400 == 0 {
-            format!("{}d", secs / 86_400)
-        } else {
-            format!("{}h", secs / 3600)
-        };
+        let value = crate::config::duration::display(std::time::Duration::from_secs(secs));
         limits.set(
             "max_session_expiry",
             emit::string(&value),
