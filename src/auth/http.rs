@@ -49,7 +49,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -381,24 +381,6 @@ impl HttpAuth {
     /// CONNECT's credentials: `Allow` on a 2xx answer, `Deny(BadCredentials)` on any other,
     /// on no answer within the timeout, or when the service cannot be reached. Never `Pass`.
     pub async fn check(&self, c: &Credentials<'_>) -> Decision {
-        let (password, password_base64) = match c.password.map(std::str::from_utf8) {
-            None => (None, None),
-            Some(Ok(text)) => (Some(text), None),
-            Some(Err(_)) => (
-                None,
-                c.password
-                    .map(|p| base64::engine::general_purpose::STANDARD.encode(p)),
-            ),
-        };
-        let body = ConnectBody {
-            client_id: c.client_id,
-            username: c.username,
-            password,
-            password_base64,
-            listener: c.listener,
-            address: c.peer.to_string(),
-            protocol: c.protocol,
-        };
         let key = self.cache.as_ref().map(|_| {
             self.key(&[
                 Some(b"connect".as_slice()),
@@ -406,11 +388,31 @@ impl HttpAuth {
                 c.username.map(str::as_bytes),
                 c.password,
                 Some(c.listener.as_bytes()),
-                Some(c.peer.ip().to_string().as_bytes()),
+                Some(&ip_octets(c.peer)),
                 Some(std::slice::from_ref(&c.protocol)),
             ])
         });
-        if self.ask(Kind::Connect, &self.connect_url, &body, key).await {
+        let body = || {
+            let (password, password_base64) = match c.password.map(std::str::from_utf8) {
+                None => (None, None),
+                Some(Ok(text)) => (Some(text), None),
+                Some(Err(_)) => (
+                    None,
+                    c.password
+                        .map(|p| base64::engine::general_purpose::STANDARD.encode(p)),
+                ),
+            };
+            serde_json::to_vec(&ConnectBody {
+                client_id: c.client_id,
+                username: c.username,
+                password,
+                password_base64,
+                listener: c.listener,
+                address: c.peer.to_string(),
+                protocol: c.protocol,
+            })
+        };
+        if self.ask(Kind::Connect, &self.connect_url, key, body).await {
             Decision::Allow(Grant::default())
         } else {
             Decision::Deny(Denial::BadCredentials)
@@ -432,26 +434,28 @@ impl HttpAuth {
         let Some(url) = &self.acl_url else {
             return true;
         };
-        let body = AclBody {
-            client_id,
-            username,
-            listener,
-            address: address.to_string(),
-            action: action.label(),
-            topic,
-        };
         let key = self.cache.as_ref().map(|_| {
             self.key(&[
                 Some(b"acl".as_slice()),
                 Some(client_id.as_bytes()),
                 username.map(str::as_bytes),
                 Some(listener.as_bytes()),
-                Some(address.ip().to_string().as_bytes()),
+                Some(&ip_octets(address)),
                 Some(action.label().as_bytes()),
                 Some(topic.as_bytes()),
             ])
         });
-        self.ask(Kind::Acl, url, &body, key).await
+        let body = || {
+            serde_json::to_vec(&AclBody {
+                client_id,
+                username,
+                listener,
+                address: address.to_string(),
+                action: action.label(),
+                topic,
+            })
+        };
+        self.ask(Kind::Acl, url, key, body).await
     }
 
     fn key(&self, fields: &[Option<&[u8]>]) -> [u8; 32] {
@@ -463,13 +467,15 @@ impl HttpAuth {
         h.finalize().into()
     }
 
-    /// One check: the cache, else the service; counted once.
+    /// One check: the cache, else the service; counted once. The body is encoded only when
+    /// the service is asked, so a cache hit (most PUBLISHes of a listener with `acl_url`)
+    /// allocates nothing.
     async fn ask(
         &self,
         kind: Kind,
         url: &Uri,
-        body: &impl Serialize,
         key: Option<[u8; 32]>,
+        body: impl FnOnce() -> serde_json::Result<Vec<u8>>,
     ) -> bool {
         if let (Some(cache), Some(key)) = (&self.cache, &key) {
             if let Some(hit) = cache.entries.get(key) {
@@ -485,7 +491,7 @@ impl HttpAuth {
                 cache.entries.remove(key);
             }
         }
-        let outcome = match serde_json::to_vec(body) {
+        let outcome = match body() {
             Ok(json) => self.send(kind, url, json).await,
             Err(e) => {
                 tracing::warn!(error = %e, "auth.http: request body not encoded");
@@ -580,6 +586,18 @@ impl HttpAuth {
         }
         outcome
     }
+}
+
+/// The client's address in a cache key: its IP's family (4 or 6) and octets, without the
+/// port (a reconnect comes from a new one) and without a string made for it.
+fn ip_octets(address: SocketAddr) -> [u8; 17] {
+    let (family, octets) = match address.ip() {
+        IpAddr::V4(ip) => (4, ip.to_ipv6_mapped().octets()),
+        IpAddr::V6(ip) => (6, ip.octets()),
+    };
+    let mut key = [family; 17];
+    key[1..].copy_from_slice(&octets);
+    key
 }
 
 /// An error with its causes (hyper-util's says only "client error (Connect)" at the top).
