@@ -370,11 +370,16 @@ fn absolute_dir_of(out: &Path) -> Result<PathBuf, String> {
 }
 
 /// The password alone in its file, readable by its owner only (whatever mode a file of that
-/// name had before).
+/// name had before). A file already there is made 0600 first, so the atomic write (which
+/// keeps an existing file's mode, and gives a new one 0600) never shows the password under
+/// its old mode, not even between the rename and a chmod.
 fn write_secret(s: &Secret) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    crate::auth::password::write_atomically(&s.path, s.password.as_bytes())?;
-    std::fs::set_permissions(&s.path, std::fs::Permissions::from_mode(0o600))
+    match std::fs::set_permissions(&s.path, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    crate::auth::password::write_atomically(&s.path, s.password.as_bytes())
 }
 
 #[cfg(test)]
