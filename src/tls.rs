@@ -548,12 +548,12 @@ mod tests {
 
         /// The same, signed by the CA `CA.pem` / `CA.key`.
         fn client_of(&self, name: &str, ca: &str, v3: bool) {
-            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-            let (key, csr, pem) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-            );
+            self.key_and_csr(name, name);
+            self.sign(name, ca, v3);
+        }
+
+        /// A P-256 key `NAME.key` and a request `NAME.csr` for the subject `/CN=CN`.
+        fn key_and_csr(&self, name: &str, cn: &str) {
             self.openssl(&[
                 "req",
                 "-newkey",
@@ -562,12 +562,19 @@ mod tests {
                 "ec_paramgen_curve:P-256",
                 "-nodes",
                 "-subj",
-                &format!("/CN={name}"),
+                &format!("/CN={cn}"),
                 "-keyout",
-                &key,
+                &format!("{name}.key"),
                 "-out",
-                &csr,
+                &format!("{name}.csr"),
             ]);
+        }
+
+        /// `NAME.csr` signed by the CA `CA.pem` / `CA.key` into `NAME.pem`: v3 with a client
+        /// certificate's extensions, or v1 (no `-extfile`).
+        fn sign(&self, name: &str, ca: &str, v3: bool) {
+            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+            let (csr, pem) = (format!("{name}.csr"), format!("{name}.pem"));
             let mut args = vec![
                 "x509",
                 "-req",
@@ -852,35 +859,8 @@ mod tests {
     #[test]
     fn an_x509_v1_server_certificate_is_an_error_that_says_so() {
         let pki = Pki::new("v1server");
-        pki.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "v1server.key",
-            "-out",
-            "v1server.csr",
-        ]);
-        pki.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "v1server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-out",
-            "v1server.pem",
-        ]);
+        pki.key_and_csr("v1server", "localhost");
+        pki.sign("v1server", "ca", false);
         let mut cfg = pki.listener(None);
         cfg.cert = pki.path("v1server.pem");
         cfg.key = pki.path("v1server.key");
@@ -896,20 +876,7 @@ mod tests {
         let pki = Pki::new("v1ca");
         // A second CA made v1 (no extensions: `openssl x509 -req -signkey` without
         // `-extfile`) signs a v3 client certificate; the server keeps gen.sh's certificate.
-        pki.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=Old CA",
-            "-keyout",
-            "old-ca.key",
-            "-out",
-            "old-ca.csr",
-        ]);
+        pki.key_and_csr("old-ca", "Old CA");
         pki.openssl(&[
             "x509",
             "-req",
