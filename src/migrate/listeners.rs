@@ -580,9 +580,6 @@ pub struct BrokerWide {
     pub limits: Vec<(&'static str, String, String)>,
 }
 
-/// Tern's default `limits.max_connections`, which bounds all listeners together.
-const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-
 /// `mqtt.max_qos` and `mqtt.topic_alias_maximum` from the listeners: set when every
 /// listener has the same value (Mosquitto's defaults, 2 and 10, where not set), reported
 /// otherwise. And `limits.max_connections`, which bounds every listener together in Tern:
@@ -594,7 +591,8 @@ pub fn broker_wide(st: &mut State, planned: &[Planned]) -> BrokerWide {
         .filter_map(|p| p.max_connections.as_ref())
         .collect();
     let sum: usize = limited.iter().map(|(n, _)| *n).sum();
-    if sum > DEFAULT_MAX_CONNECTIONS {
+    // Tern's default `limits.max_connections`, which bounds all listeners together.
+    if sum > crate::config::Limits::default().max_connections {
         let lines: Vec<Loc> = limited.iter().map(|(_, a)| a.clone()).collect();
         wide.limits.push((
             "max_connections",
