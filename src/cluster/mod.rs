@@ -274,8 +274,8 @@ impl Node {
             .timeout(config.quorum_timeout)
             // A publish whose ack is lost (its stream leader died) is sent again after this,
             // with the same dedup id, until quorum_timeout (`forward.rs`): JetStream elects a
-            // new leader in about 5 s, and waiting the whole quorum_timeout for one lost ack
-            // refused publishes the new leader would have stored.
+            // new leader within 4 to 9 s, and waiting the whole quorum_timeout for one lost
+            // ack refused publishes the new leader would have stored.
             .ack_timeout(
                 (config.quorum_timeout / 4)
                     .clamp(Duration::from_millis(250), Duration::from_secs(2)),
@@ -701,7 +701,9 @@ fn boot_id() -> u64 {
 }
 
 /// Puts this node's heartbeat every third of the bucket's TTL; whether the put reached
-/// JetStream's quorum is this node's availability.
+/// JetStream's quorum is this node's availability. One put waits at most that third (or
+/// `quorum_timeout` if shorter): a put whose answer is lost must not keep the next one back
+/// until the heartbeat expires and the other nodes take this node, live, for dead.
 async fn heartbeat(
     broker: Arc<Broker>,
     nodes: jetstream::kv::Store,
@@ -711,12 +713,10 @@ async fn heartbeat(
     ttl: Duration,
 ) {
     let every = ttl / 3;
+    let wait = quorum_timeout.min(every);
     loop {
-        let put = tokio::time::timeout(
-            quorum_timeout,
-            nodes.put(&node, bytes::Bytes::from_static(b"up")),
-        )
-        .await;
+        let put =
+            tokio::time::timeout(wait, nodes.put(&node, bytes::Bytes::from_static(b"up"))).await;
         let ok = match put {
             Ok(Ok(_)) => true,
             Ok(Err(e)) => {

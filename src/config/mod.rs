@@ -284,6 +284,10 @@ pub struct ClusterConfig {
     pub consumer_replicas: usize,
     /// How long a QoS 1/2 publish waits for JetStream to store it with its replicas before
     /// the publisher is told it failed (MQTT 5: reason 0x83; 3.1.1: the connection closes).
+    /// The default rides out a Raft election: when a stream's leader dies, its followers wait
+    /// 4 to 9 s (nats-server's `minElectionTimeoutDefault`..`maxElectionTimeoutDefault`)
+    /// before they campaign, so 20 s allows one whole wait, a second round and the answer.
+    /// Shorter, a publisher is refused whenever one NATS server of three dies with a leader.
     #[serde(
         default = "ClusterConfig::default_quorum_timeout",
         with = "duration::seconds"
@@ -334,7 +338,7 @@ impl ClusterConfig {
         1
     }
     fn default_quorum_timeout() -> Duration {
-        Duration::from_secs(5)
+        Duration::from_secs(20)
     }
     fn default_heartbeat_ttl() -> Duration {
         Duration::from_secs(10)
