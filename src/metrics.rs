@@ -42,6 +42,10 @@ pub struct Metrics {
     pub refused_connect_rate: IntCounter,
     pub refused_protocol: IntCounter,
     pub refused_auth: IntCounter,
+    /// CONNECTs refused because the authentication chain could not decide (the HTTP service
+    /// did not answer, the JWKS cannot be fetched): CONNACK 0x88, a failure of the broker's
+    /// side, so apart from `not_authorized`, which counts refused credentials.
+    pub refused_auth_unavailable: IntCounter,
     pub received: [IntCounter; 3],
     pub sent: [IntCounter; 3],
     pub bytes_received: IntCounter,
@@ -916,6 +920,7 @@ impl Metrics {
             refused_connect_rate: refused.with_label_values(&["connect_rate"]),
             refused_protocol: refused.with_label_values(&["protocol"]),
             refused_auth: refused.with_label_values(&["not_authorized"]),
+            refused_auth_unavailable: refused.with_label_values(&["auth_unavailable"]),
             received: q(&received),
             sent: q(&sent),
             bytes_received: bytes.with_label_values(&["received"]),

@@ -35,11 +35,18 @@ pub enum Decision {
     Pass,
 }
 
-/// Why a backend refused (the CONNACK reason: v5 0x86 / 3.1.1 rc 4, or v5 0x87 / rc 5).
+/// Why a backend refused: the CONNACK's reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
+    /// The credentials are wrong (v5 0x86 Bad User Name or Password, 3.1.1 return code 4).
     BadCredentials,
+    /// The client may not connect (v5 0x87 Not authorized, 3.1.1 return code 5).
     NotAuthorized,
+    /// The backend could not decide: the HTTP service did not answer, or the JWKS the token
+    /// needs could not be fetched (v5 0x88 Server unavailable, 3.1.1 return code 3). The
+    /// credentials may well be good, and a client told 0x86 may stop trying (a device would
+    /// take it as a wrong password) where 0x88 tells it to try again later.
+    Unavailable,
 }
 
 /// What an accepting backend established.

@@ -378,8 +378,9 @@ impl HttpAuth {
         self.acl_url.is_some()
     }
 
-    /// CONNECT's credentials: `Allow` on a 2xx answer, `Deny(BadCredentials)` on any other,
-    /// on no answer within the timeout, or when the service cannot be reached. Never `Pass`.
+    /// CONNECT's credentials: `Allow` on a 2xx answer, `Deny(BadCredentials)` on a refusal
+    /// (4xx but 408 and 429), `Deny(Unavailable)` on no decision: any other answer, none
+    /// within the timeout, or a service that cannot be reached. Never `Pass`.
     pub async fn check(&self, c: &Credentials<'_>) -> Decision {
         let key = self.cache.as_ref().map(|_| {
             self.key(&[
@@ -412,10 +413,10 @@ impl HttpAuth {
                 protocol: c.protocol,
             })
         };
-        if self.ask(Kind::Connect, &self.connect_url, key, body).await {
-            Decision::Allow(Grant::default())
-        } else {
-            Decision::Deny(Denial::BadCredentials)
+        match self.ask(Kind::Connect, &self.connect_url, key, body).await {
+            o if o.allows() => Decision::Allow(Grant::default()),
+            Outcome::Deny | Outcome::CachedDeny => Decision::Deny(Denial::BadCredentials),
+            _ => Decision::Deny(Denial::Unavailable),
         }
     }
 
@@ -455,7 +456,7 @@ impl HttpAuth {
                 topic,
             })
         };
-        self.ask(Kind::Acl, url, key, body).await
+        self.ask(Kind::Acl, url, key, body).await.allows()
     }
 
     fn key(&self, fields: &[Option<&[u8]>]) -> [u8; 32] {
@@ -476,7 +477,7 @@ impl HttpAuth {
         url: &Uri,
         key: Option<[u8; 32]>,
         body: impl FnOnce() -> serde_json::Result<Vec<u8>>,
-    ) -> bool {
+    ) -> Outcome {
         if let (Some(cache), Some(key)) = (&self.cache, &key) {
             if let Some(hit) = cache.entries.get(key) {
                 if Instant::now() < hit.until {
@@ -486,7 +487,7 @@ impl HttpAuth {
                         Outcome::CachedDeny
                     };
                     self.metrics.count(kind, outcome);
-                    return hit.allow;
+                    return outcome;
                 }
                 cache.entries.remove(key);
             }
@@ -510,7 +511,7 @@ impl HttpAuth {
                 );
             }
         }
-        outcome.allows()
+        outcome
     }
 
     /// POSTs `json` to `url` within the timeout (the wait for a request slot included).
@@ -774,12 +775,14 @@ mod tests {
     }
 
     fn allowed(d: &Decision) -> bool {
+        denial(d).is_none()
+    }
+
+    /// Why a check refused (None: allowed).
+    fn denial(d: &Decision) -> Option<Denial> {
         match d {
-            Decision::Allow(_) => true,
-            Decision::Deny(why) => {
-                assert_eq!(*why, Denial::BadCredentials);
-                false
-            }
+            Decision::Allow(_) => None,
+            Decision::Deny(why) => Some(*why),
             Decision::Pass => panic!("the HTTP backend always decides"),
         }
     }
@@ -814,11 +817,20 @@ mod tests {
             cache_ttl: Duration::ZERO,
             ..settings(svc.addr)
         });
-        assert!(allowed(&auth.check(&creds("c", Some(b"right"))).await));
-        assert!(!allowed(&auth.check(&creds("c", Some(b"wrong"))).await));
-        assert!(!allowed(&auth.check(&creds("c", Some(b"later"))).await));
-        assert!(!allowed(&auth.check(&creds("c", Some(b"moved"))).await));
-        assert!(!allowed(&auth.check(&creds("c", Some(b"crash"))).await));
+        let why = |d: Decision| denial(&d);
+        assert_eq!(why(auth.check(&creds("c", Some(b"right"))).await), None);
+        // A refusal is the service's decision on the credentials: 0x86.
+        assert_eq!(
+            why(auth.check(&creds("c", Some(b"wrong"))).await),
+            Some(Denial::BadCredentials)
+        );
+        // Anything else is no decision: 0x88, try again later.
+        for password in [&b"later"[..], b"moved", b"crash"] {
+            assert_eq!(
+                why(auth.check(&creds("c", Some(password))).await),
+                Some(Denial::Unavailable)
+            );
+        }
         assert_eq!(count(&counts, "connect", "allow"), 1);
         assert_eq!(count(&counts, "connect", "deny"), 1);
         assert_eq!(count(&counts, "connect", "error"), 3);
@@ -918,9 +930,10 @@ mod tests {
             timeout: Duration::from_millis(200),
             ..settings(svc.addr)
         });
-        assert!(!allowed(
-            &within(auth.check(&creds("c", Some(b"pw")))).await
-        ));
+        assert_eq!(
+            denial(&within(auth.check(&creds("c", Some(b"pw")))).await),
+            Some(Denial::Unavailable)
+        );
         svc.next().await;
         let acl = auth.authorize("c", None, "tcp", peer(1), Action::Subscribe, "t");
         assert!(!tokio::time::timeout(WAIT, acl).await.expect("ends"));
@@ -939,7 +952,10 @@ mod tests {
         let addr = closed.local_addr().expect("address");
         drop(closed);
         let (auth, counts) = backend(&settings(addr));
-        assert!(!allowed(&auth.check(&creds("c", Some(b"pw"))).await));
+        assert_eq!(
+            denial(&auth.check(&creds("c", Some(b"pw"))).await),
+            Some(Denial::Unavailable)
+        );
         assert!(
             !auth
                 .authorize("c", None, "tcp", peer(1), Action::Publish, "t")
@@ -970,7 +986,11 @@ mod tests {
         assert_eq!(svc.pending(), 1);
         // Denies are decisions too.
         assert!(!allowed(&auth.check(&creds("c", Some(b"wrong"))).await));
-        assert!(!allowed(&auth.check(&creds("c", Some(b"wrong"))).await));
+        assert_eq!(
+            denial(&auth.check(&creds("c", Some(b"wrong"))).await),
+            Some(Denial::BadCredentials),
+            "a cached refusal is the service's refusal"
+        );
         assert_eq!(svc.pending(), 1);
         // Any other field makes another request.
         assert!(!allowed(&auth.check(&creds("c", Some(b"wrong2"))).await));
@@ -1108,9 +1128,10 @@ mod tests {
         // The one slot taken for longer than the check's timeout (as by a request to a
         // service slower than that, started later than this check).
         let taken = auth.permits.acquire().await.expect("a slot");
-        assert!(!allowed(
-            &within(auth.check(&creds("c", Some(b"pw")))).await
-        ));
+        assert_eq!(
+            denial(&within(auth.check(&creds("c", Some(b"pw")))).await),
+            Some(Denial::Unavailable)
+        );
         assert_eq!(count(&counts, "connect", "busy"), 1);
         assert_eq!(svc.pending(), 0, "the waiting check sent nothing");
         drop(taken);

@@ -185,6 +185,8 @@ enum Refused {
     UnknownKid(String),
     #[error("the JWKS keys are older than auth.jwt.jwks_max_stale (the JWKS cannot be fetched)")]
     Stale,
+    #[error("the JWKS has not been fetched yet (auth.jwt.jwks_url does not answer)")]
+    Unfetched,
     #[error("{0}")]
     Token(jsonwebtoken::errors::Error),
     #[error("expired")]
@@ -201,6 +203,9 @@ impl Refused {
     fn denial(&self) -> Denial {
         match self {
             Refused::ClientId { .. } => Denial::NotAuthorized,
+            // Not the token's fault: the keys to judge it are missing. The client is told to
+            // come back (0x88), not that its token is bad (0x86).
+            Refused::Stale | Refused::Unfetched => Denial::Unavailable,
             _ => Denial::BadCredentials,
         }
     }
@@ -602,6 +607,8 @@ impl Jwt {
         let stale = set.is_some() && !fresh;
         Err(match (from_jwks, kid) {
             (0, _) if stale => Refused::Stale,
+            // No key file verified it either (it would have returned above).
+            (0, _) if set.is_none() => Refused::Unfetched,
             (0, Some(kid)) => Refused::UnknownKid(kid.to_string()),
             _ => last.map_or(Refused::NoKey(alg), Refused::Token),
         })
@@ -1538,10 +1545,10 @@ mod tests {
         let server = JwksServer::start(jwks(&[("rsa1", "r1"), ("ec1", "e1")])).await;
         let jwt = Jwt::new(&jwks_config(&server.url)).expect("backend");
         let rs = sign_with(Algorithm::RS256, "rsa1.key", Some("r1"), &claims());
-        // Not fetched yet: refused (and no I/O on the way).
+        // Not fetched yet: refused as unavailable, 0x88 (and no I/O on the way).
         assert_eq!(
             denied(&with_password(&jwt, &rs, now())),
-            Some(Denial::BadCredentials)
+            Some(Denial::Unavailable)
         );
         assert_eq!(jwt.refresh(now()).await.expect("fetched"), 2);
         assert!(matches!(
@@ -1617,10 +1624,10 @@ mod tests {
         let e = || Err(JwtError::Url("down".into()));
         assert_eq!(jwt.report(Health::Fresh, e(), minutes(30)), Health::Stale);
         assert_eq!(jwt.report(Health::Stale, e(), minutes(59)), Health::Stale);
-        // After it: refused.
+        // After it: refused as the server's failure (0x88), not the token's (0x86).
         assert_eq!(
             denied(&with_password(&jwt, &token, minutes(61))),
-            Some(Denial::BadCredentials)
+            Some(Denial::Unavailable)
         );
         assert_eq!(jwt.report(Health::Stale, e(), minutes(61)), Health::Expired);
 
@@ -1640,6 +1647,11 @@ mod tests {
         drop(server);
         let gone = Jwt::new(&jwks_config("http://127.0.0.1:1/jwks")).expect("backend");
         assert!(gone.refresh(now()).await.is_err());
+        // Never fetched: no key to judge the token by, so no verdict on it either.
+        assert_eq!(
+            denied(&with_password(&gone, &token, now())),
+            Some(Denial::Unavailable)
+        );
         assert_eq!(
             gone.report(Health::Start, Err(JwtError::Url("x".into())), now()),
             Health::Missing

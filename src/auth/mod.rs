@@ -34,16 +34,6 @@ pub enum AuthError {
     Http(#[from] http::HttpAuthError),
 }
 
-/// Outcome of checking CONNECT's credentials.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Authentication {
-    Accepted,
-    /// Wrong user or password (v5 0x86, 3.1.1 return code 4).
-    BadCredentials,
-    /// No credentials where they are required (v5 0x87, 3.1.1 return code 5).
-    NotAuthorized,
-}
-
 #[derive(Default)]
 struct Rules {
     passwords: Option<Arc<PasswordFile>>,
@@ -249,7 +239,7 @@ impl Authorizer {
         &self,
         username: Option<&str>,
         password: Option<&[u8]>,
-    ) -> Authentication {
+    ) -> Result<(), chain::Denial> {
         let creds = chain::Credentials {
             client_id: "",
             username,
@@ -269,11 +259,7 @@ impl Authorizer {
         let decided =
             futures_util::FutureExt::now_or_never(self.authenticate(backends, anonymous, &creds))
                 .unwrap_or(Err(chain::Denial::NotAuthorized));
-        match decided {
-            Ok(_) => Authentication::Accepted,
-            Err(chain::Denial::BadCredentials) => Authentication::BadCredentials,
-            Err(chain::Denial::NotAuthorized) => Authentication::NotAuthorized,
-        }
+        decided.map(|_| ())
     }
 
     fn http(&self) -> Option<Arc<http::HttpAuth>> {
@@ -552,19 +538,19 @@ mod tests {
         let a = Authorizer::load("reply", &cfg).unwrap();
         assert_eq!(
             a.authenticate_password(Some("alice"), Some(b"secret")),
-            Authentication::Accepted
+            Ok(())
         );
         assert_eq!(
             a.authenticate_password(Some("alice"), Some(b"nope")),
-            Authentication::BadCredentials
+            Err(chain::Denial::BadCredentials)
         );
         assert_eq!(
             a.authenticate_password(Some("bob"), Some(b"secret")),
-            Authentication::BadCredentials
+            Err(chain::Denial::BadCredentials)
         );
         assert_eq!(
             a.authenticate_password(None, None),
-            Authentication::NotAuthorized
+            Err(chain::Denial::NotAuthorized)
         );
         assert!(a.can_publish(Some("alice"), "c", "a/b"));
         assert!(!a.can_publish(Some("alice"), "c", "b"));

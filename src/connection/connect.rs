@@ -32,6 +32,43 @@ fn refuse(
     origin: Origin,
     why: &str,
 ) -> Option<Client> {
+    let counted = if matches!(
+        reason,
+        ReasonCode::NotAuthorized
+            | ReasonCode::BadUserNameOrPassword
+            | ReasonCode::BadAuthenticationMethod
+    ) {
+        Counted::Auth
+    } else {
+        Counted::Protocol
+    };
+    refuse_as(broker, wbuf, c, max_out, reason, counted, origin, why)
+}
+
+/// Which `reason` label of the refusal counters a refused CONNECT goes under.
+enum Counted {
+    /// The credentials were refused: `not_authorized` (listener: `auth`).
+    Auth,
+    /// The authentication chain could not decide (0x88): `auth_unavailable`, so an outage
+    /// of the auth service is not mistaken for refused credentials, nor for the cluster's
+    /// 0x88 (counted under `protocol`).
+    AuthUnavailable,
+    /// Any other refusal: `protocol`.
+    Protocol,
+}
+
+/// [`refuse`], counted under `counted`.
+#[allow(clippy::too_many_arguments)]
+fn refuse_as(
+    broker: &Broker,
+    wbuf: &mut BytesMut,
+    c: &Connect,
+    max_out: usize,
+    reason: ReasonCode,
+    counted: Counted,
+    origin: Origin,
+    why: &str,
+) -> Option<Client> {
     let peer = origin.peer;
     let version = c.version;
     let props = Properties::default();
@@ -39,17 +76,21 @@ fn refuse(
         encode_connack(wbuf, version, false, reason, &props);
         broker.metrics.packets_sent.add(kind::CONNACK, 1);
     }
-    if matches!(
-        reason,
-        ReasonCode::NotAuthorized
-            | ReasonCode::BadUserNameOrPassword
-            | ReasonCode::BadAuthenticationMethod
-    ) {
-        broker.metrics.refused_auth.inc();
-        broker.metrics.listener_refused(origin.listener, "auth");
-    } else {
-        broker.metrics.refused_protocol.inc();
-        broker.metrics.listener_refused(origin.listener, "protocol");
+    match counted {
+        Counted::Auth => {
+            broker.metrics.refused_auth.inc();
+            broker.metrics.listener_refused(origin.listener, "auth");
+        }
+        Counted::AuthUnavailable => {
+            broker.metrics.refused_auth_unavailable.inc();
+            broker
+                .metrics
+                .listener_refused(origin.listener, "auth_unavailable");
+        }
+        Counted::Protocol => {
+            broker.metrics.refused_protocol.inc();
+            broker.metrics.listener_refused(origin.listener, "protocol");
+        }
     }
     // Who was refused, as an operator greps for it (the same fields as "client connected").
     tracing::info!(
@@ -223,18 +264,29 @@ pub(super) async fn accept(
                 });
             }
             Err(denial) => {
-                broker.metrics.auth_failures.inc();
-                let (reason, why) = match denial {
+                let (reason, counted, why) = match denial {
                     Denial::NotAuthorized => (
                         ReasonCode::NotAuthorized,
+                        Counted::Auth,
                         "not authorised (anonymous, or refused by the listener's authentication chain)",
                     ),
                     Denial::BadCredentials => (
                         ReasonCode::BadUserNameOrPassword,
+                        Counted::Auth,
                         "bad user name or password",
                     ),
+                    Denial::Unavailable => (
+                        ReasonCode::ServerUnavailable,
+                        Counted::AuthUnavailable,
+                        "no decision from the authentication chain (auth.http did not answer, or the JWKS cannot be fetched)",
+                    ),
                 };
-                return refuse(broker, wbuf, &c, max_out, reason, origin, why);
+                // An outage of the auth service is no authentication failure: nobody judged
+                // the credentials.
+                if !matches!(counted, Counted::AuthUnavailable) {
+                    broker.metrics.auth_failures.inc();
+                }
+                return refuse_as(broker, wbuf, &c, max_out, reason, counted, origin, why);
             }
         }
     }

@@ -167,7 +167,8 @@ def test_every_alert_reads_exported_metrics(exported):
     alerts = alert_exprs()
     for name in ["TernDown", "TernMessagesDropped", "TernConsumerLagHigh", "TernQueueNearBound",
                  "TernStorageCommitSlow", "TernTLSCertificateExpiringSoon",
-                 "TernConfigReloadFailed", "TernClusterUnavailable", "TernBridgeDisconnected"]:
+                 "TernConfigReloadFailed", "TernClusterUnavailable", "TernBridgeDisconnected",
+                 "TernAuthServiceUnavailable"]:
         assert name in alerts, name
     assert unknown_names(alerts.values(), exported) == {}
 
