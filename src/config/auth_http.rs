@@ -158,6 +158,17 @@ impl HttpAuthConfig {
         let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
             return invalid(key, format!("{url:?} has no host"));
         };
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // hyper sends no Authorization header for it: the service would see no
+            // credentials, and the password would sit in the URL, which is logged.
+            return invalid(
+                key,
+                format!(
+                    "{url:?}: user information in the URL is not supported; send credentials \
+                     with auth.http.headers (e.g. Authorization = \"Basic ...\")"
+                ),
+            );
+        }
         match uri.scheme_str() {
             Some("https") => Ok(()),
             Some("http") if self.allow_insecure_http || is_loopback_host(host) => Ok(()),
@@ -190,6 +201,29 @@ mod tests {
         match r {
             Err(ConfigError::Invalid { key, .. }) => Some(key),
             _ => None,
+        }
+    }
+
+    #[test]
+    fn user_information_in_a_url_is_refused() {
+        for url in [
+            "https://svc:secret@auth.example.com/mqtt",
+            "http://user@127.0.0.1:8080/auth",
+        ] {
+            let refused = with_url(url).validate();
+            assert_eq!(
+                key_of(with_url(url).validate()),
+                Some("auth.http.connect_url")
+            );
+            assert!(
+                format!("{:?}", refused).contains("auth.http.headers"),
+                "{refused:?}"
+            );
+            let acl = HttpAuthConfig {
+                acl_url: Some(url.into()),
+                ..with_url("https://auth.example.com/mqtt")
+            };
+            assert_eq!(key_of(acl.validate()), Some("auth.http.acl_url"), "{url}");
         }
     }
 
