@@ -42,16 +42,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -262,7 +257,7 @@ struct AnswerCache {
 
 /// The HTTP backend: one per configuration, shared by every connection.
 pub struct HttpAuth {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: super::client::Client,
     connect_url: Uri,
     acl_url: Option<Uri>,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -320,35 +315,17 @@ impl HttpAuth {
         let https = std::iter::once(&connect_url)
             .chain(acl_url.as_ref())
             .any(|u| u.scheme_str() == Some("https"));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = hyper_rustls::HttpsConnectorBuilder::new();
-        let tls = match (&cfg.ca_file, https) {
-            (Some(ca), _) => {
-                tls.with_tls_config(Arc::unwrap_or_clone(crate::tls::client_config(ca, None)?))
-            }
-            (None, true) => tls
-                .with_provider_and_native_roots(provider)
-                .map_err(HttpAuthError::Roots)?,
-            // Plain http:// only: TLS is never used, so no roots are needed.
-            (None, false) => tls.with_tls_config(
-                rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| crate::tls::TlsError::Config(e.to_string()))?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            ),
-        };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.timeout));
-        let connector = tls.https_or_http().enable_http1().wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(cfg.max_concurrent)
-            .build(connector);
+        let client = super::client::build(&super::client::Settings {
+            ca_file: cfg.ca_file.as_deref(),
+            https,
+            connect_timeout: cfg.timeout,
+            pool_idle: POOL_IDLE,
+            pool_max_idle: cfg.max_concurrent,
+        })
+        .map_err(|e| match e {
+            super::client::ClientError::CaFile(e) => HttpAuthError::Tls(e),
+            super::client::ClientError::NoRoots(e) => HttpAuthError::Roots(e),
+        })?;
 
         let cache = (!cfg.cache_ttl.is_zero() && cfg.cache_max_entries > 0).then(|| AnswerCache {
             entries: quick_cache::sync::Cache::new(cfg.cache_max_entries),
@@ -554,7 +531,9 @@ impl HttpAuth {
                 .await;
                 status
             }
-            Ok(Err(e)) => return self.failed(kind, Outcome::Error, &error_chain(&e)),
+            Ok(Err(e)) => {
+                return self.failed(kind, Outcome::Error, &super::client::error_chain(&e))
+            }
             Err(_) => return self.failed(kind, Outcome::Timeout, "no answer within the timeout"),
         };
         drop(permit);
@@ -601,18 +580,6 @@ fn ip_octets(address: SocketAddr) -> [u8; 17] {
     key
 }
 
-/// An error with its causes (hyper-util's says only "client error (Connect)" at the top).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,6 +591,7 @@ mod tests {
     use prometheus::{HistogramOpts, Opts};
     use serde_json::{json, Value};
     use std::future::Future;
+    use std::sync::Arc;
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
 

@@ -27,24 +27,19 @@ use super::chain::{ClaimRules, Credentials, Decision, Denial, Grant};
 use crate::config::auth_jwt::{JwksUrl, JwtAlgorithm, JwtConfig, TokenField};
 use crate::config::duration;
 use crate::protocol::validate::is_valid_topic_filter;
-use axum::body::Body;
 use base64::Engine as _;
 use bytes::Bytes;
-use hyper::client::conn::http1;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{header, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use rustls_pki_types::ServerName;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
 /// After a failed fetch the next try comes this soon (or at `jwks_refresh`, if sooner), so a
@@ -56,6 +51,11 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 const EARLY_REFRESH_MIN: Duration = Duration::from_secs(30);
 /// Largest JWKS answer read; real ones are a few kilobytes.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// How long the connection of a fetch waits in the pool for the next: long enough for the
+/// early fetch an unknown `kid` brings (at least 30 s after the last), shorter than the
+/// regular `jwks_refresh` (5 min by default), after which a fresh connection is cheaper than
+/// one the provider's load balancer may have dropped meanwhile.
+const JWKS_POOL_IDLE: Duration = Duration::from_secs(60);
 /// RFC 7518 3.2: an HS256 key must be at least as long as the hash output.
 const MIN_SECRET_BYTES: usize = 32;
 
@@ -103,9 +103,10 @@ struct KeySet {
 /// The JWKS source: where it is, how it is fetched, and the last good keys.
 struct Jwks {
     url: String,
-    target: JwksUrl,
-    /// For `https://`; `None` for plain HTTP.
-    tls: Option<Arc<rustls::ClientConfig>>,
+    uri: hyper::Uri,
+    /// The auth backends' client (`client.rs`): its idle connection to the JWKS host is
+    /// reused by the next fetch when it comes within the pool's idle time.
+    client: super::client::Client,
     refresh: Duration,
     max_stale: Duration,
     timeout: Duration,
@@ -314,31 +315,6 @@ fn read_public_keys(path: &Path, allowed: &[Algorithm]) -> Result<Vec<Key>, JwtE
     Ok(keys)
 }
 
-/// The TLS configuration for an `https://` JWKS: the CA file's certificates, else the
-/// system's CA store.
-fn jwks_tls(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, JwtError> {
-    if let Some(ca) = ca {
-        return crate::tls::client_config(ca, None).map_err(|e| JwtError::CaFile(e.to_string()));
-    }
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found
-            .errors
-            .first()
-            .map_or("none found".to_string(), ToString::to_string);
-        return Err(JwtError::NoRoots(why));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| JwtError::Url(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
 /// Whether `token` has a JWT's shape: three base64url parts, the first a JSON object naming
 /// an `alg`. Anything else is not this backend's kind of credentials.
 fn looks_like_jwt(token: &str) -> bool {
@@ -468,15 +444,24 @@ impl Jwt {
         let jwks = match &cfg.jwks_url {
             Some(url) => {
                 let target = JwksUrl::parse(url).map_err(JwtError::Url)?;
-                let tls = if target.tls {
-                    Some(jwks_tls(cfg.jwks_ca_file.as_deref())?)
-                } else {
-                    None
-                };
+                let uri = url
+                    .parse::<hyper::Uri>()
+                    .map_err(|e| JwtError::Url(e.to_string()))?;
+                let client = super::client::build(&super::client::Settings {
+                    ca_file: cfg.jwks_ca_file.as_deref(),
+                    https: target.tls,
+                    connect_timeout: cfg.jwks_timeout,
+                    pool_idle: JWKS_POOL_IDLE,
+                    pool_max_idle: 1,
+                })
+                .map_err(|e| match e {
+                    super::client::ClientError::CaFile(e) => JwtError::CaFile(e.to_string()),
+                    super::client::ClientError::NoRoots(e) => JwtError::NoRoots(e.to_string()),
+                })?;
                 Some(Jwks {
                     url: url.clone(),
-                    target,
-                    tls,
+                    uri,
+                    client,
                     refresh: cfg.jwks_refresh,
                     max_stale: cfg.jwks_max_stale,
                     timeout: cfg.jwks_timeout,
@@ -843,64 +828,31 @@ enum Health {
     Missing,
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// One GET over its own HTTP/1 connection (as `tern ctl` talks to the admin API). The
-/// connection is driven beside the request in this future, not in a spawned task, so the
-/// caller's timeout ends all of it.
+/// One GET of the JWKS through the auth backends' client (`client.rs`). The caller bounds
+/// it with `jwks_timeout`; dropping the future at that deadline cancels the request, and a
+/// connection left mid-answer is closed rather than pooled.
 async fn fetch(jwks: &Jwks) -> Result<Bytes, String> {
-    let t = &jwks.target;
-    let tcp = TcpStream::connect((t.host.as_str(), t.port))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let io: Box<dyn Io> = match &jwks.tls {
-        None => Box::new(tcp),
-        Some(config) => {
-            let name =
-                ServerName::try_from(t.host.clone()).map_err(|e| format!("host name: {e}"))?;
-            let stream = tokio_rustls::TlsConnector::from(Arc::clone(config))
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            Box::new(stream)
-        }
-    };
-    let (mut sender, conn) = http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    let default_port = if t.tls { 443 } else { 80 };
-    let host = match (t.host.contains(':'), t.port == default_port) {
-        (true, true) => format!("[{}]", t.host),
-        (true, false) => format!("[{}]:{}", t.host, t.port),
-        (false, true) => t.host.clone(),
-        (false, false) => format!("{}:{}", t.host, t.port),
-    };
-    let request = Request::get(t.path.as_str())
-        .header(header::HOST, host)
+    let request = Request::get(jwks.uri.clone())
         .header(header::ACCEPT, "application/jwk-set+json, application/json")
         .header(
             header::USER_AGENT,
             concat!("tern/", env!("CARGO_PKG_VERSION")),
         )
-        .body(Body::empty())
+        .body(Full::default())
         .map_err(|e| format!("request: {e}"))?;
-    let exchange = async move {
-        let answer = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("HTTP: {e}"))?;
-        // The only request: dropping the sender lets the connection end after the answer.
-        drop(sender);
-        if answer.status() != StatusCode::OK {
-            return Err(format!("HTTP status {}", answer.status()));
-        }
-        axum::body::to_bytes(Body::new(answer.into_body()), MAX_JWKS_BYTES)
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))
-    };
-    let (answer, _) = tokio::join!(exchange, conn);
-    answer
+    let answer = jwks
+        .client
+        .request(request)
+        .await
+        .map_err(|e| super::client::error_chain(&e))?;
+    if answer.status() != StatusCode::OK {
+        return Err(format!("HTTP status {}", answer.status()));
+    }
+    Limited::new(answer.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|e| format!("reading the answer: {e}"))
 }
 
 /// The usable keys of a JWKS document: signing keys for an allowed algorithm, RSA (RS256) or
@@ -961,6 +913,8 @@ fn jwk_key(value: Value, allowed: &[Algorithm]) -> Option<Key> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use hyper_util::rt::TokioIo;
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
     use std::net::SocketAddr;
@@ -1802,7 +1756,10 @@ mod tests {
         })
         .expect("backend");
         let err = wrong.refresh(now()).await.expect_err("untrusted");
-        assert!(err.to_string().contains("TLS"), "{err}");
+        assert!(
+            err.to_string().contains("invalid peer certificate"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

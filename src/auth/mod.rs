@@ -9,6 +9,7 @@
 
 pub mod acl;
 pub mod chain;
+pub mod client;
 pub mod http;
 pub mod jwt;
 pub mod password;
