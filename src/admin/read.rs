@@ -149,16 +149,11 @@ pub(super) async fn retained(
         )));
     }
     let limit = q.paging().limit()?;
-    let mut all = Vec::new();
-    admin.broker.retained_for(filter, &mut all);
-    all.sort_by(|a, b| a.topic.as_str().cmp(b.topic.as_str()));
-    let start = match &q.after {
-        Some(after) => all.partition_point(|m| m.topic.as_str() <= after.as_str()),
-        None => 0,
-    };
-    let end = (start + limit).min(all.len());
+    let (shown, more) = admin
+        .broker
+        .retained_page(filter, q.after.as_deref(), limit);
     let now = crate::clock::now();
-    let items = all[start..end]
+    let items = shown
         .iter()
         .map(|m| {
             let shown = &m.payload[..m.payload.len().min(PAYLOAD_PREVIEW)];
@@ -172,8 +167,8 @@ pub(super) async fn retained(
             })
         })
         .collect();
-    let next = (end < all.len())
-        .then(|| all.get(end.wrapping_sub(1)).map(|m| m.topic.to_string()))
+    let next = more
+        .then(|| shown.last().map(|m| m.topic.to_string()))
         .flatten();
     Ok(page(items, next))
 }

@@ -268,6 +268,21 @@ impl Broker {
             .unsubscribe(filter, session.id)
     }
 
+    /// One page of the retained messages matching `filter`, live ones only, in topic order
+    /// (the admin API's listing): see [`RetainTree::page`]. The tree is read-locked for one
+    /// walk of the matches; what is kept is one page.
+    pub fn retained_page(
+        &self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<Message>>, bool) {
+        self.retained
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .page(filter, after, limit, crate::clock::now())
+    }
+
     /// Retained messages matching `filter`, live ones only.
     pub fn retained_for(&self, filter: &str, out: &mut Vec<Arc<Message>>) {
         self.retained
