@@ -700,10 +700,15 @@ fn boot_id() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Puts this node's heartbeat every third of the bucket's TTL; whether the put reached
-/// JetStream's quorum is this node's availability. One put waits at most that third (or
-/// `quorum_timeout` if shorter): a put whose answer is lost must not keep the next one back
-/// until the heartbeat expires and the other nodes take this node, live, for dead.
+/// Puts this node's heartbeat every third of the bucket's TTL. The node counts as cut off
+/// from JetStream's quorum (`available` false: persistent CONNECTs refused with 0x88, the
+/// gauge 0) once no heartbeat has been stored for `quorum_timeout`, the same patience a
+/// publish has. One failed put is no quorum loss: when the server holding the nodes bucket's
+/// Raft leader dies, puts fail for the 4 to 9 s of the election while two servers of three
+/// keep the quorum, and refusing clients then was refusing them for nothing.
+/// One put waits at most a third of the TTL (or `quorum_timeout` if shorter): a put whose
+/// answer is lost must not keep the next one back until the heartbeat expires and the other
+/// nodes take this node, live, for dead.
 async fn heartbeat(
     broker: Arc<Broker>,
     nodes: jetstream::kv::Store,
@@ -714,10 +719,11 @@ async fn heartbeat(
 ) {
     let every = ttl / 3;
     let wait = quorum_timeout.min(every);
+    let mut last_stored = tokio::time::Instant::now();
     loop {
         let put =
             tokio::time::timeout(wait, nodes.put(&node, bytes::Bytes::from_static(b"up"))).await;
-        let ok = match put {
+        let stored = match put {
             Ok(Ok(_)) => true,
             Ok(Err(e)) => {
                 tracing::debug!(%node, error = %e, "heartbeat not stored");
@@ -725,15 +731,22 @@ async fn heartbeat(
             }
             Err(_) => false,
         };
+        if stored {
+            last_stored = tokio::time::Instant::now();
+        }
+        let ok = stored || last_stored.elapsed() < quorum_timeout;
         broker.metrics.cluster.available.set(i64::from(ok));
         if available.swap(ok, Ordering::Relaxed) != ok {
             if ok {
                 tracing::info!(%node, "cluster quorum reachable again");
             } else {
-                tracing::warn!(%node, "cluster quorum unreachable: durable publishes are refused");
+                tracing::warn!(
+                    %node,
+                    "cluster quorum unreachable: durable publishes are refused"
+                );
             }
         }
-        tokio::time::sleep(if ok {
+        tokio::time::sleep(if stored {
             every
         } else {
             Duration::from_millis(500)
