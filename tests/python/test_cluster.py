@@ -714,6 +714,17 @@ def server_of(nats, node):
     return nats.urls().index(first), "no named connection: its first seed"
 
 
+def routed_pair(tern_cluster, mkc, version, topic, persistent=False, **cluster_kw):
+    """Three nodes (with `cluster_kw`), a QoS 1 subscriber to `topic`/# on t2 and a publisher
+    on t1, routed. Returns (t1, t2, the NATS cluster, subscriber, publisher)."""
+    n1, n2, _ = tern_cluster(3, **cluster_kw)
+    sub = connected(mkc, f"{topic}-sub", version, n2, persistent=persistent)
+    assert sub.subscribe(f"{topic}/#", 1) == [1]
+    pub = connected(mkc, f"{topic}-pub", version, n1)
+    wait_routes([pub], [sub], f"{topic}/probe", qos=(1,))
+    return n1, n2, tern_cluster.nats, sub, pub
+
+
 def test_losing_one_nats_server_keeps_acknowledged_messages(tern_cluster, mkc, version):
     """QoS 1 from node 1 to a subscriber on node 2 while the nats-server node 2 is connected to is
     SIGKILLed mid-stream: two of three keep the quorum, so the MQTT connections stay, (nearly)
@@ -721,12 +732,7 @@ def test_losing_one_nats_server_keeps_acknowledged_messages(tern_cluster, mkc, v
     The nodes run with the default quorum_timeout (20 s): a killed stream leader takes
     JetStream 4 to 9 s to replace (longer on a loaded machine), and a publish waits that out
     rather than fail."""
-    n1, n2, n3 = tern_cluster(3)
-    nats = tern_cluster.nats
-    sub = connected(mkc, "sub", version, n2)
-    assert sub.subscribe("lo/#", 1) == [1]
-    pub = connected(mkc, "pub", version, n1)
-    wait_routes([pub], [sub], "lo/probe", qos=(1,))
+    n1, n2, nats, sub, pub = routed_pair(tern_cluster, mkc, version, "lo")
     victim, how = server_of(nats, n2)
     print(f"will kill {nats.servers[victim].name} ({how}); stream leaders: "
           f"TERN_MSGS {nats.stream_leader('TERN_MSGS')!r}, meta {nats.meta_leader(0)!r}")
@@ -798,15 +804,9 @@ def consumer_server(nats, node):
 
 
 def only_through_consumers(tern_cluster, mkc, version, topic):
-    """Three nodes without fast copies (`fast_path = false`), so a message reaches t2 only
-    through its node consumer; a persistent subscriber to `topic`/# on t2 and a publisher on
-    t1, routed. Returns (t1, t2, the NATS cluster, subscriber, publisher)."""
-    n1, n2, _ = tern_cluster(3, fast_path=False)
-    sub = connected(mkc, f"{topic}-sub", version, n2, persistent=True)
-    assert sub.subscribe(f"{topic}/#", 1) == [1]
-    pub = connected(mkc, f"{topic}-pub", version, n1)
-    wait_routes([pub], [sub], f"{topic}/probe", qos=(1,))
-    return n1, n2, tern_cluster.nats, sub, pub
+    """routed_pair without fast copies (`fast_path = false`), so a message reaches t2 only
+    through its node consumer, and a persistent subscriber."""
+    return routed_pair(tern_cluster, mkc, version, topic, persistent=True, fast_path=False)
 
 
 def test_node_consumer_moves_when_its_nats_server_dies(tern_cluster, mkc, version):
@@ -856,12 +856,7 @@ def test_publishes_wait_out_the_election_of_a_new_stream_leader(tern_cluster, mk
     cluster.quorum_timeout (20 s) the node waits the election out: every publish is
     acknowledged (3.1.1 is not disconnected, 5.0 gets no 0x83) and delivered. With the old
     default of 5 s the first publishes after the kill were refused."""
-    n1, n2, _ = tern_cluster(3)
-    nats = tern_cluster.nats
-    sub = connected(mkc, "el-sub", version, n2)
-    assert sub.subscribe("el/#", 1) == [1]
-    pub = connected(mkc, "el-pub", version, n1)
-    wait_routes([pub], [sub], "el/probe", qos=(1,))
+    n1, n2, nats, sub, pub = routed_pair(tern_cluster, mkc, version, "el")
     leader = nats.stream_leader("TERN_MSGS")
     names = [s.name for s in nats.servers]
     assert leader in names, f"no leader of TERN_MSGS: {leader!r}"
