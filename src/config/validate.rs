@@ -303,23 +303,26 @@ impl Limits {
         if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
             return invalid("max_packet_size", "must be between 64 and 268435460 bytes");
         }
-        if l.receive_maximum == 0 {
-            return invalid("receive_maximum", "must be at least 1");
-        }
-        if l.max_inflight == 0 {
-            return invalid("max_inflight", "must be at least 1");
-        }
-        if l.max_queued_messages == 0 {
-            return invalid("max_queued_messages", "must be at least 1");
-        }
-        if l.max_queued_bytes == 0 {
-            return invalid("max_queued_bytes", "must be at least 1");
-        }
-        if l.max_queued_messages_persistent == 0 {
-            return invalid("max_queued_messages_persistent", "must be at least 1");
-        }
-        if l.max_queued_bytes_persistent == 0 {
-            return invalid("max_queued_bytes_persistent", "must be at least 1");
+        // Counts a client or the broker cannot work with at 0.
+        for (key, zero) in [
+            ("receive_maximum", l.receive_maximum == 0),
+            ("max_inflight", l.max_inflight == 0),
+            ("max_queued_messages", l.max_queued_messages == 0),
+            ("max_queued_bytes", l.max_queued_bytes == 0),
+            (
+                "max_queued_messages_persistent",
+                l.max_queued_messages_persistent == 0,
+            ),
+            (
+                "max_queued_bytes_persistent",
+                l.max_queued_bytes_persistent == 0,
+            ),
+            ("max_connections", l.max_connections == 0),
+            ("max_inbound_qos2", l.max_inbound_qos2 == 0),
+        ] {
+            if zero {
+                return invalid(key, "must be at least 1");
+            }
         }
         if let Err(m) = whole_seconds(
             l.max_keepalive,
@@ -328,18 +331,12 @@ impl Limits {
         ) {
             return invalid("max_keepalive", &m);
         }
-        if l.max_connections == 0 {
-            return invalid("max_connections", "must be at least 1");
-        }
         if let Err(m) = whole_seconds(
             l.max_session_expiry,
             u64::from(u32::MAX),
             "between 0 and 4294967295 seconds (never expires)",
         ) {
             return invalid("max_session_expiry", &m);
-        }
-        if l.max_inbound_qos2 == 0 {
-            return invalid("max_inbound_qos2", "must be at least 1");
         }
         // At most a day: a timeout is added to the clock, and a deadline beyond what an
         // `Instant` can hold would panic; nothing sensible waits longer for a peer anyway.
